@@ -1,0 +1,42 @@
+"""``kalm-fast`` command line: ``encode``, ``demo``, ``train``, ``soup``, ``eval``, ``bench``.
+
+Each command lives in its own module, which defines ``add_arguments(parser)`` and ``run(args) -> int``.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from importlib import import_module
+
+COMMANDS = {
+    "encode": ("kalm_fast.corpus", "encode texts (.txt / .jsonl) into .npy / .safetensors, or a sharded resumable output dir"),
+    "demo": ("kalm_fast.demo", "encode the bundled sample corpus and show nearest neighbours of sample queries"),
+    "train": ("kalm_fast.train.trainer", "run a multi-stage training config (YAML)"),
+    "soup": ("kalm_fast.train.soup", "average checkpoints into a model soup"),
+    "eval": ("kalm_fast.train.evaluate", "retrieval evaluation: nDCG@10, Recall@k, MRR"),
+    "bench": ("kalm_fast.bench", "run the benchmarks that fit this device"),
+}
+
+
+def build_parser(argv_command: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kalm-fast", description="Fast KaLM-style text embedding: encode, train, soup, eval.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name, (module_name, help_text) in COMMANDS.items():
+        command_parser = sub.add_parser(name, help=help_text, description=help_text)
+        if name == argv_command:  # import only the module of the command being run
+            import_module(module_name).add_arguments(command_parser)
+            command_parser.set_defaults(_module=module_name)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(command if command in COMMANDS else None)
+    args = parser.parse_args(argv)
+    return int(import_module(args._module).run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,73 @@
+"""Compile every Triton kernel of kalm_fast ahead of time for sm_80 and sm_90 (no GPU needed) and report spills.
+
+Run WITHOUT ``TRITON_INTERPRET`` (under the interpreter ``@triton.jit`` gives an InterpretedFunction that
+``triton.compile`` cannot take). Prints one JSON object per compiled spec:
+``{"module", "name", "arch", "spill_stores", "spill_loads", "registers", "wgmma"}``, or ``"error"``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pkgutil
+import re
+import subprocess
+import sys
+import tempfile
+from importlib import import_module
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.backends.nvidia.compiler import get_ptxas
+from triton.compiler import ASTSource
+
+import kalm_fast.kernels
+
+ARCHS = (80, 90)
+
+
+def ptxas_report(ptx: str, arch: int) -> dict:
+    """Run ptxas -v on the PTX triton generated and read registers and spills from its report."""
+    ptxas = get_ptxas(arch).path
+    gpu = f"sm_{arch}a" if arch == 90 else f"sm_{arch}"
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "kernel.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        proc = subprocess.run([ptxas, "-v", f"--gpu-name={gpu}", src, "-o", os.path.join(tmp, "kernel.cubin")],
+                              capture_output=True, text=True)
+    text = proc.stdout + proc.stderr
+    if proc.returncode != 0:
+        raise RuntimeError(f"ptxas failed: {text[-2000:]}")
+    stores = sum(int(x) for x in re.findall(r"(\d+) bytes spill stores", text))
+    loads = sum(int(x) for x in re.findall(r"(\d+) bytes spill loads", text))
+    regs = max((int(x) for x in re.findall(r"Used (\d+) registers", text)), default=0)
+    return {"spill_stores": stores, "spill_loads": loads, "registers": regs}
+
+
+def main(only: list[str]) -> int:
+    for info in pkgutil.iter_modules(kalm_fast.kernels.__path__):
+        if info.name.startswith("_") or (only and info.name not in only):
+            continue
+        module = import_module(f"kalm_fast.kernels.{info.name}")
+        if not hasattr(module, "aot_specs"):
+            print(json.dumps({"module": info.name, "error": "kernels module has no aot_specs()"}), flush=True)
+            continue
+        for spec in module.aot_specs():
+            for arch in spec.get("archs", ARCHS):
+                row = {"module": info.name, "name": spec["name"], "arch": arch}
+                try:
+                    src = ASTSource(fn=spec["fn"], signature=spec["signature"], constexprs=spec.get("constexprs", {}))
+                    options = {"num_warps": spec.get("num_warps", 4), "num_stages": spec.get("num_stages", 2)}
+                    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+                    ptx = compiled.asm["ptx"]
+                    row.update(ptxas_report(ptx, arch))
+                    row["wgmma"] = "wgmma" in ptx
+                    row["shared"] = compiled.metadata.shared
+                except Exception as exc:  # reported, the test fails on it
+                    row["error"] = f"{type(exc).__name__}: {exc}"[:3000]
+                print(json.dumps(row), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
