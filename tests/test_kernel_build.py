@@ -52,3 +52,8 @@ def test_shared_memory_fits(compiled):
 def test_mean_pool_kernels_are_covered(compiled):
     names = {r["name"] for r in compiled if r["module"] == "mean_pool"}
     assert any("fwd" in n for n in names) and any("bwd" in n for n in names)
+
+
+def test_focal_infonce_kernels_are_covered(compiled):
+    names = {r["name"] for r in compiled if r["module"] == "focal_infonce"}
+    assert any("fwd" in n for n in names) and any("bwd_dq" in n for n in names) and any("bwd_dc" in n for n in names)

@@ -148,3 +148,17 @@ def test_bad_input_is_a_clear_error(call, error, match):
 def test_triton_rejects_non_contiguous_last_dim():
     with pytest.raises(ValueError, match="contiguous last dimension"):
         mean_pool(torch.randn(2, 4, 3).transpose(1, 2), backend="triton")
+
+
+def test_cu_seqlens_checked_again_after_in_place_change():
+    hidden = torch.randn(5, 4)
+    cu = torch.tensor([0, 2, 5], dtype=torch.int32)
+    mean_pool(hidden, cu_seqlens=cu)
+    cu[1] = 7  # bumps the version counter: the cached validation must not be trusted
+    with pytest.raises(ValueError, match="non-decreasing"):
+        mean_pool(hidden, cu_seqlens=cu)
+
+
+def test_cuda_backend_on_cpu_tensors_says_why():
+    with pytest.raises(RuntimeError, match="runs on \\['cuda'\\] tensors, got cpu"):
+        mean_pool(torch.randn(2, 3, 4), backend="cuda")

@@ -56,7 +56,8 @@ def main(only: list[str]) -> int:
             for arch in spec.get("archs", ARCHS):
                 row = {"module": info.name, "name": spec["name"], "arch": arch}
                 try:
-                    src = ASTSource(fn=spec["fn"], signature=spec["signature"], constexprs=spec.get("constexprs", {}))
+                    src = ASTSource(fn=spec["fn"], signature=spec["signature"], constexprs=spec.get("constexprs", {}),
+                                    attrs=spec.get("attrs"))
                     options = {"num_warps": spec.get("num_warps", 4), "num_stages": spec.get("num_stages", 2)}
                     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
                     ptx = compiled.asm["ptx"]

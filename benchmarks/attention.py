@@ -1,0 +1,178 @@
+"""Attention throughput: our backends vs scaled_dot_product_attention (and flash-attn when installed).
+
+1. Kernel TFLOP/s, forward / backward / forward+backward, equal-length sequences (B * L = 16k tokens),
+   head dims 64 and 128, bf16 on GPU. FLOPs: 4 * L^2 * D * H per sequence forward (half when causal),
+   2.5x that backward.
+2. A realistic embedding batch: 64k tokens (8k on CPU) packed from a long-tailed length mix (most texts 20-60
+   tokens, some 512), Qwen2-0.5B heads (14 query / 2 key-value, D = 64): packed vs padded SDPA, tokens/s.
+
+    python -m benchmarks.attention            # full sweep on GPU, small one on CPU
+    python -m benchmarks.attention --quick    # a couple of shapes
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+
+import torch
+import torch.nn.functional as F
+
+from kalm_fast import _registry
+from kalm_fast.ops.attention import flash_attention
+
+from .harness import time_fn, write_report
+
+try:  # optional peer: FlashAttention-2's varlen kernel
+    from flash_attn import flash_attn_varlen_func
+except Exception:  # noqa: BLE001 - any import failure means "not available"
+    flash_attn_varlen_func = None
+
+
+def _ours(backend):
+    def run(q, k, v, cu, max_len, causal):
+        return flash_attention(q, k, v, cu_seqlens=cu, max_seqlen=max_len, causal=causal, backend=backend)
+    return run
+
+
+def _sdpa_equal(q, k, v, cu, max_len, causal):
+    """Equal-length packed [B*L, H, D] viewed as [B, H, L, D] (the transposes are part of the cost)."""
+    B = cu.numel() - 1
+    to = lambda x: x.view(B, max_len, x.shape[1], x.shape[2]).transpose(1, 2)  # noqa: E731
+    out = F.scaled_dot_product_attention(to(q), to(k), to(v), is_causal=causal, enable_gqa=q.shape[1] != k.shape[1])
+    return out.transpose(1, 2).reshape(q.shape)
+
+
+def _flash_attn(q, k, v, cu, max_len, causal):
+    return flash_attn_varlen_func(q, k, v, cu, cu, max_len, max_len, causal=causal)
+
+
+def _impls(device, dtype, max_len):
+    impls = {}
+    for name in ("triton", "torch", "reference"):
+        b = _registry.backends("flash_attention").get(name)
+        if b is None or b.why_not(torch.device(device), dtype) is not None:
+            continue
+        if name == "triton" and device == "cpu":
+            continue
+        if name == "torch" and device == "cuda":
+            continue  # on GPU the torch backend is SDPA itself
+        if name == "reference" and max_len > 2048:
+            continue  # materializes [H, L, L] per sequence
+        impls[name] = _ours(name)
+    impls["sdpa"] = _sdpa_equal
+    if flash_attn_varlen_func is not None and device == "cuda" and dtype != torch.float32:
+        impls["flash_attn2"] = _flash_attn
+    return impls
+
+
+def _timed(fn, q, k, v, cu, max_len, causal, repeats):
+    """(forward ms, forward+backward ms)."""
+    grad = torch.randn_like(q)
+    fwd = time_fn(lambda: fn(q, k, v, cu, max_len, causal), repeats=repeats)["median_ms"]
+
+    def step():
+        out = fn(q, k, v, cu, max_len, causal)
+        torch.autograd.grad(out, (q, k, v), grad)
+
+    return fwd, time_fn(step, repeats=repeats)["median_ms"]
+
+
+def kernel_sweep(device, dtype, seqlens, head_dims, causal, tokens, repeats):
+    rows = []
+    for d in head_dims:
+        heads = 2048 // d
+        for L in seqlens:
+            B = max(1, tokens // L)
+            g = torch.Generator(device=device).manual_seed(0)
+            q, k, v = (torch.randn(B * L, heads, d, device=device, dtype=dtype, generator=g).requires_grad_()
+                       for _ in range(3))
+            cu = torch.arange(0, (B + 1) * L, L, dtype=torch.int32, device=device)
+            flops = 4 * L * L * d * heads * B * (0.5 if causal else 1.0)
+            for name, fn in _impls(device, dtype, L).items():
+                try:
+                    fwd, both = _timed(fn, q, k, v, cu, L, causal, repeats)
+                except (RuntimeError, torch.cuda.OutOfMemoryError) as exc:  # e.g. the reference out of memory
+                    print(f"skip {name} L={L} D={d}: {type(exc).__name__}: {str(exc)[:120]}")
+                    continue
+                bwd = max(both - fwd, 1e-6)
+                for mode, ms, f in (("fwd", fwd, flops), ("bwd", bwd, 2.5 * flops), ("fwd+bwd", both, 3.5 * flops)):
+                    rows.append({"impl": name, "mode": mode, "seqlen": L, "batch": B, "heads": heads, "head_dim": d,
+                                 "causal": causal, "dtype": str(dtype).split(".")[-1], "ms": ms,
+                                 "TFLOP/s": f / (ms * 1e-3) / 1e12, "series": f"{name} {mode} D={d}"})
+    return rows
+
+
+def _long_tail_lengths(total, generator):
+    """Lengths summing to ``total``: 85% of texts 20-60 tokens, 10% 60-200, 5% at the 512 cap."""
+    lengths = []
+    while sum(lengths) < total:
+        u = float(torch.rand((), generator=generator))
+        hi_lo = (20, 60) if u < 0.85 else (60, 200) if u < 0.95 else (512, 512)
+        lengths.append(int(torch.randint(hi_lo[0], hi_lo[1] + 1, (), generator=generator)))
+    lengths[-1] -= sum(lengths) - total
+    return [n for n in lengths if n > 0]
+
+
+def realistic_batch(device, dtype, total, repeats):
+    """Packed (ours, flash-attn) vs padded SDPA with a key mask on one long-tailed batch; tokens/s."""
+    g = torch.Generator().manual_seed(0)
+    lengths = _long_tail_lengths(total, g)
+    hq, hkv, d = 14, 2, 64
+    T, B, L = sum(lengths), len(lengths), max(lengths)
+    q = torch.randn(T, hq, d, generator=g).to(device, dtype)
+    k, v = (torch.randn(T, hkv, d, generator=g).to(device, dtype) for _ in range(2))
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device=device)
+    mask = torch.arange(L, device=device)[None, :] < torch.tensor(lengths, device=device)[:, None]
+    index = torch.nonzero(mask.flatten()).flatten()
+
+    def padded(x):
+        out = x.new_zeros(B * L, *x.shape[1:])
+        out[index] = x
+        return out.view(B, L, *x.shape[1:]).transpose(1, 2)
+
+    qp, kp, vp = padded(q), padded(k), padded(v)
+    attn_mask = mask[:, None, None, :]
+    cases = {"padded sdpa": lambda: F.scaled_dot_product_attention(qp, kp, vp, attn_mask=attn_mask, enable_gqa=True)}
+    for name in ("triton", "torch"):
+        b = _registry.backends("flash_attention").get(name)
+        if b is None or b.why_not(torch.device(device), dtype) is not None or (name == "triton" and device == "cpu"):
+            continue
+        cases[f"packed {name}"] = functools.partial(flash_attention, q, k, v, cu_seqlens=cu, max_seqlen=L, backend=name)
+    if flash_attn_varlen_func is not None and device == "cuda" and dtype != torch.float32:
+        cases["packed flash_attn2"] = lambda: flash_attn_varlen_func(q, k, v, cu, cu, L, L)
+    rows, base = [], None
+    for name, fn in cases.items():
+        with torch.no_grad():
+            ms = time_fn(fn, repeats=repeats)["median_ms"]
+        base = ms if name == "padded sdpa" else base
+        rows.append({"impl": name, "sequences": B, "tokens": T, "padded tokens": B * L, "ms": ms,
+                     "tokens/s": T / (ms * 1e-3), "x padded sdpa": base / ms})
+    return rows
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="a couple of shapes, few repeats")
+    parser.add_argument("--causal", action="store_true", help="causal kernel sweep (default bidirectional)")
+    args = parser.parse_args(argv)
+    gpu = torch.cuda.is_available()
+    device, dtype = ("cuda", torch.bfloat16) if gpu else ("cpu", torch.float32)
+    if args.quick:
+        seqlens, dims, tokens, total, repeats = [128, 512], [64], 2048, 4096, 3
+    elif gpu:
+        seqlens, dims, tokens, total, repeats = [128, 256, 512, 1024, 2048, 4096, 8192], [64, 128], 16384, 65536, 10
+    else:
+        seqlens, dims, tokens, total, repeats = [128, 256, 512, 1024], [64], 4096, 8192, 3
+    rows = kernel_sweep(device, dtype, seqlens, dims, args.causal, tokens, repeats)
+    write_report("attention", rows, columns=["impl", "mode", "seqlen", "batch", "heads", "head_dim", "causal", "dtype",
+                                             "ms", "TFLOP/s"],
+                 plot=dict(x="seqlen", y="TFLOP/s", series="series", logx=True,
+                           title=f"attention {'causal' if args.causal else 'bidirectional'} {str(dtype)[6:]}"))
+    rows = realistic_batch(device, dtype, total, repeats)
+    write_report("attention_packed", rows, columns=["impl", "sequences", "tokens", "padded tokens", "ms", "tokens/s",
+                                                    "x padded sdpa"],
+                 meta=dict(lengths="85% 20-60, 10% 60-200, 5% 512; Hq=14 Hkv=2 D=64"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,126 @@
+"""Focal-InfoNCE forward+backward: time and peak memory per backend (`python -m benchmarks.contrastive`).
+
+CPU: every (backend, B) runs in its own subprocess and reports its peak RSS above the RSS it had once the
+inputs existed ("extra"). GPU: ``torch.cuda.max_memory_allocated`` above the allocated inputs; an
+out-of-memory is reported as such. M = 7 hard negatives, D = 896 (KaLM-Embedding-V2), temperature 0.01.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+
+from .harness import on_gpu, time_fn, write_report
+
+M, D = 7, 896
+CPU_RUNS = [("reference", 1024), ("reference", 2048), ("reference", 4096),
+            ("torch", 1024), ("torch", 2048), ("torch", 4096), ("torch", 8192)]
+GPU_SIZES = [1024, 4096, 16384, 32768, 65536]
+GPU_BACKENDS = ["reference", "torch", "triton", "cuda"]  # those registered and able to run bf16 on CUDA
+
+
+def _inputs(batch, dtype, device):
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    q = torch.randn(batch, D, generator=gen).to(device, dtype)
+    docs = (0.3 * q.float()[:, None] + torch.randn(batch, 1 + M, D, generator=gen).to(device)).to(dtype)
+    return q.requires_grad_(), docs.requires_grad_()
+
+
+def _step(q, docs, backend):
+    from kalm_fast.ops import focal_infonce
+
+    q.grad = docs.grad = None
+    loss = focal_infonce(q, docs, temperature=0.01, gamma=0.5, backend=backend)
+    loss.backward()
+    return loss.item()
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+def _cpu_worker(backend: str, batch: int) -> dict:
+    q, docs = _inputs(batch, torch.float32, "cpu")
+    _step(q[:8].detach().requires_grad_(), docs[:8].detach().requires_grad_(), backend)  # warm up code paths
+    base = _rss_mb()
+    t0 = time.perf_counter()
+    loss = _step(q, docs, backend)
+    seconds = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return dict(backend=backend, B=batch, loss=loss, ms=seconds * 1e3, extra_mb=peak - base,
+                inputs_mb=(q.numel() + docs.numel()) * 4 / 2**20)
+
+
+def _run_cpu() -> list:
+    rows = []
+    for backend, batch in CPU_RUNS:
+        proc = subprocess.run([sys.executable, "-m", "benchmarks.contrastive", "--worker", backend, str(batch)],
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            rows.append(dict(backend=backend, B=batch, note=f"failed: {proc.stderr.strip()[-200:]}"))
+            continue
+        rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        print(rows[-1], flush=True)
+    return rows
+
+
+def _run_gpu() -> list:
+    import kalm_fast.ops  # noqa: F401  (registers the backends)
+    from kalm_fast._registry import backends
+
+    registered = backends("focal_infonce")
+    names = [b for b in GPU_BACKENDS
+             if b in registered and registered[b].why_not(torch.device("cuda"), torch.bfloat16) is None]
+    rows = []
+    for batch in GPU_SIZES:
+        for backend in names:
+            torch.cuda.empty_cache()
+            row = dict(backend=backend, B=batch)
+            try:
+                q, docs = _inputs(batch, torch.bfloat16, "cuda")
+                base = torch.cuda.memory_allocated()
+                torch.cuda.reset_peak_memory_stats()
+                row["loss"] = _step(q, docs, backend)
+                row["extra_mb"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+                row["ms"] = time_fn(lambda: _step(q, docs, backend), warmup=1, repeats=3)["median_ms"]
+                row["inputs_mb"] = (q.numel() + docs.numel()) * 2 / 2**20
+            except torch.OutOfMemoryError:
+                row["note"] = "out of memory"
+            q = docs = None
+            rows.append(row)
+            print(row, flush=True)
+    return rows
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--worker", nargs=2, metavar=("BACKEND", "B"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        print(json.dumps(_cpu_worker(args.worker[0], int(args.worker[1]))))
+        return 0
+    rows = _run_gpu() if on_gpu() else _run_cpu()
+    ref = {r["B"]: r for r in rows if r["backend"] == "reference" and "extra_mb" in r}
+    for r in rows:
+        if "extra_mb" in r:
+            r["x_inputs"] = r["extra_mb"] / r["inputs_mb"]
+            if r["B"] in ref:
+                r["x_reference_mem"] = r["extra_mb"] / ref[r["B"]]["extra_mb"]
+                r["loss_diff"] = abs(r["loss"] - ref[r["B"]]["loss"])
+    write_report("contrastive", rows,
+                 columns=["backend", "B", "ms", "extra_mb", "inputs_mb", "x_inputs", "x_reference_mem", "loss",
+                          "loss_diff", "note"],
+                 plot=dict(x="B", y="extra_mb", series="backend", logx=True,
+                           title="focal-InfoNCE fwd+bwd peak extra memory, M=7, D=896"),
+                 meta=dict(M=M, D=D, dtype="bfloat16" if on_gpu() else "float32", temperature=0.01, gamma=0.5))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,98 @@
+"""CUDA flash attention forward (csrc/attention.cu): launch plan, argument packing, the backend function.
+
+``flash_attention_cuda(q, k, v, cu_seqlens, max_seqlen, key_padding_mask, causal, softmax_scale, return_lse)``
+takes the already-checked arguments of ``kalm_fast.ops.flash_attention``. Forward only (the encode path):
+fp16/bf16, head dims 64 and 128, GQA, bidirectional or causal. Packed input runs the kernel directly;
+padded input is packed first (``unpad``) and padded back (zeros, lse +inf at the padding).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .. import _native
+from ._common import address, aligned, cdiv, dtype_code, pack, require_cuda, stream_of
+
+BLOCK_M = 64    # query rows per block (4 warps x 16)
+BLOCK_N = 64    # keys per tile
+THREADS = 128
+HEAD_DIMS = (64, 128)
+DTYPES = (torch.float16, torch.bfloat16)
+LOG2E = math.log2(math.e)
+
+
+def smem_bytes(head_dim: int) -> int:
+    """Shared memory of one block: Q, K and V tiles with rows padded by 8 elements."""
+    return (BLOCK_M + 2 * BLOCK_N) * (head_dim + 8) * 2
+
+
+def plan(*, num_seqs: int, max_seqlen: int, num_heads_q: int, head_dim: int) -> dict:
+    """Grid of the forward kernel: (sequences x query tiles, query heads); blocks past a sequence's end exit."""
+    if head_dim not in HEAD_DIMS:
+        raise ValueError(f"backend 'cuda' of flash_attention supports head dims {HEAD_DIMS}, got D={head_dim}; "
+                         "use backend='triton'")
+    m_blocks = cdiv(max_seqlen, BLOCK_M)
+    if num_seqs * m_blocks >= 2 ** 31 or num_heads_q > 65535:
+        raise ValueError(f"too many sequences x query tiles ({num_seqs} x {m_blocks}) or heads ({num_heads_q}) "
+                         "for one launch")
+    return dict(m_blocks=m_blocks, grid=(num_seqs * m_blocks, num_heads_q), threads=THREADS,
+                smem=smem_bytes(head_dim))
+
+
+def forward_args(q, k, v, out, lse, cu_seqlens, max_seqlen: int, causal: bool, softmax_scale: float, *, stream: int):
+    """The AttentionFwdArgs of one launch (packed q [T, Hq, D], k/v [T, Hkv, D], lse [Hq, T] or None)."""
+    T, hq, d = q.shape
+    p = plan(num_seqs=cu_seqlens.numel() - 1, max_seqlen=max_seqlen, num_heads_q=hq, head_dim=d)
+    return pack("AttentionFwdArgs", dtype=dtype_code(q.dtype, DTYPES), q=q.data_ptr(), k=k.data_ptr(),
+                v=v.data_ptr(), out=out.data_ptr(), lse=address(lse), cu_seqlens=cu_seqlens.data_ptr(),
+                num_seqs=cu_seqlens.numel() - 1, total_tokens=T, num_heads_q=hq, num_heads_kv=k.shape[1],
+                head_dim=d, q_stride_t=q.stride(0), q_stride_h=q.stride(1), k_stride_t=k.stride(0),
+                k_stride_h=k.stride(1), v_stride_t=v.stride(0), v_stride_h=v.stride(1), o_stride_t=out.stride(0),
+                o_stride_h=out.stride(1), lse_stride_h=0 if lse is None else lse.stride(0), causal=int(causal),
+                scale_log2=softmax_scale * LOG2E, m_blocks=p["m_blocks"], device=q.device.index or 0,
+                stream=stream)
+
+
+def _packed(q, k, v, cu_seqlens, max_seqlen, causal, scale, return_lse):
+    q, k, v = aligned(q), aligned(k), aligned(v)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty(q.shape[1], q.shape[0], dtype=torch.float32, device=q.device) if return_lse else None
+    if q.shape[0] > 0:
+        _native.cuda_lib().attention_fwd(forward_args(q, k, v, out, lse, cu_seqlens, max_seqlen, causal, scale,
+                                                      stream=stream_of(q.device)))
+    return (out, lse) if return_lse else out
+
+
+def flash_attention_cuda(q, k, v, cu_seqlens, max_seqlen, key_padding_mask, causal, softmax_scale, return_lse):
+    """Attention forward on csrc/attention.cu. Not differentiable: raises if an input requires grad."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        raise RuntimeError("backend 'cuda' of flash_attention is forward-only (inference); q/k/v require grad: "
+                           "use backend='triton' or 'torch' for training, or run under torch.no_grad()")
+    require_cuda(q=q, k=k, v=v, cu_seqlens=cu_seqlens, key_padding_mask=key_padding_mask)
+    dtype_code(q.dtype, DTYPES)
+    if q.shape[-1] not in HEAD_DIMS:
+        raise ValueError(f"backend 'cuda' of flash_attention supports head dims {HEAD_DIMS}, got D={q.shape[-1]}; "
+                         "use backend='triton'")
+    _native.cuda_lib()
+    if q.dim() == 3:
+        return _packed(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale, return_lse)
+    B, L = q.shape[:2]
+    if key_padding_mask is None:
+        cu = torch.arange(0, (B + 1) * L, L, dtype=torch.int32, device=q.device)
+        result = _packed(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu, L, causal, softmax_scale, return_lse)
+        if not return_lse:
+            return result.view(q.shape)
+        out, lse = result
+        return out.view(q.shape), lse.view(-1, B, L).transpose(0, 1)
+    from ..ops.attention import pad, unpad
+
+    qp, indices, cu, longest = unpad(q, key_padding_mask)
+    kp, vp = k.flatten(0, 1)[indices], v.flatten(0, 1)[indices]
+    result = _packed(qp, kp, vp, cu, longest, causal, softmax_scale, return_lse)
+    if not return_lse:
+        return pad(result, indices, B, L)
+    out, lse = result
+    full = torch.full((lse.shape[0], B * L), math.inf, dtype=torch.float32, device=q.device)
+    full[:, indices] = lse
+    return pad(out, indices, B, L), full.view(-1, B, L).transpose(0, 1)

@@ -1,0 +1,258 @@
+"""flash_attention backends against the reference: packed and padded, GQA, causal, forward, lse and dq/dk/dv.
+
+The triton backend runs on CPU under TRITON_INTERPRET=1 (set by the test suite) with fp32/fp16 inputs.
+"""
+import math
+
+import pytest
+import torch
+
+from kalm_fast import _registry
+from kalm_fast.ops.attention import flash_attention, pad, unpad
+from kalm_fast.reference.attention import flash_attention_reference
+
+OP = "flash_attention"
+
+
+def _runnable(name):
+    if name == "triton" and not (_registry.triton_interpreting() or torch.cuda.is_available()):
+        return False
+    return True
+
+
+BACKENDS = [pytest.param(b, marks=pytest.mark.skipif(not _runnable(b), reason=f"{b} cannot run here"))
+            for b in ("torch", "triton")]
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _cu(lengths):
+    return torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device=DEVICE)
+
+
+def _inputs(shape_q, hkv, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    shape_kv = (*shape_q[:-2], hkv, shape_q[-1])
+    make = lambda shape: torch.randn(shape, generator=g).to(DEVICE, dtype).requires_grad_()  # noqa: E731
+    return make(shape_q), make(shape_kv), make(shape_kv)
+
+
+def _run(backend, q, k, v, **kw):
+    """Forward with lse, then backward of a random-weighted sum -> (out, lse, dq, dk, dv)."""
+    out, lse = flash_attention(q, k, v, return_lse=True, backend=backend, **kw)
+    g = torch.Generator().manual_seed(1)
+    dout = torch.randn(out.shape, generator=g).to(out.device, out.dtype)
+    grads = torch.autograd.grad(out, (q, k, v), dout, allow_unused=True, materialize_grads=True)
+    return (out, lse) + grads
+
+
+def _assert_close(actual, expected, backend, dtype):
+    atol, rtol = _registry.backends(OP)[backend].tolerances[dtype]
+    names = ("out", "lse", "dq", "dk", "dv")
+    for name, a, e in zip(names, actual, expected):
+        assert a.shape == e.shape, (name, a.shape, e.shape)
+        assert a.dtype == e.dtype, (name, a.dtype, e.dtype)
+        if name == "lse":  # fp32 whatever the input dtype; +inf on rows attending to nothing
+            assert torch.equal(torch.isinf(a), torch.isinf(e)), name
+            a, e = a.masked_fill(torch.isinf(a), 0), e.masked_fill(torch.isinf(e), 0)
+        # gradients grow with the sequence length; atol is meant for values of order 1
+        scale = max(1.0, float(e.detach().float().abs().max()))
+        torch.testing.assert_close(a.float(), e.float(), atol=atol * scale, rtol=rtol, msg=lambda m: f"{name}: {m}")
+
+
+PACKED_CASES = [
+    # lengths, Hq, Hkv, D, causal, dtype
+    ([0, 1, 17, 64, 129], 14, 2, 64, False, torch.float32),
+    ([0, 1, 17, 64, 129], 14, 2, 64, True, torch.float16),
+    ([17, 0, 64, 1], 4, 1, 32, False, torch.float16),
+    ([129, 17], 4, 1, 80, True, torch.float32),
+    ([64, 1, 17], 2, 2, 128, False, torch.float32),
+    ([5, 33, 0], 2, 1, 128, True, torch.float16),
+    ([1, 17, 64, 129, 0], 2, 2, 80, False, torch.float16),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("lengths,hq,hkv,d,causal,dtype", PACKED_CASES)
+def test_packed_matches_reference(backend, lengths, hq, hkv, d, causal, dtype):
+    cu = _cu(lengths)
+    q, k, v = _inputs((int(cu[-1]), hq, d), hkv, dtype)
+    kw = dict(cu_seqlens=cu, max_seqlen=max(lengths), causal=causal)
+    expected = _run("reference", q, k, v, **kw)
+    actual = _run(backend, q, k, v, **kw)
+    _assert_close(actual, expected, backend, dtype)
+
+
+def _mask(lengths, L, left=False):
+    pos = torch.arange(L)[None, :]
+    n = torch.tensor(lengths)[:, None]
+    mask = pos >= L - n if left else pos < n
+    return mask.to(DEVICE)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_padded_matches_reference(backend, causal, dtype):
+    q, k, v = _inputs((3, 37, 4, 64), 2, dtype)
+    for mask in (_mask([37, 20, 0], 37), _mask([5, 37, 1], 37, left=True).int(), None):
+        kw = dict(key_padding_mask=mask, causal=causal)
+        expected = _run("reference", q, k, v, **kw)
+        actual = _run(backend, q, k, v, **kw)
+        _assert_close(actual, expected, backend, dtype)
+        if mask is not None:
+            assert not torch.isnan(actual[0]).any()
+            assert actual[0][~mask.bool()].abs().max() == 0  # padded query rows give zeros
+
+
+@pytest.mark.parametrize("backend", ["reference"] + BACKENDS)
+def test_packed_and_padded_agree(backend):
+    """The same tokens as padded [B, L] + mask and as packed [T]: same out, lse and gradients on real tokens,
+    zero gradient on padding."""
+    lengths, L = [9, 0, 23, 1], 23
+    mask = _mask(lengths, L)
+    qp, kp, vp = _inputs((4, L, 6, 32), 3, torch.float32, seed=3)
+    packed = [t.detach()[mask].requires_grad_() for t in (qp, kp, vp)]
+    out_p, lse_p = flash_attention(qp, kp, vp, key_padding_mask=mask, causal=True, return_lse=True, backend=backend)
+    out_k, lse_k = flash_attention(*packed, cu_seqlens=_cu(lengths), causal=True, return_lse=True, backend=backend)
+    dout = torch.randn(out_k.shape, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    grads_p = torch.autograd.grad(out_p, (qp, kp, vp), pad(dout, torch.nonzero(mask.flatten()).flatten(), 4, L))
+    grads_k = torch.autograd.grad(out_k, packed, dout)
+    atol, rtol = _registry.backends(OP)[backend].tolerances[torch.float32]
+    torch.testing.assert_close(out_p[mask], out_k, atol=atol, rtol=rtol)
+    torch.testing.assert_close(lse_p.transpose(1, 2)[mask], lse_k.T, atol=atol, rtol=rtol)
+    assert torch.isinf(lse_p.transpose(1, 2)[~mask]).all()
+    for gp, gk in zip(grads_p, grads_k):
+        torch.testing.assert_close(gp[mask], gk, atol=atol, rtol=rtol)
+        assert gp[~mask].abs().max() == 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_many_sequences_and_scale(backend):
+    """Many short sequences of scattered lengths (several length buckets), a custom softmax_scale, GQA 4:1."""
+    g = torch.Generator().manual_seed(5)
+    lengths = torch.randint(0, 24, (40,), generator=g).tolist()
+    cu = _cu(lengths)
+    q, k, v = _inputs((int(cu[-1]), 4, 32), 1, torch.float32, seed=4)
+    kw = dict(cu_seqlens=cu, softmax_scale=0.3)
+    _assert_close(_run(backend, q, k, v, **kw), _run("reference", q, k, v, **kw), backend, torch.float32)
+
+
+@pytest.mark.parametrize("backend", ["reference"] + BACKENDS)
+@pytest.mark.parametrize("lengths", [[], [0, 0]])
+def test_no_tokens(backend, lengths):
+    q, k, v = _inputs((0, 4, 32), 2, torch.float32)
+    out, lse, dq, dk, dv = _run(backend, q, k, v, cu_seqlens=_cu(lengths))
+    assert out.shape == (0, 4, 32) and lse.shape == (4, 0) and dq.shape == (0, 4, 32) and dk.shape == (0, 2, 32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_inputs(backend):
+    """q, k, v as strided views of one fused qkv projection [T, 3, H, D]."""
+    cu = _cu([3, 20])
+    qkv = torch.randn(23, 3, 2, 32, device=DEVICE).requires_grad_()
+    q, k, v = qkv.unbind(1)
+    expected = _run("reference", q, k, v, cu_seqlens=cu)
+    _assert_close(_run(backend, q, k, v, cu_seqlens=cu), expected, backend, torch.float32)
+
+
+@pytest.mark.skipif(not _runnable("triton"), reason="triton cannot run here")
+def test_triton_launches_many_sequences_in_chunks(monkeypatch):
+    """More sequences than a grid dimension holds are launched in chunks (limit lowered to 2 here)."""
+    from kalm_fast.kernels import attention as kernels
+
+    monkeypatch.setattr(kernels, "MAX_GRID_Z", 2)
+    cu = _cu([5, 0, 17, 3, 9])
+    q, k, v = _inputs((34, 2, 32), 1, torch.float32)
+    kw = dict(cu_seqlens=cu, causal=True)
+    _assert_close(_run("triton", q, k, v, **kw), _run("reference", q, k, v, **kw), "triton", torch.float32)
+
+
+def test_reference_matches_naive_formula():
+    """The oracle itself against softmax(QK^T)V written out for one sequence (GQA 4:2, causal)."""
+    q, k, v = _inputs((7, 4, 16), 2, torch.float64)
+    cu = _cu([7])
+    out, lse = flash_attention_reference(q, k, v, cu, 7, None, True, 0.25, True)
+    kk, vv = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
+    for h in range(4):
+        s = q[:, h] @ kk[:, h].T / 4.0 + torch.full((7, 7), -math.inf, dtype=torch.float64, device=DEVICE).triu(1)
+        torch.testing.assert_close(out[:, h].float(), (torch.softmax(s, -1) @ vv[:, h]).float())
+        torch.testing.assert_close(lse[h], torch.logsumexp(s, -1).float())
+
+
+def test_unpad_pad_roundtrip_and_grad():
+    mask = _mask([3, 0, 5], 5, left=True)
+    x = torch.randn(3, 5, 2, 4, device=DEVICE, requires_grad=True)
+    packed, indices, cu, max_seqlen = unpad(x, mask.int())
+    assert packed.shape == (8, 2, 4) and indices.dtype == torch.int64
+    assert cu.dtype == torch.int32 and cu.tolist() == [0, 3, 3, 8] and max_seqlen == 5
+    torch.testing.assert_close(packed, x[mask])
+    back = pad(packed, indices, 3, 5)
+    torch.testing.assert_close(back, x * mask[..., None, None])
+    back.sum().backward()
+    torch.testing.assert_close(x.grad, mask[..., None, None].float().expand_as(x))
+    w = torch.randn(8, 2, 4, device=DEVICE, requires_grad=True)
+    pad(w, indices, 3, 5).pow(2).sum().backward()
+    torch.testing.assert_close(w.grad, 2 * w.detach())
+
+
+def test_auto_picks_torch_on_cpu():
+    assert _registry.select(OP, "auto", torch.device("cpu"), torch.float32).name == "torch"
+
+
+def _bad_calls():
+    T, L = 10, 5
+    q3, k3 = torch.randn(T, 4, 32), torch.randn(T, 2, 32)
+    q4, k4 = torch.randn(2, L, 4, 32), torch.randn(2, L, 2, 32)
+    cu = torch.tensor([0, 4, 10], dtype=torch.int32)
+    return [
+        (dict(q=torch.randn(T, 32), k=k3, v=k3, cu_seqlens=cu), ValueError, "q must have 3 or 4 dimensions"),
+        (dict(q=q3, k=torch.randn(T, 3, 32), v=torch.randn(T, 3, 32), cu_seqlens=cu), ValueError, "multiple"),
+        (dict(q=q3, k=k3, v=torch.randn(T, 2, 16), cu_seqlens=cu), ValueError, "v must have the shape of k"),
+        (dict(q=q3, k=torch.randn(T + 1, 2, 32), v=torch.randn(T + 1, 2, 32), cu_seqlens=cu), ValueError, "k must be"),
+        (dict(q=torch.randn(T, 4, 36), k=torch.randn(T, 2, 36), v=torch.randn(T, 2, 36), cu_seqlens=cu),
+         ValueError, "head dim"),
+        (dict(q=torch.randn(T, 4, 512), k=torch.randn(T, 2, 512), v=torch.randn(T, 2, 512), cu_seqlens=cu),
+         ValueError, "head dim"),
+        (dict(q=q3, k=k3.half(), v=k3.half(), cu_seqlens=cu), TypeError, "dtype of q"),
+        (dict(q=q3.int(), k=k3, v=k3, cu_seqlens=cu), TypeError, "q must have dtype"),
+        (dict(q=q3, k=k3, v=k3), ValueError, "needs cu_seqlens"),
+        (dict(q=q3, k=k3, v=k3, cu_seqlens=cu.long()), TypeError, "int32"),
+        (dict(q=q3, k=k3, v=k3, cu_seqlens=torch.tensor([0, 6, 4, 10], dtype=torch.int32)), ValueError,
+         "non-decreasing"),
+        (dict(q=q3, k=k3, v=k3, cu_seqlens=torch.tensor([0, 4, 9], dtype=torch.int32)), ValueError, "cu_seqlens[-1]"),
+        (dict(q=q3, k=k3, v=k3, cu_seqlens=torch.tensor([1, 4, 10], dtype=torch.int32)), ValueError, "cu_seqlens[0]"),
+        (dict(q=q3, k=k3, v=k3, cu_seqlens=cu, max_seqlen=5), ValueError, "max_seqlen"),
+        (dict(q=q3, k=k3, v=k3, cu_seqlens=cu, key_padding_mask=torch.ones(2, 5)), ValueError, "key_padding_mask"),
+        (dict(q=q4, k=k4, v=k4, key_padding_mask=torch.ones(2, 4)), ValueError, "key_padding_mask must have shape"),
+        (dict(q=q4, k=k4, v=k4, cu_seqlens=cu), ValueError, "padded q"),
+        (dict(q=q4, k=k4, v=k4, softmax_scale=-1.0), ValueError, "softmax_scale"),
+        (dict(q=q4, k=k4, v=k4, backend="cuda"), RuntimeError, "cuda"),
+        (dict(q=q4, k=k4, v=k4, backend="fast"), ValueError, "backend must be one of"),
+        (dict(q=q4, k="k", v=k4), TypeError, "k must be a torch.Tensor"),
+    ]
+
+
+@pytest.mark.parametrize("i", range(len(_bad_calls())))
+def test_bad_input_raises(i):
+    kwargs, exc, text = _bad_calls()[i]
+    q, k, v = kwargs.pop("q"), kwargs.pop("k"), kwargs.pop("v")
+    with pytest.raises(exc, match=text.replace("[", r"\[").replace("]", r"\]")):
+        flash_attention(q, k, v, **kwargs)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_tensors_on_different_devices():
+    q = torch.randn(1, 4, 2, 32, device="cuda")
+    with pytest.raises(ValueError, match="device"):
+        flash_attention(q, q.cpu(), q.cpu())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 Triton needs a GPU (the interpreter's bf16 dot is off)")
+@pytest.mark.parametrize("d", [64, 128, 256])
+@pytest.mark.parametrize("causal", [False, True])
+def test_triton_bf16_gpu(d, causal):
+    lengths = [0, 1, 17, 300, 129, 1024]
+    cu = _cu(lengths)
+    q, k, v = _inputs((int(cu[-1]), 14, d), 2, torch.bfloat16)
+    kw = dict(cu_seqlens=cu, causal=causal)
+    _assert_close(_run("triton", q, k, v, **kw), _run("reference", q, k, v, **kw), "triton", torch.bfloat16)

@@ -1,0 +1,347 @@
+"""focal_infonce: reference against hand-computed cases and F.cross_entropy, every backend against reference."""
+import importlib
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import INTERPRET
+from kalm_fast._registry import backends
+from kalm_fast.ops import focal_infonce
+from kalm_fast.ops.mixing import mixing_draws, synthetic_negatives
+from kalm_fast.reference import focal_infonce as ref
+
+# the module: the attribute kalm_fast.ops.focal_infonce is the function
+op_mod = importlib.import_module("kalm_fast.ops.focal_infonce")
+
+BACKENDS = ["torch"] + (["triton"] if INTERPRET or torch.cuda.is_available() else [])
+DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRET else "cpu"
+
+
+@pytest.fixture(autouse=True)
+def small_torch_tiles(monkeypatch):
+    """Tiny tiles so that the small shapes below cross several query and candidate tiles."""
+    monkeypatch.setattr(op_mod, "TILE_Q", 4)
+    monkeypatch.setattr(op_mod, "TILE_C", 7)
+
+
+def _inputs(b, m, d, dtype=torch.float32, seed=0, scale=0.3):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, d, generator=gen)
+    docs = scale * q[:, None] + torch.randn(b, 1 + m, d, generator=gen) * 0.5
+    docs[:, 0] += q  # positives lean towards their queries
+    return q.to(DEVICE, dtype), docs.to(DEVICE, dtype)
+
+
+def _loss_and_grads(fn, q, docs, **kw):
+    q = q.detach().clone().requires_grad_()
+    docs = docs.detach().clone().requires_grad_()
+    loss = fn(q, docs, **kw)
+    loss.sum().backward()
+    return loss.detach().float(), q.grad.float(), docs.grad.float()
+
+
+def _assert_close(got, want, tol):
+    for g, w, name in zip(got, want, ("loss", "dq", "ddocs")):
+        torch.testing.assert_close(g, w, atol=tol[0], rtol=tol[1], msg=lambda m: f"{name}: {m}")
+
+
+# ---------------------------------------------------------------------------------------------- reference
+
+
+def test_reference_hand_computed_cos():
+    q = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    docs = torch.tensor([[[2.0, 0.0]], [[0.0, 3.0]]])  # cosine makes the scale irrelevant
+    p = math.exp(2) / (math.exp(2) + 1)  # z = s / 0.5 = [[2, 0], [0, 2]]
+    want = -((1 - p) ** 0.5) * math.log(p)
+    got = ref.focal_infonce(q, docs, temperature=0.5, gamma=0.5, reduction="none")
+    torch.testing.assert_close(got, torch.tensor([want, want]))
+
+
+def test_reference_hand_computed_dot_margin_and_own_candidates():
+    q = torch.tensor([[1.0, 0.0]])
+    docs = torch.tensor([[[0.6, 0.8], [1.0, 0.0], [0.0, 1.0]]])  # s = 0.6 (positive), 1.0, 0.0
+    z = [0.6, 1.0, 0.0]
+    log_p = z[0] - math.log(sum(math.exp(v) for v in z))
+    got = ref.focal_infonce(q, docs, temperature=1.0, gamma=2.0, similarity="dot", in_batch_negatives=False)
+    torch.testing.assert_close(got, torch.tensor(-((1 - math.exp(log_p)) ** 2) * log_p))
+    # margin 0.1 drops the negative at 1.0 > 0.6 + 0.1 but keeps the one at 0.0
+    log_p = z[0] - math.log(math.exp(z[0]) + math.exp(z[2]))
+    got = ref.focal_infonce(q, docs, temperature=1.0, gamma=0.0, similarity="dot", in_batch_negatives=False,
+                            false_negative_margin=0.1)
+    torch.testing.assert_close(got, torch.tensor(-log_p))
+
+
+@pytest.mark.parametrize("in_batch", [True, False])
+def test_reference_gamma0_is_cross_entropy(in_batch):
+    q, docs = _inputs(5, 3, 8)
+    qn, dn = F.normalize(q, dim=-1), F.normalize(docs, dim=-1)
+    if in_batch:
+        logits = qn @ dn.reshape(-1, 8).T / 0.05
+        target = torch.arange(5) * 4
+    else:
+        logits = torch.einsum("bd,bgd->bg", qn, dn) / 0.05
+        target = torch.zeros(5, dtype=torch.long)
+    want = F.cross_entropy(logits, target)
+    got = ref.focal_infonce(q, docs, temperature=0.05, gamma=0.0, in_batch_negatives=in_batch)
+    torch.testing.assert_close(got, want)
+
+
+def test_reference_gradients_match_cross_entropy():
+    q, docs = _inputs(4, 2, 6)
+    got = _loss_and_grads(lambda a, b: ref.focal_infonce(a, b, temperature=0.1, gamma=0.0), q, docs)
+    want = _loss_and_grads(lambda a, b: F.cross_entropy(
+        F.normalize(a, dim=-1) @ F.normalize(b, dim=-1).reshape(-1, 6).T / 0.1, torch.arange(4) * 3), q, docs)
+    _assert_close(got, want, (1e-5, 1e-5))
+
+
+def test_focal_weight_detach_changes_only_the_gradient():
+    q, docs = _inputs(4, 2, 6)
+    a = _loss_and_grads(lambda x, y: ref.focal_infonce(x, y, temperature=0.2, gamma=2.0), q, docs)
+    b = _loss_and_grads(lambda x, y: ref.focal_infonce(x, y, temperature=0.2, gamma=2.0, detach_focal_weight=True),
+                        q, docs)
+    torch.testing.assert_close(a[0], b[0])
+    assert not torch.allclose(a[1], b[1])
+
+
+# ---------------------------------------------------------------------------------------------- backends
+
+CASES = [  # b, m, d, options
+    (1, 0, 16, dict()),
+    (1, 7, 33, dict(gamma=2.0)),
+    (5, 3, 40, dict(gamma=0.0)),
+    (17, 2, 24, dict(similarity="dot", temperature=1.0)),
+    (7, 7, 20, dict(in_batch_negatives=False)),
+    (6, 0, 16, dict(in_batch_negatives=False)),
+    (5, 3, 40, dict(detach_focal_weight=True, gamma=2.0)),
+    (9, 3, 24, dict(false_negative_margin=0.05)),
+    (9, 3, 24, dict(false_negative_margin=0.0, in_batch_negatives=False, similarity="dot", temperature=2.0)),
+    (7, 4, 24, dict(num_synthetic=3, mix_alpha=2.0)),
+    (7, 4, 24, dict(num_synthetic=2, mix_top_k=2, false_negative_margin=0.1, in_batch_negatives=False)),
+    (5, 3, 16, dict(num_synthetic=2, similarity="dot", temperature=1.0, reduction="sum", gamma=2.0)),
+    (5, 3, 16, dict(reduction="none")),
+]
+
+
+def _case_id(case):
+    return f"B{case[0]}M{case[1]}D{case[2]}-" + "-".join(f"{k}={v}" for k, v in case[3].items())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_backend_matches_reference_fp32(backend, case):
+    b, m, d, options = case
+    options = dict(dict(temperature=0.05), **options)
+    q, docs = _inputs(b, m, d)
+    want = _loss_and_grads(ref.focal_infonce, q, docs, generator=torch.Generator().manual_seed(7), **options)
+    got = _loss_and_grads(focal_infonce, q, docs, generator=torch.Generator().manual_seed(7), backend=backend,
+                          **options)
+    _assert_close(got, want, backends("focal_infonce")[backend].tolerances[torch.float32])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("case", [(17, 2, 40, dict()), (5, 3, 24, dict(false_negative_margin=0.05, num_synthetic=2)),
+                                  (6, 3, 24, dict(in_batch_negatives=False, gamma=2.0))])
+def test_backend_matches_reference_half(backend, dtype, case):
+    b, m, d, options = case
+    q, docs = _inputs(b, m, d, dtype)
+    want = _loss_and_grads(ref.focal_infonce, q, docs, temperature=0.05, generator=torch.Generator().manual_seed(1),
+                           **options)
+    got = _loss_and_grads(focal_infonce, q, docs, temperature=0.05, generator=torch.Generator().manual_seed(1),
+                          backend=backend, **options)
+    _assert_close(got, want, backends("focal_infonce")[backend].tolerances[dtype])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("in_batch, margin", [(True, None), (True, 0.05), (False, 0.05)])
+def test_backend_contract_with_more_docs_than_queries(backend, in_batch, margin):
+    """gather=True hands backends docs [Bd > B, ...]: query i's positive is docs[i, 0], the rest are negatives."""
+    q, docs = _inputs(18, 2, 24)
+    q, syn = q[:5], synthetic_negatives(q[:5], docs[:5], num_synthetic=2, generator=torch.Generator().manual_seed(0))
+    args = (syn, 0.05, "cos", in_batch, margin)
+
+    def run(fn):
+        qq, dd = q.clone().requires_grad_(), docs.clone().requires_grad_()
+        log_p, pos, neg = fn(qq, dd, *args)
+        log_p.sum().backward()
+        return log_p.detach(), pos, neg, qq.grad, dd.grad
+
+    want = run(backends("focal_infonce")["reference"].fn)
+    got = run(backends("focal_infonce")[backend].fn)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_inputs(backend):
+    q, docs = _inputs(5, 3, 48)
+    want = _loss_and_grads(lambda a, b: ref.focal_infonce(a[:, ::2], b[..., :24], temperature=0.05), q, docs)
+    got = _loss_and_grads(lambda a, b: focal_infonce(a[:, ::2], b[..., :24], temperature=0.05, backend=backend),
+                          q, docs)
+    _assert_close(got, want, backends("focal_infonce")[backend].tolerances[torch.float32])
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="needs Triton (GPU or TRITON_INTERPRET=1)")
+@pytest.mark.parametrize("scale", [1.0, 1e-9])
+def test_triton_engine_fp16_accumulators_at_any_gradient_scale(scale):
+    """dL/dlog p can be tiny (loss weights, gradient accumulation, huge batches); the fp16 tile products must
+    not underflow: the Triton engine's float32 accumulators match the float32 torch engine's."""
+    from kalm_fast.kernels.focal_infonce import TritonEngine
+
+    q, docs = _inputs(17, 2, 40, torch.float16)
+    flat = (docs * 30).reshape(-1, 40)  # unnormalized candidates: inverse norms ~ 0.005
+    rq, _ = op_mod.inverse_norms(q, True)
+    rd, _ = op_mod.inverse_norms(flat, True)
+    s_pos = (q.float() * flat[::3].float()).sum(-1) * rq * rd[::3]
+    lse, _ = op_mod.TorchEngine.forward(q, flat, rq, rd, s_pos, 20.0, None, 3)
+    gc = scale * torch.randn(17, generator=torch.Generator().manual_seed(0)).to(q.device)
+    out = []
+    for engine in (op_mod.TorchEngine, TritonEngine):
+        dq, dd = torch.zeros(q.shape, device=q.device), torch.zeros(flat.shape, device=q.device)
+        engine.backward(q, flat, rq, rd, s_pos, lse, gc, 20.0, None, 3, dq, dd)
+        out.append((dq / dq.abs().max(), dd / dd.abs().max()))
+    for got, want in zip(out[1], out[0]):
+        torch.testing.assert_close(got, want, atol=2e-3, rtol=2e-3)
+
+
+@pytest.mark.parametrize("backend", ["reference"] + BACKENDS)
+def test_positive_with_probability_one_has_finite_gradients(backend):
+    q = torch.eye(4, 8, device=DEVICE)
+    docs = torch.eye(8, device=DEVICE)[[0, 4, 1, 5, 2, 6, 3, 7]].reshape(4, 2, 8)  # negatives orthogonal
+    loss, dq, ddocs = _loss_and_grads(focal_infonce, q, docs, temperature=0.01, gamma=0.5, backend=backend)
+    assert loss.item() == pytest.approx(0.0, abs=1e-30)
+    assert torch.isfinite(dq).all() and torch.isfinite(ddocs).all()
+
+
+def test_auto_is_torch_on_cpu():
+    q, docs = (x.cpu() for x in _inputs(5, 2, 8))
+    assert op_mod.select("focal_infonce", "auto", q.device, q.dtype).name == "torch"
+    torch.testing.assert_close(focal_infonce(q, docs), focal_infonce(q, docs, backend="torch"))
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_enclosing_autocast_does_not_lower_the_precision(backend):
+    q, docs = _inputs(6, 2, 32)
+    want = focal_infonce(q, docs, backend=backend)
+    with torch.autocast(q.device.type, dtype=torch.bfloat16):
+        got = focal_infonce(q, docs, backend=backend)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want)
+
+
+def test_reductions_agree():
+    q, docs = _inputs(6, 2, 8)
+    rows = focal_infonce(q, docs, reduction="none", backend="torch")
+    assert rows.shape == (6,) and rows.dtype == torch.float32
+    torch.testing.assert_close(focal_infonce(q, docs, reduction="sum", backend="torch"), rows.sum())
+    torch.testing.assert_close(focal_infonce(q, docs, backend="torch"), rows.mean())
+
+
+def test_torch_backend_saves_no_score_matrix():
+    """The reference saves [B, |C|] tensors for backward; the torch backend only O(B*D) ones."""
+    q, docs = _inputs(64, 1, 8)
+
+    def largest_saved(backend):
+        sizes = []
+
+        def pack(t):
+            sizes.append(t.numel())
+            return t
+
+        qq = q.clone().requires_grad_()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            focal_infonce(qq, docs, num_synthetic=0, backend=backend)
+        return max(sizes)
+
+    assert largest_saved("reference") >= 64 * 128
+    assert largest_saved("torch") <= docs.numel()
+
+
+# ---------------------------------------------------------------------------------------------- mixing
+
+
+def test_mixing_draws_are_reproducible_and_valid():
+    a, b, lam = mixing_draws(50, 4, 3, 2.0, torch.Generator().manual_seed(0))
+    a2, b2, lam2 = mixing_draws(50, 4, 3, 2.0, torch.Generator().manual_seed(0))
+    assert torch.equal(a, a2) and torch.equal(b, b2) and torch.equal(lam, lam2)
+    assert (a != b).all() and a.min() >= 0 and a.max() < 3 and b.min() >= 0 and b.max() < 3
+    assert ((lam > 0) & (lam < 1)).all() and 0.4 < lam.mean() < 0.6  # Beta(2, 2) has mean 0.5
+    assert set(b.flatten().tolist()) == {0, 1, 2}
+
+
+def test_synthetic_negatives_shape_norm_and_not_enough_hard_negatives():
+    q, docs = _inputs(5, 4, 8)
+    syn = synthetic_negatives(q, docs, num_synthetic=3, generator=torch.Generator().manual_seed(0))
+    assert syn.shape == (5, 3, 8) and syn.dtype == torch.float32 and not syn.requires_grad
+    torch.testing.assert_close(syn.norm(dim=-1), torch.ones(5, 3, device=syn.device))
+    other = synthetic_negatives(q, docs, num_synthetic=3, generator=torch.Generator().manual_seed(1))
+    assert not torch.allclose(syn, other)
+    # K < 2 (one hard negative, or mix_top_k=1): nothing to mix, the loss is the one without mixing
+    assert synthetic_negatives(q, docs[:, :2], num_synthetic=3) is None
+    assert synthetic_negatives(q, docs, num_synthetic=3, mix_top_k=1) is None
+    torch.testing.assert_close(focal_infonce(q, docs[:, :2], num_synthetic=4), focal_infonce(q, docs[:, :2]))
+
+
+def test_synthetic_negatives_mix_the_top_k():
+    q = torch.tensor([[1.0, 0.0, 0.0, 0.0]])
+    docs = torch.tensor([[[1.0, 0, 0, 0], [0.9, 0.1, 0, 0], [0.8, 0, 0.2, 0], [-1.0, 0, 0, 1.0]]])
+    syn = synthetic_negatives(q, docs, num_synthetic=6, mix_top_k=2, generator=torch.Generator().manual_seed(0))
+    assert (syn[..., 3].abs() < 1e-7).all()  # the least similar hard negative is never mixed in
+    assert (syn[..., 1] > 0).all() and (syn[..., 2] > 0).all()  # both top-2 always contribute
+
+
+@pytest.mark.parametrize("backend", ["reference"] + BACKENDS)
+def test_mixing_never_lowers_the_loss(backend):
+    q, docs = _inputs(6, 4, 16)
+    base = focal_infonce(q, docs, temperature=0.05, reduction="none", backend=backend)
+    mixed = focal_infonce(q, docs, temperature=0.05, reduction="none", num_synthetic=4, backend=backend,
+                          generator=torch.Generator().manual_seed(0))
+    assert (mixed >= base - 1e-6).all() and (mixed > base).any()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_same_generator_same_loss_on_every_backend(backend):
+    q, docs = _inputs(6, 4, 16)
+    kw = dict(temperature=0.05, num_synthetic=3, reduction="none")
+    want = focal_infonce(q, docs, backend="reference", generator=torch.Generator().manual_seed(5), **kw)
+    got = focal_infonce(q, docs, backend=backend, generator=torch.Generator().manual_seed(5), **kw)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(docs=torch.randn(3, 2, 8)), ValueError, r"docs must be \[B, 1\+M, D\]"),
+    (dict(docs=torch.randn(4, 2, 7)), ValueError, r"docs must be \[B, 1\+M, D\]"),
+    (dict(docs=torch.randn(4, 8)), ValueError, "docs must have 3 dimensions"),
+    (dict(q=torch.randn(8)), ValueError, "q must have 2 dimensions"),
+    (dict(q=torch.randn(4, 8).double()), TypeError, "q must have dtype"),
+    (dict(docs=torch.randn(4, 2, 8).half()), TypeError, "docs must have the dtype of q"),
+    (dict(q=[[1.0]]), TypeError, "q must be a torch.Tensor"),
+    (dict(temperature=0.0), ValueError, "temperature must be > 0"),
+    (dict(temperature=-1.0), ValueError, "temperature must be > 0"),
+    (dict(gamma=-0.5), ValueError, "gamma must be >= 0"),
+    (dict(similarity="l2"), ValueError, "similarity must be"),
+    (dict(reduction="avg"), ValueError, "reduction must be"),
+    (dict(num_synthetic=-1), ValueError, "num_synthetic must be >= 0"),
+    (dict(num_synthetic=1.5), TypeError, "num_synthetic must be a finite int"),
+    (dict(mix_top_k=0), ValueError, "mix_top_k must be >= 1"),
+    (dict(mix_alpha=0.0), ValueError, "mix_alpha must be > 0"),
+    (dict(generator=0), TypeError, "generator must be a torch.Generator"),
+    (dict(false_negative_margin=float("nan")), TypeError, "false_negative_margin must be a finite number"),
+    (dict(backend="cudnn"), ValueError, "backend must be one of"),
+])
+def test_bad_input(kwargs, error, match):
+    args = dict(q=torch.randn(4, 8), docs=torch.randn(4, 2, 8))
+    args.update(kwargs)
+    with pytest.raises(error, match=match):
+        focal_infonce(args.pop("q"), args.pop("docs"), **args)
+
+
+@pytest.mark.skipif(INTERPRET, reason="under TRITON_INTERPRET=1 Triton may run CPU tensors")
+def test_triton_on_cpu_says_why():
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        focal_infonce(torch.randn(2, 4), torch.randn(2, 2, 4), backend="triton")

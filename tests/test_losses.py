@@ -1,0 +1,108 @@
+"""FocalInfoNCELoss: options pass through, Matryoshka truncation + weights, statistics for logging."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kalm_fast.reference import focal_infonce as ref
+from kalm_fast.train.losses import FocalInfoNCELoss
+
+
+def _inputs(b=6, m=3, d=16, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, d, generator=gen)
+    docs = 0.5 * q[:, None] + torch.randn(b, 1 + m, d, generator=gen)
+    return q.requires_grad_(), docs.requires_grad_()
+
+
+def test_single_dim_equals_the_op_with_the_same_options():
+    q, docs = _inputs()
+    options = dict(temperature=0.05, gamma=2.0, false_negative_margin=0.2, num_synthetic=2, mix_top_k=2)
+    loss, _ = FocalInfoNCELoss(**options)(q, docs, generator=torch.Generator().manual_seed(3))
+    want = ref.focal_infonce(q, docs, generator=torch.Generator().manual_seed(3), **options)
+    torch.testing.assert_close(loss, want, atol=1e-5, rtol=1e-5)
+    loss.backward()
+    assert q.grad is not None and docs.grad is not None and torch.isfinite(docs.grad).all()
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_matryoshka_weighted_sum_of_renormalized_truncations(backend):
+    q, docs = _inputs()
+    module = FocalInfoNCELoss(temperature=0.05, matryoshka_dims=[16, 8, 4], matryoshka_weights=[1.0, 0.3, 0.1],
+                              backend=backend)
+    loss, _ = module(q, docs)
+    want = sum(w * ref.focal_infonce(F.normalize(q[:, :d], dim=-1), F.normalize(docs[..., :d], dim=-1),
+                                     temperature=0.05)
+               for d, w in ((16, 1.0), (8, 0.3), (4, 0.1)))
+    torch.testing.assert_close(loss, want, atol=1e-5, rtol=1e-5)
+    got_grad = torch.autograd.grad(loss, q)[0]
+    want_grad = torch.autograd.grad(want, q)[0]
+    torch.testing.assert_close(got_grad, want_grad, atol=1e-5, rtol=1e-4)
+
+
+def test_stats_match_hand_computed_values():
+    q, docs = _inputs(b=5, m=2, d=8)
+    loss, stats = FocalInfoNCELoss(temperature=0.1, gamma=0.5)(q, docs)
+    assert set(stats) == {"mean_p", "mean_weight", "pos_sim", "hardest_neg_sim"}
+    assert all(isinstance(v, float) for v in stats.values())
+    qn, dn = F.normalize(q.detach(), dim=-1), F.normalize(docs.detach(), dim=-1).reshape(-1, 8)
+    sims = qn @ dn.T
+    pos = torch.arange(5) * 3
+    p = torch.softmax(sims / 0.1, dim=1)[torch.arange(5), pos]
+    negs = sims.clone()
+    negs[torch.arange(5), pos] = float("-inf")
+    assert stats["mean_p"] == pytest.approx(p.mean().item(), rel=1e-5)
+    assert stats["mean_weight"] == pytest.approx(((1 - p) ** 0.5).mean().item(), rel=1e-5)
+    assert stats["pos_sim"] == pytest.approx(sims[torch.arange(5), pos].mean().item(), rel=1e-5)
+    assert stats["hardest_neg_sim"] == pytest.approx(negs.max(dim=1).values.mean().item(), rel=1e-5)
+
+
+def test_stats_without_negatives():
+    q, docs = _inputs(b=3, m=0, d=8)
+    loss, stats = FocalInfoNCELoss(in_batch_negatives=False)(q, docs)
+    assert loss.item() == 0.0 and stats["mean_p"] == 1.0
+    assert stats["hardest_neg_sim"] != stats["hardest_neg_sim"]  # NaN: no query has a negative
+
+
+def test_generator_makes_mixing_reproducible():
+    q, docs = _inputs()
+    module = FocalInfoNCELoss(num_synthetic=3)
+    a, _ = module(q, docs, generator=torch.Generator().manual_seed(0))
+    b, _ = module(q, docs, generator=torch.Generator().manual_seed(0))
+    c, _ = module(q, docs, generator=torch.Generator().manual_seed(1))
+    assert a.item() == b.item() and a.item() != c.item()
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(matryoshka_dims=[]), "matryoshka_dims must be a non-empty list"),
+    (dict(matryoshka_dims=[8, 0]), "matryoshka_dims must be a non-empty list"),
+    (dict(matryoshka_weights=[1.0]), "one weight per matryoshka_dims"),
+    (dict(matryoshka_dims=[8, 4], matryoshka_weights=[1.0]), "one weight per matryoshka_dims"),
+    (dict(matryoshka_dims=[8, 4], matryoshka_weights=[1.0, -0.1]), "finite and >= 0"),
+])
+def test_bad_options(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        FocalInfoNCELoss(**kwargs)
+
+
+def test_dims_larger_than_the_embedding():
+    q, docs = _inputs(d=8)
+    with pytest.raises(ValueError, match="matryoshka_dims must be <= the embedding size D=8"):
+        FocalInfoNCELoss(matryoshka_dims=[16, 8])(q, docs)
+
+
+def test_bad_tensors_are_reported_by_the_op():
+    q, docs = _inputs()
+    with pytest.raises(ValueError, match=r"docs must be \[B, 1\+M, D\]"):
+        FocalInfoNCELoss()(q, docs[:3])
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(temperature=0.0), ValueError, "temperature must be > 0"),
+    (dict(similarity="l2"), ValueError, "similarity must be"),
+    (dict(num_synthetic=-2), ValueError, "num_synthetic must be >= 0"),
+    (dict(gamma="0.5"), TypeError, "gamma must be a finite number"),
+    (dict(backend="fast"), ValueError, "backend must be one of"),
+])
+def test_bad_op_options_fail_at_construction(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        FocalInfoNCELoss(**kwargs)
