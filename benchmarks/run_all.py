@@ -9,7 +9,7 @@ from pathlib import Path
 
 from .harness import RESULTS, device_tag
 
-SCRIPTS = ["mean_pool", "attention", "contrastive", "encode"]
+SCRIPTS = ["mean_pool", "attention", "contrastive", "encode", "train_step"]
 
 
 def main(argv=None) -> int:

@@ -40,8 +40,11 @@ _last_valid_cu_seqlens: list = [None, -1, -1]
 def check_cu_seqlens(cu_seqlens, total: int, *, name: str = "cu_seqlens") -> torch.Tensor:
     """``cu_seqlens`` is int32 ``[N+1]``, starts at 0, is non-decreasing and ends at ``total``."""
     check_tensor(name, cu_seqlens, ndim=1)
+    # Inference tensors have no version counter: they are validated every time.
+    cacheable = not cu_seqlens.is_inference()
     ref, version, last_total = _last_valid_cu_seqlens
-    if ref is not None and ref() is cu_seqlens and version == cu_seqlens._version and last_total == total:
+    if (cacheable and ref is not None and ref() is cu_seqlens and version == cu_seqlens._version
+            and last_total == total):
         return cu_seqlens
     if cu_seqlens.dtype != torch.int32:
         raise TypeError(f"{name} must be torch.int32 (as flash-attention's varlen API), got {cu_seqlens.dtype}")
@@ -54,7 +57,8 @@ def check_cu_seqlens(cu_seqlens, total: int, *, name: str = "cu_seqlens") -> tor
         raise ValueError(f"{name} must be non-decreasing, got {host.tolist()[:16]}")
     if int(host[-1]) != total:
         raise ValueError(f"{name}[-1] must equal the number of packed tokens {total}, got {int(host[-1])}")
-    _last_valid_cu_seqlens[:] = [weakref.ref(cu_seqlens), cu_seqlens._version, total]
+    if cacheable:
+        _last_valid_cu_seqlens[:] = [weakref.ref(cu_seqlens), cu_seqlens._version, total]
     return cu_seqlens
 
 

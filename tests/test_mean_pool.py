@@ -162,3 +162,10 @@ def test_cu_seqlens_checked_again_after_in_place_change():
 def test_cuda_backend_on_cpu_tensors_says_why():
     with pytest.raises(RuntimeError, match="runs on \\['cuda'\\] tensors, got cpu"):
         mean_pool(torch.randn(2, 3, 4), backend="cuda")
+
+
+def test_packed_input_made_under_inference_mode():
+    with torch.inference_mode():
+        hidden = torch.randn(5, 4)
+        cu = torch.tensor([0, 2, 5], dtype=torch.int32)
+        torch.testing.assert_close(mean_pool(hidden, cu_seqlens=cu), mean_pool(hidden, cu_seqlens=cu, backend="reference"))

@@ -1,0 +1,194 @@
+"""``EmbeddingModel``: a Hugging Face encoder or decoder LLM run bidirectionally on packed tokens, mean-pooled."""
+from __future__ import annotations
+
+import itertools
+import json
+import warnings
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from ..ops import mean_pool
+from . import bert_packed
+from .attention import make_bidirectional
+from .loading import (load_tokenizer, load_transformer, read_sentence_transformer_info, resolve_model_dir)
+
+# Families whose absolute position ids start after the padding index (RoBERTa convention).
+_ROBERTA_LIKE = ("roberta", "xlm-roberta", "camembert", "xlm-roberta-xl")
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def _cpu_has_bf16() -> bool:
+    return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def _position_offset(config) -> int:
+    """First absolute position id: RoBERTa-style models count from ``pad_token_id + 1``."""
+    return config.pad_token_id + 1 if config.model_type in _ROBERTA_LIKE else 0
+
+
+def resolve_dtype(dtype) -> Optional[torch.dtype]:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        if dtype not in (None, torch.float32, torch.float16, torch.bfloat16):
+            raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
+        return dtype
+    if str(dtype) not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)} or a torch dtype, got {dtype!r}")
+    return DTYPES[str(dtype)]
+
+
+def resolve_device(device) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+class EmbeddingModel(nn.Module):
+    """Text -> ``[N, H]`` mean-pooled (not normalized) embeddings, differentiable.
+
+    ``tokenize(texts)`` returns a packed batch: ``input_ids [T]``, ``position_ids [T]``, ``cu_seqlens [N+1]``
+    (int32) and ``max_seqlen``; ``forward(batch)`` runs the transformer on it with bidirectional attention
+    (``ops.flash_attention``, varlen) and pools with ``ops.mean_pool``. A padded batch (``input_ids [B, L]``
+    + ``attention_mask [B, L]``) is accepted too.
+    """
+
+    def __init__(self, model: nn.Module, tokenizer, *, max_length: int = 512, prompts: Optional[dict] = None,
+                 normalize: bool = True, attn_backend: str = "auto", default_prompt_name: Optional[str] = None):
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = model.config
+        self.hidden_size = int(model.config.hidden_size)
+        self.max_length = int(max_length)
+        self.prompts = dict(prompts or {})
+        self.default_prompt_name = default_prompt_name
+        self.normalize = normalize
+        self.attn_backend = attn_backend
+        self.position_offset = _position_offset(model.config)
+        make_bidirectional(model, attn_backend, self.max_length)
+        fast = attn_backend in ("auto", "torch") and bert_packed.supports(model)
+        self._packed_bert = bert_packed.PackedBert(model) if fast else None
+
+    @classmethod
+    def from_pretrained(cls, path=None, *, device=None, dtype=None, attn_backend: str = "auto", max_length: int = 512,
+                        allow_pickle: bool = False) -> "EmbeddingModel":
+        """Load a local Hugging Face / sentence-transformers directory (None -> the embedded default model).
+
+        ``max_length`` caps the tokens per text; the model's own limit (sentence-transformers ``max_seq_length``,
+        position embeddings) caps it further, as sentence-transformers does.
+        """
+        if not isinstance(max_length, int) or max_length < 1:
+            raise ValueError(f"max_length must be a positive int, got {max_length!r}")
+        dtype, device = resolve_dtype(dtype), resolve_device(device)
+        if device.type == "cpu" and dtype == torch.bfloat16 and not _cpu_has_bf16():
+            warnings.warn("this CPU has no native bf16 (avx512_bf16 / AMX): bfloat16 runs emulated and slowly; "
+                          "use dtype='float32' here", stacklevel=2)
+        model_dir = resolve_model_dir(path)
+        info = read_sentence_transformer_info(model_dir)
+        config, model = load_transformer(info.transformer_dir, dtype=dtype, allow_pickle=allow_pickle)
+        tokenizer = load_tokenizer(info.transformer_dir, model_dir)
+        positions = getattr(config, "max_position_embeddings", None)
+        positions = positions - _position_offset(config) if positions else None
+        effective = min(x for x in (max_length, info.max_seq_length, positions) if x)
+        embedder = cls(model, tokenizer, max_length=effective, prompts=info.prompts, normalize=info.normalize,
+                       attn_backend=attn_backend, default_prompt_name=info.default_prompt_name)
+        return embedder.to(device).eval()
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def token_ids(self, texts: Sequence[str]) -> list:
+        """Token ids per text, special tokens added, truncated to ``max_length``."""
+        return self.tokenizer(list(texts), add_special_tokens=True, truncation=True, max_length=self.max_length,
+                              return_attention_mask=False, return_token_type_ids=False)["input_ids"]
+
+    def pack(self, ids: Sequence[Sequence[int]]) -> dict:
+        """A packed batch from token id lists (see the class docstring)."""
+        lengths = torch.tensor([len(x) for x in ids], dtype=torch.int64)
+        cu = torch.zeros(len(ids) + 1, dtype=torch.int32)
+        torch.cumsum(lengths, 0, out=cu[1:])
+        total = int(cu[-1])
+        input_ids = torch.tensor(list(itertools.chain.from_iterable(ids)), dtype=torch.long)
+        starts = torch.repeat_interleave(cu[:-1].long(), lengths, output_size=total)
+        position_ids = torch.arange(total) - starts + self.position_offset
+        device = self.device
+        return dict(input_ids=input_ids.to(device), position_ids=position_ids.to(device), cu_seqlens=cu.to(device),
+                    max_seqlen=int(lengths.max()) if len(ids) else 0)
+
+    def tokenize(self, texts: Sequence[str]) -> dict:
+        """Packed batch for ``forward``: ``input_ids [T]``, ``position_ids [T]``, ``cu_seqlens [N+1]``, ``max_seqlen``."""
+        return self.pack(self.token_ids(texts))
+
+    def token_embeddings(self, batch: dict) -> torch.Tensor:
+        """Last hidden states: ``[T, H]`` for a packed batch, ``[B, L, H]`` for a padded one."""
+        if "cu_seqlens" in batch:
+            cu, m = batch["cu_seqlens"], int(batch["max_seqlen"])
+            if self._packed_bert is not None and not self.training and not torch.is_grad_enabled():
+                return self._packed_bert(batch["input_ids"], batch["position_ids"], cu, m)
+            out = self.model(input_ids=batch["input_ids"][None], position_ids=batch["position_ids"][None],
+                             cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=m, max_length_k=m, use_cache=False)
+            return out.last_hidden_state[0]
+        kwargs = {}
+        if self.position_offset:
+            mask = batch["attention_mask"].long()
+            kwargs["position_ids"] = (mask.cumsum(1) - 1).clamp(min=0) + self.position_offset
+        out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False, **kwargs)
+        return out.last_hidden_state
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        """``[N, H]`` mean-pooled embeddings (not normalized) of a packed or padded batch.
+
+    In eval mode under ``torch.no_grad()`` BERT-family models take the packed inference fast path (``bert_packed``).
+    """
+        hidden = self.token_embeddings(batch)
+        if "cu_seqlens" in batch:
+            return mean_pool(hidden, cu_seqlens=batch["cu_seqlens"])
+        return mean_pool(hidden, batch["attention_mask"])
+
+    def gradient_checkpointing_enable(self):
+        """Recompute each layer's activations in backward (non-reentrant checkpointing)."""
+        if hasattr(self.model, "activation_checkpointing_enable"):  # transformers >= 5.x
+            self.model.activation_checkpointing_enable({"use_reentrant": False})
+        else:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    def gradient_checkpointing_disable(self):
+        disable = getattr(self.model, "activation_checkpointing_disable", None) or self.model.gradient_checkpointing_disable
+        disable()
+
+    def save_pretrained(self, directory) -> None:
+        """Safetensors weights, config, tokenizer and the sentence-transformers files (reloads in both libraries)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        backend = self.config.__dict__.pop("kalm_attn_backend", None)
+        try:
+            self.model.save_pretrained(str(directory))
+        finally:
+            if backend is not None:
+                self.config.kalm_attn_backend = backend
+        self.tokenizer.save_pretrained(str(directory))
+        modules = [dict(idx=0, name="0", path="", type="sentence_transformers.models.Transformer"),
+                   dict(idx=1, name="1", path="1_Pooling", type="sentence_transformers.models.Pooling")]
+        if self.normalize:
+            modules.append(dict(idx=2, name="2", path="2_Normalize", type="sentence_transformers.models.Normalize"))
+            (directory / "2_Normalize").mkdir(exist_ok=True)
+        pooling = dict(word_embedding_dimension=self.hidden_size, pooling_mode_cls_token=False,
+                       pooling_mode_mean_tokens=True, pooling_mode_max_tokens=False,
+                       pooling_mode_mean_sqrt_len_tokens=False, include_prompt=True)
+        (directory / "1_Pooling").mkdir(exist_ok=True)
+        files = {"modules.json": modules, "1_Pooling/config.json": pooling,
+                 "sentence_bert_config.json": dict(max_seq_length=self.max_length, do_lower_case=False),
+                 "config_sentence_transformers.json": dict(prompts=self.prompts,
+                                                           default_prompt_name=self.default_prompt_name,
+                                                           similarity_fn_name="cosine")}
+        for name, data in files.items():
+            with open(directory / name, "w", encoding="utf-8") as f:
+                json.dump(data, f, indent=2)

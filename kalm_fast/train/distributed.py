@@ -1,0 +1,127 @@
+"""``torchrun`` support: process group setup, model wrapping (DDP or FSDP), rank-0 helpers.
+
+Each rank takes its slice of every global batch; the loss with ``gather=True`` sees every rank's documents
+as candidates, and the gradients averaged by DDP/FSDP equal those of the single-process global batch.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed(device=None) -> DistInfo:
+    """Join the process group that ``torchrun`` describes in the environment (nothing to do for one process).
+
+    NCCL on CUDA, gloo on CPU. Returns this process's rank, world size and local rank.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1 and not dist.is_initialized():
+        return DistInfo()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda")
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank)
+
+
+def local_device(info: DistInfo, device=None) -> torch.device:
+    """The device this rank computes on: ``cuda:LOCAL_RANK`` when CUDA is used, else the given/CPU device."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", info.local_rank)
+    return device
+
+
+def wrap_model(model: torch.nn.Module, info: DistInfo, parallel: str, device: torch.device) -> torch.nn.Module:
+    """DDP (``parallel="ddp"``) or FSDP2 (``"fsdp"``: every transformer block sharded, then the root).
+
+    FSDP2 (``torch.distributed.fsdp.fully_shard``) turns the model into an ``FSDPModule`` in place and runs
+    on CPU (gloo) as well as on GPUs (NCCL).
+    """
+    if not info.enabled:
+        return model
+    if parallel == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+        for blocks in [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)]:
+            for block in blocks:
+                fully_shard(block)
+        fully_shard(model)
+        return model
+    ids = [device.index] if device.type == "cuda" else None
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+
+def is_fsdp(model: torch.nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+    return isinstance(model, FSDPModule)
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside a DDP wrapper (FSDP2 models are their own wrapper)."""
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+def full_state_dict(model: torch.nn.Module) -> dict:
+    """The full (unsharded) state dict on CPU; every rank must call it for an FSDP model."""
+    if is_fsdp(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}
+
+
+def no_sync_of(model: torch.nn.Module):
+    """A context factory that skips the gradient all-reduce (DDP ``no_sync`` / FSDP2 gradient sync off)."""
+    if is_fsdp(model):
+        @contextlib.contextmanager
+        def no_sync():
+            model.set_requires_gradient_sync(False)
+            try:
+                yield
+            finally:
+                model.set_requires_gradient_sync(True)
+        return no_sync
+    return getattr(model, "no_sync", None)
+
+
+def to_local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (FSDP2 parameters and optimizer state); other tensors unchanged."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def barrier(info: DistInfo):
+    if info.enabled:
+        dist.barrier()
+
+
+def mean_across(info: DistInfo, value: float) -> float:
+    """Mean of a float over ranks (for logging)."""
+    if not info.enabled:
+        return value
+    t = torch.tensor([float(value)], dtype=torch.float64)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t)
+    return float(t.item()) / info.world_size

@@ -1,0 +1,98 @@
+"""Task-homogeneous, deterministic, resumable batches of training examples.
+
+Every batch comes from one task (in-batch negatives of another task would be easy, or false, negatives).
+An epoch's batch order is a pure function of ``(seed, epoch)``: per task, shuffle the record ids and cut
+them into full batches; a task's weight in ``task_weights`` scales how many of its batches an epoch holds
+(>1 repeats batches, <1 drops some); then all batches are shuffled together. The position
+``(epoch, step)`` is the whole state, so resuming replays nothing and skips nothing.
+"""
+from __future__ import annotations
+
+import random
+from typing import Optional
+
+from .data import format_query
+
+
+class TaskBatchSampler:
+    """Yields ``(task, [record ids], epoch)`` batches of ``batch_size`` records from one task each.
+
+    ``tasks``: ``{task: [record ids]}``; tasks with fewer than ``batch_size`` records are skipped.
+    ``task_weights``: optional ``{task: weight >= 0}``; missing tasks weigh 1.
+    """
+
+    def __init__(self, tasks: dict, batch_size: int, *, seed: int = 0, task_weights: Optional[dict] = None):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        weights = dict(task_weights or {})
+        unknown = sorted(set(weights) - set(tasks))
+        if unknown:
+            raise ValueError(f"task_weights names tasks not in the data: {unknown}; tasks are {sorted(tasks)}")
+        if any(w < 0 for w in weights.values()):
+            raise ValueError(f"task_weights must be >= 0, got {weights}")
+        self.tasks = {t: list(ids) for t, ids in sorted(tasks.items())}
+        self.batch_size = batch_size
+        self.seed = seed
+        self.weights = {t: float(weights.get(t, 1.0)) for t in self.tasks}
+        self.epoch = 0
+        self.step = 0  # batches of the current epoch already handed out
+        if self.batches_per_epoch() == 0:
+            sizes = {t: len(ids) for t, ids in self.tasks.items()}
+            raise ValueError(f"no task has batch_size={batch_size} records (records per task: {sizes})")
+
+    def _epoch_batches(self, epoch: int) -> list:
+        rng = random.Random(f"{self.seed}:{epoch}")
+        batches = []
+        for task, ids in self.tasks.items():
+            ids = list(ids)
+            rng.shuffle(ids)
+            full = [ids[i:i + self.batch_size] for i in range(0, len(ids) - self.batch_size + 1, self.batch_size)]
+            if not full:
+                continue
+            want = round(len(full) * self.weights[task])
+            chosen = [full[i % len(full)] for i in range(want)]
+            batches.extend((task, b) for b in chosen)
+        rng.shuffle(batches)
+        return batches
+
+    def batches_per_epoch(self) -> int:
+        return len(self._epoch_batches(0))
+
+    def __iter__(self):
+        """Endless iteration from the current position; the position advances as batches are taken."""
+        while True:
+            batches = self._epoch_batches(self.epoch)
+            while self.step < len(batches):
+                task, ids = batches[self.step]
+                self.step += 1
+                yield task, ids, self.epoch
+            self.epoch, self.step = self.epoch + 1, 0
+
+    def state_dict(self) -> dict:
+        return dict(epoch=self.epoch, step=self.step, seed=self.seed, batch_size=self.batch_size)
+
+    def load_state_dict(self, state: dict):
+        if state["seed"] != self.seed or state["batch_size"] != self.batch_size:
+            raise ValueError(f"sampler state was saved with seed={state['seed']}, batch_size={state['batch_size']}; "
+                             f"this run has seed={self.seed}, batch_size={self.batch_size}")
+        self.epoch, self.step = int(state["epoch"]), int(state["step"])
+
+
+def build_example(record: dict, rid: int, *, num_negatives: int, seed: int, epoch: int) -> tuple:
+    """``(query text, [positive, negative_1..M])`` for one record; the choice is seeded by (seed, epoch, rid).
+
+    One positive is drawn from ``pos``; M negatives from ``neg`` (without replacement when it has enough,
+    with replacement otherwise).
+    """
+    rng = random.Random(f"{seed}:{epoch}:{rid}")
+    pos = rng.choice(record["pos"])
+    negs = record["neg"]
+    if num_negatives == 0:
+        chosen = []
+    elif not negs:
+        raise ValueError(f"record {rid} ({record['query'][:40]!r}) has no hard negatives but {num_negatives} are asked for")
+    elif len(negs) >= num_negatives:
+        chosen = rng.sample(negs, num_negatives)
+    else:
+        chosen = [rng.choice(negs) for _ in range(num_negatives)]
+    return format_query(record["query"], record["instruction"]), [pos] + chosen

@@ -1,0 +1,226 @@
+"""Model soup: the weighted average of several checkpoints, streamed one tensor at a time.
+
+``model_soup(["a/", "b/"], weights=[0.5, 0.5], output="soup/")`` averages every tensor (in fp32, written
+back in its own dtype) of checkpoints that hold the same tensor names, shapes and dtypes. A checkpoint is a
+``.safetensors`` file or a model directory (one ``model.safetensors`` or shards listed in
+``model.safetensors.index.json``). The output safetensors files are written by hand, header first and then
+each averaged tensor, so peak memory is about one tensor per checkpoint. Everything is checked before the
+first byte is written, and the result appears atomically (written under a temporary name, then renamed).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import struct
+import tempfile
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+from safetensors import safe_open
+
+INDEX_NAME = "model.safetensors.index.json"
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}
+
+
+class _Checkpoint:
+    """The safetensors files of one checkpoint and, per tensor, its file, shape and dtype (no data loaded)."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        if self.path.is_file():
+            if self.path.suffix != ".safetensors":
+                raise ValueError(f"checkpoint {self.path} must be a .safetensors file or a model directory")
+            self.is_dir, self.shards = False, [self.path.name]
+            root = self.path.parent
+        elif self.path.is_dir():
+            self.is_dir, root = True, self.path
+            index = self.path / INDEX_NAME
+            if index.is_file():
+                weight_map = json.loads(index.read_text())["weight_map"]
+                self.shards = sorted(set(weight_map.values()))
+            elif (self.path / "model.safetensors").is_file():
+                self.shards = ["model.safetensors"]
+            else:
+                found = sorted(p.name for p in self.path.glob("*.safetensors"))
+                if len(found) != 1:
+                    raise ValueError(f"checkpoint directory {self.path} must hold model.safetensors, sharded files "
+                                     f"with {INDEX_NAME}, or exactly one .safetensors file; found {found}")
+                self.shards = found
+        else:
+            raise ValueError(f"checkpoint {self.path} does not exist")
+        self.root = root
+        self.tensors = {}  # name -> (shard, shape, dtype string)
+        self.metadata = {}
+        for shard in self.shards:
+            with safe_open(root / shard, framework="pt") as f:
+                self.metadata[shard] = f.metadata()
+                for name in f.keys():
+                    sl = f.get_slice(name)
+                    self.tensors[name] = (shard, tuple(sl.get_shape()), sl.get_dtype())
+
+
+def _normalized_weights(weights, n: int) -> list:
+    if weights is None:
+        return [1.0 / n] * n
+    weights = [float(w) for w in weights]
+    if len(weights) != n:
+        raise ValueError(f"weights must have one entry per checkpoint ({n}), got {len(weights)}")
+    if any(w < 0 or w != w for w in weights):
+        raise ValueError(f"weights must be >= 0, got {weights}")
+    total = sum(weights)
+    if total <= 0:
+        raise ValueError(f"weights must not all be zero, got {weights}")
+    return [w / total for w in weights]
+
+
+def _check_compatible(ckpts: list):
+    first = ckpts[0]
+    for other in ckpts[1:]:
+        missing = sorted(set(first.tensors) - set(other.tensors))
+        extra = sorted(set(other.tensors) - set(first.tensors))
+        if missing:
+            raise ValueError(f"tensor {missing[0]!r} of {first.path} is missing from {other.path}"
+                             f" ({len(missing)} missing in all)")
+        if extra:
+            raise ValueError(f"tensor {extra[0]!r} of {other.path} is not in {first.path} ({len(extra)} extra in all)")
+        for name, (_, shape, dtype) in first.tensors.items():
+            _, oshape, odtype = other.tensors[name]
+            if oshape != shape:
+                raise ValueError(f"tensor {name!r} has shape {list(shape)} in {first.path} but {list(oshape)} in {other.path}")
+            if odtype != dtype:
+                raise ValueError(f"tensor {name!r} has dtype {dtype} in {first.path} but {odtype} in {other.path}")
+    for name, (_, _, dtype) in first.tensors.items():
+        if dtype not in _DTYPES:
+            raise ValueError(f"tensor {name!r} has dtype {dtype}, which model_soup does not handle")
+
+
+def _average(name: str, ckpts: list, weights: list, handles: dict) -> torch.Tensor:
+    dtype = _DTYPES[ckpts[0].tensors[name][2]]
+    acc = None
+    first = None
+    for i, (ck, w) in enumerate(zip(ckpts, weights)):
+        t = handles[(i, ck.tensors[name][0])].get_tensor(name)
+        if not dtype.is_floating_point:  # integer buffers (e.g. position ids) must agree, not be averaged
+            if first is None:
+                first = t
+            elif not torch.equal(first, t):
+                raise ValueError(f"tensor {name!r} is an integer tensor that differs between {ckpts[0].path} "
+                                 f"and {ck.path}; it cannot be averaged")
+            continue
+        acc = t.float() * w if acc is None else acc.add_(t.float(), alpha=w)
+    return first if acc is None else acc.to(dtype)
+
+
+def _write_streaming(path: Path, names: list, ckpts: list, weights: list, shard: Optional[str], metadata):
+    """Write one safetensors file holding ``names`` (sorted), computing each tensor only when it is written."""
+    ref = ckpts[0].tensors
+    header, offset = {}, 0
+    for name in names:
+        _, shape, dtype = ref[name]
+        nbytes = _DTYPES[dtype].itemsize * int(torch.Size(shape).numel())
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    blob += b" " * (-len(blob) % 8)
+    handles = {}
+    try:
+        for i, ck in enumerate(ckpts):
+            for sh in ck.shards:
+                if shard is None or any(ck.tensors[n][0] == sh for n in names):
+                    handles[(i, sh)] = safe_open(ck.root / sh, framework="pt")
+        with open(path, "wb") as out:
+            out.write(struct.pack("<Q", len(blob)))
+            out.write(blob)
+            for name in names:
+                t = _average(name, ckpts, weights, handles).contiguous()
+                out.write(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    finally:
+        handles.clear()
+
+
+def _copy_side_files(src: Path, dst: Path):
+    """Config and tokenizer files of a model directory (not its weights), plus sentence-transformers module dirs."""
+    for item in src.iterdir():
+        if item.is_file() and not item.name.endswith(".safetensors") and item.name != INDEX_NAME:
+            shutil.copy2(item, dst / item.name)
+    modules = src / "modules.json"
+    if modules.is_file():
+        for module in json.loads(modules.read_text()):
+            sub = module.get("path")
+            if sub and (src / sub).is_dir():
+                shutil.copytree(src / sub, dst / sub, dirs_exist_ok=True)
+
+
+def model_soup(checkpoints: Sequence, *, weights: Optional[Sequence[float]] = None, output) -> Path:
+    """Average ``checkpoints`` (files or model directories) with ``weights`` into ``output``; returns its path."""
+    if isinstance(checkpoints, (str, os.PathLike)) or len(checkpoints) == 0:
+        raise ValueError("checkpoints must be a non-empty list of .safetensors files or model directories")
+    ckpts = [_Checkpoint(c) for c in checkpoints]
+    weights = _normalized_weights(weights, len(ckpts))
+    kinds = {c.is_dir for c in ckpts}
+    if len(kinds) > 1:
+        raise ValueError("checkpoints must be all .safetensors files or all model directories, not a mix")
+    _check_compatible(ckpts)
+    output = Path(output)
+    if output.resolve() in {c.path.resolve() for c in ckpts}:
+        raise ValueError(f"output {output} is one of the checkpoints; choose a new path")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    first = ckpts[0]
+    if not first.is_dir:
+        if output.suffix != ".safetensors":
+            raise ValueError(f"output must be a .safetensors file path when the checkpoints are files, got {output}")
+        fd, tmp = tempfile.mkstemp(suffix=".tmp", dir=output.parent)
+        os.close(fd)
+        try:
+            _write_streaming(Path(tmp), sorted(first.tensors), ckpts, weights, None, first.metadata[first.shards[0]])
+            os.replace(tmp, output)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        return output
+    if output.exists() and (not output.is_dir() or any(output.iterdir())):
+        raise ValueError(f"output directory {output} already exists and is not empty")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent))
+    try:
+        for shard in first.shards:
+            names = sorted(n for n, v in first.tensors.items() if v[0] == shard)
+            _write_streaming(tmp / shard, names, ckpts, weights, shard, first.metadata[shard])
+        if (first.path / INDEX_NAME).is_file():
+            shutil.copy2(first.path / INDEX_NAME, tmp / INDEX_NAME)
+        _copy_side_files(first.path, tmp)
+        if output.exists():
+            output.rmdir()
+        os.replace(tmp, output)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return output
+
+
+def add_arguments(parser: argparse.ArgumentParser):
+    parser.add_argument("checkpoints", nargs="+", help=".safetensors files or model directories")
+    parser.add_argument("--weights", type=float, nargs="+", default=None, help="one weight per checkpoint (normalized)")
+    parser.add_argument("--output", required=True, help="output .safetensors file or directory")
+
+
+def run(args) -> int:
+    out = model_soup(args.checkpoints, weights=args.weights, output=args.output)
+    print(f"wrote {out}")
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser("kalm-fast soup", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

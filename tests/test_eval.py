@@ -1,0 +1,51 @@
+"""Retrieval metrics on hand-computed cases, and the embedding search around them."""
+import math
+
+import pytest
+import torch
+
+from kalm_fast.train.data import EvalSet
+from kalm_fast.train.evaluate import evaluate_embeddings, rank_metrics, search
+
+
+def test_single_relevant_doc():
+    # relevant doc at rank 3 (1-based): nDCG = 1/log2(4) = 0.5, MRR = 1/3
+    m = rank_metrics([["a", "b", "c", "d"]], [{"c": 1}], ks=(1, 2, 3, 10))
+    assert m["ndcg@1"] == 0 and m["ndcg@2"] == 0
+    assert m["ndcg@3"] == pytest.approx(0.5) and m["ndcg@10"] == pytest.approx(0.5)
+    assert m["recall@2"] == 0 and m["recall@3"] == 1
+    assert m["mrr@2"] == 0 and m["mrr@10"] == pytest.approx(1 / 3)
+
+
+def test_graded_relevance_and_mean_over_queries():
+    # query 1: grades b=2, d=1, x=1 (never retrieved); ranking a b c d
+    dcg = 2 / math.log2(3) + 1 / math.log2(5)
+    idcg = 2 / math.log2(2) + 1 / math.log2(3) + 1 / math.log2(4)
+    # query 2: perfect ranking
+    m = rank_metrics([["a", "b", "c", "d"], ["z", "y"]], [{"b": 2, "d": 1, "x": 1}, {"z": 1}], ks=(4,))
+    assert m["ndcg@4"] == pytest.approx((dcg / idcg + 1.0) / 2)
+    assert m["recall@4"] == pytest.approx((2 / 3 + 1.0) / 2)
+    assert m["mrr@4"] == pytest.approx((1 / 2 + 1.0) / 2)
+
+
+def test_ideal_dcg_cut_at_k():
+    # three relevant docs, k = 1, best doc first: nDCG@1 = 1 although recall@1 = 1/3
+    m = rank_metrics([["a", "b", "c"]], [{"a": 1, "b": 1, "c": 1}], ks=(1,))
+    assert m["ndcg@1"] == 1 and m["recall@1"] == pytest.approx(1 / 3)
+
+
+def test_rank_metrics_errors():
+    with pytest.raises(ValueError, match="2 queries but relevant has 1"):
+        rank_metrics([["a"], ["b"]], [{"a": 1}])
+
+
+def test_search_and_evaluate_embeddings():
+    docs = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]])
+    queries = torch.tensor([[0.0, 1.0], [1.0, 0.0]])
+    # query 0: scores d1=1.0, d2=0.8, d0=0 -> ranking d1 d2 d0; query 1: d0 d2 d1
+    assert search(queries, docs, 3).tolist() == [[1, 2, 0], [0, 2, 1]]
+    assert search(queries, docs, 10, chunk=1).shape == (2, 3)
+    ev = EvalSet(["q0", "q1"], ["x", "y"], [{"d2": 1.0}, {"d1": 1.0}], ["d0", "d1", "d2"], ["", "", ""])
+    m = evaluate_embeddings(queries, docs, ev, ks=(1, 10))
+    assert m["recall@1"] == 0 and m["mrr@10"] == pytest.approx((1 / 2 + 1 / 3) / 2)
+    assert m["ndcg@10"] == pytest.approx((1 / math.log2(3) + 1 / math.log2(4)) / 2)

@@ -1,0 +1,233 @@
+"""kalm_fast.models: bidirectional decoders via transformers' registries, packed == padded, safe loading."""
+import json
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kalm_fast.models import EmbeddingModel
+
+TEXTS = ["hello", "a somewhat longer sentence with more tokens in it, and a comma", "", "日本語",
+         "short one", "x " * 40]
+
+
+def _tiny_config(kind):
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config, XLMRobertaConfig
+
+    common = dict(vocab_size=30522, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                  num_attention_heads=4, max_position_embeddings=128)
+    if kind == "qwen2":
+        return Qwen2Config(**common, num_key_value_heads=2, pad_token_id=0)
+    if kind == "llama":
+        return LlamaConfig(**common, num_key_value_heads=2, head_dim=16, pad_token_id=0)
+    if kind == "qwen3":
+        return Qwen3Config(**common, num_key_value_heads=1, head_dim=32, pad_token_id=0)
+    if kind == "mistral":
+        return MistralConfig(**common, num_key_value_heads=2, sliding_window=4096, pad_token_id=0)
+    if kind == "xlm-roberta":
+        return XLMRobertaConfig(**{**common, "max_position_embeddings": 130}, pad_token_id=1, type_vocab_size=1)
+    raise ValueError(kind)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    from kalm_fast.models.loading import default_model_dir
+
+    return AutoTokenizer.from_pretrained(str(default_model_dir()))
+
+
+def _save_tiny(kind, directory, tokenizer, seed=0):
+    from transformers import AutoModel
+
+    torch.manual_seed(seed)
+    model = AutoModel.from_config(_tiny_config(kind))
+    for p in model.parameters():  # random init gives near-identical tokens; spread the weights out
+        p.data.normal_(0, 0.2)
+    model.save_pretrained(str(directory))
+    tokenizer.save_pretrained(str(directory))
+    return directory
+
+
+@pytest.fixture(scope="module", params=["qwen2", "llama", "qwen3", "mistral"])
+def decoder_dir(request, tmp_path_factory, tokenizer):
+    return _save_tiny(request.param, tmp_path_factory.mktemp(request.param), tokenizer)
+
+
+def _eager_reference(model_dir, texts, ids, causal=False):
+    """The same transformers model in eager mode, one text at a time, with a full (non-causal) float mask."""
+    from transformers import AutoModel
+
+    ref = AutoModel.from_pretrained(str(model_dir), attn_implementation="eager").eval()
+    out = []
+    with torch.no_grad():
+        for x in ids:
+            if not x:
+                out.append(torch.zeros(ref.config.hidden_size))
+                continue
+            x = torch.tensor(x)[None]
+            mask = None if causal else torch.zeros(1, 1, x.shape[1], x.shape[1])
+            h = ref(input_ids=x, attention_mask=mask).last_hidden_state[0]
+            out.append(h.mean(0))
+    return torch.stack(out)
+
+
+def test_decoder_is_bidirectional_and_matches_eager_reference(decoder_dir):
+    model = EmbeddingModel.from_pretrained(decoder_dir, device="cpu")
+    assert model.config._attn_implementation == "kalm_fast" and model.config.is_causal is False
+    ids = model.token_ids(TEXTS)
+    with torch.no_grad():
+        got = model(model.pack(ids))
+    want = _eager_reference(decoder_dir, TEXTS, ids)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+    causal = _eager_reference(decoder_dir, TEXTS, ids, causal=True)
+    assert (got - causal).abs().max() > 1e-2  # the causal model really is different
+
+
+def _padded(model, texts):
+    ids = model.token_ids(texts)
+    L = max(len(x) for x in ids)
+    input_ids = torch.zeros(len(ids), L, dtype=torch.long)
+    mask = torch.zeros(len(ids), L, dtype=torch.long)
+    for i, x in enumerate(ids):
+        input_ids[i, :len(x)] = torch.tensor(x, dtype=torch.long)
+        mask[i, :len(x)] = 1
+    return dict(input_ids=input_ids, attention_mask=mask)
+
+
+def test_packed_equals_padded_forward_and_backward(decoder_dir):
+    model = EmbeddingModel.from_pretrained(decoder_dir, device="cpu")
+    texts = [t for t in TEXTS if t]  # an empty text has no row in a padded batch of a decoder
+    grads = []
+    outs = []
+    for batch in (model.tokenize(texts), _padded(model, texts)):
+        model.zero_grad()
+        emb = model(batch)
+        (F.normalize(emb, dim=-1) @ torch.linspace(-1, 1, emb.shape[1])).square().sum().backward()
+        outs.append(emb.detach())
+        grads.append(model.model.layers[0].self_attn.q_proj.weight.grad.clone())
+    torch.testing.assert_close(outs[0], outs[1], atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-4, rtol=1e-4)
+    assert grads[0].abs().sum() > 0
+
+
+def test_xlm_roberta_positions_match_transformers(tmp_path, tokenizer):
+    """RoBERTa-style position ids start after the padding index; packed must agree with transformers' own model."""
+    from transformers import AutoModel
+
+    directory = _save_tiny("xlm-roberta", tmp_path, tokenizer)
+    model = EmbeddingModel.from_pretrained(directory, device="cpu")
+    ref = AutoModel.from_pretrained(str(directory), attn_implementation="eager").eval()
+    with torch.no_grad():
+        got = model(model.tokenize(TEXTS))
+        batch = _padded(model, TEXTS)
+        h = ref(**batch).last_hidden_state
+        m = batch["attention_mask"][..., None].float()
+        want = (h * m).sum(1) / m.sum(1)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+
+
+def test_kalm_layout_loads_without_running_remote_code(tmp_path, tokenizer):
+    plain = _save_tiny("qwen2", tmp_path / "plain", tokenizer)
+    kalm = tmp_path / "kalm"
+    shutil.copytree(plain, kalm)
+    config = json.loads((kalm / "config.json").read_text())
+    config["auto_map"] = {"AutoModel": "modeling_bidir.BidirQwen2Model", "AutoConfig": "modeling_bidir.Cfg"}
+    config["architectures"] = ["BidirQwen2Model"]
+    (kalm / "config.json").write_text(json.dumps(config))
+    marker = tmp_path / "remote_code_ran"
+    (kalm / "modeling_bidir.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\nraise RuntimeError('ran')\n")
+    a = EmbeddingModel.from_pretrained(plain, device="cpu")
+    b = EmbeddingModel.from_pretrained(kalm, device="cpu")
+    assert not marker.exists()
+    with torch.no_grad():
+        torch.testing.assert_close(a(a.tokenize(TEXTS)), b(b.tokenize(TEXTS)), atol=0, rtol=0)
+
+
+def test_pickled_weights_refused_unless_allowed(tmp_path, tokenizer):
+    from safetensors.torch import load_file
+
+    directory = _save_tiny("llama", tmp_path, tokenizer)
+    state = load_file(str(directory / "model.safetensors"))
+    (directory / "model.safetensors").unlink()
+    torch.save(state, directory / "pytorch_model.bin")
+    with pytest.raises(ValueError, match="allow_pickle"):
+        EmbeddingModel.from_pretrained(directory, device="cpu")
+    model = EmbeddingModel.from_pretrained(directory, device="cpu", allow_pickle=True)
+    with torch.no_grad():
+        assert torch.isfinite(model(model.tokenize(TEXTS))).all()
+
+
+def test_unknown_path_and_custom_model_type_are_clear_errors(tmp_path):
+    with pytest.raises(ValueError, match="not a local model directory"):
+        EmbeddingModel.from_pretrained(tmp_path / "nope")
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "my-secret-arch"}))
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        EmbeddingModel.from_pretrained(tmp_path)
+
+
+def test_save_pretrained_reloads_in_kalm_fast_and_sentence_transformers(tmp_path, tokenizer):
+    from sentence_transformers import SentenceTransformer
+
+    model = EmbeddingModel.from_pretrained(_save_tiny("qwen2", tmp_path / "src", tokenizer), device="cpu")
+    model.prompts = {"query": "Instruct: find it \n Query: "}
+    model.save_pretrained(tmp_path / "out")
+    again = EmbeddingModel.from_pretrained(tmp_path / "out", device="cpu")
+    assert again.prompts == model.prompts
+    texts = [t for t in TEXTS if t]
+    with torch.no_grad():
+        want = model(model.tokenize(texts))
+        torch.testing.assert_close(again(again.tokenize(texts)), want, atol=0, rtol=0)
+    st = SentenceTransformer(str(tmp_path / "out"), device="cpu")
+    got = st.encode(texts, convert_to_tensor=True, normalize_embeddings=True)
+    assert F.cosine_similarity(got, want).min() > 0.9999
+
+
+def test_gradient_checkpointing_keeps_gradients(decoder_dir):
+    model = EmbeddingModel.from_pretrained(decoder_dir, device="cpu").train()
+    batch = model.tokenize(TEXTS[:3])
+    model(batch).sum().backward()
+    want = model.model.layers[0].mlp.up_proj.weight.grad.clone()
+    model.zero_grad()
+    model.gradient_checkpointing_enable()
+    model(batch).sum().backward()
+    torch.testing.assert_close(model.model.layers[0].mlp.up_proj.weight.grad, want, atol=1e-5, rtol=1e-5)
+
+
+def test_packed_bert_fast_path_matches_transformers_modules():
+    """The BERT inference fast path (fused QKV, per-bucket SDPA) equals the transformers modules on packed input,
+    for unsorted lengths, equal lengths and an empty sequence."""
+    model = EmbeddingModel.from_pretrained(None, device="cpu")
+    assert model._packed_bert is not None
+    ids = model.token_ids(TEXTS + ["the same length", "the same width", "one"] + ["long text " * 60])
+    ids.insert(2, [])
+    batch = model.pack(ids)
+    cu, m = batch["cu_seqlens"], batch["max_seqlen"]
+    with torch.no_grad():
+        fast = model(batch)
+        hidden = model.model(input_ids=batch["input_ids"][None], position_ids=batch["position_ids"][None],
+                             cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=m, max_length_k=m).last_hidden_state[0]
+    from kalm_fast.ops import mean_pool
+
+    torch.testing.assert_close(fast, mean_pool(hidden, cu_seqlens=cu), atol=1e-5, rtol=1e-5)
+    assert fast[2].abs().max() == 0  # the empty sequence pools to zeros
+
+
+def test_triton_attention_backend_matches_torch(tmp_path, tokenizer):
+    """The registered attention function drives the Triton kernels too (CPU interpreter here, the GPU there)."""
+    import os
+
+    interpreting = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    device = "cuda" if torch.cuda.is_available() and not interpreting else "cpu"
+    if device == "cpu" and not interpreting:
+        pytest.skip("Triton on CPU needs TRITON_INTERPRET=1")
+    directory = _save_tiny("qwen3", tmp_path, tokenizer)  # head_dim 32, GQA 4:1
+    texts = TEXTS[:3]
+    want = EmbeddingModel.from_pretrained(directory, device=device, attn_backend="torch")
+    got = EmbeddingModel.from_pretrained(directory, device=device, attn_backend="triton")
+    a, b = want(want.tokenize(texts)), got(got.tokenize(texts))
+    torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
+    b.square().sum().backward()
+    assert torch.isfinite(got.model.layers[0].self_attn.k_proj.weight.grad).all()

@@ -1,0 +1,162 @@
+"""Training data validation, task-homogeneous deterministic sampling, resumable position, configs."""
+import json
+
+import pytest
+
+from kalm_fast.train.config import config_from_dict, load_config
+from kalm_fast.train.data import TrainData, format_query, load_eval_set, write_jsonl
+from kalm_fast.train.sampler import TaskBatchSampler, build_example
+
+
+def _write(path, lines):
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+GOOD = json.dumps({"query": "q", "pos": ["p"], "neg": ["n1", "n2"], "task": "t"})
+
+
+@pytest.mark.parametrize("line, message", [
+    ("{not json", "invalid JSON"),
+    ("[1, 2]", "expected a JSON object"),
+    (json.dumps({"pos": ["p"]}), "'query' must be a non-empty string"),
+    (json.dumps({"query": "q"}), "missing 'pos'"),
+    (json.dumps({"query": "q", "pos": []}), "'pos' must hold at least one text"),
+    (json.dumps({"query": "q", "pos": [1]}), "'pos' must be a list of strings"),
+    (json.dumps({"query": "q", "pos": ["p"], "neg": "n", "task": 3}), "'task' must be a non-empty string"),
+    (json.dumps({"query": "q", "pos": ["p"], "instruction": 5}), "'instruction' must be a string"),
+])
+def test_bad_records_name_file_and_line(tmp_path, line, message):
+    path = _write(tmp_path / "train.jsonl", [GOOD, "", line])
+    with pytest.raises(ValueError, match=rf"train.jsonl:3: .*{message}"):
+        TrainData(path)
+
+
+def test_missing_negatives_when_asked_for(tmp_path):
+    path = _write(tmp_path / "d.jsonl", [GOOD, json.dumps({"query": "q", "pos": ["p"]})])
+    assert len(TrainData(path, min_negatives=0)) == 2
+    with pytest.raises(ValueError, match=r"d.jsonl:2: no hard negatives"):
+        TrainData(path, min_negatives=7)
+
+
+def test_records_read_back_from_offsets(tmp_path):
+    rows = [{"query": f"q{i} é", "pos": [f"p{i}"], "neg": [f"n{i}"], "task": "ab"[i % 2]} for i in range(7)]
+    rows[3]["instruction"] = "own"
+    path = tmp_path / "d.jsonl"
+    write_jsonl(path, rows)
+    data = TrainData([path], instructions={"a": "find it"})
+    assert data.tasks == {"a": [0, 2, 4, 6], "b": [1, 3, 5]}
+    assert data[4]["query"] == "q4 é" and data[4]["instruction"] == "find it"
+    assert data[3]["instruction"] == "own" and data[5]["instruction"] is None
+    assert [data[i]["pos"] for i in range(7)] == [[f"p{i}"] for i in range(7)]
+    data.close()
+
+
+def test_task_defaults_to_file_stem(tmp_path):
+    path = _write(tmp_path / "mytask.jsonl", [json.dumps({"query": "q", "pos": ["p"]})])
+    assert list(TrainData(path).tasks) == ["mytask"]
+
+
+def test_query_format():
+    assert format_query("how?", "Retrieve docs") == "Instruct: Retrieve docs \n Query: how?"
+    assert format_query("how?", None) == "how?"
+
+
+def _take(sampler, n):
+    it = iter(sampler)
+    return [next(it) for _ in range(n)]
+
+
+def test_sampler_task_homogeneous_and_deterministic():
+    tasks = {"a": list(range(0, 10)), "b": list(range(10, 17)), "c": [17]}
+    s1 = TaskBatchSampler(tasks, 3, seed=5)
+    batches = _take(s1, 12)
+    assert s1.batches_per_epoch() == 5  # 3 from a, 2 from b, none from c (too few records)
+    for task, ids, _ in batches:
+        assert len(ids) == 3 and all(i in tasks[task] for i in ids)
+    epoch0 = [ids for _, ids, e in batches if e == 0]
+    flat = [i for ids in epoch0 for i in ids]
+    assert len(flat) == len(set(flat)) == 15  # no record twice within an epoch
+    assert batches == _take(TaskBatchSampler(tasks, 3, seed=5), 12)
+    assert batches != _take(TaskBatchSampler(tasks, 3, seed=6), 12)
+    assert [e for _, _, e in batches] == [0] * 5 + [1] * 5 + [2] * 2
+    assert [ids for _, ids, e in batches if e == 1] != epoch0  # reshuffled each epoch
+
+
+def test_sampler_resumes_exactly():
+    tasks = {"a": list(range(20)), "b": list(range(20, 32))}
+    full = _take(TaskBatchSampler(tasks, 4, seed=1), 14)
+    s = TaskBatchSampler(tasks, 4, seed=1)
+    first = _take(s, 6)
+    state = json.loads(json.dumps(s.state_dict()))
+    resumed = TaskBatchSampler(tasks, 4, seed=1)
+    resumed.load_state_dict(state)
+    assert first + _take(resumed, 8) == full
+    with pytest.raises(ValueError, match="seed"):
+        TaskBatchSampler(tasks, 4, seed=2).load_state_dict(state)
+
+
+def test_sampler_task_weights():
+    tasks = {"a": list(range(12)), "b": list(range(12, 24))}
+    s = TaskBatchSampler(tasks, 2, seed=0, task_weights={"a": 2.0, "b": 0.5})
+    batches = _take(s, s.batches_per_epoch())
+    counts = {t: sum(1 for b in batches if b[0] == t) for t in tasks}
+    assert counts == {"a": 12, "b": 3}
+    with pytest.raises(ValueError, match="not in the data"):
+        TaskBatchSampler(tasks, 2, task_weights={"zzz": 1.0})
+    with pytest.raises(ValueError, match="no task has batch_size=50"):
+        TaskBatchSampler(tasks, 50)
+
+
+def test_build_example_negatives():
+    rec = dict(query="q", pos=["p1", "p2"], neg=[f"n{i}" for i in range(10)], task="t", instruction="do")
+    q, docs = build_example(rec, 3, num_negatives=7, seed=0, epoch=0)
+    assert q == "Instruct: do \n Query: q" and docs[0] in rec["pos"] and len(docs) == 8
+    assert len(set(docs[1:])) == 7 and set(docs[1:]) <= set(rec["neg"])
+    assert (q, docs) == build_example(rec, 3, num_negatives=7, seed=0, epoch=0)
+    assert docs != build_example(rec, 3, num_negatives=7, seed=0, epoch=1)[1]
+    few = dict(rec, neg=["x", "y"])
+    assert set(build_example(few, 0, num_negatives=5, seed=0, epoch=0)[1][1:]) <= {"x", "y"}
+    assert build_example(rec, 0, num_negatives=0, seed=0, epoch=0)[1] == [build_example(rec, 0, num_negatives=0, seed=0, epoch=0)[1][0]]
+
+
+def test_eval_set(tmp_path):
+    corpus = tmp_path / "corpus.jsonl"
+    write_jsonl(corpus, [{"id": "d1", "text": "one"}, {"id": 2, "text": "two", "title": "T"}])
+    queries = tmp_path / "q.jsonl"
+    write_jsonl(queries, [{"query": "a", "relevant": ["d1"]}, {"query": "b", "relevant": {"2": 2, "d1": 0}}])
+    ev = load_eval_set(queries, corpus, instruction="find")
+    assert ev.queries == ["Instruct: find \n Query: a", "Instruct: find \n Query: b"]
+    assert ev.relevant == [{"d1": 1.0}, {"2": 2.0}] and ev.docs == ["one", "T\ntwo"]
+    write_jsonl(queries, [{"query": "a", "relevant": ["d1"]}, {"query": "b", "relevant": ["nope"]}])
+    with pytest.raises(ValueError, match=r"q.jsonl:2: relevant doc ids not in the corpus"):
+        load_eval_set(queries, corpus)
+    write_jsonl(corpus, [{"id": "d1", "text": "one"}, {"id": "d1", "text": "two"}])
+    with pytest.raises(ValueError, match=r"corpus.jsonl:2: duplicate document id"):
+        load_eval_set(queries, corpus)
+
+
+def test_config_validation(tmp_path):
+    stage = dict(name="s", data=["x.jsonl"], steps=3)
+    cfg = config_from_dict(dict(stages=[stage, dict(name="soup", type="soup", **{"from": ["s", "base"]})]))
+    assert cfg.stages[0].hard_negatives == 7 and cfg.stages[1].from_ == ["s", "base"]
+    with pytest.raises(ValueError, match=r"stages\[0\]: unknown key\(s\) \['stepz'\]"):
+        config_from_dict(dict(stages=[dict(stage, stepz=1)]))
+    with pytest.raises(ValueError, match="exactly one of 'steps' or 'epochs'"):
+        config_from_dict(dict(stages=[dict(stage, epochs=1)]))
+    with pytest.raises(ValueError, match="refers to 'later'"):
+        config_from_dict(dict(stages=[dict(stage, init="later")]))
+    with pytest.raises(ValueError, match="refers to 'previous'"):
+        config_from_dict(dict(stages=[stage, dict(name="soup", type="soup", **{"from": ["previous"]})]))
+    with pytest.raises(ValueError, match="greedy, which needs an 'eval' section"):
+        config_from_dict(dict(stages=[stage, dict(name="soup", type="soup", greedy=True, **{"from": ["s"]})]))
+    path = tmp_path / "c.yaml"
+    path.write_text("output_dir: out\nstages:\n  - {name: s, data: x.jsonl, epochs: 1, lr: 2.0e-5}\n")
+    loaded = load_config(path)
+    assert loaded.stages[0].data == ["x.jsonl"] and loaded.stages[0].lr == 2e-5
+
+
+def test_example_configs_load():
+    from pathlib import Path
+    for path in sorted((Path(__file__).parent.parent / "configs").glob("*.yaml")):
+        load_config(path)

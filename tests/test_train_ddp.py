@@ -1,0 +1,53 @@
+"""Two processes on gloo (torchrun) take the same steps as one process with the global batch."""
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from kalm_fast.train.config import config_from_dict
+from kalm_fast.train.data import write_jsonl
+from kalm_fast.train.trainer import Trainer
+from train_utils import make_records, make_tiny_model, max_abs_diff
+
+
+def _stage(data, **kw):
+    return dict(dict(name="ft", data=[str(data)], steps=3, batch_size=6, hard_negatives=2, lr=1e-3, warmup_ratio=0.0,
+                     temperature=0.05, false_negative_margin=0.3), **kw)
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_processes_equal_one_with_the_global_batch(tmp_path, parallel):
+    data = tmp_path / "train.jsonl"
+    write_jsonl(data, make_records(30, negatives=3))
+    model = make_tiny_model(tmp_path / "model", dropout=0.0)
+    single = config_from_dict(dict(model=str(model), output_dir=str(tmp_path / "one"), max_length=32,
+                                   stages=[_stage(data)]))
+    one = Trainer(single, show_progress=False).train()
+
+    config = tmp_path / "two.yaml"
+    import yaml
+    config.write_text(yaml.safe_dump(dict(model=str(model), output_dir=str(tmp_path / "two"), max_length=32,
+                                          parallel=parallel, stages=[_stage(data, gradcache_chunk=4, save_every=2)])))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(sys.path))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "kalm_fast.train.trainer", str(config)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-8000:]
+    a = load_file(str(one / "model.safetensors"))
+    b = load_file(str(tmp_path / "two/ft/final/model.safetensors"))
+    assert max_abs_diff(a, load_file(str(model / "model.safetensors"))) > 1e-3  # the steps moved the weights
+    assert max_abs_diff(a, b) < 2e-5
+    # rank 0 alone logs and writes checkpoints
+    lines = (tmp_path / "two/metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 1  # log_every=10: only the last step
+    assert [p.name for p in (tmp_path / "two/ft/checkpoints").iterdir()] == ["step-0000002"]
+    # a crash after the checkpoint of step 2: --resume redoes step 3 (sharded optimizer state under FSDP)
+    shutil.rmtree(tmp_path / "two/ft/final")
+    proc = subprocess.run(cmd + ["--resume"], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-8000:]
+    c = load_file(str(tmp_path / "two/ft/final/model.safetensors"))
+    assert all(torch.equal(b[k], c[k]) for k in b)

@@ -1,0 +1,120 @@
+"""The trainer: exact resume after an interruption, stages, soups, evaluation-driven choices, the CLI."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from kalm_fast.train.config import config_from_dict
+from kalm_fast.train.data import write_jsonl
+from kalm_fast.train.trainer import Trainer, lr_lambda
+from train_utils import make_records, make_tiny_model, max_abs_diff
+
+
+class Interrupted(Exception):
+    pass
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("inputs")
+    write_jsonl(root / "train.jsonl", make_records(24, negatives=3))
+    corpus = [dict(id=f"d{i}", text=r["pos"][0]) for i, r in enumerate(make_records(12, seed=9))]
+    write_jsonl(root / "corpus.jsonl", corpus)
+    write_jsonl(root / "queries.jsonl", [dict(query=r["query"], relevant=[f"d{i}"])
+                                         for i, r in enumerate(make_records(12, seed=9))])
+    return dict(root=root, model=make_tiny_model(root / "model", dropout=0.1))
+
+
+def _config(inputs, out, **stage):
+    s = dict(name="ft", data=[str(inputs["root"] / "train.jsonl")], steps=5, batch_size=4, hard_negatives=2,
+             lr=1e-3, warmup_ratio=0.2, temperature=0.05, num_synthetic=2, gradcache_chunk=5, save_every=2)
+    s.update(stage)
+    return config_from_dict(dict(model=str(inputs["model"]), output_dir=str(out), max_length=32, log_every=1,
+                                 stages=[s]))
+
+
+def _weights(path):
+    return load_file(str(path / "model.safetensors"))
+
+
+def test_resume_gives_the_weights_of_an_uninterrupted_run(inputs, tmp_path):
+    full = Trainer(_config(inputs, tmp_path / "full"), show_progress=False).train()
+
+    def stop_at_3(stage, step):
+        if step == 3:  # the checkpoint of step 2 exists; step 3 is lost and must be redone
+            raise Interrupted
+
+    cfg = _config(inputs, tmp_path / "cut")
+    with pytest.raises(Interrupted):
+        Trainer(cfg, on_step=stop_at_3, show_progress=False).train()
+    assert [p.name for p in (tmp_path / "cut/ft/checkpoints").iterdir()] == ["step-0000002"]
+    with pytest.raises(ValueError, match="pass --resume"):
+        Trainer(cfg, show_progress=False).train()
+    resumed = Trainer(cfg, resume=True, show_progress=False).train()
+    a, b = _weights(full), _weights(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a), max_abs_diff(a, b)
+    assert max_abs_diff(a, _weights(inputs["model"])) > 1e-3  # training did change the weights
+    steps = [json.loads(line)["step"] for line in open(tmp_path / "cut/metrics.jsonl")]
+    assert steps == [1, 2, 3, 3, 4, 5]  # step 3 redone after the resume
+    # a finished run resumes to a no-op
+    assert Trainer(cfg, resume=True, show_progress=False).train() == resumed
+
+
+def test_stages_soup_and_eval(inputs, tmp_path):
+    raw = dict(
+        model=str(inputs["model"]), output_dir=str(tmp_path / "run"), max_length=32, log_every=2,
+        eval=dict(queries=str(inputs["root"] / "queries.jsonl"), corpus=str(inputs["root"] / "corpus.jsonl")),
+        stages=[
+            dict(name="a", data=[str(inputs["root"] / "train.jsonl")], steps=3, batch_size=4, hard_negatives=1,
+                 lr=1e-3, eval_every=2, keep_best=True),
+            dict(name="b", init="base", data=[str(inputs["root"] / "train.jsonl")], steps=2, batch_size=6,
+                 hard_negatives=0, lr=5e-4, seed=3, matryoshka_dims=[32, 16], matryoshka_weights=[1, 0.5]),
+            dict(name="plain", type="soup", weights=[3, 1], **{"from": ["a", "b"]}),
+            dict(name="greedy", type="soup", greedy=True, **{"from": ["a", "b", "base"]}),
+        ])
+    final = Trainer(config_from_dict(raw), show_progress=False).train()
+    out = tmp_path / "run"
+    assert final == out / "greedy" / "final"
+    wa, wb = _weights(out / "a/final"), _weights(out / "b/final")
+    soup = _weights(out / "plain/final")
+    for k in wa:
+        torch.testing.assert_close(soup[k], 0.75 * wa[k] + 0.25 * wb[k])
+    scores = json.loads((out / "scores.json").read_text())
+    assert {"a", "b", "plain", "greedy", "greedy:base"} <= set(scores)
+    assert scores["greedy"] >= max(scores["a"], scores["b"], scores["greedy:base"]) - 1e-9
+    records = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert any("eval" in r and r["stage"] == "a" and r["step"] == 2 for r in records)
+    assert any(r.get("soup") for r in records)
+    assert (out / "greedy/final/modules.json").is_file() and (out / "greedy/final/tokenizer.json").is_file()
+
+
+def test_cli_train_and_eval(inputs, tmp_path):
+    from kalm_fast.cli import main
+
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        f"model: {inputs['model']}\noutput_dir: {tmp_path / 'out'}\nmax_length: 32\n"
+        f"stages:\n  - {{name: s, data: {inputs['root'] / 'train.jsonl'}, steps: 2, batch_size: 4, hard_negatives: 1}}\n")
+    assert main(["train", str(config)]) == 0
+    assert (tmp_path / "out/s/final/model.safetensors").is_file()
+    assert main(["eval", "--model", str(tmp_path / "out/s/final"), "--queries", str(inputs["root"] / "queries.jsonl"),
+                 "--corpus", str(inputs["root"] / "corpus.jsonl"), "--k", "1", "10",
+                 "--output", str(tmp_path / "m.json")]) == 0
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    assert set(metrics) == {"ndcg@1", "ndcg@10", "recall@1", "recall@10", "mrr@1", "mrr@10"}
+    # the Encoder path of `kalm-fast eval` agrees with the trainer's in-memory evaluation
+    from kalm_fast.models import EmbeddingModel
+    from kalm_fast.train.data import load_eval_set
+    from kalm_fast.train.evaluate import evaluate_model
+    ev = load_eval_set(inputs["root"] / "queries.jsonl", inputs["root"] / "corpus.jsonl")
+    expected = evaluate_model(EmbeddingModel.from_pretrained(tmp_path / "out/s/final", max_length=32), ev, ks=(1, 10))
+    assert metrics == pytest.approx(expected, abs=1e-6)
+
+
+def test_lr_schedule():
+    f = lr_lambda(10, 2, "linear")
+    assert [f(s) for s in (0, 1, 2, 6, 10)] == [0.5, 1.0, 1.0, 0.5, 0.0]
+    g = lr_lambda(10, 0, "cosine")
+    assert g(0) == 1.0 and g(5) == pytest.approx(0.5) and g(10) == pytest.approx(0.0)
+    assert lr_lambda(10, 2, "constant")(9) == 1.0
