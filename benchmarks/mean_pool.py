@@ -53,7 +53,7 @@ def main(argv=None) -> None:
     shapes = [(8, 128, 384)] if args.quick else (GPU_SHAPES if gpu else CPU_SHAPES)
     rows = run(shapes, dtype, ["reference", "torch", "triton", "cuda"], repeats=3 if args.quick else 20)
     write_report("mean_pool", rows, columns=["shape", "backend", "dtype", "ms", "GB/s", "% bandwidth", "x reference"],
-                 plot=dict(x="tokens", y="GB/s", series="backend", logx=True, title="mean_pool forward"))
+                 plot=dict(x="shape", y="GB/s", series="backend", title="mean_pool forward"))
 
 
 if __name__ == "__main__":

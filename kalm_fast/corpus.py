@@ -103,6 +103,8 @@ def _atomic_write(path: Path, write) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         write(tmp)
+        with open(tmp, "rb+") as f:  # on disk before the rename, so a crash never leaves a renamed empty file
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if tmp.exists():
@@ -168,6 +170,7 @@ def _shard_header(args, count: int, input_sha: str, encoder) -> dict:
     return dict(input_sha256=input_sha, count=count, shard_size=args.shard_size, dim=dim,
                 model=str(Path(args.model).resolve()) if args.model else "default",
                 normalize=not args.no_normalize, prompt=args.prompt or "", prompt_name=args.prompt_name or "",
+                text_field=getattr(args, "text_field", None) or "",
                 max_length=encoder.max_length, dtype=str(encoder.model.dtype).replace("torch.", ""))
 
 

@@ -169,3 +169,17 @@ def test_packed_input_made_under_inference_mode():
         hidden = torch.randn(5, 4)
         cu = torch.tensor([0, 2, 5], dtype=torch.int32)
         torch.testing.assert_close(mean_pool(hidden, cu_seqlens=cu), mean_pool(hidden, cu_seqlens=cu, backend="reference"))
+
+
+@pytest.mark.parametrize("backend", ["reference", *BACKENDS])
+def test_any_nonzero_mask_value_counts_as_one(backend):
+    device = _device(backend)
+    hidden = torch.randn(1, 3, 4, device=device)
+    weighted = mean_pool(hidden, torch.tensor([[2.0, 1.0, 0.0]], device=device), backend=backend)
+    torch.testing.assert_close(weighted, hidden[:, :2].mean(1))
+
+
+def test_auto_never_prefers_the_unverified_cuda_backends():
+    for op in ("mean_pool", "flash_attention", "focal_infonce"):
+        table = _registry.backends(op)
+        assert table["cuda"].rank > table["torch"].rank > table["triton"].rank

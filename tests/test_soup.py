@@ -94,6 +94,14 @@ def test_directories_sharded(tmp_path, shards):
     model_soup([out, dirs[1]], output=tmp_path / "soup2")
 
 
+def test_pickled_weights_of_a_checkpoint_are_not_copied(tmp_path):
+    dirs = [_model_dir(tmp_path / f"m{i}", i, 1) for i in range(2)]
+    (dirs[0] / "pytorch_model.bin").write_bytes(b"not averaged")
+    (dirs[0] / "training_args.bin").write_bytes(b"pickle")
+    out = model_soup(dirs, output=tmp_path / "soup")
+    assert not list(out.glob("*.bin")) and (out / "config.json").is_file()
+
+
 def _corrupt(tmp_path, change):
     paths = _files(tmp_path, 2)
     t = _tensors(1)
@@ -118,7 +126,8 @@ def test_mismatch_errors_write_nothing(tmp_path, change, message):
 
 
 @pytest.mark.parametrize("weights, message", [
-    ([1.0, -1.0], "must be >= 0"), ([0.0, 0.0], "must not all be zero"), ([1.0], "one entry per checkpoint"),
+    ([1.0, -1.0], "must be finite and >= 0"), ([float("inf"), 1.0], "must be finite and >= 0"),
+    ([0.0, 0.0], "must not all be zero"), ([1.0], "one entry per checkpoint"),
 ])
 def test_weight_errors(tmp_path, weights, message):
     paths = _files(tmp_path, 2)

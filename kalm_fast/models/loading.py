@@ -124,11 +124,18 @@ def check_weight_files(model_dir: Path, allow_pickle: bool) -> bool:
 def load_transformer(model_dir: Path, *, dtype=None, allow_pickle: bool = False):
     """``(config, model)`` for ``model_dir``: transformers' base model class, weights from safetensors."""
     from transformers import AutoModel
+    from transformers.utils import logging as hf_logging
 
     config = build_config(model_dir)
     safetensors = check_weight_files(model_dir, allow_pickle)
-    model = AutoModel.from_pretrained(str(model_dir), config=config, trust_remote_code=False,
-                                      use_safetensors=safetensors, dtype=dtype or "float32")
+    bar_was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a per-tensor "Loading weights" bar is noise for a small local model
+    try:
+        model = AutoModel.from_pretrained(str(model_dir), config=config, trust_remote_code=False,
+                                          use_safetensors=safetensors, dtype=dtype or "float32")
+    finally:
+        if bar_was_on:
+            hf_logging.enable_progress_bar()
     return config, model
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import struct
@@ -70,8 +71,8 @@ def _normalized_weights(weights, n: int) -> list:
     weights = [float(w) for w in weights]
     if len(weights) != n:
         raise ValueError(f"weights must have one entry per checkpoint ({n}), got {len(weights)}")
-    if any(w < 0 or w != w for w in weights):
-        raise ValueError(f"weights must be >= 0, got {weights}")
+    if any(not math.isfinite(w) or w < 0 for w in weights):
+        raise ValueError(f"weights must be finite and >= 0, got {weights}")
     total = sum(weights)
     if total <= 0:
         raise ValueError(f"weights must not all be zero, got {weights}")
@@ -145,10 +146,14 @@ def _write_streaming(path: Path, names: list, ckpts: list, weights: list, shard:
         handles.clear()
 
 
+# Weights (averaged ones are written anew; pickled ones would shadow the soup) are never copied.
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".pkl", ".h5", ".msgpack", ".onnx")
+
+
 def _copy_side_files(src: Path, dst: Path):
     """Config and tokenizer files of a model directory (not its weights), plus sentence-transformers module dirs."""
     for item in src.iterdir():
-        if item.is_file() and not item.name.endswith(".safetensors") and item.name != INDEX_NAME:
+        if item.is_file() and not item.name.endswith(WEIGHT_SUFFIXES) and item.name != INDEX_NAME:
             shutil.copy2(item, dst / item.name)
     modules = src / "modules.json"
     if modules.is_file():

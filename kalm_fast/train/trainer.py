@@ -209,9 +209,15 @@ class Trainer:
             shutil.rmtree(tmp)
         self._write_model(model, tmp)
         if self.info.is_main:
+            # Move the old model aside before the new one takes its place: a crash leaves one of them.
+            old = target.with_name(f".{target.name}.old")
+            if old.exists():
+                shutil.rmtree(old)
             if target.exists():
-                shutil.rmtree(target)
+                os.replace(target, old)
             os.replace(tmp, target)
+            if old.exists():
+                shutil.rmtree(old)
         barrier(self.info)
 
     def evaluate(self, model, *, sync: bool = True) -> Optional[dict]:
