@@ -257,6 +257,14 @@ def _barrier(world: int, rank: int) -> None:
     dist.barrier()
 
 
+def _destroy_process_group() -> None:
+    """Tear down the group `_barrier` made (gloo's threads must not die with the interpreter)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def write_manifest(directory: Path, header: dict, n_shards: int, count: int) -> None:
     """``manifest.json``: the encode's settings, row count, dims and every shard's rows and sha256."""
     entries = []
@@ -283,5 +291,7 @@ def run(args) -> int:
     except UsageError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        _destroy_process_group()
     print(f"encoded {rows} of {total} texts in {seconds:.2f} s ({rows / max(seconds, 1e-9):.1f} texts/s) -> {output}")
     return 0

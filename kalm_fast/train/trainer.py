@@ -463,9 +463,15 @@ def run(args) -> int:
     config = load_config(args.config)
     if args.output_dir:
         config.output_dir = args.output_dir
-    final = Trainer(config, resume=args.resume).train()
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(f"final model: {final}")
+    try:
+        final = Trainer(config, resume=args.resume).train()
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"final model: {final}")
+    finally:
+        # Tear the process group down before the interpreter exits: leaving gloo's threads to die with the
+        # process can abort a rank ("terminate called without an active exception").
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
     return 0
 
 
