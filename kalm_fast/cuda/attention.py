@@ -77,22 +77,6 @@ def flash_attention_cuda(q, k, v, cu_seqlens, max_seqlen, key_padding_mask, caus
     _native.cuda_lib()
     if q.dim() == 3:
         return _packed(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale, return_lse)
-    B, L = q.shape[:2]
-    if key_padding_mask is None:
-        cu = torch.arange(0, (B + 1) * L, L, dtype=torch.int32, device=q.device)
-        result = _packed(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu, L, causal, softmax_scale, return_lse)
-        if not return_lse:
-            return result.view(q.shape)
-        out, lse = result
-        return out.view(q.shape), lse.view(-1, B, L).transpose(0, 1)
-    from ..ops.attention import pad, unpad
+    from ..ops.attention import padded_via_packed
 
-    qp, indices, cu, longest = unpad(q, key_padding_mask)
-    kp, vp = k.flatten(0, 1)[indices], v.flatten(0, 1)[indices]
-    result = _packed(qp, kp, vp, cu, longest, causal, softmax_scale, return_lse)
-    if not return_lse:
-        return pad(result, indices, B, L)
-    out, lse = result
-    full = torch.full((lse.shape[0], B * L), math.inf, dtype=torch.float32, device=q.device)
-    full[:, indices] = lse
-    return pad(out, indices, B, L), full.view(-1, B, L).transpose(0, 1)
+    return padded_via_packed(_packed, q, k, v, key_padding_mask, causal, softmax_scale, return_lse)

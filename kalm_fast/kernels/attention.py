@@ -60,6 +60,20 @@ def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, lo, hi, t
 
 
 @triton.jit
+def _key_range(m0, seqlen, GROUP: tl.constexpr, IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr):
+    """Key tiles of the query tile starting at folded row ``m0``: ``[0, full)`` need no mask, ``[full, hi)`` do;
+    under ``IS_CAUSAL`` the tiles past ``hi`` are fully masked and skipped."""
+    if IS_CAUSAL:
+        hi = tl.minimum(seqlen, (m0 + BLOCK_M - 1) // GROUP + 1)
+        full = tl.minimum(seqlen, m0 // GROUP + 1) // BLOCK_N * BLOCK_N
+    else:
+        hi = seqlen
+        full = seqlen // BLOCK_N * BLOCK_N
+    return full, hi
+
+
+@triton.jit
 def _attn_fwd(Q, K, V, O, LSE, CU_SEQLENS, qk_scale, seqlen_bucket,
               stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_lh,
               GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, IS_CAUSAL: tl.constexpr,
@@ -85,12 +99,7 @@ def _attn_fwd(Q, K, V, O, LSE, CU_SEQLENS, qk_scale, seqlen_bucket,
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    if IS_CAUSAL:
-        hi = tl.minimum(seqlen, (m0 + BLOCK_M - 1) // GROUP + 1)  # later key tiles are fully masked: skipped
-        full = tl.minimum(seqlen, m0 // GROUP + 1) // BLOCK_N * BLOCK_N
-    else:
-        hi = seqlen
-        full = seqlen // BLOCK_N * BLOCK_N
+    full, hi = _key_range(m0, seqlen, GROUP, IS_CAUSAL, BLOCK_M, BLOCK_N)
     acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, 0, full, tok, seqlen,
                                qk_scale, offs_n, offs_d, d_ok, IS_CAUSAL, False, BLOCK_N, PRECISION)
     acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, full, hi, tok, seqlen,
@@ -241,12 +250,7 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, CU_SEQLENS, qk_scale, sm_scale, se
     k_base = K + start * stride_kt + kv_head * stride_kh
     v_base = V + start * stride_vt + kv_head * stride_vh
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    if IS_CAUSAL:
-        hi = tl.minimum(seqlen, (m0 + BLOCK_M - 1) // GROUP + 1)
-        full = tl.minimum(seqlen, m0 // GROUP + 1) // BLOCK_N * BLOCK_N
-    else:
-        hi = seqlen
-        full = seqlen // BLOCK_N * BLOCK_N
+    full, hi = _key_range(m0, seqlen, GROUP, IS_CAUSAL, BLOCK_M, BLOCK_N)
     dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, 0, full, tok, seqlen, qk_scale,
                    offs_n, offs_d, d_ok, IS_CAUSAL, False, BLOCK_N, PRECISION)
     dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, full, hi, tok, seqlen, qk_scale,

@@ -96,7 +96,7 @@ def _mean_pool_bwd_kernel(
              dh.to(grad_hidden_ptr.dtype.element_ty), mask=row_ok[:, None] & (cols < H)[None, :])
 
 
-def _layout(hidden: torch.Tensor, mask: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor]):
+def _layout(hidden: torch.Tensor, cu_seqlens: Optional[torch.Tensor]):
     """(N, L, stride per sequence, stride per token) of a padded or packed ``hidden``."""
     if cu_seqlens is not None:
         return cu_seqlens.numel() - 1, 0, 0, hidden.stride(0)
@@ -113,7 +113,7 @@ def _mask_arg(mask: Optional[torch.Tensor], hidden: torch.Tensor):
 
 def mean_pool_forward(hidden, mask, cu_seqlens, dim: int, normalize: bool, eps: float, save_for_backward: bool):
     """Returns ``(out [N, dim], mean fp32 [N, dim] or None, count fp32 [N] or None)``."""
-    N, L, stride_hb, stride_ht = _layout(hidden, mask, cu_seqlens)
+    N, L, stride_hb, stride_ht = _layout(hidden, cu_seqlens)
     out = torch.empty(N, dim, dtype=hidden.dtype, device=hidden.device)
     mean = torch.empty(N, dim, dtype=torch.float32, device=hidden.device) if save_for_backward else out
     count = torch.empty(N, dtype=torch.float32, device=hidden.device) if save_for_backward else out

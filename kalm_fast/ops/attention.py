@@ -177,9 +177,10 @@ def _buckets(lengths: list):
     return [(ids, lengths[ids[0]]) for ids in groups]
 
 
-def _torch_packed(q, k, v, cu_seqlens, causal, scale, return_lse):
+def _torch_packed(q, k, v, cu_seqlens, max_seqlen, causal, scale, return_lse):
     """Packed path: each length bucket padded to [n, Lb, H, D] (a zero-copy view when its sequences are equal and
-    adjacent), one SDPA call per bucket, the real rows written back into [T, Hq, D]."""
+    adjacent), one SDPA call per bucket, the real rows written back into [T, Hq, D]. The buckets come from
+    ``cu_seqlens``; ``max_seqlen`` is not needed."""
     T, hq, d = q.shape
     bounds = cu_seqlens.tolist()
     starts, lengths = bounds[:-1], [e - s for s, e in zip(bounds[:-1], bounds[1:])]
@@ -227,20 +228,32 @@ def _torch_packed(q, k, v, cu_seqlens, causal, scale, return_lse):
 
 def _torch(q, k, v, cu_seqlens, max_seqlen, key_padding_mask, causal, scale, return_lse):
     if q.dim() == 3:
-        return _torch_packed(q, k, v, cu_seqlens, causal, scale, return_lse)
+        return _torch_packed(q, k, v, cu_seqlens, max_seqlen, causal, scale, return_lse)
     if key_padding_mask is None:
         ob, lse = _sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None, causal, scale, return_lse)
         out = ob.transpose(1, 2)
         return (out, lse.float()) if return_lse else out
-    return _via_packed(_torch_packed, q, k, v, key_padding_mask, causal, scale, return_lse)
+    return padded_via_packed(_torch_packed, q, k, v, key_padding_mask, causal, scale, return_lse)
 
 
-def _via_packed(packed_fn, q, k, v, key_padding_mask, causal, scale, return_lse):
-    """Padded input through a packed implementation: unpad, attend, pad (zeros / lse +inf at the padding)."""
+def padded_via_packed(packed_fn, q, k, v, key_padding_mask, causal, scale, return_lse):
+    """Padded ``[B, L, H, D]`` input through a packed implementation
+    ``packed_fn(q, k, v, cu_seqlens, max_seqlen, causal, scale, return_lse)``.
+
+    Without a mask every row is real and the batch is a free ``[B*L, H, D]`` view; with one: unpad, attend, pad
+    (zeros / lse +inf at the padding). lse comes back ``[B, Hq, L]``.
+    """
     B, L = q.shape[:2]
-    qp, indices, cu_seqlens, _ = unpad(q, key_padding_mask)
+    if key_padding_mask is None:
+        cu_seqlens = torch.arange(0, (B + 1) * L, L, dtype=torch.int32, device=q.device)
+        result = packed_fn(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu_seqlens, L, causal, scale, return_lse)
+        if not return_lse:
+            return result.view(q.shape)
+        out, lse = result
+        return out.view(q.shape), lse.view(-1, B, L).transpose(0, 1)
+    qp, indices, cu_seqlens, max_seqlen = unpad(q, key_padding_mask)
     kp, vp = k.flatten(0, 1)[indices], v.flatten(0, 1)[indices]
-    result = packed_fn(qp, kp, vp, cu_seqlens, causal, scale, return_lse)
+    result = packed_fn(qp, kp, vp, cu_seqlens, max_seqlen, causal, scale, return_lse)
     if not return_lse:
         return pad(result, indices, B, L)
     out, lse = result
@@ -274,10 +287,7 @@ class _TritonAttention(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None
 
 
-def _triton_packed(q, k, v, cu_seqlens, causal, scale, return_lse, max_seqlen=None):
-    if max_seqlen is None:
-        lengths = cu_seqlens[1:] - cu_seqlens[:-1]
-        max_seqlen = int(lengths.max()) if lengths.numel() else 0
+def _triton_packed(q, k, v, cu_seqlens, max_seqlen, causal, scale, return_lse):
     out, lse = _TritonAttention.apply(q, k, v, cu_seqlens, max_seqlen, causal, scale)
     return (out, lse) if return_lse else out
 
@@ -287,16 +297,8 @@ def _triton(q, k, v, cu_seqlens, max_seqlen, key_padding_mask, causal, scale, re
         raise ValueError(f"q has {q.numel()} elements; the triton backend indexes with int32 (< 2**31): "
                          "split the batch")
     if q.dim() == 3:
-        return _triton_packed(q, k, v, cu_seqlens, causal, scale, return_lse, max_seqlen)
-    if key_padding_mask is None:
-        B, L = q.shape[:2]
-        cu = torch.arange(0, (B + 1) * L, L, dtype=torch.int32, device=q.device)
-        result = _triton_packed(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu, causal, scale, return_lse, L)
-        if not return_lse:
-            return result.view(q.shape)
-        out, lse = result
-        return out.view(q.shape), lse.view(-1, B, L).transpose(0, 1)
-    return _via_packed(_triton_packed, q, k, v, key_padding_mask, causal, scale, return_lse)
+        return _triton_packed(q, k, v, cu_seqlens, max_seqlen, causal, scale, return_lse)
+    return padded_via_packed(_triton_packed, q, k, v, key_padding_mask, causal, scale, return_lse)
 
 
 def _reference(q, k, v, cu_seqlens, max_seqlen, key_padding_mask, causal, scale, return_lse):
