@@ -196,13 +196,24 @@ def test_gradient_checkpointing_keeps_gradients(decoder_dir):
     torch.testing.assert_close(model.model.layers[0].mlp.up_proj.weight.grad, want, atol=1e-5, rtol=1e-5)
 
 
-def test_packed_bert_fast_path_matches_transformers_modules():
-    """The BERT inference fast path (fused QKV, per-bucket SDPA) equals the transformers modules on packed input,
-    for unsorted lengths, equal lengths and an empty sequence."""
+@pytest.mark.parametrize("onednn", [True, False], ids=["onednn", "addmm"])
+def test_packed_bert_fast_path_matches_transformers_modules(monkeypatch, onednn):
+    """The BERT inference fast path (fused QKV, oneDNN or addmm linears, attention per run of equal lengths: matmul
+    for short runs, SDPA past MATMUL_ATTENTION_MAX_LEN) equals the transformers modules on packed input, for
+    unsorted lengths, runs of equal lengths and an empty sequence."""
+    from kalm_fast.models import bert_packed
+
     model = EmbeddingModel.from_pretrained(None, device="cpu")
     assert model._packed_bert is not None
-    ids = model.token_ids(TEXTS + ["the same length", "the same width", "one"] + ["long text " * 60])
+    if onednn and not model._packed_bert.onednn:
+        pytest.skip("this torch build has no oneDNN linear")
+    monkeypatch.setattr(model._packed_bert, "onednn", onednn)
+    texts = TEXTS + ["the same length", "the same width", "one"] + ["long text " * 60, "longer text " * 90]
+    ids = model.token_ids(texts)
     ids.insert(2, [])
+    lengths = [len(x) for x in ids]
+    assert max(lengths) > bert_packed.MATMUL_ATTENTION_MAX_LEN >= sorted(lengths)[-2]
+    assert lengths[-5] == lengths[-4] and lengths[-3] == 3
     batch = model.pack(ids)
     cu, m = batch["cu_seqlens"], batch["max_seqlen"]
     with torch.no_grad():
@@ -213,6 +224,31 @@ def test_packed_bert_fast_path_matches_transformers_modules():
 
     torch.testing.assert_close(fast, mean_pool(hidden, cu_seqlens=cu), atol=1e-5, rtol=1e-5)
     assert fast[2].abs().max() == 0  # the empty sequence pools to zeros
+
+
+def test_packed_bert_weight_cache_follows_the_parameters():
+    """Packed weights are rebuilt when a parameter changes in place (e.g. loading a soup into the same model)."""
+    model = EmbeddingModel.from_pretrained(None, device="cpu")
+    batch = model.tokenize(["a sentence to embed", "and another one"])
+    with torch.no_grad():
+        before = model(batch)
+        model.model.encoder.layer[0].intermediate.dense.weight.mul_(0.5)
+        after = model(batch)
+        hidden = model.model(input_ids=batch["input_ids"][None], position_ids=batch["position_ids"][None],
+                             cu_seq_lens_q=batch["cu_seqlens"], cu_seq_lens_k=batch["cu_seqlens"],
+                             max_length_q=batch["max_seqlen"], max_length_k=batch["max_seqlen"]).last_hidden_state[0]
+    from kalm_fast.ops import mean_pool
+
+    assert not torch.allclose(before, after, atol=1e-3)
+    torch.testing.assert_close(after, mean_pool(hidden, cu_seqlens=batch["cu_seqlens"]), atol=1e-5, rtol=1e-5)
+
+
+def test_equal_length_runs():
+    from kalm_fast.models.bert_packed import equal_length_runs
+
+    assert equal_length_runs([]) == []
+    assert equal_length_runs([3, 3, 0, 2, 3, 3, 3, 1]) == [(0, 2, 3), (6, 1, 2), (8, 3, 3), (17, 1, 1)]
+    assert equal_length_runs([0, 0]) == []
 
 
 def test_triton_attention_backend_matches_torch(tmp_path, tokenizer):
