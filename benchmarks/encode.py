@@ -59,7 +59,7 @@ def matmul_ceiling(hidden: int, dtype, device) -> float:
     a = torch.randn(4096, hidden, device=device, dtype=dtype)
     w = torch.randn(4 * hidden, hidden, device=device, dtype=dtype)
     linears = [lambda: torch.nn.functional.linear(a, w)]
-    if device.type == "cpu" and onednn_linear_available():
+    if device.type == "cpu" and onednn_linear_available(dtype):
         packed = torch.ops.mkldnn._reorder_linear_weight(w, None)
         linears.append(lambda: torch.ops.mkldnn._linear_pointwise(a, packed, None, "none", [], ""))
     best = float("inf")

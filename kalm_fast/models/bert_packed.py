@@ -10,6 +10,7 @@ Used without autograd only; training goes through the transformers modules and t
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 
@@ -37,16 +38,19 @@ def supports(model) -> bool:
             and hasattr(layer.attention.self, "query") and hasattr(layer, "intermediate"))
 
 
-def onednn_linear_available() -> bool:
-    """Whether this torch build runs ``mkldnn::_linear_pointwise`` on packed weights (x86 and most aarch64 builds)."""
+@functools.lru_cache(maxsize=None)
+def onednn_linear_available(dtype: torch.dtype = torch.float32) -> bool:
+    """Whether this torch build and CPU run ``mkldnn::_linear_pointwise`` on packed ``dtype`` weights (fp32: x86 and
+    most aarch64 builds; bf16 / fp16 only where the CPU has the instructions)."""
     if not torch.backends.mkldnn.is_available():
         return False
     try:
-        weight = torch.ops.mkldnn._reorder_linear_weight(torch.ones(2, 2), None)
-        out = torch.ops.mkldnn._linear_pointwise(torch.ones(1, 2), weight, torch.zeros(2), "gelu", [], "none")
+        weight = torch.ops.mkldnn._reorder_linear_weight(torch.ones(2, 2, dtype=dtype), None)
+        out = torch.ops.mkldnn._linear_pointwise(torch.ones(1, 2, dtype=dtype), weight, torch.zeros(2, dtype=dtype),
+                                                 "gelu", [], "none")
     except (RuntimeError, AttributeError, NotImplementedError):
         return False
-    return bool(torch.allclose(out, F.gelu(torch.full((1, 2), 2.0))))
+    return bool(torch.allclose(out.float(), F.gelu(torch.full((1, 2), 2.0)), atol=1e-2))
 
 
 def equal_length_runs(lengths: list) -> list:
@@ -63,20 +67,20 @@ def equal_length_runs(lengths: list) -> list:
 class PackedBert:
     """Callable ``(input_ids [T], position_ids [T], cu_seqlens [N+1], max_seqlen) -> hidden [T, H]``."""
 
-    def __init__(self, model):
+    def __init__(self, model, onednn: bool = True):
         self.model = model
-        self.onednn = onednn_linear_available()
+        self.onednn = onednn  # CPU linears through oneDNN where the torch build and the CPU have it for the dtype
         self._weights = {}
 
-    def _layer_weights(self, layer, device) -> list:
-        """``[(weight, bias)]`` of the layer's QKV (fused), attention output, up and down projections.
+    def _layer_weights(self, layer, x) -> tuple:
+        """``(packed, [(weight, bias)])``: the layer's QKV (fused), attention output, up and down projections.
 
-        Weights are packed for oneDNN on CPU; the cache is rebuilt when a parameter changes.
+        ``packed``: the weights are packed for oneDNN (CPU). The cache is rebuilt when a parameter changes.
         """
         s = layer.attention.self
         linears = [(s.query, s.key, s.value), (layer.attention.output.dense,), (layer.intermediate.dense,),
                    (layer.output.dense,)]
-        onednn = self.onednn and device.type == "cpu"
+        onednn = self.onednn and x.device.type == "cpu" and onednn_linear_available(x.dtype)
         key = (onednn, tuple((p.data_ptr(), p._version, p.dtype) for group in linears for m in group
                              for p in (m.weight, m.bias)))
         cached = self._weights.get(id(layer))
@@ -88,12 +92,13 @@ class PackedBert:
                 if onednn:
                     weight = torch.ops.mkldnn._reorder_linear_weight(weight, None)
                 weights.append((weight, bias))
-            cached = (key, weights)
+            cached = (key, (onednn, weights))
             self._weights[id(layer)] = cached
         return cached[1]
 
-    def _linear(self, x, weight, bias, gelu: bool = False):
-        if self.onednn and x.device.type == "cpu":
+    @staticmethod
+    def _linear(x, weight, bias, packed: bool, gelu: bool = False):
+        if packed:
             return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu" if gelu else "none", [],
                                                       "none" if gelu else "")
         y = torch.addmm(bias, x, weight.t())
@@ -122,14 +127,14 @@ class PackedBert:
         runs = equal_length_runs((cu_seqlens[1:] - cu_seqlens[:-1]).tolist()) if cpu else None
         x = model.embeddings(input_ids=input_ids[None], position_ids=position_ids[None])[0]
         for layer in model.encoder.layer:
-            (w_qkv, b_qkv), (w_o, b_o), (w_up, b_up), (w_down, b_down) = self._layer_weights(layer, x.device)
-            qkv = self._linear(x, w_qkv, b_qkv)
+            packed, ((w_qkv, b_qkv), (w_o, b_o), (w_up, b_up), (w_down, b_down)) = self._layer_weights(layer, x)
+            qkv = self._linear(x, w_qkv, b_qkv, packed)
             if cpu:
                 ctx = self._cpu_attention(qkv, runs, heads, head_dim)
             else:
                 q, k, v = qkv.view(-1, 3, heads, head_dim).unbind(1)
                 ctx = ops.flash_attention(q, k, v, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen).flatten(1)
-            x = layer.attention.output.LayerNorm(self._linear(ctx, w_o, b_o).add_(x))
-            h = self._linear(x, w_up, b_up, gelu=True)
-            x = layer.output.LayerNorm(self._linear(h, w_down, b_down).add_(x))
+            x = layer.attention.output.LayerNorm(self._linear(ctx, w_o, b_o, packed).add_(x))
+            h = self._linear(x, w_up, b_up, packed, gelu=True)
+            x = layer.output.LayerNorm(self._linear(h, w_down, b_down, packed).add_(x))
         return x
