@@ -87,8 +87,8 @@ class PackedBert:
         if cached is None or cached[0] != key:
             weights = []
             for group in linears:
-                weight = torch.cat([m.weight for m in group]).contiguous()
-                bias = torch.cat([m.bias for m in group]).contiguous()
+                weight = torch.cat([m.weight for m in group]) if len(group) > 1 else group[0].weight
+                bias = torch.cat([m.bias for m in group]) if len(group) > 1 else group[0].bias
                 if onednn:
                     weight = torch.ops.mkldnn._reorder_linear_weight(weight, None)
                 weights.append((weight, bias))
