@@ -196,6 +196,17 @@ def test_gradient_checkpointing_keeps_gradients(decoder_dir):
     torch.testing.assert_close(model.model.layers[0].mlp.up_proj.weight.grad, want, atol=1e-5, rtol=1e-5)
 
 
+def _pooled_by_transformers_modules(model, batch):
+    """Mean-pooled last hidden states of the transformers modules themselves on a packed batch (the oracle)."""
+    from kalm_fast.ops import mean_pool
+
+    cu, m = batch["cu_seqlens"], batch["max_seqlen"]
+    with torch.no_grad():
+        hidden = model.model(input_ids=batch["input_ids"][None], position_ids=batch["position_ids"][None],
+                             cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=m, max_length_k=m).last_hidden_state[0]
+    return mean_pool(hidden, cu_seqlens=cu)
+
+
 @pytest.mark.parametrize("onednn", [True, False], ids=["onednn", "addmm"])
 def test_packed_bert_fast_path_matches_transformers_modules(monkeypatch, onednn):
     """The BERT inference fast path (fused QKV, oneDNN or addmm linears, attention per run of equal lengths: matmul
@@ -215,14 +226,9 @@ def test_packed_bert_fast_path_matches_transformers_modules(monkeypatch, onednn)
     assert max(lengths) > bert_packed.MATMUL_ATTENTION_MAX_LEN >= sorted(lengths)[-2]
     assert lengths[-5] == lengths[-4] and lengths[-3] == 3
     batch = model.pack(ids)
-    cu, m = batch["cu_seqlens"], batch["max_seqlen"]
     with torch.no_grad():
         fast = model(batch)
-        hidden = model.model(input_ids=batch["input_ids"][None], position_ids=batch["position_ids"][None],
-                             cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=m, max_length_k=m).last_hidden_state[0]
-    from kalm_fast.ops import mean_pool
-
-    torch.testing.assert_close(fast, mean_pool(hidden, cu_seqlens=cu), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fast, _pooled_by_transformers_modules(model, batch), atol=1e-5, rtol=1e-5)
     assert fast[2].abs().max() == 0  # the empty sequence pools to zeros
 
 
@@ -234,13 +240,8 @@ def test_packed_bert_weight_cache_follows_the_parameters():
         before = model(batch)
         model.model.encoder.layer[0].intermediate.dense.weight.mul_(0.5)
         after = model(batch)
-        hidden = model.model(input_ids=batch["input_ids"][None], position_ids=batch["position_ids"][None],
-                             cu_seq_lens_q=batch["cu_seqlens"], cu_seq_lens_k=batch["cu_seqlens"],
-                             max_length_q=batch["max_seqlen"], max_length_k=batch["max_seqlen"]).last_hidden_state[0]
-    from kalm_fast.ops import mean_pool
-
     assert not torch.allclose(before, after, atol=1e-3)
-    torch.testing.assert_close(after, mean_pool(hidden, cu_seqlens=batch["cu_seqlens"]), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(after, _pooled_by_transformers_modules(model, batch), atol=1e-5, rtol=1e-5)
 
 
 def test_equal_length_runs():
