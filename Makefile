@@ -7,7 +7,7 @@ PIP := $(PY) -m pip --disable-pip-version-check -q
 TRITON_INTERPRET ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo 0 || echo 1)
 NATIVE_SOURCES := setup.py pyproject.toml $(wildcard csrc/*)
 
-.PHONY: run test bench clean
+.PHONY: run test bench gpu-check clean
 
 run: $(VENV)/.installed
 	$(VENV)/bin/kalm-fast demo
@@ -17,6 +17,11 @@ test: $(VENV)/.installed-dev
 
 bench: $(VENV)/.installed-dev
 	$(PY) -m benchmarks.run_all
+
+# On a GPU machine whose packages are already installed (the H200 test machine): no venv, the system interpreter.
+# Results in $$OUT (default build/gpu-check): summary.md, summary.json, gpu-check.tar.gz. See .ci/gpu_check.py.
+gpu-check:
+	$(PYTHON) .ci/gpu_check.py
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)

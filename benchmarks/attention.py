@@ -6,8 +6,11 @@
 2. A realistic embedding batch: 64k tokens (8k on CPU) packed from a long-tailed length mix (most texts 20-60
    tokens, some 512), Qwen2-0.5B heads (14 query / 2 key-value, D = 64): packed vs padded SDPA, tokens/s.
 
-    python -m benchmarks.attention            # full sweep on GPU, small one on CPU
-    python -m benchmarks.attention --quick    # a couple of shapes
+    python -m benchmarks.attention                       # full sweep on GPU, small one on CPU
+    python -m benchmarks.attention --preset quick        # a couple of shapes
+    python -m benchmarks.attention --preset gpu-check    # the Hopper targets: D=128, L 2k-16k, + fp32 and KaLM shape
+
+Packed inputs come with a ``Varlen`` (checked once), so our timings hold no argument validation.
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from kalm_fast import _registry
+from kalm_fast.ops import Varlen
 from kalm_fast.ops.attention import flash_attention
 
 from .harness import time_fn, write_report
@@ -29,34 +33,34 @@ except Exception:  # noqa: BLE001 - any import failure means "not available"
 
 
 def _ours(backend):
-    def run(q, k, v, cu, max_len, causal):
-        return flash_attention(q, k, v, cu_seqlens=cu, max_seqlen=max_len, causal=causal, backend=backend)
+    def run(q, k, v, varlen, max_len, causal):
+        return flash_attention(q, k, v, cu_seqlens=varlen, causal=causal, backend=backend)
     return run
 
 
-def _sdpa_equal(q, k, v, cu, max_len, causal):
+def _sdpa_equal(q, k, v, varlen, max_len, causal):
     """Equal-length packed [B*L, H, D] viewed as [B, H, L, D] (the transposes are part of the cost)."""
-    B = cu.numel() - 1
+    B = varlen.num_seqs
     to = lambda x: x.view(B, max_len, x.shape[1], x.shape[2]).transpose(1, 2)  # noqa: E731
     out = F.scaled_dot_product_attention(to(q), to(k), to(v), is_causal=causal, enable_gqa=q.shape[1] != k.shape[1])
     return out.transpose(1, 2).reshape(q.shape)
 
 
-def _flash_attn(q, k, v, cu, max_len, causal):
-    return flash_attn_varlen_func(q, k, v, cu, cu, max_len, max_len, causal=causal)
+def _flash_attn(q, k, v, varlen, max_len, causal):
+    return flash_attn_varlen_func(q, k, v, varlen.cu_seqlens, varlen.cu_seqlens, max_len, max_len, causal=causal)
 
 
-def _impls(device, dtype, max_len):
+def _impls(device, dtype, max_len, with_reference=True):
     impls = {}
+    runnable = _registry.runnable("flash_attention", device, dtype)
     for name in ("triton", "torch", "reference"):
-        b = _registry.backends("flash_attention").get(name)
-        if b is None or b.why_not(torch.device(device), dtype) is not None:
+        if name not in runnable:
             continue
         if name == "triton" and device == "cpu":
             continue
         if name == "torch" and device == "cuda":
             continue  # on GPU the torch backend is SDPA itself
-        if name == "reference" and max_len > 2048:
+        if name == "reference" and (max_len > 2048 or not with_reference):
             continue  # materializes [H, L, L] per sequence
         impls[name] = _ours(name)
     impls["sdpa"] = _sdpa_equal
@@ -77,7 +81,7 @@ def _timed(fn, q, k, v, cu, max_len, causal, repeats):
     return fwd, time_fn(step, repeats=repeats)["median_ms"]
 
 
-def kernel_sweep(device, dtype, seqlens, head_dims, causal, tokens, repeats):
+def kernel_sweep(device, dtype, seqlens, head_dims, causal, tokens, repeats, with_reference=True):
     rows = []
     for d in head_dims:
         heads = 2048 // d
@@ -86,19 +90,20 @@ def kernel_sweep(device, dtype, seqlens, head_dims, causal, tokens, repeats):
             g = torch.Generator(device=device).manual_seed(0)
             q, k, v = (torch.randn(B * L, heads, d, device=device, dtype=dtype, generator=g).requires_grad_()
                        for _ in range(3))
-            cu = torch.arange(0, (B + 1) * L, L, dtype=torch.int32, device=device)
+            varlen = Varlen.from_lengths([L] * B, device)
             flops = 4 * L * L * d * heads * B * (0.5 if causal else 1.0)
-            for name, fn in _impls(device, dtype, L).items():
+            for name, fn in _impls(device, dtype, L, with_reference).items():
                 try:
-                    fwd, both = _timed(fn, q, k, v, cu, L, causal, repeats)
+                    fwd, both = _timed(fn, q, k, v, varlen, L, causal, repeats)
                 except (RuntimeError, torch.cuda.OutOfMemoryError) as exc:  # e.g. the reference out of memory
                     print(f"skip {name} L={L} D={d}: {type(exc).__name__}: {str(exc)[:120]}")
                     continue
                 bwd = max(both - fwd, 1e-6)
+                dt = str(dtype).split(".")[-1]
                 for mode, ms, f in (("fwd", fwd, flops), ("bwd", bwd, 2.5 * flops), ("fwd+bwd", both, 3.5 * flops)):
                     rows.append({"impl": name, "mode": mode, "seqlen": L, "batch": B, "heads": heads, "head_dim": d,
-                                 "causal": causal, "dtype": str(dtype).split(".")[-1], "ms": ms,
-                                 "TFLOP/s": f / (ms * 1e-3) / 1e12, "series": f"{name} {mode} D={d}"})
+                                 "causal": causal, "dtype": dt, "ms": ms, "TFLOP/s": f / (ms * 1e-3) / 1e12,
+                                 "series": f"{name} {mode} D={d} {dt}"})
     return rows
 
 
@@ -121,7 +126,7 @@ def realistic_batch(device, dtype, total, repeats):
     T, B, L = sum(lengths), len(lengths), max(lengths)
     q = torch.randn(T, hq, d, generator=g).to(device, dtype)
     k, v = (torch.randn(T, hkv, d, generator=g).to(device, dtype) for _ in range(2))
-    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device=device)
+    varlen = Varlen.from_lengths(lengths, device)
     mask = torch.arange(L, device=device)[None, :] < torch.tensor(lengths, device=device)[:, None]
     index = torch.nonzero(mask.flatten()).flatten()
 
@@ -133,12 +138,13 @@ def realistic_batch(device, dtype, total, repeats):
     qp, kp, vp = padded(q), padded(k), padded(v)
     attn_mask = mask[:, None, None, :]
     cases = {"padded sdpa": lambda: F.scaled_dot_product_attention(qp, kp, vp, attn_mask=attn_mask, enable_gqa=True)}
+    runnable = _registry.runnable("flash_attention", device, dtype)
     for name in ("triton", "torch"):
-        b = _registry.backends("flash_attention").get(name)
-        if b is None or b.why_not(torch.device(device), dtype) is not None or (name == "triton" and device == "cpu"):
+        if name not in runnable or (name == "triton" and device == "cpu"):
             continue
-        cases[f"packed {name}"] = functools.partial(flash_attention, q, k, v, cu_seqlens=cu, max_seqlen=L, backend=name)
+        cases[f"packed {name}"] = functools.partial(flash_attention, q, k, v, cu_seqlens=varlen, backend=name)
     if flash_attn_varlen_func is not None and device == "cuda" and dtype != torch.float32:
+        cu = varlen.cu_seqlens
         cases["packed flash_attn2"] = lambda: flash_attn_varlen_func(q, k, v, cu, cu, L, L)
     rows, base = [], None
     for name, fn in cases.items():
@@ -150,25 +156,38 @@ def realistic_batch(device, dtype, total, repeats):
     return rows
 
 
+# Kernel sweeps per preset: (dtype, seqlens, head dims, tokens per shape); then the packed long-tailed batch.
+PRESETS = {
+    "gpu": dict(sweeps=[("bfloat16", [128, 256, 512, 1024, 2048, 4096, 8192], [64, 128], 16384)], total=65536,
+                repeats=10, reference=True),
+    "cpu": dict(sweeps=[("float32", [128, 256, 512, 1024], [64], 4096)], total=8192, repeats=3, reference=True),
+    "quick": dict(sweeps=[(None, [128, 512], [64], 2048)], total=4096, repeats=3, reference=True),
+    # the Hopper speed targets (bf16, D=128, L 2k-16k), fp32 against SDPA (which `auto` should route fp32 to), and the
+    # KaLM shape (packed long tail, Qwen2-0.5B heads)
+    "gpu-check": dict(sweeps=[("bfloat16", [2048, 4096, 8192, 16384], [128], 32768),
+                              ("float32", [512, 2048], [64, 128], 8192)], total=65536, repeats=10, reference=False),
+    "dry": dict(sweeps=[("float32", [64], [32], 128)], total=512, repeats=1, reference=True),  # plumbing only
+}
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="a couple of shapes, few repeats")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default=None, help="default: gpu or cpu")
     parser.add_argument("--causal", action="store_true", help="causal kernel sweep (default bidirectional)")
     args = parser.parse_args(argv)
     gpu = torch.cuda.is_available()
-    device, dtype = ("cuda", torch.bfloat16) if gpu else ("cpu", torch.float32)
-    if args.quick:
-        seqlens, dims, tokens, total, repeats = [128, 512], [64], 2048, 4096, 3
-    elif gpu:
-        seqlens, dims, tokens, total, repeats = [128, 256, 512, 1024, 2048, 4096, 8192], [64, 128], 16384, 65536, 10
-    else:
-        seqlens, dims, tokens, total, repeats = [128, 256, 512, 1024], [64], 4096, 8192, 3
-    rows = kernel_sweep(device, dtype, seqlens, dims, args.causal, tokens, repeats)
+    device = "cuda" if gpu else "cpu"
+    preset = PRESETS[args.preset or ("gpu" if gpu else "cpu")]
+    rows = []
+    for dtype, seqlens, dims, tokens in preset["sweeps"]:
+        dtype = getattr(torch, dtype or ("bfloat16" if gpu else "float32"))
+        rows += kernel_sweep(device, dtype, seqlens, dims, args.causal, tokens, preset["repeats"], preset["reference"])
     write_report("attention", rows, columns=["impl", "mode", "seqlen", "batch", "heads", "head_dim", "causal", "dtype",
                                              "ms", "TFLOP/s"],
                  plot=dict(x="seqlen", y="TFLOP/s", series="series", logx=True,
-                           title=f"attention {'causal' if args.causal else 'bidirectional'} {str(dtype)[6:]}"))
-    rows = realistic_batch(device, dtype, total, repeats)
+                           title=f"attention {'causal' if args.causal else 'bidirectional'}"))
+    dtype = torch.bfloat16 if gpu else torch.float32
+    rows = realistic_batch(device, dtype, preset["total"], preset["repeats"])
     write_report("attention_packed", rows, columns=["impl", "sequences", "tokens", "padded tokens", "ms", "tokens/s",
                                                     "x padded sdpa"],
                  meta=dict(lengths="85% 20-60, 10% 60-200, 5% 512; Hq=14 Hkv=2 D=64"))

@@ -1,4 +1,8 @@
-"""Focal-InfoNCE forward+backward: time and peak memory per backend (`python -m benchmarks.contrastive`).
+"""Focal-InfoNCE forward+backward: time and peak memory per backend.
+
+    python -m benchmarks.contrastive                      # GPU: B 1k-64k; CPU: B 1k-8k
+    python -m benchmarks.contrastive --preset gpu-check   # B = 8k and 32k (the Hopper target)
+
 
 CPU: every (backend, B) runs in its own subprocess and reports its peak RSS above the RSS it had once the
 inputs existed ("extra"). GPU: ``torch.cuda.max_memory_allocated`` above the allocated inputs; an
@@ -18,9 +22,14 @@ import torch
 from .harness import on_gpu, time_fn, write_report
 
 M, D = 7, 896
-CPU_RUNS = [("reference", 1024), ("reference", 2048), ("reference", 4096),
-            ("torch", 1024), ("torch", 2048), ("torch", 4096), ("torch", 8192)]
-GPU_SIZES = [1024, 4096, 16384, 32768, 65536]
+# GPU presets: batch sizes (every backend each); CPU presets: (backend, B) runs, each in its own process.
+PRESETS = {
+    "gpu": [1024, 4096, 16384, 32768, 65536],
+    "gpu-check": [8192, 32768],
+    "cpu": [("reference", 1024), ("reference", 2048), ("reference", 4096),
+            ("torch", 1024), ("torch", 2048), ("torch", 4096), ("torch", 8192)],
+    "dry": [("reference", 64), ("torch", 64)],
+}
 GPU_BACKENDS = ["reference", "torch", "triton", "cuda"]  # those registered and able to run bf16 on CUDA
 
 
@@ -57,9 +66,9 @@ def _cpu_worker(backend: str, batch: int) -> dict:
                 inputs_mb=(q.numel() + docs.numel()) * 4 / 2**20)
 
 
-def _run_cpu() -> list:
+def _run_cpu(runs) -> list:
     rows = []
-    for backend, batch in CPU_RUNS:
+    for backend, batch in runs:
         proc = subprocess.run([sys.executable, "-m", "benchmarks.contrastive", "--worker", backend, str(batch)],
                               capture_output=True, text=True)
         if proc.returncode != 0:
@@ -70,15 +79,13 @@ def _run_cpu() -> list:
     return rows
 
 
-def _run_gpu() -> list:
+def _run_gpu(sizes) -> list:
     import kalm_fast.ops  # noqa: F401  (registers the backends)
-    from kalm_fast._registry import backends
+    from kalm_fast._registry import runnable
 
-    registered = backends("focal_infonce")
-    names = [b for b in GPU_BACKENDS
-             if b in registered and registered[b].why_not(torch.device("cuda"), torch.bfloat16) is None]
+    names = [b for b in GPU_BACKENDS if b in runnable("focal_infonce", "cuda", torch.bfloat16)]
     rows = []
-    for batch in GPU_SIZES:
+    for batch in sizes:
         for backend in names:
             torch.cuda.empty_cache()
             row = dict(backend=backend, B=batch)
@@ -100,22 +107,25 @@ def _run_gpu() -> list:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default=None, help="default: gpu or cpu")
     parser.add_argument("--worker", nargs=2, metavar=("BACKEND", "B"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         print(json.dumps(_cpu_worker(args.worker[0], int(args.worker[1]))))
         return 0
-    rows = _run_gpu() if on_gpu() else _run_cpu()
+    preset = PRESETS[args.preset or ("gpu" if on_gpu() else "cpu")]
+    rows = _run_gpu(preset) if on_gpu() else _run_cpu(preset)
     ref = {r["B"]: r for r in rows if r["backend"] == "reference" and "extra_mb" in r}
     for r in rows:
         if "extra_mb" in r:
             r["x_inputs"] = r["extra_mb"] / r["inputs_mb"]
             if r["B"] in ref:
                 r["x_reference_mem"] = r["extra_mb"] / ref[r["B"]]["extra_mb"]
+                r["x_reference_speed"] = ref[r["B"]]["ms"] / r["ms"]
                 r["loss_diff"] = abs(r["loss"] - ref[r["B"]]["loss"])
     write_report("contrastive", rows,
-                 columns=["backend", "B", "ms", "extra_mb", "inputs_mb", "x_inputs", "x_reference_mem", "loss",
-                          "loss_diff", "note"],
+                 columns=["backend", "B", "ms", "extra_mb", "inputs_mb", "x_inputs", "x_reference_mem",
+                          "x_reference_speed", "loss", "loss_diff", "note"],
                  plot=dict(x="B", y="extra_mb", series="backend", logx=True,
                            title="focal-InfoNCE fwd+bwd peak extra memory, M=7, D=896"),
                  meta=dict(M=M, D=D, dtype="bfloat16" if on_gpu() else "float32", temperature=0.01, gamma=0.5))

@@ -22,9 +22,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from kalm_fast.cli.demo import DATA_DIR
+
 from .harness import device_info, write_report
 
-DATA = Path(__file__).resolve().parent.parent / "data" / "sample_corpus.txt"
+DATA = DATA_DIR / "sample_corpus.txt"
 
 
 def workloads(n_longtail: int, sample_repeat: int) -> dict:

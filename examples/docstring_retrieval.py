@@ -27,7 +27,8 @@ from pathlib import Path
 import torch
 
 from kalm_fast.train.config import load_config
-from kalm_fast.train.data import format_query, iter_jsonl, load_eval_set, write_jsonl
+from kalm_fast.prompts import format_query
+from kalm_fast.train.data import iter_jsonl, load_eval_set, write_jsonl
 from kalm_fast.train.evaluate import evaluate_encoder
 from kalm_fast.train.trainer import Trainer
 

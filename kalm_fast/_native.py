@@ -22,11 +22,6 @@ def _load():
         return None, str(exc)
 
 
-def available() -> bool:
-    """True when kalm_fast._C imports (with or without CUDA)."""
-    return _load()[0] is not None
-
-
 def build_info() -> dict:
     """How kalm_fast._C was built: ``cuda`` (bool), ``archs`` (list of ints, e.g. [80, 90]), ``nvcc``
     (version string or None) and, when ``cuda`` is False, ``reason``. Raises RuntimeError when the

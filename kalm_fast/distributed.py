@@ -1,52 +1,145 @@
-"""Collectives with gradients for losses whose candidates span every rank (``gather=True``)."""
+"""``torchrun`` support: the environment, process group setup and teardown, model wrapping (DDP or FSDP), rank-0
+helpers.
+
+Each rank takes its slice of every global batch; the loss with ``gather=True`` sees every rank's documents
+as candidates, and the gradients averaged by DDP/FSDP equal those of the single-process global batch.
+"""
 from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 
-def _world(group):
-    if not (dist.is_available() and dist.is_initialized()):
-        raise RuntimeError("gather=True needs an initialized torch.distributed process group "
-                           "(torch.distributed.init_process_group, e.g. under torchrun)")
-    return dist.get_world_size(group), dist.get_rank(group)
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
 
 
-class _GatherLocalFirst(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        world, rank = _world(group)
-        shape = torch.tensor(x.shape, dtype=torch.long, device=x.device)
-        shapes = [torch.empty_like(shape) for _ in range(world)]
-        dist.all_gather(shapes, shape, group=group)
-        shapes = [tuple(s.tolist()) for s in shapes]
-        if any(s[1:] != tuple(x.shape[1:]) for s in shapes):
-            raise ValueError(f"gather=True needs the same trailing shape on every rank, got shapes {shapes}")
-        sizes = [s[0] for s in shapes]
-        padded = x.new_zeros((max(sizes),) + tuple(x.shape[1:]))
-        padded[: x.shape[0]] = x
-        parts = [torch.empty_like(padded) for _ in range(world)]
-        dist.all_gather(parts, padded.contiguous(), group=group)
-        order = [(rank + k) % world for k in range(world)]
-        ctx.group, ctx.sizes, ctx.order, ctx.rank = group, sizes, order, rank
-        return torch.cat([parts[r][: sizes[r]] for r in order])
-
-    @staticmethod
-    def backward(ctx, grad):
-        sizes, world = ctx.sizes, len(ctx.sizes)
-        buf = grad.new_zeros((world, max(sizes)) + tuple(grad.shape[1:]))
-        start = 0
-        for r in ctx.order:
-            buf[r, : sizes[r]] = grad[start: start + sizes[r]]
-            start += sizes[r]
-        dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=ctx.group)  # every rank's loss reads every rank's x
-        return buf[ctx.rank, : sizes[ctx.rank]], None
+def torchrun_env() -> DistInfo:
+    """This process's rank, world size and local rank as ``torchrun`` describes them (one process without it)."""
+    return DistInfo(rank=int(os.environ.get("RANK", "0")), world_size=int(os.environ.get("WORLD_SIZE", "1")),
+                    local_rank=int(os.environ.get("LOCAL_RANK", "0")))
 
 
-def gather_local_first(x: torch.Tensor, group=None) -> torch.Tensor:
-    """Every rank's ``x [n_r, ...]`` concatenated along dim 0: this rank's first, then ranks r+1, ..., r-1.
+def init_distributed(device=None) -> DistInfo:
+    """Join the process group that ``torchrun`` describes in the environment (nothing to do for one process).
 
-    Differentiable: the gradient each rank's ``x`` receives is the sum over all ranks of the gradients
-    flowing into its copies. Sizes along dim 0 may differ between ranks; the other dims must match.
+    NCCL on CUDA, gloo on CPU. Returns this process's rank, world size and local rank.
     """
-    return _GatherLocalFirst.apply(x, group)
+    env = torchrun_env()
+    if env.world_size <= 1 and not dist.is_initialized():
+        return DistInfo()
+    local_rank = env.local_rank
+    use_cuda = torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda")
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank)
+
+
+@contextlib.contextmanager
+def process_group():
+    """Tears down the process group a command made, when it ends: leaving gloo's threads to die with the interpreter
+    can abort a rank ("terminate called without an active exception")."""
+    try:
+        yield
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def local_device(info: DistInfo, device=None) -> torch.device:
+    """The device this rank computes on: ``cuda:LOCAL_RANK`` when CUDA is used, else the given/CPU device."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", info.local_rank)
+    return device
+
+
+def wrap_model(model: torch.nn.Module, info: DistInfo, parallel: str, device: torch.device) -> torch.nn.Module:
+    """DDP (``parallel="ddp"``) or FSDP2 (``"fsdp"``: every transformer block sharded, then the root).
+
+    FSDP2 (``torch.distributed.fsdp.fully_shard``) turns the model into an ``FSDPModule`` in place and runs
+    on CPU (gloo) as well as on GPUs (NCCL).
+    """
+    if not info.enabled:
+        return model
+    if parallel == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+        for blocks in [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)]:
+            for block in blocks:
+                fully_shard(block)
+        fully_shard(model)
+        return model
+    ids = [device.index] if device.type == "cuda" else None
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+
+def is_fsdp(model: torch.nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+    return isinstance(model, FSDPModule)
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside a DDP wrapper (FSDP2 models are their own wrapper)."""
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+def full_state_dict(model: torch.nn.Module) -> dict:
+    """The full (unsharded) state dict on CPU; every rank must call it for an FSDP model."""
+    if is_fsdp(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}
+
+
+def no_sync_of(model: torch.nn.Module):
+    """A context factory that skips the gradient all-reduce (DDP ``no_sync`` / FSDP2 gradient sync off)."""
+    if is_fsdp(model):
+        @contextlib.contextmanager
+        def no_sync():
+            model.set_requires_gradient_sync(False)
+            try:
+                yield
+            finally:
+                model.set_requires_gradient_sync(True)
+        return no_sync
+    return getattr(model, "no_sync", None)
+
+
+def to_local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (FSDP2 parameters and optimizer state); other tensors unchanged."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def barrier(info: DistInfo):
+    if info.enabled:
+        dist.barrier()
+
+
+def mean_across(info: DistInfo, value: float) -> float:
+    """Mean of a float over ranks (for logging)."""
+    if not info.enabled:
+        return value
+    t = torch.tensor([float(value)], dtype=torch.float64)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t)
+    return float(t.item()) / info.world_size

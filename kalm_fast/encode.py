@@ -1,47 +1,22 @@
 """``Encoder``: sentence-transformers-style ``encode`` on kalm_fast's packed, bidirectional execution."""
 from __future__ import annotations
 
-from typing import Iterator, Optional, Sequence
+from typing import Optional
 
 import numpy as np
 import torch
 
 from .models import EmbeddingModel
-from .ops import mean_pool
-
-# Tokens per packed batch when the caller gives no budget (CPU: fits the caches; GPU: fills the device).
-DEFAULT_TOKENS = {"cpu": 4096, "cuda": 32768}
-
-
-def kalm_query_prompt(task: str) -> str:
-    """The KaLM-Embedding-V2 query prefix for an instruction, e.g. ``"Instruct: {task} \\n Query: "``."""
-    return f"Instruct: {task} \n Query: "
-
-
-def token_budget_batches(lengths: Sequence[int], max_tokens: int, max_sequences: Optional[int] = None) -> Iterator[list]:
-    """Indices grouped into batches of at most ``max_tokens`` tokens (``max_sequences`` texts), longest first.
-
-    A text longer than ``max_tokens`` gets a batch of its own.
-    """
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    batch, tokens = [], 0
-    for i in order:
-        n = max(int(lengths[i]), 1)
-        if batch and (tokens + n > max_tokens or (max_sequences and len(batch) >= max_sequences)):
-            yield batch
-            batch, tokens = [], 0
-        batch.append(i)
-        tokens += n
-    if batch:
-        yield batch
+from .prompts import kalm_query_prompt
 
 
 class Encoder:
     """Text -> embeddings, same call shape and results as ``SentenceTransformer.encode`` for the same model.
 
     ``Encoder()`` loads the embedded default model offline. ``prompts`` (name -> prefix) extends the model's own
-    sentence-transformers prompts. Inputs are tokenized once, sorted by length, packed without padding into
-    batches of about ``max_tokens_per_batch`` tokens, and pooled with ``ops.mean_pool``; order is restored.
+    sentence-transformers prompts. ``encode`` runs ``EmbeddingModel.embed``: inputs are tokenized once, sorted by
+    length, packed without padding into batches of about ``max_tokens_per_batch`` tokens and mean-pooled; order is
+    restored.
     """
 
     def __init__(self, model_name_or_path=None, *, device=None, dtype=None, max_length: int = 512,
@@ -101,25 +76,15 @@ class Encoder:
         dim = self.model.hidden_size if truncate_dim is None else truncate_dim
         if isinstance(dim, bool) or not isinstance(dim, int) or not 1 <= dim <= self.model.hidden_size:
             raise ValueError(f"truncate_dim must be an int in [1, {self.model.hidden_size}], got {truncate_dim!r}")
-        budget = max_tokens_per_batch or DEFAULT_TOKENS.get(self.device.type, 16384)
-        if budget < 1 or (batch_size is not None and batch_size < 1):
+        if (max_tokens_per_batch is not None and max_tokens_per_batch < 1) or (batch_size is not None and batch_size < 1):
             raise ValueError("batch_size and max_tokens_per_batch must be positive")
         normalize = normalize_embeddings or self.model.normalize
         prefix = self._resolve_prompt(prompt, prompt_name, task_name, prompt_type)
         if prefix:
             texts = [prefix + t for t in texts]
-        out = torch.empty(len(texts), dim, dtype=torch.float32, device=self.device)
-        if texts:
-            ids = self.model.token_ids(texts)
-            batches = list(token_budget_batches([len(x) for x in ids], budget, batch_size))
-            show = len(texts) >= 2048 if show_progress_bar is None else show_progress_bar
-            from tqdm.auto import tqdm
-
-            for index in tqdm(batches, desc="Batches", disable=not show):
-                batch = self.model.pack([ids[i] for i in index])
-                hidden = self.model.token_embeddings(batch)
-                emb = mean_pool(hidden, cu_seqlens=batch["cu_seqlens"], dim=dim, normalize=normalize)
-                out[torch.tensor(index, device=self.device)] = emb.float()
+        show = len(texts) >= 2048 if show_progress_bar is None else show_progress_bar
+        out = self.model.embed(texts, max_tokens=max_tokens_per_batch, max_sequences=batch_size, dim=dim,
+                               normalize=normalize, show_progress=show)
         if single:
             out = out[0]
         if convert_to_tensor:

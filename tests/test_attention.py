@@ -1,32 +1,22 @@
 """flash_attention backends against the reference: packed and padded, GQA, causal, forward, lse and dq/dk/dv.
 
-The triton backend runs on CPU under TRITON_INTERPRET=1 (set by the test suite) with fp32/fp16 inputs.
+On CPU the triton backend runs under TRITON_INTERPRET=1 (set by the test suite) with fp32/fp16 inputs; bf16 and the
+forward-only ``cuda`` backend are checked on a GPU (``make gpu-check``).
 """
 import math
 
 import pytest
 import torch
+from conftest import DEVICE, backend_params, cu_seqlens, tolerance
 
 from kalm_fast import _registry
+from kalm_fast.ops import Varlen
 from kalm_fast.ops.attention import flash_attention, pad, unpad
-from kalm_fast.reference.attention import flash_attention_reference
+from kalm_fast.ops.attention.reference import flash_attention as flash_attention_reference
 
 OP = "flash_attention"
-
-
-def _runnable(name):
-    if name == "triton" and not (_registry.triton_interpreting() or torch.cuda.is_available()):
-        return False
-    return True
-
-
-BACKENDS = [pytest.param(b, marks=pytest.mark.skipif(not _runnable(b), reason=f"{b} cannot run here"))
-            for b in ("torch", "triton")]
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def _cu(lengths):
-    return torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device=DEVICE)
+BACKENDS = backend_params(OP, ("torch", "triton"))
+_cu = cu_seqlens
 
 
 def _inputs(shape_q, hkv, dtype, seed=0):
@@ -46,7 +36,7 @@ def _run(backend, q, k, v, **kw):
 
 
 def _assert_close(actual, expected, backend, dtype):
-    atol, rtol = _registry.backends(OP)[backend].tolerances[dtype]
+    atol, rtol = tolerance(OP, backend, dtype)
     names = ("out", "lse", "dq", "dk", "dv")
     for name, a, e in zip(names, actual, expected):
         assert a.shape == e.shape, (name, a.shape, e.shape)
@@ -117,7 +107,7 @@ def test_packed_and_padded_agree(backend):
     dout = torch.randn(out_k.shape, generator=torch.Generator().manual_seed(2)).to(DEVICE)
     grads_p = torch.autograd.grad(out_p, (qp, kp, vp), pad(dout, torch.nonzero(mask.flatten()).flatten(), 4, L))
     grads_k = torch.autograd.grad(out_k, packed, dout)
-    atol, rtol = _registry.backends(OP)[backend].tolerances[torch.float32]
+    atol, rtol = tolerance(OP, backend, torch.float32)
     torch.testing.assert_close(out_p[mask], out_k, atol=atol, rtol=rtol)
     torch.testing.assert_close(lse_p.transpose(1, 2)[mask], lse_k.T, atol=atol, rtol=rtol)
     assert torch.isinf(lse_p.transpose(1, 2)[~mask]).all()
@@ -155,12 +145,12 @@ def test_non_contiguous_inputs(backend):
     _assert_close(_run(backend, q, k, v, cu_seqlens=cu), expected, backend, torch.float32)
 
 
-@pytest.mark.skipif(not _runnable("triton"), reason="triton cannot run here")
-def test_triton_launches_many_sequences_in_chunks(monkeypatch):
+@pytest.mark.parametrize("backend", backend_params(OP, ("triton",)))
+def test_triton_launches_many_sequences_in_chunks(backend, monkeypatch):
     """More sequences than a grid dimension holds are launched in chunks (limit lowered to 2 here)."""
-    from kalm_fast.kernels import attention as kernels
+    from kalm_fast.ops.attention import _triton
 
-    monkeypatch.setattr(kernels, "MAX_GRID_Z", 2)
+    monkeypatch.setattr(_triton, "MAX_GRID_Z", 2)
     cu = _cu([5, 0, 17, 3, 9])
     q, k, v = _inputs((34, 2, 32), 1, torch.float32)
     kw = dict(cu_seqlens=cu, causal=True)
@@ -196,7 +186,22 @@ def test_unpad_pad_roundtrip_and_grad():
 
 
 def test_auto_picks_torch_on_cpu():
-    assert _registry.select(OP, "auto", torch.device("cpu"), torch.float32).name == "torch"
+    assert _registry.select(OP, "auto", torch.device("cpu"), torch.float32)[0] == "torch"
+
+
+@pytest.mark.parametrize("backend", ["reference", *BACKENDS])
+def test_varlen_is_trusted_and_max_seqlen_checked(backend):
+    """A ``Varlen`` stands for a checked cu_seqlens; a raw tensor and a Varlen give the same result."""
+    lengths = [3, 0, 20]
+    q, k, v = _inputs((23, 4, 32), 2, torch.float32)
+    varlen = Varlen.from_lengths(lengths, DEVICE)
+    a = flash_attention(q, k, v, cu_seqlens=varlen, backend=backend)
+    b = flash_attention(q, k, v, cu_seqlens=_cu(lengths), max_seqlen=20, backend=backend)
+    torch.testing.assert_close(a, b, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="max_seqlen must be an int >= the longest sequence in cu_seqlens \\(20\\)"):
+        flash_attention(q, k, v, cu_seqlens=varlen, max_seqlen=19, backend=backend)
+    with pytest.raises(ValueError, match="describes 23 packed tokens, the input has 22"):
+        flash_attention(q[:22], k[:22], v[:22], cu_seqlens=varlen, backend=backend)
 
 
 def _bad_calls():
@@ -240,19 +245,81 @@ def test_bad_input_raises(i):
         flash_attention(q, k, v, **kwargs)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.gpu
+@pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA device")
 def test_cuda_tensors_on_different_devices():
     q = torch.randn(1, 4, 2, 32, device="cuda")
     with pytest.raises(ValueError, match="device"):
         flash_attention(q, q.cpu(), q.cpu())
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 Triton needs a GPU (the interpreter's bf16 dot is off)")
+# ---------------------------------------------------------------------------------------------- GPU-only cases
+
+
+@pytest.mark.parametrize("backend", backend_params(OP, ("triton",), torch.bfloat16, gpu_only=True))
 @pytest.mark.parametrize("d", [64, 128, 256])
 @pytest.mark.parametrize("causal", [False, True])
-def test_triton_bf16_gpu(d, causal):
+def test_triton_bf16_gpu(backend, d, causal):
     lengths = [0, 1, 17, 300, 129, 1024]
     cu = _cu(lengths)
     q, k, v = _inputs((int(cu[-1]), 14, d), 2, torch.bfloat16)
     kw = dict(cu_seqlens=cu, causal=causal)
-    _assert_close(_run("triton", q, k, v, **kw), _run("reference", q, k, v, **kw), "triton", torch.bfloat16)
+    _assert_close(_run(backend, q, k, v, **kw), _run("reference", q, k, v, **kw), backend, torch.bfloat16)
+
+
+@pytest.mark.parametrize("backend", backend_params(OP, ("triton",), torch.float32, gpu_only=True))
+@pytest.mark.parametrize("d", [64, 128])
+def test_triton_fp32_gpu_long_sequences(backend, d):
+    """fp32 runs its own (smaller) tiles on a GPU: sequences over several tiles, GQA 14:2."""
+    cu = _cu([1, 300, 0, 1024])
+    q, k, v = _inputs((int(cu[-1]), 14, d), 2, torch.float32)
+    kw = dict(cu_seqlens=cu, causal=False)
+    _assert_close(_run(backend, q, k, v, **kw), _run("reference", q, k, v, **kw), backend, torch.float32)
+
+
+def _forward(backend, q, k, v, **kw):
+    with torch.no_grad():
+        return flash_attention(q, k, v, return_lse=True, backend=backend, **kw)
+
+
+@pytest.mark.parametrize("backend", backend_params(OP, ("cuda",), torch.float16))
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("hq,hkv,d", [(14, 2, 64), (4, 4, 128), (2, 1, 128)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_cuda_forward_packed(backend, dtype, hq, hkv, d, causal):
+    lengths = [1, 17, 0, 129, 64, 200]
+    q, k, v = _inputs((sum(lengths), hq, d), hkv, dtype)
+    kw = dict(cu_seqlens=_cu(lengths), causal=causal)
+    (out, lse), (ref, ref_lse) = _forward(backend, q, k, v, **kw), _forward("reference", q, k, v, **kw)
+    atol, rtol = tolerance(OP, backend, dtype)
+    torch.testing.assert_close(out.float(), ref.float(), atol=atol, rtol=rtol)
+    torch.testing.assert_close(lse.masked_fill(lse.isinf(), 0), ref_lse.masked_fill(ref_lse.isinf(), 0),
+                               atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize("backend", backend_params(OP, ("cuda",), torch.float16))
+@pytest.mark.parametrize("masked", [False, True])
+def test_cuda_forward_padded(backend, masked):
+    q, k, v = _inputs((3, 40, 4, 64), 2, torch.float16)
+    mask = _mask([40, 7, 1], 40) if masked else None
+    out, ref = _forward(backend, q, k, v, key_padding_mask=mask), _forward("reference", q, k, v, key_padding_mask=mask)
+    atol, rtol = tolerance(OP, backend, torch.float16)
+    torch.testing.assert_close(out[0].float(), ref[0].float(), atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("backend", backend_params(OP, ("cuda",), torch.bfloat16))
+def test_cuda_forward_strided_heads(backend):
+    """q, k, v as views of one fused qkv projection (strided tokens)."""
+    qkv = torch.randn(50, 8, 64, device=DEVICE, dtype=torch.bfloat16)
+    q, k, v = qkv[:, :4], qkv[:, 4:6], qkv[:, 6:]
+    out, ref = _forward(backend, q, k, v, cu_seqlens=_cu([20, 30])), _forward("reference", q, k, v,
+                                                                              cu_seqlens=_cu([20, 30]))
+    atol, rtol = tolerance(OP, backend, torch.bfloat16)
+    torch.testing.assert_close(out[0].float(), ref[0].float(), atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("backend", backend_params(OP, ("cuda",), torch.float16))
+def test_cuda_is_forward_only(backend):
+    q = torch.randn(4, 2, 64, device=DEVICE, dtype=torch.float16, requires_grad=True)
+    with pytest.raises(RuntimeError, match="forward-only"):
+        flash_attention(q, q, q, cu_seqlens=_cu([4]), backend=backend)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from kalm_fast import corpus
+from kalm_fast.cli import encode as corpus
 from kalm_fast.cli import main
 
 N_TEXTS = 53

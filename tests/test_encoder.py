@@ -1,13 +1,12 @@
 """Encoder: parity with SentenceTransformer on the embedded MiniLM, call shape, prompts, batching."""
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 
-from kalm_fast.encode import Encoder, kalm_query_prompt, token_budget_batches
-
-DATA = Path(__file__).resolve().parent.parent / "data"
+from kalm_fast.cli.demo import DATA_DIR as DATA
+from kalm_fast.encode import Encoder
+from kalm_fast.models.packing import token_budget_batches
+from kalm_fast.prompts import kalm_query_prompt
 
 
 def varied_texts():

@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kalm_fast.reference import focal_infonce as ref
+from kalm_fast.ops.focal_infonce import reference as ref
 from kalm_fast.train.losses import FocalInfoNCELoss
 
 

@@ -1,21 +1,17 @@
+"""mean_pool: every backend against the oracle, forward and backward, padded and packed; the oracle by hand."""
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import DEVICE, backend_params, cu_seqlens, tolerance
 
 from kalm_fast import _registry
-from kalm_fast.ops import mean_pool
-from kalm_fast.reference.mean_pool import mean_pool as reference_mean_pool
+from kalm_fast.ops import Varlen, mean_pool
+from kalm_fast.ops.mean_pool.reference import mean_pool as reference_mean_pool
 
-from conftest import INTERPRET, skip_unless_triton_runs, triton_device
-
-BACKENDS = ["torch", "triton"]
-
-
-def _device(backend):
-    if backend == "triton":
-        skip_unless_triton_runs()
-        return triton_device()
-    return "cpu"
+OP = "mean_pool"
+BACKENDS = backend_params(OP)
 
 
 def _padded_case(dtype, device, B=4, L=13, H=40, seed=0):
@@ -29,12 +25,11 @@ def _padded_case(dtype, device, B=4, L=13, H=40, seed=0):
 def _packed_case(dtype, device, lengths=(0, 1, 17, 5, 0, 33), H=40, seed=1):
     g = torch.Generator().manual_seed(seed)
     hidden = torch.randn(sum(lengths), H, generator=g).to(device=device, dtype=dtype)
-    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=device)
-    return hidden, cu
+    return hidden, cu_seqlens(lengths, device)
 
 
 def _check_against_reference(backend, hidden, kwargs, dtype):
-    atol, rtol = _registry.backends("mean_pool")[backend].tolerances[dtype]
+    atol, rtol = tolerance(OP, backend, dtype)
     x = hidden.detach().clone().requires_grad_(True)
     x_ref = hidden.detach().clone().requires_grad_(True)
     out = mean_pool(x, **kwargs, backend=backend)
@@ -52,7 +47,7 @@ def _check_against_reference(backend, hidden, kwargs, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("dim,normalize", [(None, False), (None, True), (24, False), (7, True)])
 def test_padded_matches_reference(backend, dtype, dim, normalize):
-    hidden, mask = _padded_case(dtype, _device(backend))
+    hidden, mask = _padded_case(dtype, DEVICE)
     _check_against_reference(backend, hidden, dict(attention_mask=mask, dim=dim, normalize=normalize), dtype)
 
 
@@ -60,14 +55,13 @@ def test_padded_matches_reference(backend, dtype, dim, normalize):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("dim,normalize", [(None, False), (None, True), (33, True)])
 def test_packed_matches_reference(backend, dtype, dim, normalize):
-    hidden, cu = _packed_case(dtype, _device(backend))
+    hidden, cu = _packed_case(dtype, DEVICE)
     _check_against_reference(backend, hidden, dict(cu_seqlens=cu, dim=dim, normalize=normalize), dtype)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_float_mask_and_no_mask(backend):
-    device = _device(backend)
-    hidden, mask = _padded_case(torch.float32, device)
+    hidden, mask = _padded_case(torch.float32, DEVICE)
     _check_against_reference(backend, hidden, dict(attention_mask=mask.float()), torch.float32)
     _check_against_reference(backend, hidden, dict(normalize=True), torch.float32)
 
@@ -75,13 +69,13 @@ def test_float_mask_and_no_mask(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_long_sequence_crosses_blocks(backend):
     """Lengths past one token block and a hidden size that is not a power of two."""
-    hidden, cu = _packed_case(torch.float32, _device(backend), lengths=(129, 3, 70), H=96)
+    hidden, cu = _packed_case(torch.float32, DEVICE, lengths=(129, 3, 70), H=96)
     _check_against_reference(backend, hidden, dict(cu_seqlens=cu, normalize=True), torch.float32)
 
 
 @pytest.mark.parametrize("backend", ["reference", *BACKENDS])
 def test_empty_sequences_are_zero_and_tiny_vectors_normalize_like_F_normalize(backend):
-    device = _device(backend)
+    device = DEVICE
     hidden = torch.zeros(3, 4, 8, device=device)
     hidden[1, 0] = 1e-14
     mask = torch.tensor([[0, 0, 0, 0], [1, 0, 0, 0], [1, 1, 0, 0]], device=device)
@@ -112,11 +106,12 @@ def test_packed_equals_padded():
 
 
 def test_auto_picks_torch_on_cpu():
-    assert _registry.select("mean_pool", "auto", torch.device("cpu"), torch.float32).name == "torch"
+    assert _registry.select(OP, "auto", torch.device("cpu"), torch.float32)[0] == "torch"
 
 
 def test_triton_on_cpu_without_interpreter_says_why(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    table = _registry._OPS[OP].backends
+    monkeypatch.setitem(table, "triton", dataclasses.replace(table["triton"], devices=("cuda",)))
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         mean_pool(torch.randn(2, 3, 4), backend="triton")
 
@@ -144,10 +139,10 @@ def test_bad_input_is_a_clear_error(call, error, match):
         call()
 
 
-@pytest.mark.skipif(not INTERPRET, reason="needs TRITON_INTERPRET=1")
-def test_triton_rejects_non_contiguous_last_dim():
+@pytest.mark.parametrize("backend", backend_params(OP, ("triton", "cuda")))
+def test_kernels_reject_non_contiguous_last_dim(backend):
     with pytest.raises(ValueError, match="contiguous last dimension"):
-        mean_pool(torch.randn(2, 4, 3).transpose(1, 2), backend="triton")
+        mean_pool(torch.randn(2, 4, 3, device=DEVICE).transpose(1, 2), backend=backend)
 
 
 def test_cu_seqlens_checked_again_after_in_place_change():
@@ -157,6 +152,14 @@ def test_cu_seqlens_checked_again_after_in_place_change():
     cu[1] = 7  # bumps the version counter: the cached validation must not be trusted
     with pytest.raises(ValueError, match="non-decreasing"):
         mean_pool(hidden, cu_seqlens=cu)
+
+
+def test_a_varlen_is_trusted_but_its_token_count_is_checked():
+    hidden = torch.randn(5, 4)
+    varlen = Varlen.from_lengths([2, 3])
+    torch.testing.assert_close(mean_pool(hidden, cu_seqlens=varlen), mean_pool(hidden, cu_seqlens=varlen.cu_seqlens))
+    with pytest.raises(ValueError, match="describes 5 packed tokens, the input has 6"):
+        mean_pool(torch.randn(6, 4), cu_seqlens=varlen)
 
 
 def test_cuda_backend_on_cpu_tensors_says_why():
@@ -173,13 +176,39 @@ def test_packed_input_made_under_inference_mode():
 
 @pytest.mark.parametrize("backend", ["reference", *BACKENDS])
 def test_any_nonzero_mask_value_counts_as_one(backend):
-    device = _device(backend)
-    hidden = torch.randn(1, 3, 4, device=device)
-    weighted = mean_pool(hidden, torch.tensor([[2.0, 1.0, 0.0]], device=device), backend=backend)
+    hidden = torch.randn(1, 3, 4, device=DEVICE)
+    weighted = mean_pool(hidden, torch.tensor([[2.0, 1.0, 0.0]], device=DEVICE), backend=backend)
     torch.testing.assert_close(weighted, hidden[:, :2].mean(1))
 
 
-def test_auto_never_prefers_the_unverified_cuda_backends():
+def test_auto_order_prefers_triton_on_gpus_and_never_the_unverified_cuda_backends():
     for op in ("mean_pool", "flash_attention", "focal_infonce"):
-        table = _registry.backends(op)
-        assert table["cuda"].rank > table["torch"].rank > table["triton"].rank
+        assert _registry._OPS[op].auto == {"cuda": ("triton", "torch"), "cpu": ("torch",)}
+
+
+# ---------------------------------------------------------------------------------------------- GPU-only cases
+
+
+@pytest.mark.parametrize("backend", backend_params(OP, ("triton", "cuda"), torch.bfloat16, gpu_only=True))
+@pytest.mark.parametrize("H,dim,normalize", [(24, None, False), (7, 5, True), (896, 512, True), (136, 136, False)])
+@pytest.mark.parametrize("layout", ["padded_bool", "padded_int", "padded_none", "packed"])
+def test_bf16_and_wide_rows_on_gpu(backend, H, dim, normalize, layout):
+    """bf16 (the interpreter's bf16 is not trusted), the KaLM width 896, odd widths; the kernels' layouts."""
+    torch.manual_seed(0)
+    if layout == "packed":
+        hidden, cu = _packed_case(torch.bfloat16, DEVICE, lengths=(3, 0, 17, 1, 129), H=H)
+        kwargs = dict(cu_seqlens=cu)
+    else:
+        hidden = torch.randn(4, 33, H, device=DEVICE, dtype=torch.bfloat16)
+        mask = torch.rand(4, 33, device=DEVICE) > 0.3
+        mask[1] = False  # an empty sequence
+        kwargs = dict(attention_mask={"padded_bool": mask, "padded_int": mask.long(), "padded_none": None}[layout])
+    _check_against_reference(backend, hidden, dict(kwargs, dim=dim, normalize=normalize), torch.bfloat16)
+
+
+@pytest.mark.parametrize("backend", backend_params(OP, ("triton", "cuda"), torch.float16, gpu_only=True))
+def test_unaligned_view_on_gpu(backend):
+    """A 6-byte offset and a row stride of 70 elements: the CUDA kernel falls back to scalar loads."""
+    base = torch.randn(2, 9, 70, device=DEVICE, dtype=torch.float16)
+    hidden = base[:, :, 3:67]
+    _check_against_reference(backend, hidden, dict(dim=64, normalize=True), torch.float16)

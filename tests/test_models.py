@@ -5,6 +5,7 @@ import shutil
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import DEVICE, INTERPRET
 
 from kalm_fast.models import EmbeddingModel
 
@@ -31,12 +32,9 @@ def _tiny_config(kind):
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    from transformers import AutoTokenizer
-
-    from kalm_fast.models.loading import default_model_dir
-
-    return AutoTokenizer.from_pretrained(str(default_model_dir()))
+def tokenizer(bpe_tokenizer):
+    """A byte-level BPE (the fixture of conftest): decoder tokenizers add no special tokens, "" has no token."""
+    return bpe_tokenizer
 
 
 def _save_tiny(kind, directory, tokenizer, seed=0):
@@ -120,9 +118,10 @@ def test_xlm_roberta_positions_match_transformers(tmp_path, tokenizer):
     directory = _save_tiny("xlm-roberta", tmp_path, tokenizer)
     model = EmbeddingModel.from_pretrained(directory, device="cpu")
     ref = AutoModel.from_pretrained(str(directory), attn_implementation="eager").eval()
+    texts = [t for t in TEXTS if t]  # the padded oracle has no mean of an empty row
     with torch.no_grad():
-        got = model(model.tokenize(TEXTS))
-        batch = _padded(model, TEXTS)
+        got = model(model.tokenize(texts))
+        batch = _padded(model, texts)
         h = ref(**batch).last_hidden_state
         m = batch["attention_mask"][..., None].float()
         want = (h * m).sum(1) / m.sum(1)
@@ -197,12 +196,13 @@ def test_gradient_checkpointing_keeps_gradients(decoder_dir):
 
 
 def _pooled_by_transformers_modules(model, batch):
-    """Mean-pooled last hidden states of the transformers modules themselves on a packed batch (the oracle)."""
+    """Mean-pooled last hidden states of the transformers modules themselves on a packed batch (the oracle), with
+    flash-attention's varlen keyword arguments (raw tensors, checked in every layer)."""
     from kalm_fast.ops import mean_pool
 
-    cu, m = batch["cu_seqlens"], batch["max_seqlen"]
+    cu, m = batch.cu_seqlens, batch.max_seqlen
     with torch.no_grad():
-        hidden = model.model(input_ids=batch["input_ids"][None], position_ids=batch["position_ids"][None],
+        hidden = model.model(input_ids=batch.input_ids[None], position_ids=batch.position_ids[None],
                              cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=m, max_length_k=m).last_hidden_state[0]
     return mean_pool(hidden, cu_seqlens=cu)
 
@@ -252,19 +252,91 @@ def test_equal_length_runs():
     assert equal_length_runs([0, 0]) == []
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not (INTERPRET or DEVICE == "cuda"), reason="Triton on CPU needs TRITON_INTERPRET=1")
 def test_triton_attention_backend_matches_torch(tmp_path, tokenizer):
     """The registered attention function drives the Triton kernels too (CPU interpreter here, the GPU there)."""
-    import os
-
-    interpreting = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-    device = "cuda" if torch.cuda.is_available() and not interpreting else "cpu"
-    if device == "cpu" and not interpreting:
-        pytest.skip("Triton on CPU needs TRITON_INTERPRET=1")
     directory = _save_tiny("qwen3", tmp_path, tokenizer)  # head_dim 32, GQA 4:1
     texts = TEXTS[:3]
-    want = EmbeddingModel.from_pretrained(directory, device=device, attn_backend="torch")
-    got = EmbeddingModel.from_pretrained(directory, device=device, attn_backend="triton")
+    want = EmbeddingModel.from_pretrained(directory, device=DEVICE, attn_backend="torch")
+    got = EmbeddingModel.from_pretrained(directory, device=DEVICE, attn_backend="triton")
     a, b = want(want.tokenize(texts)), got(got.tokenize(texts))
     torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
     b.square().sum().backward()
     assert torch.isfinite(got.model.layers[0].self_attn.k_proj.weight.grad).all()
+
+
+def _tiny_bert(directory, tokenizer):
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=8192, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=128)).save_pretrained(str(directory))
+    tokenizer.save_pretrained(str(directory))
+    return directory
+
+
+def test_bert_fast_path_honours_the_attention_backend(tmp_path, tokenizer, monkeypatch):
+    """attn_backend="reference" runs the BERT fast path's attention through the op with that backend."""
+    from kalm_fast.models import bert_packed
+
+    directory = _tiny_bert(tmp_path, tokenizer)
+    default = EmbeddingModel.from_pretrained(directory, device="cpu")
+    chosen = EmbeddingModel.from_pretrained(directory, device="cpu", attn_backend="reference")
+    assert chosen._packed_bert is not None
+    calls = []
+    real = bert_packed.ops.flash_attention
+    monkeypatch.setattr(bert_packed.ops, "flash_attention", lambda *a, **kw: calls.append(kw["backend"]) or real(*a, **kw))
+    with torch.no_grad():
+        want, got = default(default.tokenize(TEXTS)), chosen(chosen.tokenize(TEXTS))
+    assert calls == ["reference", "reference"]  # one call per layer, none from the default model's per-run path
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_a_packed_batch_is_validated_once_not_per_layer(decoder_dir, monkeypatch):
+    """From texts to the attention kernels, the batch boundaries are checked when the batch is built: no layer
+    re-validates cu_seqlens (each raw validation is a device-to-host copy, a synchronization on a GPU)."""
+    from kalm_fast.ops import Varlen
+
+    built, validated = [], []
+    from_lengths, from_cu_seqlens = Varlen.from_lengths.__func__, Varlen.from_cu_seqlens.__func__
+    monkeypatch.setattr(Varlen, "from_lengths", classmethod(lambda cls, *a, **kw: built.append(1) or
+                                                            from_lengths(cls, *a, **kw)))
+    monkeypatch.setattr(Varlen, "from_cu_seqlens", classmethod(lambda cls, *a, **kw: validated.append(1) or
+                                                               from_cu_seqlens(cls, *a, **kw)))
+    model = EmbeddingModel.from_pretrained(decoder_dir, device="cpu")
+    out = model.embed(TEXTS * 3, max_tokens=64)
+    assert out.shape == (18, model.hidden_size) and validated == [] and len(built) >= 2
+    model.train()
+    model(model.tokenize(TEXTS)).sum().backward()  # training too
+    assert validated == []
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA device")
+@pytest.mark.parametrize("attn_backend", ["auto", "torch"])
+def test_packed_forward_has_no_host_synchronization_on_gpu(decoder_dir, attn_backend):
+    """No device-to-host synchronization inside the model's forward (CUDA's sync debug mode raises on one)."""
+    model = EmbeddingModel.from_pretrained(decoder_dir, device="cuda", dtype="bfloat16", attn_backend=attn_backend)
+    batch = model.tokenize(TEXTS)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with torch.no_grad():
+            out = model(batch)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(out.float()).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_encoder_on_gpu_matches_cpu(decoder_dir, dtype):
+    """``Encoder`` on the GPU (Triton attention and pooling) against the same model on the CPU in fp32."""
+    from kalm_fast import Encoder
+
+    texts = [t for t in TEXTS if t] * 5
+    want = Encoder(decoder_dir, device="cpu").encode(texts, convert_to_tensor=True)
+    got = Encoder(decoder_dir, device="cuda", dtype=dtype).encode(texts, convert_to_tensor=True).cpu()
+    assert F.cosine_similarity(got, want).min() > (0.9999 if dtype == "float32" else 0.99)

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kalm_fast.reference.attention import flash_attention_reference
+from kalm_fast.ops.attention.reference import flash_attention as flash_attention_reference
 
 
 def test_hand_computed_two_tokens():

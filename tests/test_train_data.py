@@ -3,8 +3,9 @@ import json
 
 import pytest
 
+from kalm_fast.prompts import format_query
 from kalm_fast.train.config import config_from_dict, load_config
-from kalm_fast.train.data import TrainData, format_query, load_eval_set, write_jsonl
+from kalm_fast.train.data import TrainData, load_eval_set, write_jsonl
 from kalm_fast.train.sampler import TaskBatchSampler, build_example
 
 

@@ -7,11 +7,11 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file
+from train_utils import make_records, make_tiny_model, max_abs_diff
 
 from kalm_fast.train.config import config_from_dict
 from kalm_fast.train.data import write_jsonl
 from kalm_fast.train.trainer import Trainer
-from train_utils import make_records, make_tiny_model, max_abs_diff
 
 
 def _stage(data, **kw):
@@ -34,7 +34,7 @@ def test_two_processes_equal_one_with_the_global_batch(tmp_path, parallel):
                                           parallel=parallel, stages=[_stage(data, gradcache_chunk=4, save_every=2)])))
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(sys.path))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "kalm_fast.train.trainer", str(config)]
+           "-m", "kalm_fast.cli", "train", str(config)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-8000:]
     a = load_file(str(one / "model.safetensors"))

@@ -4,11 +4,11 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
+from train_utils import make_records, make_tiny_model, max_abs_diff
 
 from kalm_fast.train.config import config_from_dict
 from kalm_fast.train.data import write_jsonl
 from kalm_fast.train.trainer import Trainer, lr_lambda
-from train_utils import make_records, make_tiny_model, max_abs_diff
 
 
 class Interrupted(Exception):

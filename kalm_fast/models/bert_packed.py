@@ -3,7 +3,8 @@
 The transformers module's own weights and embedding/LayerNorm modules are reused; what changes is the
 execution: every linear layer runs on the packed ``[T, H]`` tokens (no padding FLOPs), Q/K/V are one fused GEMM,
 and attention runs per run of equal-length sequences on CPU (zero-copy views of the packed Q/K/V, no masks) or
-through ``ops.flash_attention`` (varlen) on GPU. On CPU the linear layers go through oneDNN with weights packed
+through ``ops.flash_attention`` (varlen) with the model's attention backend on GPU, or on CPU when a backend other
+than "auto" / "torch" was asked for. On CPU the linear layers go through oneDNN with weights packed
 once into its blocked layout and the GELU fused into the up-projection (measured ~15% faster than ``addmm``
 plus a separate GELU, see ``benchmarks/encode.py``); ``addmm`` is the fallback where oneDNN is missing.
 Used without autograd only; training goes through the transformers modules and the registered attention function.
@@ -65,7 +66,7 @@ def equal_length_runs(lengths: list) -> list:
 
 
 class PackedBert:
-    """Callable ``(input_ids [T], position_ids [T], cu_seqlens [N+1], max_seqlen) -> hidden [T, H]``."""
+    """Callable ``(PackedBatch) -> hidden [T, H]``."""
 
     def __init__(self, model, onednn: bool = True):
         self.model = model
@@ -119,21 +120,22 @@ class PackedBert:
             ctx[rows].view(count, length, heads, head_dim).copy_(o.transpose(1, 2))
         return ctx
 
-    def __call__(self, input_ids, position_ids, cu_seqlens, max_seqlen):
+    def __call__(self, batch):
         model = self.model
         heads = model.config.num_attention_heads
         head_dim = model.config.hidden_size // heads
-        cpu = input_ids.device.type == "cpu"
-        runs = equal_length_runs((cu_seqlens[1:] - cu_seqlens[:-1]).tolist()) if cpu else None
-        x = model.embeddings(input_ids=input_ids[None], position_ids=position_ids[None])[0]
+        backend = getattr(model.config, "kalm_attn_backend", "auto")
+        per_run = batch.input_ids.device.type == "cpu" and backend in ("auto", "torch")
+        runs = equal_length_runs(batch.varlen.lengths) if per_run else None
+        x = model.embeddings(input_ids=batch.input_ids[None], position_ids=batch.position_ids[None])[0]
         for layer in model.encoder.layer:
             packed, ((w_qkv, b_qkv), (w_o, b_o), (w_up, b_up), (w_down, b_down)) = self._layer_weights(layer, x)
             qkv = self._linear(x, w_qkv, b_qkv, packed)
-            if cpu:
+            if per_run:
                 ctx = self._cpu_attention(qkv, runs, heads, head_dim)
             else:
                 q, k, v = qkv.view(-1, 3, heads, head_dim).unbind(1)
-                ctx = ops.flash_attention(q, k, v, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen).flatten(1)
+                ctx = ops.flash_attention(q, k, v, cu_seqlens=batch.varlen, backend=backend).flatten(1)
             x = layer.attention.output.LayerNorm(self._linear(ctx, w_o, b_o, packed).add_(x))
             h = self._linear(x, w_up, b_up, packed, gelu=True)
             x = layer.output.LayerNorm(self._linear(h, w_down, b_down, packed).add_(x))

@@ -1,7 +1,6 @@
 """``EmbeddingModel``: a Hugging Face encoder or decoder LLM run bidirectionally on packed tokens, mean-pooled."""
 from __future__ import annotations
 
-import itertools
 import json
 import warnings
 from pathlib import Path
@@ -9,11 +8,13 @@ from typing import Optional, Sequence
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from ..ops import mean_pool
 from . import bert_packed
-from .attention import make_bidirectional
-from .loading import (load_tokenizer, load_transformer, read_sentence_transformer_info, resolve_model_dir)
+from .bidirectional import make_bidirectional
+from .loading import load_tokenizer, load_transformer, read_sentence_transformer_info, resolve_model_dir
+from .packing import DEFAULT_TOKENS, PackedBatch, pack, pack_padded, token_budget_batches
 
 # Families whose absolute position ids start after the padding index (RoBERTa convention).
 _ROBERTA_LIKE = ("roberta", "xlm-roberta", "camembert", "xlm-roberta-xl")
@@ -47,12 +48,14 @@ def resolve_device(device) -> torch.device:
 
 
 class EmbeddingModel(nn.Module):
-    """Text -> ``[N, H]`` mean-pooled (not normalized) embeddings, differentiable.
+    """Text -> ``[N, H]`` mean-pooled embeddings, differentiable: the module that is trained and that encodes.
 
-    ``tokenize(texts)`` returns a packed batch: ``input_ids [T]``, ``position_ids [T]``, ``cu_seqlens [N+1]``
-    (int32) and ``max_seqlen``; ``forward(batch)`` runs the transformer on it with bidirectional attention
-    (``ops.flash_attention``, varlen) and pools with ``ops.mean_pool``. A padded batch (``input_ids [B, L]``
-    + ``attention_mask [B, L]``) is accepted too.
+    ``tokenize(texts)`` returns a ``PackedBatch`` (``models.packing``); ``forward(batch)`` runs the transformer on it
+    with bidirectional attention (``ops.flash_attention``, varlen) and pools with ``ops.mean_pool``. A padded batch
+    (a dict of ``input_ids [B, L]`` and ``attention_mask [B, L]``) is packed first. ``embed(texts)`` is the batching
+    loop of inference (token budget, longest first, order restored) that ``Encoder``, evaluation and hard-negative
+    mining share. In eval mode without autograd, BERT-family models on CPU take the packed fast path
+    (``bert_packed``).
     """
 
     def __init__(self, model: nn.Module, tokenizer, *, max_length: int = 512, prompts: Optional[dict] = None,
@@ -69,8 +72,7 @@ class EmbeddingModel(nn.Module):
         self.attn_backend = attn_backend
         self.position_offset = _position_offset(model.config)
         make_bidirectional(model, attn_backend, self.max_length)
-        fast = attn_backend in ("auto", "torch") and bert_packed.supports(model)
-        self._packed_bert = bert_packed.PackedBert(model) if fast else None
+        self._packed_bert = bert_packed.PackedBert(model) if bert_packed.supports(model) else None
 
     @classmethod
     def from_pretrained(cls, path=None, *, device=None, dtype=None, attn_backend: str = "auto", max_length: int = 512,
@@ -110,48 +112,54 @@ class EmbeddingModel(nn.Module):
         return self.tokenizer(list(texts), add_special_tokens=True, truncation=True, max_length=self.max_length,
                               return_attention_mask=False, return_token_type_ids=False)["input_ids"]
 
-    def pack(self, ids: Sequence[Sequence[int]]) -> dict:
-        """A packed batch from token id lists (see the class docstring)."""
-        lengths = torch.tensor([len(x) for x in ids], dtype=torch.int64)
-        cu = torch.zeros(len(ids) + 1, dtype=torch.int32)
-        torch.cumsum(lengths, 0, out=cu[1:])
-        total = int(cu[-1])
-        input_ids = torch.tensor(list(itertools.chain.from_iterable(ids)), dtype=torch.long)
-        starts = torch.repeat_interleave(cu[:-1].long(), lengths, output_size=total)
-        position_ids = torch.arange(total) - starts + self.position_offset
-        device = self.device
-        return dict(input_ids=input_ids.to(device), position_ids=position_ids.to(device), cu_seqlens=cu.to(device),
-                    max_seqlen=int(lengths.max()) if len(ids) else 0)
+    def pack(self, ids: Sequence[Sequence[int]]) -> PackedBatch:
+        """A ``PackedBatch`` on the model's device from token id lists."""
+        return pack(ids, device=self.device, position_offset=self.position_offset)
 
-    def tokenize(self, texts: Sequence[str]) -> dict:
-        """Packed batch for ``forward``: ``input_ids [T]``, ``position_ids [T]``, ``cu_seqlens [N+1]``, ``max_seqlen``."""
+    def tokenize(self, texts: Sequence[str]) -> PackedBatch:
+        """The ``PackedBatch`` of ``texts`` (special tokens added, truncated to ``max_length``)."""
         return self.pack(self.token_ids(texts))
 
-    def token_embeddings(self, batch: dict) -> torch.Tensor:
-        """Last hidden states: ``[T, H]`` for a packed batch, ``[B, L, H]`` for a padded one."""
-        if "cu_seqlens" in batch:
-            cu, m = batch["cu_seqlens"], int(batch["max_seqlen"])
-            if self._packed_bert is not None and not self.training and not torch.is_grad_enabled():
-                return self._packed_bert(batch["input_ids"], batch["position_ids"], cu, m)
-            out = self.model(input_ids=batch["input_ids"][None], position_ids=batch["position_ids"][None],
-                             cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=m, max_length_k=m, use_cache=False)
-            return out.last_hidden_state[0]
-        kwargs = {}
-        if self.position_offset:
-            mask = batch["attention_mask"].long()
-            kwargs["position_ids"] = (mask.cumsum(1) - 1).clamp(min=0) + self.position_offset
-        out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False, **kwargs)
-        return out.last_hidden_state
+    def token_embeddings(self, batch: PackedBatch) -> torch.Tensor:
+        """Last hidden states ``[T, H]`` of a packed batch."""
+        if self._packed_bert is not None and not self.training and not torch.is_grad_enabled():
+            return self._packed_bert(batch)
+        out = self.model(input_ids=batch.input_ids[None], position_ids=batch.position_ids[None],
+                         kalm_varlen=batch.varlen, use_cache=False)
+        return out.last_hidden_state[0]
 
-    def forward(self, batch: dict) -> torch.Tensor:
-        """``[N, H]`` mean-pooled embeddings (not normalized) of a packed or padded batch.
-
-    In eval mode under ``torch.no_grad()`` BERT-family models take the packed inference fast path (``bert_packed``).
-    """
+    def forward(self, batch, *, dim: Optional[int] = None, normalize: bool = False) -> torch.Tensor:
+        """``[N, dim or H]`` mean-pooled embeddings of a ``PackedBatch`` (or a padded dict), in the model's dtype;
+        ``dim`` truncates (Matryoshka) and ``normalize`` L2-normalizes after truncation."""
+        if not isinstance(batch, PackedBatch):
+            batch = pack_padded(batch["input_ids"], batch["attention_mask"], position_offset=self.position_offset)
+        if batch.input_ids.numel() == 0:  # only empty texts (a tokenizer without special tokens): zero vectors
+            return torch.zeros(batch.num_seqs, dim or self.hidden_size, dtype=self.dtype, device=self.device)
         hidden = self.token_embeddings(batch)
-        if "cu_seqlens" in batch:
-            return mean_pool(hidden, cu_seqlens=batch["cu_seqlens"])
-        return mean_pool(hidden, batch["attention_mask"])
+        return mean_pool(hidden, cu_seqlens=batch.varlen, dim=dim, normalize=normalize)
+
+    @torch.no_grad()
+    def embed(self, texts: Sequence[str], *, max_tokens: Optional[int] = None, max_sequences: Optional[int] = None,
+              dim: Optional[int] = None, normalize: bool = False, show_progress: bool = False) -> torch.Tensor:
+        """float32 ``[len(texts), dim or H]`` embeddings on the model's device, computed in eval mode: texts sorted by
+        length, packed into batches of at most ``max_tokens`` tokens (default per device: ``DEFAULT_TOKENS``) and
+        ``max_sequences`` texts, results in the order of ``texts``."""
+        budget = max_tokens or DEFAULT_TOKENS.get(self.device.type, 16384)
+        out = torch.empty(len(texts), dim or self.hidden_size, dtype=torch.float32, device=self.device)
+        if not texts:
+            return out
+        ids = self.token_ids(texts)
+        batches = list(token_budget_batches([len(x) for x in ids], budget, max_sequences))
+        was_training = self.training
+        self.eval()
+        try:  # no host synchronization per batch: the CPU packs the next batch while the GPU runs this one
+            embs = [self(self.pack([ids[i] for i in index]), dim=dim, normalize=normalize)
+                    for index in tqdm(batches, desc="Batches", disable=not show_progress)]
+        finally:
+            self.train(was_training)
+        order = torch.tensor([i for index in batches for i in index], device=self.device)
+        out[order] = torch.cat(embs).float()
+        return out
 
     def gradient_checkpointing_enable(self):
         """Recompute each layer's activations in backward (non-reentrant checkpointing)."""
@@ -159,10 +167,6 @@ class EmbeddingModel(nn.Module):
             self.model.activation_checkpointing_enable({"use_reentrant": False})
         else:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-
-    def gradient_checkpointing_disable(self):
-        disable = getattr(self.model, "activation_checkpointing_disable", None) or self.model.gradient_checkpointing_disable
-        disable()
 
     def save_pretrained(self, directory) -> None:
         """Safetensors weights, config, tokenizer and the sentence-transformers files (reloads in both libraries)."""

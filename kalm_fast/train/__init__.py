@@ -3,8 +3,9 @@
 ``Trainer(load_config("run.yaml")).train()`` is what ``kalm-fast train run.yaml`` runs; ``model_soup`` and
 ``evaluate_model`` / ``rank_metrics`` are usable on their own.
 """
+from ..prompts import format_query
 from .config import TrainConfig, load_config
-from .data import EvalSet, TrainData, format_query, load_eval_set
+from .data import EvalSet, TrainData, load_eval_set
 from .evaluate import evaluate_model, rank_metrics
 from .gradcache import contrastive_step
 from .sampler import TaskBatchSampler

@@ -20,12 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
-
-def format_query(query: str, instruction: Optional[str]) -> str:
-    """KaLM-Embedding-V2 query format: ``Instruct: {instruction} \\n Query: {query}`` (plain text without one)."""
-    if not instruction:
-        return query
-    return f"Instruct: {instruction} \n Query: {query}"
+from ..prompts import format_query
 
 
 def _fail(path, line_no: int, msg: str):

@@ -1,4 +1,4 @@
-"""Retrieval evaluation: nDCG@k, Recall@k and MRR@k of a model on an eval set, and ``kalm-fast eval``.
+"""Retrieval evaluation: nDCG@k, Recall@k and MRR@k of a model on an eval set.
 
 nDCG uses linear gains (as trec_eval / BEIR): ``DCG@k = sum_{r<k} grade(doc_r) / log2(r + 2)``, divided by
 the DCG of the ideal ordering of the query's relevant grades. Recall@k counts relevant docs (grade > 0) in
@@ -6,14 +6,12 @@ the top k over all relevant docs. MRR@k is ``1 / rank`` of the first relevant do
 """
 from __future__ import annotations
 
-import argparse
-import json
 import math
 from typing import Callable, Optional, Sequence
 
 import torch
 
-from .data import EvalSet, load_eval_set
+from .data import EvalSet
 
 DEFAULT_KS = (1, 5, 10, 100)
 
@@ -57,27 +55,12 @@ def evaluate_embeddings(query_emb: torch.Tensor, doc_emb: torch.Tensor, eval_set
     return rank_metrics(ranked, eval_set.relevant, ks)
 
 
-@torch.no_grad()
-def embed_with_model(model, texts: Sequence[str], *, batch_size: int = 64) -> torch.Tensor:
-    """L2-normalized fp32 embeddings ``[N, H]`` of ``texts`` from an ``EmbeddingModel`` (in eval mode)."""
-    was_training = model.training
-    model.eval()
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-    out = [None] * len(texts)
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
-        emb = model(model.tokenize([texts[i] for i in idx])).float()
-        emb = torch.nn.functional.normalize(emb, dim=-1)
-        for i, e in zip(idx, emb.cpu()):
-            out[i] = e
-    model.train(was_training)
-    return torch.stack(out)
-
-
-def evaluate_model(model, eval_set: EvalSet, *, batch_size: int = 64, ks: Sequence[int] = DEFAULT_KS) -> dict:
-    """Metrics of an in-memory ``EmbeddingModel`` (what the trainer uses to pick checkpoints)."""
-    q = embed_with_model(model, eval_set.queries, batch_size=batch_size)
-    d = embed_with_model(model, eval_set.docs, batch_size=batch_size)
+def evaluate_model(model, eval_set: EvalSet, *, batch_size: Optional[int] = None,
+                   ks: Sequence[int] = DEFAULT_KS) -> dict:
+    """Metrics of an in-memory ``EmbeddingModel`` (what the trainer uses to pick checkpoints); ``batch_size`` caps
+    the texts per packed batch."""
+    q = model.embed(eval_set.queries, max_sequences=batch_size, normalize=True)
+    d = model.embed(eval_set.docs, max_sequences=batch_size, normalize=True)
     return evaluate_embeddings(q, d, eval_set, ks)
 
 
@@ -86,43 +69,3 @@ def evaluate_encoder(encode: Callable, eval_set: EvalSet, *, ks: Sequence[int] =
     q = torch.as_tensor(encode(eval_set.queries))
     d = torch.as_tensor(encode(eval_set.docs))
     return evaluate_embeddings(q, d, eval_set, ks)
-
-
-def add_arguments(parser: argparse.ArgumentParser):
-    parser.add_argument("--model", default=None, help="model directory (default: the embedded MiniLM)")
-    parser.add_argument("--queries", required=True, help="eval queries JSONL: {query, relevant, instruction?}")
-    parser.add_argument("--corpus", required=True, help="corpus JSONL: {id, text, title?}")
-    parser.add_argument("--instruction", default=None, help="task instruction for queries that carry none")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--device", default=None)
-    parser.add_argument("--k", type=int, nargs="+", default=list(DEFAULT_KS), help="cut-offs (default 1 5 10 100)")
-    parser.add_argument("--output", default=None, help="write the metrics as JSON here")
-
-
-def run(args) -> int:
-    from kalm_fast import Encoder
-
-    eval_set = load_eval_set(args.queries, args.corpus, instruction=args.instruction)
-    encoder = Encoder(args.model, device=args.device)
-
-    def encode(texts):
-        return encoder.encode(texts, batch_size=args.batch_size, normalize_embeddings=True,
-                              convert_to_tensor=True).float().cpu()
-
-    metrics = evaluate_encoder(encode, eval_set, ks=args.k)
-    text = json.dumps(metrics, indent=2)
-    print(text)
-    if args.output:
-        with open(args.output, "w") as fh:
-            fh.write(text + "\n")
-    return 0
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser("kalm-fast eval", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 from typing import Optional
 
-from .data import format_query
+from ..prompts import format_query
 
 
 class TaskBatchSampler:

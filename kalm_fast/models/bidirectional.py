@@ -1,0 +1,97 @@
+"""Bidirectional attention for Hugging Face models through transformers' own extension points.
+
+``install()`` registers an attention function and a mask function named ``"kalm_fast"`` in transformers'
+``AttentionInterface`` / ``AttentionMaskInterface``. ``make_bidirectional(model, backend)`` then switches a
+loaded model to them and sets ``config.is_causal = False``, which makes transformers build a bidirectional
+(padding-only) mask instead of a causal one for decoder LLMs (Qwen2/3, Llama, Mistral). No model code is copied.
+
+Two batch layouts reach the attention function:
+- packed input ``[1, T]`` with a ``kalm_varlen`` keyword argument (a checked ``kalm_fast.ops.Varlen``, what
+  ``EmbeddingModel`` passes) or flash-attention's ``cu_seq_lens_q`` / ``max_length_q`` (checked in every layer);
+  transformers forwards such keyword arguments from ``model(...)`` down to every attention call;
+- padded ``[B, L]`` input: the mask function hands the 2-D key padding mask (or None) to the attention.
+Both run through ``kalm_fast.ops.flash_attention``.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import ops
+
+NAME = "kalm_fast"
+
+
+def kalm_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """transformers attention function. ``query [B, Hq, L, D]``, ``key/value [B, Hkv, L, D]`` -> ``([B, L, Hq, D], None)``.
+
+    Attention-probability dropout is not applied (``flash_attention`` has none); hidden-state dropout still is.
+    """
+    backend = getattr(module.config, "kalm_attn_backend", "auto")
+    q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
+    varlen = kwargs.get("kalm_varlen")
+    if varlen is None and kwargs.get("cu_seq_lens_q") is not None:
+        varlen = kwargs["cu_seq_lens_q"]
+    if varlen is not None:
+        if q.shape[0] != 1:
+            raise ValueError(f"packed attention needs a batch of one row [1, T], got query shape {tuple(query.shape)}")
+        out = ops.flash_attention(q[0], k[0], v[0], cu_seqlens=varlen, softmax_scale=scaling, backend=backend)
+        return out.unsqueeze(0), None
+    if attention_mask is not None and attention_mask.dim() != 2:
+        raise ValueError(f"kalm_fast attention takes a [B, L] key padding mask, got shape {tuple(attention_mask.shape)}")
+    out = ops.flash_attention(q, k, v, key_padding_mask=attention_mask, softmax_scale=scaling, backend=backend)
+    return out, None
+
+
+def kalm_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None, attention_mask=None,
+              config=None, **kwargs):
+    """transformers mask function: the 2-D padding mask ``[B, L]`` (bool) or None when nothing is padded.
+
+    Which mask function transformers composed (bidirectional, wrapped for packed position ids, ...) does not
+    matter: kalm_fast's attention is bidirectional within each sequence, which ``make_bidirectional`` records as
+    ``config.is_causal = False``."""
+    if getattr(config, "is_causal", True) is not False:
+        raise ValueError("kalm_fast attention is bidirectional only; call make_bidirectional(model) first "
+                         "(it sets config.is_causal = False)")
+    if attention_mask is None:
+        return None
+    attention_mask = attention_mask[:, -kv_length:].to(torch.bool)
+    return None if bool(attention_mask.all()) else attention_mask
+
+
+_installed = False
+
+
+def install() -> None:
+    """Register ``"kalm_fast"`` in transformers' attention and mask registries (idempotent)."""
+    global _installed
+    if _installed:
+        return
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(NAME, kalm_attention_forward)
+    AttentionMaskInterface.register(NAME, kalm_mask)
+    _installed = True
+
+
+def make_bidirectional(model, backend: str = "auto", max_length: int = 512):
+    """Switch a transformers model (decoder LLM or BERT-like encoder) to kalm_fast bidirectional attention.
+
+    A sliding window at least ``max_length`` long never masks anything for inputs of at most ``max_length``
+    tokens, so it is dropped; a shorter one is refused (not supported by the bidirectional path).
+    """
+    install()
+    config = model.config
+    window = getattr(config, "sliding_window", None)
+    if window is not None and getattr(config, "use_sliding_window", True):
+        if window < max_length:
+            raise ValueError(f"sliding_window={window} is shorter than max_length={max_length}; "
+                             "kalm_fast's bidirectional attention supports full attention only")
+    if window is not None:
+        config.sliding_window = None
+    if hasattr(config, "layer_types"):
+        config.layer_types = ["full_attention"] * len(config.layer_types)
+    config.is_causal = False
+    config.kalm_attn_backend = backend
+    model.set_attn_implementation(NAME)
+    return model

@@ -1,0 +1,81 @@
+"""Texts to packed batches: ``PackedBatch``, ``pack`` and the token-budget batching of an encode.
+
+A packed batch puts the tokens of N texts one after the other, without padding: ``input_ids [T]``,
+``position_ids [T]`` (restarting at every text) and the texts' boundaries as a ``kalm_fast.ops.Varlen``, built from
+the token counts that packing already has on the host. It is checked once, here, and every layer's attention and
+the pooling trust it: no validation and no host synchronization inside the model's forward.
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Iterator, Optional, Sequence
+
+import torch
+
+from ..ops import Varlen
+
+# Tokens per packed batch when the caller gives no budget (CPU: fits the caches; GPU: fills the device).
+DEFAULT_TOKENS = {"cpu": 4096, "cuda": 32768}
+
+
+@dataclass(frozen=True, eq=False)
+class PackedBatch:
+    """``input_ids [T]`` and ``position_ids [T]`` (int64) of N texts packed back to back, and their ``varlen``."""
+
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    varlen: Varlen
+
+    @property
+    def cu_seqlens(self) -> torch.Tensor:
+        return self.varlen.cu_seqlens
+
+    @property
+    def max_seqlen(self) -> int:
+        return self.varlen.max_seqlen
+
+    @property
+    def num_seqs(self) -> int:
+        return self.varlen.num_seqs
+
+
+def pack(ids: Sequence[Sequence[int]], *, device=None, position_offset: int = 0) -> PackedBatch:
+    """A ``PackedBatch`` on ``device`` from token id lists; positions count from ``position_offset`` in every text."""
+    lengths = [len(x) for x in ids]
+    counts = torch.tensor(lengths, dtype=torch.long)
+    input_ids = torch.tensor(list(itertools.chain.from_iterable(ids)), dtype=torch.long)
+    starts = torch.repeat_interleave(counts.cumsum(0) - counts, counts, output_size=input_ids.numel())
+    position_ids = torch.arange(input_ids.numel()) - starts + position_offset
+    device = torch.device("cpu" if device is None else device)
+    if device.type == "cuda":  # pinned: the copies do not wait for the work already queued on the GPU
+        input_ids, position_ids = input_ids.pin_memory(), position_ids.pin_memory()
+    return PackedBatch(input_ids.to(device, non_blocking=True), position_ids.to(device, non_blocking=True),
+                       Varlen.from_lengths(lengths, device))
+
+
+def pack_padded(input_ids: torch.Tensor, attention_mask: torch.Tensor, *, position_offset: int = 0) -> PackedBatch:
+    """The real tokens of a padded batch (``input_ids [B, L]``, ``attention_mask [B, L]``, left or right padding) as
+    a ``PackedBatch`` (one host copy of the mask)."""
+    mask = attention_mask.bool().cpu()
+    ids = input_ids.cpu()
+    return pack([row[m].tolist() for row, m in zip(ids, mask)], device=input_ids.device,
+                position_offset=position_offset)
+
+
+def token_budget_batches(lengths: Sequence[int], max_tokens: int, max_sequences: Optional[int] = None) -> Iterator[list]:
+    """Indices grouped into batches of at most ``max_tokens`` tokens (``max_sequences`` texts), longest first.
+
+    A text longer than ``max_tokens`` gets a batch of its own.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batch, tokens = [], 0
+    for i in order:
+        n = max(int(lengths[i]), 1)
+        if batch and (tokens + n > max_tokens or (max_sequences and len(batch) >= max_sequences)):
+            yield batch
+            batch, tokens = [], 0
+        batch.append(i)
+        tokens += n
+    if batch:
+        yield batch

@@ -1,0 +1,100 @@
+"""``flash_attention``: bidirectional (or causal) attention over packed or padded sequences with GQA; ``pad``/``unpad``.
+
+Backends (one contract, ``fn(q, k, v, varlen, key_padding_mask, causal, softmax_scale, return_lse)`` with checked
+arguments: packed q/k/v with a ``Varlen``, or padded q/k/v with a bool ``key_padding_mask`` or None):
+
+- ``reference`` (``reference.py``): materializes every score matrix, the oracle;
+- ``torch`` (``_torch.py``): ``scaled_dot_product_attention`` per length bucket; the CPU path of the encoder;
+- ``triton`` (``_triton.py``): fused forward and backward kernels over the packed layout (CUDA; CPU only under
+  ``TRITON_INTERPRET=1``);
+- ``cuda`` (``_cuda.py``): csrc/attention.cu, forward only (inference), fp16/bf16, head dims 64 and 128.
+
+Padded input reaches packed-only backends through ``padding.padded_via_packed``. The log-sum-exp
+(``return_lse=True``) is returned for inspection and is not differentiable; it is ``+inf`` on rows that attend to no
+key (padded query rows).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Union
+
+import torch
+
+from ... import _registry
+from ..._checks import FLOAT_DTYPES, check_mask, check_same_device, check_tensor
+from ..._native import cuda_unavailable
+from ..varlen import Varlen, as_varlen
+from .padding import pad, unpad
+
+__all__ = ["flash_attention", "pad", "unpad"]
+
+OP = "flash_attention"
+MAX_HEAD_DIM = 256
+_registry.register(OP, [
+    _registry.Backend("reference", f"{__name__}.reference:flash_attention_reference", ("cpu", "cuda"), FLOAT_DTYPES),
+    _registry.Backend("torch", f"{__name__}._torch:flash_attention_torch", ("cpu", "cuda"), FLOAT_DTYPES),
+    _registry.Backend("triton", f"{__name__}._triton:flash_attention_triton", _registry.TRITON_DEVICES, FLOAT_DTYPES,
+                      available=_registry.triton_unavailable, hint=_registry.TRITON_HINT),
+    # forward only and not verified on hardware yet: `auto` does not pick it
+    _registry.Backend("cuda", f"{__name__}._cuda:flash_attention_cuda", ("cuda",), (torch.float16, torch.bfloat16),
+                      available=cuda_unavailable),
+], auto={"cuda": ("triton", "torch"), "cpu": ("torch",)})
+
+
+def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
+                    cu_seqlens: Union[torch.Tensor, Varlen, None] = None, max_seqlen: Optional[int] = None,
+                    key_padding_mask: Optional[torch.Tensor] = None, causal: bool = False,
+                    softmax_scale: Optional[float] = None, return_lse: bool = False, backend: str = "auto"):
+    """``softmax(scale * Q K^T + mask) V`` per sequence and head, fp32 accumulation, result in ``q.dtype``.
+
+    packed: ``q [T, Hq, D]``, ``k, v [T, Hkv, D]``, ``cu_seqlens`` int32 ``[N+1]`` (checked on every call: one
+    device-to-host copy) or a ``Varlen`` (checked when it was built: no synchronization); ``max_seqlen``, when
+    given, must be at least the longest sequence -> ``[T, Hq, D]`` (lse ``[Hq, T]``).
+    padded: ``q [B, L, Hq, D]``, ``k, v [B, L, Hkv, D]``, ``key_padding_mask [B, L]`` or None -> ``[B, L, Hq, D]``
+    (lse ``[B, Hq, L]``); padded query rows give 0.
+    Query head ``h`` reads key/value head ``h // (Hq // Hkv)``. Bidirectional unless ``causal``.
+    Differentiable w.r.t. q, k, v.
+    """
+    check_tensor("q", q, ndim=(3, 4), dtypes=FLOAT_DTYPES)
+    layout = "packed [T, H, D]" if q.dim() == 3 else "padded [B, L, H, D]"
+    for name, t in (("k", k), ("v", v)):
+        check_tensor(name, t, ndim=q.dim(), dtypes=FLOAT_DTYPES)
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name} must have the dtype of q ({q.dtype}), got {t.dtype}")
+    if k.shape != v.shape:
+        raise ValueError(f"v must have the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
+    if k.shape[:-2] != q.shape[:-2] or k.shape[-1] != q.shape[-1]:
+        raise ValueError(f"k must be {layout} with the token dims and head dim of q {tuple(q.shape)}, "
+                         f"got {tuple(k.shape)}")
+    hq, hkv, d = q.shape[-2], k.shape[-2], q.shape[-1]
+    if hq == 0 or hkv == 0 or hq % hkv:
+        raise ValueError(f"the query heads Hq={hq} must be a positive multiple of the key/value heads Hkv={hkv}")
+    if not (8 <= d <= MAX_HEAD_DIM and d % 8 == 0):
+        raise ValueError(f"head dim D must be a multiple of 8 in [8, {MAX_HEAD_DIM}], got D={d}")
+    varlen = None
+    if q.dim() == 3:
+        if cu_seqlens is None:
+            raise ValueError("packed q [T, Hq, D] needs cu_seqlens int32 [N+1]; padded input is q [B, L, Hq, D]")
+        if key_padding_mask is not None:
+            raise ValueError("key_padding_mask [B, L] is for padded q [B, L, Hq, D]; packed input uses cu_seqlens only")
+        varlen = as_varlen(cu_seqlens, q.shape[0])
+        if max_seqlen is not None and (isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int)
+                                       or max_seqlen < varlen.max_seqlen):
+            raise ValueError(f"max_seqlen must be an int >= the longest sequence in cu_seqlens ({varlen.max_seqlen}), "
+                             f"got {max_seqlen!r}")
+    else:
+        if cu_seqlens is not None or max_seqlen is not None:
+            raise ValueError("cu_seqlens/max_seqlen are for packed q [T, Hq, D]; padded q [B, L, Hq, D] takes "
+                             "key_padding_mask [B, L]")
+        if key_padding_mask is not None:
+            check_mask("key_padding_mask", key_padding_mask, q.shape[:2])
+            key_padding_mask = key_padding_mask.bool()
+    check_same_device(q=q, k=k, v=v, cu_seqlens=None if varlen is None else varlen.cu_seqlens,
+                      key_padding_mask=key_padding_mask)
+    if softmax_scale is None:
+        softmax_scale = d ** -0.5
+    if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)) \
+            or not math.isfinite(softmax_scale) or softmax_scale <= 0:
+        raise ValueError(f"softmax_scale must be a positive finite float, got {softmax_scale!r}")
+    _, fn = _registry.select(OP, backend, q.device, q.dtype)
+    return fn(q, k, v, varlen, key_padding_mask, bool(causal), float(softmax_scale), bool(return_lse))

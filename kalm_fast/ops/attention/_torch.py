@@ -1,0 +1,116 @@
+"""Backend ``torch`` of ``flash_attention``: one ``scaled_dot_product_attention`` call per length bucket.
+
+The CPU path of the encoder. Sequences of similar length are padded to a bucket ``[n, Lb, H, D]`` (a zero-copy
+view when they are equal and adjacent, as in a length-sorted encode batch), attended with a key mask, and their
+real rows written back into ``[T, Hq, D]``. The buckets come from the ``Varlen``'s host lengths: no synchronization.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .padding import padded_via_packed
+
+BUCKET_RATIO = 0.8  # a bucket holds sequences at least this fraction of its longest one
+
+
+def _sdpa(q, k, v, key_mask, causal, scale, need_lse):
+    """q [n, Hq, Lq, D], k/v [n, Hkv, L, D], key_mask [n, 1, 1, L] bool or None -> (out [n, Hq, Lq, D], lse or None)."""
+    if need_lse and q.device.type == "cpu":
+        bias = None if key_mask is None else \
+            torch.zeros(key_mask.shape, dtype=q.dtype).masked_fill(~key_mask, -math.inf)
+        group = q.shape[1] // k.shape[1]
+        if group > 1:
+            k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, 0.0, causal, attn_mask=bias, scale=scale)
+        return out, lse.detach()
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, is_causal=causal, scale=scale,
+                                         enable_gqa=q.shape[1] != k.shape[1])
+    if not need_lse:
+        return out, None
+    with torch.no_grad():  # off CPU SDPA keeps its lse private: recompute it (materializes the scores)
+        group = q.shape[1] // k.shape[1]
+        scores = scale * q.float() @ k.float().repeat_interleave(group, 1).transpose(-1, -2)
+        if key_mask is not None:
+            scores = scores.masked_fill(~key_mask, -math.inf)
+        if causal:
+            scores = scores.masked_fill(torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device).triu(1),
+                                        -math.inf)
+        return out, torch.logsumexp(scores, -1)
+
+
+def _buckets(lengths) -> list:
+    """Group sequence ids by similar length: a list of (ids, longest) with every length >= BUCKET_RATIO * longest."""
+    order = sorted((i for i, n in enumerate(lengths) if n > 0), key=lambda i: -lengths[i])
+    groups, current = [], []
+    for i in order:
+        if current and lengths[i] < BUCKET_RATIO * lengths[current[0]]:
+            groups.append(current)
+            current = []
+        current.append(i)
+    if current:
+        groups.append(current)
+    return [(ids, lengths[ids[0]]) for ids in groups]
+
+
+def _packed(q, k, v, varlen, causal, scale, return_lse):
+    T, hq, d = q.shape
+    lengths = varlen.lengths
+    starts = [0]
+    for n in lengths[:-1]:
+        starts.append(starts[-1] + n)
+    buckets = _buckets(lengths)
+    if not buckets:  # no tokens: an empty result, still part of the graph
+        return (q * 0.0, q.new_zeros(hq, 0, dtype=torch.float32)) if return_lse else q * 0.0
+    out = None if len(buckets) == 1 else q.new_zeros(T, hq, d)
+    lse = q.new_zeros(T, hq, dtype=torch.float32) if return_lse else None
+    for ids, longest in buckets:
+        ids = sorted(ids)
+        n, first = len(ids), starts[ids[0]]
+        run = all(lengths[i] == longest and starts[i] == first + j * longest for j, i in enumerate(ids))
+        if run:  # equal lengths, adjacent in memory
+            rows = slice(first, first + n * longest)
+            qb, kb, vb = (x[rows].view(n, longest, x.shape[1], d) for x in (q, k, v))
+            key_mask = None
+        else:
+            start = torch.tensor([starts[i] for i in ids]).to(q.device)
+            length = torch.tensor([lengths[i] for i in ids]).to(q.device)
+            pos = torch.arange(longest, device=q.device)
+            valid = (pos[None, :] < length[:, None]).flatten()                            # [n * Lb]
+            index = (start[:, None] + torch.minimum(pos[None, :], length[:, None] - 1)).flatten()
+            qb, kb, vb = (x.index_select(0, index).view(n, longest, x.shape[1], d) for x in (q, k, v))
+            all_valid = all(lengths[i] == longest for i in ids)
+            key_mask = None if all_valid else valid.view(n, 1, 1, longest)
+            keep = torch.nonzero(valid).flatten()
+            rows = index.index_select(0, keep)
+        ob, lb = _sdpa(qb.transpose(1, 2), kb.transpose(1, 2), vb.transpose(1, 2), key_mask, causal, scale, return_lse)
+        ob = ob.transpose(1, 2).reshape(n * longest, hq, d)                                # [n * Lb, Hq, D]
+        lb = lb.transpose(1, 2).reshape(n * longest, hq) if return_lse else None
+        if not run:
+            ob = ob.index_select(0, keep)
+            lb = lb.index_select(0, keep) if return_lse else None
+        if out is None and run:  # one bucket holding every token: nothing to scatter
+            out = ob
+        elif out is None:
+            out = q.new_zeros(T, hq, d).index_copy(0, rows, ob)
+        elif run:
+            out[rows] = ob
+        else:
+            out.index_copy_(0, rows, ob)
+        if return_lse:
+            lse[rows] = lb.float()
+    return (out, lse.T.contiguous()) if return_lse else out
+
+
+def flash_attention_torch(q, k, v, varlen, key_padding_mask, causal, scale, return_lse):
+    """The backend contract of ``kalm_fast.ops.flash_attention``."""
+    if q.dim() == 3:
+        return _packed(q, k, v, varlen, causal, scale, return_lse)
+    if key_padding_mask is None:
+        ob, lse = _sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None, causal, scale, return_lse)
+        out = ob.transpose(1, 2)
+        return (out, lse.float()) if return_lse else out
+    return padded_via_packed(_packed, q, k, v, key_padding_mask, causal, scale, return_lse)

@@ -1,0 +1,464 @@
+"""Backend ``triton`` of ``flash_attention``: fused kernels over packed (varlen) sequences, forward and a backward in
+three kernels, their launchers and the autograd Function.
+
+Layout: q ``[T, Hq, D]``, k/v ``[T, Hkv, D]``, ``cu_seqlens`` int32 ``[N+1]``; query head ``h`` reads K/V head
+``h // GROUP``. The GROUP query heads sharing a K/V head are folded into the query rows: row ``r`` of a sequence
+is token ``r // GROUP`` of head ``kv_head * GROUP + r % GROUP``, so one tile serves the whole group and short
+sequences (20-60 tokens, the usual embedding input) still fill a 64/128-row tile. Every program handles one tile
+of one KV head of one sequence (grid: tiles x KV heads x sequences) and finds its rows from ``cu_seqlens``;
+programs past the end of their sequence return at once. Scores are kept in base 2
+(``qk_scale = softmax_scale * log2(e)``); the saved log-sum-exp ``lse [Hq, T]`` is fp32 in natural units.
+
+Backward: ``delta = rowsum(dO * O)``; one program per (key tile, KV head, sequence) accumulates dK/dV over the
+folded rows of its whole group (no atomics); one program per folded query tile computes dQ.
+Tiles entirely outside the causal mask are skipped; forward and dQ mask only the boundary/diagonal tiles.
+``seqlen_bucket`` (max_seqlen rounded up to a power of two) is only an autotuning key. Offsets are int32: tensors
+stay below 2**31 elements (checked here). No other argument checking (see ``kalm_fast.ops.attention``).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..._constants import LOG2E
+from ..._cuda import launch_device
+from ..._registry import triton_interpreting
+from .padding import padded_via_packed
+
+_LOG2E = tl.constexpr(LOG2E)
+MAX_GRID_Z = 65535  # CUDA's limit on grid dim 2 (sequences); longer batches are launched in chunks
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# forward
+
+
+@triton.jit
+def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, lo, hi, tok, seqlen, qk_scale,
+               offs_n, offs_d, d_ok, IS_CAUSAL: tl.constexpr, MASKED: tl.constexpr, BLOCK_N: tl.constexpr,
+               PRECISION: tl.constexpr):
+    """Online softmax of one query tile (``tok``: token of each row) over key tiles [lo, hi); MASKED tiles may
+    cross the sequence end or the causal diagonal."""
+    for n0 in range(lo, hi, BLOCK_N):
+        cols = n0 + offs_n
+        kv_ok = d_ok[None, :]
+        if MASKED:
+            kv_ok = kv_ok & (cols < seqlen)[:, None]
+        k_t = tl.load(k_base + cols[None, :] * stride_kt + offs_d[:, None], mask=tl.trans(kv_ok), other=0.0)
+        s = tl.dot(q, k_t, input_precision=PRECISION) * qk_scale
+        if MASKED:
+            ok = (cols < seqlen)[None, :]
+            if IS_CAUSAL:
+                ok = ok & (cols[None, :] <= tok[:, None])
+            s = tl.where(ok, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet stays at 0
+        alpha = tl.exp2(m_i - m_use)
+        p = tl.exp2(s - m_use[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + cols[:, None] * stride_vt + offs_d[None, :], mask=kv_ok, other=0.0)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _key_range(m0, seqlen, GROUP: tl.constexpr, IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr):
+    """Key tiles of the query tile starting at folded row ``m0``: ``[0, full)`` need no mask, ``[full, hi)`` do;
+    under ``IS_CAUSAL`` the tiles past ``hi`` are fully masked and skipped."""
+    if IS_CAUSAL:
+        hi = tl.minimum(seqlen, (m0 + BLOCK_M - 1) // GROUP + 1)
+        full = tl.minimum(seqlen, m0 // GROUP + 1) // BLOCK_N * BLOCK_N
+    else:
+        hi = seqlen
+        full = seqlen // BLOCK_N * BLOCK_N
+    return full, hi
+
+
+@triton.jit
+def _attn_fwd(Q, K, V, O, LSE, CU_SEQLENS, qk_scale, seqlen_bucket,
+              stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_lh,
+              GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, IS_CAUSAL: tl.constexpr,
+              PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """O, LSE for folded query tile program_id(0) of KV head program_id(1) of sequence program_id(2)."""
+    m0 = tl.program_id(0) * BLOCK_M
+    kv_head = tl.program_id(1)
+    seq = tl.program_id(2)
+    start = tl.load(CU_SEQLENS + seq)
+    seqlen = tl.load(CU_SEQLENS + seq + 1) - start
+    if m0 >= seqlen * GROUP:
+        return
+    r = m0 + tl.arange(0, BLOCK_M)
+    tok = r // GROUP                                  # folded row r: token r // GROUP, head kv_head*GROUP + r%GROUP
+    head = kv_head * GROUP + r % GROUP
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    ld = (r < seqlen * GROUP)[:, None] & d_ok[None, :]
+    q = tl.load(Q + ((start + tok) * stride_qt + head * stride_qh)[:, None] + offs_d[None, :], mask=ld, other=0.0)
+    k_base = K + start * stride_kt + kv_head * stride_kh
+    v_base = V + start * stride_vt + kv_head * stride_vh
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    full, hi = _key_range(m0, seqlen, GROUP, IS_CAUSAL, BLOCK_M, BLOCK_N)
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, 0, full, tok, seqlen,
+                               qk_scale, offs_n, offs_d, d_ok, IS_CAUSAL, False, BLOCK_N, PRECISION)
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, full, hi, tok, seqlen,
+                               qk_scale, offs_n, offs_d, d_ok, IS_CAUSAL, True, BLOCK_N, PRECISION)
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) / _LOG2E)
+    r = m0 + tl.arange(0, BLOCK_M)  # recomputed rather than kept live through the loop (register pressure)
+    tok = r // GROUP
+    head = kv_head * GROUP + r % GROUP
+    tl.store(O + ((start + tok) * stride_ot + head * stride_oh)[:, None] + offs_d[None, :],
+             out.to(O.dtype.element_ty), mask=(r < seqlen * GROUP)[:, None] & d_ok[None, :])
+    tl.store(LSE + head * stride_lh + start + tok, lse, mask=r < seqlen * GROUP)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# backward
+
+
+@triton.jit
+def _bwd_delta(O, DO, DELTA, T, stride_ot, stride_oh, stride_dot, stride_doh, stride_dh,
+               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr):
+    """DELTA[h, t] = sum_d O[t, h, d] * dO[t, h, d] in fp32."""
+    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    head = tl.program_id(1)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (rows < T)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    o = tl.load(O + rows[:, None] * stride_ot + head * stride_oh + offs_d[None, :], mask=mask, other=0.0)
+    do = tl.load(DO + rows[:, None] * stride_dot + head * stride_doh + offs_d[None, :], mask=mask, other=0.0)
+    tl.store(DELTA + head * stride_dh + rows, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), mask=rows < T)
+
+
+@triton.jit
+def _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, start, kv_head, stride_qt, stride_qh, stride_dot, stride_doh,
+                stride_lh, lo, hi, cols, qk_scale, offs_m, offs_d, d_ok, GROUP: tl.constexpr, IS_CAUSAL: tl.constexpr,
+                BLOCK_M: tl.constexpr, PRECISION: tl.constexpr):
+    """Accumulate dK, dV of one key tile over the folded query rows [lo, hi) of its head group (row r: token
+    r // GROUP, head kv_head * GROUP + r % GROUP). Rows past the sequence load lse = +inf: probability 0."""
+    for m0 in range(lo, hi, BLOCK_M):
+        r = m0 + offs_m
+        tok = r // GROUP
+        head = kv_head * GROUP + r % GROUP
+        row_ok = r < hi
+        ld = row_ok[:, None] & d_ok[None, :]
+        q_off = (start + tok) * stride_qt + head * stride_qh
+        q_t = tl.load(Q + q_off[None, :] + offs_d[:, None], mask=tl.trans(ld), other=0.0)
+        lse = tl.load(LSE + head * stride_lh + start + tok, mask=row_ok, other=float("inf")) * _LOG2E
+        p_t = tl.exp2(tl.dot(k, q_t, input_precision=PRECISION) * qk_scale - lse[None, :])  # [BLOCK_N, BLOCK_M]
+        if IS_CAUSAL:
+            p_t = tl.where(tok[None, :] >= cols[:, None], p_t, 0.0)
+        do = tl.load(DO + ((start + tok) * stride_dot + head * stride_doh)[:, None] + offs_d[None, :], mask=ld,
+                     other=0.0)
+        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PRECISION)
+        delta = tl.load(DELTA + head * stride_lh + start + tok, mask=row_ok, other=0.0)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk = tl.dot(ds_t.to(q_t.dtype), tl.trans(q_t), dk, input_precision=PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, CU_SEQLENS, qk_scale, sm_scale, seqlen_bucket,
+                   stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
+                   stride_lh, stride_dkt, stride_dkh, stride_dvt, stride_dvh,
+                   GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, IS_CAUSAL: tl.constexpr,
+                   PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dK, dV of key tile program_id(0) of KV head program_id(1) of sequence program_id(2), summed over the group."""
+    n0 = tl.program_id(0) * BLOCK_N
+    kv_head = tl.program_id(1)
+    seq = tl.program_id(2)
+    start = tl.load(CU_SEQLENS + seq)
+    seqlen = tl.load(CU_SEQLENS + seq + 1) - start
+    if n0 >= seqlen:
+        return
+    cols = n0 + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    ld = (cols < seqlen)[:, None] & d_ok[None, :]
+    k = tl.load(K + (start + cols)[:, None] * stride_kt + kv_head * stride_kh + offs_d[None, :], mask=ld, other=0.0)
+    v = tl.load(V + (start + cols)[:, None] * stride_vt + kv_head * stride_vh + offs_d[None, :], mask=ld, other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    lo = 0
+    if IS_CAUSAL:  # rows of tokens before n0 see none of these keys
+        lo = n0 * GROUP // BLOCK_M * BLOCK_M
+    dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, start, kv_head, stride_qt, stride_qh, stride_dot, stride_doh,
+                         stride_lh, lo, seqlen * GROUP, cols, qk_scale, offs_m, offs_d, d_ok, GROUP, IS_CAUSAL,
+                         BLOCK_M, PRECISION)
+    tl.store(DK + (start + cols)[:, None] * stride_dkt + kv_head * stride_dkh + offs_d[None, :],
+             (dk * sm_scale).to(DK.dtype.element_ty), mask=ld)
+    tl.store(DV + (start + cols)[:, None] * stride_dvt + kv_head * stride_dvh + offs_d[None, :],
+             dv.to(DV.dtype.element_ty), mask=ld)
+
+
+@triton.jit
+def _dq_tiles(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, lo, hi, tok, seqlen, qk_scale,
+              offs_n, offs_d, d_ok, IS_CAUSAL: tl.constexpr, MASKED: tl.constexpr, BLOCK_N: tl.constexpr,
+              PRECISION: tl.constexpr):
+    """Accumulate dQ of one query tile (``tok``: token of each row) over key tiles [lo, hi); MASKED tiles may cross
+    the sequence end or the causal diagonal."""
+    for n0 in range(lo, hi, BLOCK_N):
+        cols = n0 + offs_n
+        kv_ok = d_ok[None, :]
+        if MASKED:
+            kv_ok = kv_ok & (cols < seqlen)[:, None]
+        k_t = tl.load(k_base + cols[None, :] * stride_kt + offs_d[:, None], mask=tl.trans(kv_ok), other=0.0)
+        v_t = tl.load(v_base + cols[None, :] * stride_vt + offs_d[:, None], mask=tl.trans(kv_ok), other=0.0)
+        p = tl.exp2(tl.dot(q, k_t, input_precision=PRECISION) * qk_scale - lse[:, None])
+        if MASKED:
+            ok = (cols < seqlen)[None, :]
+            if IS_CAUSAL:
+                ok = ok & (cols[None, :] <= tok[:, None])
+            p = tl.where(ok, p, 0.0)
+        dp = tl.dot(do, v_t, input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k_t.dtype), tl.trans(k_t), dq, input_precision=PRECISION)
+    return dq
+
+
+@triton.jit
+def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, CU_SEQLENS, qk_scale, sm_scale, seqlen_bucket,
+                 stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
+                 stride_lh, stride_dqt, stride_dqh,
+                 GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, IS_CAUSAL: tl.constexpr,
+                 PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dQ of folded query tile program_id(0) of KV head program_id(1) of sequence program_id(2)."""
+    m0 = tl.program_id(0) * BLOCK_M
+    kv_head = tl.program_id(1)
+    seq = tl.program_id(2)
+    start = tl.load(CU_SEQLENS + seq)
+    seqlen = tl.load(CU_SEQLENS + seq + 1) - start
+    if m0 >= seqlen * GROUP:
+        return
+    r = m0 + tl.arange(0, BLOCK_M)
+    tok = r // GROUP
+    head = kv_head * GROUP + r % GROUP
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    row_ok = r < seqlen * GROUP
+    ld = row_ok[:, None] & d_ok[None, :]
+    q = tl.load(Q + ((start + tok) * stride_qt + head * stride_qh)[:, None] + offs_d[None, :], mask=ld, other=0.0)
+    do = tl.load(DO + ((start + tok) * stride_dot + head * stride_doh)[:, None] + offs_d[None, :], mask=ld,
+                 other=0.0)
+    lse = tl.load(LSE + head * stride_lh + start + tok, mask=row_ok, other=float("inf")) * _LOG2E
+    delta = tl.load(DELTA + head * stride_lh + start + tok, mask=row_ok, other=0.0)
+    k_base = K + start * stride_kt + kv_head * stride_kh
+    v_base = V + start * stride_vt + kv_head * stride_vh
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    full, hi = _key_range(m0, seqlen, GROUP, IS_CAUSAL, BLOCK_M, BLOCK_N)
+    dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, 0, full, tok, seqlen, qk_scale,
+                   offs_n, offs_d, d_ok, IS_CAUSAL, False, BLOCK_N, PRECISION)
+    dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, full, hi, tok, seqlen, qk_scale,
+                   offs_n, offs_d, d_ok, IS_CAUSAL, True, BLOCK_N, PRECISION)
+    tl.store(DQ + ((start + tok) * stride_dqt + head * stride_dqh)[:, None] + offs_d[None, :],
+             (dq * sm_scale).to(DQ.dtype.element_ty), mask=ld)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# configurations: one small config in the interpreter; on a GPU a few per kernel, pruned by arch and head dim
+
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel, arch class, input width and head-dim class (BLOCK_D <= 64,
+# <= 128, 256). Every entry compiles for its arch without register spills and within its shared memory (ptxas -v,
+# tests/test_kernel_build.py); autotuning picks among them per key. "sm90" is compute capability 9.x and newer,
+# "sm80" covers 8.x. fp32 inputs ("ieee" dots on the CUDA cores, 4-byte tiles) need smaller tiles than fp16/bf16.
+_TABLE = {
+    "fwd": {
+        "sm90": {"half": {64: [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 2)],
+                          128: [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 2)],
+                          256: [(64, 32, 8, 2), (128, 32, 8, 2), (32, 32, 4, 2)]},
+                 "fp32": {64: [(32, 32, 4, 2), (32, 32, 8, 2), (16, 64, 4, 2)],
+                          128: [(16, 64, 4, 2), (16, 16, 8, 2)],
+                          256: [(16, 16, 4, 2), (16, 16, 8, 2)]}},
+        "sm80": {"half": {64: [(128, 64, 8, 3), (64, 64, 4, 2)],
+                          128: [(128, 32, 8, 3), (128, 32, 8, 2)],
+                          256: [(64, 32, 8, 2), (32, 32, 4, 2)]},
+                 "fp32": {64: [(32, 32, 4, 2), (32, 32, 8, 2), (16, 64, 4, 2)],
+                          128: [(16, 64, 4, 2), (16, 16, 8, 2)],
+                          256: [(16, 16, 4, 2), (16, 16, 8, 2)]}},
+    },
+    "dkdv": {
+        "sm90": {"half": {64: [(32, 128, 8, 2), (32, 64, 8, 2), (16, 64, 4, 2)],
+                          128: [(32, 128, 8, 2), (32, 64, 8, 2), (16, 64, 4, 2)],
+                          256: [(16, 64, 8, 2), (32, 32, 8, 2)]},
+                 "fp32": {64: [(32, 32, 8, 2), (16, 64, 8, 2)],
+                          128: [(16, 64, 8, 2), (16, 32, 8, 2)],
+                          256: [(16, 16, 8, 2), (16, 32, 8, 2)]}},
+        "sm80": {"half": {64: [(16, 64, 4, 2)],
+                          128: [(32, 64, 8, 2), (16, 64, 4, 2)],
+                          256: [(16, 64, 8, 2), (32, 32, 8, 2)]},
+                 "fp32": {64: [(32, 16, 4, 2), (16, 32, 4, 2)],
+                          128: [(16, 32, 4, 2), (16, 16, 4, 2)],
+                          256: [(16, 16, 4, 2)]}},
+    },
+    "dq": {
+        "sm90": {"half": {64: [(128, 64, 8, 3), (64, 64, 8, 2), (64, 32, 4, 2)],
+                          128: [(128, 64, 8, 3), (64, 64, 8, 2), (64, 32, 4, 2)],
+                          256: [(64, 32, 8, 2), (32, 32, 4, 2)]},
+                 "fp32": {64: [(64, 32, 8, 2), (32, 32, 8, 2)],
+                          128: [(32, 32, 4, 2), (16, 64, 4, 2)],
+                          256: [(16, 16, 4, 2)]}},
+        "sm80": {"half": {64: [(64, 32, 4, 2), (32, 32, 4, 2)],
+                          128: [(64, 64, 8, 2), (64, 32, 4, 2), (32, 32, 4, 2)],
+                          256: [(64, 64, 8, 2), (32, 32, 4, 2)]},
+                 "fp32": {64: [(64, 32, 8, 2), (32, 32, 8, 2)],
+                          128: [(32, 32, 4, 2), (16, 64, 4, 2)],
+                          256: [(16, 16, 4, 2)]}},
+    },
+}
+# The interpreter runs one config per kernel, shaped like the GPU ones (BLOCK_M != BLOCK_N, to exercise the
+# diagonal bookkeeping).
+_INTERPRETER = {"fwd": (64, 32, 4, 1), "dkdv": (32, 64, 4, 1), "dq": (64, 32, 4, 1)}
+
+
+def delta_block(dtype, block_d: int) -> int:
+    """Rows per program of ``_bwd_delta``: 64, fewer for wide fp32 rows (at most 4096 fp32 values per tile, what
+    compiles without spills)."""
+    rows = 64 if dtype != torch.float32 else min(64, 4096 // block_d)
+    return min(rows, 32) if triton_interpreting() else rows
+
+
+def head_dim_class(block_d: int) -> int:
+    return 64 if block_d <= 64 else 128 if block_d <= 128 else 256
+
+
+def gpu_configs(kernel: str, arch: str, width: str, block_d: int) -> list:
+    """The (BLOCK_M, BLOCK_N, num_warps, num_stages) a GPU may run (also what tests/tools/aot_specs.py compiles)."""
+    return _TABLE[kernel][arch][width][head_dim_class(block_d)]
+
+
+def _cfg(c):
+    return triton.Config({"BLOCK_M": c[0], "BLOCK_N": c[1]}, num_warps=c[2], num_stages=c[3])
+
+
+def _configs(kernel):
+    if triton_interpreting():
+        return [_cfg(_INTERPRETER[kernel])]
+    return [_cfg(c) for c in sorted({c for arch in _TABLE[kernel].values() for width in arch.values()
+                                     for cs in width.values() for c in cs})]
+
+
+def _pruner(kernel):
+    def prune(configs, named_args, **kwargs):
+        if triton_interpreting():
+            return configs
+        meta = {**named_args, **kwargs}
+        arch = "sm90" if torch.cuda.get_device_capability()[0] >= 9 else "sm80"
+        allowed = gpu_configs(kernel, arch, "fp32" if meta["PRECISION"] == "ieee" else "half", meta["BLOCK_D"])
+        return [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in allowed]
+    return prune
+
+
+_KEY = ["HEAD_DIM", "GROUP", "IS_CAUSAL", "seqlen_bucket"]
+_attn_fwd_tuned = triton.autotune(_configs("fwd"), key=_KEY,
+                                  prune_configs_by={"early_config_prune": _pruner("fwd")})(_attn_fwd)
+_attn_bwd_dkdv_tuned = triton.autotune(_configs("dkdv"), key=_KEY,
+                                       prune_configs_by={"early_config_prune": _pruner("dkdv")})(_attn_bwd_dkdv)
+_attn_bwd_dq_tuned = triton.autotune(_configs("dq"), key=_KEY,
+                                     prune_configs_by={"early_config_prune": _pruner("dq")})(_attn_bwd_dq)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# launchers
+
+
+def _common(q, k, causal, max_seqlen):
+    d = q.shape[-1]
+    return dict(GROUP=q.shape[1] // k.shape[1], HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)),
+                IS_CAUSAL=bool(causal), PRECISION="ieee" if q.dtype == torch.float32 else "tf32"), \
+        max(64, triton.next_power_of_2(max(max_seqlen, 1)))
+
+
+def _seq_chunks(cu_seqlens):
+    """(cu_seqlens view, number of sequences) chunks of at most MAX_GRID_Z sequences."""
+    n = cu_seqlens.numel() - 1
+    for s in range(0, n, MAX_GRID_Z):
+        yield cu_seqlens[s:], min(MAX_GRID_Z, n - s)
+
+
+def attention_forward(q, k, v, cu_seqlens, max_seqlen: int, causal: bool, softmax_scale: float):
+    """q [T, Hq, D], k/v [T, Hkv, D] contiguous -> (out [T, Hq, D] in q.dtype, lse [Hq, T] fp32)."""
+    T, hq, _ = q.shape
+    hkv, group = k.shape[1], hq // k.shape[1]
+    out = torch.empty_like(q)
+    lse = torch.empty(hq, T, dtype=torch.float32, device=q.device)
+    meta, bucket = _common(q, k, causal, max_seqlen)
+    for cu, n in _seq_chunks(cu_seqlens):
+        grid = lambda m: (triton.cdiv(max_seqlen * group, m["BLOCK_M"]), hkv, n)  # noqa: E731
+        _attn_fwd_tuned[grid](q, k, v, out, lse, cu, softmax_scale * LOG2E, bucket,
+                              q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+                              out.stride(0), out.stride(1), lse.stride(0), **meta)
+    return out, lse
+
+
+def attention_backward(dout, q, k, v, out, lse, cu_seqlens, max_seqlen: int, causal: bool, softmax_scale: float):
+    """Gradients (dq [T, Hq, D], dk/dv [T, Hkv, D]) from dout [T, Hq, D] and the saved out and lse [Hq, T]."""
+    T, hq, d = q.shape
+    hkv, group = k.shape[1], hq // k.shape[1]
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    delta = torch.empty_like(lse)
+    meta, bucket = _common(q, k, causal, max_seqlen)
+    block_t = delta_block(q.dtype, meta["BLOCK_D"])
+    if T:
+        _bwd_delta[(triton.cdiv(T, block_t), hq)](out, dout, delta, T, out.stride(0), out.stride(1), dout.stride(0),
+                                                  dout.stride(1), delta.stride(0), HEAD_DIM=d,
+                                                  BLOCK_D=meta["BLOCK_D"], BLOCK_T=block_t)
+    strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), dout.stride(0),
+               dout.stride(1), lse.stride(0))
+    for cu, n in _seq_chunks(cu_seqlens):
+        grid = lambda m: (triton.cdiv(max_seqlen, m["BLOCK_N"]), hkv, n)  # noqa: E731
+        _attn_bwd_dkdv_tuned[grid](q, k, v, dout, lse, delta, dk, dv, cu, softmax_scale * LOG2E, softmax_scale,
+                                   bucket, *strides, dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), **meta)
+        grid = lambda m: (triton.cdiv(max_seqlen * group, m["BLOCK_M"]), hkv, n)  # noqa: E731
+        _attn_bwd_dq_tuned[grid](q, k, v, dout, lse, delta, dq, cu, softmax_scale * LOG2E, softmax_scale, bucket,
+                                 *strides, dq.stride(0), dq.stride(1), **meta)
+    return dq, dk, dv
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# autograd Function and the backend
+
+
+class _Attention(torch.autograd.Function):
+    """Packed attention; saves q, k, v, out and the fp32 lse, recomputes the scores in backward."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, cu_seqlens, max_seqlen, causal, scale):
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        out, lse = attention_forward(q, k, v, cu_seqlens, max_seqlen, causal, scale)
+        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens)
+        ctx.meta = (max_seqlen, causal, scale)
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
+        with launch_device(dout):
+            dq, dk, dv = attention_backward(dout.contiguous(), q, k, v, out, lse, cu_seqlens, *ctx.meta)
+        return dq, dk, dv, None, None, None, None
+
+
+def _packed(q, k, v, varlen, causal, scale, return_lse):
+    out, lse = _Attention.apply(q, k, v, varlen.cu_seqlens, varlen.max_seqlen, causal, scale)
+    return (out, lse) if return_lse else out
+
+
+def flash_attention_triton(q, k, v, varlen, key_padding_mask, causal, scale, return_lse):
+    """The backend contract of ``kalm_fast.ops.flash_attention``; launches on ``q``'s device."""
+    if q.numel() >= 2 ** 31:
+        raise ValueError(f"q has {q.numel()} elements; the triton backend indexes with int32 (< 2**31): "
+                         "split the batch")
+    with launch_device(q):
+        if q.dim() == 3:
+            return _packed(q, k, v, varlen, causal, scale, return_lse)
+        return padded_via_packed(_packed, q, k, v, key_padding_mask, causal, scale, return_lse)

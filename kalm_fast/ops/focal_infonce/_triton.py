@@ -1,0 +1,239 @@
+"""Backend ``triton`` of ``focal_infonce``: kernels of the in-batch pass (the attention forward's loop without V),
+their launchers and the engine of ``logp.LogP``.
+
+Scores ``s = (q_i . c_j) * rq_i * rc_j`` (inverse norms; ones for dot similarity) of a query tile against
+candidate tiles, with an online log-sum-exp of ``s / temperature`` (base 2 inside), the false-negative mask
+and the hardest kept negative. Backward recomputes the tiles: ``dL/ds_ij = gc_i * ([j is i's positive] - P_ij)``
+and accumulates ``dq += (dL/ds * rc) @ C`` and ``dC += (dL/ds * rq)^T @ Q``; ``logp.LogP`` finishes the cosine
+chain rule. fp32 accumulation for every input dtype.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..._constants import LN2, LOG2E
+from ..._cuda import launch_device, sm_count
+from ..._registry import triton_interpreting
+from .logp import LogP, split_columns
+
+_LOG2E = tl.constexpr(LOG2E)
+_LN2 = tl.constexpr(LN2)
+
+
+@triton.jit
+def _score_tile(Q, C, rq, rc, rows, cols, row_ok, col_ok, D, stride_q, stride_c, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """``[BLOCK_M, BLOCK_N]`` float32 scaled similarities of query rows x candidate rows."""
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    q_ptr = Q + rows.to(tl.int64)[:, None] * stride_q
+    c_ptr = C + cols.to(tl.int64)[:, None] * stride_c
+    for k0 in range(0, D, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < D
+        a = tl.load(q_ptr + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(c_ptr + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, tl.trans(b), acc, input_precision=PRECISION)
+    return acc * rq[:, None] * rc[None, :]
+
+
+@triton.jit
+def _keep_mask(s, rows, cols, col_ok, s_pos, margin, group, HAS_MARGIN: tl.constexpr):
+    """(kept candidates, positive) masks of a score tile; query i's positive is candidate i * group."""
+    is_pos = cols[None, :] == (rows * group)[:, None]
+    keep = col_ok[None, :] & (rows >= 0)[:, None]
+    if HAS_MARGIN:
+        keep = keep & ((s <= s_pos[:, None] + margin) | is_pos)
+    return keep, is_pos
+
+
+@triton.jit
+def _fwd_kernel(Q, C, RQ, RC, SPOS, LSE, NEG, B, N, D, group, stride_q, stride_c, cols_per_split, scale_log2,
+                margin, HAS_MARGIN: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Grid (query tiles, column splits): ``LSE[split, rows]``, ``NEG[split, rows]`` over the split's candidates."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    c_lo = tl.program_id(1) * cols_per_split
+    c_hi = tl.minimum(c_lo + cols_per_split, N)
+    row_ok = rows < B
+    rq = tl.load(RQ + rows, mask=row_ok, other=0.0)
+    s_pos = tl.load(SPOS + rows, mask=row_ok, other=0.0)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    neg = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    for c0 in range(c_lo, c_hi, BLOCK_N):
+        cols = c0 + tl.arange(0, BLOCK_N)
+        col_ok = cols < c_hi
+        rc = tl.load(RC + cols, mask=col_ok, other=0.0)
+        s = _score_tile(Q, C, rq, rc, rows, cols, row_ok, col_ok, D, stride_q, stride_c,
+                        BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, PRECISION)
+        keep, is_pos = _keep_mask(s, rows, cols, col_ok, s_pos, margin, group, HAS_MARGIN)
+        z = tl.where(keep, s * scale_log2, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(z, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(z - m_safe[:, None]), 1)
+        m_i = m_new
+        neg = tl.maximum(neg, tl.max(tl.where(keep & (~is_pos), s, float("-inf")), 1))
+    out = tl.program_id(1) * B + rows
+    tl.store(LSE + out, (m_i + tl.log2(l_i)) * _LN2, mask=row_ok)
+    tl.store(NEG + out, neg, mask=row_ok)
+
+
+@triton.jit
+def _grad_tile(s, keep, is_pos, lse_log2, gc, scale_log2):
+    """dL/ds of a tile: ``gc_i * ([positive] - P_ij)``."""
+    p = tl.where(keep, tl.exp2(s * scale_log2 - lse_log2[:, None]), 0.0)
+    return gc[:, None] * (is_pos.to(tl.float32) - p)
+
+
+@triton.jit
+def _dot_scaled(g, x, r, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """``acc + g @ (x * r[:, None])``: the rows of x scaled to unit norm (cosine) before any rounding to 16 bits,
+    and ``g`` (normalized by the caller to |g| <= 1), so that no product underflows fp16."""
+    xs = x.to(tl.float32) * r[:, None]
+    if UPCAST:
+        return tl.dot(g, xs, acc, input_precision=PRECISION)
+    return tl.dot(g.to(x.dtype), xs.to(x.dtype), acc, input_precision=PRECISION)
+
+
+@triton.jit
+def _bwd_dq_kernel(Q, C, RQ, RC, SPOS, LSE, GC, GSCALE, DQ, B, N, D, group, stride_q, stride_c, cols_per_split,
+                   scale_log2, margin, HAS_MARGIN: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DO: tl.constexpr):
+    """Grid (query tiles, feature chunks, column splits): ``DQ[split, rows, chunk] = (dL/ds * rc) @ C[split, chunk]``
+    (``DQ`` float32 ``[splits, B, D]``, summed over the splits by the caller)."""
+    c_lo = tl.program_id(2) * cols_per_split
+    c_hi = tl.minimum(c_lo + cols_per_split, N)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < B
+    dcols = tl.program_id(1) * BLOCK_DO + tl.arange(0, BLOCK_DO)
+    d_ok = dcols < D
+    rq = tl.load(RQ + rows, mask=row_ok, other=0.0)
+    s_pos = tl.load(SPOS + rows, mask=row_ok, other=0.0)
+    lse_log2 = tl.load(LSE + rows, mask=row_ok, other=0.0) * _LOG2E
+    gc = tl.load(GC + rows, mask=row_ok, other=0.0)
+    acc = tl.zeros([BLOCK_M, BLOCK_DO], dtype=tl.float32)
+    for c0 in range(c_lo, c_hi, BLOCK_N):
+        cols = c0 + tl.arange(0, BLOCK_N)
+        col_ok = cols < c_hi
+        rc = tl.load(RC + cols, mask=col_ok, other=0.0)
+        s = _score_tile(Q, C, rq, rc, rows, cols, row_ok, col_ok, D, stride_q, stride_c,
+                        BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, PRECISION)
+        keep, is_pos = _keep_mask(s, rows, cols, col_ok, s_pos, margin, group, HAS_MARGIN)
+        g = _grad_tile(s, keep, is_pos, lse_log2, gc, scale_log2)
+        v = tl.load(C + cols.to(tl.int64)[:, None] * stride_c + dcols[None, :],
+                    mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+        acc = _dot_scaled(g, v, rc, acc, UPCAST, PRECISION)
+    out = DQ + (tl.program_id(2) * B + rows).to(tl.int64)[:, None] * D + dcols[None, :]
+    tl.store(out, acc * tl.load(GSCALE), mask=row_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _bwd_dc_kernel(Q, C, RQ, RC, SPOS, LSE, GC, GSCALE, DC, B, N, D, group, stride_q, stride_c, stride_dc,
+                   scale_log2, margin, HAS_MARGIN: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DO: tl.constexpr):
+    """Grid (candidate tiles, feature chunks): ``DC[cols, chunk] += (dL/ds * rq)^T @ Q[:, chunk]``."""
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    dcols = tl.program_id(1) * BLOCK_DO + tl.arange(0, BLOCK_DO)
+    d_ok = dcols < D
+    rc = tl.load(RC + cols, mask=col_ok, other=0.0)
+    acc = tl.zeros([BLOCK_N, BLOCK_DO], dtype=tl.float32)
+    for r0 in range(0, B, BLOCK_M):
+        rows = r0 + tl.arange(0, BLOCK_M)
+        row_ok = rows < B
+        rq = tl.load(RQ + rows, mask=row_ok, other=0.0)
+        s_pos = tl.load(SPOS + rows, mask=row_ok, other=0.0)
+        lse_log2 = tl.load(LSE + rows, mask=row_ok, other=0.0) * _LOG2E
+        gc = tl.load(GC + rows, mask=row_ok, other=0.0)
+        s = _score_tile(Q, C, rq, rc, rows, cols, row_ok, col_ok, D, stride_q, stride_c,
+                        BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, PRECISION)
+        keep, is_pos = _keep_mask(s, rows, cols, col_ok, s_pos, margin, group, HAS_MARGIN)
+        g = _grad_tile(s, keep, is_pos, lse_log2, gc, scale_log2)
+        u = tl.load(Q + rows.to(tl.int64)[:, None] * stride_q + dcols[None, :],
+                    mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        acc = _dot_scaled(tl.trans(g), u, rq, acc, UPCAST, PRECISION)
+    out = DC + cols.to(tl.int64)[:, None] * stride_dc + dcols[None, :]
+    out_ok = col_ok[:, None] & d_ok[None, :]
+    tl.store(out, tl.load(out, mask=out_ok, other=0.0) + acc * tl.load(GSCALE), mask=out_ok)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# launch
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_DO, num_warps, num_stages) on a GPU, per kernel and input width (chosen to
+# compile without register spills for sm_80 and sm_90); the interpreter uses small tiles.
+CONFIGS = {
+    ("fwd", "half"): (128, 64, 32, None, 8, 2),
+    ("fwd", "fp32"): (64, 64, 16, None, 4, 1),
+    ("bwd", "half"): (32, 32, 32, 256, 8, 1),
+    ("bwd", "fp32"): (32, 32, 32, 128, 8, 1),
+}
+_INTERPRET_CFG = (16, 16, 16, 16, 4, 1)
+
+
+def _meta(dtype, margin, kernel):
+    interp = triton_interpreting()
+    cfg = CONFIGS[kernel, "fp32" if dtype == torch.float32 else "half"]
+    bm, bn, bk, bdo, warps, stages = _INTERPRET_CFG if interp else cfg
+    meta = dict(HAS_MARGIN=margin is not None, UPCAST=dtype == torch.float32 or (interp and dtype == torch.bfloat16),
+                PRECISION="ieee" if dtype == torch.float32 else "tf32", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
+    if kernel == "bwd":
+        meta["BLOCK_DO"] = bdo
+    if not interp:
+        meta.update(num_warps=warps, num_stages=stages)
+    return meta
+
+
+def _sm_count(device) -> int:
+    """Streaming multiprocessors to fill (a small stand-in in the interpreter, so that tests split columns)."""
+    return 2 if triton_interpreting() or device.type != "cuda" else sm_count(device.index)
+
+
+class TritonEngine:
+    """The in-batch pass of ``logp.LogP`` on Triton kernels (same contract as ``_torch.TorchEngine``).
+
+    Few queries against many candidates (small local batches with ``gather=True``) would leave most SMs idle, so
+    the forward and the dq kernel also split the candidates; the splits' partial results are combined here.
+    """
+
+    @staticmethod
+    def forward(q, flat, rq, rd, s_pos, inv_tau, margin, group):
+        batch, n, d = q.shape[0], flat.shape[0], q.shape[1]
+        meta = _meta(q.dtype, margin, "fwd")
+        row_tiles = triton.cdiv(batch, meta["BLOCK_M"])
+        cols, splits = split_columns(n, meta["BLOCK_N"], row_tiles, _sm_count(q.device))
+        lse = torch.empty(splits, batch, dtype=torch.float32, device=q.device)
+        neg = torch.empty_like(lse)
+        _fwd_kernel[(row_tiles, splits)](q, flat, rq, rd, s_pos, lse, neg, batch, n, d, group, q.stride(0),
+                                         flat.stride(0), cols, inv_tau * LOG2E, 0.0 if margin is None else margin,
+                                         **meta)
+        return torch.logsumexp(lse, dim=0), neg.amax(dim=0)
+
+    @staticmethod
+    def backward(q, flat, rq, rd, s_pos, lse, gc, inv_tau, margin, group, dq, dd):
+        batch, n, d = q.shape[0], flat.shape[0], q.shape[1]
+        meta = _meta(q.dtype, margin, "bwd")
+        args = (batch, n, d, group, q.stride(0), flat.stride(0))
+        m = 0.0 if margin is None else margin
+        row_tiles, chunks = triton.cdiv(batch, meta["BLOCK_M"]), triton.cdiv(d, meta["BLOCK_DO"])
+        cols, splits = split_columns(n, meta["BLOCK_N"], row_tiles * chunks, _sm_count(q.device))
+        part = torch.empty(splits, batch, d, dtype=torch.float32, device=q.device)
+        g_scale = gc.abs().amax().clamp_min(torch.finfo(torch.float32).tiny).reshape(1)
+        gc = gc / g_scale  # |gc| <= 1 inside the kernels, scaled back in float32
+        _bwd_dq_kernel[(row_tiles, chunks, splits)](q, flat, rq, rd, s_pos, lse, gc, g_scale, part, *args, cols,
+                                                    inv_tau * LOG2E, m, **meta)
+        dq += part.sum(dim=0)
+        _bwd_dc_kernel[(triton.cdiv(n, meta["BLOCK_N"]), chunks)](
+            q, flat, rq, rd, s_pos, lse, gc, g_scale, dd, *args, dd.stride(0), inv_tau * LOG2E, m, **meta)
+
+
+def focal_infonce_triton(q, docs, synthetic, temperature, similarity, in_batch_negatives, false_negative_margin):
+    """The backend contract of ``kalm_fast.ops.focal_infonce``; launches on ``q``'s device."""
+    with launch_device(q):
+        return LogP.apply(q.contiguous(), docs.contiguous(), synthetic, temperature, similarity == "cos",
+                          in_batch_negatives, false_negative_margin, TritonEngine)

@@ -1,0 +1,183 @@
+"""Backend ``triton`` of ``mean_pool``: one fused kernel forward (sum, count, truncate, normalize), one backward,
+their launchers and the autograd Function.
+
+A sequence ``n`` is a run of rows of ``hidden``: packed ``[T, H]`` rows ``cu_seqlens[n]:cu_seqlens[n+1]``,
+padded ``[B, L, H]`` rows ``0:L`` of batch ``n`` weighted by ``mask[n]``. Accumulation is fp32.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ..._cuda import launch_device
+from ..varlen import sequence_layout
+
+
+@triton.jit
+def _sequence_bounds(n, cu_ptr, L, IS_PACKED: tl.constexpr):
+    """First row (relative to sequence 0) and length of sequence ``n``."""
+    if IS_PACKED:
+        start = tl.load(cu_ptr + n)
+        length = tl.load(cu_ptr + n + 1) - start
+    else:
+        start = n * 0
+        length = L
+    return start, length
+
+
+@triton.jit
+def _mean_pool_fwd_kernel(
+    hidden_ptr, mask_ptr, cu_ptr, out_ptr, mean_ptr, count_ptr,
+    L, DIM, stride_hb, stride_ht, stride_mb, stride_ob, eps,
+    IS_PACKED: tl.constexpr, HAS_MASK: tl.constexpr, NORMALIZE: tl.constexpr, SAVE_MEAN: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    """Grid ``(N, cdiv(DIM, BLOCK_H))``; with NORMALIZE the second axis is 1 and ``BLOCK_H >= DIM``."""
+    n = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    col_ok = cols < DIM
+    start, length = _sequence_bounds(n, cu_ptr, L, IS_PACKED)
+    base = hidden_ptr + n.to(tl.int64) * stride_hb + start.to(tl.int64) * stride_ht
+    acc = tl.zeros([BLOCK_T, BLOCK_H], dtype=tl.float32)
+    weight = tl.zeros([BLOCK_T], dtype=tl.float32)
+    for t0 in range(0, length, BLOCK_T):
+        rows = t0 + tl.arange(0, BLOCK_T)
+        row_ok = rows < length
+        if HAS_MASK:
+            w = tl.load(mask_ptr + n.to(tl.int64) * stride_mb + rows, mask=row_ok, other=0).to(tl.float32)
+        else:
+            w = row_ok.to(tl.float32)
+        x = tl.load(base + rows[:, None].to(tl.int64) * stride_ht + cols[None, :],
+                    mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+        acc += x * w[:, None]
+        weight += w
+    count = tl.sum(weight, axis=0)
+    mean = tl.sum(acc, axis=0) / tl.maximum(count, 1.0)
+    if SAVE_MEAN:
+        tl.store(mean_ptr + n * DIM + cols, mean, mask=col_ok)
+        tl.store(count_ptr + n, count, mask=tl.program_id(1) == 0)
+    if NORMALIZE:
+        norm = tl.sqrt(tl.sum(mean * mean, axis=0))
+        mean = mean / tl.maximum(norm, eps)
+    tl.store(out_ptr + n.to(tl.int64) * stride_ob + cols, mean.to(out_ptr.dtype.element_ty), mask=col_ok)
+
+
+@triton.jit
+def _mean_pool_bwd_kernel(
+    grad_out_ptr, mean_ptr, count_ptr, mask_ptr, cu_ptr, grad_hidden_ptr,
+    L, H, DIM, stride_gb, stride_mb, stride_dhb, stride_dht, eps,
+    IS_PACKED: tl.constexpr, HAS_MASK: tl.constexpr, NORMALIZE: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    """Grid ``(N, cdiv(max_len, BLOCK_T))``; ``BLOCK_H >= H``. Writes every row of the sequence (zeros past DIM / masked)."""
+    n = tl.program_id(0)
+    start, length = _sequence_bounds(n, cu_ptr, L, IS_PACKED)
+    rows = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    row_ok = rows < length
+    cols = tl.arange(0, BLOCK_H)
+    keep = cols < DIM
+    g = tl.load(grad_out_ptr + n.to(tl.int64) * stride_gb + cols, mask=keep, other=0.0).to(tl.float32)
+    if NORMALIZE:
+        e = tl.load(mean_ptr + n * DIM + cols, mask=keep, other=0.0)
+        norm = tl.sqrt(tl.sum(e * e, axis=0))
+        if norm > eps:
+            y = e / norm
+            g = (g - y * tl.sum(y * g, axis=0)) / norm
+        else:
+            g = g / eps
+    count = tl.load(count_ptr + n)
+    g = g / tl.maximum(count, 1.0)
+    if HAS_MASK:
+        w = tl.load(mask_ptr + n.to(tl.int64) * stride_mb + rows, mask=row_ok, other=0).to(tl.float32)
+    else:
+        w = row_ok.to(tl.float32)
+    dh = w[:, None] * g[None, :]
+    base = grad_hidden_ptr + n.to(tl.int64) * stride_dhb + start.to(tl.int64) * stride_dht
+    tl.store(base + rows[:, None].to(tl.int64) * stride_dht + cols[None, :],
+             dh.to(grad_hidden_ptr.dtype.element_ty), mask=row_ok[:, None] & (cols < H)[None, :])
+
+
+def _mask_arg(mask: Optional[torch.Tensor], hidden: torch.Tensor):
+    if mask is None:
+        return hidden, 0  # never read (HAS_MASK=False)
+    if mask.dtype == torch.bool:
+        mask = mask.to(torch.uint8)
+    return mask.contiguous(), mask.stride(0)
+
+
+def mean_pool_forward(hidden, mask, cu_seqlens, dim: int, normalize: bool, eps: float, save_for_backward: bool):
+    """Returns ``(out [N, dim], mean fp32 [N, dim] or None, count fp32 [N] or None)``."""
+    N, L, stride_hb, stride_ht = sequence_layout(hidden, cu_seqlens)
+    out = torch.empty(N, dim, dtype=hidden.dtype, device=hidden.device)
+    mean = torch.empty(N, dim, dtype=torch.float32, device=hidden.device) if save_for_backward else out
+    count = torch.empty(N, dtype=torch.float32, device=hidden.device) if save_for_backward else out
+    if N == 0:
+        return out, (mean if save_for_backward else None), (count if save_for_backward else None)
+    mask_t, stride_mb = _mask_arg(mask, hidden)
+    cu = cu_seqlens if cu_seqlens is not None else hidden
+    # Without normalize, split the features over programs for parallelism; with it, one program owns a row.
+    block_h = triton.next_power_of_2(dim) if normalize else min(128, triton.next_power_of_2(dim))
+    block_t = max(1, min(32, 4096 // block_h))
+    grid = (N, triton.cdiv(dim, block_h))
+    _mean_pool_fwd_kernel[grid](
+        hidden, mask_t, cu, out, mean, count, L, dim, stride_hb, stride_ht, stride_mb, out.stride(0), eps,
+        IS_PACKED=cu_seqlens is not None, HAS_MASK=mask is not None, NORMALIZE=normalize,
+        SAVE_MEAN=save_for_backward, BLOCK_T=block_t, BLOCK_H=block_h, num_warps=4 if block_h <= 1024 else 8)
+    if not save_for_backward:
+        return out, None, None
+    return out, mean, count
+
+
+def mean_pool_backward(grad_out, mean, count, hidden_shape, hidden_dtype, mask, cu_seqlens, max_len: int,
+                       normalize: bool, eps: float):
+    """Gradient w.r.t. ``hidden`` (shape ``hidden_shape``) of ``mean_pool_forward``."""
+    grad_out = grad_out.contiguous()
+    grad_hidden = torch.empty(hidden_shape, dtype=hidden_dtype, device=grad_out.device)
+    N, dim = grad_out.shape
+    if N == 0 or max_len == 0 or grad_hidden.numel() == 0:
+        return grad_hidden.zero_()
+    H = hidden_shape[-1]
+    if cu_seqlens is not None:
+        L, stride_dhb, stride_dht = 0, 0, grad_hidden.stride(0)
+    else:
+        L, stride_dhb, stride_dht = hidden_shape[1], grad_hidden.stride(0), grad_hidden.stride(1)
+    mask_t, stride_mb = _mask_arg(mask, grad_hidden)
+    cu = cu_seqlens if cu_seqlens is not None else grad_hidden
+    block_h = triton.next_power_of_2(H)
+    block_t = max(1, min(32, 4096 // block_h))
+    grid = (N, triton.cdiv(max_len, block_t))
+    _mean_pool_bwd_kernel[grid](
+        grad_out, mean, count, mask_t, cu, grad_hidden, L, H, dim, grad_out.stride(0), stride_mb,
+        stride_dhb, stride_dht, eps, IS_PACKED=cu_seqlens is not None, HAS_MASK=mask is not None,
+        NORMALIZE=normalize, BLOCK_T=block_t, BLOCK_H=block_h, num_warps=4 if block_h <= 1024 else 8)
+    return grad_hidden
+
+
+class _MeanPool(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, mask, varlen, dim, normalize, eps):
+        cu_seqlens = None if varlen is None else varlen.cu_seqlens
+        out, mean, count = mean_pool_forward(hidden, mask, cu_seqlens, dim, normalize, eps,
+                                             save_for_backward=hidden.requires_grad)
+        if hidden.requires_grad:
+            max_len = hidden.shape[1] if varlen is None else varlen.max_seqlen
+            ctx.save_for_backward(mean, count, mask, cu_seqlens)
+            ctx.meta = (hidden.shape, hidden.dtype, max_len, normalize, eps)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        mean, count, mask, cu_seqlens = ctx.saved_tensors
+        shape, dtype, max_len, normalize, eps = ctx.meta
+        with launch_device(grad_out):
+            grad = mean_pool_backward(grad_out, mean, count, shape, dtype, mask, cu_seqlens, max_len, normalize, eps)
+        return grad, None, None, None, None, None
+
+
+def mean_pool_triton(hidden, mask, varlen, dim, normalize, eps):
+    """The backend contract of ``kalm_fast.ops.mean_pool``; launches on ``hidden``'s device."""
+    with launch_device(hidden):
+        return _MeanPool.apply(hidden, mask, varlen, dim, normalize, eps)

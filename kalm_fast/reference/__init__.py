@@ -1,1 +1,0 @@
-"""Pure-PyTorch oracles for every op: short, slow, obviously correct. Tests compare every backend to these."""

@@ -1,0 +1,83 @@
+"""``make gpu-check`` cannot rot between GPU runs: its dry mode runs every stage's plumbing here, on the CPU."""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / ".ci" / "gpu_check.py"
+PROBE = os.environ.get("KALM_GPU_CHECK_PROBE") == "1"
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_dry_run_passes_every_stage_in_at_most_eight_files(tmp_path):
+    out = tmp_path / "out"
+    env = {k: v for k, v in os.environ.items() if k not in ("OUT", "KALM_BENCH_OUT")}
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--dry", "--out", str(out), "--budget", "400"], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=600)
+    summary = json.loads((out / "summary.json").read_text())
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    names = [s["stage"] for s in summary["stages"]]
+    assert names == ["env", "build", "tests", "bench-attention", "bench-encode", "bench-mean-pool",
+                     "bench-contrastive", "bench-train-step"]
+    assert all(s["status"] == "ok" for s in summary["stages"]), summary["stages"]
+    files = sorted(p.name for p in out.rglob("*") if p.is_file())
+    assert files == ["gpu-check.tar.gz", "summary.json", "summary.md"]
+    text = (out / "summary.md").read_text()
+    assert "PASSED" in text and "## tests" in text
+    import tarfile
+
+    with tarfile.open(out / "gpu-check.tar.gz") as tar:
+        names = tar.getnames()
+    assert "gpu-check/tests.log" in names and any(n.startswith("gpu-check/bench/attention-") for n in names)
+    collected = (out / "summary.md").read_text()
+    assert "tests collected" in collected  # the GPU tests were found (not run) in the dry mode
+
+
+def test_a_build_without_cuda_fails_loudly(monkeypatch, capsys):
+    module = _load_script()
+    import kalm_fast._native as native
+
+    monkeypatch.setattr(module.subprocess, "run", lambda *a, **kw: subprocess.CompletedProcess(a, 0))
+    monkeypatch.setattr(native, "build_info", lambda: {"cuda": False, "archs": [], "reason": "nvcc not found"})
+    assert module.build(dry=False) == 1
+    out = capsys.readouterr().out
+    assert "BUILD FAILED" in out and "WITHOUT CUDA" in out
+
+
+def test_a_stage_over_its_limit_times_out_and_a_late_one_is_skipped(tmp_path):
+    module = _load_script()
+    import time
+
+    slow = module.Stage("slow", 1, [sys.executable, "-c", "import time; time.sleep(5)"])
+    row = module.run_stage(slow, tmp_path, time.monotonic() + 60)
+    assert row["status"].startswith("timeout")
+    row = module.run_stage(slow, tmp_path, time.monotonic() + 0.5)
+    assert row["status"] == "skipped"
+
+
+def test_a_skipped_gpu_test_fails_under_gpu_check():
+    """conftest turns the skip of a test marked ``gpu`` into a failure when KALM_GPU_CHECK=1."""
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__)), "-k", "probe"]
+    base = dict(os.environ, KALM_GPU_CHECK_PROBE="1")
+    checked = subprocess.run(cmd, cwd=ROOT, env=dict(base, KALM_GPU_CHECK="1"), capture_output=True, text=True)
+    assert checked.returncode == 1 and "a GPU test was skipped under make gpu-check" in checked.stdout
+    plain = subprocess.run(cmd, cwd=ROOT, env=dict(base, KALM_GPU_CHECK="0"), capture_output=True, text=True)
+    assert plain.returncode == 0 and "1 skipped" in plain.stdout
+
+
+if PROBE:  # only inside test_a_skipped_gpu_test_fails_under_gpu_check
+    @pytest.mark.gpu
+    def test_probe_gpu_test_that_skips():
+        pytest.skip("a GPU test that cannot run here")

@@ -1,0 +1,121 @@
+"""What ``compile_triton_kernels.py`` compiles ahead of time: every Triton kernel of kalm_fast at the configurations a
+GPU runs, as ``triton.compile`` specs (``name``, ``module``, ``fn``, ``signature``, ``constexprs``, ``attrs``,
+``num_warps``, ``num_stages``, ``archs``; ``wgmma_expected`` where Hopper's tensor-core instruction must appear).
+
+Attention: every entry of its config table (``ops/attention/_triton.py``) for its arch, for fp16/bf16 and fp32, at
+head dims 64, 80, 128 and 256. Mean pooling and focal-InfoNCE: their fixed configurations per dtype.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+
+from kalm_fast.ops.attention import _triton as attention
+from kalm_fast.ops.focal_infonce import _triton as focal
+from kalm_fast.ops.mean_pool import _triton as mean_pool
+
+ARCHS = {80: "sm80", 90: "sm90"}
+
+
+def _aligned(fn, signature):
+    """ASTSource attrs marking pointers and strides 16-divisible, as the JIT specializes real launches (contiguous
+    tensors with D % 8 == 0 and torch's aligned allocations); without them the loads are not vectorized/pipelined."""
+    return {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a, t in signature.items()
+            if t.startswith("*") or a.startswith("stride")}
+
+
+def _strides(*names):
+    return {f"stride_{n}": "i32" for n in names}
+
+
+def attention_specs() -> list:
+    specs = []
+    for dtype, d in (("bf16", 64), ("fp16", 80), ("bf16", 128), ("fp16", 256), ("fp32", 64), ("fp32", 80),
+                     ("fp32", 128), ("fp32", 256)):
+        width, ptr = ("fp32" if dtype == "fp32" else "half"), f"*{dtype}"
+        block_d = triton.next_power_of_2(d)
+        const = dict(GROUP=7, HEAD_DIM=d, BLOCK_D=block_d, IS_CAUSAL=False,
+                     PRECISION="ieee" if dtype == "fp32" else "tf32")
+        fwd = dict({a: ptr for a in "QKVO"}, LSE="*fp32", CU_SEQLENS="*i32", qk_scale="fp32", seqlen_bucket="i32",
+                   **_strides("qt", "qh", "kt", "kh", "vt", "vh", "ot", "oh", "lh"))
+        bwd = dict({a: ptr for a in ("Q", "K", "V", "DO")}, LSE="*fp32", DELTA="*fp32")
+        dkdv = dict(bwd, DK=ptr, DV=ptr, CU_SEQLENS="*i32", qk_scale="fp32", sm_scale="fp32", seqlen_bucket="i32",
+                    **_strides("qt", "qh", "kt", "kh", "vt", "vh", "dot", "doh", "lh", "dkt", "dkh", "dvt", "dvh"))
+        dq = dict(bwd, DQ=ptr, CU_SEQLENS="*i32", qk_scale="fp32", sm_scale="fp32", seqlen_bucket="i32",
+                  **_strides("qt", "qh", "kt", "kh", "vt", "vh", "dot", "doh", "lh", "dqt", "dqh"))
+        for name, fn, sig in (("fwd", attention._attn_fwd, fwd), ("dkdv", attention._attn_bwd_dkdv, dkdv),
+                              ("dq", attention._attn_bwd_dq, dq)):
+            for arch, arch_class in ARCHS.items():
+                for bm, bn, warps, stages in attention.gpu_configs(name, arch_class, width, block_d):
+                    constexprs = dict(const, BLOCK_M=bm, BLOCK_N=bn)
+                    # the dots' M dimension: query rows (fwd, dq) or keys (dkdv); wgmma needs 64 of them
+                    dot_m = bn if name == "dkdv" else bm
+                    specs.append(dict(module="attention", name=f"attn_{name}_{dtype}_d{d}_{bm}x{bn}w{warps}s{stages}",
+                                      fn=fn, archs=(arch,), constexprs=constexprs,
+                                      signature=dict(sig, **{c: "constexpr" for c in constexprs}),
+                                      attrs=_aligned(fn, sig), num_warps=warps, num_stages=stages,
+                                      wgmma_expected=arch == 90 and dtype != "fp32" and dot_m >= 64))
+        sig = dict(O=ptr, DO=ptr, DELTA="*fp32", T="i32", **_strides("ot", "oh", "dot", "doh", "dh"))
+        constexprs = dict(HEAD_DIM=d, BLOCK_D=block_d,
+                          BLOCK_T=attention.delta_block(torch.float32 if dtype == "fp32" else torch.bfloat16, block_d))
+        specs.append(dict(module="attention", name=f"attn_bwd_delta_{dtype}_d{d}", fn=attention._bwd_delta,
+                          signature=dict(sig, **{c: "constexpr" for c in constexprs}), constexprs=constexprs,
+                          attrs=_aligned(attention._bwd_delta, sig), num_warps=4, num_stages=1))
+    return specs
+
+
+def mean_pool_specs() -> list:
+    specs = []
+    for dtype in ("fp16", "bf16", "fp32"):
+        for packed, normalize, block_h, block_t in ((True, True, 1024, 4), (False, False, 128, 32)):
+            specs.append(dict(
+                module="mean_pool", name=f"mean_pool_fwd_{dtype}_{'packed' if packed else 'padded'}_h{block_h}",
+                fn=mean_pool._mean_pool_fwd_kernel,
+                signature={"hidden_ptr": f"*{dtype}", "mask_ptr": "*u8", "cu_ptr": "*i32", "out_ptr": f"*{dtype}",
+                           "mean_ptr": "*fp32", "count_ptr": "*fp32", "L": "i32", "DIM": "i32", "stride_hb": "i64",
+                           "stride_ht": "i64", "stride_mb": "i32", "stride_ob": "i32", "eps": "fp32",
+                           "IS_PACKED": "constexpr", "HAS_MASK": "constexpr", "NORMALIZE": "constexpr",
+                           "SAVE_MEAN": "constexpr", "BLOCK_T": "constexpr", "BLOCK_H": "constexpr"},
+                constexprs={"IS_PACKED": packed, "HAS_MASK": not packed, "NORMALIZE": normalize, "SAVE_MEAN": True,
+                            "BLOCK_T": block_t, "BLOCK_H": block_h},
+                num_warps=4, num_stages=2))
+        specs.append(dict(
+            module="mean_pool", name=f"mean_pool_bwd_{dtype}", fn=mean_pool._mean_pool_bwd_kernel,
+            signature={"grad_out_ptr": f"*{dtype}", "mean_ptr": "*fp32", "count_ptr": "*fp32", "mask_ptr": "*u8",
+                       "cu_ptr": "*i32", "grad_hidden_ptr": f"*{dtype}", "L": "i32", "H": "i32", "DIM": "i32",
+                       "stride_gb": "i32", "stride_mb": "i32", "stride_dhb": "i64", "stride_dht": "i64", "eps": "fp32",
+                       "IS_PACKED": "constexpr", "HAS_MASK": "constexpr", "NORMALIZE": "constexpr",
+                       "BLOCK_T": "constexpr", "BLOCK_H": "constexpr"},
+            constexprs={"IS_PACKED": True, "HAS_MASK": False, "NORMALIZE": True, "BLOCK_T": 4, "BLOCK_H": 1024},
+            num_warps=4, num_stages=2))
+    return specs
+
+
+def focal_infonce_specs() -> list:
+    """The three kernels at their GPU configs for bf16 (with and without the margin; fp16 compiles alike) and fp32."""
+    specs = []
+    for dtype, has_margin in (("bf16", False), ("bf16", True), ("fp32", False)):
+        ptr, width = f"*{dtype}", "fp32" if dtype == "fp32" else "half"
+        common = dict(Q=ptr, C=ptr, RQ="*fp32", RC="*fp32", SPOS="*fp32")
+        ints = dict(B="i32", N="i32", D="i32", group="i32", stride_q="i32", stride_c="i32")
+        tag = f"{dtype}{'_margin' if has_margin else ''}"
+        grads = dict(LSE="*fp32", GC="*fp32", GSCALE="*fp32")
+        for name, fn, extra, kernel in (("fwd", focal._fwd_kernel, dict(LSE="*fp32", NEG="*fp32"), "fwd"),
+                                        ("bwd_dq", focal._bwd_dq_kernel, dict(grads, DQ="*fp32"), "bwd"),
+                                        ("bwd_dc", focal._bwd_dc_kernel, dict(grads, DC="*fp32"), "bwd")):
+            bm, bn, bk, bdo, warps, stages = focal.CONFIGS[kernel, width]
+            constexprs = dict(HAS_MARGIN=has_margin, UPCAST=dtype == "fp32",
+                              PRECISION="ieee" if dtype == "fp32" else "tf32", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
+            signature = dict(common, **extra, **ints)
+            signature["stride_dc" if name == "bwd_dc" else "cols_per_split"] = "i32"
+            if bdo is not None:
+                constexprs["BLOCK_DO"] = bdo
+            signature.update(scale_log2="fp32", margin="fp32")
+            signature.update({c: "constexpr" for c in constexprs})
+            specs.append(dict(module="focal_infonce", name=f"focal_infonce_{name}_{tag}", fn=fn, signature=signature,
+                              constexprs=constexprs, num_warps=warps, num_stages=stages))
+    return specs
+
+
+def all_specs() -> list:
+    return attention_specs() + mean_pool_specs() + focal_infonce_specs()
