@@ -212,3 +212,20 @@ def test_unaligned_view_on_gpu(backend):
     base = torch.randn(2, 9, 70, device=DEVICE, dtype=torch.float16)
     hidden = base[:, :, 3:67]
     _check_against_reference(backend, hidden, dict(dim=64, normalize=True), torch.float16)
+
+
+@pytest.mark.parametrize("backend", ["reference", *BACKENDS])
+def test_padding_never_leaks_and_a_nan_token_spoils_only_its_sequence(backend):
+    """NaN / inf at a masked-out position must not reach the row; a NaN in a real token gives a NaN row, alone."""
+    hidden = torch.randn(3, 4, 8, device=DEVICE)
+    hidden[0, 3], hidden[1, 2:] = float("nan"), float("inf")
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1]], device=DEVICE)
+    out = mean_pool(hidden, mask, backend=backend)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out[1], hidden[1, :2].mean(0))
+    hidden[2, 1, 0] = float("nan")
+    out = mean_pool(hidden, mask, backend=backend)
+    assert out[2].isnan().any() and torch.isfinite(out[:2]).all()
+    packed, cu = hidden[2:].reshape(4, 8), cu_seqlens([1, 3], DEVICE)  # token 1 (NaN) is in the second sequence
+    out = mean_pool(packed, cu_seqlens=cu, backend=backend)
+    assert torch.isfinite(out[0]).all() and out[1].isnan().any()

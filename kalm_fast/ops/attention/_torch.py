@@ -57,6 +57,10 @@ def _buckets(lengths) -> list:
 
 
 def _packed(q, k, v, varlen, causal, scale, return_lse):
+    return _nan_rows(q, _buckets_attention(q, k, v, varlen, causal, scale, return_lse), return_lse)
+
+
+def _buckets_attention(q, k, v, varlen, causal, scale, return_lse):
     T, hq, d = q.shape
     lengths = varlen.lengths
     starts = [0]
@@ -105,6 +109,14 @@ def _packed(q, k, v, varlen, causal, scale, return_lse):
     return (out, lse.T.contiguous()) if return_lse else out
 
 
+def _nan_rows(q, result, return_lse):
+    """NaN where a query row holds a NaN, as the oracle gives: CPU SDPA's flash kernel returns 0 there."""
+    bad = torch.isnan(q).any(-1, keepdim=True)
+    out = result[0] if return_lse else result
+    out = out.masked_fill(bad, float("nan"))
+    return (out, result[1]) if return_lse else out
+
+
 def flash_attention_torch(q, k, v, varlen, key_padding_mask, causal, scale, return_lse):
     """The backend contract of ``kalm_fast.ops.flash_attention``."""
     if q.dim() == 3:
@@ -112,5 +124,5 @@ def flash_attention_torch(q, k, v, varlen, key_padding_mask, causal, scale, retu
     if key_padding_mask is None:
         ob, lse = _sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None, causal, scale, return_lse)
         out = ob.transpose(1, 2)
-        return (out, lse.float()) if return_lse else out
+        return _nan_rows(q, (out, lse.float()) if return_lse else out, return_lse)
     return padded_via_packed(_packed, q, k, v, key_padding_mask, causal, scale, return_lse)

@@ -19,6 +19,7 @@ def _attend(q, k, v, key_mask, causal, scale):
     allowed = torch.ones(L, L, dtype=torch.bool, device=q.device)
     if key_mask is not None:
         allowed = allowed & key_mask[None, :] & key_mask[:, None]     # padded queries attend to nothing
+        vf = vf.masked_fill(~key_mask[None, :, None], 0.0)            # padded values never reach a real row
     if causal:
         allowed = allowed & torch.ones(L, L, dtype=torch.bool, device=q.device).tril()
     scores = scores.masked_fill(~allowed, float("-inf"))

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 
 def mean_pool_torch(hidden, mask, varlen, dim, normalize, eps):
-    """One ``index_add`` over the packed rows, or one batched matmul with the padded mask."""
+    """One ``index_add`` over the packed rows, or a sum over the padded rows with the padding zeroed."""
     x = hidden[..., :dim].float()
     if varlen is not None:
         lengths = (varlen.cu_seqlens[1:] - varlen.cu_seqlens[:-1]).long()
@@ -15,9 +15,10 @@ def mean_pool_torch(hidden, mask, varlen, dim, normalize, eps):
         total = x.new_zeros(varlen.num_seqs, dim).index_add(0, seq_ids, x)
         count = lengths.float()
     else:
-        m = (torch.ones(x.shape[:2], device=x.device) if mask is None else mask).to(x.dtype)
-        total = torch.bmm(m.unsqueeze(1), x).squeeze(1)
-        count = m.sum(dim=1)
+        if mask is None:
+            total, count = x.sum(dim=1), x.new_full((x.shape[0],), x.shape[1])
+        else:  # zeroed, not multiplied: padding never enters the sum (not even a NaN there)
+            total, count = x.masked_fill(~mask[..., None], 0.0).sum(dim=1), mask.sum(dim=1).to(x.dtype)
     out = total / count.clamp(min=1.0).unsqueeze(-1)
     if normalize:
         out = F.normalize(out, p=2.0, dim=-1, eps=eps)

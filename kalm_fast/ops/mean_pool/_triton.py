@@ -52,7 +52,7 @@ def _mean_pool_fwd_kernel(
             w = row_ok.to(tl.float32)
         x = tl.load(base + rows[:, None].to(tl.int64) * stride_ht + cols[None, :],
                     mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
-        acc += x * w[:, None]
+        acc += tl.where(w[:, None] != 0, x * w[:, None], 0.0)  # padding never enters the sum, not even a NaN
         weight += w
     count = tl.sum(weight, axis=0)
     mean = tl.sum(acc, axis=0) / tl.maximum(count, 1.0)

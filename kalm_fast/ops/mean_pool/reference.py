@@ -25,7 +25,8 @@ def mean_pool(hidden: torch.Tensor, attention_mask: Optional[torch.Tensor] = Non
         weights = [mask[b].float().unsqueeze(-1) for b in range(hidden.shape[0])]
     out = []
     for h, w in zip(rows, weights):
-        total = (h * w).sum(dim=0)
+        real = w[:, 0] != 0  # padding never enters the sum (not even a NaN there)
+        total = (h[real] * w[real]).sum(dim=0)
         out.append(total / max(float(w.sum()), 1.0))
     result = torch.stack(out) if out else hidden.new_zeros(0, hidden.shape[-1], dtype=torch.float32)
     if dim is not None:
