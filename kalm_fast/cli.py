@@ -1,4 +1,4 @@
-"""``kalm-fast`` command line: ``encode``, ``demo``, ``train``, ``soup``, ``eval``, ``bench``.
+"""``kalm-fast`` command line: ``encode``, ``demo``, ``train``, ``soup``, ``eval``, ``ablate``, ``bench``.
 
 Each command lives in its own module, which defines ``add_arguments(parser)`` and ``run(args) -> int``.
 """
@@ -14,6 +14,7 @@ COMMANDS = {
     "train": ("kalm_fast.train.trainer", "run a multi-stage training config (YAML)"),
     "soup": ("kalm_fast.train.soup", "average checkpoints into a model soup"),
     "eval": ("kalm_fast.train.evaluate", "retrieval evaluation: nDCG@10, Recall@k, MRR"),
+    "ablate": ("kalm_fast.cli_ablate", "what focal loss, hard-negative mixing and the soup buy: variants x seeds, test CIs"),
     "bench": ("kalm_fast.bench", "run the benchmarks that fit this device"),
 }
 

@@ -148,7 +148,8 @@ class Trainer:
         self.out = Path(config.output_dir)
         self.info: DistInfo = init_distributed(config.device)
         self.device = local_device(self.info, config.device)
-        self.eval_set = None
+        self.eval_set = None   # the validation split: every choice (keep_best, greedy soups); `test` is never read
+        self._train_data: dict = {}
         if config.eval is not None:
             self.eval_set = load_eval_set(config.eval.queries, config.eval.corpus, instruction=config.eval.instruction)
 
@@ -255,6 +256,14 @@ class Trainer:
             previous = stage.name
         return self._stage_final(previous)
 
+    def train_data(self, stage: TrainStage) -> TrainData:
+        """The stage's training records, indexed once and shared by every stage that reads the same files."""
+        key = (tuple(map(str, stage.data)), tuple(sorted(stage.instructions.items())), stage.hard_negatives)
+        if key not in self._train_data:
+            self._train_data[key] = TrainData(stage.data, instructions=stage.instructions,
+                                              min_negatives=stage.hard_negatives)
+        return self._train_data[key]
+
     def _checkpoints(self, stage: TrainStage) -> list:
         root = self.out / stage.name / "checkpoints"
         if not root.is_dir():
@@ -295,7 +304,7 @@ class Trainer:
         if stage.batch_size % info.world_size:
             raise ValueError(f"stage {stage.name!r}: batch_size {stage.batch_size} must be a multiple of the "
                              f"number of processes {info.world_size}")
-        data = TrainData(stage.data, instructions=stage.instructions, min_negatives=stage.hard_negatives)
+        data = self.train_data(stage)
         sampler = TaskBatchSampler(data.tasks, stage.batch_size, seed=seed, task_weights=stage.task_weights)
         total = stage.steps or math.ceil(stage.epochs * sampler.batches_per_epoch())
         checkpoints = self._checkpoints(stage) if self.resume else []
@@ -386,7 +395,7 @@ class Trainer:
             barrier(info)
         else:
             self._save_model_atomic(wrapped, final)
-        data.close()
+        data.close()  # its file handles; the index stays for later stages
         if self.eval_set is not None:
             self._score_path(stage.name, final, None if stage.keep_best else wrapped)
 
