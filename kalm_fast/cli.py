@@ -14,7 +14,7 @@ COMMANDS = {
     "train": ("kalm_fast.train.trainer", "run a multi-stage training config (YAML)"),
     "soup": ("kalm_fast.train.soup", "average checkpoints into a model soup"),
     "eval": ("kalm_fast.train.evaluate", "retrieval evaluation: nDCG@10, Recall@k, MRR"),
-    "ablate": ("kalm_fast.cli_ablate", "what focal loss, hard-negative mixing and the soup buy: variants x seeds, test CIs"),
+    "ablate": ("kalm_fast.cli_ablate", "what focal loss, hard-negative mixing and the soup buy, with seeds and CIs"),
     "bench": ("kalm_fast.bench", "run the benchmarks that fit this device"),
 }
 

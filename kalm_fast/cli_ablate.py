@@ -6,24 +6,26 @@ import argparse
 import sys
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
-    return value
+def _int_at_least(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = minimum - 1
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}")
+        return value
+    return parse
 
 
 def add_arguments(parser: argparse.ArgumentParser):
     parser.add_argument("config", help="training config (YAML) with an 'eval' (validation) and a 'test' section")
-    parser.add_argument("--seeds", type=_positive_int, default=3, help="runs per variant, seeds s, s+1, ... (default 3)")
+    parser.add_argument("--seeds", type=_int_at_least(1), default=3, help="runs per variant (default 3)")
     parser.add_argument("--stage", default=None, help="the training stage to ablate (default: the first one)")
     parser.add_argument("--output-dir", default=None, help="where runs and results go (default: OUTPUT_DIR/ablation)")
     parser.add_argument("--resume", action="store_true", help="keep the finished runs of an earlier ablation")
-    parser.add_argument("--bootstrap", type=_positive_int, default=1000, help="bootstrap resamples (default 1000)")
-    parser.add_argument("--bootstrap-seed", type=int, default=0, help="seed of the bootstrap draws (default 0)")
+    parser.add_argument("--bootstrap", type=_int_at_least(1), default=1000, help="bootstrap resamples (default 1000)")
+    parser.add_argument("--bootstrap-seed", type=_int_at_least(0), default=0, help="seed of the bootstrap (default 0)")
 
 
 def run(args) -> int:
