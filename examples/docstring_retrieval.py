@@ -12,7 +12,7 @@ soup of them chosen on validation nDCG@10. Prints test nDCG@10 / Recall@10 / MRR
 the same data instead: plain InfoNCE, + focal, + mixing, both, and their soup, over ``--seeds`` seeds.
 
     python examples/docstring_retrieval.py            # a few minutes on 2 CPU cores
-    python examples/docstring_retrieval.py --ablate   # about half an hour on 2 CPU cores (3 seeds)
+    python examples/docstring_retrieval.py --ablate   # under an hour on 2 CPU cores (3 seeds)
 """
 from __future__ import annotations
 
@@ -122,9 +122,10 @@ def build_data(data_dir: Path, encoder, *, max_train: int, max_val: int, max_eva
     evals = [p for p in pairs if held_out(p["module"])]
     rng = random.Random(seed)
     rng.shuffle(train)
+    if len(train) <= max_train or max_val < 1:
+        sys.exit(f"--max-train {max_train} leaves none of the {len(train)} training-side pairs for the validation "
+                 f"split (--max-val {max_val}); lower --max-train or raise --max-val")
     train, val = train[:max_train], train[max_train:max_train + 3 * max_val]
-    if not val:
-        sys.exit(f"no training-side pairs left for the validation split: lower --max-train (below {len(train)})")
     data_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     records = mine_hard_negatives(encoder, train, instructions)
