@@ -1,4 +1,5 @@
-"""``kalm-fast`` command line, one module per subcommand: ``encode``, ``demo``, ``train``, ``soup``, ``eval``, ``bench``.
+"""``kalm-fast`` command line, one module per subcommand: ``encode``, ``demo``, ``train``, ``soup``, ``eval``,
+``ablate``, ``bench``.
 
 Each module defines ``add_arguments(parser)`` and ``run(args) -> int``; argparse lives here only. Under torchrun:
 ``torchrun --nproc_per_node N -m kalm_fast.cli train run.yaml``.
@@ -15,6 +16,7 @@ COMMANDS = {
     "train": "run a multi-stage training config (YAML)",
     "soup": "average checkpoints into a model soup",
     "eval": "retrieval evaluation: nDCG@10, Recall@k, MRR",
+    "ablate": "what focal loss, hard-negative mixing and the soup buy, with seeds and CIs",
     "bench": "run the benchmarks that fit this device",
 }
 

@@ -1,9 +1,10 @@
 """Training pipeline: data, task-homogeneous sampling, GradCache, the multi-stage trainer, model soup, eval.
 
 ``Trainer(load_config("run.yaml")).train()`` is what ``kalm-fast train run.yaml`` runs; ``model_soup`` and
-``evaluate_model`` / ``rank_metrics`` are usable on their own.
+``evaluate_model`` / ``rank_metrics`` are usable on their own; ``ablate(config)`` is ``kalm-fast ablate``.
 """
 from ..prompts import format_query
+from .ablation import Ablation, ablate
 from .config import TrainConfig, load_config
 from .data import EvalSet, TrainData, load_eval_set
 from .evaluate import evaluate_model, rank_metrics
@@ -13,4 +14,4 @@ from .soup import model_soup
 from .trainer import Trainer
 
 __all__ = ["Trainer", "TrainConfig", "load_config", "TrainData", "TaskBatchSampler", "EvalSet", "load_eval_set",
-           "format_query", "contrastive_step", "model_soup", "evaluate_model", "rank_metrics"]
+           "format_query", "contrastive_step", "model_soup", "evaluate_model", "rank_metrics", "Ablation", "ablate"]

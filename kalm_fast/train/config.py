@@ -14,6 +14,12 @@ stages:
     type: soup
     from: [finetune, base]
     greedy: true            # keep a checkpoint only if it does not lower the eval score
+eval:                       # the validation split: chooses checkpoints (keep_best) and greedy soups
+  queries: val_queries.jsonl
+  corpus: val_corpus.jsonl
+test:                       # the test split (optional): scored once per final model, never used to choose
+  queries: test_queries.jsonl
+  corpus: test_corpus.jsonl
 ```
 Every key of ``TrainStage`` / ``SoupStage`` / ``TrainConfig`` below may be set; unknown keys are an error.
 """
@@ -115,11 +121,16 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     parallel: str = "ddp"             # ddp | fsdp (under torchrun)
     log_every: int = 10
-    eval: Optional[EvalConfig] = None
+    eval: Optional[EvalConfig] = None   # validation split (every choice of the trainer)
+    test: Optional[EvalConfig] = None   # test split (reports only; the trainer never reads it)
 
     def __post_init__(self):
         if self.parallel not in ("ddp", "fsdp"):
             raise ValueError(f"parallel must be 'ddp' or 'fsdp', got {self.parallel!r}")
+        if self.eval is not None and self.test is not None and \
+                Path(self.eval.queries).resolve() == Path(self.test.queries).resolve():
+            raise ValueError(f"test.queries and eval.queries are the same file ({self.test.queries}): the 'eval' "
+                             "split chooses checkpoints and soups, so the test split must be other queries")
         if not self.stages:
             raise ValueError("config needs at least one stage under 'stages'")
         names = [s.name for s in self.stages]
@@ -174,8 +185,9 @@ def config_from_dict(raw: dict) -> TrainConfig:
         else:
             raise ValueError(f"{where}: 'type' must be 'train' or 'soup', got {kind!r}")
         stages.append(stage)
-    if raw.get("eval") is not None:
-        raw["eval"] = _build(EvalConfig, raw["eval"], "eval")
+    for split in ("eval", "test"):
+        if raw.get(split) is not None:
+            raw[split] = _build(EvalConfig, raw[split], split)
     return _build(TrainConfig, dict(raw, stages=stages), "config")
 
 

@@ -16,13 +16,14 @@ from .data import EvalSet
 DEFAULT_KS = (1, 5, 10, 100)
 
 
-def rank_metrics(ranked: Sequence[Sequence[str]], relevant: Sequence[dict], ks: Sequence[int] = DEFAULT_KS) -> dict:
-    """Mean metrics over queries. ``ranked[i]``: doc ids best first; ``relevant[i]``: ``{doc_id: grade > 0}``."""
+def query_metrics(ranked: Sequence[Sequence[str]], relevant: Sequence[dict], ks: Sequence[int] = DEFAULT_KS) -> dict:
+    """Per-query metrics ``{name: [value of query 0, query 1, ...]}``. ``ranked[i]``: doc ids best first;
+    ``relevant[i]``: ``{doc_id: grade > 0}``."""
     if len(ranked) != len(relevant):
         raise ValueError(f"ranked has {len(ranked)} queries but relevant has {len(relevant)}")
     if not ranked:
-        raise ValueError("rank_metrics needs at least one query")
-    totals = {}
+        raise ValueError("ranked and relevant need at least one query")
+    out = {}
     for ids, rel in zip(ranked, relevant):
         ideal = sorted(rel.values(), reverse=True)
         first_hit = next((r for r, d in enumerate(ids) if rel.get(d, 0) > 0), None)
@@ -33,8 +34,13 @@ def rank_metrics(ranked: Sequence[Sequence[str]], relevant: Sequence[dict], ks: 
             values = {f"ndcg@{k}": dcg / idcg, f"recall@{k}": hits / len(rel),
                       f"mrr@{k}": 1.0 / (first_hit + 1) if first_hit is not None and first_hit < k else 0.0}
             for name, v in values.items():
-                totals[name] = totals.get(name, 0.0) + v
-    return {name: v / len(ranked) for name, v in totals.items()}
+                out.setdefault(name, []).append(v)
+    return out
+
+
+def rank_metrics(ranked: Sequence[Sequence[str]], relevant: Sequence[dict], ks: Sequence[int] = DEFAULT_KS) -> dict:
+    """Mean metrics over queries (the mean of ``query_metrics``)."""
+    return {name: sum(values) / len(values) for name, values in query_metrics(ranked, relevant, ks).items()}
 
 
 def search(query_emb: torch.Tensor, doc_emb: torch.Tensor, k: int, *, chunk: int = 1024) -> torch.Tensor:
@@ -48,20 +54,21 @@ def search(query_emb: torch.Tensor, doc_emb: torch.Tensor, k: int, *, chunk: int
 
 
 def evaluate_embeddings(query_emb: torch.Tensor, doc_emb: torch.Tensor, eval_set: EvalSet,
-                        ks: Sequence[int] = DEFAULT_KS) -> dict:
-    """Metrics of normalized embeddings ``[Q, D]`` and ``[N, D]`` on ``eval_set``."""
+                        ks: Sequence[int] = DEFAULT_KS, *, per_query: bool = False) -> dict:
+    """Metrics of normalized embeddings ``[Q, D]`` and ``[N, D]`` on ``eval_set`` (``per_query``: one value per
+    query, as ``query_metrics``; else the means)."""
     top = search(query_emb, doc_emb, max(ks)).tolist()
     ranked = [[eval_set.doc_ids[j] for j in row] for row in top]
-    return rank_metrics(ranked, eval_set.relevant, ks)
+    return (query_metrics if per_query else rank_metrics)(ranked, eval_set.relevant, ks)
 
 
 def evaluate_model(model, eval_set: EvalSet, *, batch_size: Optional[int] = None,
-                   ks: Sequence[int] = DEFAULT_KS) -> dict:
+                   ks: Sequence[int] = DEFAULT_KS, per_query: bool = False) -> dict:
     """Metrics of an in-memory ``EmbeddingModel`` (what the trainer uses to pick checkpoints); ``batch_size`` caps
     the texts per packed batch."""
     q = model.embed(eval_set.queries, max_sequences=batch_size, normalize=True)
     d = model.embed(eval_set.docs, max_sequences=batch_size, normalize=True)
-    return evaluate_embeddings(q, d, eval_set, ks)
+    return evaluate_embeddings(q, d, eval_set, ks, per_query=per_query)
 
 
 def evaluate_encoder(encode: Callable, eval_set: EvalSet, *, ks: Sequence[int] = DEFAULT_KS) -> dict:

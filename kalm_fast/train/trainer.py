@@ -159,7 +159,8 @@ class Trainer:
         self.out = Path(config.output_dir)
         self.info: DistInfo = init_distributed(config.device)
         self.device = local_device(self.info, config.device)
-        self.eval_set = None
+        self.eval_set = None   # the validation split: every choice (keep_best, greedy soups); `test` is never read
+        self._train_data: dict = {}
         if config.eval is not None:
             self.eval_set = load_eval_set(config.eval.queries, config.eval.corpus, instruction=config.eval.instruction)
 
@@ -191,7 +192,7 @@ class Trainer:
             return str(self._stage_final(ref))
         return ref
 
-    def _load_model(self, path: str, device=None):
+    def load_model(self, path: str, device=None):
         return EmbeddingModel.from_pretrained(path, device=device or self.device, dtype=self.config.dtype,
                                               attn_backend=self.config.attn_backend,
                                               max_length=self.config.max_length)
@@ -265,6 +266,14 @@ class Trainer:
             previous = stage.name
         return self._stage_final(previous)
 
+    def train_data(self, stage: TrainStage) -> TrainData:
+        """The stage's training records, indexed once and shared by every stage that reads the same files."""
+        key = (tuple(map(str, stage.data)), tuple(sorted(stage.instructions.items())), stage.hard_negatives)
+        if key not in self._train_data:
+            self._train_data[key] = TrainData(stage.data, instructions=stage.instructions,
+                                              min_negatives=stage.hard_negatives)
+        return self._train_data[key]
+
     def _checkpoints(self, stage: TrainStage) -> list:
         root = self.out / stage.name / "checkpoints"
         if not root.is_dir():
@@ -305,15 +314,15 @@ class Trainer:
         if stage.batch_size % info.world_size:
             raise ValueError(f"stage {stage.name!r}: batch_size {stage.batch_size} must be a multiple of the "
                              f"number of processes {info.world_size}")
-        data = TrainData(stage.data, instructions=stage.instructions, min_negatives=stage.hard_negatives)
+        data = self.train_data(stage)
         sampler = TaskBatchSampler(data.tasks, stage.batch_size, seed=seed, task_weights=stage.task_weights)
         total = stage.steps or math.ceil(stage.epochs * sampler.batches_per_epoch())
         checkpoints = self._checkpoints(stage) if self.resume else []
-        model = self._load_model(str(checkpoints[-1]) if checkpoints else init_path)
+        model = self.load_model(str(checkpoints[-1]) if checkpoints else init_path)
         model.train()
         freeze_unused_parameters(model)
         if cfg.parallel == "fsdp" and info.enabled and info.is_main:
-            self._shadow = self._load_model(init_path, device="cpu")
+            self._shadow = self.load_model(init_path, device="cpu")
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         torch.manual_seed(seed)
@@ -395,7 +404,7 @@ class Trainer:
             barrier(info)
         else:
             self._save_model_atomic(wrapped, final)
-        data.close()
+        data.close()  # its file handles; the index stays for later stages
         if self.eval_set is not None:
             self._score_path(stage.name, final, None if stage.keep_best else wrapped)
 
@@ -415,7 +424,7 @@ class Trainer:
         cached = self._scores().get(key)
         if cached is not None:
             return cached
-        metrics = self.evaluate(model if model is not None else self._load_model(str(path)), sync=sync)
+        metrics = self.evaluate(model if model is not None else self.load_model(str(path)), sync=sync)
         score = None
         if metrics is not None:
             score = metrics[self.config.eval.metric]
@@ -449,7 +458,7 @@ class Trainer:
             if trial.exists():
                 shutil.rmtree(trial)
             model_soup([paths[j] for j in chosen + [i]], output=trial)
-            score = self.evaluate(self._load_model(str(trial)), sync=False)[self.config.eval.metric]
+            score = self.evaluate(self.load_model(str(trial)), sync=False)[self.config.eval.metric]
             self._log(dict(stage=stage.name, soup_candidates=[refs[j] for j in chosen + [i]], score=score))
             if score >= best:
                 chosen, best = chosen + [i], score
