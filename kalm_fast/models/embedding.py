@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ..ops import mean_pool
-from . import bert_packed
+from . import bert_packed, decoder_packed
 from .attention import make_bidirectional
 from .loading import (load_tokenizer, load_transformer, read_sentence_transformer_info, resolve_model_dir)
 
@@ -71,6 +71,7 @@ class EmbeddingModel(nn.Module):
         make_bidirectional(model, attn_backend, self.max_length)
         fast = attn_backend in ("auto", "torch") and bert_packed.supports(model)
         self._packed_bert = bert_packed.PackedBert(model) if fast else None
+        self._packed_decoder = decoder_packed.PackedDecoder(model) if decoder_packed.supports(model) else None
 
     @classmethod
     def from_pretrained(cls, path=None, *, device=None, dtype=None, attn_backend: str = "auto", max_length: int = 512,
@@ -133,6 +134,9 @@ class EmbeddingModel(nn.Module):
             cu, m = batch["cu_seqlens"], int(batch["max_seqlen"])
             if self._packed_bert is not None and not self.training and not torch.is_grad_enabled():
                 return self._packed_bert(batch["input_ids"], batch["position_ids"], cu, m)
+            if (self._packed_decoder is not None and not self.training and not torch.is_grad_enabled()
+                    and cu.device.type == "cpu"):
+                return self._packed_decoder(batch["input_ids"], batch["position_ids"], cu, m)
             out = self.model(input_ids=batch["input_ids"][None], position_ids=batch["position_ids"][None],
                              cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=m, max_length_k=m, use_cache=False)
             return out.last_hidden_state[0]
@@ -146,7 +150,8 @@ class EmbeddingModel(nn.Module):
     def forward(self, batch: dict) -> torch.Tensor:
         """``[N, H]`` mean-pooled embeddings (not normalized) of a packed or padded batch.
 
-    In eval mode under ``torch.no_grad()`` BERT-family models take the packed inference fast path (``bert_packed``).
+    In eval mode under ``torch.no_grad()`` BERT-family models take the packed inference fast path (``bert_packed``),
+    decoder LLMs on CPU theirs (``decoder_packed``).
     """
         hidden = self.token_embeddings(batch)
         if "cu_seqlens" in batch:
