@@ -125,7 +125,8 @@ class PackedBert:
         head_dim = model.config.hidden_size // heads
         cpu = input_ids.device.type == "cpu"
         runs = equal_length_runs((cu_seqlens[1:] - cu_seqlens[:-1]).tolist()) if cpu else None
-        x = model.embeddings(input_ids=input_ids[None], position_ids=position_ids[None])[0]
+        x = model.embeddings(input_ids=input_ids[None], position_ids=position_ids[None],
+                             token_type_ids=torch.zeros_like(input_ids)[None])[0]  # not the 512-long buffer
         for layer in model.encoder.layer:
             packed, ((w_qkv, b_qkv), (w_o, b_o), (w_up, b_up), (w_down, b_down)) = self._layer_weights(layer, x)
             qkv = self._linear(x, w_qkv, b_qkv, packed)
