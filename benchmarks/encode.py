@@ -174,7 +174,8 @@ def peer_impls(model_dir: Path, threads: int, st_batch_size: int, workdir: Path)
         from optimum.onnxruntime import ORTModelForFeatureExtraction  # noqa: F401  (what backend="onnx" needs)
     except ImportError as exc:
         print(f"peer skipped: sentence-transformers backend='onnx' needs optimum-onnx and onnxruntime ({exc}); "
-              "pip install 'sentence-transformers[onnx]'", flush=True)
+              "pip install 'sentence-transformers[onnx]' (it pins transformers < 4.58: use an environment of its own)",
+              flush=True)
     else:
         from sentence_transformers import export_dynamic_quantized_onnx_model
 
