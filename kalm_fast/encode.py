@@ -9,8 +9,10 @@ import torch
 from .models import EmbeddingModel
 from .ops import mean_pool
 
-# Tokens per packed batch when the caller gives no budget (CPU: fits the caches; GPU: fills the device).
-DEFAULT_TOKENS = {"cpu": 4096, "cuda": 32768}
+# Tokens per packed batch when the caller gives no budget (CPU: fits the caches; GPU: fills the device). Decoder
+# LLMs on CPU: 1024 (`python -m benchmarks.encode --token-budgets 1024,4096`, Qwen2-0.5B-shaped, one thread: equal on
+# short texts, 11-17% faster on the long-tailed mix; MiniLM is 4-35% faster at 4096).
+DEFAULT_TOKENS = {"cpu": 4096, "cuda": 32768, "cpu-decoder": 1024}
 
 
 def kalm_query_prompt(task: str) -> str:
@@ -101,7 +103,10 @@ class Encoder:
         dim = self.model.hidden_size if truncate_dim is None else truncate_dim
         if isinstance(dim, bool) or not isinstance(dim, int) or not 1 <= dim <= self.model.hidden_size:
             raise ValueError(f"truncate_dim must be an int in [1, {self.model.hidden_size}], got {truncate_dim!r}")
-        budget = max_tokens_per_batch or DEFAULT_TOKENS.get(self.device.type, 16384)
+        key = self.device.type
+        if self.model._packed_decoder is not None and f"{key}-decoder" in DEFAULT_TOKENS:
+            key = f"{key}-decoder"
+        budget = max_tokens_per_batch or DEFAULT_TOKENS.get(key, 16384)
         if budget < 1 or (batch_size is not None and batch_size < 1):
             raise ValueError("batch_size and max_tokens_per_batch must be positive")
         normalize = normalize_embeddings or self.model.normalize

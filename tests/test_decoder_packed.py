@@ -220,3 +220,15 @@ def test_saved_directory_loads_bidirectionally_in_sentence_transformers(model_di
     for batch_size in (32, 1):
         got = torch.as_tensor(st.encode(texts, batch_size=batch_size, normalize_embeddings=True))
         assert F.cosine_similarity(got, want).min() >= 0.9999, batch_size
+
+
+def test_encoder_default_token_budget_for_decoders_on_cpu(model_dirs, monkeypatch):
+    """Decoder LLMs on CPU batch ``DEFAULT_TOKENS["cpu-decoder"]`` tokens by default (chosen by the benchmark)."""
+    from kalm_fast import encode
+
+    budgets = []
+    batches = encode.token_budget_batches
+    monkeypatch.setattr(encode, "token_budget_batches",
+                        lambda lengths, budget, *a: budgets.append(budget) or batches(lengths, budget, *a))
+    encode.Encoder(model_dirs["qwen2"], device="cpu").encode(TEXTS)
+    assert budgets == [encode.DEFAULT_TOKENS["cpu-decoder"]]
