@@ -223,9 +223,17 @@ def min_cosine(a, b) -> float:
 
 
 def measure(impls: dict, texts, device, rounds: int) -> tuple:
-    """Warm each implementation up on a few texts, then time them alternately; ``(times, last outputs)``."""
-    for fn in impls.values():
-        fn(texts[:16])
+    """Warm each implementation up on a few texts, then time them alternately; ``(times, last outputs)``.
+
+    A peer that fails on the warm-up is dropped with one printed line (e.g. an export it cannot run)."""
+    for name, fn in list(impls.items()):
+        try:
+            fn(texts[:16])
+        except Exception as exc:
+            if name.startswith(("kalm_fast", "sentence-transformers")):
+                raise
+            print(f"peer skipped: {name} failed: {type(exc).__name__}: {exc}", flush=True)
+            del impls[name]
     times, outs = {name: [] for name in impls}, {}
     for _ in range(rounds):
         for name, fn in impls.items():
