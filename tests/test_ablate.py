@@ -7,13 +7,13 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+from train_utils import make_records, make_tiny_model
 
 import kalm_fast.train.ablation as ablation_mod
 import kalm_fast.train.trainer as trainer_mod
 from kalm_fast.train.ablation import Ablation, ablate, format_table, paired_bootstrap_ci, plot_results
 from kalm_fast.train.config import config_from_dict
 from kalm_fast.train.data import write_jsonl
-from train_utils import make_records, make_tiny_model
 
 VARIANT_ORDER = ["start", "plain", "focal", "mixing", "focal_mixing", "soup"]
 
@@ -156,6 +156,7 @@ def test_ablation_choices_on_validation_only(inputs, tmp_path, spy, capsys, monk
     # the CLI on the same output with --resume: training is skipped, test is scored again, same numbers;
     # without matplotlib the chart is skipped with a clear line
     import sys
+
     from kalm_fast.cli import main
 
     config = tmp_path / "c.yaml"

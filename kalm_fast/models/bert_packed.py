@@ -127,7 +127,8 @@ class PackedBert:
         backend = getattr(model.config, "kalm_attn_backend", "auto")
         per_run = batch.input_ids.device.type == "cpu" and backend in ("auto", "torch")
         runs = equal_length_runs(batch.varlen.lengths) if per_run else None
-        x = model.embeddings(input_ids=batch.input_ids[None], position_ids=batch.position_ids[None])[0]
+        x = model.embeddings(input_ids=batch.input_ids[None], position_ids=batch.position_ids[None],
+                             token_type_ids=torch.zeros_like(batch.input_ids)[None])[0]  # not the 512-long buffer
         for layer in model.encoder.layer:
             packed, ((w_qkv, b_qkv), (w_o, b_o), (w_up, b_up), (w_down, b_down)) = self._layer_weights(layer, x)
             qkv = self._linear(x, w_qkv, b_qkv, packed)

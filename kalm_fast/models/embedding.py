@@ -11,7 +11,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..ops import mean_pool
-from . import bert_packed
+from . import bert_packed, decoder_packed
 from .bidirectional import make_bidirectional
 from .loading import load_tokenizer, load_transformer, read_sentence_transformer_info, resolve_model_dir
 from .packing import DEFAULT_TOKENS, PackedBatch, pack, pack_padded, token_budget_batches
@@ -54,8 +54,8 @@ class EmbeddingModel(nn.Module):
     with bidirectional attention (``ops.flash_attention``, varlen) and pools with ``ops.mean_pool``. A padded batch
     (a dict of ``input_ids [B, L]`` and ``attention_mask [B, L]``) is packed first. ``embed(texts)`` is the batching
     loop of inference (token budget, longest first, order restored) that ``Encoder``, evaluation and hard-negative
-    mining share. In eval mode without autograd, BERT-family models on CPU take the packed fast path
-    (``bert_packed``).
+    mining share. In eval mode without autograd, BERT-family models take the packed fast path (``bert_packed``),
+    decoder LLMs on CPU theirs (``decoder_packed``).
     """
 
     def __init__(self, model: nn.Module, tokenizer, *, max_length: int = 512, prompts: Optional[dict] = None,
@@ -73,6 +73,7 @@ class EmbeddingModel(nn.Module):
         self.position_offset = _position_offset(model.config)
         make_bidirectional(model, attn_backend, self.max_length)
         self._packed_bert = bert_packed.PackedBert(model) if bert_packed.supports(model) else None
+        self._packed_decoder = decoder_packed.PackedDecoder(model) if decoder_packed.supports(model) else None
 
     @classmethod
     def from_pretrained(cls, path=None, *, device=None, dtype=None, attn_backend: str = "auto", max_length: int = 512,
@@ -122,8 +123,11 @@ class EmbeddingModel(nn.Module):
 
     def token_embeddings(self, batch: PackedBatch) -> torch.Tensor:
         """Last hidden states ``[T, H]`` of a packed batch."""
-        if self._packed_bert is not None and not self.training and not torch.is_grad_enabled():
+        inference = not self.training and not torch.is_grad_enabled()
+        if self._packed_bert is not None and inference:
             return self._packed_bert(batch)
+        if self._packed_decoder is not None and inference and batch.input_ids.device.type == "cpu":
+            return self._packed_decoder(batch)
         out = self.model(input_ids=batch.input_ids[None], position_ids=batch.position_ids[None],
                          kalm_varlen=batch.varlen, use_cache=False)
         return out.last_hidden_state[0]
@@ -144,7 +148,8 @@ class EmbeddingModel(nn.Module):
         """float32 ``[len(texts), dim or H]`` embeddings on the model's device, computed in eval mode: texts sorted by
         length, packed into batches of at most ``max_tokens`` tokens (default per device: ``DEFAULT_TOKENS``) and
         ``max_sequences`` texts, results in the order of ``texts``."""
-        budget = max_tokens or DEFAULT_TOKENS.get(self.device.type, 16384)
+        kind = self.device.type + ("-decoder" if self._packed_decoder is not None else "")
+        budget = max_tokens or DEFAULT_TOKENS.get(kind, DEFAULT_TOKENS.get(self.device.type, 16384))
         out = torch.empty(len(texts), dim or self.hidden_size, dtype=torch.float32, device=self.device)
         if not texts:
             return out

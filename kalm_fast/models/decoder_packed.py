@@ -1,0 +1,168 @@
+"""Inference fast path for decoder LLMs made bidirectional (Qwen2, Qwen3, Llama, Mistral) on packed tokens.
+
+The transformers module's own weights, token embedding and rotary embedding are reused; what changes is the
+execution. Every linear layer runs on the packed ``[T, H]`` tokens (no padding FLOPs); Q/K/V are one GEMM; the
+residual adds are fused into the output and down projections. On CPU the linear layers go through oneDNN with
+weights packed once into its blocked layout (fp32, and bf16 where the CPU has it), the SiLU fused into the gate
+projection and the multiply into the up projection, so the ``[T, intermediate]`` activations are written once;
+``addmm`` / ``F.linear`` is the fallback where oneDNN is missing. RMSNorm is ``F.rms_norm``, RoPE is applied in
+place on Q and K. Attention is bidirectional: per run of equal-length sequences on CPU with the "auto" / "torch"
+backends (zero-copy views of K and V, the query heads of one key/value head stacked so that GQA needs no repeated
+K/V), otherwise ``ops.flash_attention`` (varlen) with the model's attention backend.
+Used without autograd only; training goes through the transformers modules and the registered attention function.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .. import ops
+from .bert_packed import MATMUL_ATTENTION_MAX_LEN, equal_length_runs, onednn_linear_available
+
+FAMILIES = ("qwen2", "qwen3", "llama", "mistral")
+
+
+def supports(model) -> bool:
+    """True for a transformers Qwen2 / Qwen3 / Llama / Mistral base model with a SiLU-gated MLP.
+
+    The fast path is bidirectional whatever the config says: ``make_bidirectional`` must have run on the model."""
+    config = model.config
+    if config.model_type not in FAMILIES or getattr(config, "hidden_act", None) != "silu":
+        return False
+    layers = getattr(model, "layers", None)
+    if not layers or not all(hasattr(model, name) for name in ("embed_tokens", "norm", "rotary_emb")):
+        return False
+    attn, mlp = getattr(layers[0], "self_attn", None), getattr(layers[0], "mlp", None)
+    return (all(hasattr(attn, name) for name in ("q_proj", "k_proj", "v_proj", "o_proj", "scaling"))
+            and all(hasattr(mlp, name) for name in ("gate_proj", "up_proj", "down_proj")))
+
+
+def _linear(x, weight, bias, packed: bool, add=None):
+    """``x [T, in] @ weight.T + bias (+ add [T, out])``; ``weight`` packed for oneDNN when ``packed``."""
+    if packed:
+        if add is None:
+            return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+        return torch.ops.mkldnn._linear_pointwise(x, add, weight, bias, "add")
+    if add is None:
+        return F.linear(x, weight, bias)
+    y = torch.addmm(add, x, weight.t())
+    return y if bias is None else y.add_(bias)
+
+
+def _gated_mlp_input(x, gate, up, packed: bool):
+    """``silu(x @ Wg.T + bg) * (x @ Wu.T + bu)``: ``x [T, H]`` -> ``[T, I]``; ``gate`` / ``up`` are (weight, bias)."""
+    (w_gate, b_gate), (w_up, b_up) = gate, up
+    if packed:  # SiLU and multiply as oneDNN post-ops: no extra pass over [T, I]
+        g = torch.ops.mkldnn._linear_pointwise(x, w_gate, b_gate, "swish", [], "")
+        return torch.ops.mkldnn._linear_pointwise(x, g, w_up, b_up, "mul")
+    return F.silu(F.linear(x, w_gate, b_gate), inplace=True).mul_(F.linear(x, w_up, b_up))
+
+
+def _rope_(x, cos, sin):
+    """Rotate ``x [T, heads, D]`` in place by the rotary angles (``cos``, ``sin`` ``[T, 1, D/2]``), as transformers'
+    ``apply_rotary_pos_emb``: ``(x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin)``. One half-size temporary."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    x1_sin = x1 * sin
+    x1.mul_(cos).addcmul_(x2, sin, value=-1)
+    x2.mul_(cos).add_(x1_sin)
+
+
+def attention_per_run(q, k, v, runs, scale: float):
+    """Bidirectional attention per run of equal-length sequences on the packed layout.
+
+    ``q [T, Hq, D]``, ``k, v [T, Hkv, D]`` (views with any row stride), ``runs`` as ``equal_length_runs``
+    -> ``[T, Hq * D]``. Query head h reads key/value head ``h // (Hq // Hkv)``: the query heads of a group are
+    stacked along the rows (``[n, Hkv, G * L, D]``), so K and V are used as zero-copy views, never repeated.
+    Runs up to ``MATMUL_ATTENTION_MAX_LEN`` tokens use matmul-softmax-matmul in fp32, longer ones SDPA.
+    """
+    tokens, q_heads, head_dim = q.shape
+    kv_heads = k.shape[1]
+    group = q_heads // kv_heads
+    ctx = q.new_empty(tokens, q_heads, head_dim)
+    for start, count, length in runs:
+        rows = slice(start, start + count * length)
+        qr = (q[rows].view(count, length, kv_heads, group, head_dim).permute(0, 2, 3, 1, 4)
+              .reshape(count, kv_heads, group * length, head_dim))
+        kr, vr = (x[rows].view(count, length, kv_heads, head_dim).transpose(1, 2) for x in (k, v))
+        if length <= MATMUL_ATTENTION_MAX_LEN:
+            scores = torch.matmul(qr.float(), kr.float().transpose(-1, -2)).mul_(scale)
+            o = torch.matmul(torch.softmax(scores, -1), vr.float())
+        else:
+            o = F.scaled_dot_product_attention(qr, kr, vr, scale=scale)          # [count, Hkv, G * L, D]
+        ctx[rows].view(count, length, kv_heads, group, head_dim).copy_(
+            o.view(count, kv_heads, group, length, head_dim).permute(0, 3, 1, 2, 4))
+    return ctx.view(tokens, q_heads * head_dim)
+
+
+class PackedDecoder:
+    """Callable ``(PackedBatch) -> last hidden state [T, H]``."""
+
+    def __init__(self, model, onednn: bool = True):
+        self.model = model
+        self.onednn = onednn  # CPU linears through oneDNN where the torch build and the CPU have it for the dtype
+        self._weights = {}
+
+    def _layer_weights(self, layer, x) -> tuple:
+        """``(packed, [(weight, bias)] * 5)``: the layer's QKV (one GEMM), output, gate, up and down projections.
+
+        ``packed``: the weights are packed for oneDNN (CPU). The cache is keyed on every parameter's storage and
+        version, so it is rebuilt when a parameter changes (in place too) and no copy outlives a change.
+        """
+        attn, mlp = layer.self_attn, layer.mlp
+        linears = [(attn.q_proj, attn.k_proj, attn.v_proj), (attn.o_proj,), (mlp.gate_proj,), (mlp.up_proj,),
+                   (mlp.down_proj,)]
+        onednn = self.onednn and x.device.type == "cpu" and onednn_linear_available(x.dtype)
+        key = (onednn, tuple((p.data_ptr(), p._version, p.dtype) for group in linears for m in group
+                             for p in (m.weight, m.bias) if p is not None))
+        cached = self._weights.get(id(layer))
+        if cached is None or cached[0] != key:
+            weights = []
+            for group in linears:
+                weight = torch.cat([m.weight for m in group]) if len(group) > 1 else group[0].weight
+                bias = group[0].bias
+                if len(group) > 1 and bias is not None:
+                    bias = torch.cat([m.bias for m in group])
+                if onednn:
+                    weight = torch.ops.mkldnn._reorder_linear_weight(weight, None)
+                weights.append((weight, bias))
+            cached = (key, (onednn, weights))
+            self._weights[id(layer)] = cached
+        return cached[1]
+
+    def __call__(self, batch):
+        model = self.model
+        head_dim = model.layers[0].self_attn.head_dim
+        q_heads, kv_heads = model.config.num_attention_heads, model.config.num_key_value_heads
+        backend = getattr(model.config, "kalm_attn_backend", "auto")
+        per_run = batch.input_ids.device.type == "cpu" and backend in ("auto", "torch")
+        runs = equal_length_runs(batch.varlen.lengths) if per_run else None
+        x = model.embed_tokens(batch.input_ids)                                                # [T, H]
+        cos, sin = model.rotary_emb(x, batch.position_ids[None])                               # [1, T, D]
+        half = head_dim // 2
+        cos, sin = cos[0, :, None, :half], sin[0, :, None, :half]                              # [T, 1, D/2]
+        hidden = x.shape[1]
+        for layer in model.layers:
+            attn = layer.self_attn
+            packed, (qkv_w, o_w, gate_w, up_w, down_w) = self._layer_weights(layer, x)
+            norm = layer.input_layernorm
+            h = F.rms_norm(x, (hidden,), norm.weight, norm.variance_epsilon)
+            qkv = _linear(h, *qkv_w, packed)
+            q, k, v = (t.view(-1, n, head_dim) for t, n in zip(
+                qkv.split([q_heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], 1),
+                (q_heads, kv_heads, kv_heads)))
+            if hasattr(attn, "q_norm"):  # Qwen3: RMSNorm over each head before RoPE
+                q = F.rms_norm(q, (head_dim,), attn.q_norm.weight, attn.q_norm.variance_epsilon)
+                k = F.rms_norm(k, (head_dim,), attn.k_norm.weight, attn.k_norm.variance_epsilon)
+            _rope_(q, cos, sin)
+            _rope_(k, cos, sin)
+            if per_run:
+                ctx = attention_per_run(q, k, v, runs, attn.scaling)
+            else:
+                ctx = ops.flash_attention(q, k, v, cu_seqlens=batch.varlen, softmax_scale=attn.scaling,
+                                          backend=backend).flatten(1)
+            x = _linear(ctx, *o_w, packed, add=x)
+            norm = layer.post_attention_layernorm
+            h = F.rms_norm(x, (hidden,), norm.weight, norm.variance_epsilon)
+            x = _linear(_gated_mlp_input(h, gate_w, up_w, packed), *down_w, packed, add=x)
+        return F.rms_norm(x, (hidden,), model.norm.weight, model.norm.variance_epsilon)

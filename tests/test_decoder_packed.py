@@ -1,0 +1,235 @@
+"""kalm_fast.models.decoder_packed: the packed CPU fast path of decoder LLMs equals transformers' eager modules made
+bidirectional (GQA, Qwen3 q/k norms, biases, empty and unsorted sequences, oneDNN and addmm linears)."""
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kalm_fast.models import EmbeddingModel, decoder_packed
+from kalm_fast.models.bert_packed import MATMUL_ATTENTION_MAX_LEN, onednn_linear_available
+from kalm_fast.models.embedding import _cpu_has_bf16
+
+BPE = Path(__file__).resolve().parent / "fixtures" / "bpe-8k"
+# Unsorted lengths, an empty text, a run of equal lengths, a text past MATMUL_ATTENTION_MAX_LEN (SDPA branch).
+TEXTS = ["hello", "a somewhat longer sentence with more tokens in it, and a comma", "", "the same", "the same",
+         "word " * 150, "日本語", "short"]
+
+
+def _config(kind):
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+
+    common = dict(vocab_size=8192, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                  max_position_embeddings=512, pad_token_id=0)
+    if kind == "qwen2":
+        return Qwen2Config(**common, num_key_value_heads=2)
+    if kind == "qwen2-gqa14":  # KaLM-Embedding-V2's 14:2 heads
+        return Qwen2Config(**{**common, "hidden_size": 224, "num_attention_heads": 14}, num_key_value_heads=2)
+    if kind == "llama":  # biases everywhere: the fused residual-add and multiply post-ops must add them first
+        return LlamaConfig(**common, num_key_value_heads=2, head_dim=16, attention_bias=True, mlp_bias=True)
+    if kind == "qwen3":  # q/k norms, head_dim 32 != hidden / heads, 4:1 heads
+        return Qwen3Config(**common, num_key_value_heads=1, head_dim=32)
+    if kind == "mistral":
+        return MistralConfig(**common, num_key_value_heads=2, sliding_window=4096)
+    raise ValueError(kind)
+
+
+KINDS = ["qwen2", "qwen2-gqa14", "llama", "qwen3", "mistral"]
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory):
+    """One random-init tiny model per kind, saved with the committed byte-level BPE tokenizer."""
+    from transformers import AutoModel, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(BPE))
+    dirs = {}
+    for kind in KINDS:
+        torch.manual_seed(0)
+        model = AutoModel.from_config(_config(kind))
+        for p in model.parameters():  # random init gives near-identical tokens; spread the weights out
+            p.data.normal_(0, 0.2)
+        dirs[kind] = tmp_path_factory.mktemp(kind)
+        model.save_pretrained(str(dirs[kind]))
+        tokenizer.save_pretrained(str(dirs[kind]))
+    return dirs
+
+
+def _eager_bidirectional(model_dir, ids, dtype=torch.float32):
+    """The oracle: transformers' eager model, one text at a time with an all-zero (bidirectional) float mask;
+    the last hidden states of every token concatenated in packed order ``[T, H]``."""
+    from transformers import AutoModel
+
+    ref = AutoModel.from_pretrained(str(model_dir), attn_implementation="eager", dtype=dtype).eval()
+    out = []
+    with torch.no_grad():
+        for x in ids:
+            if x:
+                mask = torch.zeros(1, 1, len(x), len(x), dtype=dtype)
+                out.append(ref(input_ids=torch.tensor(x)[None], attention_mask=mask).last_hidden_state[0])
+    return torch.cat(out)
+
+
+def _fast(model, ids):
+    with torch.no_grad():
+        return model._packed_decoder(model.pack(ids))
+
+
+def _branch(model) -> bool:
+    """Whether the last fast-path call ran its linears through oneDNN (read from the weight cache)."""
+    flags = {entry[1][0] for entry in model._packed_decoder._weights.values()}
+    assert len(flags) == 1
+    return flags.pop()
+
+
+@pytest.mark.parametrize("onednn", [True, False], ids=["onednn", "addmm"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_fast_path_matches_eager_bidirectional_fp32(model_dirs, kind, onednn):
+    if onednn and not onednn_linear_available(torch.float32):
+        pytest.skip("this torch build has no oneDNN linear")
+    model = EmbeddingModel.from_pretrained(model_dirs[kind], device="cpu")
+    assert model._packed_decoder is not None
+    model._packed_decoder.onednn = onednn
+    ids = model.token_ids(TEXTS)
+    lengths = [len(x) for x in ids]
+    assert lengths[2] == 0 and lengths[3] == lengths[4] and max(lengths) > MATMUL_ATTENTION_MAX_LEN
+    assert lengths != sorted(lengths) and lengths != sorted(lengths, reverse=True)
+    got = _fast(model, ids)
+    assert _branch(model) == onednn
+    want = _eager_bidirectional(model_dirs[kind], ids)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+
+
+def test_eager_oracle_is_bidirectional(model_dirs):
+    """The oracle really differs from the causal model, so a causal fast path would fail the tests above."""
+    from transformers import AutoModel
+
+    model = EmbeddingModel.from_pretrained(model_dirs["qwen2"], device="cpu")
+    ids = [x for x in model.token_ids(TEXTS) if x]
+    causal = AutoModel.from_pretrained(str(model_dirs["qwen2"]), attn_implementation="eager").eval()
+    with torch.no_grad():
+        want_causal = torch.cat([causal(input_ids=torch.tensor(x)[None]).last_hidden_state[0] for x in ids])
+    assert (_fast(model, ids) - want_causal).abs().max() > 1e-2
+
+
+@pytest.mark.skipif(not _cpu_has_bf16(), reason="this CPU has no native bf16")
+@pytest.mark.parametrize("kind", ["qwen2-gqa14", "qwen3"])
+def test_fast_path_bf16_close_to_eager_fp32(model_dirs, kind):
+    """bf16 runs oneDNN bf16 linears (where available); it stays within bf16 rounding of the fp32 oracle."""
+    model = EmbeddingModel.from_pretrained(model_dirs[kind], device="cpu", dtype="bfloat16")
+    ids = model.token_ids(TEXTS)
+    got = _fast(model, ids)
+    assert got.dtype == torch.bfloat16 and _branch(model) == onednn_linear_available(torch.bfloat16)
+    want = _eager_bidirectional(model_dirs[kind], ids)
+    torch.testing.assert_close(got.float(), want, atol=4e-2, rtol=4e-2)
+    assert F.cosine_similarity(got.float(), want).min() > 0.999
+
+
+def test_encoder_and_forward_take_the_fast_path_only_for_inference(model_dirs, monkeypatch):
+    model = EmbeddingModel.from_pretrained(model_dirs["qwen2"], device="cpu")
+    calls = []
+    fast_call = decoder_packed.PackedDecoder.__call__
+    monkeypatch.setattr(decoder_packed.PackedDecoder, "__call__",
+                        lambda self, *args: calls.append(1) or fast_call(self, *args))
+    batch = model.tokenize(TEXTS)
+    with torch.no_grad():
+        fast = model(batch)
+    assert calls == [1]
+    slow = model(batch)  # autograd on: the transformers modules
+    assert calls == [1] and slow.requires_grad
+    torch.testing.assert_close(fast, slow.detach(), atol=2e-5, rtol=2e-5)
+    assert fast[2].abs().max() == 0  # the empty text pools to zeros
+
+
+@pytest.mark.parametrize("onednn", [True, False], ids=["onednn", "addmm"])
+def test_weight_cache_follows_in_place_parameter_changes(model_dirs, onednn):
+    """Packed / concatenated weights are rebuilt when a parameter changes in place (e.g. a soup loaded into the
+    same model): the fused QKV, a projection with a fused post-op and one whose residual add is fused."""
+    if onednn and not onednn_linear_available(torch.float32):
+        pytest.skip("this torch build has no oneDNN linear")
+    model = EmbeddingModel.from_pretrained(model_dirs["llama"], device="cpu")
+    model._packed_decoder.onednn = onednn
+    ids = model.token_ids(TEXTS)
+    before = _fast(model, ids)
+    layers = model.model.layers
+    with torch.no_grad():
+        for p in (layers[0].self_attn.k_proj.weight, layers[1].mlp.up_proj.bias, layers[1].self_attn.o_proj.weight):
+            p.mul_(0.5)
+    after = _fast(model, ids)
+    assert not torch.allclose(before, after, atol=1e-3)
+    b = model.pack(ids)
+    cu, m = b.cu_seqlens, b.max_seqlen
+    with torch.no_grad():  # the transformers modules on the same packed tokens, with the changed parameters
+        want = model.model(input_ids=b.input_ids[None], position_ids=b.position_ids[None], cu_seq_lens_q=cu,
+                           cu_seq_lens_k=cu, max_length_q=m, max_length_k=m).last_hidden_state[0]
+    torch.testing.assert_close(after, want, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_other_attention_backends_go_through_flash_attention(model_dirs, monkeypatch, backend):
+    """An attention backend other than "auto" / "torch" runs ``ops.flash_attention`` with that backend."""
+    if backend == "triton" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        pytest.skip("Triton on CPU needs TRITON_INTERPRET=1")
+    model = EmbeddingModel.from_pretrained(model_dirs["qwen3"], device="cpu", attn_backend=backend)
+    seen = []
+    flash_attention = decoder_packed.ops.flash_attention
+    monkeypatch.setattr(decoder_packed.ops, "flash_attention",
+                        lambda *a, **kw: seen.append(kw["backend"]) or flash_attention(*a, **kw))
+    monkeypatch.setattr(decoder_packed, "attention_per_run", None)  # must not be reached
+    ids = model.token_ids(TEXTS[:5])
+    got = _fast(model, ids)
+    assert seen == [backend] * model.config.num_hidden_layers
+    torch.testing.assert_close(got, _eager_bidirectional(model_dirs["qwen3"], ids), atol=1e-4, rtol=1e-4)
+
+
+def test_all_empty_batch(model_dirs):
+    model = EmbeddingModel.from_pretrained(model_dirs["qwen2"], device="cpu")
+    with torch.no_grad():
+        out = model(model.pack([[], []]))
+    assert out.shape == (2, model.hidden_size) and out.abs().max() == 0
+
+
+def test_supports_only_decoder_families(model_dirs):
+    from transformers import AutoModel, BertConfig
+
+    for kind in KINDS:
+        assert decoder_packed.supports(AutoModel.from_config(_config(kind)))
+    bert = AutoModel.from_config(BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1,
+                                            num_attention_heads=2, intermediate_size=64))
+    assert not decoder_packed.supports(bert)
+    gelu = _config("qwen2")
+    gelu.hidden_act = "gelu"
+    assert not decoder_packed.supports(AutoModel.from_config(gelu))
+
+
+def test_saved_directory_loads_bidirectionally_in_sentence_transformers(model_dirs, tmp_path):
+    """``EmbeddingModel.save_pretrained`` writes a directory that sentence-transformers runs bidirectionally, as
+    kalm_fast does: with padding in the batch and without it (batch of one, equal lengths), where transformers'
+    SDPA would otherwise fall back to its causal flag."""
+    from sentence_transformers import SentenceTransformer
+
+    from kalm_fast.encode import Encoder
+
+    EmbeddingModel.from_pretrained(model_dirs["qwen2-gqa14"], device="cpu").save_pretrained(tmp_path / "out")
+    encoder = Encoder(tmp_path / "out", device="cpu")
+    st = SentenceTransformer(str(tmp_path / "out"), device="cpu")
+    texts = [t for t in TEXTS if t]
+    want = torch.as_tensor(encoder.encode(texts))
+    for batch_size in (32, 1):
+        got = torch.as_tensor(st.encode(texts, batch_size=batch_size, normalize_embeddings=True))
+        assert F.cosine_similarity(got, want).min() >= 0.9999, batch_size
+
+
+def test_encoder_default_token_budget_for_decoders_on_cpu(model_dirs, monkeypatch):
+    """Decoder LLMs on CPU batch ``DEFAULT_TOKENS["cpu-decoder"]`` tokens by default (chosen by the benchmark)."""
+    from kalm_fast.encode import Encoder
+    from kalm_fast.models import embedding
+    from kalm_fast.models.packing import DEFAULT_TOKENS
+
+    budgets = []
+    batches = embedding.token_budget_batches
+    monkeypatch.setattr(embedding, "token_budget_batches",
+                        lambda lengths, budget, *a: budgets.append(budget) or batches(lengths, budget, *a))
+    Encoder(model_dirs["qwen2"], device="cpu").encode(TEXTS)
+    assert budgets == [DEFAULT_TOKENS["cpu-decoder"]]
