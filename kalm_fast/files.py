@@ -103,16 +103,18 @@ def digest(path) -> dict:
     return dict(size=os.path.getsize(path), sha256=sha256_file(path))
 
 
-def verify(path, expected: dict) -> str | None:
-    """Why ``path`` does not match ``expected`` (``digest``'s size and sha256), or None when it does."""
+def verify(path, expected: dict, name: str | None = None) -> str | None:
+    """Why ``path`` (called ``name`` in the message) does not match ``expected`` (``digest``'s size and sha256), or
+    None when it does."""
     path = Path(path)
+    name = name or path.name
     if not path.is_file():
-        return f"{path.name} is missing"
+        return f"{name} is missing"
     size = path.stat().st_size
     if size != expected["size"]:
-        return f"{path.name} has {size} bytes, expected {expected['size']}"
+        return f"{name} has {size} bytes, expected {expected['size']}"
     if sha256_file(path) != expected["sha256"]:
-        return f"{path.name} does not match its sha256"
+        return f"{name} does not match its sha256"
     return None
 
 

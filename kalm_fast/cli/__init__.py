@@ -42,6 +42,7 @@ def build_parser(argv_command: str | None = None) -> argparse.ArgumentParser:
         command_parser = sub.add_parser(name, help=help_text, description=help_text)
         if name == argv_command:  # import only the module of the command being run
             import_module(f"{__name__}.{name}").add_arguments(command_parser)
+            parser.set_defaults(command_parser=command_parser)
     return parser
 
 
@@ -54,7 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     command = next((a for a in argv if not a.startswith("-")), None)
     parser = build_parser(command if command in COMMANDS else None)
     try:
-        args = parser.parse_args(argv)
+        args, extra = parser.parse_known_args(argv)
+        if extra:  # named by the subcommand's parser: "kalm-fast encode: error: ..."
+            args.command_parser.error(f"unrecognized arguments: {' '.join(extra)}")
     except SystemExit as exc:  # --help, --version, a usage error: argparse has printed what to print
         return exc.code if isinstance(exc.code, int) else 2
     prog = f"kalm-fast {args.command}"
