@@ -1,6 +1,7 @@
 """kalm_fast: fast kernels and a thin PyTorch API to train and serve KaLM-Embedding-V2-style text embedders.
 
-Public surface: ``Encoder`` (text -> embeddings), ``load_embeddings`` (what ``kalm-fast encode`` wrote), ``ops`` (``mean_pool``, ``flash_attention``, ``focal_infonce``,
+Public surface: ``Encoder`` (text -> embeddings), ``load_embeddings`` (what ``kalm-fast encode`` wrote),
+``ops`` (``mean_pool``, ``flash_attention``, ``focal_infonce``,
 ``pad``/``unpad``), ``FocalInfoNCELoss``, ``model_soup``. Heavy modules (transformers) load on first use.
 """
 from importlib import import_module

@@ -110,8 +110,9 @@ def check_directory(directory: Path) -> None:
     foreign = sorted(p.name for p in directory.iterdir()
                      if p.name != MANIFEST and not SHARD_NAME.match(p.name) and not TEMP_NAME.match(p.name))
     if foreign:
+        shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
         raise ValueError(f"--output {str(directory)!r} is not empty and not a kalm_fast shard directory (it holds "
-                         f"{', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}); use a new or empty directory")
+                         f"{shown}); use a new or empty directory")
     read_manifest(directory)
 
 

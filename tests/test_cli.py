@@ -40,6 +40,8 @@ def files(tmp_path_factory):
     (root / "busy").mkdir()
     (root / "busy/x").write_text("x")
     (root / "bad.yaml").write_text("stages:\n  - {name: s, data: x.jsonl, steps: 2, max_grad_norm: -1}\n")
+    (root / "nodata.yaml").write_text(f"output_dir: {root}/out\nstages:\n  - {{name: s, data: {root}/missing.jsonl, "
+                                      "steps: 2}\n")
     return root
 
 
@@ -61,6 +63,7 @@ def files(tmp_path_factory):
      "output must be a .safetensors file path"),
     ("train", ["train", "{d}/missing.yaml"], "cannot read config '{d}/missing.yaml': it does not exist"),
     ("train", ["train", "{d}/bad.yaml"], "bad.yaml: stages[0] ('s'): 'max_grad_norm' must be > 0 (or null), got -1.0"),
+    ("train", ["train", "{d}/nodata.yaml"], "stage 's': data: file not found: {d}/missing.jsonl"),
     ("demo", ["demo", "--top-k", "0"], "argument --top-k: must be >= 1, got 0"),
     ("demo", ["demo", "--corpus", "{d}/none.txt"], "cannot read --corpus '{d}/none.txt': it does not exist"),
     ("demo", ["demo", "--device", "cuda:99"], "argument --device: device 'cuda:99'"),

@@ -234,3 +234,15 @@ def test_task_builds_the_kalm_query_format(tmp_path, reuse_encoder, shared_encod
     want = shared_encoder.encode(["tallest mountain", "longest river"], prompt=kalm_query_prompt(task))
     np.testing.assert_allclose(np.load(tmp_path / "q.npy"), want, atol=1e-6)
     assert not np.allclose(want, shared_encoder.encode(["tallest mountain", "longest river"]), atol=1e-3)
+
+
+def test_titles_join_their_text_the_same_way_in_encode_corpus_and_eval_sets(tmp_path, shared_encoder, monkeypatch):
+    from kalm_fast.train.data import load_eval_set, write_jsonl
+
+    write_jsonl(tmp_path / "c.jsonl", [{"id": "d", "title": "Mount Everest", "text": "the tallest mountain"}])
+    write_jsonl(tmp_path / "q.jsonl", [{"query": "tallest?", "relevant": ["d"]}])
+    doc = load_eval_set(tmp_path / "q.jsonl", tmp_path / "c.jsonl").docs[0]
+    seen = []
+    monkeypatch.setattr(shared_encoder, "encode", lambda texts, **kwargs: seen.extend(texts))
+    shared_encoder.encode_corpus([{"title": "Mount Everest", "text": "the tallest mountain"}])
+    assert seen == [doc] == ["Mount Everest the tallest mountain"]

@@ -200,3 +200,13 @@ def test_a_missing_cuda_device_is_refused_before_anything(inputs, tmp_path):
     with pytest.raises(ValueError, match="device 'cuda:99'"):
         _run(raw)
     assert not (tmp_path / "run").exists()
+
+
+def test_an_unwritable_output_dir_is_refused_before_anything(inputs, tmp_path, monkeypatch):
+    import os
+
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if str(p) == str(tmp_path) else real_access(p, mode))
+    with pytest.raises(ValueError, match=f"output_dir: cannot write in '{tmp_path}'"):
+        _run(_raw(inputs, tmp_path / "run"))
+    assert not (tmp_path / "run").exists()

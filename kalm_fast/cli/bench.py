@@ -16,7 +16,8 @@ def add_arguments(parser) -> None:
 def available() -> list:
     """The benchmark modules of the checkout (empty when kalm_fast runs from an installed wheel)."""
     directory = CHECKOUT / "benchmarks"
-    return sorted(p.stem for p in directory.glob("*.py") if p.stem not in NOT_BENCHMARKS and not p.stem.startswith("test_"))
+    return sorted(p.stem for p in directory.glob("*.py")
+                  if p.stem not in NOT_BENCHMARKS and not p.stem.startswith("test_"))
 
 
 def run(args) -> int:

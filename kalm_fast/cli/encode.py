@@ -56,10 +56,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="x.npy / x.safetensors for one file, or a directory for sharded resumable output")
     parser.add_argument("--model", default=None, help="local model directory (default: the embedded MiniLM)")
     parser.add_argument("--text-field", default="text", help="field holding the text in .jsonl input (default: text)")
-    parser.add_argument("--device", type=device, default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    parser.add_argument("--device", type=device, default=None,
+                        help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
-    parser.add_argument("--max-length", type=positive_int, default=512, help="max tokens per text (capped by the model)")
-    parser.add_argument("--max-tokens-per-batch", type=positive_int, default=None, help="packed tokens per forward pass")
+    parser.add_argument("--max-length", type=positive_int, default=512,
+                        help="max tokens per text (capped by the model)")
+    parser.add_argument("--max-tokens-per-batch", type=positive_int, default=None,
+                        help="packed tokens per forward pass")
     prompt = parser.add_mutually_exclusive_group()
     prompt.add_argument("--prompt", default=None, help="prefix added to every text")
     prompt.add_argument("--prompt-name", default=None, help="name of one of the model's prompts")

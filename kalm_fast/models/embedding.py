@@ -97,7 +97,8 @@ class EmbeddingModel(nn.Module):
         positions = positions - _position_offset(config) if positions else None
         own = [x for x in (info.max_seq_length, positions) if x]
         embedder = cls(model, tokenizer, max_length=min([max_length] + own), prompts=info.prompts,
-                       normalize=info.normalize, attn_backend=attn_backend, default_prompt_name=info.default_prompt_name)
+                       normalize=info.normalize, attn_backend=attn_backend,
+                       default_prompt_name=info.default_prompt_name)
         embedder.model_max_length = min(own, default=embedder.max_length)
         return embedder.to(device).eval()
 

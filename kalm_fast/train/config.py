@@ -250,8 +250,9 @@ def _build(cls, raw: dict, where: str):
     if unknown:
         shown = sorted(k.rstrip("_") for k in known)
         raise ValueError(f"{where}: unknown key(s) {unknown}; expected some of {shown}")
-    missing = sorted(f.name for f in dataclasses.fields(cls)
-                     if f.name not in raw and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
+    required = [f.name for f in dataclasses.fields(cls)
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    missing = sorted(name for name in required if name not in raw)
     if missing:
         raise ValueError(f"{where}: missing key(s) {missing}")
     try:

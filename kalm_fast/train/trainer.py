@@ -58,7 +58,16 @@ from ..distributed import (
     wrap_model,
 )
 from ..errors import RunError
-from ..files import atomic_write_text, digest, fsync_dir, publish_dir, remove_leftovers, sync_tree, verify
+from ..files import (
+    atomic_write_text,
+    check_writable_dir,
+    digest,
+    fsync_dir,
+    publish_dir,
+    remove_leftovers,
+    sync_tree,
+    verify,
+)
 from ..models import EmbeddingModel
 from ..models.loading import default_model_dir, resolve_model_dir
 from .config import SoupStage, TrainConfig, TrainStage, config_to_dict
@@ -330,6 +339,7 @@ class Trainer:
     # ---------------------------------------------------------------- run
     def _prepare(self) -> dict:
         """Every training stage's data (validated and hashed) and sampler, before any stage trains."""
+        check_writable_dir(self.out, "output_dir")
         resolve_model_dir(self.config.model)  # the base model exists (its files are checked when it loads)
         prepared = {}
         for stage in self.config.stages:
