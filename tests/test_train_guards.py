@@ -56,10 +56,23 @@ def _weights(path):
     return load_file(str(path / "model.safetensors"))
 
 
-def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_intact_one(inputs, tmp_path):
+@pytest.fixture(scope="module")
+def interrupted(inputs, tmp_path_factory):
+    """A run stopped after step 4 (checkpoints of steps 2 and 3 kept); tests take a copy (``_copy``)."""
+    out = tmp_path_factory.mktemp("interrupted") / "cut"
+    _interrupted(_raw(inputs, out), n=4)
+    return out
+
+
+def _copy(interrupted, inputs, tmp_path):
+    """A copy of the interrupted run and its config (output_dir may change on --resume)."""
+    shutil.copytree(interrupted, tmp_path / "cut")
+    return _raw(inputs, tmp_path / "cut")
+
+
+def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_intact_one(inputs, interrupted, tmp_path):
     full = _weights(_run(_raw(inputs, tmp_path / "full")))
-    raw = _raw(inputs, tmp_path / "cut")
-    _interrupted(raw, n=4)  # checkpoints of steps 2 and 3 kept
+    raw = _copy(interrupted, inputs, tmp_path)
     ckpts = tmp_path / "cut/ft/checkpoints"
     assert sorted(p.name for p in ckpts.iterdir()) == ["step-0000002", "step-0000003"]
     optimizer = ckpts / "step-0000003/trainer/optimizer-rank0.safetensors"
@@ -73,18 +86,18 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_intact_one(input
     assert all(torch.equal(full[k], got[k]) for k in full)  # exactly the uninterrupted run
 
 
-def test_no_intact_checkpoint_is_a_clear_error(inputs, tmp_path):
-    raw = _raw(inputs, tmp_path / "cut", keep_checkpoints=1)
-    _interrupted(raw)
+def test_no_intact_checkpoint_is_a_clear_error(inputs, interrupted, tmp_path):
+    raw = _copy(interrupted, inputs, tmp_path)
     (tmp_path / "cut/ft/checkpoints/step-0000003/checkpoint.json").unlink()
+    (tmp_path / "cut/ft/checkpoints/step-0000002/model.safetensors").write_bytes(b"")
     with pytest.raises(ValueError, match=r"no intact checkpoint to resume from \(step-0000003: checkpoint.json is "
-                                         r"missing or unreadable\); delete .*checkpoints to train the stage again"):
+                                         r"missing or unreadable; step-0000002: model.safetensors has 0 bytes, "
+                                         r"expected \d+\); delete .*checkpoints to train the stage again"):
         _run(raw, resume=True)
 
 
-def test_a_checkpoint_missing_a_tensor_is_refused_not_trained_from_random_weights(inputs, tmp_path):
-    raw = _raw(inputs, tmp_path / "cut", keep_checkpoints=1)
-    _interrupted(raw)
+def test_a_checkpoint_missing_a_tensor_is_refused_not_trained_from_random_weights(inputs, interrupted, tmp_path):
+    raw = _copy(interrupted, inputs, tmp_path)
     step = tmp_path / "cut/ft/checkpoints/step-0000003"
     weights = _weights(step)
     weights["encoder.layer.0.attention.self.query.renamed"] = weights.pop("encoder.layer.0.attention.self.query.weight")
@@ -165,9 +178,8 @@ def test_a_start_that_failed_before_any_checkpoint_does_not_block_the_rerun(inpu
     assert (_run(raw) / "model.safetensors").is_file()  # no --resume needed, nothing refused
 
 
-def test_leftovers_of_a_killed_run_are_removed_on_resume(inputs, tmp_path):
-    raw = _raw(inputs, tmp_path / "cut")
-    _interrupted(raw)
+def test_leftovers_of_a_killed_run_are_removed_on_resume(inputs, interrupted, tmp_path):
+    raw = _copy(interrupted, inputs, tmp_path)
     out = tmp_path / "cut"
     (out / "ft/checkpoints/.step-0000003.tmp").mkdir()
     (out / "ft/.final.tmp").mkdir()
