@@ -11,6 +11,7 @@ files a killed soup left next to ``output`` are removed by the next one.
 """
 from __future__ import annotations
 
+import glob
 import json
 import math
 import os
@@ -191,7 +192,7 @@ def model_soup(checkpoints: Sequence, *, weights: Optional[Sequence[float]] = No
     elif output.suffix != ".safetensors" or output.is_dir():
         raise ValueError(f"output must be a .safetensors file path when the checkpoints are files, got {output}")
     output.parent.mkdir(parents=True, exist_ok=True)
-    remove_leftovers(output.parent, f".{output.name}.*.tmp")
+    remove_leftovers(output.parent, f".{glob.escape(output.name)}.*.tmp")
     if not first.is_dir:
         fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent)
         os.close(fd)

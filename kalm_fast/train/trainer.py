@@ -385,7 +385,7 @@ class Trainer:
         if self.info.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             remove_leftovers(self.out)
-            if not progress:  # what a run that stopped before its first checkpoint logged is redone
+            if not progress and run_file.is_file():  # a run that stopped before its first checkpoint: redone
                 (self.out / "metrics.jsonl").unlink(missing_ok=True)
             atomic_write_text(run_file, json.dumps(record, indent=2))
         barrier(self.info)
