@@ -1,6 +1,7 @@
 """kalm_fast: fast kernels and a thin PyTorch API to train and serve KaLM-Embedding-V2-style text embedders.
 
-Public surface: ``Encoder`` (text -> embeddings), ``ops`` (``mean_pool``, ``flash_attention``, ``focal_infonce``,
+Public surface: ``Encoder`` (text -> embeddings), ``load_embeddings`` (what ``kalm-fast encode`` wrote),
+``ops`` (``mean_pool``, ``flash_attention``, ``focal_infonce``,
 ``pad``/``unpad``), ``FocalInfoNCELoss``, ``model_soup``. Heavy modules (transformers) load on first use.
 """
 from importlib import import_module
@@ -10,11 +11,12 @@ __version__ = "0.1.0"
 _LAZY = {
     "Encoder": ("kalm_fast.encode", "Encoder"),
     "model_soup": ("kalm_fast.train.soup", "model_soup"),
+    "load_embeddings": ("kalm_fast.shards", "load_embeddings"),
     "FocalInfoNCELoss": ("kalm_fast.train.losses", "FocalInfoNCELoss"),
     "ops": ("kalm_fast.ops", None),
 }
 
-__all__ = ["Encoder", "model_soup", "FocalInfoNCELoss", "ops", "__version__"]
+__all__ = ["Encoder", "load_embeddings", "model_soup", "FocalInfoNCELoss", "ops", "__version__"]
 
 
 def __getattr__(name):

@@ -63,11 +63,29 @@ def process_group():
             dist.destroy_process_group()
 
 
+def check_device(device) -> torch.device:
+    """``device`` (None: cuda if available, else cpu) as a ``torch.device``; a ``ValueError`` if it is not a device
+    name or names a device this machine does not have."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device {device!r} is not a device name (expected cpu, cuda or cuda:N)") from None
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA device is visible"
+            raise ValueError(f"device {device!r}: CUDA is not available here ({why}); use cpu")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif parsed.type != "cpu":
+        raise ValueError(f"device {device!r}: kalm_fast runs on cpu or cuda")
+    return parsed
+
+
 def local_device(info: DistInfo, device=None) -> torch.device:
     """The device this rank computes on: ``cuda:LOCAL_RANK`` when CUDA is used, else the given/CPU device."""
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
+    device = check_device(device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", info.local_rank)
     return device

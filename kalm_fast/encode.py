@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from .models import EmbeddingModel
-from .prompts import kalm_query_prompt
+from .prompts import join_title, kalm_query_prompt
 
 
 class Encoder:
@@ -103,7 +103,7 @@ class Encoder:
 
     def encode_corpus(self, corpus, **kwargs):
         """Documents get no instruction. Items are strings or BEIR-style dicts with ``title`` / ``text``."""
-        texts = [c if isinstance(c, str) else (f"{c.get('title', '')} {c['text']}".strip()) for c in corpus]
+        texts = [c if isinstance(c, str) else join_title(c.get("title"), c["text"]) for c in corpus]
         kwargs.setdefault("prompt_type", "document")
         return self.encode(texts, **kwargs)
 

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
+from kalm_fast import shards
 from kalm_fast.cli import encode as corpus
 from kalm_fast.cli import main
 
@@ -62,7 +63,7 @@ def test_interrupted_encode_resumes_every_row_once(tmp_path, jsonl, monkeypatch,
     np.testing.assert_allclose(full, shared_encoder.encode(texts), atol=1e-5)
 
     # crash while writing the 4th shard: 3 finished shards stay, the 4th leaves only a temp file
-    real_save = corpus._atomic_write
+    real_save = shards.atomic_write
     calls = {"n": 0}
 
     def failing_write(path, write):
@@ -72,7 +73,7 @@ def test_interrupted_encode_resumes_every_row_once(tmp_path, jsonl, monkeypatch,
             raise KeyboardInterrupt("killed")
         real_save(path, write)
 
-    monkeypatch.setattr(corpus, "_atomic_write", failing_write)
+    monkeypatch.setattr(shards, "atomic_write", failing_write)
     out = tmp_path / "resumed"
     with pytest.raises(KeyboardInterrupt):
         main(_args(jsonl, out))
@@ -80,7 +81,7 @@ def test_interrupted_encode_resumes_every_row_once(tmp_path, jsonl, monkeypatch,
     assert not (out / "manifest.json").exists()
     before = {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*")}
 
-    monkeypatch.setattr(corpus, "_atomic_write", real_save)
+    monkeypatch.setattr(shards, "atomic_write", real_save)
     encoded = []
     real_encode = shared_encoder.encode
     monkeypatch.setattr(shared_encoder, "encode", lambda texts, **kw: encoded.append(len(texts)) or real_encode(texts, **kw))
@@ -116,3 +117,162 @@ def test_rank_split_covers_every_shard_once(tmp_path, jsonl, monkeypatch):
             assert names == [f"shard-{i:05d}.safetensors" for i in (1, 3, 5)]
     _, rows, _ = _read_all(out)
     np.testing.assert_array_equal(rows, np.arange(N_TEXTS))
+
+
+# ---------------------------------------------------------------- integrity on rerun (issue 14)
+SMALL = 4
+
+
+@pytest.fixture
+def small(tmp_path):
+    path = tmp_path / "small.jsonl"
+    path.write_text("".join(json.dumps({"text": f"text number {i}"}) + "\n" for i in range(10)), encoding="utf-8")
+    return path
+
+
+def _small_args(path, out, *extra):
+    return ["encode", "--input", str(path), "--output", str(out), "--shard-size", str(SMALL), "--device", "cpu",
+            *extra]
+
+
+def _one_error(capsys):
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("kalm-fast encode: error: "), err
+    return err[0]
+
+
+def test_a_damaged_shard_is_encoded_again_not_trusted(tmp_path, small, capsys):
+    out = tmp_path / "out"
+    assert main(_small_args(small, out)) == 0
+    good = kalm_fast_load(out)
+    shard = out / "shard-00001.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-5] ^= 0xFF  # same size, one byte of the rows changed
+    shard.write_bytes(bytes(data))
+    assert main(_small_args(small, out)) == 0
+    assert "shard-00001.safetensors" in capsys.readouterr().err
+    np.testing.assert_array_equal(kalm_fast_load(out), good)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["shards"][1]["sha256"] == hashlib.sha256(shard.read_bytes()).hexdigest()
+
+
+def test_a_damaged_shard_without_a_manifest_is_caught_by_its_own_checksum(tmp_path, small, capsys):
+    out = tmp_path / "out"
+    assert main(_small_args(small, out)) == 0
+    good = kalm_fast_load(out)
+    (out / "manifest.json").unlink()  # as after an interruption: only the shards' own checksums are left
+    shard = out / "shard-00000.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-5] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    assert main(_small_args(small, out)) == 0
+    assert "shard-00000.safetensors: its rows do not match the checksum" in capsys.readouterr().err
+    np.testing.assert_array_equal(kalm_fast_load(out), good)
+
+
+def test_a_shard_copied_over_another_index_is_refused(tmp_path, small, capsys):
+    out = tmp_path / "out"
+    assert main(_small_args(small, out)) == 0
+    (out / "manifest.json").unlink()
+    (out / "shard-00001.safetensors").write_bytes((out / "shard-00000.safetensors").read_bytes())
+    assert main(_small_args(small, out)) == 2
+    assert "shard-00001.safetensors holds rows 0-3 but shard 1 is rows 4-7" in _one_error(capsys)
+
+
+def test_other_weights_behind_the_same_model_path_are_another_encode(tmp_path, small, capsys):
+    from train_utils import make_tiny_model
+
+    model = make_tiny_model(tmp_path / "model", seed=0)
+    out = tmp_path / "out"
+    assert main(_small_args(small, out, "--model", str(model))) == 0  # (the module's encoder stands in for it)
+    (out / "manifest.json").unlink()
+    (out / "shard-00002.safetensors").unlink()  # an interrupted run
+    make_tiny_model(tmp_path / "model", seed=1)  # new weights, same path
+    capsys.readouterr()
+    assert main(_small_args(small, out, "--model", str(model))) == 2
+    assert "differs in model_sha256" in _one_error(capsys)
+
+
+@pytest.mark.parametrize("content", ['{"note": "mine"}', "not json at all", '{"format": "other"}'])
+def test_an_unrelated_manifest_is_never_overwritten(tmp_path, small, capsys, content):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "manifest.json").write_text(content)
+    assert main(_small_args(small, out)) == 2
+    assert "is not a kalm_fast shard manifest" in _one_error(capsys)
+    assert (out / "manifest.json").read_text() == content and sorted(p.name for p in out.iterdir()) == ["manifest.json"]
+
+
+def test_a_directory_of_other_files_is_refused(tmp_path, small, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    assert main(_small_args(small, out)) == 2
+    assert "not empty and not a kalm_fast shard directory (it holds notes.txt)" in _one_error(capsys)
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+
+
+def test_a_lone_surrogate_is_refused_before_any_shard(tmp_path, capsys):
+    path = tmp_path / "in.jsonl"
+    lines = [json.dumps({"text": f"t{i}"}) for i in range(9)] + ['{"text": "a\\ud800"}']
+    path.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out"
+    assert main(_small_args(path, out)) == 2
+    assert "in.jsonl:10: 'text' holds '\\ud800' at character 2, a lone surrogate" in _one_error(capsys)
+    assert not out.exists()
+
+
+def test_a_named_pipe_is_read_once(tmp_path, small):
+    import os
+    import threading
+    import time
+
+    fifo = tmp_path / "pipe.jsonl"
+    os.mkfifo(fifo)
+    content, stop = small.read_bytes(), threading.Event()
+
+    def writer():
+        with open(fifo, "wb") as f:
+            f.write(content)
+        while not stop.is_set():  # a reader that opens the pipe again gets an empty stream, not a hang
+            try:
+                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+            except OSError:
+                time.sleep(0.01)
+
+    thread = threading.Thread(target=writer, daemon=True)
+    thread.start()
+    try:
+        assert main(_small_args(fifo, tmp_path / "from-pipe")) == 0
+    finally:
+        stop.set()
+        thread.join()
+    assert main(_small_args(small, tmp_path / "from-file")) == 0
+    np.testing.assert_array_equal(kalm_fast_load(tmp_path / "from-pipe"), kalm_fast_load(tmp_path / "from-file"))
+
+
+def test_load_embeddings_reads_the_rows_in_order_and_checks_them(tmp_path, small, shared_encoder):
+    import kalm_fast
+
+    out = tmp_path / "out"
+    assert main(_small_args(small, out)) == 0
+    got = kalm_fast.load_embeddings(out)
+    texts = [json.loads(line)["text"] for line in small.read_text().splitlines()]
+    assert got.shape == (10, 384)
+    np.testing.assert_allclose(got, shared_encoder.encode(texts), atol=1e-5)
+    shard = out / "shard-00002.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 1
+    shard.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="shard-00002.safetensors does not match its sha256"):
+        kalm_fast.load_embeddings(out)
+    shard.unlink()
+    with pytest.raises(ValueError, match="shard-00002.safetensors is missing"):
+        kalm_fast.load_embeddings(out)
+    (out / "manifest.json").unlink()
+    with pytest.raises(ValueError, match="has no manifest.json: the encode is unfinished"):
+        kalm_fast.load_embeddings(out)
+
+
+def kalm_fast_load(directory):
+    return shards.load_embeddings(directory)

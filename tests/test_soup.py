@@ -116,6 +116,8 @@ def _corrupt(tmp_path, change):
     (lambda t: t.update({"a.weight": torch.ones(6, 4)}), r"tensor 'a.weight' has shape \[4, 6\] in .* but \[6, 4\]"),
     (lambda t: t.update({"c.bf16": torch.ones(3, 2)}), r"tensor 'c.bf16' has dtype BF16 in .* but F32"),
     (lambda t: t.update({"d.ids": torch.arange(7) + 1}), r"tensor 'd.ids' is an integer tensor that differs"),
+    (lambda t: t["a.weight"].__setitem__((1, 2), float("nan")), r"tensor 'a.weight' of .*ck1.safetensors holds NaN or"),
+    (lambda t: t["b.half"].__setitem__(0, float("inf")), r"tensor 'b.half' of .*ck1.safetensors holds NaN or inf"),
 ])
 def test_mismatch_errors_write_nothing(tmp_path, change, message):
     paths = _corrupt(tmp_path, change)
@@ -193,3 +195,26 @@ def test_top_level_and_cli(tmp_path):
     assert main(["soup", str(paths[0]), str(paths[1]), "--weights", "3", "1", "--output", str(tmp_path / "s.safetensors")]) == 0
     got = load_file(str(tmp_path / "s.safetensors"))
     torch.testing.assert_close(got["a.weight"], _expected([3, 1])["a.weight"])
+
+
+def test_non_finite_weights_in_a_directory_write_nothing(tmp_path):
+    dirs = [_model_dir(tmp_path / f"m{i}", i, 2) for i in range(2)]
+    shard = sorted(dirs[1].glob("*.safetensors"))[-1]
+    tensors = load_file(str(shard))
+    name = sorted(tensors)[0]
+    tensors[name] = torch.full_like(tensors[name], float("nan"))
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=rf"tensor '{name}' of .*m1 holds NaN or inf values"):
+        model_soup(dirs, output=tmp_path / "soup")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m0", "m1"]
+
+
+def test_a_killed_soups_temp_files_are_removed_by_the_next(tmp_path):
+    paths = _files(tmp_path, 2)
+    (tmp_path / ".soup.safetensors.abc.tmp").write_bytes(b"half")
+    (tmp_path / ".soup.xyz.tmp").mkdir()
+    model_soup(paths, output=tmp_path / "soup.safetensors")
+    assert not (tmp_path / ".soup.safetensors.abc.tmp").exists()
+    dirs = [_model_dir(tmp_path / f"m{i}", i, 1) for i in range(2)]
+    model_soup(dirs, output=tmp_path / "soup")
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from kalm_fast.prompts import format_query
+from kalm_fast.prompts import format_query, join_title
 from kalm_fast.train.config import config_from_dict, load_config
 from kalm_fast.train.data import TrainData, load_eval_set, write_jsonl
 from kalm_fast.train.sampler import TaskBatchSampler, build_example
@@ -128,7 +128,7 @@ def test_eval_set(tmp_path):
     write_jsonl(queries, [{"query": "a", "relevant": ["d1"]}, {"query": "b", "relevant": {"2": 2, "d1": 0}}])
     ev = load_eval_set(queries, corpus, instruction="find")
     assert ev.queries == ["Instruct: find \n Query: a", "Instruct: find \n Query: b"]
-    assert ev.relevant == [{"d1": 1.0}, {"2": 2.0}] and ev.docs == ["one", "T\ntwo"]
+    assert ev.relevant == [{"d1": 1.0}, {"2": 2.0}] and ev.docs == ["one", join_title("T", "two")] == ["one", "T two"]
     write_jsonl(queries, [{"query": "a", "relevant": ["d1"]}, {"query": "b", "relevant": ["nope"]}])
     with pytest.raises(ValueError, match=r"q.jsonl:2: relevant doc ids not in the corpus"):
         load_eval_set(queries, corpus)
@@ -141,7 +141,7 @@ def test_config_validation(tmp_path):
     stage = dict(name="s", data=["x.jsonl"], steps=3)
     cfg = config_from_dict(dict(stages=[stage, dict(name="soup", type="soup", **{"from": ["s", "base"]})]))
     assert cfg.stages[0].hard_negatives == 7 and cfg.stages[1].from_ == ["s", "base"]
-    with pytest.raises(ValueError, match=r"stages\[0\]: unknown key\(s\) \['stepz'\]"):
+    with pytest.raises(ValueError, match=r"stages\[0\] \('s'\): unknown key\(s\) \['stepz'\]"):
         config_from_dict(dict(stages=[dict(stage, stepz=1)]))
     with pytest.raises(ValueError, match="exactly one of 'steps' or 'epochs'"):
         config_from_dict(dict(stages=[dict(stage, epochs=1)]))
@@ -161,3 +161,125 @@ def test_example_configs_load():
     from pathlib import Path
     for path in sorted((Path(__file__).parent.parent / "configs").glob("*.yaml")):
         load_config(path)
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(max_grad_norm=-1), "'max_grad_norm' must be > 0 (or null), got -1.0"),
+    (dict(steps=None, epochs=0), "'epochs' must be > 0, got 0.0"),
+    (dict(batch_size=4.5), "'batch_size' must be a whole number, got 4.5"),
+    (dict(batch_size=True), "'batch_size' must be a whole number, got True"),
+    (dict(weight_decay=-0.1), "'weight_decay' must be >= 0, got -0.1"),
+    (dict(lr="fast"), "'lr' must be a number, got 'fast'"),
+    (dict(lr=0), "'lr' must be > 0, got 0.0"),
+    (dict(lr=float("nan")), "'lr' must be a number, got nan"),
+    (dict(temperature=0), "temperature"),
+    (dict(steps="10"), "'steps' must be a whole number, got '10'"),
+    (dict(data=[]), "'data' must be a non-empty list of JSONL paths"),
+    (dict(data=[3]), "'data[0]' must be a string, got 3"),
+    (dict(instructions={"t": 5}), "'instructions.t' must be a string, got 5"),
+    (dict(task_weights={"t": -1}), "'task_weights' must be weights >= 0"),
+    (dict(in_batch_negatives="yes"), "'in_batch_negatives' must be true or false, got 'yes'"),
+    (dict(num_synthetic=2, hard_negatives=1), "it needs hard_negatives >= 2 and mix_top_k >= 2 (got 1 and None)"),
+    (dict(matryoshka_dims=[16, 0]), "'matryoshka_dims' must be a non-empty list of ints >= 1"),
+    (dict(matryoshka_dims=[16], matryoshka_weights=[1, 1]), "'matryoshka_weights' must be one weight >= 0 per"),
+    (dict(save_every=0), "'save_every' must be >= 1 (or null), got 0"),
+    (dict(keep_checkpoints=0), "'keep_checkpoints' must be >= 1, got 0"),
+])
+def test_every_stage_value_is_checked_naming_its_key(change, message):
+    stage = dict(dict(name="s", data=["x.jsonl"], steps=3), **change)
+    with pytest.raises(ValueError) as error:
+        config_from_dict(dict(stages=[stage]))
+    assert str(error.value).startswith("stages[0] ('s'): ") and message in str(error.value), str(error.value)
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(log_every=0), "'log_every' must be >= 1, got 0"),
+    (dict(max_length=0), "'max_length' must be >= 1, got 0"),
+    (dict(seed=1.5), "'seed' must be a whole number, got 1.5"),
+    (dict(dtype="float8"), "'dtype' must be one of"),
+    (dict(eval=dict(queries="q", corpus="c", metric="ndcg@7")), "eval: 'metric' must be one of"),
+    (dict(eval=dict(queries="q", corpus="c", batch_size=0)), "eval: 'batch_size' must be >= 1"),
+    (dict(eval=dict(queries="q")), "eval: missing key(s) ['corpus']"),
+    (dict(stages="s"), "'stages' must be a list of stages"),
+])
+def test_every_global_value_is_checked_naming_its_key(change, message):
+    raw = dict(dict(stages=[dict(name="s", data=["x.jsonl"], steps=3)]), **change)
+    with pytest.raises(ValueError) as error:
+        config_from_dict(raw)
+    assert message in str(error.value), str(error.value)
+
+
+def test_soup_stage_values_are_checked():
+    train = dict(name="s", data=["x.jsonl"], steps=3)
+    with pytest.raises(ValueError, match=r"stages\[1\] \('soup'\): 'weights' must be one weight >= 0 per 'from'"):
+        config_from_dict(dict(stages=[train, dict(name="soup", type="soup", weights=[1], **{"from": ["s", "base"]})]))
+    with pytest.raises(ValueError, match="'from' must be a non-empty list"):
+        config_from_dict(dict(stages=[train, dict(name="soup", type="soup")]))
+
+
+def test_yaml_numbers_without_a_dot_are_numbers(tmp_path):
+    """YAML 1.1 (PyYAML) reads 1e-3 as the string "1e-3": taken as the number it means."""
+    path = tmp_path / "c.yaml"
+    path.write_text("stages:\n  - {name: s, data: x.jsonl, steps: 2, lr: 1e-3, weight_decay: 0, "
+                    "max_grad_norm: 5e-1}\n")
+    stage = load_config(path).stages[0]
+    assert stage.lr == 1e-3 and isinstance(stage.lr, float) and stage.max_grad_norm == 0.5
+    assert stage.weight_decay == 0.0
+
+
+def test_unreadable_yaml_is_a_value_error_naming_the_file(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("stages: [\n")
+    with pytest.raises(ValueError, match=r"c.yaml: not a readable YAML config"):
+        load_config(path)
+
+
+def test_flagembedding_prompt_is_the_query_instruction(tmp_path):
+    path = _write(tmp_path / "d.jsonl", [json.dumps({"query": "q", "pos": ["p"], "prompt": "Find the answer"}),
+                                         json.dumps({"query": "q2", "pos": ["p"], "prompt": "x", "instruction": "x"})])
+    data = TrainData(path, instructions={"d": "task default"})
+    assert data[0]["instruction"] == "Find the answer" and data[1]["instruction"] == "x"
+    query, _ = build_example(data[0], 0, num_negatives=0, seed=0, epoch=0)
+    assert query == format_query("q", "Find the answer")
+    _write(path, [json.dumps({"query": "q", "pos": ["p"], "prompt": "a", "instruction": "b"})])
+    with pytest.raises(ValueError, match="d.jsonl:1: 'instruction' and 'prompt' differ"):
+        TrainData(path)
+
+
+def test_flagembedding_scores_and_type_are_checked_and_reported_not_dropped_silently(tmp_path):
+    row = {"query": "q", "pos": ["p"], "neg": ["n1", "n2"], "pos_scores": [0.9], "neg_scores": [0.1, 0.2],
+           "type": "normal", "id": 7}
+    path = _write(tmp_path / "d.jsonl", [json.dumps(row)])
+    with pytest.warns(UserWarning, match=r"d.jsonl: keys not used by kalm_fast's contrastive training: id, "
+                                         r"neg_scores \(FlagEmbedding's teacher scores"):
+        data = TrainData(path)
+    assert data.unused == {str(path): ["id", "neg_scores", "pos_scores", "type"]}
+    _write(path, [json.dumps(dict(row, neg_scores=[0.1]))])
+    with pytest.raises(ValueError, match=r"d.jsonl:1: 'neg_scores' must be a list of 2 numbers"):
+        TrainData(path)
+
+
+@pytest.mark.parametrize("raw, message", [
+    (b'{"query": "q", "pos": ""}', "'pos' holds an empty text at index 0"),
+    (b'{"query": "q", "pos": ["ok", "  "]}', "'pos' holds an empty text at index 1"),
+    (b'{"query": "q", "pos": ["caf\xe9"]}', "not valid UTF-8 \\(byte 0xe9 at column 28"),
+    (b'{"query": "q", "pos": ["a\\ud800"]}', "'pos\\[0\\]' holds '\\\\ud800' at character 2, a lone surrogate"),
+    (b'{"query": "q", "pos": ' + b"[" * 100000 + b"]" * 100000 + b"}", "JSON nested too deeply"),
+])
+def test_bad_texts_name_file_and_line(tmp_path, raw, message):
+    path = tmp_path / "train.jsonl"
+    path.write_bytes(GOOD.encode() + b"\n" + raw + b"\n")
+    with pytest.raises(ValueError, match=rf"train.jsonl:2: {message}"):
+        TrainData(path)
+
+
+def test_eval_files_name_file_and_line(tmp_path):
+    corpus, queries = tmp_path / "corpus.jsonl", tmp_path / "q.jsonl"
+    corpus.write_bytes(b'{"id": "d1", "text": "one"}\n{"id": "d2", "text": "tw\xff"}\n')
+    write_jsonl(queries, [{"query": "a", "relevant": ["d1"]}])
+    with pytest.raises(ValueError, match=r"corpus.jsonl:2: not valid UTF-8"):
+        load_eval_set(queries, corpus)
+    write_jsonl(corpus, [{"id": "d1", "text": "one"}])
+    write_jsonl(queries, [{"query": "a", "relevant": {"d1": "high"}}])
+    with pytest.raises(ValueError, match=r"q.jsonl:1: 'relevant' grades must be numbers"):
+        load_eval_set(queries, corpus)

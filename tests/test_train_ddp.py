@@ -1,4 +1,5 @@
 """Two processes on gloo (torchrun) take the same steps as one process with the global batch."""
+import json
 import os
 import shutil
 import subprocess
@@ -42,8 +43,9 @@ def test_two_processes_equal_one_with_the_global_batch(tmp_path, parallel):
     assert max_abs_diff(a, load_file(str(model / "model.safetensors"))) > 1e-3  # the steps moved the weights
     assert max_abs_diff(a, b) < 2e-5
     # rank 0 alone logs and writes checkpoints
-    lines = (tmp_path / "two/metrics.jsonl").read_text().splitlines()
-    assert len(lines) == 1  # log_every=10: only the last step
+    records = [json.loads(line) for line in (tmp_path / "two/metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [3]  # log_every=10: only the last step
+    assert sum("data" in r for r in records) == 1
     assert [p.name for p in (tmp_path / "two/ft/checkpoints").iterdir()] == ["step-0000002"]
     # a crash after the checkpoint of step 2: --resume redoes step 3 (sharded optimizer state under FSDP)
     shutil.rmtree(tmp_path / "two/ft/final")
@@ -51,3 +53,5 @@ def test_two_processes_equal_one_with_the_global_batch(tmp_path, parallel):
     assert proc.returncode == 0, proc.stderr[-8000:]
     c = load_file(str(tmp_path / "two/ft/final/model.safetensors"))
     assert all(torch.equal(b[k], c[k]) for k in b)
+    records = [json.loads(line) for line in (tmp_path / "two/metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [3]  # the redone step is logged once

@@ -6,17 +6,26 @@ import sys
 from pathlib import Path
 
 CHECKOUT = Path(__file__).resolve().parents[2]
+NOT_BENCHMARKS = ("__init__", "harness", "run_all")
 
 
 def add_arguments(parser) -> None:
     parser.add_argument("only", nargs="*", help="benchmark names (mean_pool, attention, contrastive, encode); default all")
 
 
+def available() -> list:
+    """The benchmark modules of the checkout (empty when kalm_fast runs from an installed wheel)."""
+    directory = CHECKOUT / "benchmarks"
+    return sorted(p.stem for p in directory.glob("*.py")
+                  if p.stem not in NOT_BENCHMARKS and not p.stem.startswith("test_"))
+
+
 def run(args) -> int:
     if not (CHECKOUT / "benchmarks" / "run_all.py").exists():
-        print("kalm-fast bench: error: benchmarks ship with the source checkout; run it from a clone "
-              "(`make bench`)", file=sys.stderr)
-        return 2
+        raise ValueError("benchmarks ship with the source checkout; run it from a clone (`make bench`)")
+    unknown = [name for name in args.only if name not in available()]
+    if unknown:
+        raise ValueError(f"unknown benchmark(s) {', '.join(unknown)}; expected some of {', '.join(available())}")
     if args.only:
         return max(subprocess.call([sys.executable, "-m", f"benchmarks.{name}"], cwd=CHECKOUT) for name in args.only)
     return subprocess.call([sys.executable, "-m", "benchmarks.run_all"], cwd=CHECKOUT)

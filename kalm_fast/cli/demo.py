@@ -1,11 +1,15 @@
 """``kalm-fast demo`` (what ``make run`` calls): encode the sample corpus with the embedded model, print the
-throughput and, for a few sample queries, their nearest neighbours in the corpus."""
+throughput and, for a few sample queries, their nearest neighbours in the corpus. The sample files are package
+data (``kalm_fast/data``), so the demo runs from an installed wheel as well as from a checkout."""
 from __future__ import annotations
 
 import argparse
 import sys
 import time
 from pathlib import Path
+
+from ..files import read_lines
+from .args import device, input_file, positive_int
 
 DATA_DIR = Path(__file__).resolve().parents[1] / "data"  # package data: the sample corpus and queries
 
@@ -14,17 +18,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--corpus", default=str(DATA_DIR / "sample_corpus.txt"), help="one text per line")
     parser.add_argument("--queries", default=str(DATA_DIR / "sample_queries.txt"), help="one query per line")
     parser.add_argument("--model", default=None, help="local model directory (default: the embedded MiniLM)")
-    parser.add_argument("--device", default=None)
+    parser.add_argument("--device", type=device, default=None)
     parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
-    parser.add_argument("--top-k", type=int, default=3)
+    parser.add_argument("--top-k", type=positive_int, default=3)
 
 
-def _lines(path: str) -> list:
-    try:
-        with open(path, encoding="utf-8") as f:
-            return [line.rstrip("\r\n") for line in f if line.strip()]
-    except OSError as exc:
-        raise SystemExit(f"kalm-fast demo: error: cannot read {path}: {exc.strerror or exc}")
+def _lines(path: str, what: str) -> list:
+    lines = [line for _, line in read_lines(input_file(path, what)) if line.strip()]
+    if not lines:
+        raise ValueError(f"{what} {path!r} holds no texts")
+    return lines
 
 
 def _short(text: str, width: int = 90) -> str:
@@ -36,8 +39,11 @@ def run(args) -> int:
 
     from ..encode import Encoder
 
-    corpus, queries = _lines(args.corpus), _lines(args.queries)
-    encoder = Encoder(args.model, device=args.device, dtype=args.dtype)
+    corpus, queries = _lines(args.corpus, "--corpus"), _lines(args.queries, "--queries")
+    try:
+        encoder = Encoder(args.model, device=args.device, dtype=args.dtype)
+    except (ValueError, OSError) as exc:
+        raise ValueError(f"cannot load --model: {exc}") from None
     model = encoder.model
     print(f"model: {model.config.model_type} ({model.hidden_size} dims, max {model.max_length} tokens) on "
           f"{encoder.device} {str(model.dtype).replace('torch.', '')}, {torch.get_num_threads()} threads")

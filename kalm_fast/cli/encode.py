@@ -1,22 +1,28 @@
 """``kalm-fast encode``: texts from a .txt / .jsonl file into embeddings.
 
-Two output forms:
-- a single file (``--output x.npy`` or ``x.safetensors``), written atomically (temp file + rename);
-- a directory (any other ``--output``): numbered safetensors shards of ``--shard-size`` rows plus
-  ``manifest.json`` (model, dims, count, per-shard sha256). Input is streamed (memory independent of corpus
-  size), a rerun resumes by skipping finished shards (each is written atomically, so a shard on disk is
-  complete), and under ``torchrun`` rank r encodes the shards i with ``i % world_size == r`` into the same directory.
+Two output forms, chosen by ``--output``:
+- a single file ``x.npy`` or ``x.safetensors``, written atomically (temp file, fsync, rename);
+- a directory (an existing directory, a path without a suffix, or one ending in ``/``): numbered safetensors
+  shards of ``--shard-size`` rows plus ``manifest.json`` (``kalm_fast.shards``; read back with
+  ``kalm_fast.load_embeddings``). The input is streamed (memory independent of corpus size); a rerun verifies the
+  finished shards and skips them, encodes again those that are damaged, and refuses shards of another encode; under
+  ``torchrun`` rank r encodes the shards i with ``i % world_size == r`` into the same directory.
 
-Input: ``.txt`` is one text per line; ``.jsonl`` holds one JSON object per non-blank line with a string field
-(``--text-field``, default ``text``). Row i of the output is text i of the input.
+Any other suffix is refused. Input: ``.txt`` is one text per line (only ``\\n`` ends a line); ``.jsonl`` holds one
+JSON object per non-blank line with a string field (``--text-field``, default ``text``). Row i of the output is
+text i of the input. Everything that can be checked (arguments, the whole input, the model, the output's
+directory and free space) is checked before the first text is encoded.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
-import json
 import os
+import shutil
+import stat
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Iterator
@@ -24,14 +30,24 @@ from typing import Iterator
 import numpy as np
 
 from ..distributed import process_group, torchrun_env
+from ..files import (
+    atomic_write,
+    check_free_space,
+    check_unicode,
+    check_writable_dir,
+    parse_json_line,
+    read_lines,
+    remove_leftovers,
+    sha256_file,
+)
+from ..models.loading import resolve_model_dir
+from ..prompts import kalm_query_prompt
+from ..shards import TEMP_NAME, check_directory, check_shard, read_manifest, shard_path, write_manifest, write_shard
+from .args import device, input_file, positive_int
 
-PROG = "kalm-fast encode"
-MANIFEST = "manifest.json"
 SINGLE_SUFFIXES = (".npy", ".safetensors")
-
-
-class UsageError(Exception):
-    """An error that is the user's fault: printed as one line, exit code 2."""
+INPUT_SUFFIXES = (".txt", ".jsonl")
+MODEL_FILE_SUFFIXES = (".safetensors", ".json", ".txt", ".model")  # what defines a model's embeddings
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -40,83 +56,96 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="x.npy / x.safetensors for one file, or a directory for sharded resumable output")
     parser.add_argument("--model", default=None, help="local model directory (default: the embedded MiniLM)")
     parser.add_argument("--text-field", default="text", help="field holding the text in .jsonl input (default: text)")
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    parser.add_argument("--device", type=device, default=None,
+                        help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
-    parser.add_argument("--max-length", type=int, default=512, help="max tokens per text (capped by the model)")
-    parser.add_argument("--max-tokens-per-batch", type=int, default=None, help="packed tokens per forward pass")
-    parser.add_argument("--prompt", default=None, help="prefix added to every text (e.g. a KaLM query instruction)")
-    parser.add_argument("--prompt-name", default=None, help="name of one of the model's prompts")
-    parser.add_argument("--truncate-dim", type=int, default=None, help="keep the first D dims (Matryoshka)")
+    parser.add_argument("--max-length", type=positive_int, default=512,
+                        help="max tokens per text (capped by the model)")
+    parser.add_argument("--max-tokens-per-batch", type=positive_int, default=None,
+                        help="packed tokens per forward pass")
+    prompt = parser.add_mutually_exclusive_group()
+    prompt.add_argument("--prompt", default=None, help="prefix added to every text")
+    prompt.add_argument("--prompt-name", default=None, help="name of one of the model's prompts")
+    prompt.add_argument("--task", default=None,
+                        help="encode queries of this task in the KaLM format 'Instruct: {task} \\n Query: {text}'")
+    parser.add_argument("--truncate-dim", type=positive_int, default=None, help="keep the first D dims (Matryoshka)")
     parser.add_argument("--no-normalize", action="store_true", help="do not L2-normalize the embeddings")
-    parser.add_argument("--shard-size", type=int, default=100_000, help="rows per shard in directory output")
+    parser.add_argument("--shard-size", type=positive_int, default=100_000, help="rows per shard in directory output")
     parser.add_argument("--allow-pickle", action="store_true", help="allow loading pickled .bin weights")
 
 
-def read_texts(path: Path, text_field: str = "text") -> Iterator[tuple[int, str]]:
-    """``(line_number, text)`` for each text of a .txt / .jsonl file, streamed; bad input raises UsageError."""
+def read_texts(path: Path, text_field: str = "text", suffix: str | None = None) -> Iterator[tuple[int, str]]:
+    """``(line_number, text)`` for each text of a .txt / .jsonl file, streamed; bad input raises ValueError at
+    ``file:line``. ``suffix`` overrides the file's own (for a spooled pipe)."""
+    suffix = (suffix or path.suffix).lower()
+    if suffix not in INPUT_SUFFIXES:
+        raise ValueError(f"--input must be a .txt or .jsonl file, got {str(path)!r}")
+    for number, line in read_lines(path):
+        if suffix == ".txt":
+            yield number, line
+            continue
+        if not line.strip():
+            continue
+        record = parse_json_line(path, number, line)
+        if not isinstance(record, dict) or text_field not in record:
+            raise ValueError(f"{path}:{number}: expected a JSON object with a {text_field!r} field")
+        if not isinstance(record[text_field], str):
+            raise ValueError(f"{path}:{number}: field {text_field!r} must be a string, "
+                             f"got {type(record[text_field]).__name__}")
+        yield number, check_unicode(path, number, text_field, record[text_field])
+
+
+def output_is_single(output: str) -> bool:
+    """True for ``x.npy`` / ``x.safetensors``, False for a directory; ValueError for anything else."""
+    path = Path(output)
     suffix = path.suffix.lower()
-    if suffix not in (".txt", ".jsonl"):
-        raise UsageError(f"--input must be a .txt or .jsonl file, got {str(path)!r}")
+    if suffix in SINGLE_SUFFIXES:
+        if path.is_dir():
+            raise ValueError(f"--output {output!r} is an existing directory; single-file output needs a file path")
+        return True
+    if path.is_dir() or output.endswith(("/", os.sep)) or not suffix:
+        return False
+    raise ValueError(f"--output {output!r}: unknown suffix {suffix!r}; use .npy or .safetensors for one file, or a "
+                     "directory (no suffix, or a trailing /) for sharded output")
+
+
+@contextlib.contextmanager
+def readable_input(path: Path) -> Iterator[Path]:
+    """``path`` itself if it is a regular file; a named pipe or other stream is read once into a temporary file
+    (sharded output reads its input more than once)."""
+    if stat.S_ISREG(os.stat(path).st_mode):
+        yield path
+        return
+    fd, spool = tempfile.mkstemp(prefix="kalm-fast-input-", suffix=path.suffix)
     try:
-        f = open(path, encoding="utf-8")
-    except OSError as exc:
-        raise UsageError(f"cannot read --input {str(path)!r}: {exc.strerror or exc}") from None
-    with f:
-        try:
-            for number, line in enumerate(f, start=1):
-                line = line.rstrip("\r\n")
-                if suffix == ".txt":
-                    yield number, line
-                    continue
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise UsageError(f"{path}:{number}: invalid JSON ({exc.msg} at column {exc.colno})") from None
-                if not isinstance(record, dict) or text_field not in record:
-                    raise UsageError(f"{path}:{number}: expected a JSON object with a {text_field!r} field")
-                if not isinstance(record[text_field], str):
-                    raise UsageError(f"{path}:{number}: field {text_field!r} must be a string, "
-                                     f"got {type(record[text_field]).__name__}")
-                yield number, record[text_field]
-        except UnicodeDecodeError as exc:
-            raise UsageError(f"{path}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
-
-
-def scan_input(path: Path, text_field: str) -> tuple[int, str]:
-    """Validate the whole input once (streamed) and return ``(count, sha256 of the file)``."""
-    count = sum(1 for _ in read_texts(path, text_field))
-    if count == 0:
-        raise UsageError(f"--input {str(path)!r} holds no texts")
-    return count, _sha256(path)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _atomic_write(path: Path, write) -> None:
-    """``write(tmp_path)`` then rename over ``path``; the temp file is removed on failure."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:  # on disk before the rename, so a crash never leaves a renamed empty file
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        with os.fdopen(fd, "wb") as out, open(path, "rb") as src:
+            shutil.copyfileobj(src, out, 1 << 20)
+        yield Path(spool)
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        os.unlink(spool)
+
+
+def model_fingerprint(model, allow_pickle: bool) -> str:
+    """sha256 of the files that define a model's embeddings (weights, configs, tokenizer) in its directory and its
+    module subdirectories: the same path holding other weights is another model."""
+    root = resolve_model_dir(model)
+    suffixes = MODEL_FILE_SUFFIXES + ((".bin", ".pt") if allow_pickle else ())
+    files = sorted(p for pattern in ("*", "*/*") for p in root.glob(pattern)
+                   if p.is_file() and p.suffix in suffixes and not p.name.startswith("."))
+    h = hashlib.sha256()
+    for path in files:
+        h.update(f"{path.relative_to(root).as_posix()}\0{sha256_file(path)}\n".encode())
+    return h.hexdigest()
+
+
+def _prompt_kwargs(args) -> dict:
+    prompt = kalm_query_prompt(args.task) if args.task else args.prompt
+    return dict(prompt=prompt, prompt_name=args.prompt_name)
 
 
 def _encode_kwargs(args) -> dict:
-    return dict(max_tokens_per_batch=args.max_tokens_per_batch, prompt=args.prompt, prompt_name=args.prompt_name,
-                normalize_embeddings=not args.no_normalize, truncate_dim=args.truncate_dim,
-                show_progress_bar=False)
+    return dict(max_tokens_per_batch=args.max_tokens_per_batch, normalize_embeddings=not args.no_normalize,
+                truncate_dim=args.truncate_dim, show_progress_bar=False, **_prompt_kwargs(args))
 
 
 def _load_encoder(args, device=None):
@@ -126,20 +155,38 @@ def _load_encoder(args, device=None):
         return Encoder(args.model, device=device or args.device, dtype=args.dtype, max_length=args.max_length,
                        allow_pickle=args.allow_pickle)
     except (ValueError, OSError) as exc:
-        raise UsageError(f"cannot load --model: {exc}") from None
+        raise ValueError(f"cannot load --model: {exc}") from None
+
+
+def _loaded(args, device=None):
+    """The encoder, after checking the arguments that depend on the model."""
+    encoder = _load_encoder(args, device)
+    dim = encoder.get_sentence_embedding_dimension()
+    if args.truncate_dim is not None and args.truncate_dim > dim:
+        raise ValueError(f"--truncate-dim {args.truncate_dim} exceeds the model's {dim} dimensions")
+    if args.prompt_name is not None and args.prompt_name not in encoder.prompts:
+        raise ValueError(f"--prompt-name {args.prompt_name!r} is not one of the model's prompts "
+                         f"{sorted(encoder.prompts) or '(it has none)'}")
+    return encoder
+
+
+def _dim(args, encoder) -> int:
+    return args.truncate_dim or encoder.get_sentence_embedding_dimension()
 
 
 def encode_single(args, input_path: Path, output: Path) -> tuple[int, int, float]:
     """Whole input -> one .npy / .safetensors file. Returns ``(rows, rows, seconds spent encoding)``."""
     if torchrun_env().world_size > 1:
-        raise UsageError("under torchrun, --output must be a directory (sharded output); a single file cannot be "
+        raise ValueError("under torchrun, --output must be a directory (sharded output); a single file cannot be "
                          "written by several processes")
     texts = [t for _, t in read_texts(input_path, args.text_field)]
     if not texts:
-        raise UsageError(f"--input {str(input_path)!r} holds no texts")
+        raise ValueError(f"--input {str(input_path)!r} holds no texts")
     if not output.parent.is_dir():
-        raise UsageError(f"the directory of --output {str(output)!r} does not exist")
-    encoder = _load_encoder(args)
+        raise ValueError(f"the directory of --output {str(output)!r} does not exist")
+    check_writable_dir(output.parent, "--output")
+    encoder = _loaded(args)
+    check_free_space(output.parent, len(texts) * _dim(args, encoder) * 4 + (1 << 16), "--output")
     started = time.perf_counter()
     emb = encoder.encode(texts, **_encode_kwargs(args))
     seconds = time.perf_counter() - started
@@ -148,44 +195,45 @@ def encode_single(args, input_path: Path, output: Path) -> tuple[int, int, float
             with open(tmp, "wb") as f:
                 np.save(f, emb)
 
-        _atomic_write(output, write_npy)
+        atomic_write(output, write_npy)
     else:
         from safetensors.numpy import save_file
 
         meta = dict(model=str(args.model or "default"), count=str(len(texts)), dim=str(emb.shape[1]))
-        _atomic_write(output, lambda tmp: save_file({"embeddings": emb}, str(tmp), metadata=meta))
+        atomic_write(output, lambda tmp: save_file({"embeddings": emb}, str(tmp), metadata=meta))
     return len(texts), len(texts), seconds
 
 
-def shard_path(directory: Path, index: int) -> Path:
-    return directory / f"shard-{index:05d}.safetensors"
+def scan_input(path: Path, text_field: str, suffix: str) -> tuple[int, str]:
+    """Validate the whole input once (streamed) and return ``(count, sha256 of the file)``."""
+    count = sum(1 for _ in read_texts(path, text_field, suffix))
+    if count == 0:
+        raise ValueError(f"--input {str(path)!r} holds no texts")
+    return count, sha256_file(path)
 
 
 def _shard_header(args, count: int, input_sha: str, encoder) -> dict:
     """What a shard must agree on to be reused by a resumed run."""
-    dim = args.truncate_dim or encoder.get_sentence_embedding_dimension()
-    return dict(input_sha256=input_sha, count=count, shard_size=args.shard_size, dim=dim,
-                model=str(Path(args.model).resolve()) if args.model else "default",
-                normalize=not args.no_normalize, prompt=args.prompt or "", prompt_name=args.prompt_name or "",
-                text_field=getattr(args, "text_field", None) or "",
+    return dict(input_sha256=input_sha, count=count, shard_size=args.shard_size, dim=_dim(args, encoder),
+                model_sha256=model_fingerprint(args.model, args.allow_pickle), normalize=not args.no_normalize,
+                **{k: v or "" for k, v in _prompt_kwargs(args).items()}, text_field=args.text_field,
                 max_length=encoder.max_length, dtype=str(encoder.model.dtype).replace("torch.", ""))
 
 
-def _check_existing(path: Path, header: dict) -> bool:
-    """True if ``path`` is a finished shard of this same encode; raises if it belongs to another."""
-    from safetensors import safe_open
+def _shards(source: Path, text_field: str, suffix: str, size: int) -> Iterator[tuple[int, list]]:
+    """``(shard index, its texts)`` in input order, streamed."""
+    texts, index = [], 0
+    for _, text in read_texts(source, text_field, suffix):
+        texts.append(text)
+        if len(texts) == size:
+            yield index, texts
+            texts, index = [], index + 1
+    if texts:
+        yield index, texts
 
-    try:
-        with safe_open(str(path), "np") as f:
-            meta = f.metadata() or {}
-    except Exception as exc:
-        raise UsageError(f"{path} is not a readable shard ({exc}); delete it to re-encode") from None
-    stored = json.loads(meta.get("header", "{}"))
-    if stored != header:
-        diff = sorted(k for k in set(stored) | set(header) if stored.get(k) != header.get(k))
-        raise UsageError(f"--output {str(path.parent)!r} holds shards of a different encode (differs in "
-                         f"{', '.join(diff)}); use a new directory")
-    return True
+
+def _warn(message: str) -> None:
+    print(f"kalm-fast encode: warning: {message}", file=sys.stderr)
 
 
 def encode_sharded(args, input_path: Path, directory: Path) -> tuple[int, int, float]:
@@ -193,54 +241,60 @@ def encode_sharded(args, input_path: Path, directory: Path) -> tuple[int, int, f
 
     Returns ``(rows encoded by this process now, rows in total, seconds spent encoding)``.
     """
-    from safetensors.numpy import save_file
-
-    if args.shard_size < 1:
-        raise UsageError(f"--shard-size must be >= 1, got {args.shard_size}")
-    if directory.exists() and not directory.is_dir():
-        raise UsageError(f"--output {str(directory)!r} exists and is not a directory "
-                         f"(single-file output needs a {' or '.join(SINGLE_SUFFIXES)} suffix)")
-    count, input_sha = scan_input(input_path, args.text_field)
+    check_directory(directory)
+    check_writable_dir(directory, "--output")
     env = torchrun_env()
-    rank, world, local_rank = env.rank, env.world_size, env.local_rank
-    device = args.device
-    if device is None and world > 1:
-        import torch
+    rank, world = env.rank, env.world_size
+    if world > 1 and not input_path.is_file():
+        raise ValueError(f"under torchrun, --input {str(input_path)!r} must be a regular file (every rank reads it)")
+    with readable_input(input_path) as source:
+        count, input_sha = scan_input(source, args.text_field, input_path.suffix)
+        device = args.device
+        if device is None and world > 1:
+            import torch
 
-        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
-    encoder = _load_encoder(args, device)
-    header = _shard_header(args, count, input_sha, encoder)
-    directory.mkdir(parents=True, exist_ok=True)
-    n_shards = (count + args.shard_size - 1) // args.shard_size
-    done_now, seconds = 0, 0.0
-
-    def shards() -> Iterator[tuple[int, list]]:
-        texts, index = [], 0
-        for _, text in read_texts(input_path, args.text_field):
-            texts.append(text)
-            if len(texts) == args.shard_size:
-                yield index, texts
-                texts, index = [], index + 1
-        if texts:
-            yield index, texts
-
-    for index, texts in shards():
-        path = shard_path(directory, index)
-        if index % world != rank or (path.exists() and _check_existing(path, header)):
-            continue
-        started = time.perf_counter()
-        emb = encoder.encode(texts, **_encode_kwargs(args))
-        seconds += time.perf_counter() - started
-        start = index * args.shard_size
-        tensors = {"embeddings": np.ascontiguousarray(emb),
-                   "row_ids": np.arange(start, start + len(texts), dtype=np.int64)}
-        meta = {"header": json.dumps(header, sort_keys=True), "start": str(start), "rows": str(len(texts))}
-        _atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
-        done_now += len(texts)
+            device = f"cuda:{env.local_rank}" if torch.cuda.is_available() else "cpu"
+        encoder = _loaded(args, device)
+        header = _shard_header(args, count, input_sha, encoder)
+        manifest = read_manifest(directory)
+        if manifest is not None and manifest.get("header") != header:
+            old = manifest.get("header") or {}
+            diff = sorted(k for k in set(old) | set(header) if old.get(k) != header.get(k))
+            raise ValueError(f"--output {str(directory)!r} holds the output of a different encode (differs in "
+                             f"{', '.join(diff)}); use a new directory")
+        recorded = {e["file"]: e for e in (manifest or {}).get("shards", [])}
+        n_shards = (count + args.shard_size - 1) // args.shard_size
+        mine = [i for i in range(n_shards) if i % world == rank]
+        todo = []
+        for index in mine:  # every finished shard is verified before any new work
+            path = shard_path(directory, index)
+            problem = check_shard(path, index, header, recorded.get(path.name)) if path.exists() else "missing"
+            if problem not in (None, "missing"):
+                _warn(f"{problem}; encoding it again")
+            if problem is not None:
+                todo.append(index)
+        rows_todo = sum(min(args.shard_size, count - i * args.shard_size) for i in todo)
+        check_free_space(directory, rows_todo * header["dim"] * 4 + (1 << 16), "--output")
+        directory.mkdir(parents=True, exist_ok=True)
+        for item in directory.iterdir():  # temp files of this rank's shards (or of the manifest) a killed run left
+            match = TEMP_NAME.match(item.name)
+            if match and (int(match.group(2)) % world == rank if match.group(2) else rank == 0):
+                item.unlink()
+        done_now, seconds, pending = 0, 0.0, set(todo)
+        for index, texts in _shards(source, args.text_field, input_path.suffix, args.shard_size):
+            if index in pending:
+                started = time.perf_counter()
+                emb = encoder.encode(texts, **_encode_kwargs(args))
+                seconds += time.perf_counter() - started
+                write_shard(shard_path(directory, index), emb, index * args.shard_size, header)
+                done_now += len(texts)
     if world > 1:
         _barrier(world, rank)
     if rank == 0:
-        write_manifest(directory, header, n_shards, count)
+        extra = dict(model=str(Path(args.model).resolve()) if args.model else "default",
+                     input=str(input_path.resolve()))
+        write_manifest(directory, header, count, extra)
+        remove_leftovers(directory, ".*.tmp")  # every rank is done by now
     return done_now, count, seconds
 
 
@@ -255,32 +309,15 @@ def _barrier(world: int, rank: int) -> None:
     dist.barrier()
 
 
-def write_manifest(directory: Path, header: dict, n_shards: int, count: int) -> None:
-    """``manifest.json``: the encode's settings, row count, dims and every shard's rows and sha256."""
-    entries = []
-    for index in range(n_shards):
-        path = shard_path(directory, index)
-        if not path.exists():
-            raise UsageError(f"shard {path.name} is missing; rerun the same command to finish the encode")
-        start = index * header["shard_size"]
-        entries.append(dict(file=path.name, start=start, rows=min(header["shard_size"], count - start),
-                            sha256=_sha256(path)))
-    manifest = dict(format="kalm_fast.shards/1", **header, shards=entries)
-    _atomic_write(directory / MANIFEST, lambda tmp: tmp.write_text(json.dumps(manifest, indent=2)))
-    for stale in directory.glob(".shard-*.tmp"):  # left by a killed run; every rank is done by now
-        stale.unlink()
-
-
 def run(args) -> int:
-    input_path, output = Path(args.input), Path(args.output)
-    try:
-        with process_group():
-            if output.suffix.lower() in SINGLE_SUFFIXES:
-                rows, total, seconds = encode_single(args, input_path, output)
-            else:
-                rows, total, seconds = encode_sharded(args, input_path, output)
-    except UsageError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 2
+    single = output_is_single(args.output)
+    input_path, output = input_file(args.input, "--input"), Path(args.output)
+    if input_path.suffix.lower() not in INPUT_SUFFIXES:
+        raise ValueError(f"--input must be a .txt or .jsonl file, got {args.input!r}")
+    with process_group():
+        if single:
+            rows, total, seconds = encode_single(args, input_path, output)
+        else:
+            rows, total, seconds = encode_sharded(args, input_path, output)
     print(f"encoded {rows} of {total} texts in {seconds:.2f} s ({rows / max(seconds, 1e-9):.1f} texts/s) -> {output}")
     return 0

@@ -13,6 +13,9 @@ def add_arguments(parser: argparse.ArgumentParser):
 def run(args) -> int:
     from ..train.soup import model_soup
 
+    if args.weights is not None and len(args.weights) != len(args.checkpoints):
+        raise ValueError(f"--weights has {len(args.weights)} value(s) for {len(args.checkpoints)} checkpoints; "
+                         "give one per checkpoint")
     out = model_soup(args.checkpoints, weights=args.weights, output=args.output)
     print(f"wrote {out}")
     return 0

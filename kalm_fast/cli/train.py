@@ -1,7 +1,13 @@
-"""``kalm-fast train CONFIG.yaml [--resume]``: the multi-stage trainer (``kalm_fast.train.Trainer``)."""
+"""``kalm-fast train CONFIG.yaml [--resume]``: the multi-stage trainer (``kalm_fast.train.Trainer``).
+
+The config, every stage's data, the eval set and the model's files are checked before the first step; a
+non-finite loss stops the run (exit code 1) without saving a model from it.
+"""
 from __future__ import annotations
 
 import argparse
+
+from .args import input_file
 
 
 def add_arguments(parser: argparse.ArgumentParser):
@@ -14,7 +20,7 @@ def run(args) -> int:
     from ..distributed import process_group, torchrun_env
     from ..train import Trainer, load_config
 
-    config = load_config(args.config)
+    config = load_config(input_file(args.config, "config"))
     if args.output_dir:
         config.output_dir = args.output_dir
     with process_group():

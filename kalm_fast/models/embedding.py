@@ -66,6 +66,7 @@ class EmbeddingModel(nn.Module):
         self.config = model.config
         self.hidden_size = int(model.config.hidden_size)
         self.max_length = int(max_length)
+        self.model_max_length = self.max_length  # the model's own limit (what save_pretrained writes)
         self.prompts = dict(prompts or {})
         self.default_prompt_name = default_prompt_name
         self.normalize = normalize
@@ -95,9 +96,11 @@ class EmbeddingModel(nn.Module):
         tokenizer = load_tokenizer(info.transformer_dir, model_dir)
         positions = getattr(config, "max_position_embeddings", None)
         positions = positions - _position_offset(config) if positions else None
-        effective = min(x for x in (max_length, info.max_seq_length, positions) if x)
-        embedder = cls(model, tokenizer, max_length=effective, prompts=info.prompts, normalize=info.normalize,
-                       attn_backend=attn_backend, default_prompt_name=info.default_prompt_name)
+        own = [x for x in (info.max_seq_length, positions) if x]
+        embedder = cls(model, tokenizer, max_length=min([max_length] + own), prompts=info.prompts,
+                       normalize=info.normalize, attn_backend=attn_backend,
+                       default_prompt_name=info.default_prompt_name)
+        embedder.model_max_length = min(own, default=embedder.max_length)
         return embedder.to(device).eval()
 
     @property
@@ -194,7 +197,7 @@ class EmbeddingModel(nn.Module):
                        pooling_mode_mean_sqrt_len_tokens=False, include_prompt=True)
         (directory / "1_Pooling").mkdir(exist_ok=True)
         files = {"modules.json": modules, "1_Pooling/config.json": pooling,
-                 "sentence_bert_config.json": dict(max_seq_length=self.max_length, do_lower_case=False),
+                 "sentence_bert_config.json": dict(max_seq_length=self.model_max_length, do_lower_case=False),
                  "config_sentence_transformers.json": dict(prompts=self.prompts,
                                                            default_prompt_name=self.default_prompt_name,
                                                            similarity_fn_name="cosine")}

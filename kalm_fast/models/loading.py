@@ -109,8 +109,19 @@ def build_config(model_dir: Path):
 
 
 def check_weight_files(model_dir: Path, allow_pickle: bool) -> bool:
-    """True if weights are in safetensors; False if only pickled files exist and ``allow_pickle``; else raises."""
-    if any(model_dir.glob("*.safetensors")) or (model_dir / "model.safetensors.index.json").is_file():
+    """True if weights are in safetensors (each file readable: a truncated one is named); False if only pickled
+    files exist and ``allow_pickle``; else raises."""
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            files = sorted(set(_read_json(index)["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise ValueError(f"{index} is not a safetensors index (a JSON object with a 'weight_map')") from None
+    else:
+        files = sorted(p.name for p in model_dir.glob("*.safetensors"))
+    for name in files:
+        _check_safetensors(model_dir / name)
+    if files:
         return True
     pickled = sorted(p.name for p in model_dir.glob("*.bin")) + sorted(p.name for p in model_dir.glob("*.pt"))
     if pickled:
@@ -121,8 +132,29 @@ def check_weight_files(model_dir: Path, allow_pickle: bool) -> bool:
     raise ValueError(f"{model_dir} has no weights (expected model.safetensors or sharded *.safetensors)")
 
 
+def _check_safetensors(path: Path) -> None:
+    """``path`` opens as safetensors and its header's tensors fit in the file (a truncated copy does not)."""
+    from safetensors import safe_open
+
+    if not path.is_file():
+        raise ValueError(f"{path} is missing (listed in model.safetensors.index.json)")
+    try:
+        with safe_open(str(path), "pt") as f:
+            f.keys()
+    except Exception as exc:  # safetensors raises its own error type for a damaged file
+        raise ValueError(f"{path} is not a readable safetensors file (truncated or damaged: {exc})") from None
+
+
+# Missing from a checkpoint without harm: BERT's pooler, which mean pooling never reads.
+_UNUSED_PREFIXES = ("pooler.",)
+
+
 def load_transformer(model_dir: Path, *, dtype=None, allow_pickle: bool = False):
-    """``(config, model)`` for ``model_dir``: transformers' base model class, weights from safetensors."""
+    """``(config, model)`` for ``model_dir``: transformers' base model class, weights from safetensors.
+
+    Every weight the model uses must come from the files: missing or misnamed (e.g. prefixed) tensors are a
+    ``ValueError`` naming them, never randomly initialized weights.
+    """
     from transformers import AutoModel
     from transformers.utils import logging as hf_logging
 
@@ -130,19 +162,38 @@ def load_transformer(model_dir: Path, *, dtype=None, allow_pickle: bool = False)
     safetensors = check_weight_files(model_dir, allow_pickle)
     bar_was_on = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # a per-tensor "Loading weights" bar is noise for a small local model
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its load report is replaced by the check below
     try:
-        model = AutoModel.from_pretrained(str(model_dir), config=config, trust_remote_code=False,
-                                          use_safetensors=safetensors, dtype=dtype or "float32")
+        model, info = AutoModel.from_pretrained(str(model_dir), config=config, trust_remote_code=False,
+                                                use_safetensors=safetensors, dtype=dtype or "float32",
+                                                output_loading_info=True)
     finally:
+        hf_logging.set_verbosity(verbosity)
         if bar_was_on:
             hf_logging.enable_progress_bar()
+    missing = sorted(k for k in info.get("missing_keys", ()) if not k.startswith(_UNUSED_PREFIXES))
+    if missing:
+        unexpected = sorted(info.get("unexpected_keys", ()))
+        hint = f"; the files hold unexpected tensors such as {unexpected[0]!r}" if unexpected else ""
+        raise ValueError(f"{model_dir}: the weights lack {len(missing)} tensor(s) of the {config.model_type} model, "
+                         f"such as {missing[0]!r}{hint} (renamed, prefixed or missing tensors are not loaded as "
+                         "random weights)")
     return config, model
 
 
+# Files that hold a tokenizer's vocabulary: without one, every word would be the unknown token.
+VOCAB_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "tokenizer.model",
+               "sentencepiece.bpe.model", "sentencepiece.model")
+
+
 def load_tokenizer(model_dir: Path, fallback_dir: Path):
+    """The tokenizer of ``model_dir`` (or of ``fallback_dir``), from a directory that holds its vocabulary."""
     from transformers import AutoTokenizer
 
     for d in (model_dir, fallback_dir):
-        if (d / "tokenizer.json").is_file() or (d / "tokenizer_config.json").is_file() or (d / "vocab.txt").is_file():
+        if any((d / name).is_file() for name in VOCAB_FILES):
             return AutoTokenizer.from_pretrained(str(d), trust_remote_code=False)
-    raise ValueError(f"{model_dir} has no tokenizer files (tokenizer.json / tokenizer_config.json)")
+    found = sorted({p.name for d in (model_dir, fallback_dir) for p in d.glob("tokenizer*")})
+    raise ValueError(f"{model_dir} has no tokenizer vocabulary (expected one of {', '.join(VOCAB_FILES)})"
+                     + (f"; {', '.join(found)} alone cannot tokenize" if found else ""))

@@ -38,6 +38,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from ..files import atomic_write, atomic_write_text
 from .config import SoupStage, TrainConfig, TrainStage, load_config
 from .data import load_eval_set
 from .evaluate import evaluate_model
@@ -103,11 +104,6 @@ def _check_variants_differ(stage: TrainStage, where: str):
     if stage.num_synthetic <= 0:
         raise ValueError(f"{prefix} has num_synthetic {stage.num_synthetic}, so '+ mixing' would be plain InfoNCE; "
                          "set num_synthetic (synthetic negatives per query, e.g. 2)")
-    top_k = min(stage.mix_top_k or stage.hard_negatives, stage.hard_negatives)
-    if top_k < 2:
-        raise ValueError(f"{prefix}: mixing blends two of a query's top min(mix_top_k, hard_negatives) hard "
-                         f"negatives, which is {top_k} here (hard_negatives {stage.hard_negatives}, mix_top_k "
-                         f"{stage.mix_top_k}); set both to at least 2")
 
 
 def _variant_stages(stage: TrainStage, seeds: list) -> list:
@@ -128,20 +124,6 @@ def _labels(stage: TrainStage) -> dict:
     return {START: "start (no fine-tuning)", "plain": "plain InfoNCE (γ=0, no mixing)",
             "focal": f"+ focal (γ={stage.gamma:g})", "mixing": f"+ mixing ({stage.num_synthetic} synthetic/query)",
             "focal_mixing": "+ focal + mixing", SOUP: "greedy soup of the 4 (chosen on validation)"}
-
-
-def _write_atomic(path: Path, data: bytes):
-    """Write ``data`` to a temporary file, fsync it, then rename it over ``path``."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def _fmt_diff(d: dict) -> str:
@@ -264,9 +246,9 @@ class Ablation:
             print("matplotlib is not installed: skipped the bar chart (pip install matplotlib to get ablation.png)")
             (self.out / "ablation.png").unlink(missing_ok=True)  # an earlier run's chart would not match
         else:
-            _write_atomic(self.out / "ablation.png", png)
-        _write_atomic(self.out / "ablation.md", (format_table(results) + "\n").encode())
-        _write_atomic(self.out / "ablation.json", (json.dumps(results, indent=2, ensure_ascii=False) + "\n").encode())
+            atomic_write(self.out / "ablation.png", lambda tmp: tmp.write_bytes(png))
+        atomic_write_text(self.out / "ablation.md", format_table(results) + "\n")
+        atomic_write_text(self.out / "ablation.json", json.dumps(results, indent=2, ensure_ascii=False) + "\n")
         return results
 
     def _score_on_test(self) -> dict:

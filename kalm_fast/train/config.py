@@ -21,16 +21,77 @@ test:                       # the test split (optional): scored once per final m
   queries: test_queries.jsonl
   corpus: test_corpus.jsonl
 ```
-Every key of ``TrainStage`` / ``SoupStage`` / ``TrainConfig`` below may be set; unknown keys are an error.
+Every key of ``TrainStage`` / ``SoupStage`` / ``TrainConfig`` below may be set; unknown keys are an error, and
+every value is checked against its type and range when the config is read (before any data or model is touched),
+the error naming the key: ``stages[0] ('finetune'): 'lr' must be > 0, got -1.0``. Numbers written as strings are
+taken as numbers where a float is expected: YAML 1.1 reads ``lr: 1e-5`` (no dot) as the string ``"1e-5"``.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union, get_args, get_origin, get_type_hints
 
 import yaml
+
+from ..ops.focal_infonce import check_options
+from .evaluate import DEFAULT_KS
+
+EVAL_METRICS = tuple(f"{name}@{k}" for name in ("ndcg", "recall", "mrr") for k in DEFAULT_KS)
+DTYPE_NAMES = ("float32", "fp32", "float16", "fp16", "bfloat16", "bf16")
+ATTN_BACKENDS = ("auto", "reference", "torch", "triton", "cuda")
+
+
+def _typed(key: str, value, hint):
+    """``value`` checked against the annotation ``hint`` (ints and numeric strings pass as floats)."""
+    if get_origin(hint) is Union:  # Optional[X]
+        if value is None:
+            return None
+        hint = next(a for a in get_args(hint) if a is not type(None))
+    origin, args = get_origin(hint), get_args(hint)
+    if hint is float:
+        number = value
+        if isinstance(value, str):
+            try:
+                number = float(value)
+            except ValueError:
+                pass
+        if isinstance(number, (int, float)) and not isinstance(number, bool) and math.isfinite(number):
+            return float(number)
+        raise ValueError(f"{key!r} must be a number, got {value!r}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ValueError(f"{key!r} must be a whole number, got {value!r}")
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ValueError(f"{key!r} must be true or false, got {value!r}")
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise ValueError(f"{key!r} must be a string, got {value!r}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ValueError(f"{key!r} must be a list, got {value!r}")
+        return [_typed(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"{key!r} must be a mapping, got {value!r}")
+        return {_typed(f"{key} key", k, args[0]): _typed(f"{key}.{k}", v, args[1]) for k, v in value.items()}
+    return value  # nested sections are built and checked by their own classes
+
+
+def _check_types(obj) -> None:
+    for f in dataclasses.fields(obj):
+        setattr(obj, f.name, _typed(f.name.rstrip("_"), getattr(obj, f.name), get_type_hints(type(obj))[f.name]))
+
+
+def _require(ok: bool, key: str, what: str, value) -> None:
+    if not ok:
+        raise ValueError(f"{key!r} must be {what}, got {value!r}")
 
 
 @dataclass
@@ -41,15 +102,20 @@ class EvalConfig:
     batch_size: int = 64
     metric: str = "ndcg@10"   # the score used for checkpoint selection and greedy soups
 
+    def __post_init__(self):
+        _check_types(self)
+        _require(self.batch_size >= 1, "batch_size", ">= 1", self.batch_size)
+        _require(self.metric in EVAL_METRICS, "metric", f"one of {', '.join(EVAL_METRICS)}", self.metric)
+
 
 @dataclass
 class TrainStage:
     name: str
-    data: list
+    data: list[str]
     type: str = "train"
     init: str = "previous"            # "previous", "base" or an earlier stage's name
-    instructions: dict = field(default_factory=dict)   # task -> instruction for records without one
-    task_weights: dict = field(default_factory=dict)   # task -> mixing weight (batches per epoch scale)
+    instructions: dict[str, str] = field(default_factory=dict)   # task -> instruction for records without one
+    task_weights: dict[str, float] = field(default_factory=dict)  # task -> mixing weight (batches per epoch scale)
     steps: Optional[int] = None
     epochs: Optional[float] = None
     batch_size: int = 32
@@ -69,8 +135,8 @@ class TrainStage:
     mix_alpha: float = 2.0
     false_negative_margin: Optional[float] = None
     detach_focal_weight: bool = False
-    matryoshka_dims: Optional[list] = None
-    matryoshka_weights: Optional[list] = None
+    matryoshka_dims: Optional[list[int]] = None
+    matryoshka_weights: Optional[list[float]] = None
     gather: bool = True               # cross-rank negatives when distributed
     save_every: Optional[int] = None  # steps between resumable checkpoints (None: only the final model)
     keep_checkpoints: int = 2         # how many of the latest checkpoints to keep on disk
@@ -81,20 +147,36 @@ class TrainStage:
     def __post_init__(self):
         if isinstance(self.data, str):
             self.data = [self.data]
+        _check_types(self)
+        _require(bool(self.name), "name", "a non-empty string", self.name)
+        _require(bool(self.data) and all(self.data), "data", "a non-empty list of JSONL paths", self.data)
         if (self.steps is None) == (self.epochs is None):
-            raise ValueError(f"stage {self.name!r}: set exactly one of 'steps' or 'epochs'")
-        if self.steps is not None and self.steps < 1:
-            raise ValueError(f"stage {self.name!r}: steps must be >= 1, got {self.steps}")
-        if self.batch_size < 1:
-            raise ValueError(f"stage {self.name!r}: batch_size must be >= 1, got {self.batch_size}")
-        if self.hard_negatives < 0:
-            raise ValueError(f"stage {self.name!r}: hard_negatives must be >= 0, got {self.hard_negatives}")
-        if self.gradcache_chunk is not None and self.gradcache_chunk < 1:
-            raise ValueError(f"stage {self.name!r}: gradcache_chunk must be >= 1 or null")
-        if self.schedule not in ("linear", "cosine", "constant"):
-            raise ValueError(f"stage {self.name!r}: schedule must be linear, cosine or constant, got {self.schedule!r}")
-        if not 0 <= self.warmup_ratio < 1:
-            raise ValueError(f"stage {self.name!r}: warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+            raise ValueError("set exactly one of 'steps' or 'epochs'")
+        for key in ("steps", "gradcache_chunk", "save_every", "eval_every"):
+            value = getattr(self, key)
+            _require(value is None or value >= 1, key, ">= 1 (or null)", value)
+        _require(self.epochs is None or self.epochs > 0, "epochs", "> 0", self.epochs)
+        _require(self.batch_size >= 1, "batch_size", ">= 1", self.batch_size)
+        _require(self.hard_negatives >= 0, "hard_negatives", ">= 0", self.hard_negatives)
+        _require(self.keep_checkpoints >= 1, "keep_checkpoints", ">= 1", self.keep_checkpoints)
+        _require(self.lr > 0, "lr", "> 0", self.lr)
+        _require(self.weight_decay >= 0, "weight_decay", ">= 0", self.weight_decay)
+        _require(0 <= self.warmup_ratio < 1, "warmup_ratio", "in [0, 1)", self.warmup_ratio)
+        _require(self.max_grad_norm is None or self.max_grad_norm > 0, "max_grad_norm", "> 0 (or null)",
+                 self.max_grad_norm)
+        _require(self.schedule in ("linear", "cosine", "constant"), "schedule", "linear, cosine or constant",
+                 self.schedule)
+        _require(all(w >= 0 for w in self.task_weights.values()), "task_weights", "weights >= 0", self.task_weights)
+        check_options(temperature=self.temperature, gamma=self.gamma, similarity=self.similarity,
+                      num_synthetic=self.num_synthetic, mix_top_k=self.mix_top_k, mix_alpha=self.mix_alpha,
+                      false_negative_margin=self.false_negative_margin)
+        if self.num_synthetic and (self.hard_negatives < 2 or (self.mix_top_k or 2) < 2):
+            raise ValueError("'num_synthetic' mixes pairs of a query's hard negatives: it needs hard_negatives >= 2 "
+                             f"and mix_top_k >= 2 (got {self.hard_negatives} and {self.mix_top_k})")
+        dims, weights = self.matryoshka_dims, self.matryoshka_weights
+        _require(dims is None or (dims and min(dims) >= 1), "matryoshka_dims", "a non-empty list of ints >= 1", dims)
+        _require(weights is None or (dims is not None and len(weights) == len(dims) and min(weights) >= 0),
+                 "matryoshka_weights", "one weight >= 0 per matryoshka_dims entry", weights)
 
 
 @dataclass
@@ -102,9 +184,18 @@ class SoupStage:
     name: str
     type: str = "soup"
     # earlier stage names, "base", or paths to model directories
-    from_: list = field(default_factory=list)
-    weights: Optional[list] = None
+    from_: list[str] = field(default_factory=list)
+    weights: Optional[list[float]] = None
     greedy: bool = False
+
+    def __post_init__(self):
+        _check_types(self)
+        _require(bool(self.from_), "from", "a non-empty list of stage names, 'base' or model directories", self.from_)
+        if self.weights is not None:
+            _require(len(self.weights) == len(self.from_) and min(self.weights) >= 0 and sum(self.weights) > 0,
+                     "weights", f"one weight >= 0 per 'from' entry ({len(self.from_)}), not all zero", self.weights)
+            if self.greedy:
+                raise ValueError("'weights' and 'greedy: true' exclude each other (a greedy soup is uniform)")
 
 
 @dataclass
@@ -125,8 +216,15 @@ class TrainConfig:
     test: Optional[EvalConfig] = None   # test split (reports only; the trainer never reads it)
 
     def __post_init__(self):
-        if self.parallel not in ("ddp", "fsdp"):
-            raise ValueError(f"parallel must be 'ddp' or 'fsdp', got {self.parallel!r}")
+        _check_types(self)
+        _require(self.parallel in ("ddp", "fsdp"), "parallel", "'ddp' or 'fsdp'", self.parallel)
+        _require(self.dtype is None or self.dtype in DTYPE_NAMES, "dtype", f"one of {', '.join(DTYPE_NAMES)}",
+                 self.dtype)
+        _require(self.attn_backend in ATTN_BACKENDS, "attn_backend", f"one of {', '.join(ATTN_BACKENDS)}",
+                 self.attn_backend)
+        _require(self.max_length >= 1, "max_length", ">= 1", self.max_length)
+        _require(self.log_every >= 1, "log_every", ">= 1", self.log_every)
+        _require(bool(self.output_dir), "output_dir", "a non-empty path", self.output_dir)
         if self.eval is not None and self.test is not None and \
                 Path(self.eval.queries).resolve() == Path(self.test.queries).resolve():
             raise ValueError(f"test.queries and eval.queries are the same file ({self.test.queries}): the 'eval' "
@@ -163,9 +261,14 @@ def _build(cls, raw: dict, where: str):
     if unknown:
         shown = sorted(k.rstrip("_") for k in known)
         raise ValueError(f"{where}: unknown key(s) {unknown}; expected some of {shown}")
+    required = [f.name for f in dataclasses.fields(cls)
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    missing = sorted(name for name in required if name not in raw)
+    if missing:
+        raise ValueError(f"{where}: missing key(s) {missing}")
     try:
         return cls(**raw)
-    except TypeError as exc:
+    except ValueError as exc:
         raise ValueError(f"{where}: {exc}") from None
 
 
@@ -175,8 +278,11 @@ def config_from_dict(raw: dict) -> TrainConfig:
         raise ValueError(f"config must be a mapping, got {type(raw).__name__}")
     raw = dict(raw)
     stages = []
-    for i, s in enumerate(raw.pop("stages", None) or []):
-        where = f"stages[{i}]"
+    raw_stages = raw.pop("stages", None) or []
+    if not isinstance(raw_stages, list):
+        raise ValueError(f"'stages' must be a list of stages, got {raw_stages!r}")
+    for i, s in enumerate(raw_stages):
+        where = f"stages[{i}]" + (f" ({s['name']!r})" if isinstance(s, dict) and isinstance(s.get("name"), str) else "")
         kind = s.get("type", "train") if isinstance(s, dict) else None
         if kind == "soup":
             stage = _build(SoupStage, s, where)
@@ -191,10 +297,22 @@ def config_from_dict(raw: dict) -> TrainConfig:
     return _build(TrainConfig, dict(raw, stages=stages), "config")
 
 
+def config_to_dict(config: TrainConfig) -> dict:
+    """The plain mapping of a config (what ``config_from_dict`` reads back; ``from`` for soup stages)."""
+    raw = dataclasses.asdict(config)
+    for stage in raw["stages"]:
+        if "from_" in stage:
+            stage["from"] = stage.pop("from_")
+    return raw
+
+
 def load_config(path) -> TrainConfig:
     """Read a YAML config (paths inside are relative to the working directory)."""
-    with open(path) as fh:
-        raw = yaml.safe_load(fh)
+    try:
+        with open(path, encoding="utf-8") as fh:
+            raw = yaml.safe_load(fh)
+    except (yaml.YAMLError, UnicodeDecodeError, RecursionError) as exc:
+        raise ValueError(f"{path}: not a readable YAML config ({' '.join(str(exc).split())})") from None
     try:
         return config_from_dict(raw)
     except ValueError as exc:

@@ -2,25 +2,36 @@
 
 Training record (one JSON object per line, FlagEmbedding-style)::
 
-    {"query": str, "pos": [str, ...], "neg": [str, ...], "task": str, "instruction": str (optional)}
+    {"query": str, "pos": [str, ...], "neg": [str, ...], "task": str, "instruction" or "prompt": str (optional)}
 
-``pos`` needs at least one text; ``neg`` may be empty or absent (then only in-batch negatives).
-``task`` defaults to the file's stem. The files are scanned once to validate every line and to
-remember where each record starts; records are then read back one at a time (``seek``), so memory
-holds offsets, not texts.
+``pos`` needs at least one non-blank text; ``neg`` may be empty or absent (then only in-batch negatives).
+``task`` defaults to the file's stem. ``prompt`` is FlagEmbedding's name for the query instruction (it is applied in
+the KaLM format). FlagEmbedding's ``pos_scores`` / ``neg_scores`` (teacher scores for distillation) and ``type`` are
+checked and reported as unused (kalm_fast trains contrastively); any other key is reported too, never dropped
+silently. The files are scanned once to validate every line (errors name ``file:line``), to hash them and to
+remember where each record starts; records are then read back one at a time (``seek``), so memory holds offsets,
+not texts.
 
 Evaluation set: queries JSONL ``{"id"?, "query": str, "relevant": [doc_id, ...] or {doc_id: grade},
-"instruction"?: str}`` and a corpus JSONL ``{"id": str, "text": str, "title"?: str}``.
+"instruction"?: str}`` and a corpus JSONL ``{"id": str, "text": str, "title"?: str}`` (title and text are joined
+by ``prompts.join_title``, as everywhere in kalm_fast).
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
-from ..prompts import format_query
+from ..files import check_unicode, decode_line, parse_json_line, read_lines
+from ..prompts import format_query, join_title
+
+RECORD_KEYS = ("query", "pos", "neg", "task", "instruction", "prompt")
+UNUSED_KEYS = {"pos_scores": "pos", "neg_scores": "neg", "type": None}  # FlagEmbedding keys kalm_fast does not use
 
 
 def _fail(path, line_no: int, msg: str):
@@ -39,29 +50,53 @@ def _check_texts(path, line_no, obj, key, *, required: bool):
         _fail(path, line_no, f"{key!r} must be a list of strings, got {type(value).__name__}")
     if required and not value:
         _fail(path, line_no, f"{key!r} must hold at least one text")
+    if required and not all(t.strip() for t in value):
+        _fail(path, line_no, f"{key!r} holds an empty text at index {[bool(t.strip()) for t in value].index(False)}")
+    for i, t in enumerate(value):
+        check_unicode(path, line_no, f"{key}[{i}]", t)
     return value
 
 
+def _check_unused(path, line_no, obj, texts: dict):
+    for key, paired in UNUSED_KEYS.items():
+        value = obj.get(key)
+        if value is None:
+            continue
+        if paired is None:
+            if not isinstance(value, str):
+                _fail(path, line_no, f"{key!r} must be a string, got {type(value).__name__}")
+        elif (not isinstance(value, list) or len(value) != len(texts[paired])
+              or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)):
+            _fail(path, line_no, f"{key!r} must be a list of {len(texts[paired])} numbers (one per {paired!r} text)")
+
+
 def parse_train_line(path, line_no: int, line: str, default_task: str) -> dict:
-    """Validate one training JSONL line and return the normalized record (``pos``/``neg`` lists)."""
-    try:
-        obj = json.loads(line)
-    except json.JSONDecodeError as exc:
-        _fail(path, line_no, f"invalid JSON ({exc.msg} at column {exc.colno})")
+    """Validate one training JSONL line and return the normalized record (``pos``/``neg`` lists, ``instruction``
+    from ``instruction`` or ``prompt``, ``unused``: the keys it holds that kalm_fast does not use)."""
+    obj = parse_json_line(path, line_no, line)
     if not isinstance(obj, dict):
         _fail(path, line_no, f"expected a JSON object, got {type(obj).__name__}")
     query = obj.get("query")
     if not isinstance(query, str) or not query.strip():
         _fail(path, line_no, "'query' must be a non-empty string")
+    check_unicode(path, line_no, "query", query)
     pos = _check_texts(path, line_no, obj, "pos", required=True)
     neg = _check_texts(path, line_no, obj, "neg", required=False)
+    _check_unused(path, line_no, obj, dict(pos=pos, neg=neg))
     task = obj.get("task", default_task)
     if not isinstance(task, str) or not task:
         _fail(path, line_no, "'task' must be a non-empty string")
-    instruction = obj.get("instruction")
-    if instruction is not None and not isinstance(instruction, str):
-        _fail(path, line_no, "'instruction' must be a string")
-    return dict(query=query, pos=pos, neg=neg, task=task, instruction=instruction)
+    instructions = {}
+    for key in ("instruction", "prompt"):
+        value = obj.get(key)
+        if value is not None and not isinstance(value, str):
+            _fail(path, line_no, f"{key!r} must be a string")
+        if value:
+            instructions[key] = check_unicode(path, line_no, key, value)
+    if len(set(instructions.values())) > 1:
+        _fail(path, line_no, "'instruction' and 'prompt' differ; give the query instruction once")
+    return dict(query=query, pos=pos, neg=neg, task=task, instruction=next(iter(instructions.values()), None),
+                unused=sorted(set(obj) - set(RECORD_KEYS)))
 
 
 @dataclass
@@ -81,7 +116,8 @@ class TrainData:
     """Random access to validated training records of one or several JSONL files.
 
     ``TrainData(["a.jsonl", "b.jsonl"], instructions={"task": "..."})``; ``data[i]`` -> record dict with
-    ``task`` and ``instruction`` filled in; ``data.tasks`` -> ``{task: [record ids]}``.
+    ``task`` and ``instruction`` filled in; ``data.tasks`` -> ``{task: [record ids]}``; ``data.sha256`` -> ``{file:
+    sha256}`` of the bytes validated; ``data.unused`` -> ``{file: [keys not used]}`` (also a warning).
     """
 
     def __init__(self, files, *, instructions: Optional[dict] = None, min_negatives: int = 0):
@@ -92,8 +128,14 @@ class TrainData:
             raise ValueError("data: expected at least one JSONL file")
         self.instructions = dict(instructions or {})
         self.index = TrainIndex(files=self.files)
+        self.sha256, self.unused = {}, {}
         for file_no, path in enumerate(self.files):
             self._scan(file_no, path, min_negatives)
+        for path, keys in self.unused.items():
+            notes = [f"{k} (FlagEmbedding's teacher scores for distillation)" if k.endswith("_scores") else k
+                     for k in keys]
+            warnings.warn(f"{path}: keys not used by kalm_fast's contrastive training: {', '.join(notes)}",
+                          stacklevel=2)
         if len(self.index) == 0:
             raise ValueError(f"data: no records in {[str(f) for f in self.files]}")
         self._handles: dict = {}
@@ -101,15 +143,18 @@ class TrainData:
     def _scan(self, file_no: int, path: Path, min_negatives: int):
         if not path.is_file():
             raise ValueError(f"data: file not found: {path}")
+        digest, unused = hashlib.sha256(), set()
         with open(path, "rb") as fh:
             offset, line_no = 0, 0
             for raw in fh:
                 line_no += 1
+                digest.update(raw)
                 start, offset = offset, offset + len(raw)
-                text = raw.decode("utf-8").strip()
+                text = decode_line(path, line_no, raw).strip()
                 if not text:
                     continue
                 rec = parse_train_line(path, line_no, text, path.stem)
+                unused.update(rec["unused"])
                 if min_negatives > 0 and not rec["neg"]:
                     _fail(path, line_no, f"no hard negatives ('neg'), but the stage asks for {min_negatives} "
                                          "per query (set hard_negatives: 0 to train with in-batch negatives only)")
@@ -117,6 +162,9 @@ class TrainData:
                 self.index.offsets.append((file_no, start, line_no))
                 self.index.tasks.setdefault(rec["task"], []).append(rid)
                 self.index.num_negatives.append(len(rec["neg"]))
+        self.sha256[str(path)] = digest.hexdigest()
+        if unused:
+            self.unused[str(path)] = sorted(unused)
 
     @property
     def tasks(self) -> dict:
@@ -132,7 +180,7 @@ class TrainData:
             fh = self._handles[file_no] = open(self.files[file_no], "rb")
         fh.seek(offset)
         path = self.files[file_no]
-        rec = parse_train_line(path, line_no, fh.readline().decode("utf-8"), path.stem)
+        rec = parse_train_line(path, line_no, decode_line(path, line_no, fh.readline()), path.stem)
         if rec["instruction"] is None:
             rec["instruction"] = self.instructions.get(rec["task"])
         return rec
@@ -149,15 +197,10 @@ class TrainData:
 
 
 def iter_jsonl(path) -> Iterator[tuple]:
-    """``(line number, object)`` for every non-empty line of a JSONL file, with file:line on bad JSON."""
-    with open(path, "r", encoding="utf-8") as fh:
-        for line_no, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                yield line_no, json.loads(line)
-            except json.JSONDecodeError as exc:
-                _fail(path, line_no, f"invalid JSON ({exc.msg} at column {exc.colno})")
+    """``(line number, object)`` for every non-empty line of a JSONL file, with file:line on bad input."""
+    for line_no, line in read_lines(path):
+        if line.strip():
+            yield line_no, parse_json_line(path, line_no, line)
 
 
 @dataclass
@@ -188,8 +231,10 @@ def load_eval_set(queries_path, corpus_path, *, instruction: Optional[str] = Non
             _fail(corpus_path, line_no, f"duplicate document id {did!r}")
         seen.add(did)
         title = obj.get("title")
+        if title is not None and not isinstance(title, str):
+            _fail(corpus_path, line_no, "'title' must be a string")
         doc_ids.append(did)
-        docs.append(f"{title}\n{obj['text']}" if title else obj["text"])
+        docs.append(check_unicode(corpus_path, line_no, "text", join_title(title, obj["text"])))
     query_ids, queries, relevant = [], [], []
     for line_no, obj in iter_jsonl(queries_path):
         if not isinstance(obj, dict) or not isinstance(obj.get("query"), str):
@@ -198,7 +243,10 @@ def load_eval_set(queries_path, corpus_path, *, instruction: Optional[str] = Non
         if isinstance(rel, list):
             rel = {str(r): 1.0 for r in rel}
         elif isinstance(rel, dict):
-            rel = {str(k): float(v) for k, v in rel.items() if float(v) > 0}
+            if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                       for v in rel.values()):
+                _fail(queries_path, line_no, "'relevant' grades must be numbers")
+            rel = {str(k): float(v) for k, v in rel.items() if v > 0}
         else:
             _fail(queries_path, line_no, "'relevant' must be a list of doc ids or a {doc_id: grade} object")
         if not rel:
@@ -206,8 +254,12 @@ def load_eval_set(queries_path, corpus_path, *, instruction: Optional[str] = Non
         missing = [r for r in rel if r not in seen]
         if missing:
             _fail(queries_path, line_no, f"relevant doc ids not in the corpus {corpus_path}: {missing[:5]}")
+        own = obj.get("instruction")
+        if own is not None and not isinstance(own, str):
+            _fail(queries_path, line_no, "'instruction' must be a string")
+        check_unicode(queries_path, line_no, "query", format_query(obj["query"], own))
         query_ids.append(str(obj.get("id", line_no)))
-        queries.append(format_query(obj["query"], obj.get("instruction") or instruction))
+        queries.append(format_query(obj["query"], own or instruction))
         relevant.append(rel)
     if not queries:
         raise ValueError(f"{queries_path}: no queries")

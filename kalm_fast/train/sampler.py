@@ -17,8 +17,9 @@ from ..prompts import format_query
 class TaskBatchSampler:
     """Yields ``(task, [record ids], epoch)`` batches of ``batch_size`` records from one task each.
 
-    ``tasks``: ``{task: [record ids]}``; tasks with fewer than ``batch_size`` records are skipped.
-    ``task_weights``: optional ``{task: weight >= 0}``; missing tasks weigh 1.
+    ``tasks``: ``{task: [record ids]}``; tasks with fewer than ``batch_size`` records are skipped, and each epoch
+    leaves out the last ``len % batch_size`` records of every task (a different draw each epoch): ``coverage()``
+    says how many, and the trainer logs it. ``task_weights``: optional ``{task: weight >= 0}``; missing tasks weigh 1.
     """
 
     def __init__(self, tasks: dict, batch_size: int, *, seed: int = 0, task_weights: Optional[dict] = None):
@@ -54,6 +55,14 @@ class TaskBatchSampler:
             batches.extend((task, b) for b in chosen)
         rng.shuffle(batches)
         return batches
+
+    def coverage(self) -> dict:
+        """What one epoch leaves out: the tasks smaller than a batch (never trained on) and, per task, the records
+        that do not fill a last batch (others are left out in the next epoch)."""
+        size = self.batch_size
+        return dict(tasks_smaller_than_a_batch={t: len(ids) for t, ids in self.tasks.items() if len(ids) < size},
+                    left_out_per_epoch={t: len(ids) % size for t, ids in self.tasks.items()
+                                        if len(ids) >= size and len(ids) % size})
 
     def batches_per_epoch(self) -> int:
         return len(self._epoch_batches(0))

@@ -4,11 +4,14 @@
 back in its own dtype) of checkpoints that hold the same tensor names, shapes and dtypes. A checkpoint is a
 ``.safetensors`` file or a model directory (one ``model.safetensors`` or shards listed in
 ``model.safetensors.index.json``). The output safetensors files are written by hand, header first and then
-each averaged tensor, so peak memory is about one tensor per checkpoint. Everything is checked before the
-first byte is written, and the result appears atomically (written under a temporary name, then renamed).
+each averaged tensor, so peak memory is about one tensor per checkpoint. Names, shapes and dtypes are checked
+before the first byte is written, values (NaN or inf are refused, naming the tensor) as they are read; the result
+appears atomically (written under a temporary name, fsynced, renamed), and on any error nothing appears. Temporary
+files a killed soup left next to ``output`` are removed by the next one.
 """
 from __future__ import annotations
 
+import glob
 import json
 import math
 import os
@@ -20,6 +23,8 @@ from typing import Optional, Sequence
 
 import torch
 from safetensors import safe_open
+
+from ..files import fsync_dir, fsync_file, publish_dir, remove_leftovers
 
 INDEX_NAME = "model.safetensors.index.json"
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -57,11 +62,14 @@ class _Checkpoint:
         self.tensors = {}  # name -> (shard, shape, dtype string)
         self.metadata = {}
         for shard in self.shards:
-            with safe_open(root / shard, framework="pt") as f:
-                self.metadata[shard] = f.metadata()
-                for name in f.keys():
-                    sl = f.get_slice(name)
-                    self.tensors[name] = (shard, tuple(sl.get_shape()), sl.get_dtype())
+            try:
+                with safe_open(root / shard, framework="pt") as f:
+                    self.metadata[shard] = f.metadata()
+                    for name in f.keys():
+                        sl = f.get_slice(name)
+                        self.tensors[name] = (shard, tuple(sl.get_shape()), sl.get_dtype())
+            except Exception as exc:  # missing, truncated or not safetensors: safetensors' own error types
+                raise ValueError(f"checkpoint file {root / shard} is not a readable safetensors file ({exc})") from None
 
 
 def _normalized_weights(weights, n: int) -> list:
@@ -105,6 +113,8 @@ def _average(name: str, ckpts: list, weights: list, handles: dict) -> torch.Tens
     first = None
     for i, (ck, w) in enumerate(zip(ckpts, weights)):
         t = handles[(i, ck.tensors[name][0])].get_tensor(name)
+        if dtype.is_floating_point and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"tensor {name!r} of {ck.path} holds NaN or inf values; a soup with it would too")
         if not dtype.is_floating_point:  # integer buffers (e.g. position ids) must agree, not be averaged
             if first is None:
                 first = t
@@ -175,22 +185,26 @@ def model_soup(checkpoints: Sequence, *, weights: Optional[Sequence[float]] = No
     output = Path(output)
     if output.resolve() in {c.path.resolve() for c in ckpts}:
         raise ValueError(f"output {output} is one of the checkpoints; choose a new path")
-    output.parent.mkdir(parents=True, exist_ok=True)
     first = ckpts[0]
+    if first.is_dir:
+        if output.exists() and (not output.is_dir() or any(output.iterdir())):
+            raise ValueError(f"output directory {output} already exists and is not empty")
+    elif output.suffix != ".safetensors" or output.is_dir():
+        raise ValueError(f"output must be a .safetensors file path when the checkpoints are files, got {output}")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(output.parent, f".{glob.escape(output.name)}.*.tmp")
     if not first.is_dir:
-        if output.suffix != ".safetensors":
-            raise ValueError(f"output must be a .safetensors file path when the checkpoints are files, got {output}")
-        fd, tmp = tempfile.mkstemp(suffix=".tmp", dir=output.parent)
+        fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent)
         os.close(fd)
         try:
             _write_streaming(Path(tmp), sorted(first.tensors), ckpts, weights, None, first.metadata[first.shards[0]])
+            fsync_file(tmp)
             os.replace(tmp, output)
+            fsync_dir(output.parent)
         finally:
             if os.path.exists(tmp):
                 os.remove(tmp)
         return output
-    if output.exists() and (not output.is_dir() or any(output.iterdir())):
-        raise ValueError(f"output directory {output} already exists and is not empty")
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent))
     try:
         for shard in first.shards:
@@ -201,7 +215,7 @@ def model_soup(checkpoints: Sequence, *, weights: Optional[Sequence[float]] = No
         _copy_side_files(first.path, tmp)
         if output.exists():
             output.rmdir()
-        os.replace(tmp, output)
+        publish_dir(tmp, output)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)

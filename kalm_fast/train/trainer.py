@@ -9,13 +9,22 @@ saves.
 
 Output layout::
 
-    OUTPUT/metrics.jsonl                  one JSON line per logged step / evaluation
+    OUTPUT/run.json                       the config and the sha256 of every stage's data files
+    OUTPUT/metrics.jsonl                  one JSON line per logged step / evaluation, with its UTC time
     OUTPUT/scores.json                    eval scores of final models and soup candidates
     OUTPUT/<stage>/checkpoints/step-N/    model (safetensors) + trainer/ (optimizer, scheduler, sampler, RNG)
+                                          + checkpoint.json (size and sha256 of each of its files)
     OUTPUT/<stage>/final/                 the stage's model (Hugging Face + sentence-transformers layout)
 
-``--resume`` skips finished stages and continues the current one from its latest checkpoint, exactly: the
-weights after the last step equal those of an uninterrupted run.
+Before anything is written, the config (``config.py``), the device, the eval set and every stage's data are
+checked. ``--resume`` skips finished stages and continues the current one from its latest intact checkpoint (a
+damaged one is reported, removed, and the one before it used), exactly: the weights after the last step equal
+those of an uninterrupted run. It refuses a changed config or changed data (naming what changed), except the
+keys in ``RESUMABLE_CHANGES``, which do not change the weights. A run that stopped before its first checkpoint
+left nothing to continue: the next run, with or without ``--resume``, starts it afresh. A non-finite loss or
+gradient norm stops the run (``RunError``) before the optimizer step, so no model is saved from it. Files and
+directories are written under temporary names, fsynced and renamed; a killed run's temporary files are removed
+by the next one.
 """
 from __future__ import annotations
 
@@ -26,11 +35,14 @@ import os
 import re
 import shutil
 import time
+import warnings
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
 
 from ..distributed import (
     DistInfo,
@@ -45,9 +57,20 @@ from ..distributed import (
     unwrap,
     wrap_model,
 )
+from ..errors import RunError
+from ..files import (
+    atomic_write_text,
+    check_writable_dir,
+    digest,
+    fsync_dir,
+    publish_dir,
+    remove_leftovers,
+    sync_tree,
+    verify,
+)
 from ..models import EmbeddingModel
-from ..models.loading import default_model_dir
-from .config import SoupStage, TrainConfig, TrainStage
+from ..models.loading import default_model_dir, resolve_model_dir
+from .config import SoupStage, TrainConfig, TrainStage, config_to_dict
 from .data import TrainData, load_eval_set
 from .evaluate import evaluate_model
 from .gradcache import contrastive_step
@@ -56,6 +79,54 @@ from .sampler import TaskBatchSampler, build_example
 from .soup import model_soup
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+RUN_FILE = "run.json"
+CHECKPOINT_MANIFEST = "checkpoint.json"
+# Config keys that --resume lets change: they do not change the weights a run produces.
+RESUMABLE_CHANGES = (r"output_dir", r"device", r"log_every", r"eval\.batch_size",
+                     r"stages\[\d+\]\.(save_every|keep_checkpoints)")
+
+
+def _flatten(value, prefix: str = "") -> dict:
+    """``{"stages[0].lr": 1e-5, ...}`` for a nested config mapping."""
+    if isinstance(value, dict):
+        out = {}
+        for key, item in value.items():
+            out.update(_flatten(item, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    if isinstance(value, list) and any(isinstance(item, dict) for item in value):
+        out = {}
+        for i, item in enumerate(value):
+            out.update(_flatten(item, f"{prefix}[{i}]"))
+        return out
+    return {prefix: value}
+
+
+def run_changes(stored: dict, current: dict) -> list:
+    """What differs between two run records (``run.json``) in ways ``--resume`` does not allow, one line each."""
+    old, new = _flatten(stored.get("config", {})), _flatten(current["config"])
+    unset = "(unset)"
+    changes = [f"{k}: {old.get(k, unset)!r} -> {new.get(k, unset)!r}" for k in sorted(set(old) | set(new))
+               if old.get(k, unset) != new.get(k, unset)
+               and not any(re.fullmatch(pattern, k) for pattern in RESUMABLE_CHANGES)]
+    for stage, files in sorted(current["data"].items()):
+        before = stored.get("data", {}).get(stage, {})
+        changes += [f"{f} of stage {stage!r} (its content changed)" for f in sorted(files)
+                    if f in before and before[f] != files[f]]
+    return changes
+
+
+def checkpoint_problem(path: Path):
+    """None if every file of the checkpoint ``path`` matches its ``checkpoint.json``; else what is wrong."""
+    manifest = path / CHECKPOINT_MANIFEST
+    try:
+        files = json.loads(manifest.read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"{CHECKPOINT_MANIFEST} is missing or unreadable"
+    for name, expected in files.items():
+        problem = verify(path / name, expected, name)
+        if problem:
+            return problem
+    return None
 
 
 def base_model_path(model: Optional[str]) -> str:
@@ -167,8 +238,26 @@ class Trainer:
     # ---------------------------------------------------------------- bookkeeping
     def _log(self, record: dict):
         if self.info.is_main:
+            record = dict(time=datetime.now(timezone.utc).isoformat(timespec="milliseconds"), **record)
             with open(self.out / "metrics.jsonl", "a") as fh:
                 fh.write(json.dumps(record) + "\n")
+
+    def _trim_metrics(self, stage: str, step: int):
+        """Drop the records of ``stage`` after ``step`` (work about to be redone), so no step appears twice."""
+        path = self.out / "metrics.jsonl"
+        if not self.info.is_main or not path.is_file():
+            return
+        lines = path.read_text().splitlines(keepends=True)
+
+        def kept(line: str) -> bool:
+            try:
+                record = json.loads(line)
+            except ValueError:  # a line cut short by a kill
+                return False
+            at = record.get("step")
+            return record.get("stage") != stage or (isinstance(at, int) and 0 < at <= step)
+
+        atomic_write_text(path, "".join(line for line in lines if kept(line)))
 
     def _scores(self) -> dict:
         path = self.out / "scores.json"
@@ -178,7 +267,7 @@ class Trainer:
         if self.info.is_main:
             scores = self._scores()
             scores[key] = score
-            (self.out / "scores.json").write_text(json.dumps(scores, indent=2))
+            atomic_write_text(self.out / "scores.json", json.dumps(scores, indent=2))
 
     def _stage_final(self, name: str) -> Path:
         return self.out / name / "final"
@@ -220,13 +309,16 @@ class Trainer:
             shutil.rmtree(tmp)
         self._write_model(model, tmp)
         if self.info.is_main:
-            # Move the old model aside before the new one takes its place: a crash leaves one of them.
+            sync_tree(tmp)
+            # Move the old model aside before the new one takes its place: a crash leaves one of them, and the
+            # next run puts an orphaned old one back (``_clean_stage``).
             old = target.with_name(f".{target.name}.old")
             if old.exists():
                 shutil.rmtree(old)
             if target.exists():
                 os.replace(target, old)
             os.replace(tmp, target)
+            fsync_dir(target.parent)
             if old.exists():
                 shutil.rmtree(old)
         barrier(self.info)
@@ -246,23 +338,73 @@ class Trainer:
         return metrics
 
     # ---------------------------------------------------------------- run
+    def _prepare(self) -> dict:
+        """Every training stage's data (validated and hashed) and sampler, before any stage trains."""
+        check_writable_dir(self.out, "output_dir")
+        resolve_model_dir(self.config.model)  # the base model exists (its files are checked when it loads)
+        prepared = {}
+        for stage in self.config.stages:
+            if not isinstance(stage, TrainStage):
+                continue
+            try:
+                if stage.batch_size % self.info.world_size:
+                    raise ValueError(f"batch_size {stage.batch_size} must be a multiple of the number of processes "
+                                     f"{self.info.world_size}")
+                data = self.train_data(stage)
+                sampler = TaskBatchSampler(data.tasks, stage.batch_size, seed=self._seed(stage),
+                                           task_weights=stage.task_weights)
+            except ValueError as exc:
+                raise ValueError(f"stage {stage.name!r}: {exc}") from None
+            prepared[stage.name] = (data, sampler)
+        return prepared
+
+    def _seed(self, stage: TrainStage) -> int:
+        return self.config.seed if stage.seed is None else stage.seed
+
+    def _progress(self) -> list:
+        """The stages with something to continue from: a final model or a checkpoint."""
+        return [s.name for s in self.config.stages
+                if self._stage_final(s.name).exists() or (isinstance(s, TrainStage) and self._checkpoints(s))]
+
+    def _start_run(self, prepared: dict):
+        """Refuse what would mix two runs in one output_dir; record this run's config and data."""
+        record = json.loads(json.dumps(dict(config=config_to_dict(self.config),
+                                            data={name: data.sha256 for name, (data, _) in prepared.items()})))
+        progress = self._progress()
+        barrier(self.info)  # every rank looks before any rank writes
+        if progress and not self.resume:
+            raise ValueError(f"output_dir {self.out} holds a previous run (stages {', '.join(progress)}); pass "
+                             "--resume to continue it or choose another output_dir")
+        run_file = self.out / RUN_FILE
+        if progress and run_file.is_file():
+            changes = run_changes(json.loads(run_file.read_text()), record)
+            if changes:
+                raise ValueError(f"--resume: output_dir {self.out} was started with another config or data; "
+                                 f"changed: {'; '.join(changes)}. A resumed run keeps its config (only "
+                                 "output_dir, device, log_every, save_every, keep_checkpoints and eval.batch_size "
+                                 "may change): restore these, or start a new output_dir")
+        if self.info.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            remove_leftovers(self.out)
+            if not progress and run_file.is_file():  # a run that stopped before its first checkpoint: redone
+                (self.out / "metrics.jsonl").unlink(missing_ok=True)
+            atomic_write_text(run_file, json.dumps(record, indent=2))
+        barrier(self.info)
+
     def train(self) -> Path:
         """Run every stage (skipping finished ones when resuming); returns the last stage's final model."""
-        started = any((self.out / s.name).exists() for s in self.config.stages)
-        barrier(self.info)  # every rank looks before any rank writes
-        if started and not self.resume:
-            raise ValueError(f"output_dir {self.out} holds a previous run; pass --resume to continue it "
-                             "or choose another output_dir")
-        self.out.mkdir(parents=True, exist_ok=True)
+        prepared = self._prepare()
+        self._start_run(prepared)
         previous = "base"
         for stage in self.config.stages:
             final = self._stage_final(stage.name)
             if not final.exists():
                 (self.out / stage.name).mkdir(parents=True, exist_ok=True)
                 if isinstance(stage, SoupStage):
+                    self._trim_metrics(stage.name, 0)
                     self._run_soup(stage)
                 else:
-                    self._run_train(stage, self._resolve(stage.init, previous))
+                    self._run_train(stage, self._resolve(stage.init, previous), *prepared[stage.name])
             previous = stage.name
         return self._stage_final(previous)
 
@@ -280,6 +422,44 @@ class Trainer:
             return []
         found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name))]
         return [p for _, p in sorted(found)]
+
+    def _clean_stage(self, stage: TrainStage):
+        """Remove what a killed run of ``stage`` left half-written; put back a model that was being replaced."""
+        if not self.info.is_main:
+            return
+        stage_dir = self.out / stage.name
+        for name in ("final", "best"):
+            old = stage_dir / f".{name}.old"
+            if old.is_dir() and not (stage_dir / name).exists():
+                os.replace(old, stage_dir / name)
+        remove_leftovers(stage_dir, ".*.tmp")
+        remove_leftovers(stage_dir, ".*.old")
+        remove_leftovers(stage_dir / "checkpoints", ".step-*.tmp")
+
+    def _intact_checkpoint(self, stage: TrainStage) -> Optional[Path]:
+        """The latest checkpoint whose files match its ``checkpoint.json``; damaged later ones are reported and
+        removed. A ``ValueError`` when checkpoints exist but none is intact."""
+        checkpoints = self._checkpoints(stage)
+        damaged = []
+        for path in reversed(checkpoints):
+            problem = checkpoint_problem(path)
+            if problem is None:
+                break
+            damaged.append((path, problem))
+        else:
+            if damaged:
+                raise ValueError(f"stage {stage.name!r}: no intact checkpoint to resume from "
+                                 f"({'; '.join(f'{p.name}: {why}' for p, why in damaged)}); delete "
+                                 f"{self.out / stage.name / 'checkpoints'} to train the stage again from its start")
+            return None
+        barrier(self.info)  # every rank has decided before rank 0 removes anything
+        for bad, problem in damaged:
+            warnings.warn(f"checkpoint {bad} is damaged ({problem}); it is removed and the run resumes from "
+                          f"{path.name}", stacklevel=2)
+            if self.info.is_main:
+                shutil.rmtree(bad)
+        barrier(self.info)
+        return path
 
     def _save_checkpoint(self, stage, step, model, optimizer, scheduler, sampler, generator, best):
         root = self.out / stage.name / "checkpoints"
@@ -303,22 +483,23 @@ class Trainer:
         save_file(_rng_tensors(self.device, generator), str(trainer_dir / f"rng-rank{self.info.rank}.safetensors"))
         barrier(self.info)
         if self.info.is_main:
-            os.replace(tmp, target)
+            files = {p.relative_to(tmp).as_posix(): digest(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+            (tmp / CHECKPOINT_MANIFEST).write_text(json.dumps(dict(step=step, files=files), indent=2))
+            if target.exists():  # a damaged checkpoint of this step was removed on resume; never two of one step
+                shutil.rmtree(target)
+            publish_dir(tmp, target)
             for old in self._checkpoints(stage)[:-max(1, stage.keep_checkpoints)]:
                 shutil.rmtree(old)
         barrier(self.info)
 
-    def _run_train(self, stage: TrainStage, init_path: str):
+    def _run_train(self, stage: TrainStage, init_path: str, data: TrainData, sampler: TaskBatchSampler):
         cfg, info = self.config, self.info
-        seed = cfg.seed if stage.seed is None else stage.seed
-        if stage.batch_size % info.world_size:
-            raise ValueError(f"stage {stage.name!r}: batch_size {stage.batch_size} must be a multiple of the "
-                             f"number of processes {info.world_size}")
-        data = self.train_data(stage)
-        sampler = TaskBatchSampler(data.tasks, stage.batch_size, seed=seed, task_weights=stage.task_weights)
+        seed = self._seed(stage)
         total = stage.steps or math.ceil(stage.epochs * sampler.batches_per_epoch())
-        checkpoints = self._checkpoints(stage) if self.resume else []
-        model = self.load_model(str(checkpoints[-1]) if checkpoints else init_path)
+        self._clean_stage(stage)
+        barrier(info)
+        checkpoint = self._intact_checkpoint(stage) if self.resume else None
+        model = self.load_model(str(checkpoint) if checkpoint else init_path)
         model.train()
         freeze_unused_parameters(model)
         if cfg.parallel == "fsdp" and info.enabled and info.is_main:
@@ -333,11 +514,11 @@ class Trainer:
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lr_lambda(total, int(stage.warmup_ratio * total), stage.schedule))
         step, best = 0, None
-        if checkpoints:
-            tdir = checkpoints[-1] / "trainer"
+        if checkpoint:
+            tdir = checkpoint / "trainer"
             state = json.loads((tdir / "state.json").read_text())
             if state["world_size"] != info.world_size:
-                raise ValueError(f"checkpoint {checkpoints[-1]} was written by {state['world_size']} processes; "
+                raise ValueError(f"checkpoint {checkpoint} was written by {state['world_size']} processes; "
                                  f"resume it with the same number (this run has {info.world_size})")
             rank_tag = info.rank if cfg.parallel == "fsdp" else 0
             load_optimizer(optimizer, tdir, f"optimizer-rank{rank_tag}")
@@ -345,6 +526,8 @@ class Trainer:
             sampler.load_state_dict(state["sampler"])
             _restore_rng(load_file(str(tdir / f"rng-rank{info.rank}.safetensors")), self.device, generator)
             step, best = state["step"], state["best"]
+        self._trim_metrics(stage.name, step)
+        self._report_data(stage, data, sampler)
         loss_fn = FocalInfoNCELoss(
             temperature=stage.temperature, gamma=stage.gamma, similarity=stage.similarity,
             in_batch_negatives=stage.in_batch_negatives, num_synthetic=stage.num_synthetic,
@@ -353,60 +536,70 @@ class Trainer:
             matryoshka_dims=stage.matryoshka_dims, matryoshka_weights=stage.matryoshka_weights)
         local = stage.batch_size // info.world_size
         batches = iter(sampler)
-        progress = None
-        if info.is_main and self.show_progress:
-            from tqdm.auto import tqdm
-            progress = tqdm(total=total, initial=step, desc=stage.name, dynamic_ncols=True)
-        t0, samples, window_loss, window_n = time.perf_counter(), 0, 0.0, 0
-        while step < total:
-            task, ids, epoch = next(batches)
-            examples = [build_example(data[i], i, num_negatives=stage.hard_negatives, seed=seed, epoch=epoch)
-                        for i in ids[info.rank * local:(info.rank + 1) * local]]
-            loss, stats = contrastive_step(
-                wrapped, model.tokenize, [q for q, _ in examples], [d for _, d in examples], loss_fn,
-                chunk_size=stage.gradcache_chunk, generator=generator, autocast=self._autocast,
-                no_sync=no_sync_of(wrapped), device=self.device)
-            if stage.max_grad_norm is not None:
-                grad_norm = torch.nn.utils.clip_grad_norm_(wrapped.parameters(), stage.max_grad_norm)
-                grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-            else:
-                grad_norm = torch.tensor(float("nan"))
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            samples += stage.batch_size
-            window_loss, window_n = window_loss + float(loss), window_n + 1
-            if step % cfg.log_every == 0 or step == total:
-                rate = samples / (time.perf_counter() - t0)
-                record = dict(stage=stage.name, step=step, task=task, loss=mean_across(info, window_loss / window_n),
-                              lr=scheduler.get_last_lr()[0], grad_norm=float(grad_norm), samples_per_s=rate)
-                record.update({k: float(v) for k, v in (stats or {}).items()})
-                self._log(record)
-                if progress is not None:
+        show = info.is_main and self.show_progress
+        with tqdm(total=total, initial=step, desc=stage.name, dynamic_ncols=True, disable=not show) as progress:
+            t0, samples, window_loss, window_n = time.perf_counter(), 0, 0.0, 0
+            while step < total:
+                task, ids, epoch = next(batches)
+                examples = [build_example(data[i], i, num_negatives=stage.hard_negatives, seed=seed, epoch=epoch)
+                            for i in ids[info.rank * local:(info.rank + 1) * local]]
+                loss, stats = contrastive_step(
+                    wrapped, model.tokenize, [q for q, _ in examples], [d for _, d in examples], loss_fn,
+                    chunk_size=stage.gradcache_chunk, generator=generator, autocast=self._autocast,
+                    no_sync=no_sync_of(wrapped), device=self.device)
+                loss = float(loss)
+                if stage.max_grad_norm is not None:
+                    grad_norm = torch.nn.utils.clip_grad_norm_(wrapped.parameters(), stage.max_grad_norm)
+                    grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+                else:
+                    grad_norm = float("nan")
+                if not math.isfinite(loss) or not (math.isfinite(grad_norm) or stage.max_grad_norm is None):
+                    what = f"loss is {loss}" if not math.isfinite(loss) else f"gradient norm is {grad_norm}"
+                    raise RunError(f"stage {stage.name!r}, step {step + 1} (task {task!r}): the {what}; stopped "
+                                   "before the optimizer step, so no model is saved from it (earlier checkpoints "
+                                   "stay valid). Lower lr or check the data, then start a new output_dir")
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                samples += stage.batch_size
+                window_loss, window_n = window_loss + loss, window_n + 1
+                if step % cfg.log_every == 0 or step == total:
+                    rate = samples / (time.perf_counter() - t0)
+                    record = dict(stage=stage.name, step=step, task=task,
+                                  loss=mean_across(info, window_loss / window_n), lr=scheduler.get_last_lr()[0],
+                                  grad_norm=grad_norm, samples_per_s=rate)
+                    record.update({k: float(v) for k, v in (stats or {}).items()})
+                    self._log(record)
                     progress.set_postfix(loss=f"{record['loss']:.4f}", samples_s=f"{rate:.1f}")
-                window_loss, window_n = 0.0, 0
-            if progress is not None:
+                    window_loss, window_n = 0.0, 0
                 progress.update(1)
-            if stage.eval_every and (step % stage.eval_every == 0 or step == total):
-                best = self._evaluate_step(stage, step, wrapped, best)
-            if stage.save_every and step % stage.save_every == 0 and step < total:
-                self._save_checkpoint(stage, step, wrapped, optimizer, scheduler, sampler, generator, best)
-            if self.on_step is not None:
-                self.on_step(stage.name, step)
-        if progress is not None:
-            progress.close()
+                if stage.eval_every and (step % stage.eval_every == 0 or step == total):
+                    best = self._evaluate_step(stage, step, wrapped, best)
+                if stage.save_every and step % stage.save_every == 0 and step < total:
+                    self._save_checkpoint(stage, step, wrapped, optimizer, scheduler, sampler, generator, best)
+                if self.on_step is not None:
+                    self.on_step(stage.name, step)
         final = self._stage_final(stage.name)
         best_dir = self.out / stage.name / "best"
         if stage.keep_best and best is not None and best_dir.exists():
             if info.is_main:
                 os.replace(best_dir, final)
+                fsync_dir(final.parent)
             barrier(info)
         else:
             self._save_model_atomic(wrapped, final)
         data.close()  # its file handles; the index stays for later stages
         if self.eval_set is not None:
             self._score_path(stage.name, final, None if stage.keep_best else wrapped)
+
+    def _report_data(self, stage: TrainStage, data: TrainData, sampler: TaskBatchSampler):
+        """Log what batching leaves out (tasks smaller than a batch; each epoch, every task's last records)."""
+        coverage = sampler.coverage()
+        self._log(dict(stage=stage.name, step=None, data=dict(records=len(data), **coverage, unused_keys=data.unused)))
+        if coverage["tasks_smaller_than_a_batch"] and self.info.is_main:
+            warnings.warn(f"stage {stage.name!r}: tasks with fewer records than batch_size {stage.batch_size} are "
+                          f"never trained on: {coverage['tasks_smaller_than_a_batch']}", stacklevel=2)
 
     def _evaluate_step(self, stage, step, model, best):
         metrics = self.evaluate(model)

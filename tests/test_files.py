@@ -1,0 +1,93 @@
+"""Durable writes (temp file, fsync, rename, fsync of the directory) and line-exact reading (issue 14)."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from kalm_fast import files, shards
+
+
+def _record_syscalls(monkeypatch):
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.path.basename(os.readlink(f"/proc/self/fd/{fd}"))))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("rename", os.path.basename(src), os.path.basename(dst)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(files.os, "fsync", fsync)
+    monkeypatch.setattr(files.os, "replace", replace)
+    return events
+
+
+def test_atomic_write_fsyncs_the_file_before_the_rename_and_the_directory_after(tmp_path, monkeypatch):
+    events = _record_syscalls(monkeypatch)
+    target = tmp_path / "out.json"
+    files.atomic_write_text(target, "{}")
+    tmp = files.temp_name(target).name
+    assert events == [("fsync", tmp), ("rename", tmp, "out.json"), ("fsync", tmp_path.name)]
+    assert target.read_text() == "{}"
+
+
+def test_publish_dir_fsyncs_every_file_and_directory_before_the_rename(tmp_path, monkeypatch):
+    tmp = tmp_path / ".model.tmp"
+    (tmp / "sub").mkdir(parents=True)
+    (tmp / "a.bin").write_bytes(b"a")
+    (tmp / "sub/b.bin").write_bytes(b"b")
+    events = _record_syscalls(monkeypatch)
+    files.publish_dir(tmp, tmp_path / "model")
+    rename = events.index(("rename", ".model.tmp", "model"))
+    assert {("fsync", "a.bin"), ("fsync", "b.bin"), ("fsync", "sub"), ("fsync", ".model.tmp")} <= set(events[:rename])
+    assert events[rename + 1:] == [("fsync", tmp_path.name)]
+
+
+def test_a_crash_before_the_rename_keeps_the_old_content_and_leaves_no_temp_file(tmp_path, monkeypatch):
+    """What scores.json, manifest.json, run.json and the eval metrics are written with."""
+    target = tmp_path / "scores.json"
+    target.write_text('{"a": 1}')
+
+    def crash(path):
+        raise OSError(28, "No space left on device", str(path))
+
+    monkeypatch.setattr(files, "fsync_file", crash)
+    with pytest.raises(OSError, match="No space left"):
+        files.atomic_write_text(target, '{"a": 1, "b": 2}')
+    assert target.read_text() == '{"a": 1}' and sorted(p.name for p in tmp_path.iterdir()) == ["scores.json"]
+
+
+def test_the_trainer_and_the_shard_manifest_write_atomically(tmp_path, monkeypatch):
+    from kalm_fast.train.config import config_from_dict
+    from kalm_fast.train.trainer import Trainer
+
+    trainer = Trainer(config_from_dict(dict(output_dir=str(tmp_path), stages=[dict(name="s", data="x", steps=1)])))
+    trainer._record_score("a", 0.5)
+    header = dict(shard_size=2, count=2, dim=3)
+    shards.write_shard(shards.shard_path(tmp_path, 0), np.ones((2, 3), np.float32), 0, header)
+    shards.write_manifest(tmp_path, header, 2, {})
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    monkeypatch.setattr(files, "fsync_file", lambda path: (_ for _ in ()).throw(OSError(28, "full", str(path))))
+    with pytest.raises(OSError):
+        trainer._record_score("b", 0.7)
+    with pytest.raises(OSError):
+        shards.write_manifest(tmp_path, dict(header, dim=3), 2, {"note": "new"})
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    assert json.loads(before["scores.json"]) == {"a": 0.5}
+
+
+def test_read_lines_splits_on_newline_only(tmp_path):
+    path = tmp_path / "t.txt"
+    path.write_bytes(b"\xef\xbb\xbfa\rb\r\nc\n\nd")
+    assert list(files.read_lines(path)) == [(1, "a\rb"), (2, "c"), (3, ""), (4, "d")]
+
+
+def test_remove_leftovers(tmp_path):
+    (tmp_path / ".x.1.tmp").write_text("")
+    (tmp_path / ".d.tmp").mkdir()
+    (tmp_path / "keep.json").write_text("")
+    assert sorted(files.remove_leftovers(tmp_path)) == [".d.tmp", ".x.1.tmp"]
+    assert [p.name for p in tmp_path.iterdir()] == ["keep.json"]

@@ -1,0 +1,224 @@
+"""The trainer never continues silently from something wrong (issue 14, issue 16 item 6): intact checkpoints only,
+the same config and data on --resume, every stage's data checked before the first step, a non-finite loss stops
+the run, a failed start does not block the fixed rerun, and what batching leaves out is logged."""
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from train_utils import make_records, make_tiny_model
+
+from kalm_fast.cli import main
+from kalm_fast.errors import RunError
+from kalm_fast.files import digest
+from kalm_fast.train import trainer as trainer_module
+from kalm_fast.train.config import config_from_dict
+from kalm_fast.train.data import write_jsonl
+from kalm_fast.train.trainer import Trainer
+
+
+class Interrupted(Exception):
+    pass
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("inputs")
+    write_jsonl(root / "train.jsonl", make_records(16, negatives=2))
+    return dict(root=root, model=make_tiny_model(root / "model"))
+
+
+def _raw(inputs, out, **stage):
+    s = dict(name="ft", data=[str(inputs["root"] / "train.jsonl")], steps=4, batch_size=4, hard_negatives=1,
+             lr=1e-3, save_every=1, keep_checkpoints=2)
+    s.update(stage)
+    return dict(model=str(inputs["model"]), output_dir=str(out), max_length=16, log_every=1, stages=[s])
+
+
+def _run(raw, **kwargs):
+    return Trainer(config_from_dict(raw), show_progress=False, **kwargs).train()
+
+
+def _stop_at(n):
+    def on_step(stage, step):
+        if step == n:
+            raise Interrupted
+    return on_step
+
+
+def _interrupted(raw, n=3):
+    with pytest.raises(Interrupted):
+        _run(raw, on_step=_stop_at(n))
+
+
+def _weights(path):
+    return load_file(str(path / "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def interrupted(inputs, tmp_path_factory):
+    """A run stopped after step 4 (checkpoints of steps 2 and 3 kept); tests take a copy (``_copy``)."""
+    out = tmp_path_factory.mktemp("interrupted") / "cut"
+    _interrupted(_raw(inputs, out), n=4)
+    return out
+
+
+def _copy(interrupted, inputs, tmp_path):
+    """A copy of the interrupted run and its config (output_dir may change on --resume)."""
+    shutil.copytree(interrupted, tmp_path / "cut")
+    return _raw(inputs, tmp_path / "cut")
+
+
+def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_intact_one(inputs, interrupted, tmp_path):
+    full = _weights(_run(_raw(inputs, tmp_path / "full")))
+    raw = _copy(interrupted, inputs, tmp_path)
+    ckpts = tmp_path / "cut/ft/checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step-0000002", "step-0000003"]
+    optimizer = ckpts / "step-0000003/trainer/optimizer-rank0.safetensors"
+    data = bytearray(optimizer.read_bytes())
+    data[-3] ^= 0xFF  # same size, changed bytes: the optimizer state would be silently wrong
+    optimizer.write_bytes(bytes(data))
+    with pytest.warns(UserWarning, match=r"step-0000003 is damaged \(trainer/optimizer-rank0.safetensors does not "
+                                         r"match its sha256\); it is removed and the run resumes from step-0000002"):
+        resumed = _run(raw, resume=True)
+    got = _weights(resumed)
+    assert all(torch.equal(full[k], got[k]) for k in full)  # exactly the uninterrupted run
+
+
+def test_no_intact_checkpoint_is_a_clear_error(inputs, interrupted, tmp_path):
+    raw = _copy(interrupted, inputs, tmp_path)
+    (tmp_path / "cut/ft/checkpoints/step-0000003/checkpoint.json").unlink()
+    (tmp_path / "cut/ft/checkpoints/step-0000002/model.safetensors").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"no intact checkpoint to resume from \(step-0000003: checkpoint.json is "
+                                         r"missing or unreadable; step-0000002: model.safetensors has 0 bytes, "
+                                         r"expected \d+\); delete .*checkpoints to train the stage again"):
+        _run(raw, resume=True)
+
+
+def test_a_checkpoint_missing_a_tensor_is_refused_not_trained_from_random_weights(inputs, interrupted, tmp_path):
+    raw = _copy(interrupted, inputs, tmp_path)
+    step = tmp_path / "cut/ft/checkpoints/step-0000003"
+    weights = _weights(step)
+    weights["encoder.layer.0.attention.self.query.renamed"] = weights.pop("encoder.layer.0.attention.self.query.weight")
+    save_file(weights, str(step / "model.safetensors"), metadata={"format": "pt"})
+    manifest = json.loads((step / "checkpoint.json").read_text())  # as written so by the run: intact on disk
+    manifest["files"]["model.safetensors"] = digest(step / "model.safetensors")
+    (step / "checkpoint.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=r"lack 1 tensor\(s\) .*'encoder.layer.0.attention.self.query.weight'"):
+        _run(raw, resume=True)
+
+
+def test_a_non_finite_loss_stops_the_run_and_saves_no_model(inputs, tmp_path, monkeypatch, capsys):
+    real = trainer_module.contrastive_step
+    calls = {"n": 0}
+
+    def nan_at_third(*args, **kwargs):
+        calls["n"] += 1
+        loss, stats = real(*args, **kwargs)
+        return (loss * float("nan") if calls["n"] == 3 else loss), stats
+
+    monkeypatch.setattr(trainer_module, "contrastive_step", nan_at_third)
+    raw = _raw(inputs, tmp_path / "nan")
+    with pytest.raises(RunError, match=r"stage 'ft', step 3 .*: the loss is nan; stopped before the optimizer step"):
+        _run(raw)
+    assert not (tmp_path / "nan/ft/final").exists()
+    assert sorted(p.name for p in (tmp_path / "nan/ft/checkpoints").iterdir()) == ["step-0000001", "step-0000002"]
+    calls["n"] = 0
+    config = tmp_path / "c.yaml"
+    config.write_text(json.dumps(dict(raw, output_dir=str(tmp_path / "nan-cli"))))
+    assert main(["train", str(config)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("kalm-fast train: error: stage 'ft', step 3") and "the loss is nan" in err[-1]
+    assert not (tmp_path / "nan-cli/ft/final").exists()
+
+
+def test_resume_refuses_a_changed_config_or_data_naming_them(inputs, tmp_path):
+    data = tmp_path / "train.jsonl"
+    shutil.copy(inputs["root"] / "train.jsonl", data)
+    raw = _raw(inputs, tmp_path / "cut", data=[str(data)])
+    _interrupted(raw)
+    changed = _raw(inputs, tmp_path / "cut", data=[str(data)], lr=2e-3, temperature=0.05)
+    with pytest.raises(ValueError, match=r"changed: stages\[0\].lr: 0.001 -> 0.002; stages\[0\].temperature: "
+                                         r"0.01 -> 0.05\. A resumed run keeps its config"):
+        _run(changed, resume=True)
+    kept = data.read_bytes()
+    write_jsonl(data, make_records(16, negatives=2, seed=5))
+    with pytest.raises(ValueError, match=rf"changed: {data} of stage 'ft' \(its content changed\)"):
+        _run(raw, resume=True)
+    data.write_bytes(kept)
+    allowed = dict(_raw(inputs, tmp_path / "cut", data=[str(data)], save_every=2, keep_checkpoints=3), log_every=2)
+    assert (_run(allowed, resume=True) / "model.safetensors").is_file()
+
+
+def test_every_stage_is_checked_before_the_first_trains_and_the_fixed_rerun_starts(inputs, tmp_path):
+    bad = tmp_path / "later.jsonl"
+    write_jsonl(bad, make_records(8, negatives=2))
+    with open(bad, "a") as f:
+        f.write('{"query": "q", "pos": []}\n')
+    raw = _raw(inputs, tmp_path / "run", save_every=None)
+    raw["stages"].append(dict(name="second", data=[str(bad)], steps=1, batch_size=4, hard_negatives=1))
+    with pytest.raises(ValueError, match=rf"stage 'second': {bad}:9: 'pos' must hold at least one text"):
+        _run(raw)
+    assert not (tmp_path / "run").exists()  # nothing trained, nothing written
+    write_jsonl(bad, make_records(8, negatives=2))
+    assert _run(raw) == tmp_path / "run/second/final"
+
+
+def test_a_start_that_failed_before_any_checkpoint_does_not_block_the_rerun(inputs, tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(inputs["model"], model)
+    weights = model / "model.safetensors"
+    good = weights.read_bytes()
+    weights.write_bytes(good[:-200])  # found when the stage loads its model
+    raw = dict(_raw(inputs, tmp_path / "run"), model=str(model))
+    with pytest.raises(ValueError, match="model.safetensors is not a readable safetensors file"):
+        _run(raw)
+    weights.write_bytes(good)
+    assert (_run(raw) / "model.safetensors").is_file()  # no --resume needed, nothing refused
+
+
+def test_leftovers_of_a_killed_run_are_removed_on_resume(inputs, interrupted, tmp_path):
+    raw = _copy(interrupted, inputs, tmp_path)
+    out = tmp_path / "cut"
+    (out / "ft/checkpoints/.step-0000003.tmp").mkdir()
+    (out / "ft/.final.tmp").mkdir()
+    (out / ".scores.json.123.tmp").write_text("{")
+    _run(raw, resume=True)
+    assert not [p for p in out.rglob(".*") if p.name.endswith(".tmp")]
+
+
+def test_the_saved_model_keeps_the_models_max_length_not_the_training_one(inputs, tmp_path):
+    final = _run(_raw(inputs, tmp_path / "run", steps=1, save_every=None))
+    saved = json.loads((final / "sentence_bert_config.json").read_text())
+    assert saved["max_seq_length"] == 64  # the tiny BERT's positions; the run trained with max_length 16
+
+
+def test_tasks_smaller_than_a_batch_and_left_out_records_are_reported(inputs, tmp_path):
+    data = tmp_path / "d.jsonl"
+    write_jsonl(data, make_records(10, tasks=("big",), negatives=2) + make_records(3, tasks=("tiny",), negatives=2))
+    raw = _raw(inputs, tmp_path / "run", data=[str(data)], steps=1, save_every=None)
+    with pytest.warns(UserWarning, match=r"tasks with fewer records than batch_size 4 are never trained on: "
+                                         r"\{'tiny': 3\}"):
+        _run(raw)
+    records = [json.loads(line) for line in open(tmp_path / "run/metrics.jsonl")]
+    report = next(r["data"] for r in records if "data" in r)
+    assert report["records"] == 13 and report["tasks_smaller_than_a_batch"] == {"tiny": 3}
+    assert report["left_out_per_epoch"] == {"big": 2}
+
+
+def test_a_missing_cuda_device_is_refused_before_anything(inputs, tmp_path):
+    raw = dict(_raw(inputs, tmp_path / "run"), device="cuda:99")
+    with pytest.raises(ValueError, match="device 'cuda:99'"):
+        _run(raw)
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_unwritable_output_dir_is_refused_before_anything(inputs, tmp_path, monkeypatch):
+    import os
+
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if str(p) == str(tmp_path) else real_access(p, mode))
+    with pytest.raises(ValueError, match=f"output_dir: cannot write in '{tmp_path}'"):
+        _run(_raw(inputs, tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
