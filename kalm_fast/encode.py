@@ -259,7 +259,7 @@ class Encoder:
 
     def similarity(self, embeddings1, embeddings2) -> torch.Tensor:
         """``[N, M]`` scores of every pair by ``similarity_fn_name`` (cosine; dot; euclidean and manhattan as negative
-        distances), for ``[N, D]`` / ``[M, D]`` (or ``[D]``) tensors or arrays, as ``SentenceTransformer.similarity``."""
+        distances), for ``[N, D]`` / ``[M, D]`` (or ``[D]``) tensors or arrays, as in sentence-transformers."""
         return SIMILARITIES[self.similarity_fn_name][0](_as_tensor(embeddings1, batch=True),
                                                         _as_tensor(embeddings2, batch=True))
 

@@ -31,13 +31,14 @@ class SentenceTransformerInfo:
 
 
 SIMILARITY_FN_NAMES = ("cosine", "dot", "euclidean", "manhattan")
-# The Transformer module's config file: sentence_bert_config.json, or a legacy per-family name (sentence-transformers 2.x).
+# The Transformer module's config file: sentence_bert_config.json, or a legacy per-family name (2.x).
 _TRANSFORMER_CONFIGS = ("sentence_bert_config.json", "sentence_roberta_config.json", "sentence_distilbert_config.json",
                         "sentence_camembert_config.json", "sentence_albert_config.json",
                         "sentence_xlm-roberta_config.json", "sentence_xlnet_config.json")
 # sentence-transformers <= 5 saves one boolean per pooling mode; 6 saves ``pooling_mode`` (a name or a list).
 _LEGACY_POOLING_KEYS = ("pooling_mode_cls_token", "pooling_mode_max_tokens", "pooling_mode_mean_tokens",
-                        "pooling_mode_mean_sqrt_len_tokens", "pooling_mode_weightedmean_tokens", "pooling_mode_lasttoken")
+                        "pooling_mode_mean_sqrt_len_tokens", "pooling_mode_weightedmean_tokens",
+                        "pooling_mode_lasttoken")
 # Loader arguments a Transformer config may carry that change nothing kalm_fast computes.
 _INERT_LOADER_ARGS = {"trust_remote_code", "torch_dtype", "dtype", "attn_implementation", "padding_side", "revision",
                       "cache_dir", "token", "local_files_only", "use_fast"}
@@ -128,7 +129,8 @@ def _read_pooling(path: Path, info: SentenceTransformerInfo) -> None:
         modes = config["pooling_mode"]
         modes = [modes] if isinstance(modes, str) else list(modes)
         if modes != ["mean"]:
-            raise ValueError(f"{path}: pooling_mode {config['pooling_mode']!r} is not supported; kalm_fast pools by mean")
+            raise ValueError(f"{path}: pooling_mode {config['pooling_mode']!r} is not supported; kalm_fast pools "
+                             "by mean")
     else:  # 2.x-5.x; no mode at all means mean, as sentence-transformers reads it
         other = [k for k in _LEGACY_POOLING_KEYS if config.get(k) and k != "pooling_mode_mean_tokens"]
         if other:
