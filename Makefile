@@ -7,13 +7,31 @@ PIP := $(PY) -m pip --disable-pip-version-check -q
 TRITON_INTERPRET ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo 0 || echo 1)
 NATIVE_SOURCES := setup.py pyproject.toml $(wildcard csrc/*)
 
-.PHONY: run test bench gpu-check clean
+.PHONY: run test test-latest bench gpu-check clean
 
 run: $(VENV)/.installed
 	$(VENV)/bin/kalm-fast demo
 
 test: $(VENV)/.installed-dev
 	TRITON_INTERPRET=$(TRITON_INTERPRET) $(PY) -m pytest -q tests
+
+# The newest transformers and sentence-transformers that pyproject's ranges allow (constraints.txt pins everything
+# else: torch's CPU build, and numpy and triton for the Triton interpreter), in their own venv, on the tests of the
+# code that meets them: the next release of either shows up here as a red test. Not part of `make test`.
+LATEST := .venv-latest
+LATEST_PIP := $(LATEST)/bin/python -m pip --disable-pip-version-check -q
+LATEST_TESTS := tests/test_models.py tests/test_train_gradcache.py tests/test_sentence_transformers.py tests/test_mteb.py
+
+test-latest:
+	test -x $(LATEST)/bin/python || $(PYTHON) -m venv $(LATEST)
+	grep -v -E '^(transformers|sentence-transformers)==' constraints.txt > $(LATEST)/constraints.txt
+	$(LATEST)/bin/python -c "import torch" 2>/dev/null || $(LATEST_PIP) install -c $(LATEST)/constraints.txt torch
+	$(LATEST)/bin/python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
+		print('\n'.join(p['dependencies'] + p['optional-dependencies']['dev']))" > $(LATEST)/requirements.txt
+	$(LATEST_PIP) install -U -c $(LATEST)/constraints.txt -r $(LATEST)/requirements.txt
+	$(LATEST)/bin/python -c "import transformers, sentence_transformers as st; \
+		print('test-latest: transformers', transformers.__version__, 'sentence-transformers', st.__version__)"
+	PYTHONPATH=$(CURDIR) TRITON_INTERPRET=$(TRITON_INTERPRET) $(LATEST)/bin/python -m pytest -q $(LATEST_TESTS)
 
 bench: $(VENV)/.installed-dev
 	$(PY) -m benchmarks.run_all
@@ -40,4 +58,4 @@ $(VENV)/.installed-dev: $(VENV)/.installed
 	touch $@
 
 clean:
-	rm -rf build *.egg-info kalm_fast/*.so $(VENV)
+	rm -rf build *.egg-info kalm_fast/*.so $(VENV) $(LATEST)

@@ -1,31 +1,108 @@
-"""``Encoder``: sentence-transformers-style ``encode`` on kalm_fast's packed, bidirectional execution."""
+"""``Encoder``: ``SentenceTransformer``'s API and results on kalm_fast's packed, bidirectional execution."""
 from __future__ import annotations
 
 from typing import Optional
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from .models import EmbeddingModel
+from .models.loading import SIMILARITY_FN_NAMES
 from .prompts import join_title, kalm_query_prompt
+
+PRECISIONS = ("float32", "int8", "uint8", "binary", "ubinary")
+OUTPUT_VALUES = ("sentence_embedding", "token_embeddings")
+
+
+def quantize_embeddings(embeddings: np.ndarray, precision: str, ranges: Optional[np.ndarray] = None) -> np.ndarray:
+    """``[N, D]`` float32 embeddings in ``precision``, byte for byte as sentence-transformers' ``quantize_embeddings``.
+
+    int8 / uint8: 256 buckets per dimension between ``ranges [2, D]`` (min and max; default: those of the
+    embeddings themselves, which needs at least 2 rows). binary / ubinary: the signs packed 8 per byte
+    (``[N, ceil(D / 8)]``; binary is ubinary - 128 as int8).
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
+    if precision == "float32":
+        return embeddings.astype(np.float32)
+    if precision in ("int8", "uint8"):
+        if ranges is None:
+            if embeddings.ndim == 1 or embeddings.shape[0] < 2:
+                raise ValueError(f"precision {precision!r} takes its buckets from the embeddings' ranges, which needs "
+                                 "at least 2 of them; encode a batch of texts")
+            ranges = np.vstack((embeddings.min(axis=0), embeddings.max(axis=0)))
+        ranges = ranges.astype(np.float32, copy=False)
+        starts = ranges[0, :]
+        steps = (ranges[1, :] - starts) / 255
+        steps = np.where(steps == 0, 1, steps)
+        buckets = np.clip(np.floor((embeddings - starts) / steps), 0, 255)
+        return buckets.astype(np.uint8) if precision == "uint8" else (buckets - 128).astype(np.int8)
+    bits = np.packbits(embeddings > 0, axis=-1)
+    return (bits - 128).astype(np.int8) if precision == "binary" else bits
+
+
+def _as_tensor(x, *, batch: bool) -> torch.Tensor:
+    """Embeddings (tensor, numpy array or list of vectors) as a tensor; half precision upcast to float32."""
+    if isinstance(x, (list, tuple)):
+        x = torch.stack([torch.as_tensor(v) for v in x]) if x else torch.zeros(0, 0)
+    x = torch.as_tensor(x)
+    if x.is_floating_point() and torch.finfo(x.dtype).bits < 32:
+        x = x.float()
+    return x[None] if batch and x.dim() == 1 else x
+
+
+# name -> (matrix ``[N, M]``, pairwise ``[N]``), as sentence-transformers' similarity functions of the same names.
+SIMILARITIES = {
+    "cosine": (lambda a, b: F.normalize(a, dim=-1) @ F.normalize(b, dim=-1).T,
+               lambda a, b: (F.normalize(a, dim=-1) * F.normalize(b, dim=-1)).sum(-1)),
+    "dot": (lambda a, b: a @ b.T, lambda a, b: (a * b).sum(-1)),
+    "euclidean": (lambda a, b: -torch.cdist(a, b, p=2.0), lambda a, b: -torch.linalg.vector_norm(a - b, dim=-1)),
+    "manhattan": (lambda a, b: -torch.cdist(a, b, p=1.0), lambda a, b: -(a - b).abs().sum(-1)),
+}
+
+
+class EvaluationLog:
+    """Where sentence-transformers' evaluators record their metrics on the model they evaluate
+    (``model.model_card_data.set_evaluation_metrics``)."""
+
+    def __init__(self):
+        self.eval_results = []
+
+    def set_evaluation_metrics(self, evaluator, metrics: dict, epoch: int = 0, step: int = 0) -> None:
+        self.eval_results.append(dict(evaluator=type(evaluator).__name__, metrics=dict(metrics), epoch=epoch,
+                                      step=step))
 
 
 class Encoder:
-    """Text -> embeddings, same call shape and results as ``SentenceTransformer.encode`` for the same model.
+    """Text -> embeddings with ``SentenceTransformer``'s API and results for the same model directory.
 
-    ``Encoder()`` loads the embedded default model offline. ``prompts`` (name -> prefix) extends the model's own
-    sentence-transformers prompts. ``encode`` runs ``EmbeddingModel.embed``: inputs are tokenized once, sorted by
-    length, packed without padding into batches of about ``max_tokens_per_batch`` tokens and mean-pooled; order is
-    restored.
+    ``Encoder()`` loads the embedded default model offline. As in sentence-transformers, ``prompts`` (name -> prefix)
+    and ``default_prompt_name``, ``truncate_dim`` and ``similarity_fn_name`` override what the model saved, and a
+    model always has a "query" and a "document" prompt ("" unless saved or given). ``max_length`` caps the model's own
+    max length. ``encode`` runs ``EmbeddingModel.embed``: inputs are tokenized once, sorted by length, packed without
+    padding into batches of about ``max_tokens_per_batch`` tokens and mean-pooled; order is restored.
     """
 
-    def __init__(self, model_name_or_path=None, *, device=None, dtype=None, max_length: int = 512,
-                 attn_backend: str = "auto", prompts: Optional[dict] = None, allow_pickle: bool = False):
+    def __init__(self, model_name_or_path=None, *, device=None, dtype=None, max_length: Optional[int] = None,
+                 attn_backend: str = "auto", prompts: Optional[dict] = None, default_prompt_name: Optional[str] = None,
+                 truncate_dim: Optional[int] = None, similarity_fn_name: Optional[str] = None,
+                 allow_pickle: bool = False):
         self.model = EmbeddingModel.from_pretrained(model_name_or_path, device=device, dtype=dtype,
                                                     attn_backend=attn_backend, max_length=max_length,
                                                     allow_pickle=allow_pickle)
-        self.prompts = {**self.model.prompts, **(prompts or {})}
         self.tokenizer = self.model.tokenizer
+        self.model.prompts = {"query": "", "document": "", **self.model.prompts, **(prompts or {})}
+        if default_prompt_name is not None:
+            self.model.default_prompt_name = default_prompt_name
+        if self.default_prompt_name is not None and self.default_prompt_name not in self.prompts:
+            raise ValueError(f"default_prompt_name {self.default_prompt_name!r} is not one of the prompts "
+                             f"{sorted(self.prompts)}")
+        if truncate_dim is not None:
+            self.truncate_dim = truncate_dim
+        if similarity_fn_name is not None:
+            self.similarity_fn_name = similarity_fn_name
+        self.model_card_data = EvaluationLog()
 
     @property
     def device(self) -> torch.device:
@@ -35,56 +112,118 @@ class Encoder:
     def max_length(self) -> int:
         return self.model.max_length
 
-    def get_sentence_embedding_dimension(self) -> int:
-        return self.model.hidden_size
+    max_seq_length = max_length
 
-    def _resolve_prompt(self, prompt, prompt_name, task_name, prompt_type) -> str:
+    @property
+    def prompts(self) -> dict:
+        return self.model.prompts
+
+    @property
+    def default_prompt_name(self) -> Optional[str]:
+        return self.model.default_prompt_name
+
+    @property
+    def truncate_dim(self) -> Optional[int]:
+        return self.model.truncate_dim
+
+    @truncate_dim.setter
+    def truncate_dim(self, value: Optional[int]) -> None:
+        self.model.truncate_dim = None if value is None else self._check_dim(value, "truncate_dim")
+
+    @property
+    def similarity_fn_name(self) -> str:
+        """The name of ``similarity``'s function: "cosine" (default), "dot", "euclidean" or "manhattan"."""
+        return self.model.similarity_fn_name or "cosine"
+
+    @similarity_fn_name.setter
+    def similarity_fn_name(self, value) -> None:
+        value = getattr(value, "value", value)  # sentence-transformers' SimilarityFunction enum
+        if value not in SIMILARITY_FN_NAMES:
+            raise ValueError(f"similarity_fn_name must be one of {list(SIMILARITY_FN_NAMES)}, got {value!r}")
+        self.model.similarity_fn_name = value
+
+    def get_embedding_dimension(self) -> int:
+        """The dimension of ``encode``'s results: ``truncate_dim`` if set, else the model's."""
+        return self.truncate_dim or self.model.hidden_size
+
+    get_sentence_embedding_dimension = get_embedding_dimension
+
+    def _check_dim(self, dim, name: str) -> int:
+        if isinstance(dim, bool) or not isinstance(dim, int) or not 1 <= dim <= self.model.hidden_size:
+            raise ValueError(f"{name} must be an int in [1, {self.model.hidden_size}], got {dim!r}")
+        return dim
+
+    def _resolve_prompt(self, prompt: Optional[str], prompt_name: Optional[str]) -> str:
+        """``prompt``, else the prompt named ``prompt_name``, else the default prompt, else none."""
         if prompt is not None:
             return prompt
         if prompt_name is not None:
             if prompt_name not in self.prompts:
                 raise ValueError(f"prompt_name {prompt_name!r} is not one of the model's prompts {sorted(self.prompts)}")
             return self.prompts[prompt_name]
-        kind = getattr(prompt_type, "value", prompt_type)
-        if task_name is not None and kind in (None, "query"):
-            for key in (f"{task_name}-{kind}" if kind else None, task_name):
-                if key in self.prompts:
-                    return self.prompts[key]
-        if kind in self.prompts:
-            return self.prompts[kind]
-        if self.model.default_prompt_name and kind is None and task_name is None:
-            return self.prompts.get(self.model.default_prompt_name, "")
+        if self.default_prompt_name is not None:
+            return self.prompts.get(self.default_prompt_name, "")
         return ""
 
     @torch.no_grad()
-    def encode(self, sentences, *, batch_size: Optional[int] = None, max_tokens_per_batch: Optional[int] = None,
-               prompt: Optional[str] = None, prompt_name: Optional[str] = None, normalize_embeddings: bool = True,
-               truncate_dim: Optional[int] = None, show_progress_bar: Optional[bool] = None,
-               convert_to_numpy: bool = True, convert_to_tensor: bool = False, task_name: Optional[str] = None,
-               prompt_type=None):
-        """Embeddings ``[N, dim]`` (numpy float32 by default; a tensor with ``convert_to_tensor``), or ``[dim]`` for one string.
+    def encode(self, inputs=None, prompt_name: Optional[str] = None, prompt: Optional[str] = None,
+               batch_size: Optional[int] = None, show_progress_bar: Optional[bool] = None,
+               output_value: str = "sentence_embedding", precision: str = "float32", convert_to_numpy: bool = True,
+               convert_to_tensor: bool = False, device=None, normalize_embeddings: bool = False,
+               truncate_dim: Optional[int] = None, *, max_tokens_per_batch: Optional[int] = None, sentences=None):
+        """Embeddings of ``inputs`` (a string or a list of strings), as ``SentenceTransformer.encode``.
 
-        ``batch_size`` caps the texts per batch, ``max_tokens_per_batch`` the packed tokens per batch.
-        ``task_name`` / ``prompt_type`` ("query" / "document") pick a prompt MTEB-style. A model whose
-        sentence-transformers modules end in ``Normalize`` always gives unit vectors, as in sentence-transformers.
+        Returns ``[N, dim]`` (numpy float32 by default; a tensor with ``convert_to_tensor``; a list of ``[dim]``
+        tensors with neither), or ``[dim]`` for one string. In sentence-transformers' order: mean pooling (without
+        the prompt's tokens when the model's pooling has ``include_prompt: false``), the model's Normalize module if it
+        has one, truncation to ``truncate_dim`` (the argument, else the model's), ``normalize_embeddings``, then
+        ``precision`` ("int8" / "uint8" / "binary" / "ubinary" as ``quantize_embeddings``).
+        ``output_value="token_embeddings"`` gives each text's ``[tokens, H]`` float32 hidden states instead.
+        ``batch_size`` caps the texts per batch and ``max_tokens_per_batch`` the packed tokens (results do not
+        depend on either); ``device`` moves the model there first. ``sentences`` is the former name of ``inputs``.
         """
-        single = isinstance(sentences, str)
-        texts = [sentences] if single else list(sentences)
+        if sentences is not None:
+            if inputs is not None:
+                raise TypeError("pass inputs or sentences (its former name), not both")
+            inputs = sentences
+        if inputs is None:
+            raise TypeError("encode() needs inputs: a string or a list of strings")
+        single = isinstance(inputs, str)
+        texts = [inputs] if single else list(inputs)
         for i, t in enumerate(texts):
             if not isinstance(t, str):
-                raise TypeError(f"sentences must be strings, item {i} is {type(t).__name__}")
-        dim = self.model.hidden_size if truncate_dim is None else truncate_dim
-        if isinstance(dim, bool) or not isinstance(dim, int) or not 1 <= dim <= self.model.hidden_size:
-            raise ValueError(f"truncate_dim must be an int in [1, {self.model.hidden_size}], got {truncate_dim!r}")
+                raise TypeError(f"inputs must be strings, item {i} is {type(t).__name__}")
         if (max_tokens_per_batch is not None and max_tokens_per_batch < 1) or (batch_size is not None and batch_size < 1):
             raise ValueError("batch_size and max_tokens_per_batch must be positive")
-        normalize = normalize_embeddings or self.model.normalize
-        prefix = self._resolve_prompt(prompt, prompt_name, task_name, prompt_type)
+        if output_value not in OUTPUT_VALUES:
+            raise ValueError(f"output_value must be one of {list(OUTPUT_VALUES)}, got {output_value!r}")
+        precision = precision or "float32"
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
+        if device is not None:
+            self.model.to(device)
+        prefix = self._resolve_prompt(prompt, prompt_name)
         if prefix:
             texts = [prefix + t for t in texts]
-        show = len(texts) >= 2048 if show_progress_bar is None else show_progress_bar
-        out = self.model.embed(texts, max_tokens=max_tokens_per_batch, max_sequences=batch_size, dim=dim,
-                               normalize=normalize, show_progress=show)
+        batching = dict(max_tokens=max_tokens_per_batch, max_sequences=batch_size,
+                        show_progress=len(texts) >= 2048 if show_progress_bar is None else show_progress_bar)
+        if output_value == "token_embeddings":
+            if precision != "float32":
+                raise ValueError("precision applies to sentence embeddings; token_embeddings come in float32")
+            tokens = self.model.embed_tokens(texts, **batching)
+            return tokens[0] if single else tokens
+        H = self.model.hidden_size
+        dim = H if truncate_dim is None and self.truncate_dim is None else self._check_dim(
+            truncate_dim if truncate_dim is not None else self.truncate_dim, "truncate_dim")
+        skip = self.model.prompt_length(prefix) if prefix and not self.model.include_prompt else 0
+        if self.model.normalize and dim < H:  # Normalize module, then truncation (no renormalization unless asked)
+            out = self.model.embed(texts, normalize=True, prompt_length=skip, **batching)[:, :dim]
+            out = F.normalize(out, dim=-1) if normalize_embeddings else out
+        else:  # one fused pass: pool, truncate, normalize
+            out = self.model.embed(texts, dim=dim, normalize=normalize_embeddings or self.model.normalize,
+                                   prompt_length=skip, **batching)
+        if precision != "float32":
+            out = torch.from_numpy(quantize_embeddings(out.cpu().numpy(), precision))
         if single:
             out = out[0]
         if convert_to_tensor:
@@ -93,21 +232,50 @@ class Encoder:
             return out.cpu().numpy()
         return list(out)
 
+    def encode_query(self, inputs=None, prompt_name: Optional[str] = None, prompt: Optional[str] = None, **kwargs):
+        """``encode`` with the model's "query" prompt unless ``prompt`` / ``prompt_name`` say otherwise (never the
+        default prompt), as ``SentenceTransformer.encode_query``."""
+        if prompt_name is None and prompt is None and "query" in self.prompts:
+            prompt_name = "query"
+        return self.encode(inputs, prompt_name=prompt_name, prompt=prompt, **kwargs)
+
+    def encode_document(self, inputs=None, prompt_name: Optional[str] = None, prompt: Optional[str] = None, **kwargs):
+        """``encode`` with the first of the model's "document", "passage", "corpus" prompts unless ``prompt`` /
+        ``prompt_name`` say otherwise, as ``SentenceTransformer.encode_document``."""
+        if prompt_name is None and prompt is None:
+            prompt_name = next((name for name in ("document", "passage", "corpus") if name in self.prompts), None)
+        return self.encode(inputs, prompt_name=prompt_name, prompt=prompt, **kwargs)
+
     def encode_queries(self, queries, *, task: Optional[str] = None, **kwargs):
-        """Queries in the KaLM format ``Instruct: {task} \\n Query: {text}`` (the model's "query" prompt without a task)."""
+        """Queries; with ``task``, in the KaLM format ``Instruct: {task} \\n Query: {text}`` (else ``encode_query``)."""
         if task is not None:
             kwargs["prompt"] = kalm_query_prompt(task)
-        else:
-            kwargs.setdefault("prompt_type", "query")
-        return self.encode(queries, **kwargs)
+        return self.encode_query(queries, **kwargs)
 
     def encode_corpus(self, corpus, **kwargs):
-        """Documents get no instruction. Items are strings or BEIR-style dicts with ``title`` / ``text``."""
+        """Documents (``encode_document``): strings or BEIR-style dicts with ``title`` / ``text``."""
         texts = [c if isinstance(c, str) else join_title(c.get("title"), c["text"]) for c in corpus]
-        kwargs.setdefault("prompt_type", "document")
-        return self.encode(texts, **kwargs)
+        return self.encode_document(texts, **kwargs)
 
-    def similarity(self, a, b) -> torch.Tensor:
-        """Cosine similarity matrix ``[len(a), len(b)]`` of two embedding arrays (as sentence-transformers)."""
-        a, b = torch.as_tensor(np.asarray(a)), torch.as_tensor(np.asarray(b))
-        return torch.nn.functional.normalize(a, dim=-1) @ torch.nn.functional.normalize(b, dim=-1).T
+    def similarity(self, embeddings1, embeddings2) -> torch.Tensor:
+        """``[N, M]`` scores of every pair by ``similarity_fn_name`` (cosine; dot; euclidean and manhattan as negative
+        distances), for ``[N, D]`` / ``[M, D]`` (or ``[D]``) tensors or arrays, as in sentence-transformers."""
+        return SIMILARITIES[self.similarity_fn_name][0](_as_tensor(embeddings1, batch=True),
+                                                        _as_tensor(embeddings2, batch=True))
+
+    def similarity_pairwise(self, embeddings1, embeddings2) -> torch.Tensor:
+        """``[N]`` scores of ``embeddings1[i]`` with ``embeddings2[i]`` by ``similarity_fn_name``."""
+        return SIMILARITIES[self.similarity_fn_name][1](_as_tensor(embeddings1, batch=False),
+                                                        _as_tensor(embeddings2, batch=False))
+
+    def evaluate(self, evaluator, output_path: Optional[str] = None):
+        """Run a sentence-transformers evaluator on this model, as ``SentenceTransformer.evaluate``."""
+        return evaluator(self, output_path=output_path)
+
+    def save(self, path) -> None:
+        """Write the model in Hugging Face + sentence-transformers layout, with this encoder's prompts,
+        ``default_prompt_name``, ``truncate_dim`` and ``similarity_fn_name``; it loads in both libraries."""
+        self.model.similarity_fn_name = self.similarity_fn_name
+        self.model.save_pretrained(path)
+
+    save_pretrained = save

@@ -46,7 +46,8 @@ def test_txt_to_npy_and_jsonl_to_safetensors(tmp_path, reuse_encoder, shared_enc
                  "--truncate-dim", "32"]) == 0
     got = load_file(str(out))["embeddings"]
     assert got.shape == (len(TEXTS), 32)
-    np.testing.assert_allclose(got, shared_encoder.encode(TEXTS, truncate_dim=32), atol=1e-6)
+    want = shared_encoder.encode(TEXTS, truncate_dim=32, normalize_embeddings=True)  # the CLI normalizes by default
+    np.testing.assert_allclose(got, want, atol=1e-6)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "in.txt", "out.npy", "out.safetensors"]
 
 

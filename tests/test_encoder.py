@@ -67,12 +67,14 @@ def test_call_shapes(encoder):
 
 
 def test_truncate_dim_is_matryoshka(encoder):
+    """As sentence-transformers: the model's Normalize module, then truncation, renormalized only if asked."""
     texts = ["matryoshka dolls nest inside each other", "a second sentence"]
     with torch.no_grad():
         full = encoder.model(encoder.model.tokenize(texts)).numpy()
-    got = encoder.encode(texts, truncate_dim=64)
-    want = full[:, :64] / np.linalg.norm(full[:, :64], axis=1, keepdims=True)
-    np.testing.assert_allclose(got, want, atol=1e-5)
+    unit = full / np.linalg.norm(full, axis=1, keepdims=True)
+    np.testing.assert_allclose(encoder.encode(texts, truncate_dim=64), unit[:, :64], atol=1e-5)
+    want = unit[:, :64] / np.linalg.norm(unit[:, :64], axis=1, keepdims=True)
+    np.testing.assert_allclose(encoder.encode(texts, truncate_dim=64, normalize_embeddings=True), want, atol=1e-5)
     with pytest.raises(ValueError, match="truncate_dim"):
         encoder.encode(texts, truncate_dim=1000)
 
@@ -89,13 +91,14 @@ def test_prompts_and_kalm_query_format(encoder):
                                                                            "plain text doc"]), atol=1e-6)
     with pytest.raises(ValueError, match="prompt_name"):
         encoder.encode(q, prompt_name="missing")
-    prompted = Encoder(device="cpu", prompts={"query": "query: ", "NFCorpus": "Instruct: medical \n Query: "})
+    prompted = Encoder(device="cpu", prompts={"query": "query: ", "passage": "passage: "})
     np.testing.assert_allclose(prompted.encode(q, prompt_name="query"), encoder.encode(["query: " + q[0]]), atol=1e-6)
-    # MTEB-style call: task-specific prompt for queries, none for documents
-    np.testing.assert_allclose(prompted.encode(q, task_name="NFCorpus", prompt_type="query"),
-                               encoder.encode(["Instruct: medical \n Query: " + q[0]]), atol=1e-6)
-    np.testing.assert_allclose(prompted.encode(q, task_name="NFCorpus", prompt_type="document"),
-                               encoder.encode(q), atol=1e-6)
+    np.testing.assert_allclose(prompted.encode_query(q), encoder.encode(["query: " + q[0]]), atol=1e-6)
+    np.testing.assert_allclose(prompted.encode_queries(q), encoder.encode(["query: " + q[0]]), atol=1e-6)
+    # as sentence-transformers 6: "document" (always there, "" by default) comes before "passage"
+    np.testing.assert_allclose(prompted.encode_document(q), encoder.encode(q), atol=1e-6)
+    np.testing.assert_allclose(prompted.encode(q, prompt_name="passage"), encoder.encode(["passage: " + q[0]]),
+                               atol=1e-6)
 
 
 def test_bad_inputs(encoder):

@@ -1,6 +1,7 @@
 """``EmbeddingModel``: a Hugging Face encoder or decoder LLM run bidirectionally on packed tokens, mean-pooled."""
 from __future__ import annotations
 
+import itertools
 import json
 import warnings
 from pathlib import Path
@@ -10,10 +11,16 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..ops import mean_pool
+from ..ops import Varlen, mean_pool
 from . import bert_packed, decoder_packed
 from .bidirectional import make_bidirectional
-from .loading import load_tokenizer, load_transformer, read_sentence_transformer_info, resolve_model_dir
+from .loading import (
+    load_tokenizer,
+    load_transformer,
+    lowercase_inputs,
+    read_sentence_transformer_info,
+    resolve_model_dir,
+)
 from .packing import DEFAULT_TOKENS, PackedBatch, pack, pack_padded, token_budget_batches
 
 # Families whose absolute position ids start after the padding index (RoBERTa convention).
@@ -59,17 +66,24 @@ class EmbeddingModel(nn.Module):
     """
 
     def __init__(self, model: nn.Module, tokenizer, *, max_length: int = 512, prompts: Optional[dict] = None,
-                 normalize: bool = True, attn_backend: str = "auto", default_prompt_name: Optional[str] = None):
+                 normalize: bool = False, attn_backend: str = "auto", default_prompt_name: Optional[str] = None,
+                 include_prompt: bool = True, similarity_fn_name: Optional[str] = None,
+                 truncate_dim: Optional[int] = None):
         super().__init__()
         self.model = model
         self.tokenizer = tokenizer
         self.config = model.config
         self.hidden_size = int(model.config.hidden_size)
         self.max_length = int(max_length)
+        # The sentence-transformers side of the model, read from and saved to its files (``loading``): prompts, whether
+        # its modules end in Normalize, whether pooling counts the prompt's tokens, and its saved defaults.
         self.model_max_length = self.max_length  # the model's own limit (what save_pretrained writes)
         self.prompts = dict(prompts or {})
         self.default_prompt_name = default_prompt_name
         self.normalize = normalize
+        self.include_prompt = include_prompt
+        self.similarity_fn_name = similarity_fn_name
+        self.truncate_dim = truncate_dim
         self.attn_backend = attn_backend
         self.position_offset = _position_offset(model.config)
         make_bidirectional(model, attn_backend, self.max_length)
@@ -77,15 +91,16 @@ class EmbeddingModel(nn.Module):
         self._packed_decoder = decoder_packed.PackedDecoder(model) if decoder_packed.supports(model) else None
 
     @classmethod
-    def from_pretrained(cls, path=None, *, device=None, dtype=None, attn_backend: str = "auto", max_length: int = 512,
-                        allow_pickle: bool = False) -> "EmbeddingModel":
+    def from_pretrained(cls, path=None, *, device=None, dtype=None, attn_backend: str = "auto",
+                        max_length: Optional[int] = None, allow_pickle: bool = False) -> "EmbeddingModel":
         """Load a local Hugging Face / sentence-transformers directory (None -> the embedded default model).
 
-        ``max_length`` caps the tokens per text; the model's own limit (sentence-transformers ``max_seq_length``,
-        position embeddings) caps it further, as sentence-transformers does.
+        The model's own max length is sentence-transformers' (its saved ``max_seq_length``, else the tokenizer's
+        ``model_max_length`` capped by the position embeddings); ``max_length`` caps it further.
         """
-        if not isinstance(max_length, int) or max_length < 1:
-            raise ValueError(f"max_length must be a positive int, got {max_length!r}")
+        if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int)
+                                       or max_length < 1):
+            raise ValueError(f"max_length must be a positive int or None, got {max_length!r}")
         dtype, device = resolve_dtype(dtype), resolve_device(device)
         if device.type == "cpu" and dtype == torch.bfloat16 and not _cpu_has_bf16():
             warnings.warn("this CPU has no native bf16 (avx512_bf16 / AMX): bfloat16 runs emulated and slowly; "
@@ -94,13 +109,17 @@ class EmbeddingModel(nn.Module):
         info = read_sentence_transformer_info(model_dir)
         config, model = load_transformer(info.transformer_dir, dtype=dtype, allow_pickle=allow_pickle)
         tokenizer = load_tokenizer(info.transformer_dir, model_dir)
+        if info.do_lower_case:
+            lowercase_inputs(tokenizer)
         positions = getattr(config, "max_position_embeddings", None)
+        own = info.max_seq_length or min(x for x in (tokenizer.model_max_length, positions) if x)
         positions = positions - _position_offset(config) if positions else None
-        own = [x for x in (info.max_seq_length, positions) if x]
-        embedder = cls(model, tokenizer, max_length=min([max_length] + own), prompts=info.prompts,
+        own = min(x for x in (own, positions) if x)
+        embedder = cls(model, tokenizer, max_length=min(x for x in (max_length, own) if x), prompts=info.prompts,
                        normalize=info.normalize, attn_backend=attn_backend,
-                       default_prompt_name=info.default_prompt_name)
-        embedder.model_max_length = min(own, default=embedder.max_length)
+                       default_prompt_name=info.default_prompt_name, include_prompt=info.include_prompt,
+                       similarity_fn_name=info.similarity_fn_name, truncate_dim=info.truncate_dim)
+        embedder.model_max_length = own
         return embedder.to(device).eval()
 
     @property
@@ -116,6 +135,12 @@ class EmbeddingModel(nn.Module):
         return self.tokenizer(list(texts), add_special_tokens=True, truncation=True, max_length=self.max_length,
                               return_attention_mask=False, return_token_type_ids=False)["input_ids"]
 
+    def prompt_length(self, prompt: str) -> int:
+        """How many leading tokens of a text prefixed with ``prompt`` are the prompt's, counted as sentence-transformers
+        does for ``include_prompt: false``: the prompt tokenized alone, less a trailing special token (EOS / SEP)."""
+        ids = self.token_ids([prompt])[0]
+        return len(ids) - 1 if ids and ids[-1] in self.tokenizer.all_special_ids else len(ids)
+
     def pack(self, ids: Sequence[Sequence[int]]) -> PackedBatch:
         """A ``PackedBatch`` on the model's device from token id lists."""
         return pack(ids, device=self.device, position_offset=self.position_offset)
@@ -126,6 +151,8 @@ class EmbeddingModel(nn.Module):
 
     def token_embeddings(self, batch: PackedBatch) -> torch.Tensor:
         """Last hidden states ``[T, H]`` of a packed batch."""
+        if batch.input_ids.numel() == 0:  # only empty texts (a tokenizer without special tokens)
+            return torch.zeros(0, self.hidden_size, dtype=self.dtype, device=self.device)
         inference = not self.training and not torch.is_grad_enabled()
         if self._packed_bert is not None and inference:
             return self._packed_bert(batch)
@@ -135,38 +162,67 @@ class EmbeddingModel(nn.Module):
                          kalm_varlen=batch.varlen, use_cache=False)
         return out.last_hidden_state[0]
 
-    def forward(self, batch, *, dim: Optional[int] = None, normalize: bool = False) -> torch.Tensor:
+    def forward(self, batch, *, dim: Optional[int] = None, normalize: bool = False,
+                prompt_length: int = 0) -> torch.Tensor:
         """``[N, dim or H]`` mean-pooled embeddings of a ``PackedBatch`` (or a padded dict), in the model's dtype;
-        ``dim`` truncates (Matryoshka) and ``normalize`` L2-normalizes after truncation."""
+        ``dim`` truncates (Matryoshka) and ``normalize`` L2-normalizes after truncation. The first ``prompt_length``
+        tokens of each text are left out of the mean (sentence-transformers' ``include_prompt: false``)."""
         if not isinstance(batch, PackedBatch):
             batch = pack_padded(batch["input_ids"], batch["attention_mask"], position_offset=self.position_offset)
-        if batch.input_ids.numel() == 0:  # only empty texts (a tokenizer without special tokens): zero vectors
+        if batch.input_ids.numel() == 0:  # only empty texts: zero vectors
             return torch.zeros(batch.num_seqs, dim or self.hidden_size, dtype=self.dtype, device=self.device)
         hidden = self.token_embeddings(batch)
-        return mean_pool(hidden, cu_seqlens=batch.varlen, dim=dim, normalize=normalize)
+        if not prompt_length:
+            return mean_pool(hidden, cu_seqlens=batch.varlen, dim=dim, normalize=normalize)
+        # Each text is two segments of the packed tokens, its prompt's and the rest: pool the 2N segments (no copy of
+        # the hidden states) and keep the second of each pair.
+        cut = [min(prompt_length, n) for n in batch.varlen.lengths]
+        segments = Varlen.from_lengths([k for c, n in zip(cut, batch.varlen.lengths) for k in (c, n - c)], self.device)
+        return mean_pool(hidden, cu_seqlens=segments, dim=dim, normalize=normalize)[1::2]
 
-    @torch.no_grad()
-    def embed(self, texts: Sequence[str], *, max_tokens: Optional[int] = None, max_sequences: Optional[int] = None,
-              dim: Optional[int] = None, normalize: bool = False, show_progress: bool = False) -> torch.Tensor:
-        """float32 ``[len(texts), dim or H]`` embeddings on the model's device, computed in eval mode: texts sorted by
-        length, packed into batches of at most ``max_tokens`` tokens (default per device: ``DEFAULT_TOKENS``) and
-        ``max_sequences`` texts, results in the order of ``texts``."""
+    def _batched(self, ids: list, compute, max_tokens: Optional[int], max_sequences: Optional[int],
+                 show_progress: bool) -> tuple:
+        """``compute(batch)`` for each packed batch of the texts ``ids`` in eval mode: the texts sorted by length, at
+        most ``max_tokens`` tokens (default per device: ``DEFAULT_TOKENS``) and ``max_sequences`` texts a batch.
+        Returns ``(order, outputs)``: the text indices in the order the batches hold them, and each batch's output."""
         kind = self.device.type + ("-decoder" if self._packed_decoder is not None else "")
         budget = max_tokens or DEFAULT_TOKENS.get(kind, DEFAULT_TOKENS.get(self.device.type, 16384))
-        out = torch.empty(len(texts), dim or self.hidden_size, dtype=torch.float32, device=self.device)
-        if not texts:
-            return out
-        ids = self.token_ids(texts)
         batches = list(token_budget_batches([len(x) for x in ids], budget, max_sequences))
         was_training = self.training
         self.eval()
         try:  # no host synchronization per batch: the CPU packs the next batch while the GPU runs this one
-            embs = [self(self.pack([ids[i] for i in index]), dim=dim, normalize=normalize)
-                    for index in tqdm(batches, desc="Batches", disable=not show_progress)]
+            outputs = [compute(self.pack([ids[i] for i in index]))
+                       for index in tqdm(batches, desc="Batches", disable=not show_progress)]
         finally:
             self.train(was_training)
-        order = torch.tensor([i for index in batches for i in index], device=self.device)
-        out[order] = torch.cat(embs).float()
+        return [i for index in batches for i in index], outputs
+
+    @torch.no_grad()
+    def embed(self, texts: Sequence[str], *, max_tokens: Optional[int] = None, max_sequences: Optional[int] = None,
+              dim: Optional[int] = None, normalize: bool = False, prompt_length: int = 0,
+              show_progress: bool = False) -> torch.Tensor:
+        """float32 ``[len(texts), dim or H]`` embeddings on the model's device, in the order of ``texts`` (batching as
+        ``_batched``; ``dim``, ``normalize`` and ``prompt_length`` as ``forward``)."""
+        out = torch.empty(len(texts), dim or self.hidden_size, dtype=torch.float32, device=self.device)
+        if not texts:
+            return out
+        order, embs = self._batched(self.token_ids(texts), lambda batch: self(batch, dim=dim, normalize=normalize,
+                                                                              prompt_length=prompt_length),
+                                    max_tokens, max_sequences, show_progress)
+        out[torch.tensor(order, device=self.device)] = torch.cat(embs).float()
+        return out
+
+    @torch.no_grad()
+    def embed_tokens(self, texts: Sequence[str], *, max_tokens: Optional[int] = None,
+                     max_sequences: Optional[int] = None, show_progress: bool = False) -> list:
+        """The last hidden states of each text, float32 ``[tokens_i, H]`` on the model's device, in the order of
+        ``texts`` (batching as ``_batched``)."""
+        order, hidden = self._batched(
+            self.token_ids(texts), lambda batch: self.token_embeddings(batch).float().split(batch.varlen.lengths),
+            max_tokens, max_sequences, show_progress)
+        out = [None] * len(texts)
+        for i, tokens in zip(order, itertools.chain.from_iterable(hidden)):
+            out[i] = tokens
         return out
 
     def gradient_checkpointing_enable(self):
@@ -177,7 +233,8 @@ class EmbeddingModel(nn.Module):
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     def save_pretrained(self, directory) -> None:
-        """Safetensors weights, config, tokenizer and the sentence-transformers files (reloads in both libraries)."""
+        """Safetensors weights, config, tokenizer and the sentence-transformers files, in the layout that
+        sentence-transformers 2.x to 6.x all load (decoders with ``is_causal: false``, so bidirectionally there too)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         backend = self.config.__dict__.pop("kalm_attn_backend", None)
@@ -194,13 +251,17 @@ class EmbeddingModel(nn.Module):
             (directory / "2_Normalize").mkdir(exist_ok=True)
         pooling = dict(word_embedding_dimension=self.hidden_size, pooling_mode_cls_token=False,
                        pooling_mode_mean_tokens=True, pooling_mode_max_tokens=False,
-                       pooling_mode_mean_sqrt_len_tokens=False, include_prompt=True)
+                       pooling_mode_mean_sqrt_len_tokens=False, pooling_mode_weightedmean_tokens=False,
+                       pooling_mode_lasttoken=False, include_prompt=self.include_prompt)
         (directory / "1_Pooling").mkdir(exist_ok=True)
+        model_config = dict(model_type="SentenceTransformer", prompts=self.prompts,
+                            default_prompt_name=self.default_prompt_name,
+                            similarity_fn_name=self.similarity_fn_name or "cosine")
+        if self.truncate_dim is not None:
+            model_config["truncate_dim"] = self.truncate_dim
         files = {"modules.json": modules, "1_Pooling/config.json": pooling,
                  "sentence_bert_config.json": dict(max_seq_length=self.model_max_length, do_lower_case=False),
-                 "config_sentence_transformers.json": dict(prompts=self.prompts,
-                                                           default_prompt_name=self.default_prompt_name,
-                                                           similarity_fn_name="cosine")}
+                 "config_sentence_transformers.json": model_config}
         for name, data in files.items():
             with open(directory / name, "w", encoding="utf-8") as f:
                 json.dump(data, f, indent=2)

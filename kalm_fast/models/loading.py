@@ -6,6 +6,7 @@ KaLM-Embedding-V2 checkpoints) is dropped and the model is built from transforme
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from dataclasses import dataclass, field
@@ -15,14 +16,32 @@ from typing import Optional
 
 @dataclass
 class SentenceTransformerInfo:
-    """What the sentence-transformers files of a directory say (defaults when they are absent)."""
+    """What the sentence-transformers files of a directory say; sentence-transformers' defaults where they are absent
+    (a plain Hugging Face directory: mean pooling, no Normalize)."""
 
     transformer_dir: Path
-    pooling: str = "mean"
-    normalize: bool = True
+    normalize: bool = False
+    include_prompt: bool = True
     max_seq_length: Optional[int] = None
+    do_lower_case: bool = False
     prompts: dict = field(default_factory=dict)
     default_prompt_name: Optional[str] = None
+    similarity_fn_name: Optional[str] = None
+    truncate_dim: Optional[int] = None
+
+
+SIMILARITY_FN_NAMES = ("cosine", "dot", "euclidean", "manhattan")
+# The Transformer module's config file: sentence_bert_config.json, or a legacy per-family name (2.x).
+_TRANSFORMER_CONFIGS = ("sentence_bert_config.json", "sentence_roberta_config.json", "sentence_distilbert_config.json",
+                        "sentence_camembert_config.json", "sentence_albert_config.json",
+                        "sentence_xlm-roberta_config.json", "sentence_xlnet_config.json")
+# sentence-transformers <= 5 saves one boolean per pooling mode; 6 saves ``pooling_mode`` (a name or a list).
+_LEGACY_POOLING_KEYS = ("pooling_mode_cls_token", "pooling_mode_max_tokens", "pooling_mode_mean_tokens",
+                        "pooling_mode_mean_sqrt_len_tokens", "pooling_mode_weightedmean_tokens",
+                        "pooling_mode_lasttoken")
+# Loader arguments a Transformer config may carry that change nothing kalm_fast computes.
+_INERT_LOADER_ARGS = {"trust_remote_code", "torch_dtype", "dtype", "attn_implementation", "padding_side", "revision",
+                      "cache_dir", "token", "local_files_only", "use_fast"}
 
 
 def default_model_dir() -> Path:
@@ -59,37 +78,133 @@ def _read_json(path: Path) -> dict:
 
 
 def read_sentence_transformer_info(model_dir: Path) -> SentenceTransformerInfo:
-    """Pooling mode, normalization, max_seq_length and prompts from modules.json and friends."""
+    """Modules, pooling, max length, prompts and defaults of a sentence-transformers 2.x-6.x directory.
+
+    Anything kalm_fast cannot run the way sentence-transformers would (another pooling, Dense or other modules,
+    token-level outputs, ...) is a ``ValueError`` naming the file and the key.
+    """
     info = SentenceTransformerInfo(transformer_dir=model_dir)
-    modules_file = model_dir / "modules.json"
-    if modules_file.is_file():
-        info.normalize = False
-        for module in _read_json(modules_file):
-            kind = module.get("type", "").rsplit(".", 1)[-1]
-            sub = model_dir / module.get("path", "")
-            if kind == "Transformer":
-                info.transformer_dir = sub
-            elif kind == "Pooling":
-                pooling = _read_json(sub / "config.json") if (sub / "config.json").is_file() else {}
-                modes = [k for k, v in pooling.items() if k.startswith("pooling_mode") and v]
-                if modes and modes != ["pooling_mode_mean_tokens"]:
-                    raise ValueError(f"{model_dir}: pooling {modes} is not supported; kalm_fast pools by mean")
-            elif kind == "Normalize":
-                info.normalize = True
-            else:
-                raise ValueError(f"{model_dir}: sentence-transformers module {kind!r} is not supported "
-                                 "(kalm_fast runs Transformer + mean Pooling [+ Normalize])")
-    for cfg_dir in (info.transformer_dir, model_dir):
-        sbert = cfg_dir / "sentence_bert_config.json"
-        if sbert.is_file():
-            info.max_seq_length = _read_json(sbert).get("max_seq_length")
+    if (model_dir / "modules.json").is_file():
+        _read_modules(model_dir, info)
+    for name in _TRANSFORMER_CONFIGS:
+        if (info.transformer_dir / name).is_file():
+            _read_transformer_config(info.transformer_dir / name, info)
             break
-    st_config = model_dir / "config_sentence_transformers.json"
-    if st_config.is_file():
-        data = _read_json(st_config)
-        info.prompts = dict(data.get("prompts") or {})
-        info.default_prompt_name = data.get("default_prompt_name")
+    if (model_dir / "config_sentence_transformers.json").is_file():
+        _read_model_config(model_dir / "config_sentence_transformers.json", info)
     return info
+
+
+def _read_modules(model_dir: Path, info: SentenceTransformerInfo) -> None:
+    """modules.json must list a Transformer, a mean Pooling and an optional Normalize, in that order."""
+    path = model_dir / "modules.json"
+    modules = _read_json(path)
+    if not isinstance(modules, list) or not all(isinstance(m, dict) for m in modules):
+        raise ValueError(f"{path}: expected a list of modules, each with a type and a path; got {modules!r:.200}")
+    modules = sorted(modules, key=lambda m: m.get("idx", 0))
+    for i, (module, want) in enumerate(itertools.zip_longest(modules, ("Transformer", "Pooling", "Normalize"))):
+        if module is None:
+            if want != "Normalize":
+                raise ValueError(f"{path}: no {want} module; kalm_fast runs a Transformer, a mean Pooling and an "
+                                 "optional Normalize, in that order")
+            break
+        kind = str(module.get("type", ""))
+        if not kind.startswith("sentence_transformers.") or kind.rsplit(".", 1)[-1] != want:
+            raise ValueError(f"{path}: module {i} has type {kind!r} (path {module.get('path')!r}); kalm_fast runs a "
+                             "Transformer, a mean Pooling and an optional Normalize, in that order (no Dense, "
+                             "LayerNorm, Router or custom modules)")
+        if want == "Transformer":
+            info.transformer_dir = model_dir / module.get("path", "")
+        elif want == "Pooling":
+            _read_pooling(model_dir / module.get("path", "") / "config.json", info)
+        else:
+            info.normalize = True
+
+
+def _read_pooling(path: Path, info: SentenceTransformerInfo) -> None:
+    if not path.is_file():
+        raise ValueError(f"{path} is missing: the Pooling module of modules.json has no config")
+    config = _read_json(path)
+    if "pooling_mode" in config:  # sentence-transformers 6
+        modes = config["pooling_mode"]
+        modes = [modes] if isinstance(modes, str) else list(modes)
+        if modes != ["mean"]:
+            raise ValueError(f"{path}: pooling_mode {config['pooling_mode']!r} is not supported; kalm_fast pools "
+                             "by mean")
+    else:  # 2.x-5.x; no mode at all means mean, as sentence-transformers reads it
+        other = [k for k in _LEGACY_POOLING_KEYS if config.get(k) and k != "pooling_mode_mean_tokens"]
+        if other:
+            raise ValueError(f"{path}: {other[0]} is true, which kalm_fast does not support; it pools by mean "
+                             "(pooling_mode_mean_tokens)")
+    include_prompt = config.get("include_prompt", True)
+    if not isinstance(include_prompt, bool):
+        raise ValueError(f"{path}: include_prompt must be true or false, got {include_prompt!r}")
+    info.include_prompt = include_prompt
+
+
+def _read_transformer_config(path: Path, info: SentenceTransformerInfo) -> None:
+    """max_seq_length / do_lower_case (2.x-5.x), or 6.x's task and modality settings, of the Transformer module."""
+    config = _read_json(path)
+    fixed = {"transformer_task": "feature-extraction", "module_output_name": "token_embeddings",
+             "query_length": None, "document_length": None, "query_expansion": None}
+    for key, want in fixed.items():
+        if config.get(key, want) != want:
+            raise ValueError(f"{path}: {key} {config[key]!r} is not supported (kalm_fast embeds text with a "
+                             f"feature-extraction model; expected {want!r})")
+    modality = config.get("modality_config")
+    if modality is not None and modality != {"text": {"method": "forward", "method_output_name": "last_hidden_state"}}:
+        raise ValueError(f"{path}: modality_config {modality!r} is not supported; kalm_fast embeds text with the "
+                         "model's forward and last_hidden_state")
+    lengths = [config.get("max_seq_length")]
+    for section, kwargs in (config.get("processing_kwargs") or {}).items():
+        extra = sorted(set(kwargs) - {"max_length", "truncation", "padding"})
+        if section not in ("text", "common") or extra or kwargs.get("truncation", True) is False:
+            raise ValueError(f"{path}: processing_kwargs[{section!r}] = {kwargs!r} is not supported; kalm_fast "
+                             "takes only a text max_length there")
+        lengths.insert(0, kwargs.get("max_length"))
+    for key in ("model_args", "tokenizer_args", "config_args", "model_kwargs", "processor_kwargs", "config_kwargs"):
+        args = dict(config.get(key) or {})
+        if key in ("tokenizer_args", "processor_kwargs"):
+            lengths.append(args.pop("model_max_length", None))
+        extra = sorted(set(args) - _INERT_LOADER_ARGS)
+        if extra:
+            raise ValueError(f"{path}: {key} {extra} is not supported (kalm_fast loads the model and its tokenizer "
+                             "as saved)")
+    info.max_seq_length = next((n for n in lengths if n is not None), None)
+    if info.max_seq_length is not None and (isinstance(info.max_seq_length, bool) or
+                                            not isinstance(info.max_seq_length, int) or info.max_seq_length < 1):
+        raise ValueError(f"{path}: the max length must be a positive int, got {info.max_seq_length!r}")
+    info.do_lower_case = bool(config.get("do_lower_case", False))
+
+
+def _read_model_config(path: Path, info: SentenceTransformerInfo) -> None:
+    """Prompts, default_prompt_name, similarity_fn_name and truncate_dim of config_sentence_transformers.json."""
+    config = _read_json(path)
+    model_type = config.get("model_type", "SentenceTransformer")
+    if model_type != "SentenceTransformer":
+        raise ValueError(f"{path}: model_type {model_type!r} is not supported; kalm_fast runs dense "
+                         "SentenceTransformer models")
+    prompts = config.get("prompts") or {}
+    if not isinstance(prompts, dict) or not all(isinstance(k, str) and isinstance(v, (str, type(None)))
+                                                for k, v in prompts.items()):
+        raise ValueError(f"{path}: prompts must map names to strings, got {prompts!r:.200}")
+    info.prompts = {k: v or "" for k, v in prompts.items()}
+    info.default_prompt_name = config.get("default_prompt_name")
+    known = {"query", "document", *info.prompts}  # sentence-transformers always has a "query" and a "document" prompt
+    if info.default_prompt_name is not None and info.default_prompt_name not in known:
+        raise ValueError(f"{path}: default_prompt_name {info.default_prompt_name!r} is not one of the prompts "
+                         f"{sorted(known)}")
+    similarity = config.get("similarity_fn_name")
+    similarity = "dot" if similarity == "dot_product" else similarity
+    if similarity is not None and similarity not in SIMILARITY_FN_NAMES:
+        raise ValueError(f"{path}: similarity_fn_name {similarity!r} is not supported; expected one of "
+                         f"{list(SIMILARITY_FN_NAMES)}")
+    info.similarity_fn_name = similarity
+    truncate_dim = config.get("truncate_dim")
+    if truncate_dim is not None and (isinstance(truncate_dim, bool) or not isinstance(truncate_dim, int)
+                                     or truncate_dim < 1):
+        raise ValueError(f"{path}: truncate_dim must be a positive int or null, got {truncate_dim!r}")
+    info.truncate_dim = truncate_dim
 
 
 def build_config(model_dir: Path):
@@ -197,3 +312,15 @@ def load_tokenizer(model_dir: Path, fallback_dir: Path):
     found = sorted({p.name for d in (model_dir, fallback_dir) for p in d.glob("tokenizer*")})
     raise ValueError(f"{model_dir} has no tokenizer vocabulary (expected one of {', '.join(VOCAB_FILES)})"
                      + (f"; {', '.join(found)} alone cannot tokenize" if found else ""))
+
+
+def lowercase_inputs(tokenizer) -> None:
+    """Lower-case every input of ``tokenizer`` before its own normalization (``do_lower_case: true`` of a
+    sentence-transformers Transformer config), as sentence-transformers 6 does: saved with the tokenizer."""
+    from tokenizers import normalizers
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise ValueError(f"do_lower_case needs a fast (tokenizers) tokenizer, got {type(tokenizer).__name__}")
+    steps = [normalizers.Lowercase()] + ([backend.normalizer] if backend.normalizer is not None else [])
+    backend.normalizer = normalizers.Sequence(steps)

@@ -1,0 +1,418 @@
+"""sentence-transformers parity: every layout from 2.x to 6.x loads with the same settings, the same embeddings for
+the same arguments (an encoder and a bidirectional decoder), its call shapes, its evaluators on an ``Encoder``.
+
+Layouts are written by the installed sentence-transformers' own ``save`` where it can, by hand for older ones.
+"""
+import json
+import os
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from conftest import BPE_TOKENIZER
+from sentence_transformers import SentenceTransformer
+from sentence_transformers.base.modules import Dense, Normalize, Transformer
+from sentence_transformers.sentence_transformer.modules import Pooling
+
+from kalm_fast.cli.demo import DATA_DIR
+from kalm_fast.encode import Encoder, quantize_embeddings
+from kalm_fast.models.loading import default_model_dir
+
+QUERY = "Instruct: Given a question, retrieve passages that answer it \n Query: "
+TEXTS = [line.rstrip("\n") for line in open(DATA_DIR / "sample_corpus.txt", encoding="utf-8")][:6] + [
+    "", " ", "x", "🙂 emoji", "人工智能正在改变世界。" * 30, "A LONGER TEXT, IN CAPITALS, WITH SEVERAL CLAUSES " * 4]
+
+
+def _old_modules(*kinds):
+    paths = {"Transformer": "", "Pooling": "1_Pooling", "Normalize": "2_Normalize"}
+    return [dict(idx=i, name=str(i), path=paths[k], type=f"sentence_transformers.models.{k}")
+            for i, k in enumerate(kinds)]
+
+
+def _write_json(path, data):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2))
+
+
+def _link_files(src, dst):
+    """A copy of a Hugging Face directory's files as symbolic links (no 90 MB copies)."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        if f.is_file() and f.suffix in (".json", ".safetensors", ".txt") and f.name not in (
+                "modules.json", "sentence_bert_config.json", "config_sentence_transformers.json"):
+            os.symlink(f, dst / f.name)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def decoder_hf(tmp_path_factory):
+    """A tiny random Qwen2 with the committed BPE tokenizer, its config marked bidirectional (``is_causal: false``),
+    which is how sentence-transformers runs such a decoder without its causal mask."""
+    from transformers import AutoModel, AutoTokenizer, Qwen2Config
+
+    directory = tmp_path_factory.mktemp("qwen2-hf")
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=8192, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0)
+    config.is_causal = False
+    model = AutoModel.from_config(config)
+    for p in model.parameters():
+        p.data.normal_(0, 0.2)
+    model.save_pretrained(str(directory))
+    AutoTokenizer.from_pretrained(str(BPE_TOKENIZER)).save_pretrained(str(directory))
+    return directory
+
+
+def _st6_minilm(tmp):
+    """sentence-transformers 6's own save: new module paths, pooling_mode, max length in the tokenizer config."""
+    model = SentenceTransformer(str(default_model_dir()), device="cpu", prompts={"query": "query: "},
+                                default_prompt_name="query", truncate_dim=128, similarity_fn_name="dot")
+    model.max_seq_length = 100
+    model.save(str(tmp))
+    return tmp
+
+
+def _st6_decoder(tmp, decoder_hf):
+    """sentence-transformers 6's own save of a decoder that pools without the prompt (include_prompt false)."""
+    modules = [Transformer(str(decoder_hf), max_seq_length=48), Pooling(64, pooling_mode="mean", include_prompt=False)]
+    SentenceTransformer(modules=modules, device="cpu", prompts={"query": QUERY},
+                        similarity_fn_name="euclidean").save(str(tmp))
+    return tmp
+
+
+def _st5_decoder(tmp, decoder_hf):
+    """By hand, as 3.x-5.x save: Transformer at the root, one boolean per pooling mode, max_seq_length and
+    do_lower_case in sentence_bert_config.json, prompts and similarity_fn_name."""
+    _link_files(decoder_hf, tmp)
+    _write_json(tmp / "modules.json", _old_modules("Transformer", "Pooling"))
+    _write_json(tmp / "1_Pooling" / "config.json", dict(
+        word_embedding_dimension=64, pooling_mode_cls_token=False, pooling_mode_mean_tokens=True,
+        pooling_mode_max_tokens=False, pooling_mode_mean_sqrt_len_tokens=False, pooling_mode_weightedmean_tokens=False,
+        pooling_mode_lasttoken=False, include_prompt=False))
+    _write_json(tmp / "sentence_bert_config.json", dict(max_seq_length=40, do_lower_case=True))
+    _write_json(tmp / "config_sentence_transformers.json", dict(
+        __version__=dict(sentence_transformers="3.0.1"), prompts={"query": QUERY, "passage": "passage: "},
+        default_prompt_name=None, similarity_fn_name="manhattan"))
+    return tmp
+
+
+def _st2_minilm(tmp):
+    """By hand, as 2.x saved: the Transformer in 0_Transformer/ with its own config, pooling booleans without
+    include_prompt, a Normalize module, no config_sentence_transformers.json."""
+    _link_files(default_model_dir(), tmp / "0_Transformer")
+    _write_json(tmp / "0_Transformer" / "sentence_bert_config.json", dict(max_seq_length=200, do_lower_case=False))
+    modules = _old_modules("Transformer", "Pooling", "Normalize")
+    modules[0]["path"] = "0_Transformer"
+    _write_json(tmp / "modules.json", modules)
+    _write_json(tmp / "1_Pooling" / "config.json", dict(
+        word_embedding_dimension=384, pooling_mode_cls_token=False, pooling_mode_mean_tokens=True,
+        pooling_mode_max_tokens=False, pooling_mode_mean_sqrt_len_tokens=False))
+    (tmp / "2_Normalize").mkdir()
+    return tmp
+
+
+LAYOUTS = {
+    "st2-minilm-0_Transformer": lambda tmp, dec: _st2_minilm(tmp),
+    "st5-decoder-by-hand": _st5_decoder,
+    "st6-minilm-saved": lambda tmp, dec: _st6_minilm(tmp),
+    "st6-decoder-saved": _st6_decoder,
+    "plain-hf-decoder": lambda tmp, dec: dec,
+}
+
+
+def _assert_same(got, want, what):
+    """Same vectors as sentence-transformers: cosine >= 0.9999 and the same norms (zero vectors where it has them)."""
+    got, want = np.asarray(got, dtype=np.float64), np.asarray(want, dtype=np.float64)
+    assert got.shape == want.shape, (what, got.shape, want.shape)
+    g, w = np.linalg.norm(got, axis=-1), np.linalg.norm(want, axis=-1)
+    np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5, err_msg=f"norms differ: {what}")
+    real = w > 1e-6
+    cos = (got[real] * want[real]).sum(-1) / g[real] / w[real]
+    assert cos.min() >= 0.9999, (what, cos.min())
+
+
+def _assert_same_settings(enc, ref):
+    assert enc.max_seq_length == ref.max_seq_length
+    assert enc.prompts == ref.prompts
+    assert enc.default_prompt_name == ref.default_prompt_name
+    assert enc.similarity_fn_name == ref.similarity_fn_name
+    assert enc.truncate_dim == ref.truncate_dim
+    assert enc.get_embedding_dimension() == ref.get_embedding_dimension()
+    assert enc.model.include_prompt == ref[1].include_prompt
+    assert enc.model.normalize == any(isinstance(m, Normalize) for m in ref)
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_every_layout_loads_with_sentence_transformers_settings_and_results(layout, tmp_path, decoder_hf):
+    directory = LAYOUTS[layout](tmp_path / "model", decoder_hf)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # sentence-transformers' deprecation notes on old layouts
+        ref = SentenceTransformer(str(directory), device="cpu")
+    enc = Encoder(directory, device="cpu")
+    _assert_same_settings(enc, ref)
+    for method in ("encode", "encode_document"):  # the default prompt, if any, and the "document" one
+        _assert_same(getattr(enc, method)(TEXTS), getattr(ref, method)(TEXTS), f"{layout} {method}")
+
+
+def _st6_with(tmp, decoder_hf, *modules_after, **pooling):
+    SentenceTransformer(modules=[Transformer(str(decoder_hf)), Pooling(64, **pooling), *modules_after],
+                        device="cpu").save(str(tmp))
+    return tmp
+
+
+def _edit_json(path, **changes):
+    data = json.loads(path.read_text())
+    data.update(changes)
+    path.write_text(json.dumps(data))
+
+
+def _st5(tmp, decoder_hf, file, **changes):
+    _st5_decoder(tmp, decoder_hf)
+    _edit_json(tmp / file, **changes)
+    return tmp
+
+
+def _custom_module(tmp, decoder_hf):
+    _st5_decoder(tmp, decoder_hf)
+    modules = _old_modules("Transformer", "Pooling") + [dict(idx=2, name="2", path="2_X", type="my_pkg.Pooling")]
+    _write_json(tmp / "modules.json", modules)
+    return tmp
+
+
+def _no_pooling_config(tmp, decoder_hf):
+    _st5_decoder(tmp, decoder_hf)
+    (tmp / "1_Pooling" / "config.json").unlink()
+    return tmp
+
+
+def _reorder_normalize(tmp, decoder_hf):
+    _st6_with(tmp, decoder_hf, Normalize())
+    modules = json.loads((tmp / "modules.json").read_text())
+    modules[1]["type"], modules[2]["type"] = modules[2]["type"], modules[1]["type"]
+    (tmp / "modules.json").write_text(json.dumps(modules))
+    return tmp
+
+
+UNSUPPORTED = {  # layout -> (builder, the message naming the file and the key)
+    "cls-pooling": (lambda t, d: _st6_with(t, d, pooling_mode="cls"), r"1_Pooling/config.json: pooling_mode 'cls'"),
+    "lasttoken-pooling": (lambda t, d: _st6_with(t, d, pooling_mode="lasttoken"), r"pooling_mode 'lasttoken'"),
+    "mean+max-pooling": (lambda t, d: _st6_with(t, d, pooling_mode=("mean", "max")), r"pooling_mode \["),
+    "legacy-cls-pooling": (lambda t, d: _st5(t, d, "1_Pooling/config.json", pooling_mode_cls_token=True),
+                           r"1_Pooling/config.json: pooling_mode_cls_token is true"),
+    "legacy-max-pooling": (lambda t, d: _st5(t, d, "1_Pooling/config.json", pooling_mode_max_tokens=True),
+                           r"pooling_mode_max_tokens is true"),
+    "dense-module": (lambda t, d: _st6_with(t, d, Dense(64, 8)), r"modules.json: module 2 has type '.*Dense'"),
+    "normalize-before-pooling": (_reorder_normalize, r"modules.json: module 1 has type '.*Normalize'"),
+    "custom-module": (_custom_module, r"modules.json: module 2 has type 'my_pkg.Pooling'"),
+    "similarity-maxsim": (lambda t, d: _st5(t, d, "config_sentence_transformers.json", similarity_fn_name="maxsim"),
+                          r"config_sentence_transformers.json: similarity_fn_name 'maxsim'"),
+    "default-prompt-missing": (lambda t, d: _st5(t, d, "config_sentence_transformers.json",
+                                                 default_prompt_name="classification"),
+                               r"config_sentence_transformers.json: default_prompt_name 'classification'"),
+    "sparse-encoder": (lambda t, d: _st5(t, d, "config_sentence_transformers.json", model_type="SparseEncoder"),
+                       r"config_sentence_transformers.json: model_type 'SparseEncoder'"),
+    "truncate-dim-string": (lambda t, d: _st5(t, d, "config_sentence_transformers.json", truncate_dim="64"),
+                            r"config_sentence_transformers.json: truncate_dim"),
+    "classification-task": (lambda t, d: _st5(t, d, "sentence_bert_config.json",
+                                              transformer_task="sequence-classification"),
+                            r"sentence_bert_config.json: transformer_task 'sequence-classification'"),
+    "eos-token-added": (lambda t, d: _st5(t, d, "sentence_bert_config.json", tokenizer_args={"add_eos_token": True}),
+                        r"sentence_bert_config.json: tokenizer_args \['add_eos_token'\]"),
+    "processing-kwargs": (lambda t, d: _st5(t, d, "sentence_bert_config.json",
+                                            processing_kwargs={"text": {"padding_side": "left"}}),
+                          r"sentence_bert_config.json: processing_kwargs\['text'\]"),
+    "no-pooling-config": (_no_pooling_config, r"1_Pooling/config.json is missing"),
+}
+
+
+@pytest.mark.parametrize("layout", list(UNSUPPORTED))
+def test_what_kalm_fast_cannot_run_is_a_clear_error_naming_file_and_key(layout, tmp_path, decoder_hf):
+    build, message = UNSUPPORTED[layout]
+    directory = build(tmp_path / "model", decoder_hf)
+    with pytest.raises(ValueError, match=message):
+        Encoder(directory, device="cpu")
+
+
+def test_max_length_wherever_it_lives(tmp_path, decoder_hf):
+    """sentence_bert_config's max_seq_length, else 6.x's processing max_length, else the tokenizer's
+    model_max_length capped by the position embeddings; the Encoder's max_length caps it further."""
+    d = _st5_decoder(tmp_path / "a", decoder_hf)
+    assert Encoder(d, device="cpu").max_length == 40
+    assert Encoder(d, device="cpu", max_length=16).max_length == 16
+    _edit_json(d / "sentence_bert_config.json", max_seq_length=None, processing_kwargs={"text": {"max_length": 24}})
+    assert Encoder(d, device="cpu").max_length == 24
+    assert Encoder(decoder_hf, device="cpu").max_length == 128  # tokenizer 32768, 128 positions
+
+
+@pytest.fixture(scope="module", params=["minilm", "qwen2-bidirectional"])
+def pair(request, tmp_path_factory, decoder_hf):
+    """(Encoder, SentenceTransformer) on the same directory: the embedded MiniLM (ends in Normalize) and a
+    bidirectional decoder saved by sentence-transformers 6 that pools without the prompt."""
+    if request.param == "minilm":
+        directory = default_model_dir()
+    else:
+        directory = _st6_decoder(tmp_path_factory.mktemp("qwen2-st6"), decoder_hf)
+    prompts = {"query": QUERY, "classification": "Classify the sentiment: "}
+    enc, ref = Encoder(directory, device="cpu", prompts=prompts), SentenceTransformer(str(directory), device="cpu",
+                                                                                      prompts=prompts)
+    _assert_same_settings(enc, ref)
+    return enc, ref
+
+
+OPTIONS = {
+    "defaults": {},
+    "normalize": dict(normalize_embeddings=True),
+    "prompt+batch_size": dict(prompt="Represent this sentence: ", batch_size=3),
+    "truncate_dim": dict(truncate_dim=32),
+    "truncate_dim+normalize": dict(truncate_dim=32, normalize_embeddings=True),
+    "prompt+truncate_dim+normalize": dict(prompt_name="classification", truncate_dim=48, normalize_embeddings=True),
+}
+SHORT = TEXTS[:-2] + TEXTS[-1:]  # truncation is checked per layout above; the matrix leaves out the longest text
+
+
+@pytest.mark.parametrize("option", list(OPTIONS))
+def test_same_embeddings_as_sentence_transformers(pair, option):
+    enc, ref = pair
+    kwargs = OPTIONS[option]
+    _assert_same(enc.encode(SHORT, **kwargs), ref.encode(SHORT, **kwargs), option)
+    if option == "defaults":
+        for method in ("encode_query", "encode_document"):
+            _assert_same(getattr(enc, method)(SHORT), getattr(ref, method)(SHORT), method)
+
+
+def test_defaults_and_model_settings_as_sentence_transformers(tmp_path, decoder_hf):
+    """Constructor truncate_dim / default_prompt_name / similarity_fn_name, and what Encoder.save writes, are
+    sentence-transformers' too."""
+    d = _st6_decoder(tmp_path / "d", decoder_hf)
+    kwargs = dict(truncate_dim=16, default_prompt_name="query", similarity_fn_name="dot")
+    enc, ref = Encoder(d, device="cpu", **kwargs), SentenceTransformer(str(d), device="cpu", **kwargs)
+    _assert_same(enc.encode(TEXTS), ref.encode(TEXTS), "constructor settings")
+    np.testing.assert_allclose(np.linalg.norm(enc.encode(TEXTS[:5], normalize_embeddings=True), axis=1), 1, atol=1e-5)
+    assert enc.get_embedding_dimension() == ref.get_embedding_dimension() == 16
+    enc.save(tmp_path / "saved")
+    again, ref_again = Encoder(tmp_path / "saved", device="cpu"), SentenceTransformer(str(tmp_path / "saved"),
+                                                                                      device="cpu")
+    for model in (again, ref_again):
+        assert (model.truncate_dim, model.default_prompt_name, model.similarity_fn_name) == (16, "query", "dot")
+        assert model.prompts == enc.prompts and model.max_seq_length == 48
+    assert ref_again[1].include_prompt is False
+    _assert_same(again.encode(TEXTS), ref_again.encode(TEXTS), "saved by Encoder.save")
+    _assert_same(again.encode(TEXTS), enc.encode(TEXTS), "reloaded")
+
+
+def test_a_model_without_normalize_is_not_normalized_by_default(pair):
+    enc, ref = pair
+    norms = np.linalg.norm(enc.encode(SHORT[:6]), axis=1)
+    np.testing.assert_allclose(norms, np.linalg.norm(ref.encode(SHORT[:6]), axis=1), rtol=1e-4)
+    assert np.allclose(norms, 1, atol=1e-4) == enc.model.normalize
+
+
+def test_precision_gives_sentence_transformers_bytes(pair):
+    from sentence_transformers.util import quantize_embeddings as st_quantize
+
+    enc, ref = pair
+    floats, ours_floats = ref.encode(SHORT), enc.encode(SHORT)
+    for precision in ("int8", "uint8", "binary", "ubinary"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # few embeddings to calibrate int8 on
+            want = st_quantize(floats, precision)
+            got = quantize_embeddings(floats, precision)
+        assert got.dtype == want.dtype and got.shape == want.shape
+        np.testing.assert_array_equal(got, want)  # the same bytes for the same floats
+        ours = enc.encode(SHORT, precision=precision)
+        np.testing.assert_array_equal(ours, quantize_embeddings(ours_floats, precision))
+        if precision.endswith("int8"):  # end to end the floats differ by ~1e-7: at most one bucket, at bucket edges
+            assert np.abs(ours.astype(np.int16) - want.astype(np.int16)).max() <= 1
+        else:  # every sign bit of a coordinate away from zero agrees
+            bits = lambda x: np.unpackbits(x.view(np.uint8), axis=-1)[:, :floats.shape[1]]  # noqa: E731
+            clear = np.abs(floats) > 1e-5
+            np.testing.assert_array_equal(bits(ours)[clear], bits(want)[clear])
+
+
+def test_similarity_by_similarity_fn_name(pair):
+    enc, ref = pair
+    a, b = ref.encode(SHORT[:5]), ref.encode(SHORT[5:10])
+    try:
+        for name in ("cosine", "dot", "euclidean", "manhattan"):
+            enc.similarity_fn_name = ref.similarity_fn_name = name
+            torch.testing.assert_close(enc.similarity(a, b), ref.similarity(a, b), atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(enc.similarity(a[0], torch.from_numpy(b)), ref.similarity(a[0], b),
+                                       atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(enc.similarity_pairwise(a[:5], b), ref.similarity_pairwise(a[:5], b),
+                                       atol=1e-5, rtol=1e-5)
+    finally:
+        enc.model.similarity_fn_name = ref.similarity_fn_name = None
+    with pytest.raises(ValueError, match="similarity_fn_name"):
+        enc.similarity_fn_name = "maxsim"
+
+
+def test_token_embeddings_as_sentence_transformers(pair):
+    enc, ref = pair
+    texts = [t for t in SHORT if t]  # sentence-transformers gives an empty text one padding row
+    got = enc.encode(texts, output_value="token_embeddings", prompt_name="query")
+    want = ref.encode(texts, output_value="token_embeddings", prompt_name="query")
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w.float(), atol=2e-4, rtol=2e-4)
+    one = enc.encode(texts[0], output_value="token_embeddings")
+    assert isinstance(one, torch.Tensor) and one.dim() == 2
+
+
+def test_call_shapes(pair):
+    enc, _ = pair
+    H = enc.get_embedding_dimension()
+    batch = enc.encode(inputs=TEXTS[:3])
+    np.testing.assert_allclose(enc.encode(sentences=TEXTS[:3]), batch)
+    np.testing.assert_allclose(enc.encode(TEXTS[1]), batch[1], atol=1e-6)
+    assert enc.encode(TEXTS[1]).shape == (H,)
+    tensor = enc.encode(TEXTS[:3], convert_to_tensor=True)
+    assert isinstance(tensor, torch.Tensor) and tensor.shape == (3, H)
+    listed = enc.encode(TEXTS[:3], convert_to_numpy=False)
+    assert isinstance(listed, list) and len(listed) == 3 and listed[0].shape == (H,)
+    np.testing.assert_allclose(enc.encode_queries(TEXTS[:3]), enc.encode_query(TEXTS[:3]))
+    np.testing.assert_allclose(enc.encode_corpus(TEXTS[:3]), enc.encode_document(TEXTS[:3]))
+    for bad, match in ((dict(precision="int4"), "precision"), (dict(output_value=None), "output_value"),
+                       (dict(truncate_dim=0), "truncate_dim"), (dict(prompt_name="nope"), "prompt_name")):
+        with pytest.raises(ValueError, match=match):
+            enc.encode(TEXTS[:3], **bad)
+    with pytest.raises(ValueError, match="at least 2"):
+        enc.encode(TEXTS[0], precision="int8")
+
+
+def test_sentence_transformers_evaluators_run_on_an_encoder(pair):
+    from sentence_transformers.sentence_transformer.evaluation import (
+        EmbeddingSimilarityEvaluator,
+        InformationRetrievalEvaluator,
+    )
+
+    enc, ref = pair
+    queries = {f"q{i}": t for i, t in enumerate(SHORT[:6])}
+    docs = [t for t in SHORT[2:] if t.strip()]  # no two documents with the same embedding: no ties to break
+    corpus = {f"d{i}": t for i, t in enumerate(docs)}
+    relevant = {f"q{i}": {f"d{i}", f"d{(i * 5) % len(docs)}"} for i in range(6)}
+    ir = InformationRetrievalEvaluator(queries, corpus, relevant, name="sample",
+                                       show_progress_bar=False, write_csv=False)
+    got, want = ir(enc), ir(ref)
+    assert got.keys() == want.keys() and len(got) > 10
+    for key in got:
+        assert got[key] == pytest.approx(want[key], abs=1e-6), key
+    scores = np.linspace(0, 1, 5).tolist()
+    sts = EmbeddingSimilarityEvaluator(SHORT[:5], SHORT[5:10], scores, name="sts", write_csv=False)
+    got, want = sts(enc), sts(ref)
+    assert got.keys() == want.keys()
+    for key in got:
+        assert got[key] == pytest.approx(want[key], abs=1e-6), key
+    assert enc.evaluate(sts) == got
+    assert enc.model_card_data.eval_results[-1]["metrics"] == got
+
+
+def test_save_pretrained_layout_loads_in_sentence_transformers_as_saved(tmp_path, decoder_hf):
+    """EmbeddingModel.save_pretrained (the trainer's output) keeps include_prompt, prompts and Normalize."""
+    enc = Encoder(_st5_decoder(tmp_path / "src", decoder_hf), device="cpu")
+    enc.model.normalize = True
+    enc.model.save_pretrained(tmp_path / "out")
+    ref = SentenceTransformer(str(tmp_path / "out"), device="cpu")
+    assert isinstance(ref[-1], Normalize) and ref[1].include_prompt is False
+    again = Encoder(tmp_path / "out", device="cpu")
+    _assert_same(again.encode_query(TEXTS), ref.encode_query(TEXTS), "save_pretrained")
