@@ -65,6 +65,30 @@ def equal_length_runs(lengths: list) -> list:
     return runs
 
 
+def layer_weights(cache: dict, layer, groups: list, onednn: bool) -> tuple:
+    """``(onednn, [(weight, bias)] per group)`` of one layer's linear modules, each group fused into one GEMM
+    (weights and biases concatenated; biases may be None) and packed for oneDNN when ``onednn``.
+
+    Cached in ``cache`` per layer, keyed on every parameter's storage and version: rebuilt when a parameter changes
+    (in place too), so no copy outlives a change."""
+    key = (onednn, tuple((p.data_ptr(), p._version, p.dtype) for group in groups for m in group
+                         for p in (m.weight, m.bias) if p is not None))
+    cached = cache.get(id(layer))
+    if cached is None or cached[0] != key:
+        weights = []
+        for group in groups:
+            weight = torch.cat([m.weight for m in group]) if len(group) > 1 else group[0].weight
+            bias = group[0].bias
+            if len(group) > 1 and bias is not None:
+                bias = torch.cat([m.bias for m in group])
+            if onednn:
+                weight = torch.ops.mkldnn._reorder_linear_weight(weight, None)
+            weights.append((weight, bias))
+        cached = (key, (onednn, weights))
+        cache[id(layer)] = cached
+    return cached[1]
+
+
 class PackedBert:
     """Callable ``(PackedBatch) -> hidden [T, H]``."""
 
@@ -74,28 +98,11 @@ class PackedBert:
         self._weights = {}
 
     def _layer_weights(self, layer, x) -> tuple:
-        """``(packed, [(weight, bias)])``: the layer's QKV (fused), attention output, up and down projections.
-
-        ``packed``: the weights are packed for oneDNN (CPU). The cache is rebuilt when a parameter changes.
-        """
+        """``(packed, [(weight, bias)])``: the layer's QKV (fused), attention output, up and down projections."""
         s = layer.attention.self
-        linears = [(s.query, s.key, s.value), (layer.attention.output.dense,), (layer.intermediate.dense,),
-                   (layer.output.dense,)]
-        onednn = self.onednn and x.device.type == "cpu" and onednn_linear_available(x.dtype)
-        key = (onednn, tuple((p.data_ptr(), p._version, p.dtype) for group in linears for m in group
-                             for p in (m.weight, m.bias)))
-        cached = self._weights.get(id(layer))
-        if cached is None or cached[0] != key:
-            weights = []
-            for group in linears:
-                weight = torch.cat([m.weight for m in group]) if len(group) > 1 else group[0].weight
-                bias = torch.cat([m.bias for m in group]) if len(group) > 1 else group[0].bias
-                if onednn:
-                    weight = torch.ops.mkldnn._reorder_linear_weight(weight, None)
-                weights.append((weight, bias))
-            cached = (key, (onednn, weights))
-            self._weights[id(layer)] = cached
-        return cached[1]
+        return layer_weights(self._weights, layer, [(s.query, s.key, s.value), (layer.attention.output.dense,),
+                                                    (layer.intermediate.dense,), (layer.output.dense,)],
+                             self.onednn and x.device.type == "cpu" and onednn_linear_available(x.dtype))
 
     @staticmethod
     def _linear(x, weight, bias, packed: bool, gelu: bool = False):

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import ops
-from .bert_packed import MATMUL_ATTENTION_MAX_LEN, equal_length_runs, onednn_linear_available
+from .bert_packed import MATMUL_ATTENTION_MAX_LEN, equal_length_runs, layer_weights, onednn_linear_available
 
 FAMILIES = ("qwen2", "qwen3", "llama", "mistral")
 
@@ -104,31 +104,11 @@ class PackedDecoder:
         self._weights = {}
 
     def _layer_weights(self, layer, x) -> tuple:
-        """``(packed, [(weight, bias)] * 5)``: the layer's QKV (one GEMM), output, gate, up and down projections.
-
-        ``packed``: the weights are packed for oneDNN (CPU). The cache is keyed on every parameter's storage and
-        version, so it is rebuilt when a parameter changes (in place too) and no copy outlives a change.
-        """
+        """``(packed, [(weight, bias)] * 5)``: the layer's QKV (one GEMM), output, gate, up and down projections."""
         attn, mlp = layer.self_attn, layer.mlp
-        linears = [(attn.q_proj, attn.k_proj, attn.v_proj), (attn.o_proj,), (mlp.gate_proj,), (mlp.up_proj,),
-                   (mlp.down_proj,)]
-        onednn = self.onednn and x.device.type == "cpu" and onednn_linear_available(x.dtype)
-        key = (onednn, tuple((p.data_ptr(), p._version, p.dtype) for group in linears for m in group
-                             for p in (m.weight, m.bias) if p is not None))
-        cached = self._weights.get(id(layer))
-        if cached is None or cached[0] != key:
-            weights = []
-            for group in linears:
-                weight = torch.cat([m.weight for m in group]) if len(group) > 1 else group[0].weight
-                bias = group[0].bias
-                if len(group) > 1 and bias is not None:
-                    bias = torch.cat([m.bias for m in group])
-                if onednn:
-                    weight = torch.ops.mkldnn._reorder_linear_weight(weight, None)
-                weights.append((weight, bias))
-            cached = (key, (onednn, weights))
-            self._weights[id(layer)] = cached
-        return cached[1]
+        return layer_weights(self._weights, layer, [(attn.q_proj, attn.k_proj, attn.v_proj), (attn.o_proj,),
+                                                    (mlp.gate_proj,), (mlp.up_proj,), (mlp.down_proj,)],
+                             self.onednn and x.device.type == "cpu" and onednn_linear_available(x.dtype))
 
     def __call__(self, batch):
         model = self.model
