@@ -24,7 +24,7 @@ from typing import Optional, Sequence
 import torch
 from safetensors import safe_open
 
-from ..files import fsync_dir, fsync_file, publish_dir, remove_leftovers
+from ..files import atomic_write, publish_dir, remove_leftovers
 
 INDEX_NAME = "model.safetensors.index.json"
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -194,16 +194,8 @@ def model_soup(checkpoints: Sequence, *, weights: Optional[Sequence[float]] = No
     output.parent.mkdir(parents=True, exist_ok=True)
     remove_leftovers(output.parent, f".{glob.escape(output.name)}.*.tmp")
     if not first.is_dir:
-        fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent)
-        os.close(fd)
-        try:
-            _write_streaming(Path(tmp), sorted(first.tensors), ckpts, weights, None, first.metadata[first.shards[0]])
-            fsync_file(tmp)
-            os.replace(tmp, output)
-            fsync_dir(output.parent)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        atomic_write(output, lambda tmp: _write_streaming(tmp, sorted(first.tensors), ckpts, weights, None,
+                                                          first.metadata[first.shards[0]]))
         return output
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent))
     try:
