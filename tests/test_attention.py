@@ -145,14 +145,34 @@ def test_non_contiguous_inputs(backend):
     _assert_close(_run(backend, q, k, v, cu_seqlens=cu), expected, backend, torch.float32)
 
 
-@pytest.mark.parametrize("backend", backend_params(OP, ("triton",)))
-def test_triton_launches_many_sequences_in_chunks(backend, monkeypatch):
-    """More sequences than a grid dimension holds are launched in chunks (limit lowered to 2 here)."""
-    from kalm_fast.ops.attention import _triton
+@pytest.mark.parametrize("rows_per_token", [1, 7])
+def test_triton_work_list_covers_every_tile_once_longest_first(rows_per_token):
+    """The triton backend launches one program per (sequence, tile) item of a host-built list: for every tile height,
+    each tile of each non-empty sequence exactly once, the longest sequences first; built once per Varlen."""
+    pytest.importorskip("triton")
+    from kalm_fast.ops.attention._triton import TILE_HEIGHTS, tile_work
 
-    monkeypatch.setattr(_triton, "MAX_GRID_Z", 2)
-    cu = _cu([5, 0, 17, 3, 9])
-    q, k, v = _inputs((34, 2, 32), 1, torch.float32)
+    lengths = [5, 0, 17, 3, 130, 9, 17]
+    varlen = Varlen.from_lengths(lengths)
+    work, items = tile_work(varlen, rows_per_token, "cpu")
+    assert tile_work(varlen, rows_per_token, "cpu")[0] is work
+    assert work.dtype == torch.int32 and sorted(items) == sorted(TILE_HEIGHTS)
+    work = work.tolist()
+    for slot, height in enumerate(TILE_HEIGHTS):
+        begin = work[slot]
+        pairs = [tuple(work[4 + 2 * j: 6 + 2 * j]) for j in range(begin, begin + items[height])]
+        expected = {(s, t) for s, n in enumerate(lengths) for t in range(math.ceil(n * rows_per_token / height))}
+        assert sorted(pairs) == sorted(expected) and len(pairs) == len(expected)
+        seq_lengths = [lengths[s] for s, _ in pairs]
+        assert seq_lengths == sorted(seq_lengths, reverse=True)
+    assert len(work) == 4 + 2 * sum(items.values())
+
+
+@pytest.mark.parametrize("backend", backend_params(OP, ("triton",)))
+def test_triton_unsorted_lengths_with_empty_sequences(backend):
+    """The work list reorders the sequences (longest first); outputs land at their own tokens (causal, GQA 4:2)."""
+    cu = _cu([5, 0, 17, 3, 0, 9])
+    q, k, v = _inputs((34, 4, 32), 2, torch.float32)
     kw = dict(cu_seqlens=cu, causal=True)
     _assert_close(_run("triton", q, k, v, **kw), _run("reference", q, k, v, **kw), "triton", torch.float32)
 

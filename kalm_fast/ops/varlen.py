@@ -6,11 +6,12 @@ Checking a ``cu_seqlens`` tensor that lives on a GPU costs a device-to-host copy
 is checked when it is built and keeps the lengths on the host: the ops take it instead of a raw ``cu_seqlens``
 and check nothing more than the token count and the device, so a model that calls attention in every layer
 validates its batch once (``models.packing.PackedBatch`` builds one from the token counts it already has).
+What a backend derives from the lengths (the Triton attention's work list) is built once per ``Varlen`` too.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional, Sequence, Union
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 
@@ -23,6 +24,14 @@ class Varlen:
 
     cu_seqlens: torch.Tensor
     lengths: tuple
+    _derived: dict = field(default_factory=dict, init=False, repr=False)
+
+    def derived(self, key, build: Callable):
+        """``build()``, computed once per ``key`` for the life of this batch (e.g. a kernel's work list, which every
+        layer of a model then reuses)."""
+        if key not in self._derived:
+            self._derived[key] = build()
+        return self._derived[key]
 
     @property
     def num_seqs(self) -> int:

@@ -36,12 +36,15 @@ def attention_specs() -> list:
         block_d = triton.next_power_of_2(d)
         const = dict(GROUP=7, HEAD_DIM=d, BLOCK_D=block_d, IS_CAUSAL=False,
                      PRECISION="ieee" if dtype == "fp32" else "tf32")
-        fwd = dict({a: ptr for a in "QKVO"}, LSE="*fp32", CU_SEQLENS="*i32", qk_scale="fp32", seqlen_bucket="i32",
+        fwd = dict({a: ptr for a in "QKVO"}, LSE="*fp32", WORK="*i32", CU_SEQLENS="*i32", qk_scale="fp32",
+                   seqlen_bucket="i32",
                    **_strides("qt", "qh", "kt", "kh", "vt", "vh", "ot", "oh", "lh"))
         bwd = dict({a: ptr for a in ("Q", "K", "V", "DO")}, LSE="*fp32", DELTA="*fp32")
-        dkdv = dict(bwd, DK=ptr, DV=ptr, CU_SEQLENS="*i32", qk_scale="fp32", sm_scale="fp32", seqlen_bucket="i32",
+        dkdv = dict(bwd, DK=ptr, DV=ptr, WORK="*i32", CU_SEQLENS="*i32", qk_scale="fp32", sm_scale="fp32",
+                    seqlen_bucket="i32",
                     **_strides("qt", "qh", "kt", "kh", "vt", "vh", "dot", "doh", "lh", "dkt", "dkh", "dvt", "dvh"))
-        dq = dict(bwd, DQ=ptr, CU_SEQLENS="*i32", qk_scale="fp32", sm_scale="fp32", seqlen_bucket="i32",
+        dq = dict(bwd, DQ=ptr, WORK="*i32", CU_SEQLENS="*i32", qk_scale="fp32", sm_scale="fp32",
+                  seqlen_bucket="i32",
                   **_strides("qt", "qh", "kt", "kh", "vt", "vh", "dot", "doh", "lh", "dqt", "dqh"))
         for name, fn, sig in (("fwd", attention._attn_fwd, fwd), ("dkdv", attention._attn_bwd_dkdv, dkdv),
                               ("dq", attention._attn_bwd_dq, dq)):

@@ -5,8 +5,9 @@ Layout: q ``[T, Hq, D]``, k/v ``[T, Hkv, D]``, ``cu_seqlens`` int32 ``[N+1]``; q
 ``h // GROUP``. The GROUP query heads sharing a K/V head are folded into the query rows: row ``r`` of a sequence
 is token ``r // GROUP`` of head ``kv_head * GROUP + r % GROUP``, so one tile serves the whole group and short
 sequences (20-60 tokens, the usual embedding input) still fill a 64/128-row tile. Every program handles one tile
-of one KV head of one sequence (grid: tiles x KV heads x sequences) and finds its rows from ``cu_seqlens``;
-programs past the end of their sequence return at once. Scores are kept in base 2
+of one KV head of one sequence: the grid is (work items, KV heads), and a host-built work list (``tile_work``)
+names the (sequence, tile) of each item, the longest sequences first, so that a packed batch of short texts with a
+few long ones launches no empty programs and its longest tiles start first. Scores are kept in base 2
 (``qk_scale = softmax_scale * log2(e)``); the saved log-sum-exp ``lse [Hq, T]`` is fp32 in natural units.
 
 Backward: ``delta = rowsum(dO * O)``; one program per (key tile, KV head, sequence) accumulates dK/dV over the
@@ -17,6 +18,7 @@ stay below 2**31 elements (checked here). No other argument checking (see ``kalm
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -27,7 +29,61 @@ from ..._registry import triton_interpreting
 from .padding import padded_via_packed
 
 _LOG2E = tl.constexpr(LOG2E)
-MAX_GRID_Z = 65535  # CUDA's limit on grid dim 2 (sequences); longer batches are launched in chunks
+TILE_HEIGHTS = (16, 32, 64, 128)  # every BLOCK_M of fwd/dq and BLOCK_N of dkdv in the config tables
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the work list
+
+
+def tile_work(varlen, rows_per_token: int, device) -> tuple:
+    """``(work int32 tensor on device, {tile height: number of items})``: the (sequence, tile) items of a launch
+    whose sequences have ``length * rows_per_token`` rows, for every height in TILE_HEIGHTS (the autotuner picks one
+    per launch). Layout: ``work[i]`` (i < 4) is where the items of ``TILE_HEIGHTS[i]`` begin, then ``work[4 + 2j]``,
+    ``work[5 + 2j]`` are the sequence and tile index of item j; the longest sequences come first. Built on the host
+    once per ``Varlen`` (one upload, from pinned memory on CUDA) and shared by every layer that reuses the batch."""
+    device = torch.device(device)
+    return varlen.derived(("triton_attention_tiles", rows_per_token, device),
+                          lambda: _build_tile_work(varlen.lengths, rows_per_token, device))
+
+
+def _build_tile_work(lengths, rows_per_token, device):
+    lens = np.asarray(lengths, dtype=np.int64)
+    order = np.argsort(-lens, kind="stable")  # longest first
+    starts, items, counts = [], [], {}
+    for height in TILE_HEIGHTS:
+        tiles = -(-lens[order] * rows_per_token // height)  # ceil
+        seq = np.repeat(order, tiles)
+        tile = np.arange(seq.size) - np.repeat(np.cumsum(tiles) - tiles, tiles)
+        starts.append(sum(counts.values()))
+        counts[height] = seq.size
+        items.append(np.stack([seq, tile], 1).ravel())
+    work = np.concatenate([np.asarray(starts, dtype=np.int64)] + items)
+    if work.max(initial=0) >= 2 ** 31:
+        raise ValueError(f"the batch needs {counts[TILE_HEIGHTS[0]]} attention tiles; the triton backend indexes "
+                         "them with int32: split the batch")
+    work = torch.from_numpy(work.astype(np.int32))
+    if device.type == "cuda":  # from pinned memory the copy does not wait for the work queued on the GPU
+        return work.pin_memory().to(device, non_blocking=True), counts
+    return work.to(device), counts
+
+
+@triton.jit
+def _work_item(WORK, HEIGHT: tl.constexpr, RELOAD: tl.constexpr = False):
+    """(sequence, first row) of this program's item in the work list of tiles of HEIGHT rows (see tile_work).
+    RELOAD: volatile loads, which the compiler keeps apart from earlier loads of the same entries: reading the item
+    again after the main loop frees the registers that holding it through the loop would take."""
+    if HEIGHT == 16:
+        slot = 0
+    elif HEIGHT == 32:
+        slot = 1
+    elif HEIGHT == 64:
+        slot = 2
+    else:
+        tl.static_assert(HEIGHT == 128, "tile heights are 16, 32, 64, 128 (TILE_HEIGHTS)")
+        slot = 3
+    item = tl.load(WORK + slot, volatile=RELOAD) + tl.program_id(0)
+    return tl.load(WORK + 4 + 2 * item, volatile=RELOAD), tl.load(WORK + 5 + 2 * item, volatile=RELOAD) * HEIGHT
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -78,18 +134,15 @@ def _key_range(m0, seqlen, GROUP: tl.constexpr, IS_CAUSAL: tl.constexpr, BLOCK_M
 
 
 @triton.jit
-def _attn_fwd(Q, K, V, O, LSE, CU_SEQLENS, qk_scale, seqlen_bucket,
+def _attn_fwd(Q, K, V, O, LSE, WORK, CU_SEQLENS, qk_scale, seqlen_bucket,
               stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_lh,
               GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, IS_CAUSAL: tl.constexpr,
               PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """O, LSE for folded query tile program_id(0) of KV head program_id(1) of sequence program_id(2)."""
-    m0 = tl.program_id(0) * BLOCK_M
+    """O, LSE for the folded query tile of work item program_id(0), KV head program_id(1)."""
+    seq, m0 = _work_item(WORK, BLOCK_M)
     kv_head = tl.program_id(1)
-    seq = tl.program_id(2)
     start = tl.load(CU_SEQLENS + seq)
     seqlen = tl.load(CU_SEQLENS + seq + 1) - start
-    if m0 >= seqlen * GROUP:
-        return
     r = m0 + tl.arange(0, BLOCK_M)
     tok = r // GROUP                                  # folded row r: token r // GROUP, head kv_head*GROUP + r%GROUP
     head = kv_head * GROUP + r % GROUP
@@ -111,7 +164,8 @@ def _attn_fwd(Q, K, V, O, LSE, CU_SEQLENS, qk_scale, seqlen_bucket,
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) / _LOG2E)
-    r = m0 + tl.arange(0, BLOCK_M)  # recomputed rather than kept live through the loop (register pressure)
+    seq, m0 = _work_item(WORK, BLOCK_M, RELOAD=True)  # read again, not kept live through the loop (registers)
+    r = m0 + tl.arange(0, BLOCK_M)
     tok = r // GROUP
     head = kv_head * GROUP + r % GROUP
     tl.store(O + ((start + tok) * stride_ot + head * stride_oh)[:, None] + offs_d[None, :],
@@ -165,19 +219,16 @@ def _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, start, kv_head, stride_qt, stri
 
 
 @triton.jit
-def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, CU_SEQLENS, qk_scale, sm_scale, seqlen_bucket,
+def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, WORK, CU_SEQLENS, qk_scale, sm_scale, seqlen_bucket,
                    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
                    stride_lh, stride_dkt, stride_dkh, stride_dvt, stride_dvh,
                    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, IS_CAUSAL: tl.constexpr,
                    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """dK, dV of key tile program_id(0) of KV head program_id(1) of sequence program_id(2), summed over the group."""
-    n0 = tl.program_id(0) * BLOCK_N
+    """dK, dV of the key tile of work item program_id(0), KV head program_id(1), summed over the group."""
+    seq, n0 = _work_item(WORK, BLOCK_N)
     kv_head = tl.program_id(1)
-    seq = tl.program_id(2)
     start = tl.load(CU_SEQLENS + seq)
     seqlen = tl.load(CU_SEQLENS + seq + 1) - start
-    if n0 >= seqlen:
-        return
     cols = n0 + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -225,19 +276,16 @@ def _dq_tiles(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, lo, h
 
 
 @triton.jit
-def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, CU_SEQLENS, qk_scale, sm_scale, seqlen_bucket,
+def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, WORK, CU_SEQLENS, qk_scale, sm_scale, seqlen_bucket,
                  stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
                  stride_lh, stride_dqt, stride_dqh,
                  GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, IS_CAUSAL: tl.constexpr,
                  PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """dQ of folded query tile program_id(0) of KV head program_id(1) of sequence program_id(2)."""
-    m0 = tl.program_id(0) * BLOCK_M
+    """dQ of the folded query tile of work item program_id(0), KV head program_id(1)."""
+    seq, m0 = _work_item(WORK, BLOCK_M)
     kv_head = tl.program_id(1)
-    seq = tl.program_id(2)
     start = tl.load(CU_SEQLENS + seq)
     seqlen = tl.load(CU_SEQLENS + seq + 1) - start
-    if m0 >= seqlen * GROUP:
-        return
     r = m0 + tl.arange(0, BLOCK_M)
     tok = r // GROUP
     head = kv_head * GROUP + r % GROUP
@@ -378,49 +426,46 @@ def _common(q, k, causal, max_seqlen):
         max(64, triton.next_power_of_2(max(max_seqlen, 1)))
 
 
-def _seq_chunks(cu_seqlens):
-    """(cu_seqlens view, number of sequences) chunks of at most MAX_GRID_Z sequences."""
-    n = cu_seqlens.numel() - 1
-    for s in range(0, n, MAX_GRID_Z):
-        yield cu_seqlens[s:], min(MAX_GRID_Z, n - s)
-
-
-def attention_forward(q, k, v, cu_seqlens, max_seqlen: int, causal: bool, softmax_scale: float):
-    """q [T, Hq, D], k/v [T, Hkv, D] contiguous -> (out [T, Hq, D] in q.dtype, lse [Hq, T] fp32)."""
+def attention_forward(q, k, v, varlen, causal: bool, softmax_scale: float):
+    """q [T, Hq, D], k/v [T, Hkv, D] contiguous, ``varlen`` their ``Varlen`` -> (out [T, Hq, D] in q.dtype,
+    lse [Hq, T] fp32)."""
     T, hq, _ = q.shape
     hkv, group = k.shape[1], hq // k.shape[1]
     out = torch.empty_like(q)
     lse = torch.empty(hq, T, dtype=torch.float32, device=q.device)
-    meta, bucket = _common(q, k, causal, max_seqlen)
-    for cu, n in _seq_chunks(cu_seqlens):
-        grid = lambda m: (triton.cdiv(max_seqlen * group, m["BLOCK_M"]), hkv, n)  # noqa: E731
-        _attn_fwd_tuned[grid](q, k, v, out, lse, cu, softmax_scale * LOG2E, bucket,
-                              q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-                              out.stride(0), out.stride(1), lse.stride(0), **meta)
+    if T == 0:
+        return out, lse
+    meta, bucket = _common(q, k, causal, varlen.max_seqlen)
+    work, items = tile_work(varlen, group, q.device)
+    _attn_fwd_tuned[lambda m: (items[m["BLOCK_M"]], hkv)](
+        q, k, v, out, lse, work, varlen.cu_seqlens, softmax_scale * LOG2E, bucket, q.stride(0), q.stride(1),
+        k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1), lse.stride(0), **meta)
     return out, lse
 
 
-def attention_backward(dout, q, k, v, out, lse, cu_seqlens, max_seqlen: int, causal: bool, softmax_scale: float):
+def attention_backward(dout, q, k, v, out, lse, varlen, causal: bool, softmax_scale: float):
     """Gradients (dq [T, Hq, D], dk/dv [T, Hkv, D]) from dout [T, Hq, D] and the saved out and lse [Hq, T]."""
     T, hq, d = q.shape
     hkv, group = k.shape[1], hq // k.shape[1]
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    if T == 0:
+        return dq, dk, dv
     delta = torch.empty_like(lse)
-    meta, bucket = _common(q, k, causal, max_seqlen)
+    meta, bucket = _common(q, k, causal, varlen.max_seqlen)
     block_t = delta_block(q.dtype, meta["BLOCK_D"])
-    if T:
-        _bwd_delta[(triton.cdiv(T, block_t), hq)](out, dout, delta, T, out.stride(0), out.stride(1), dout.stride(0),
-                                                  dout.stride(1), delta.stride(0), HEAD_DIM=d,
-                                                  BLOCK_D=meta["BLOCK_D"], BLOCK_T=block_t)
+    _bwd_delta[(triton.cdiv(T, block_t), hq)](out, dout, delta, T, out.stride(0), out.stride(1), dout.stride(0),
+                                              dout.stride(1), delta.stride(0), HEAD_DIM=d, BLOCK_D=meta["BLOCK_D"],
+                                              BLOCK_T=block_t)
     strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), dout.stride(0),
                dout.stride(1), lse.stride(0))
-    for cu, n in _seq_chunks(cu_seqlens):
-        grid = lambda m: (triton.cdiv(max_seqlen, m["BLOCK_N"]), hkv, n)  # noqa: E731
-        _attn_bwd_dkdv_tuned[grid](q, k, v, dout, lse, delta, dk, dv, cu, softmax_scale * LOG2E, softmax_scale,
-                                   bucket, *strides, dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), **meta)
-        grid = lambda m: (triton.cdiv(max_seqlen * group, m["BLOCK_M"]), hkv, n)  # noqa: E731
-        _attn_bwd_dq_tuned[grid](q, k, v, dout, lse, delta, dq, cu, softmax_scale * LOG2E, softmax_scale, bucket,
-                                 *strides, dq.stride(0), dq.stride(1), **meta)
+    key_work, key_items = tile_work(varlen, 1, q.device)
+    _attn_bwd_dkdv_tuned[lambda m: (key_items[m["BLOCK_N"]], hkv)](
+        q, k, v, dout, lse, delta, dk, dv, key_work, varlen.cu_seqlens, softmax_scale * LOG2E, softmax_scale, bucket,
+        *strides, dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), **meta)
+    row_work, row_items = tile_work(varlen, group, q.device)
+    _attn_bwd_dq_tuned[lambda m: (row_items[m["BLOCK_M"]], hkv)](
+        q, k, v, dout, lse, delta, dq, row_work, varlen.cu_seqlens, softmax_scale * LOG2E, softmax_scale, bucket,
+        *strides, dq.stride(0), dq.stride(1), **meta)
     return dq, dk, dv
 
 
@@ -432,24 +477,24 @@ class _Attention(torch.autograd.Function):
     """Packed attention; saves q, k, v, out and the fp32 lse, recomputes the scores in backward."""
 
     @staticmethod
-    def forward(ctx, q, k, v, cu_seqlens, max_seqlen, causal, scale):
+    def forward(ctx, q, k, v, varlen, causal, scale):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        out, lse = attention_forward(q, k, v, cu_seqlens, max_seqlen, causal, scale)
-        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens)
-        ctx.meta = (max_seqlen, causal, scale)
+        out, lse = attention_forward(q, k, v, varlen, causal, scale)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.meta = (varlen, causal, scale)
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, _dlse):
-        q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
+        q, k, v, out, lse = ctx.saved_tensors
         with launch_device(dout):
-            dq, dk, dv = attention_backward(dout.contiguous(), q, k, v, out, lse, cu_seqlens, *ctx.meta)
-        return dq, dk, dv, None, None, None, None
+            dq, dk, dv = attention_backward(dout.contiguous(), q, k, v, out, lse, *ctx.meta)
+        return dq, dk, dv, None, None, None
 
 
 def _packed(q, k, v, varlen, causal, scale, return_lse):
-    out, lse = _Attention.apply(q, k, v, varlen.cu_seqlens, varlen.max_seqlen, causal, scale)
+    out, lse = _Attention.apply(q, k, v, varlen, causal, scale)
     return (out, lse) if return_lse else out
 
 
