@@ -72,6 +72,26 @@ def test_packed_matches_reference(backend, lengths, hq, hkv, d, causal, dtype):
     _assert_close(actual, expected, backend, dtype)
 
 
+@pytest.mark.parametrize("backend", backend_params(OP, ("triton",)))
+@pytest.mark.parametrize("lengths,hq,hkv,d,causal,dtype", PACKED_CASES[:4])
+def test_triton_atomic_dq_matches_reference(backend, lengths, hq, hkv, d, causal, dtype, monkeypatch):
+    """KALM_ATTENTION_DQ=atomic: the dK/dV kernel adds dQ with atomics instead of a separate dQ kernel."""
+    monkeypatch.setenv("KALM_ATTENTION_DQ", "atomic")
+    cu = _cu(lengths)
+    q, k, v = _inputs((int(cu[-1]), hq, d), hkv, dtype)
+    kw = dict(cu_seqlens=cu, causal=causal)
+    _assert_close(_run(backend, q, k, v, **kw), _run("reference", q, k, v, **kw), backend, dtype)
+
+
+@pytest.mark.parametrize("backend", backend_params(OP, ("triton",)))
+def test_triton_dq_mode_is_checked(backend, monkeypatch):
+    monkeypatch.setenv("KALM_ATTENTION_DQ", "fast")
+    q, k, v = _inputs((5, 2, 32), 1, torch.float32)
+    out = flash_attention(q, k, v, cu_seqlens=_cu([5]), backend=backend)
+    with pytest.raises(ValueError, match="KALM_ATTENTION_DQ must be one of \\('separate', 'atomic'\\), got 'fast'"):
+        out.sum().backward()
+
+
 def _mask(lengths, L, left=False):
     pos = torch.arange(L)[None, :]
     n = torch.tensor(lengths)[:, None]
@@ -282,6 +302,18 @@ def test_cuda_tensors_on_different_devices():
 def test_triton_bf16_gpu(backend, d, causal):
     lengths = [0, 1, 17, 300, 129, 1024]
     cu = _cu(lengths)
+    q, k, v = _inputs((int(cu[-1]), 14, d), 2, torch.bfloat16)
+    kw = dict(cu_seqlens=cu, causal=causal)
+    _assert_close(_run(backend, q, k, v, **kw), _run("reference", q, k, v, **kw), backend, torch.bfloat16)
+
+
+@pytest.mark.parametrize("backend", backend_params(OP, ("triton",), torch.bfloat16, gpu_only=True))
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("causal", [False, True])
+def test_triton_bf16_gpu_atomic_dq(backend, d, causal, monkeypatch):
+    """KALM_ATTENTION_DQ=atomic compiled: several key tiles of a sequence add into the same dQ rows."""
+    monkeypatch.setenv("KALM_ATTENTION_DQ", "atomic")
+    cu = _cu([0, 1, 17, 300, 129, 1024])
     q, k, v = _inputs((int(cu[-1]), 14, d), 2, torch.bfloat16)
     kw = dict(cu_seqlens=cu, causal=causal)
     _assert_close(_run(backend, q, k, v, **kw), _run("reference", q, k, v, **kw), backend, torch.bfloat16)

@@ -40,20 +40,26 @@ def attention_specs() -> list:
                    seqlen_bucket="i32",
                    **_strides("qt", "qh", "kt", "kh", "vt", "vh", "ot", "oh", "lh"))
         bwd = dict({a: ptr for a in ("Q", "K", "V", "DO")}, LSE="*fp32", DELTA="*fp32")
-        dkdv = dict(bwd, DK=ptr, DV=ptr, WORK="*i32", CU_SEQLENS="*i32", qk_scale="fp32", sm_scale="fp32",
-                    seqlen_bucket="i32",
-                    **_strides("qt", "qh", "kt", "kh", "vt", "vh", "dot", "doh", "lh", "dkt", "dkh", "dvt", "dvh"))
+        dkdv = dict(bwd, DK=ptr, DV=ptr, DQ_ACC="*fp32", WORK="*i32", CU_SEQLENS="*i32", qk_scale="fp32",
+                    sm_scale="fp32", seqlen_bucket="i32",
+                    **_strides("qt", "qh", "kt", "kh", "vt", "vh", "dot", "doh", "lh", "dkt", "dkh", "dvt", "dvh",
+                               "dqt", "dqh"))
         dq = dict(bwd, DQ=ptr, WORK="*i32", CU_SEQLENS="*i32", qk_scale="fp32", sm_scale="fp32",
                   seqlen_bucket="i32",
                   **_strides("qt", "qh", "kt", "kh", "vt", "vh", "dot", "doh", "lh", "dqt", "dqh"))
-        for name, fn, sig in (("fwd", attention._attn_fwd, fwd), ("dkdv", attention._attn_bwd_dkdv, dkdv),
-                              ("dq", attention._attn_bwd_dq, dq)):
+        # dkdv twice: dQ by its own kernel (the default) or added atomically by dkdv (KALM_ATTENTION_DQ=atomic)
+        for name, fn, sig, extra in (("fwd", attention._attn_fwd, fwd, {}),
+                                     ("dkdv", attention._attn_bwd_dkdv, dkdv, {"ATOMIC_DQ": False}),
+                                     ("dkdv", attention._attn_bwd_dkdv, dkdv, {"ATOMIC_DQ": True}),
+                                     ("dq", attention._attn_bwd_dq, dq, {})):
             for arch, arch_class in ARCHS.items():
-                for bm, bn, warps, stages in attention.gpu_configs(name, arch_class, width, block_d):
-                    constexprs = dict(const, BLOCK_M=bm, BLOCK_N=bn)
+                for bm, bn, warps, stages in attention.gpu_configs(name, arch_class, width, block_d,
+                                                                   extra.get("ATOMIC_DQ", False)):
+                    constexprs = dict(const, **extra, BLOCK_M=bm, BLOCK_N=bn)
                     # the dots' M dimension: query rows (fwd, dq) or keys (dkdv); wgmma needs 64 of them
                     dot_m = bn if name == "dkdv" else bm
-                    specs.append(dict(module="attention", name=f"attn_{name}_{dtype}_d{d}_{bm}x{bn}w{warps}s{stages}",
+                    tag = f"{name}{'_atomic' if extra.get('ATOMIC_DQ') else ''}_{dtype}_d{d}"
+                    specs.append(dict(module="attention", name=f"attn_{tag}_{bm}x{bn}w{warps}s{stages}",
                                       fn=fn, archs=(arch,), constexprs=constexprs,
                                       signature=dict(sig, **{c: "constexpr" for c in constexprs}),
                                       attrs=_aligned(fn, sig), num_warps=warps, num_stages=stages,

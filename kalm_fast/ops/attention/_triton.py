@@ -11,12 +11,17 @@ few long ones launches no empty programs and its longest tiles start first. Scor
 (``qk_scale = softmax_scale * log2(e)``); the saved log-sum-exp ``lse [Hq, T]`` is fp32 in natural units.
 
 Backward: ``delta = rowsum(dO * O)``; one program per (key tile, KV head, sequence) accumulates dK/dV over the
-folded rows of its whole group (no atomics); one program per folded query tile computes dQ.
+folded rows of its whole group (no atomics). dQ, by ``KALM_ATTENTION_DQ`` (read at each backward):
+``separate`` (default): one more program per folded query tile, which recomputes the scores and dP (7 GEMMs per
+tile pair in all, deterministic); ``atomic``: the dK/dV programs also add each tile pair's ``dS K`` into an fp32
+dQ buffer with atomic adds (5 GEMMs, Q/dO and K/V read once; the order of the adds, hence the last bits, varies).
 Tiles entirely outside the causal mask are skipped; forward and dQ mask only the boundary/diagonal tiles.
 ``seqlen_bucket`` (max_seqlen rounded up to a power of two) is only an autotuning key. Offsets are int32: tensors
 stay below 2**31 elements (checked here). No other argument checking (see ``kalm_fast.ops.attention``).
 """
 from __future__ import annotations
+
+import os
 
 import numpy as np
 import torch
@@ -30,6 +35,15 @@ from .padding import padded_via_packed
 
 _LOG2E = tl.constexpr(LOG2E)
 TILE_HEIGHTS = (16, 32, 64, 128)  # every BLOCK_M of fwd/dq and BLOCK_N of dkdv in the config tables
+DQ_MODES = ("separate", "atomic")
+
+
+def dq_mode() -> str:
+    """How the backward computes dQ: ``KALM_ATTENTION_DQ`` (``separate`` when unset), see the module docstring."""
+    mode = os.environ.get("KALM_ATTENTION_DQ", "separate")
+    if mode not in DQ_MODES:
+        raise ValueError(f"KALM_ATTENTION_DQ must be one of {DQ_MODES}, got {mode!r}")
+    return mode
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -191,11 +205,12 @@ def _bwd_delta(O, DO, DELTA, T, stride_ot, stride_oh, stride_dot, stride_doh, st
 
 
 @triton.jit
-def _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, start, kv_head, stride_qt, stride_qh, stride_dot, stride_doh,
-                stride_lh, lo, hi, cols, qk_scale, offs_m, offs_d, d_ok, GROUP: tl.constexpr, IS_CAUSAL: tl.constexpr,
-                BLOCK_M: tl.constexpr, PRECISION: tl.constexpr):
+def _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, DQ_ACC, start, kv_head, stride_qt, stride_qh, stride_dot, stride_doh,
+                stride_lh, stride_dqt, stride_dqh, lo, hi, cols, qk_scale, offs_m, offs_d, d_ok, GROUP: tl.constexpr,
+                IS_CAUSAL: tl.constexpr, ATOMIC_DQ: tl.constexpr, BLOCK_M: tl.constexpr, PRECISION: tl.constexpr):
     """Accumulate dK, dV of one key tile over the folded query rows [lo, hi) of its head group (row r: token
-    r // GROUP, head kv_head * GROUP + r % GROUP). Rows past the sequence load lse = +inf: probability 0."""
+    r // GROUP, head kv_head * GROUP + r % GROUP); with ATOMIC_DQ also add each row tile's ``dS K`` to DQ_ACC.
+    Rows past the sequence load lse = +inf: probability 0; keys past it are zero rows of ``k``: no dQ share."""
     for m0 in range(lo, hi, BLOCK_M):
         r = m0 + offs_m
         tok = r // GROUP
@@ -215,16 +230,21 @@ def _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, start, kv_head, stride_qt, stri
         dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
         dk = tl.dot(ds_t.to(q_t.dtype), tl.trans(q_t), dk, input_precision=PRECISION)
+        if ATOMIC_DQ:
+            dq = tl.dot(tl.trans(ds_t.to(k.dtype)), k, input_precision=PRECISION)  # [BLOCK_M, BLOCK_D]
+            tl.atomic_add(DQ_ACC + ((start + tok) * stride_dqt + head * stride_dqh)[:, None] + offs_d[None, :], dq,
+                          mask=ld, sem="relaxed")
     return dk, dv
 
 
 @triton.jit
-def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, WORK, CU_SEQLENS, qk_scale, sm_scale, seqlen_bucket,
+def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, WORK, CU_SEQLENS, qk_scale, sm_scale, seqlen_bucket,
                    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
-                   stride_lh, stride_dkt, stride_dkh, stride_dvt, stride_dvh,
+                   stride_lh, stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_dqt, stride_dqh,
                    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, IS_CAUSAL: tl.constexpr,
-                   PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """dK, dV of the key tile of work item program_id(0), KV head program_id(1), summed over the group."""
+                   ATOMIC_DQ: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dK, dV of the key tile of work item program_id(0), KV head program_id(1), summed over the group; with
+    ATOMIC_DQ also its share of dQ (unscaled, fp32) added into DQ_ACC."""
     seq, n0 = _work_item(WORK, BLOCK_N)
     kv_head = tl.program_id(1)
     start = tl.load(CU_SEQLENS + seq)
@@ -241,9 +261,9 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, WORK, CU_SEQLENS, qk_scale, 
     lo = 0
     if IS_CAUSAL:  # rows of tokens before n0 see none of these keys
         lo = n0 * GROUP // BLOCK_M * BLOCK_M
-    dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, start, kv_head, stride_qt, stride_qh, stride_dot, stride_doh,
-                         stride_lh, lo, seqlen * GROUP, cols, qk_scale, offs_m, offs_d, d_ok, GROUP, IS_CAUSAL,
-                         BLOCK_M, PRECISION)
+    dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, DQ_ACC, start, kv_head, stride_qt, stride_qh, stride_dot,
+                         stride_doh, stride_lh, stride_dqt, stride_dqh, lo, seqlen * GROUP, cols, qk_scale, offs_m,
+                         offs_d, d_ok, GROUP, IS_CAUSAL, ATOMIC_DQ, BLOCK_M, PRECISION)
     tl.store(DK + (start + cols)[:, None] * stride_dkt + kv_head * stride_dkh + offs_d[None, :],
              (dk * sm_scale).to(DK.dtype.element_ty), mask=ld)
     tl.store(DV + (start + cols)[:, None] * stride_dvt + kv_head * stride_dvh + offs_d[None, :],
@@ -379,9 +399,15 @@ def head_dim_class(block_d: int) -> int:
     return 64 if block_d <= 64 else 128 if block_d <= 128 else 256
 
 
-def gpu_configs(kernel: str, arch: str, width: str, block_d: int) -> list:
-    """The (BLOCK_M, BLOCK_N, num_warps, num_stages) a GPU may run (also what tests/tools/aot_specs.py compiles)."""
-    return _TABLE[kernel][arch][width][head_dim_class(block_d)]
+# dkdv configs that spill with ATOMIC_DQ's extra dQ tile (ptxas -v): the atomic variant runs without them.
+_ATOMIC_DQ_SPILLS = {("sm90", "half", 256, (16, 64, 8, 2)), ("sm90", "fp32", 64, (16, 64, 8, 2))}
+
+
+def gpu_configs(kernel: str, arch: str, width: str, block_d: int, atomic_dq: bool = False) -> list:
+    """The (BLOCK_M, BLOCK_N, num_warps, num_stages) a GPU may run (also what tests/tools/aot_specs.py compiles);
+    ``atomic_dq``: of the dkdv kernel with ATOMIC_DQ."""
+    hd = head_dim_class(block_d)
+    return [c for c in _TABLE[kernel][arch][width][hd] if not (atomic_dq and (arch, width, hd, c) in _ATOMIC_DQ_SPILLS)]
 
 
 def _cfg(c):
@@ -401,7 +427,8 @@ def _pruner(kernel):
             return configs
         meta = {**named_args, **kwargs}
         arch = "sm90" if torch.cuda.get_device_capability()[0] >= 9 else "sm80"
-        allowed = gpu_configs(kernel, arch, "fp32" if meta["PRECISION"] == "ieee" else "half", meta["BLOCK_D"])
+        allowed = gpu_configs(kernel, arch, "fp32" if meta["PRECISION"] == "ieee" else "half", meta["BLOCK_D"],
+                              meta.get("ATOMIC_DQ", False))
         return [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in allowed]
     return prune
 
@@ -409,7 +436,7 @@ def _pruner(kernel):
 _KEY = ["HEAD_DIM", "GROUP", "IS_CAUSAL", "seqlen_bucket"]
 _attn_fwd_tuned = triton.autotune(_configs("fwd"), key=_KEY,
                                   prune_configs_by={"early_config_prune": _pruner("fwd")})(_attn_fwd)
-_attn_bwd_dkdv_tuned = triton.autotune(_configs("dkdv"), key=_KEY,
+_attn_bwd_dkdv_tuned = triton.autotune(_configs("dkdv"), key=_KEY + ["ATOMIC_DQ"], reset_to_zero=["DQ_ACC"],
                                        prune_configs_by={"early_config_prune": _pruner("dkdv")})(_attn_bwd_dkdv)
 _attn_bwd_dq_tuned = triton.autotune(_configs("dq"), key=_KEY,
                                      prune_configs_by={"early_config_prune": _pruner("dq")})(_attn_bwd_dq)
@@ -458,10 +485,15 @@ def attention_backward(dout, q, k, v, out, lse, varlen, causal: bool, softmax_sc
                                               BLOCK_T=block_t)
     strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), dout.stride(0),
                dout.stride(1), lse.stride(0))
+    atomic = dq_mode() == "atomic"
+    dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device) if atomic else dq
     key_work, key_items = tile_work(varlen, 1, q.device)
     _attn_bwd_dkdv_tuned[lambda m: (key_items[m["BLOCK_N"]], hkv)](
-        q, k, v, dout, lse, delta, dk, dv, key_work, varlen.cu_seqlens, softmax_scale * LOG2E, softmax_scale, bucket,
-        *strides, dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), **meta)
+        q, k, v, dout, lse, delta, dk, dv, dq_acc, key_work, varlen.cu_seqlens, softmax_scale * LOG2E, softmax_scale,
+        bucket, *strides, dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), dq_acc.stride(0), dq_acc.stride(1),
+        ATOMIC_DQ=atomic, **meta)
+    if atomic:
+        return dq_acc.mul_(softmax_scale).to(q.dtype), dk, dv
     row_work, row_items = tile_work(varlen, group, q.device)
     _attn_bwd_dq_tuned[lambda m: (row_items[m["BLOCK_M"]], hkv)](
         q, k, v, dout, lse, delta, dq, row_work, varlen.cu_seqlens, softmax_scale * LOG2E, softmax_scale, bucket,
