@@ -2,14 +2,19 @@
 
 1. Kernel TFLOP/s, forward / backward / forward+backward, equal-length sequences (B * L = 16k tokens),
    head dims 64 and 128, bf16 on GPU. FLOPs: 4 * L^2 * D * H per sequence forward (half when causal),
-   2.5x that backward. ``triton atomic-dQ`` is the triton backend with ``KALM_ATTENTION_DQ=atomic`` (its backward
-   adds dQ atomically in the dK/dV kernel, 5 GEMMs per tile pair instead of 7); fp16/bf16 only.
+   2.5x that backward.
 2. A realistic embedding batch: 64k tokens (8k on CPU) packed from a long-tailed length mix (most texts 20-60
    tokens, some 512), Qwen2-0.5B heads (14 query / 2 key-value, D = 64): packed vs padded SDPA, tokens/s.
 
     python -m benchmarks.attention                       # full sweep on GPU, small one on CPU
     python -m benchmarks.attention --preset quick        # a couple of shapes
     python -m benchmarks.attention --preset gpu-check    # the Hopper targets: D=128, L 2k-16k, + fp32 and KaLM shape
+    python -m benchmarks.attention --preset variants     # the triton backend's variants on a GPU (below)
+
+The ``variants`` preset (bf16 on a GPU; reports ``attention_variants-*`` and ``attention_packed_variants-*``) adds
+the triton backend under each of its environment settings: ``triton tma`` (``KALM_ATTENTION_TMA=1``: the forward
+loads K/V tiles through tensor descriptors, sm_90+) and ``triton atomic-dQ`` (``KALM_ATTENTION_DQ=atomic``: the
+backward adds dQ atomically in the dK/dV kernel, 5 GEMMs per tile pair instead of 7).
 
 Packed inputs come with a ``Varlen`` (checked once), so our timings hold no argument validation.
 """
@@ -42,7 +47,7 @@ def _ours(backend):
 
 
 # Variants of our backends, each an environment that their backward reads (the autograd pass runs outside ``fn``).
-VARIANT_ENV = {"triton atomic-dQ": {"KALM_ATTENTION_DQ": "atomic"}}
+VARIANT_ENV = {"triton tma": {"KALM_ATTENTION_TMA": "1"}, "triton atomic-dQ": {"KALM_ATTENTION_DQ": "atomic"}}
 
 
 @contextlib.contextmanager
@@ -71,21 +76,21 @@ def _flash_attn(q, k, v, varlen, max_len, causal):
     return flash_attn_varlen_func(q, k, v, varlen.cu_seqlens, varlen.cu_seqlens, max_len, max_len, causal=causal)
 
 
-def _impls(device, dtype, max_len, with_reference=True):
+def _impls(device, dtype, max_len, with_reference=True, variants=False):
     impls = {}
     runnable = _registry.runnable("flash_attention", device, dtype)
     for name in ("triton", "torch", "reference"):
         if name not in runnable:
             continue
-        if name == "triton" and device == "cpu":
-            continue
+        if name == "triton" and device == "cpu" and not _registry.triton_interpreting():
+            continue  # on CPU only in the interpreter (plumbing checks), never for timings
         if name == "torch" and device == "cuda":
             continue  # on GPU the torch backend is SDPA itself
         if name == "reference" and (max_len > 2048 or not with_reference):
             continue  # materializes [H, L, L] per sequence
         impls[name] = _ours(name)
-        if name == "triton" and dtype != torch.float32:
-            impls["triton atomic-dQ"] = _ours(name)  # the backward variant, see VARIANT_ENV
+        if name == "triton" and variants and dtype != torch.float32:
+            impls.update((variant, _ours(name)) for variant in VARIANT_ENV)
     impls["sdpa"] = _sdpa_equal
     if flash_attn_varlen_func is not None and device == "cuda" and dtype != torch.float32:
         impls["flash_attn2"] = _flash_attn
@@ -104,7 +109,7 @@ def _timed(fn, q, k, v, cu, max_len, causal, repeats):
     return fwd, time_fn(step, repeats=repeats)["median_ms"]
 
 
-def kernel_sweep(device, dtype, seqlens, head_dims, causal, tokens, repeats, with_reference=True):
+def kernel_sweep(device, dtype, seqlens, head_dims, causal, tokens, repeats, with_reference=True, variants=False):
     rows = []
     for d in head_dims:
         heads = 2048 // d
@@ -115,7 +120,7 @@ def kernel_sweep(device, dtype, seqlens, head_dims, causal, tokens, repeats, wit
                        for _ in range(3))
             varlen = Varlen.from_lengths([L] * B, device)
             flops = 4 * L * L * d * heads * B * (0.5 if causal else 1.0)
-            for name, fn in _impls(device, dtype, L, with_reference).items():
+            for name, fn in _impls(device, dtype, L, with_reference, variants).items():
                 try:
                     with _variant(name):
                         fwd, both = _timed(fn, q, k, v, varlen, L, causal, repeats)
@@ -142,7 +147,7 @@ def _long_tail_lengths(total, generator):
     return [n for n in lengths if n > 0]
 
 
-def realistic_batch(device, dtype, total, repeats):
+def realistic_batch(device, dtype, total, repeats, variants=False):
     """Packed (ours, flash-attn) vs padded SDPA with a key mask on one long-tailed batch; tokens/s."""
     g = torch.Generator().manual_seed(0)
     lengths = _long_tail_lengths(total, g)
@@ -167,12 +172,14 @@ def realistic_batch(device, dtype, total, repeats):
         if name not in runnable or (name == "triton" and device == "cpu"):
             continue
         cases[f"packed {name}"] = functools.partial(flash_attention, q, k, v, cu_seqlens=varlen, backend=name)
+        if name == "triton" and variants and dtype != torch.float32:
+            cases["packed triton tma"] = cases["packed triton"]  # forward only: the atomic-dQ variant is the same
     if flash_attn_varlen_func is not None and device == "cuda" and dtype != torch.float32:
         cu = varlen.cu_seqlens
         cases["packed flash_attn2"] = lambda: flash_attn_varlen_func(q, k, v, cu, cu, L, L)
     rows, base = [], None
     for name, fn in cases.items():
-        with torch.no_grad():
+        with torch.no_grad(), _variant(name.removeprefix("packed ")):
             ms = time_fn(fn, repeats=repeats)["median_ms"]
         base = ms if name == "padded sdpa" else base
         rows.append({"impl": name, "sequences": B, "tokens": T, "padded tokens": B * L, "ms": ms,
@@ -190,6 +197,9 @@ PRESETS = {
     # KaLM shape (packed long tail, Qwen2-0.5B heads)
     "gpu-check": dict(sweeps=[("bfloat16", [2048, 4096, 8192, 16384], [128], 32768),
                               ("float32", [512, 2048], [64, 128], 8192)], total=65536, repeats=10, reference=False),
+    # the triton variants (see the module docstring) on the Hopper target shapes and the KaLM shape
+    "variants": dict(sweeps=[("bfloat16", [4096, 16384], [64, 128], 32768)], total=65536, repeats=10, reference=False,
+                     variants=True),
     "dry": dict(sweeps=[("float32", [64], [32], 128)], total=512, repeats=1, reference=True),  # plumbing only
 }
 
@@ -205,17 +215,19 @@ def main(argv=None) -> None:
     rows = []
     for dtype, seqlens, dims, tokens in preset["sweeps"]:
         dtype = getattr(torch, dtype or ("bfloat16" if gpu else "float32"))
-        rows += kernel_sweep(device, dtype, seqlens, dims, args.causal, tokens, preset["repeats"], preset["reference"])
-    write_report("attention", rows, columns=["impl", "mode", "seqlen", "batch", "heads", "head_dim", "causal", "dtype",
-                                             "ms", "TFLOP/s"],
+        rows += kernel_sweep(device, dtype, seqlens, dims, args.causal, tokens, preset["repeats"], preset["reference"],
+                             preset.get("variants", False))
+    variants = preset.get("variants", False)
+    suffix = "_variants" if variants else ""
+    write_report(f"attention{suffix}", rows,
+                 columns=["impl", "mode", "seqlen", "batch", "heads", "head_dim", "causal", "dtype", "ms", "TFLOP/s"],
                  plot=dict(x="seqlen", y="TFLOP/s", series="series", logx=True,
                            title=f"attention {'causal' if args.causal else 'bidirectional'}"))
     dtype = torch.bfloat16 if gpu else torch.float32
-    rows = realistic_batch(device, dtype, preset["total"], preset["repeats"])
-    write_report("attention_packed", rows, columns=["impl", "sequences", "tokens", "padded tokens", "ms", "tokens/s",
-                                                    "x padded sdpa"],
+    rows = realistic_batch(device, dtype, preset["total"], preset["repeats"], variants)
+    write_report(f"attention_packed{suffix}", rows,
+                 columns=["impl", "sequences", "tokens", "padded tokens", "ms", "tokens/s", "x padded sdpa"],
                  meta=dict(lengths="85% 20-60, 10% 60-200, 5% 512; Hq=14 Hkv=2 D=64"))
-
 
 if __name__ == "__main__":
     main()

@@ -4,6 +4,7 @@ On CPU the triton backend runs under TRITON_INTERPRET=1 (set by the test suite) 
 forward-only ``cuda`` backend are checked on a GPU (``make gpu-check``).
 """
 import math
+import os
 
 import pytest
 import torch
@@ -81,6 +82,29 @@ def test_triton_atomic_dq_matches_reference(backend, lengths, hq, hkv, d, causal
     q, k, v = _inputs((int(cu[-1]), hq, d), hkv, dtype)
     kw = dict(cu_seqlens=cu, causal=causal)
     _assert_close(_run(backend, q, k, v, **kw), _run("reference", q, k, v, **kw), backend, dtype)
+
+
+@pytest.mark.parametrize("backend", backend_params(OP, ("triton",)))
+@pytest.mark.parametrize("lengths,hq,hkv,d,causal,dtype", [c for c in PACKED_CASES if c[-1] != torch.float32])
+def test_triton_tma_forward_matches_reference(backend, lengths, hq, hkv, d, causal, dtype, monkeypatch):
+    """KALM_ATTENTION_TMA=1: K/V tiles through tensor descriptors bounded by each sequence (zeros past its end and
+    past the head dim); the interpreter runs them on the CPU."""
+    from kalm_fast.ops.attention._triton import use_tma
+
+    monkeypatch.setenv("KALM_ATTENTION_TMA", "1")
+    cu = _cu(lengths)
+    q, k, v = _inputs((int(cu[-1]), hq, d), hkv, dtype)
+    assert use_tma(k, v)
+    kw = dict(cu_seqlens=cu, causal=causal)
+    _assert_close(_run(backend, q, k, v, **kw), _run("reference", q, k, v, **kw), backend, dtype)
+
+
+@pytest.mark.parametrize("backend", backend_params(OP, ("triton",)))
+def test_triton_tma_setting_is_checked(backend, monkeypatch):
+    monkeypatch.setenv("KALM_ATTENTION_TMA", "yes")
+    q, k, v = _inputs((5, 2, 32), 1, torch.float16)
+    with pytest.raises(ValueError, match="KALM_ATTENTION_TMA must be 0 or 1, got 'yes'"):
+        flash_attention(q, k, v, cu_seqlens=_cu([5]), backend=backend)
 
 
 @pytest.mark.parametrize("backend", backend_params(OP, ("triton",)))
@@ -308,11 +332,13 @@ def test_triton_bf16_gpu(backend, d, causal):
 
 
 @pytest.mark.parametrize("backend", backend_params(OP, ("triton",), torch.bfloat16, gpu_only=True))
-@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("setting", ["KALM_ATTENTION_DQ=atomic", "KALM_ATTENTION_TMA=1"])
+@pytest.mark.parametrize("d", [64, 80, 128])
 @pytest.mark.parametrize("causal", [False, True])
-def test_triton_bf16_gpu_atomic_dq(backend, d, causal, monkeypatch):
-    """KALM_ATTENTION_DQ=atomic compiled: several key tiles of a sequence add into the same dQ rows."""
-    monkeypatch.setenv("KALM_ATTENTION_DQ", "atomic")
+def test_triton_bf16_gpu_variants(backend, setting, d, causal, monkeypatch):
+    """The triton variants compiled: atomic dQ (several key tiles of a sequence add into the same dQ rows) and the
+    TMA forward (on sm_90+; elsewhere the pointer loads run and this repeats the bf16 test)."""
+    monkeypatch.setenv(*setting.split("="))
     cu = _cu([0, 1, 17, 300, 129, 1024])
     q, k, v = _inputs((int(cu[-1]), 14, d), 2, torch.bfloat16)
     kw = dict(cu_seqlens=cu, causal=causal)
@@ -396,3 +422,25 @@ def test_nan_semantics_agree_and_padding_never_leaks(backend):
         packed = flash_attention(q[1], k[1], v[1], cu_seqlens=_cu([5]), backend=backend)
     assert packed[2, 0].isnan().all() and torch.isfinite(packed[2, 1]).all()
     assert torch.isfinite(packed[[0, 1, 3, 4]]).all()
+
+
+def test_benchmark_times_the_triton_variants_under_their_settings(monkeypatch):
+    """benchmarks.attention's variant rows run the triton backend with their environment (restored afterwards)."""
+    pytest.importorskip("triton")
+    from benchmarks import attention as bench
+    from kalm_fast.ops.attention import _triton
+
+    if not _registry.triton_interpreting():
+        pytest.skip("runs the triton backend on the CPU: needs TRITON_INTERPRET=1")
+    seen = []
+    for name, env in (("dq_mode", "KALM_ATTENTION_DQ"), ("use_tma", "KALM_ATTENTION_TMA")):
+        real = getattr(_triton, name)
+        monkeypatch.setattr(_triton, name, lambda *a, _real=real, _env=env: seen.append((_env, os.environ.get(_env)))
+                            or _real(*a))
+        monkeypatch.delenv(env, raising=False)
+    monkeypatch.setattr(bench, "time_fn", lambda fn, repeats: (fn(), {"median_ms": 1.0})[1])  # one run each
+    rows = bench.kernel_sweep("cpu", torch.float16, [32], [32], False, 64, 1, with_reference=False, variants=True)
+    assert {r["impl"] for r in rows} >= {"triton", "triton tma", "triton atomic-dQ"}
+    assert {("KALM_ATTENTION_DQ", "atomic"), ("KALM_ATTENTION_DQ", None), ("KALM_ATTENTION_TMA", "1"),
+            ("KALM_ATTENTION_TMA", None)} <= set(seen)
+    assert "KALM_ATTENTION_DQ" not in os.environ and "KALM_ATTENTION_TMA" not in os.environ

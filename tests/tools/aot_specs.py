@@ -3,7 +3,8 @@ GPU runs, as ``triton.compile`` specs (``name``, ``module``, ``fn``, ``signature
 ``num_warps``, ``num_stages``, ``archs``; ``wgmma_expected`` where Hopper's tensor-core instruction must appear).
 
 Attention: every entry of its config table (``ops/attention/_triton.py``) for its arch, for fp16/bf16 and fp32, at
-head dims 64, 80, 128 and 256. Mean pooling and focal-InfoNCE: their fixed configurations per dtype.
+head dims 64, 80, 128 and 256, with the kernels' variants (TMA forward, atomic dQ). Mean pooling and
+focal-InfoNCE: their fixed configurations per dtype.
 """
 from __future__ import annotations
 
@@ -47,18 +48,22 @@ def attention_specs() -> list:
         dq = dict(bwd, DQ=ptr, WORK="*i32", CU_SEQLENS="*i32", qk_scale="fp32", sm_scale="fp32",
                   seqlen_bucket="i32",
                   **_strides("qt", "qh", "kt", "kh", "vt", "vh", "dot", "doh", "lh", "dqt", "dqh"))
-        # dkdv twice: dQ by its own kernel (the default) or added atomically by dkdv (KALM_ATTENTION_DQ=atomic)
-        for name, fn, sig, extra in (("fwd", attention._attn_fwd, fwd, {}),
-                                     ("dkdv", attention._attn_bwd_dkdv, dkdv, {"ATOMIC_DQ": False}),
-                                     ("dkdv", attention._attn_bwd_dkdv, dkdv, {"ATOMIC_DQ": True}),
-                                     ("dq", attention._attn_bwd_dq, dq, {})):
-            for arch, arch_class in ARCHS.items():
+        # the variants: fwd with K/V through tensor descriptors (KALM_ATTENTION_TMA=1: sm_90, fp16/bf16), dQ by its
+        # own kernel (the default) or added atomically by dkdv (KALM_ATTENTION_DQ=atomic)
+        for name, fn, sig, extra, archs in (
+                ("fwd", attention._attn_fwd, fwd, {"USE_TMA": False}, ARCHS),
+                ("fwd", attention._attn_fwd, fwd, {"USE_TMA": True}, {90: "sm90"} if dtype != "fp32" else {}),
+                ("dkdv", attention._attn_bwd_dkdv, dkdv, {"ATOMIC_DQ": False}, ARCHS),
+                ("dkdv", attention._attn_bwd_dkdv, dkdv, {"ATOMIC_DQ": True}, ARCHS),
+                ("dq", attention._attn_bwd_dq, dq, {}, ARCHS)):
+            for arch, arch_class in archs.items():
                 for bm, bn, warps, stages in attention.gpu_configs(name, arch_class, width, block_d,
                                                                    extra.get("ATOMIC_DQ", False)):
                     constexprs = dict(const, **extra, BLOCK_M=bm, BLOCK_N=bn)
                     # the dots' M dimension: query rows (fwd, dq) or keys (dkdv); wgmma needs 64 of them
                     dot_m = bn if name == "dkdv" else bm
-                    tag = f"{name}{'_atomic' if extra.get('ATOMIC_DQ') else ''}_{dtype}_d{d}"
+                    tag = f"{name}{'_atomic' if extra.get('ATOMIC_DQ') else ''}{'_tma' if extra.get('USE_TMA') else ''}"
+                    tag += f"_{dtype}_d{d}"
                     specs.append(dict(module="attention", name=f"attn_{tag}_{bm}x{bn}w{warps}s{stages}",
                                       fn=fn, archs=(arch,), constexprs=constexprs,
                                       signature=dict(sig, **{c: "constexpr" for c in constexprs}),

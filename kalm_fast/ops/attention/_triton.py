@@ -7,10 +7,12 @@ is token ``r // GROUP`` of head ``kv_head * GROUP + r % GROUP``, so one tile ser
 sequences (20-60 tokens, the usual embedding input) still fill a 64/128-row tile. Every program handles one tile
 of one KV head of one sequence: the grid is (work items, KV heads), and a host-built work list (``tile_work``)
 names the (sequence, tile) of each item, the longest sequences first, so that a packed batch of short texts with a
-few long ones launches no empty programs and its longest tiles start first. Scores are kept in base 2
-(``qk_scale = softmax_scale * log2(e)``); the saved log-sum-exp ``lse [Hq, T]`` is fp32 in natural units.
+few long ones launches no empty programs and its longest tiles start first. With ``KALM_ATTENTION_TMA=1``
+(fp16/bf16, sm_90+) the forward loads K/V tiles through tensor descriptors bounded by each sequence (``use_tma``).
+Scores are kept in base 2 (``qk_scale = softmax_scale * log2(e)``); the saved log-sum-exp ``lse [Hq, T]`` is fp32
+in natural units.
 
-Backward: ``delta = rowsum(dO * O)``; one program per (key tile, KV head, sequence) accumulates dK/dV over the
+Backward: ``delta = rowsum(dO * O)``; one program per (key tile, KV head) accumulates dK/dV over the
 folded rows of its whole group (no atomics). dQ, by ``KALM_ATTENTION_DQ`` (read at each backward):
 ``separate`` (default): one more program per folded query tile, which recomputes the scores and dP (7 GEMMs per
 tile pair in all, deterministic); ``atomic``: the dK/dV programs also add each tile pair's ``dS K`` into an fp32
@@ -36,6 +38,27 @@ from .padding import padded_via_packed
 _LOG2E = tl.constexpr(LOG2E)
 TILE_HEIGHTS = (16, 32, 64, 128)  # every BLOCK_M of fwd/dq and BLOCK_N of dkdv in the config tables
 DQ_MODES = ("separate", "atomic")
+
+
+def use_tma(k, v) -> bool:
+    """Whether the forward loads K/V tiles through tensor descriptors (Hopper's copy engine, TMA):
+    ``KALM_ATTENTION_TMA=1``, fp16/bf16 (fp32 tiles spill), on a GPU of compute capability 9+ (or in the
+    interpreter, for the tests), with 16-byte aligned rows. The descriptors are made on the device, which needs a
+    Triton allocator: one is set (torch's caching allocator) if none was."""
+    if os.environ.get("KALM_ATTENTION_TMA", "0") not in ("0", "1"):
+        raise ValueError(f"KALM_ATTENTION_TMA must be 0 or 1, got {os.environ['KALM_ATTENTION_TMA']!r}")
+    if os.environ.get("KALM_ATTENTION_TMA") != "1" or k.dtype == torch.float32 or any(
+            t.data_ptr() % 16 or (t.stride(0) * t.element_size()) % 16 for t in (k, v)):
+        return False
+    if triton_interpreting():
+        return True
+    if k.device.type != "cuda" or torch.cuda.get_device_capability(k.device)[0] < 9:
+        return False
+    from triton.runtime import _allocation
+
+    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+        triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
+    return True
 
 
 def dq_mode() -> str:
@@ -105,17 +128,21 @@ def _work_item(WORK, HEIGHT: tl.constexpr, RELOAD: tl.constexpr = False):
 
 
 @triton.jit
-def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, lo, hi, tok, seqlen, qk_scale,
+def _fwd_tiles(acc, l_i, m_i, q, k_src, v_src, stride_kt, stride_vt, lo, hi, tok, seqlen, qk_scale,
                offs_n, offs_d, d_ok, IS_CAUSAL: tl.constexpr, MASKED: tl.constexpr, BLOCK_N: tl.constexpr,
-               PRECISION: tl.constexpr):
+               PRECISION: tl.constexpr, USE_TMA: tl.constexpr):
     """Online softmax of one query tile (``tok``: token of each row) over key tiles [lo, hi); MASKED tiles may
-    cross the sequence end or the causal diagonal."""
+    cross the sequence end or the causal diagonal. K/V come from ``k_src``/``v_src``: the sequence's first
+    row (pointers) or, with USE_TMA, tensor descriptors of its ``[seqlen, HEAD_DIM]`` rows."""
     for n0 in range(lo, hi, BLOCK_N):
         cols = n0 + offs_n
         kv_ok = d_ok[None, :]
         if MASKED:
             kv_ok = kv_ok & (cols < seqlen)[:, None]
-        k_t = tl.load(k_base + cols[None, :] * stride_kt + offs_d[:, None], mask=tl.trans(kv_ok), other=0.0)
+        if USE_TMA:
+            k_t = tl.trans(k_src.load([n0, 0]))
+        else:
+            k_t = tl.load(k_src + cols[None, :] * stride_kt + offs_d[:, None], mask=tl.trans(kv_ok), other=0.0)
         s = tl.dot(q, k_t, input_precision=PRECISION) * qk_scale
         if MASKED:
             ok = (cols < seqlen)[None, :]
@@ -127,7 +154,10 @@ def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, lo, hi, t
         alpha = tl.exp2(m_i - m_use)
         p = tl.exp2(s - m_use[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + cols[:, None] * stride_vt + offs_d[None, :], mask=kv_ok, other=0.0)
+        if USE_TMA:
+            v = v_src.load([n0, 0])
+        else:
+            v = tl.load(v_src + cols[:, None] * stride_vt + offs_d[None, :], mask=kv_ok, other=0.0)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
         m_i = m_new
     return acc, l_i, m_i
@@ -151,7 +181,7 @@ def _key_range(m0, seqlen, GROUP: tl.constexpr, IS_CAUSAL: tl.constexpr, BLOCK_M
 def _attn_fwd(Q, K, V, O, LSE, WORK, CU_SEQLENS, qk_scale, seqlen_bucket,
               stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_lh,
               GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, IS_CAUSAL: tl.constexpr,
-              PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+              USE_TMA: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """O, LSE for the folded query tile of work item program_id(0), KV head program_id(1)."""
     seq, m0 = _work_item(WORK, BLOCK_M)
     kv_head = tl.program_id(1)
@@ -165,16 +195,21 @@ def _attn_fwd(Q, K, V, O, LSE, WORK, CU_SEQLENS, qk_scale, seqlen_bucket,
     d_ok = offs_d < HEAD_DIM
     ld = (r < seqlen * GROUP)[:, None] & d_ok[None, :]
     q = tl.load(Q + ((start + tok) * stride_qt + head * stride_qh)[:, None] + offs_d[None, :], mask=ld, other=0.0)
-    k_base = K + start * stride_kt + kv_head * stride_kh
-    v_base = V + start * stride_vt + kv_head * stride_vh
+    k_src = K + start * stride_kt + kv_head * stride_kh
+    v_src = V + start * stride_vt + kv_head * stride_vh
+    if USE_TMA:  # the copy engine (Hopper); rows past the sequence and columns past HEAD_DIM load as zeros
+        k_src = tl.make_tensor_descriptor(k_src, shape=[seqlen, HEAD_DIM], strides=[stride_kt, 1],
+                                          block_shape=[BLOCK_N, BLOCK_D])
+        v_src = tl.make_tensor_descriptor(v_src, shape=[seqlen, HEAD_DIM], strides=[stride_vt, 1],
+                                          block_shape=[BLOCK_N, BLOCK_D])
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     full, hi = _key_range(m0, seqlen, GROUP, IS_CAUSAL, BLOCK_M, BLOCK_N)
-    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, 0, full, tok, seqlen,
-                               qk_scale, offs_n, offs_d, d_ok, IS_CAUSAL, False, BLOCK_N, PRECISION)
-    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, full, hi, tok, seqlen,
-                               qk_scale, offs_n, offs_d, d_ok, IS_CAUSAL, True, BLOCK_N, PRECISION)
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_src, v_src, stride_kt, stride_vt, 0, full, tok, seqlen,
+                               qk_scale, offs_n, offs_d, d_ok, IS_CAUSAL, False, BLOCK_N, PRECISION, USE_TMA)
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_src, v_src, stride_kt, stride_vt, full, hi, tok, seqlen,
+                               qk_scale, offs_n, offs_d, d_ok, IS_CAUSAL, True, BLOCK_N, PRECISION, USE_TMA)
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) / _LOG2E)
@@ -434,7 +469,7 @@ def _pruner(kernel):
 
 
 _KEY = ["HEAD_DIM", "GROUP", "IS_CAUSAL", "seqlen_bucket"]
-_attn_fwd_tuned = triton.autotune(_configs("fwd"), key=_KEY,
+_attn_fwd_tuned = triton.autotune(_configs("fwd"), key=_KEY + ["USE_TMA"],
                                   prune_configs_by={"early_config_prune": _pruner("fwd")})(_attn_fwd)
 _attn_bwd_dkdv_tuned = triton.autotune(_configs("dkdv"), key=_KEY + ["ATOMIC_DQ"], reset_to_zero=["DQ_ACC"],
                                        prune_configs_by={"early_config_prune": _pruner("dkdv")})(_attn_bwd_dkdv)
@@ -466,7 +501,8 @@ def attention_forward(q, k, v, varlen, causal: bool, softmax_scale: float):
     work, items = tile_work(varlen, group, q.device)
     _attn_fwd_tuned[lambda m: (items[m["BLOCK_M"]], hkv)](
         q, k, v, out, lse, work, varlen.cu_seqlens, softmax_scale * LOG2E, bucket, q.stride(0), q.stride(1),
-        k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1), lse.stride(0), **meta)
+        k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1), lse.stride(0),
+        USE_TMA=use_tma(k, v), **meta)
     return out, lse
 
 
