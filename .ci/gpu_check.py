@@ -15,6 +15,8 @@ stage that no longer fits is skipped and reported. Stages, in order:
 - ``bench-*``: the Hopper speed targets in quick modes, each against its baseline in the same run: attention (D=128,
   L 2k-16k; fp32; the packed KaLM shape), the Qwen2-0.5B-shaped encode against sentence-transformers, pooling
   against a device copy, the loss at B=32k against the reference, a GradCache training step;
+- on request only (``--only build bench-attention-variants``): the triton attention's variants, ``benchmarks.attention
+  --preset variants``;
 - ``pack``: ``OUT/summary.md`` (read it first), ``OUT/summary.json`` and ``OUT/gpu-check.tar.gz`` (every log, JUnit
   XML and benchmark JSON/MD; the benchmark files are named ``<name>-<device>.*`` for ``benchmarks/results/``).
 
@@ -43,13 +45,15 @@ MAX_FILES = 8  # what the H200 test machine hands back from OUT
 
 @dataclass
 class Stage:
-    """One step: a command with its own time limit; ``required`` stages fail the run when they fail."""
+    """One step: a command with its own time limit; ``required`` stages fail the run when they fail;
+    ``on_request`` stages run only when ``--only`` names them."""
 
     name: str
     limit: int
     command: list
     required: bool = True
     env: dict = field(default_factory=dict)
+    on_request: bool = False
 
 
 def stages(dry: bool, workers: int) -> list:
@@ -73,6 +77,9 @@ def stages(dry: bool, workers: int) -> list:
         Stage("bench-mean-pool", 45, [py, "-m", "benchmarks.mean_pool", "--preset", bench], required=False),
         Stage("bench-contrastive", 90, [py, "-m", "benchmarks.contrastive", "--preset", bench], required=False),
         Stage("bench-train-step", 120, train, required=False),
+        # the triton attention variants (TMA forward, atomic dQ) against the defaults and SDPA: for the speed issue
+        Stage("bench-attention-variants", 240, [py, "-m", "benchmarks.attention", "--preset",
+                                                "dry" if dry else "variants"], required=False, on_request=True),
     ]
 
 
@@ -206,7 +213,7 @@ def main(argv=None) -> int:
                       TRITON_INTERPRET="1" if args.dry else "0")
     rows = []
     for stage in stages(args.dry, args.workers):
-        if args.only is not None and stage.name not in args.only:
+        if (stage.on_request or args.only is not None) and stage.name not in (args.only or ()):
             continue
         rows.append(run_stage(stage, work, deadline))
         if stage.name == "build" and rows[-1]["status"] != "ok":
