@@ -14,7 +14,8 @@ stage that no longer fits is skipped and reported. Stages, in order:
   (Triton compiles single-threaded per process), with ``KALM_GPU_CHECK=1``: a skipped GPU test is a failure;
 - ``bench-*``: the Hopper speed targets in quick modes, each against its baseline in the same run: attention (D=128,
   L 2k-16k; fp32; the packed KaLM shape), the Qwen2-0.5B-shaped encode against sentence-transformers, pooling
-  against a device copy, the loss at B=32k against the reference, a GradCache training step;
+  against a device copy, the loss at B=32k against the reference, a GradCache training step against
+  sentence-transformers' CachedMultipleNegativesRankingLoss step;
 - on request only (``--only build bench-attention-variants``): the triton attention's variants, ``benchmarks.attention
   --preset variants``;
 - ``pack``: ``OUT/summary.md`` (read it first), ``OUT/summary.json`` and ``OUT/gpu-check.tar.gz`` (every log, JUnit
@@ -67,7 +68,7 @@ def stages(dry: bool, workers: int) -> list:
     encode = [py, "-m", "benchmarks.encode", "--models", "qwen2", "--workloads", "longtail", "--quick", "--no-peers",
               *(["--dtypes", "float32", "--layers", "1", "--texts", "16"] if dry else ["--dtypes", "bfloat16"])]
     train = [py, "-m", "benchmarks.train_step", "--batch", "4" if dry else "256", "--repeats", "1",
-             "--backends", "auto", *([] if dry else ["reference"])]
+             "--backends", "auto", "st-cached-mnrl", *([] if dry else ["reference"])]
     return [
         Stage("env", 30, [py, __file__, "--env"]),
         Stage("build", 300, [py, __file__, "--build", *(["--dry"] if dry else [])]),

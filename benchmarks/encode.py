@@ -116,16 +116,23 @@ def _timed(fn, device):
     return time.perf_counter() - t, out
 
 
+def bpe_tokenizer():
+    """The committed byte-level BPE tokenizer (8k tokens), built from tokenizer.json so that transformers 4.x (the
+    ONNX / OpenVINO peers' environment) reads it too."""
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(tokenizer_file=str(BPE_TOKENIZER / "tokenizer.json"), pad_token="<|endoftext|>",
+                                   eos_token="<|endoftext|>", model_max_length=32768)
+
+
 def qwen2_shaped_dir(directory: Path, seed: int = 0, layers: int = 24) -> Path:
     """A random-init Qwen2-0.5B-shaped model (``layers`` of them; 24 is the real depth) with the committed BPE
     tokenizer, saved by ``EmbeddingModel``."""
-    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2Model
+    from transformers import Qwen2Config, Qwen2Model
 
     from kalm_fast.models import EmbeddingModel
 
-    # Built from tokenizer.json so that transformers 4.x (the ONNX / OpenVINO peers' environment) reads it too.
-    tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(BPE_TOKENIZER / "tokenizer.json"),
-                                        pad_token="<|endoftext|>", eos_token="<|endoftext|>", model_max_length=32768)
+    tokenizer = bpe_tokenizer()
     config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=896, intermediate_size=4864, num_hidden_layers=layers,
                          num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768,
                          rope_theta=1000000.0)
