@@ -21,9 +21,9 @@ Packed inputs come with a ``Varlen`` (checked once), so our timings hold no argu
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import os
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -50,18 +50,9 @@ def _ours(backend):
 VARIANT_ENV = {"triton tma": {"KALM_ATTENTION_TMA": "1"}, "triton atomic-dQ": {"KALM_ATTENTION_DQ": "atomic"}}
 
 
-@contextlib.contextmanager
 def _variant(name):
-    saved = {key: os.environ.get(key) for key in VARIANT_ENV.get(name, {})}
-    os.environ.update(VARIANT_ENV.get(name, {}))
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key)
-            else:
-                os.environ[key] = value
+    """The environment of implementation ``name`` for the duration of a ``with`` (restored afterwards)."""
+    return mock.patch.dict(os.environ, VARIANT_ENV.get(name, {}))
 
 
 def _sdpa_equal(q, k, v, varlen, max_len, causal):
@@ -228,6 +219,7 @@ def main(argv=None) -> None:
     write_report(f"attention_packed{suffix}", rows,
                  columns=["impl", "sequences", "tokens", "padded tokens", "ms", "tokens/s", "x padded sdpa"],
                  meta=dict(lengths="85% 20-60, 10% 60-200, 5% 512; Hq=14 Hkv=2 D=64"))
+
 
 if __name__ == "__main__":
     main()

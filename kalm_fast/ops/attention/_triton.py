@@ -510,9 +510,11 @@ def attention_backward(dout, q, k, v, out, lse, varlen, causal: bool, softmax_sc
     """Gradients (dq [T, Hq, D], dk/dv [T, Hkv, D]) from dout [T, Hq, D] and the saved out and lse [Hq, T]."""
     T, hq, d = q.shape
     hkv, group = k.shape[1], hq // k.shape[1]
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    atomic = dq_mode() == "atomic"  # the dK/dV kernel adds dQ (unscaled) into fp32; else the dQ kernel writes it
+    dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device) if atomic else torch.empty_like(q)
+    dk, dv = torch.empty_like(k), torch.empty_like(v)
     if T == 0:
-        return dq, dk, dv
+        return dq.to(q.dtype), dk, dv
     delta = torch.empty_like(lse)
     meta, bucket = _common(q, k, causal, varlen.max_seqlen)
     block_t = delta_block(q.dtype, meta["BLOCK_D"])
@@ -521,15 +523,13 @@ def attention_backward(dout, q, k, v, out, lse, varlen, causal: bool, softmax_sc
                                               BLOCK_T=block_t)
     strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), dout.stride(0),
                dout.stride(1), lse.stride(0))
-    atomic = dq_mode() == "atomic"
-    dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device) if atomic else dq
     key_work, key_items = tile_work(varlen, 1, q.device)
     _attn_bwd_dkdv_tuned[lambda m: (key_items[m["BLOCK_N"]], hkv)](
-        q, k, v, dout, lse, delta, dk, dv, dq_acc, key_work, varlen.cu_seqlens, softmax_scale * LOG2E, softmax_scale,
-        bucket, *strides, dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), dq_acc.stride(0), dq_acc.stride(1),
+        q, k, v, dout, lse, delta, dk, dv, dq, key_work, varlen.cu_seqlens, softmax_scale * LOG2E, softmax_scale,
+        bucket, *strides, dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), dq.stride(0), dq.stride(1),
         ATOMIC_DQ=atomic, **meta)
     if atomic:
-        return dq_acc.mul_(softmax_scale).to(q.dtype), dk, dv
+        return dq.mul_(softmax_scale).to(q.dtype), dk, dv
     row_work, row_items = tile_work(varlen, group, q.device)
     _attn_bwd_dq_tuned[lambda m: (row_items[m["BLOCK_M"]], hkv)](
         q, k, v, dout, lse, delta, dq, row_work, varlen.cu_seqlens, softmax_scale * LOG2E, softmax_scale, bucket,
