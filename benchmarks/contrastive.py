@@ -7,15 +7,19 @@
 CPU: every (backend, B) runs in its own subprocess and reports its peak RSS above the RSS it had once the
 inputs existed ("extra"). GPU: ``torch.cuda.max_memory_allocated`` above the allocated inputs; an
 out-of-memory is reported as such. M = 7 hard negatives, D = 896 (KaLM-Embedding-V2), temperature 0.01.
+On a GPU the Triton backend also runs as ``triton gemm-bwd`` (``KALM_FOCAL_INFONCE_BWD=gemm``: one score
+recomputation per tile in the backward, the two gradient products on cuBLAS).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
 import time
+from unittest import mock
 
 import torch
 
@@ -31,6 +35,7 @@ PRESETS = {
     "dry": [("reference", 64), ("torch", 64)],
 }
 GPU_BACKENDS = ["reference", "torch", "triton", "cuda"]  # those registered and able to run bf16 on CUDA
+VARIANT_ENV = {"triton gemm-bwd": {"KALM_FOCAL_INFONCE_BWD": "gemm"}}  # a backend run under other settings
 
 
 def _inputs(batch, dtype, device):
@@ -40,12 +45,14 @@ def _inputs(batch, dtype, device):
     return q.requires_grad_(), docs.requires_grad_()
 
 
-def _step(q, docs, backend):
+def _step(q, docs, name):
+    """One forward+backward of implementation ``name`` (a backend, or a variant of VARIANT_ENV); the loss."""
     from kalm_fast.ops import focal_infonce
 
     q.grad = docs.grad = None
-    loss = focal_infonce(q, docs, temperature=0.01, gamma=0.5, backend=backend)
-    loss.backward()
+    with mock.patch.dict(os.environ, VARIANT_ENV.get(name, {})):
+        loss = focal_infonce(q, docs, temperature=0.01, gamma=0.5, backend=name.split()[0])
+        loss.backward()
     return loss.item()
 
 
@@ -84,6 +91,7 @@ def _run_gpu(sizes) -> list:
     from kalm_fast._registry import runnable
 
     names = [b for b in GPU_BACKENDS if b in runnable("focal_infonce", "cuda", torch.bfloat16)]
+    names += [v for v in VARIANT_ENV if v.split()[0] in names]
     rows = []
     for batch in sizes:
         for backend in names:

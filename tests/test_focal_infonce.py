@@ -1,6 +1,7 @@
 """focal_infonce: reference against hand-computed cases and F.cross_entropy, every backend against reference."""
 import dataclasses
 import math
+import os
 
 import pytest
 import torch
@@ -212,6 +213,84 @@ def test_half_engines_accumulate_at_any_gradient_scale(backend, scale):
         torch.testing.assert_close(got, want, atol=2e-3, rtol=2e-3)
 
 
+@pytest.fixture
+def gemm_backward(monkeypatch):
+    """The Triton engine's ``gemm`` backward, its score-gradient chunks so small that every case crosses several."""
+    from kalm_fast.ops.focal_infonce import _triton
+
+    monkeypatch.setenv("KALM_FOCAL_INFONCE_BWD", "gemm")
+    monkeypatch.setattr(_triton, "GRAD_CHUNK_BYTES", 64)
+    return _triton
+
+
+@pytest.mark.parametrize("backend", backend_params(OP, ("triton",)))
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_triton_gemm_backward_matches_reference_fp32(backend, case, gemm_backward):
+    test_backend_matches_reference_fp32(backend, case)
+
+
+@pytest.mark.parametrize("backend", backend_params(OP, ("triton",), torch.float16))
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_triton_gemm_backward_matches_reference_half(backend, dtype, gemm_backward):
+    for case in [(17, 2, 40, dict()), (5, 3, 24, dict(false_negative_margin=0.05, num_synthetic=2))]:
+        test_backend_matches_reference_half(backend, dtype, case)
+
+
+@pytest.mark.parametrize("backend", backend_params(OP, ("triton",), torch.float16))
+@pytest.mark.parametrize("scale", [1.0, 1e-9])
+def test_triton_gemm_backward_accumulates_at_any_gradient_scale(backend, scale, gemm_backward):
+    test_half_engines_accumulate_at_any_gradient_scale(backend, scale)
+
+
+@pytest.mark.parametrize("backend", backend_params(OP, ("triton",)))
+def test_triton_gemm_backward_chunks(backend, gemm_backward, monkeypatch):
+    """The chunks tile the candidate columns exactly, one tile of columns each at the smallest chunk size."""
+    calls = []
+    monkeypatch.setattr(gemm_backward, "_bwd_grad_kernel", _Recorder(gemm_backward._bwd_grad_kernel, calls))
+    q, docs = _inputs(9, 3, 24)  # 36 candidate columns
+    _loss_and_grads(focal_infonce, q, docs, temperature=0.05, backend=backend)
+    block_n = gemm_backward._meta(torch.float32, None, "grad")["BLOCK_N"]
+    assert [(c["c_lo"], c["N"]) for c in calls] == [(c0, min(c0 + block_n, 36)) for c0 in range(0, 36, block_n)]
+
+
+class _Recorder:
+    """Stands in for a Triton kernel: records each launch's scalar arguments, then launches the kernel."""
+
+    def __init__(self, kernel, calls):
+        self.kernel, self.calls = kernel, calls
+
+    def __getitem__(self, grid):
+        def launch(*args, **kw):
+            names = self.kernel.arg_names
+            self.calls.append(dict(zip(names, args)))
+            return self.kernel[grid](*args, **kw)
+        return launch
+
+
+@pytest.mark.parametrize("backend", backend_params(OP, ("triton",)))
+def test_benchmark_times_the_gemm_backward_under_its_setting(backend, monkeypatch):
+    """benchmarks.contrastive's ``triton gemm-bwd`` row runs the triton backend with KALM_FOCAL_INFONCE_BWD=gemm."""
+    from benchmarks import contrastive as bench
+    from kalm_fast.ops.focal_infonce import _triton
+
+    seen = []
+    real = _triton.backward_mode
+    monkeypatch.setattr(_triton, "backward_mode", lambda: seen.append(real()) or seen[-1])
+    monkeypatch.delenv("KALM_FOCAL_INFONCE_BWD", raising=False)
+    q, docs = (x.requires_grad_() for x in _inputs(6, 2, 16))
+    for name in ("triton", "triton gemm-bwd"):
+        bench._step(q, docs, name)
+    assert seen == ["fused", "gemm"] and "KALM_FOCAL_INFONCE_BWD" not in os.environ
+
+
+def test_focal_infonce_bwd_setting_is_checked(monkeypatch):
+    from kalm_fast.ops.focal_infonce import _triton
+
+    monkeypatch.setenv("KALM_FOCAL_INFONCE_BWD", "tiles")
+    with pytest.raises(ValueError, match="KALM_FOCAL_INFONCE_BWD must be one of"):
+        _triton.backward_mode()
+
+
 @pytest.mark.parametrize("backend", ["reference"] + BACKENDS)
 def test_positive_with_probability_one_has_finite_gradients(backend):
     q = torch.eye(4, 8, device=DEVICE)
@@ -372,3 +451,14 @@ def test_half_kernels_at_kalm_widths(backend, B, M, D, options):
     want = _loss_and_grads(ref.focal_infonce, q, docs, generator=torch.Generator().manual_seed(2), **kw)
     got = _loss_and_grads(focal_infonce, q, docs, generator=torch.Generator().manual_seed(2), backend=backend, **kw)
     _assert_close(got, want, tolerance(OP, backend, torch.bfloat16))
+
+
+@pytest.mark.parametrize("backend", backend_params(OP, ("triton",), torch.bfloat16, gpu_only=True))
+@pytest.mark.parametrize("B,M,D", [(5, 0, 64), (130, 7, 896)])
+@pytest.mark.parametrize("options", [dict(), dict(false_negative_margin=0.1, num_synthetic=2),
+                                     dict(similarity="dot", in_batch_negatives=False)],
+                         ids=["in-batch", "margin-mixing", "dot-own"])
+def test_triton_gemm_backward_at_kalm_widths(backend, B, M, D, options, gemm_backward, monkeypatch):
+    """The ``gemm`` backward in bf16 on a GPU (cuBLAS with a float32 result), in chunks of 128 candidates."""
+    monkeypatch.setattr(gemm_backward, "GRAD_CHUNK_BYTES", B * 2 * 128)
+    test_half_kernels_at_kalm_widths(backend, B, M, D, options)

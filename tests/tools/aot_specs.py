@@ -106,7 +106,7 @@ def mean_pool_specs() -> list:
 
 
 def focal_infonce_specs() -> list:
-    """The three kernels at their GPU configs for bf16 (with and without the margin; fp16 compiles alike) and fp32."""
+    """The four kernels at their GPU configs for bf16 (with and without the margin; fp16 compiles alike) and fp32."""
     specs = []
     for dtype, has_margin in (("bf16", False), ("bf16", True), ("fp32", False)):
         ptr, width = f"*{dtype}", "fp32" if dtype == "fp32" else "half"
@@ -116,12 +116,17 @@ def focal_infonce_specs() -> list:
         grads = dict(LSE="*fp32", GC="*fp32", GSCALE="*fp32")
         for name, fn, extra, kernel in (("fwd", focal._fwd_kernel, dict(LSE="*fp32", NEG="*fp32"), "fwd"),
                                         ("bwd_dq", focal._bwd_dq_kernel, dict(grads, DQ="*fp32"), "bwd"),
-                                        ("bwd_dc", focal._bwd_dc_kernel, dict(grads, DC="*fp32"), "bwd")):
+                                        ("bwd_dc", focal._bwd_dc_kernel, dict(grads, DC="*fp32"), "bwd"),
+                                        ("bwd_grad", focal._bwd_grad_kernel, dict(LSE="*fp32", GC="*fp32", G=ptr),
+                                         "grad")):
             bm, bn, bk, bdo, warps, stages = focal.CONFIGS[kernel, width]
             constexprs = dict(HAS_MARGIN=has_margin, UPCAST=dtype == "fp32",
                               PRECISION="ieee" if dtype == "fp32" else "tf32", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
             signature = dict(common, **extra, **ints)
-            signature["stride_dc" if name == "bwd_dc" else "cols_per_split"] = "i32"
+            if name == "bwd_grad":
+                signature.update(stride_g="i32", c_lo="i32")
+            else:
+                signature["stride_dc" if name == "bwd_dc" else "cols_per_split"] = "i32"
             if bdo is not None:
                 constexprs["BLOCK_DO"] = bdo
             signature.update(scale_log2="fp32", margin="fp32")

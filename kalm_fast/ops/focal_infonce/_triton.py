@@ -6,8 +6,16 @@ candidate tiles, with an online log-sum-exp of ``s / temperature`` (base 2 insid
 and the hardest kept negative. Backward recomputes the tiles: ``dL/ds_ij = gc_i * ([j is i's positive] - P_ij)``
 and accumulates ``dq += (dL/ds * rc) @ C`` and ``dC += (dL/ds * rq)^T @ Q``; ``logp.LogP`` finishes the cosine
 chain rule. fp32 accumulation for every input dtype.
+
+The backward, by ``KALM_FOCAL_INFONCE_BWD`` (read at each backward): ``fused`` (default): a dq kernel and a dC
+kernel, each recomputing every score tile once per chunk of ``BLOCK_DO`` features (8 recomputations at D = 896);
+``gemm``: for each chunk of candidates, one kernel recomputes the chunk's score tiles once and writes
+``G = dL/ds [B, chunk]`` in the input dtype, then two matmuls (cuBLAS on a GPU, fp32 output) add
+``G @ (C * rc)`` into dq and ``G^T @ (Q * rq)`` into dC; ``G`` is at most ``GRAD_CHUNK_BYTES``.
 """
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -20,6 +28,16 @@ from .logp import LogP, split_columns
 
 _LOG2E = tl.constexpr(LOG2E)
 _LN2 = tl.constexpr(LN2)
+BACKWARD_MODES = ("fused", "gemm")
+GRAD_CHUNK_BYTES = 256 * 2**20  # the score-gradient block of the ``gemm`` backward
+
+
+def backward_mode() -> str:
+    """``KALM_FOCAL_INFONCE_BWD`` (``fused`` when unset), see the module docstring."""
+    mode = os.environ.get("KALM_FOCAL_INFONCE_BWD", "fused")
+    if mode not in BACKWARD_MODES:
+        raise ValueError(f"KALM_FOCAL_INFONCE_BWD must be one of {BACKWARD_MODES}, got {mode!r}")
+    return mode
 
 
 @triton.jit
@@ -162,6 +180,28 @@ def _bwd_dc_kernel(Q, C, RQ, RC, SPOS, LSE, GC, GSCALE, DC, B, N, D, group, stri
     tl.store(out, tl.load(out, mask=out_ok, other=0.0) + acc * tl.load(GSCALE), mask=out_ok)
 
 
+@triton.jit
+def _bwd_grad_kernel(Q, C, RQ, RC, SPOS, LSE, GC, G, B, N, D, group, stride_q, stride_c, stride_g, c_lo,
+                     scale_log2, margin, HAS_MARGIN: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Grid (query tiles, candidate tiles of columns ``c_lo:N``): ``G[rows, cols - c_lo] = dL/ds``, in G's dtype."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = c_lo + tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < B
+    col_ok = cols < N
+    rq = tl.load(RQ + rows, mask=row_ok, other=0.0)
+    rc = tl.load(RC + cols, mask=col_ok, other=0.0)
+    s_pos = tl.load(SPOS + rows, mask=row_ok, other=0.0)
+    lse_log2 = tl.load(LSE + rows, mask=row_ok, other=0.0) * _LOG2E
+    gc = tl.load(GC + rows, mask=row_ok, other=0.0)
+    s = _score_tile(Q, C, rq, rc, rows, cols, row_ok, col_ok, D, stride_q, stride_c,
+                    BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, PRECISION)
+    keep, is_pos = _keep_mask(s, rows, cols, col_ok, s_pos, margin, group, HAS_MARGIN)
+    g = _grad_tile(s, keep, is_pos, lse_log2, gc, scale_log2)
+    out = G + rows.to(tl.int64)[:, None] * stride_g + (cols - c_lo)[None, :]
+    tl.store(out, g.to(G.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
 # ----------------------------------------------------------------------------------------------------------
 # launch
 
@@ -172,6 +212,8 @@ CONFIGS = {
     ("fwd", "fp32"): (64, 64, 16, None, 4, 1),
     ("bwd", "half"): (32, 32, 32, 256, 8, 1),
     ("bwd", "fp32"): (32, 32, 32, 128, 8, 1),
+    ("grad", "half"): (128, 64, 32, None, 8, 2),
+    ("grad", "fp32"): (64, 64, 16, None, 8, 1),
 }
 _INTERPRET_CFG = (16, 16, 16, 16, 4, 1)
 
@@ -216,20 +258,58 @@ class TritonEngine:
 
     @staticmethod
     def backward(q, flat, rq, rd, s_pos, lse, gc, inv_tau, margin, group, dq, dd):
-        batch, n, d = q.shape[0], flat.shape[0], q.shape[1]
-        meta = _meta(q.dtype, margin, "bwd")
-        args = (batch, n, d, group, q.stride(0), flat.stride(0))
-        m = 0.0 if margin is None else margin
-        row_tiles, chunks = triton.cdiv(batch, meta["BLOCK_M"]), triton.cdiv(d, meta["BLOCK_DO"])
-        cols, splits = split_columns(n, meta["BLOCK_N"], row_tiles * chunks, _sm_count(q.device))
-        part = torch.empty(splits, batch, d, dtype=torch.float32, device=q.device)
         g_scale = gc.abs().amax().clamp_min(torch.finfo(torch.float32).tiny).reshape(1)
-        gc = gc / g_scale  # |gc| <= 1 inside the kernels, scaled back in float32
-        _bwd_dq_kernel[(row_tiles, chunks, splits)](q, flat, rq, rd, s_pos, lse, gc, g_scale, part, *args, cols,
-                                                    inv_tau * LOG2E, m, **meta)
-        dq += part.sum(dim=0)
-        _bwd_dc_kernel[(triton.cdiv(n, meta["BLOCK_N"]), chunks)](
-            q, flat, rq, rd, s_pos, lse, gc, g_scale, dd, *args, dd.stride(0), inv_tau * LOG2E, m, **meta)
+        gc = gc / g_scale  # |gc| <= 1 inside the kernels (no 16-bit product underflows), scaled back in float32
+        args = (q, flat, rq, rd, s_pos, lse, gc, g_scale, inv_tau * LOG2E, margin, group, dq, dd)
+        if backward_mode() == "gemm":
+            _backward_gemm(*args)
+        else:
+            _backward_fused(*args)
+
+
+def _backward_fused(q, flat, rq, rd, s_pos, lse, gc, g_scale, scale_log2, margin, group, dq, dd):
+    batch, n, d = q.shape[0], flat.shape[0], q.shape[1]
+    meta = _meta(q.dtype, margin, "bwd")
+    args = (batch, n, d, group, q.stride(0), flat.stride(0))
+    row_tiles, chunks = triton.cdiv(batch, meta["BLOCK_M"]), triton.cdiv(d, meta["BLOCK_DO"])
+    cols, splits = split_columns(n, meta["BLOCK_N"], row_tiles * chunks, _sm_count(q.device))
+    part = torch.empty(splits, batch, d, dtype=torch.float32, device=q.device)
+    m = 0.0 if margin is None else margin
+    _bwd_dq_kernel[(row_tiles, chunks, splits)](q, flat, rq, rd, s_pos, lse, gc, g_scale, part, *args, cols,
+                                                scale_log2, m, **meta)
+    dq += part.sum(dim=0)
+    _bwd_dc_kernel[(triton.cdiv(n, meta["BLOCK_N"]), chunks)](
+        q, flat, rq, rd, s_pos, lse, gc, g_scale, dd, *args, dd.stride(0), scale_log2, m, **meta)
+
+
+def _backward_gemm(q, flat, rq, rd, s_pos, lse, gc, g_scale, scale_log2, margin, group, dq, dd):
+    batch, n, d = q.shape[0], flat.shape[0], q.shape[1]
+    meta = _meta(q.dtype, margin, "grad")
+    block_n = meta["BLOCK_N"]
+    chunk = min(n, max(block_n, GRAD_CHUNK_BYTES // (batch * q.element_size()) // block_n * block_n))
+    grad = torch.empty(batch, chunk, dtype=q.dtype, device=q.device)
+    q_unit = _scale_rows(q, rq)
+    for c0 in range(0, n, chunk):
+        c1 = min(c0 + chunk, n)
+        g = grad[:, :c1 - c0]
+        grid = (triton.cdiv(batch, meta["BLOCK_M"]), triton.cdiv(c1 - c0, block_n))
+        _bwd_grad_kernel[grid](q, flat, rq, rd, s_pos, lse, gc, g, batch, c1, d, group, q.stride(0), flat.stride(0),
+                               g.stride(0), c0, scale_log2, 0.0 if margin is None else margin, **meta)
+        dq += _matmul_fp32(g, _scale_rows(flat[c0:c1], rd[c0:c1])).mul_(g_scale)
+        dd[c0:c1] += _matmul_fp32(g.T, q_unit).mul_(g_scale)
+
+
+def _scale_rows(x, r):
+    """``x * r[:, None]`` computed in float32, in x's dtype (rows of unit norm for cosine similarity)."""
+    return (x.float() * r[:, None]).to(x.dtype)
+
+
+def _matmul_fp32(a, b):
+    """``a @ b`` with a float32 result: fp16/bf16 operands accumulate in fp32 and are not rounded on a GPU (cuBLAS
+    with ``out_dtype``); elsewhere they are upcast first."""
+    if a.is_cuda and a.dtype != torch.float32:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return a.float() @ b.float()
 
 
 def focal_infonce_triton(q, docs, synthetic, temperature, similarity, in_batch_negatives, false_negative_margin):
