@@ -3,7 +3,7 @@ speedup over the reference.
 
     python -m benchmarks.mean_pool                      # shapes that fit the device
     python -m benchmarks.mean_pool --preset quick       # one small shape
-    python -m benchmarks.mean_pool --preset gpu-check   # [64, 4096, 2048] bf16 and the packed encode shapes
+    python -m benchmarks.mean_pool --preset gpu-check   # [64, 4096, 2048] bf16, few long rows, the packed encode shapes
 
 Bytes counted: the hidden states read once, the mask (padded) or cu_seqlens (packed) and the output written. The
 baseline "copy" row is ``torch.Tensor.copy_`` of the hidden states into a preallocated buffer: bytes read plus
@@ -25,7 +25,7 @@ PRESETS = {
     "gpu": [(64, 512, 1024), (256, 512, 896), (32, 2048, 1024), (1024, 128, 896), ("packed", 65536, 896)],
     "cpu": [(64, 512, 384), (64, 512, 1024)],
     "quick": [(8, 128, 384)],
-    "gpu-check": [(64, 4096, 2048), ("packed", 65536, 896), ("packed", 262144, 896)],
+    "gpu-check": [(64, 4096, 2048), (4, 8192, 896), ("packed", 65536, 896), ("packed", 262144, 896)],
     "dry": [(2, 16, 32), ("packed", 64, 32)],
 }
 
@@ -66,18 +66,21 @@ def run(shapes, dtype: torch.dtype, backends, repeats: int) -> list[dict]:
         rows.append({"shape": name, "tokens": tokens, "backend": "copy", "dtype": str(dtype).split(".")[-1],
                      "ms": copy_ms, "GB/s": copy_gbs, "% of copy": 100.0,
                      "% nominal": (100 * copy_gbs / bandwidth) if bandwidth else None})
-        ref_ms = None
         runnable = _registry.runnable("mean_pool", device, dtype)
-        for backend in backends:
-            if backend not in runnable or (backend == "reference" and shape[0] == "packed" and device == "cuda"):
-                continue  # the reference loops over the sequences of a packed batch in Python
-            ms = time_fn(lambda: mean_pool(hidden, **kwargs, backend=backend), repeats=repeats)["median_ms"]
-            ref_ms = ms if backend == "reference" else ref_ms
-            gbs = nbytes / (ms * 1e-3) / 1e9
-            rows.append({"shape": name, "tokens": tokens, "backend": backend, "dtype": str(dtype).split(".")[-1],
-                         "ms": ms, "GB/s": gbs, "% of copy": 100 * gbs / copy_gbs,
-                         "% nominal": (100 * gbs / bandwidth) if bandwidth else None,
-                         "x reference": (ref_ms / ms) if ref_ms else None})
+        for normalize in (False, True):  # the encoders pool with normalize=True
+            ref_ms = None
+            for backend in backends:
+                if backend not in runnable or (backend == "reference" and shape[0] == "packed" and device == "cuda"):
+                    continue  # the reference loops over the sequences of a packed batch in Python
+                ms = time_fn(lambda: mean_pool(hidden, **kwargs, normalize=normalize, backend=backend),
+                             repeats=repeats)["median_ms"]
+                ref_ms = ms if backend == "reference" else ref_ms
+                gbs = nbytes / (ms * 1e-3) / 1e9
+                rows.append({"shape": name, "tokens": tokens, "backend": backend, "normalize": normalize,
+                             "dtype": str(dtype).split(".")[-1], "ms": ms, "GB/s": gbs,
+                             "% of copy": 100 * gbs / copy_gbs,
+                             "% nominal": (100 * gbs / bandwidth) if bandwidth else None,
+                             "x reference": (ref_ms / ms) if ref_ms else None})
     return rows
 
 
@@ -91,8 +94,8 @@ def main(argv=None) -> None:
     preset = args.preset or ("gpu" if gpu else "cpu")
     repeats = 3 if preset in ("quick", "dry") else 20
     rows = run(PRESETS[preset], dtype, ["reference", "torch", "triton", "cuda"], repeats=repeats)
-    write_report("mean_pool", rows, columns=["shape", "backend", "dtype", "ms", "GB/s", "% of copy", "% nominal",
-                                             "x reference"],
+    write_report("mean_pool", rows, columns=["shape", "backend", "normalize", "dtype", "ms", "GB/s", "% of copy",
+                                             "% nominal", "x reference"],
                  plot=dict(x="shape", y="GB/s", series="backend", title="mean_pool forward"))
 
 

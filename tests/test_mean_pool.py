@@ -73,6 +73,35 @@ def test_long_sequence_crosses_blocks(backend):
     _check_against_reference(backend, hidden, dict(cu_seqlens=cu, normalize=True), torch.float32)
 
 
+def test_triton_rows_per_split():
+    """Few programs: sequences cut into splits (>= 64 rows, whole token blocks); many: one program per sequence.
+    (Off a GPU the launcher aims at 2 SMs x 8 programs.)"""
+    pytest.importorskip("triton")
+    from kalm_fast.ops.mean_pool._triton import _rows_per_split
+
+    cpu = torch.device("cpu")
+    assert _rows_per_split(1, 4096, 32, cpu) == 256  # 16 splits
+    assert _rows_per_split(4, 4096, 32, cpu) == 1024  # 4 x 4 programs
+    assert _rows_per_split(1, 100, 32, cpu) == 64  # 2 splits of at least 64 rows, rounded to the block
+    assert _rows_per_split(10_000, 512, 32, cpu) == 512  # the whole sequence
+    assert _rows_per_split(3, 0, 8, cpu) == 8  # empty sequences: one split
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("normalize", [False, True])
+def test_few_long_sequences_split_over_programs(backend, dtype, normalize):
+    """A padded batch of two long rows (mask holes, one row ending mid-split) and a packed one of a long sequence
+    beside short ones: the triton forward sums them in row splits."""
+    g = torch.Generator().manual_seed(5)
+    hidden = torch.randn(2, 300, 40, generator=g).to(DEVICE, dtype)
+    mask = torch.arange(300)[None, :] < torch.tensor([[300], [151]])
+    mask[0, 100:140] = False
+    _check_against_reference(backend, hidden, dict(attention_mask=mask.to(DEVICE), normalize=normalize), dtype)
+    packed, cu = _packed_case(dtype, DEVICE, lengths=(2, 257, 0, 64, 1))
+    _check_against_reference(backend, packed, dict(cu_seqlens=cu, dim=33, normalize=normalize), dtype)
+
+
 @pytest.mark.parametrize("backend", ["reference", *BACKENDS])
 def test_empty_sequences_are_zero_and_tiny_vectors_normalize_like_F_normalize(backend):
     device = DEVICE

@@ -81,18 +81,24 @@ def attention_specs() -> list:
 def mean_pool_specs() -> list:
     specs = []
     for dtype in ("fp16", "bf16", "fp32"):
-        for packed, normalize, block_h, block_t in ((True, True, 1024, 4), (False, False, 128, 32)):
+        for packed in (True, False):
             specs.append(dict(
-                module="mean_pool", name=f"mean_pool_fwd_{dtype}_{'packed' if packed else 'padded'}_h{block_h}",
-                fn=mean_pool._mean_pool_fwd_kernel,
-                signature={"hidden_ptr": f"*{dtype}", "mask_ptr": "*u8", "cu_ptr": "*i32", "out_ptr": f"*{dtype}",
-                           "mean_ptr": "*fp32", "count_ptr": "*fp32", "L": "i32", "DIM": "i32", "stride_hb": "i64",
-                           "stride_ht": "i64", "stride_mb": "i32", "stride_ob": "i32", "eps": "fp32",
-                           "IS_PACKED": "constexpr", "HAS_MASK": "constexpr", "NORMALIZE": "constexpr",
-                           "SAVE_MEAN": "constexpr", "BLOCK_T": "constexpr", "BLOCK_H": "constexpr"},
-                constexprs={"IS_PACKED": packed, "HAS_MASK": not packed, "NORMALIZE": normalize, "SAVE_MEAN": True,
-                            "BLOCK_T": block_t, "BLOCK_H": block_h},
+                module="mean_pool", name=f"mean_pool_sum_{dtype}_{'packed' if packed else 'padded'}",
+                fn=mean_pool._mean_pool_sum_kernel,
+                signature={"hidden_ptr": f"*{dtype}", "mask_ptr": "*u8", "cu_ptr": "*i32", "part_ptr": "*fp32",
+                           "weight_ptr": "*fp32", "L": "i32", "DIM": "i32", "rows_per_split": "i32",
+                           "stride_hb": "i64", "stride_ht": "i64", "stride_mb": "i32",
+                           "IS_PACKED": "constexpr", "HAS_MASK": "constexpr", "BLOCK_T": "constexpr",
+                           "BLOCK_H": "constexpr"},
+                constexprs={"IS_PACKED": packed, "HAS_MASK": not packed, "BLOCK_T": 32, "BLOCK_H": 128},
                 num_warps=4, num_stages=2))
+        for block_h, warps in ((1024, 4), (4096, 8)):
+            specs.append(dict(
+                module="mean_pool", name=f"mean_pool_finish_{dtype}_h{block_h}", fn=mean_pool._mean_pool_finish_kernel,
+                signature={"part_ptr": "*fp32", "weight_ptr": "*fp32", "out_ptr": f"*{dtype}", "mean_ptr": "*fp32",
+                           "count_ptr": "*fp32", "DIM": "i32", "SPLITS": "i32", "stride_ob": "i32", "eps": "fp32",
+                           "NORMALIZE": "constexpr", "SAVE_MEAN": "constexpr", "BLOCK_H": "constexpr"},
+                constexprs={"NORMALIZE": True, "SAVE_MEAN": True, "BLOCK_H": block_h}, num_warps=warps, num_stages=2))
         specs.append(dict(
             module="mean_pool", name=f"mean_pool_bwd_{dtype}", fn=mean_pool._mean_pool_bwd_kernel,
             signature={"grad_out_ptr": f"*{dtype}", "mean_ptr": "*fp32", "count_ptr": "*fp32", "mask_ptr": "*u8",

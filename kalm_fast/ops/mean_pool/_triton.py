@@ -1,5 +1,6 @@
-"""Backend ``triton`` of ``mean_pool``: one fused kernel forward (sum, count, truncate, normalize), one backward,
-their launchers and the autograd Function.
+"""Backend ``triton`` of ``mean_pool``: the forward in two kernels (sums over row splits of each sequence, so that a
+batch of a few long sequences still fills the GPU; then one program per sequence adds the splits, divides by the
+count, truncates and normalizes), one backward kernel, their launchers and the autograd Function.
 
 A sequence ``n`` is a run of rows of ``hidden``: packed ``[T, H]`` rows ``cu_seqlens[n]:cu_seqlens[n+1]``,
 padded ``[B, L, H]`` rows ``0:L`` of batch ``n`` weighted by ``mask[n]``. Accumulation is fp32.
@@ -12,7 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..._cuda import launch_device
+from ..._cuda import launch_device, sm_count
+from ..._registry import triton_interpreting
 from ..varlen import sequence_layout
 
 
@@ -29,23 +31,27 @@ def _sequence_bounds(n, cu_ptr, L, IS_PACKED: tl.constexpr):
 
 
 @triton.jit
-def _mean_pool_fwd_kernel(
-    hidden_ptr, mask_ptr, cu_ptr, out_ptr, mean_ptr, count_ptr,
-    L, DIM, stride_hb, stride_ht, stride_mb, stride_ob, eps,
-    IS_PACKED: tl.constexpr, HAS_MASK: tl.constexpr, NORMALIZE: tl.constexpr, SAVE_MEAN: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
+def _mean_pool_sum_kernel(
+    hidden_ptr, mask_ptr, cu_ptr, part_ptr, weight_ptr,
+    L, DIM, rows_per_split, stride_hb, stride_ht, stride_mb,
+    IS_PACKED: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
-    """Grid ``(N, cdiv(DIM, BLOCK_H))``; with NORMALIZE the second axis is 1 and ``BLOCK_H >= DIM``."""
+    """Grid ``(N, cdiv(DIM, BLOCK_H), splits)``: ``part[split, n, cols]`` (fp32) is the weighted sum of rows
+    ``split * rows_per_split`` up to the next split's of sequence ``n``, ``weight[split, n]`` their weight."""
     n = tl.program_id(0)
+    split = tl.program_id(2)
+    num_seqs = tl.num_programs(0)
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     col_ok = cols < DIM
     start, length = _sequence_bounds(n, cu_ptr, L, IS_PACKED)
     base = hidden_ptr + n.to(tl.int64) * stride_hb + start.to(tl.int64) * stride_ht
+    lo = split * rows_per_split
+    hi = tl.minimum(lo + rows_per_split, length)
     acc = tl.zeros([BLOCK_T, BLOCK_H], dtype=tl.float32)
     weight = tl.zeros([BLOCK_T], dtype=tl.float32)
-    for t0 in range(0, length, BLOCK_T):
+    for t0 in range(lo, hi, BLOCK_T):
         rows = t0 + tl.arange(0, BLOCK_T)
-        row_ok = rows < length
+        row_ok = rows < hi
         if HAS_MASK:
             w = tl.load(mask_ptr + n.to(tl.int64) * stride_mb + rows, mask=row_ok, other=0).to(tl.float32)
         else:
@@ -54,11 +60,31 @@ def _mean_pool_fwd_kernel(
                     mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
         acc += tl.where(w[:, None] != 0, x * w[:, None], 0.0)  # padding never enters the sum, not even a NaN
         weight += w
-    count = tl.sum(weight, axis=0)
-    mean = tl.sum(acc, axis=0) / tl.maximum(count, 1.0)
+    part = split * num_seqs + n
+    tl.store(part_ptr + part.to(tl.int64) * DIM + cols, tl.sum(acc, axis=0), mask=col_ok)
+    tl.store(weight_ptr + part, tl.sum(weight, axis=0), mask=tl.program_id(1) == 0)
+
+
+@triton.jit
+def _mean_pool_finish_kernel(
+    part_ptr, weight_ptr, out_ptr, mean_ptr, count_ptr, DIM, SPLITS, stride_ob, eps,
+    NORMALIZE: tl.constexpr, SAVE_MEAN: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    """Grid ``(N,)``, ``BLOCK_H >= DIM``: ``out[n]`` = the splits' sums over their weight, L2-normalized if asked."""
+    n = tl.program_id(0)
+    num_seqs = tl.num_programs(0)
+    cols = tl.arange(0, BLOCK_H)
+    col_ok = cols < DIM
+    total = tl.zeros([BLOCK_H], dtype=tl.float32)
+    count = 0.0
+    for split in range(0, SPLITS):
+        part = split * num_seqs + n
+        total += tl.load(part_ptr + part.to(tl.int64) * DIM + cols, mask=col_ok, other=0.0)
+        count += tl.load(weight_ptr + part)
+    mean = total / tl.maximum(count, 1.0)
     if SAVE_MEAN:
         tl.store(mean_ptr + n * DIM + cols, mean, mask=col_ok)
-        tl.store(count_ptr + n, count, mask=tl.program_id(1) == 0)
+        tl.store(count_ptr + n, count)
     if NORMALIZE:
         norm = tl.sqrt(tl.sum(mean * mean, axis=0))
         mean = mean / tl.maximum(norm, eps)
@@ -108,8 +134,23 @@ def _mask_arg(mask: Optional[torch.Tensor], hidden: torch.Tensor):
     return mask.contiguous(), mask.stride(0)
 
 
-def mean_pool_forward(hidden, mask, cu_seqlens, dim: int, normalize: bool, eps: float, save_for_backward: bool):
-    """Returns ``(out [N, dim], mean fp32 [N, dim] or None, count fp32 [N] or None)``."""
+PROGRAMS_PER_SM = 8  # what the row splits of the forward aim for
+MIN_SPLIT_ROWS = 64
+
+
+def _rows_per_split(num_programs: int, max_len: int, block_t: int, device) -> int:
+    """Rows each program of the sum kernel covers: a whole sequence, unless its ``num_programs`` (sequences x
+    feature blocks) would leave SMs idle; then sequences are cut into splits of at least MIN_SPLIT_ROWS rows (a
+    whole number of BLOCK_T) until about PROGRAMS_PER_SM programs per SM run."""
+    sms = 2 if triton_interpreting() or device.type != "cuda" else sm_count(device.index)  # 2: tests split
+    splits = min(triton.cdiv(PROGRAMS_PER_SM * sms, max(num_programs, 1)), triton.cdiv(max_len, MIN_SPLIT_ROWS))
+    return max(block_t, triton.cdiv(triton.cdiv(max_len, max(splits, 1)), block_t) * block_t)
+
+
+def mean_pool_forward(hidden, mask, cu_seqlens, max_len: int, dim: int, normalize: bool, eps: float,
+                      save_for_backward: bool):
+    """Returns ``(out [N, dim], mean fp32 [N, dim] or None, count fp32 [N] or None)``; ``max_len`` is the longest
+    sequence."""
     N, L, stride_hb, stride_ht = sequence_layout(hidden, cu_seqlens)
     out = torch.empty(N, dim, dtype=hidden.dtype, device=hidden.device)
     mean = torch.empty(N, dim, dtype=torch.float32, device=hidden.device) if save_for_backward else out
@@ -118,14 +159,20 @@ def mean_pool_forward(hidden, mask, cu_seqlens, dim: int, normalize: bool, eps: 
         return out, (mean if save_for_backward else None), (count if save_for_backward else None)
     mask_t, stride_mb = _mask_arg(mask, hidden)
     cu = cu_seqlens if cu_seqlens is not None else hidden
-    # Without normalize, split the features over programs for parallelism; with it, one program owns a row.
-    block_h = triton.next_power_of_2(dim) if normalize else min(128, triton.next_power_of_2(dim))
+    block_h = min(128, triton.next_power_of_2(dim))
     block_t = max(1, min(32, 4096 // block_h))
-    grid = (N, triton.cdiv(dim, block_h))
-    _mean_pool_fwd_kernel[grid](
-        hidden, mask_t, cu, out, mean, count, L, dim, stride_hb, stride_ht, stride_mb, out.stride(0), eps,
-        IS_PACKED=cu_seqlens is not None, HAS_MASK=mask is not None, NORMALIZE=normalize,
-        SAVE_MEAN=save_for_backward, BLOCK_T=block_t, BLOCK_H=block_h, num_warps=4 if block_h <= 1024 else 8)
+    col_blocks = triton.cdiv(dim, block_h)
+    rows_per_split = _rows_per_split(N * col_blocks, max_len, block_t, hidden.device)
+    splits = max(1, triton.cdiv(max_len, rows_per_split))
+    part = torch.empty(splits, N, dim, dtype=torch.float32, device=hidden.device)
+    weight = torch.empty(splits, N, dtype=torch.float32, device=hidden.device)
+    _mean_pool_sum_kernel[(N, col_blocks, splits)](
+        hidden, mask_t, cu, part, weight, L, dim, rows_per_split, stride_hb, stride_ht, stride_mb,
+        IS_PACKED=cu_seqlens is not None, HAS_MASK=mask is not None, BLOCK_T=block_t, BLOCK_H=block_h, num_warps=4)
+    finish_h = triton.next_power_of_2(dim)
+    _mean_pool_finish_kernel[(N,)](
+        part, weight, out, mean, count, dim, splits, out.stride(0), eps, NORMALIZE=normalize,
+        SAVE_MEAN=save_for_backward, BLOCK_H=finish_h, num_warps=4 if finish_h <= 1024 else 8)
     if not save_for_backward:
         return out, None, None
     return out, mean, count
@@ -160,10 +207,10 @@ class _MeanPool(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, mask, varlen, dim, normalize, eps):
         cu_seqlens = None if varlen is None else varlen.cu_seqlens
-        out, mean, count = mean_pool_forward(hidden, mask, cu_seqlens, dim, normalize, eps,
+        max_len = hidden.shape[1] if varlen is None else varlen.max_seqlen
+        out, mean, count = mean_pool_forward(hidden, mask, cu_seqlens, max_len, dim, normalize, eps,
                                              save_for_backward=hidden.requires_grad)
         if hidden.requires_grad:
-            max_len = hidden.shape[1] if varlen is None else varlen.max_seqlen
             ctx.save_for_backward(mean, count, mask, cu_seqlens)
             ctx.meta = (hidden.shape, hidden.dtype, max_len, normalize, eps)
         return out
