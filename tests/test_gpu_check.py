@@ -67,6 +67,24 @@ def test_a_stage_over_its_limit_times_out_and_a_late_one_is_skipped(tmp_path):
     assert row["status"] == "skipped"
 
 
+def test_a_benchmark_cut_by_the_budget_does_not_fail_the_run(tmp_path, monkeypatch):
+    module = _load_script()
+    import time
+
+    monkeypatch.setattr(module, "MIN_STAGE_SECONDS", 1)
+    bench = module.Stage("bench", 50, [sys.executable, "-c", "import time; time.sleep(5)"], required=False)
+    row = module.run_stage(bench, tmp_path, time.monotonic() + 1.5)  # 1 s left: started, then cut
+    assert row["status"] == "cut at the budget after 1 s"
+    over = module.run_stage(module.Stage("over", 1, bench.command, required=False), tmp_path, time.monotonic() + 60)
+    required = module.run_stage(module.Stage("tests", 50, bench.command), tmp_path, time.monotonic() + 1.5)
+    work, out = tmp_path / "work", tmp_path / "out"
+    work.mkdir()
+    out.mkdir()
+    assert module.summarize([row], work, out, True, time.monotonic()) == 0
+    assert module.summarize([row, over], work, out, True, time.monotonic()) == 1  # over its own limit
+    assert module.summarize([required], work, out, True, time.monotonic()) == 1
+
+
 def test_a_skipped_gpu_test_fails_under_gpu_check():
     """conftest turns the skip of a test marked ``gpu`` into a failure when KALM_GPU_CHECK=1."""
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__)), "-k", "probe"]
@@ -86,13 +104,14 @@ if PROBE:  # only inside test_a_skipped_gpu_test_fails_under_gpu_check
 def test_an_on_request_stage_runs_only_when_named(tmp_path):
     module = _load_script()
     on_request = [s.name for s in module.stages(dry=True, workers=1) if s.on_request]
-    assert on_request == ["bench-attention-variants"]
+    assert on_request == ["bench-attention-variants", "bench-encode-budgets"]
     out = tmp_path / "out"
     env = {k: v for k, v in os.environ.items() if k not in ("OUT", "KALM_BENCH_OUT")}
     proc = subprocess.run([sys.executable, str(SCRIPT), "--dry", "--out", str(out), "--budget", "200", "--only",
-                           "env", "bench-attention-variants"], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=400)
+                           "env", "bench-attention-variants", "bench-encode-budgets"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     stages = json.loads((out / "summary.json").read_text())["stages"]
-    assert [s["stage"] for s in stages] == ["env", "bench-attention-variants"]
+    assert [s["stage"] for s in stages] == ["env", "bench-attention-variants", "bench-encode-budgets"]
     assert all(s["status"] == "ok" for s in stages), stages
+    assert "encode-budgets" in (out / "summary.md").read_text()
