@@ -246,15 +246,15 @@ def test_triton_gemm_backward_accumulates_at_any_gradient_scale(backend, scale, 
 def test_triton_gemm_backward_chunks(backend, gemm_backward, monkeypatch):
     """The chunks tile the candidate columns exactly, one tile of columns each at the smallest chunk size."""
     calls = []
-    monkeypatch.setattr(gemm_backward, "_bwd_grad_kernel", _Recorder(gemm_backward._bwd_grad_kernel, calls))
+    monkeypatch.setattr(gemm_backward, "_bwd_grad_tuned", _Recorder(gemm_backward._bwd_grad_tuned, calls))
     q, docs = _inputs(9, 3, 24)  # 36 candidate columns
     _loss_and_grads(focal_infonce, q, docs, temperature=0.05, backend=backend)
-    block_n = gemm_backward._meta(torch.float32, None, "grad")["BLOCK_N"]
-    assert [(c["c_lo"], c["N"]) for c in calls] == [(c0, min(c0 + block_n, 36)) for c0 in range(0, 36, block_n)]
+    tile = gemm_backward.MAX_TILE
+    assert [(c["c_lo"], c["N"]) for c in calls] == [(c0, min(c0 + tile, 36)) for c0 in range(0, 36, tile)]
 
 
 class _Recorder:
-    """Stands in for a Triton kernel: records each launch's scalar arguments, then launches the kernel."""
+    """Stands in for a Triton kernel: records each launch's arguments by name, then launches the kernel."""
 
     def __init__(self, kernel, calls):
         self.kernel, self.calls = kernel, calls

@@ -108,37 +108,42 @@ def mean_pool_specs() -> list:
                        "BLOCK_T": "constexpr", "BLOCK_H": "constexpr"},
             constexprs={"IS_PACKED": True, "HAS_MASK": False, "NORMALIZE": True, "BLOCK_T": 4, "BLOCK_H": 1024},
             num_warps=4, num_stages=2))
+    for spec in specs:  # contiguous rows of 16-byte multiples, as the encode shapes launch them
+        spec["attrs"] = _aligned(spec["fn"], spec["signature"])
     return specs
 
 
 def focal_infonce_specs() -> list:
-    """The four kernels at their GPU configs for bf16 (with and without the margin; fp16 compiles alike) and fp32."""
+    """Every kernel at every GPU config for bf16 (with and without the margin; fp16 compiles alike) and fp32."""
     specs = []
     for dtype, has_margin in (("bf16", False), ("bf16", True), ("fp32", False)):
         ptr, width = f"*{dtype}", "fp32" if dtype == "fp32" else "half"
         common = dict(Q=ptr, C=ptr, RQ="*fp32", RC="*fp32", SPOS="*fp32")
         ints = dict(B="i32", N="i32", D="i32", group="i32", stride_q="i32", stride_c="i32")
-        tag = f"{dtype}{'_margin' if has_margin else ''}"
         grads = dict(LSE="*fp32", GC="*fp32", GSCALE="*fp32")
-        for name, fn, extra, kernel in (("fwd", focal._fwd_kernel, dict(LSE="*fp32", NEG="*fp32"), "fwd"),
-                                        ("bwd_dq", focal._bwd_dq_kernel, dict(grads, DQ="*fp32"), "bwd"),
-                                        ("bwd_dc", focal._bwd_dc_kernel, dict(grads, DC="*fp32"), "bwd"),
-                                        ("bwd_grad", focal._bwd_grad_kernel, dict(LSE="*fp32", GC="*fp32", G=ptr),
-                                         "grad")):
-            bm, bn, bk, bdo, warps, stages = focal.CONFIGS[kernel, width]
-            constexprs = dict(HAS_MARGIN=has_margin, UPCAST=dtype == "fp32",
-                              PRECISION="ieee" if dtype == "fp32" else "tf32", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
-            signature = dict(common, **extra, **ints)
-            if name == "bwd_grad":
-                signature.update(stride_g="i32", c_lo="i32")
-            else:
-                signature["stride_dc" if name == "bwd_dc" else "cols_per_split"] = "i32"
-            if bdo is not None:
-                constexprs["BLOCK_DO"] = bdo
-            signature.update(scale_log2="fp32", margin="fp32")
-            signature.update({c: "constexpr" for c in constexprs})
-            specs.append(dict(module="focal_infonce", name=f"focal_infonce_{name}_{tag}", fn=fn, signature=signature,
-                              constexprs=constexprs, num_warps=warps, num_stages=stages))
+        fused = focal.FUSED_BWD_CONFIGS[width]
+        kernels = (("fwd", focal._fwd_kernel, dict(LSE="*fp32", NEG="*fp32"), dict(cols_per_split="i32"),
+                    focal.GPU_CONFIGS["fwd", width]),
+                   ("bwd_grad", focal._bwd_grad_kernel, dict(LSE="*fp32", GC="*fp32", G=ptr),
+                    dict(stride_g="i32", c_lo="i32"), focal.GPU_CONFIGS["grad", width]),
+                   ("bwd_dq", focal._bwd_dq_kernel, dict(grads, DQ="*fp32"), dict(cols_per_split="i32"), [fused]),
+                   ("bwd_dc", focal._bwd_dc_kernel, dict(grads, DC="*fp32"), dict(stride_dc="i32"), [fused]))
+        for name, fn, outputs, extra, configs in kernels:
+            signature = dict(common, **outputs, **ints, **extra, scale_log2="fp32", margin="fp32")
+            for config in configs:
+                bm, bn, bk = config[:3]
+                warps, stages = config[-2:]
+                constexprs = dict(HAS_MARGIN=has_margin, UPCAST=dtype == "fp32",
+                                  PRECISION="ieee" if dtype == "fp32" else "tf32", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
+                if len(config) == 6:
+                    constexprs["BLOCK_DO"] = config[3]
+                # the launches see D = 896 (a multiple of 16) and 16-byte aligned rows: the JIT specializes on them
+                attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a, t in signature.items()
+                         if t.startswith("*") or a.startswith("stride") or a == "D"}
+                tag = f"{dtype}{'_margin' if has_margin else ''}_{bm}x{bn}x{bk}w{warps}s{stages}"
+                specs.append(dict(module="focal_infonce", name=f"focal_infonce_{name}_{tag}", fn=fn,
+                                  signature=dict(signature, **{c: "constexpr" for c in constexprs}),
+                                  constexprs=constexprs, attrs=attrs, num_warps=warps, num_stages=stages))
     return specs
 
 

@@ -205,30 +205,61 @@ def _bwd_grad_kernel(Q, C, RQ, RC, SPOS, LSE, GC, G, B, N, D, group, stride_q, s
 # ----------------------------------------------------------------------------------------------------------
 # launch
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_DO, num_warps, num_stages) on a GPU, per kernel and input width (chosen to
-# compile without register spills for sm_80 and sm_90); the interpreter uses small tiles.
-CONFIGS = {
-    ("fwd", "half"): (128, 64, 32, None, 8, 2),
-    ("fwd", "fp32"): (64, 64, 16, None, 4, 1),
-    ("bwd", "half"): (32, 32, 32, 256, 8, 1),
-    ("bwd", "fp32"): (32, 32, 32, 128, 8, 1),
-    ("grad", "half"): (128, 64, 32, None, 8, 2),
-    ("grad", "fp32"): (64, 64, 16, None, 8, 1),
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) a GPU may run, per kernel and input width, each compiling for
+# sm_80 and sm_90 without register spills (tests/test_kernel_build.py). The forward and the gemm backward's gradient
+# kernel write only their outputs: they autotune among theirs (per D, margin and dtype). The fused backward's
+# kernels accumulate into theirs: one config each, with BLOCK_DO. The interpreter runs 16 x 16 x 16 tiles.
+GPU_CONFIGS = {
+    ("fwd", "half"): [(128, 64, 32, 8, 2), (128, 64, 64, 8, 3), (128, 64, 64, 8, 4), (128, 128, 64, 8, 3)],
+    ("fwd", "fp32"): [(64, 64, 16, 4, 1)],
+    ("grad", "half"): [(128, 64, 64, 8, 3), (128, 64, 64, 8, 4), (128, 128, 64, 8, 3), (128, 128, 32, 8, 3)],
+    ("grad", "fp32"): [(64, 64, 16, 8, 1)],
 }
-_INTERPRET_CFG = (16, 16, 16, 16, 4, 1)
+FUSED_BWD_CONFIGS = {"half": (32, 32, 32, 256, 8, 1), "fp32": (32, 32, 32, 128, 8, 1)}  # + BLOCK_DO
+_INTERPRET_BLOCK = 16
+# the largest tile side of any config: column splits and gradient chunks are whole multiples of it
+MAX_TILE = _INTERPRET_BLOCK if triton_interpreting() else 128
 
 
-def _meta(dtype, margin, kernel):
-    interp = triton_interpreting()
-    cfg = CONFIGS[kernel, "fp32" if dtype == torch.float32 else "half"]
-    bm, bn, bk, bdo, warps, stages = _INTERPRET_CFG if interp else cfg
-    meta = dict(HAS_MARGIN=margin is not None, UPCAST=dtype == torch.float32 or (interp and dtype == torch.bfloat16),
-                PRECISION="ieee" if dtype == torch.float32 else "tf32", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
-    if kernel == "bwd":
-        meta["BLOCK_DO"] = bdo
-    if not interp:
-        meta.update(num_warps=warps, num_stages=stages)
-    return meta
+def _width(precision: str) -> str:
+    return "fp32" if precision == "ieee" else "half"
+
+
+def _autotuned(kernel, fn):
+    if triton_interpreting():
+        configs = [triton.Config(dict(BLOCK_M=_INTERPRET_BLOCK, BLOCK_N=_INTERPRET_BLOCK, BLOCK_K=_INTERPRET_BLOCK))]
+    else:
+        configs = [triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk), num_warps=w, num_stages=st)
+                   for width in ("half", "fp32") for bm, bn, bk, w, st in GPU_CONFIGS[kernel, width]]
+
+    def prune(configs, named_args, **kwargs):
+        if triton_interpreting():
+            return configs
+        allowed = GPU_CONFIGS[kernel, _width(kwargs["PRECISION"])]
+        return [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps,
+                                       c.num_stages) in allowed]
+
+    return triton.autotune(configs, key=["D", "HAS_MARGIN"], prune_configs_by={"early_config_prune": prune})(fn)
+
+
+_fwd_tuned = _autotuned("fwd", _fwd_kernel)
+_bwd_grad_tuned = _autotuned("grad", _bwd_grad_kernel)
+
+
+def _flags(dtype, margin) -> dict:
+    """The kernels' constexpr flags for ``dtype`` inputs (bf16 dots are upcast in the interpreter)."""
+    return dict(HAS_MARGIN=margin is not None,
+                UPCAST=dtype == torch.float32 or (triton_interpreting() and dtype == torch.bfloat16),
+                PRECISION="ieee" if dtype == torch.float32 else "tf32")
+
+
+def _fused_bwd_meta(dtype, margin) -> dict:
+    meta = _flags(dtype, margin)
+    if triton_interpreting():
+        return dict(meta, BLOCK_M=_INTERPRET_BLOCK, BLOCK_N=_INTERPRET_BLOCK, BLOCK_K=_INTERPRET_BLOCK,
+                    BLOCK_DO=_INTERPRET_BLOCK)
+    bm, bn, bk, bdo, warps, stages = FUSED_BWD_CONFIGS[_width(meta["PRECISION"])]
+    return dict(meta, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_DO=bdo, num_warps=warps, num_stages=stages)
 
 
 def _sm_count(device) -> int:
@@ -246,14 +277,12 @@ class TritonEngine:
     @staticmethod
     def forward(q, flat, rq, rd, s_pos, inv_tau, margin, group):
         batch, n, d = q.shape[0], flat.shape[0], q.shape[1]
-        meta = _meta(q.dtype, margin, "fwd")
-        row_tiles = triton.cdiv(batch, meta["BLOCK_M"])
-        cols, splits = split_columns(n, meta["BLOCK_N"], row_tiles, _sm_count(q.device))
+        cols, splits = split_columns(n, MAX_TILE, triton.cdiv(batch, MAX_TILE), _sm_count(q.device))
         lse = torch.empty(splits, batch, dtype=torch.float32, device=q.device)
         neg = torch.empty_like(lse)
-        _fwd_kernel[(row_tiles, splits)](q, flat, rq, rd, s_pos, lse, neg, batch, n, d, group, q.stride(0),
-                                         flat.stride(0), cols, inv_tau * LOG2E, 0.0 if margin is None else margin,
-                                         **meta)
+        _fwd_tuned[lambda meta: (triton.cdiv(batch, meta["BLOCK_M"]), splits)](
+            q, flat, rq, rd, s_pos, lse, neg, batch, n, d, group, q.stride(0), flat.stride(0), cols, inv_tau * LOG2E,
+            0.0 if margin is None else margin, **_flags(q.dtype, margin))
         return torch.logsumexp(lse, dim=0), neg.amax(dim=0)
 
     @staticmethod
@@ -269,7 +298,7 @@ class TritonEngine:
 
 def _backward_fused(q, flat, rq, rd, s_pos, lse, gc, g_scale, scale_log2, margin, group, dq, dd):
     batch, n, d = q.shape[0], flat.shape[0], q.shape[1]
-    meta = _meta(q.dtype, margin, "bwd")
+    meta = _fused_bwd_meta(q.dtype, margin)
     args = (batch, n, d, group, q.stride(0), flat.stride(0))
     row_tiles, chunks = triton.cdiv(batch, meta["BLOCK_M"]), triton.cdiv(d, meta["BLOCK_DO"])
     cols, splits = split_columns(n, meta["BLOCK_N"], row_tiles * chunks, _sm_count(q.device))
@@ -284,17 +313,16 @@ def _backward_fused(q, flat, rq, rd, s_pos, lse, gc, g_scale, scale_log2, margin
 
 def _backward_gemm(q, flat, rq, rd, s_pos, lse, gc, g_scale, scale_log2, margin, group, dq, dd):
     batch, n, d = q.shape[0], flat.shape[0], q.shape[1]
-    meta = _meta(q.dtype, margin, "grad")
-    block_n = meta["BLOCK_N"]
-    chunk = min(n, max(block_n, GRAD_CHUNK_BYTES // (batch * q.element_size()) // block_n * block_n))
+    chunk = min(n, max(MAX_TILE, GRAD_CHUNK_BYTES // (batch * q.element_size()) // MAX_TILE * MAX_TILE))
     grad = torch.empty(batch, chunk, dtype=q.dtype, device=q.device)
     q_unit = _scale_rows(q, rq)
+    flags = _flags(q.dtype, margin)
     for c0 in range(0, n, chunk):
         c1 = min(c0 + chunk, n)
         g = grad[:, :c1 - c0]
-        grid = (triton.cdiv(batch, meta["BLOCK_M"]), triton.cdiv(c1 - c0, block_n))
-        _bwd_grad_kernel[grid](q, flat, rq, rd, s_pos, lse, gc, g, batch, c1, d, group, q.stride(0), flat.stride(0),
-                               g.stride(0), c0, scale_log2, 0.0 if margin is None else margin, **meta)
+        _bwd_grad_tuned[lambda meta: (triton.cdiv(batch, meta["BLOCK_M"]), triton.cdiv(c1 - c0, meta["BLOCK_N"]))](
+            q, flat, rq, rd, s_pos, lse, gc, g, batch, c1, d, group, q.stride(0), flat.stride(0), g.stride(0), c0,
+            scale_log2, 0.0 if margin is None else margin, **flags)
         dq += _matmul_fp32(g, _scale_rows(flat[c0:c1], rd[c0:c1])).mul_(g_scale)
         dd[c0:c1] += _matmul_fp32(g.T, q_unit).mul_(g_scale)
 
