@@ -13,9 +13,9 @@ stage that no longer fits is skipped and reported. Stages, in order:
 - ``tests``: every test marked ``gpu`` (``pytest -m gpu``), compiled (``TRITON_INTERPRET=0``), in parallel workers
   (Triton compiles single-threaded per process), with ``KALM_GPU_CHECK=1``: a skipped GPU test is a failure;
 - ``bench-*``: the Hopper speed targets in quick modes, each against its baseline in the same run: attention (D=128,
-  L 2k-16k; fp32; the packed KaLM shape), the Qwen2-0.5B-shaped encode against sentence-transformers, pooling
-  against a device copy, the loss at B=32k against the reference, a GradCache training step against
-  sentence-transformers' CachedMultipleNegativesRankingLoss step;
+  L 2k-16k; fp32; the packed KaLM shape), the Qwen2-0.5B-shaped encode against sentence-transformers (and the
+  top ops of each by GPU time, ``--profile``), pooling against a device copy, the loss at B=32k against the
+  reference, a GradCache training step against sentence-transformers' CachedMultipleNegativesRankingLoss step;
 - on request only (``--only build bench-attention-variants bench-encode-budgets``): the triton attention's variants,
   ``benchmarks.attention --preset variants``; the encode at token budgets 16k / 32k / 64k;
 - ``pack``: ``OUT/summary.md`` (read it first), ``OUT/summary.json`` and ``OUT/gpu-check.tar.gz`` (every log, JUnit
@@ -75,7 +75,7 @@ def stages(dry: bool, workers: int) -> list:
         Stage("build", 300, [py, __file__, "--build", *(["--dry"] if dry else [])]),
         Stage("tests", 260, test_cmd, env=dict(KALM_GPU_CHECK="0" if dry else "1")),
         Stage("bench-attention", 120, [py, "-m", "benchmarks.attention", "--preset", bench], required=False),
-        Stage("bench-encode", 120, encode, required=False),
+        Stage("bench-encode", 120, [*encode, "--profile"], required=False),  # + where the time goes
         Stage("bench-mean-pool", 45, [py, "-m", "benchmarks.mean_pool", "--preset", bench], required=False),
         Stage("bench-contrastive", 90, [py, "-m", "benchmarks.contrastive", "--preset", bench], required=False),
         Stage("bench-train-step", 120, train, required=False),

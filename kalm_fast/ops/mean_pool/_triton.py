@@ -83,7 +83,7 @@ def _mean_pool_finish_kernel(
         count += tl.load(weight_ptr + part)
     mean = total / tl.maximum(count, 1.0)
     if SAVE_MEAN:
-        tl.store(mean_ptr + n * DIM + cols, mean, mask=col_ok)
+        tl.store(mean_ptr + n.to(tl.int64) * DIM + cols, mean, mask=col_ok)
         tl.store(count_ptr + n, count)
     if NORMALIZE:
         norm = tl.sqrt(tl.sum(mean * mean, axis=0))
@@ -107,7 +107,7 @@ def _mean_pool_bwd_kernel(
     keep = cols < DIM
     g = tl.load(grad_out_ptr + n.to(tl.int64) * stride_gb + cols, mask=keep, other=0.0).to(tl.float32)
     if NORMALIZE:
-        e = tl.load(mean_ptr + n * DIM + cols, mask=keep, other=0.0)
+        e = tl.load(mean_ptr + n.to(tl.int64) * DIM + cols, mask=keep, other=0.0)
         norm = tl.sqrt(tl.sum(e * e, axis=0))
         if norm > eps:
             y = e / norm
