@@ -183,6 +183,56 @@ def test_other_attention_backends_go_through_flash_attention(model_dirs, monkeyp
     torch.testing.assert_close(got, _eager_bidirectional(model_dirs["qwen3"], ids), atol=1e-4, rtol=1e-4)
 
 
+def test_packed_decoder_setting(model_dirs, monkeypatch):
+    """KALM_PACKED_DECODER picks the devices of the fast path: CPU by default, also CUDA with "all"."""
+    monkeypatch.delenv("KALM_PACKED_DECODER", raising=False)
+    assert decoder_packed.runs_on(torch.device("cpu")) and not decoder_packed.runs_on(torch.device("cuda"))
+    monkeypatch.setenv("KALM_PACKED_DECODER", "all")
+    assert decoder_packed.runs_on(torch.device("cpu")) and decoder_packed.runs_on(torch.device("cuda"))
+    monkeypatch.setenv("KALM_PACKED_DECODER", "gpu")
+    with pytest.raises(ValueError, match="KALM_PACKED_DECODER must be one of"):
+        decoder_packed.runs_on(torch.device("cpu"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["qwen2-gqa14", "llama", "qwen3"])
+def test_fast_path_on_gpu_matches_eager(model_dirs, monkeypatch, kind, dtype):
+    """With KALM_PACKED_DECODER=all the fast path runs on the GPU (addmm linears, ops.flash_attention) and equals
+    the eager oracle (fp32), or stays within bf16 rounding of it, as the encoder's output too."""
+    monkeypatch.setenv("KALM_PACKED_DECODER", "all")
+    model = EmbeddingModel.from_pretrained(model_dirs[kind], device="cuda", dtype=dtype)
+    calls = []
+    fast_call = decoder_packed.PackedDecoder.__call__
+    monkeypatch.setattr(decoder_packed.PackedDecoder, "__call__",
+                        lambda self, *args: calls.append(1) or fast_call(self, *args))
+    ids = model.token_ids(TEXTS)
+    with torch.no_grad():
+        got = model.token_embeddings(model.pack(ids)).float().cpu()
+    assert calls == [1] and _branch(model) is False
+    want = _eager_bidirectional(model_dirs[kind], ids)
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    else:
+        assert F.cosine_similarity(got, want).min() > 0.999
+
+
+def test_encode_benchmark_times_the_packed_decoder_under_its_setting(model_dirs, monkeypatch):
+    """benchmarks.encode's "(packed decoder)" row encodes with KALM_PACKED_DECODER=all, restored afterwards."""
+    from benchmarks.encode import with_packed_decoder
+    from kalm_fast.encode import Encoder
+
+    monkeypatch.delenv("KALM_PACKED_DECODER", raising=False)
+    encoder = Encoder(model_dirs["qwen2"], device="cpu")
+    seen = []
+    runs_on = decoder_packed.runs_on
+    monkeypatch.setattr(decoder_packed, "runs_on",
+                        lambda device: seen.append(os.environ.get("KALM_PACKED_DECODER")) or runs_on(device))
+    out = with_packed_decoder(encoder, None)(["hello", "a longer text"])
+    assert len(out) == 2 and seen and set(seen) == {"all"} and "KALM_PACKED_DECODER" not in os.environ
+
+
 def test_all_empty_batch(model_dirs):
     model = EmbeddingModel.from_pretrained(model_dirs["qwen2"], device="cpu")
     with torch.no_grad():

@@ -1,5 +1,8 @@
 """Inference fast path for decoder LLMs made bidirectional (Qwen2, Qwen3, Llama, Mistral) on packed tokens.
 
+``EmbeddingModel`` takes it on CPU; on a GPU too with ``KALM_PACKED_DECODER=all`` (``runs_on``), until a GPU run
+shows it faster there than transformers' modules (``python -m benchmarks.encode`` times both on a GPU).
+
 The transformers module's own weights, token embedding and rotary embedding are reused; what changes is the
 execution. Every linear layer runs on the packed ``[T, H]`` tokens (no padding FLOPs); Q/K/V are one GEMM; the
 residual adds are fused into the output and down projections. On CPU the linear layers go through oneDNN with
@@ -13,6 +16,8 @@ Used without autograd only; training goes through the transformers modules and t
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
@@ -20,6 +25,15 @@ from .. import ops
 from .bert_packed import MATMUL_ATTENTION_MAX_LEN, equal_length_runs, layer_weights, onednn_linear_available
 
 FAMILIES = ("qwen2", "qwen3", "llama", "mistral")
+SETTINGS = {"cpu": ("cpu",), "all": ("cpu", "cuda")}  # KALM_PACKED_DECODER: the device types that take the path
+
+
+def runs_on(device: torch.device) -> bool:
+    """Whether inference on ``device`` takes this fast path: ``KALM_PACKED_DECODER`` (``cpu`` when unset)."""
+    setting = os.environ.get("KALM_PACKED_DECODER", "cpu")
+    if setting not in SETTINGS:
+        raise ValueError(f"KALM_PACKED_DECODER must be one of {tuple(SETTINGS)}, got {setting!r}")
+    return device.type in SETTINGS[setting]
 
 
 def supports(model) -> bool:

@@ -62,7 +62,7 @@ class EmbeddingModel(nn.Module):
     (a dict of ``input_ids [B, L]`` and ``attention_mask [B, L]``) is packed first. ``embed(texts)`` is the batching
     loop of inference (token budget, longest first, order restored) that ``Encoder``, evaluation and hard-negative
     mining share. In eval mode without autograd, BERT-family models take the packed fast path (``bert_packed``),
-    decoder LLMs on CPU theirs (``decoder_packed``).
+    decoder LLMs on CPU theirs (``decoder_packed``; on a GPU too with ``KALM_PACKED_DECODER=all``).
     """
 
     def __init__(self, model: nn.Module, tokenizer, *, max_length: int = 512, prompts: Optional[dict] = None,
@@ -156,7 +156,7 @@ class EmbeddingModel(nn.Module):
         inference = not self.training and not torch.is_grad_enabled()
         if self._packed_bert is not None and inference:
             return self._packed_bert(batch)
-        if self._packed_decoder is not None and inference and batch.input_ids.device.type == "cpu":
+        if self._packed_decoder is not None and inference and decoder_packed.runs_on(batch.input_ids.device):
             return self._packed_decoder(batch)
         out = self.model(input_ids=batch.input_ids[None], position_ids=batch.position_ids[None],
                          kalm_varlen=batch.varlen, use_cache=False)
