@@ -1,17 +1,17 @@
 """Inference fast path for decoder LLMs made bidirectional (Qwen2, Qwen3, Llama, Mistral) on packed tokens.
 
-``EmbeddingModel`` takes it on CPU; on a GPU too with ``KALM_PACKED_DECODER=all`` (``runs_on``), until a GPU run
-shows it faster there than transformers' modules (``python -m benchmarks.encode`` times both on a GPU).
+``EmbeddingModel`` takes it on CPU, and on a GPU with ``KALM_PACKED_DECODER=all`` (``runs_on``; off there by
+default until a GPU run shows it faster than transformers' modules: ``python -m benchmarks.encode`` times both).
 
 The transformers module's own weights, token embedding and rotary embedding are reused; what changes is the
-execution. Every linear layer runs on the packed ``[T, H]`` tokens (no padding FLOPs); Q/K/V are one GEMM; the
-residual adds are fused into the output and down projections. On CPU the linear layers go through oneDNN with
-weights packed once into its blocked layout (fp32, and bf16 where the CPU has it), the SiLU fused into the gate
-projection and the multiply into the up projection, so the ``[T, intermediate]`` activations are written once;
-``addmm`` / ``F.linear`` is the fallback where oneDNN is missing. RMSNorm is ``F.rms_norm``, RoPE is applied in
-place on Q and K. Attention is bidirectional: per run of equal-length sequences on CPU with the "auto" / "torch"
-backends (zero-copy views of K and V, the query heads of one key/value head stacked so that GQA needs no repeated
-K/V), otherwise ``ops.flash_attention`` (varlen) with the model's attention backend.
+execution. Every linear layer runs on the packed ``[T, H]`` tokens (no padding FLOPs); Q/K/V are one GEMM (gate/up
+too, off oneDNN); the residual adds are fused into the output and down projections. On CPU the linear layers go
+through oneDNN with weights packed once into its blocked layout (fp32, and bf16 where the CPU has it), the SiLU fused
+into the gate projection and the multiply into the up projection, so the ``[T, intermediate]`` activations are
+written once; ``addmm`` / ``F.linear`` is the fallback where oneDNN is missing. RMSNorm is ``F.rms_norm``, RoPE is
+applied in place on Q and K. Attention is bidirectional: per run of equal-length sequences on CPU with the "auto" /
+"torch" backends (zero-copy views of K and V, the query heads of one key/value head stacked so that GQA needs no
+repeated K/V), otherwise ``ops.flash_attention`` (varlen) with the model's attention backend.
 Used without autograd only; training goes through the transformers modules and the registered attention function.
 """
 from __future__ import annotations
@@ -63,13 +63,16 @@ def _linear(x, weight, bias, packed: bool, add=None):
     return y if bias is None else y.add_(bias)
 
 
-def _gated_mlp_input(x, gate, up, packed: bool):
-    """``silu(x @ Wg.T + bg) * (x @ Wu.T + bu)``: ``x [T, H]`` -> ``[T, I]``; ``gate`` / ``up`` are (weight, bias)."""
-    (w_gate, b_gate), (w_up, b_up) = gate, up
+def _gated_mlp_input(x, weights, packed: bool):
+    """``silu(x @ Wg.T + bg) * (x @ Wu.T + bu)``: ``x [T, H]`` -> ``[T, I]``. ``weights``: the gate's and the up
+    projection's (weight, bias) when ``packed``, else their concatenation (one GEMM)."""
     if packed:  # SiLU and multiply as oneDNN post-ops: no extra pass over [T, I]
+        (w_gate, b_gate), (w_up, b_up) = weights
         g = torch.ops.mkldnn._linear_pointwise(x, w_gate, b_gate, "swish", [], "")
         return torch.ops.mkldnn._linear_pointwise(x, g, w_up, b_up, "mul")
-    return F.silu(F.linear(x, w_gate, b_gate), inplace=True).mul_(F.linear(x, w_up, b_up))
+    ((w_gate_up, b_gate_up),) = weights
+    gate, up = F.linear(x, w_gate_up, b_gate_up).chunk(2, dim=1)
+    return F.silu(gate, inplace=True).mul_(up)  # [T, I] view with row stride 2I
 
 
 def _rope_(x, cos, sin):
@@ -118,11 +121,13 @@ class PackedDecoder:
         self._weights = {}
 
     def _layer_weights(self, layer, x) -> tuple:
-        """``(packed, [(weight, bias)] * 5)``: the layer's QKV (one GEMM), output, gate, up and down projections."""
+        """``(packed, [(weight, bias)])``: the layer's QKV (one GEMM), output, MLP input (gate and up for oneDNN's
+        post-ops when ``packed``, else one gate-up GEMM) and down projections."""
         attn, mlp = layer.self_attn, layer.mlp
+        packed = self.onednn and x.device.type == "cpu" and onednn_linear_available(x.dtype)
+        mlp_input = [(mlp.gate_proj,), (mlp.up_proj,)] if packed else [(mlp.gate_proj, mlp.up_proj)]
         return layer_weights(self._weights, layer, [(attn.q_proj, attn.k_proj, attn.v_proj), (attn.o_proj,),
-                                                    (mlp.gate_proj,), (mlp.up_proj,), (mlp.down_proj,)],
-                             self.onednn and x.device.type == "cpu" and onednn_linear_available(x.dtype))
+                                                    *mlp_input, (mlp.down_proj,)], packed)
 
     def __call__(self, batch):
         model = self.model
@@ -138,7 +143,7 @@ class PackedDecoder:
         hidden = x.shape[1]
         for layer in model.layers:
             attn = layer.self_attn
-            packed, (qkv_w, o_w, gate_w, up_w, down_w) = self._layer_weights(layer, x)
+            packed, (qkv_w, o_w, *mlp_input_w, down_w) = self._layer_weights(layer, x)
             norm = layer.input_layernorm
             h = F.rms_norm(x, (hidden,), norm.weight, norm.variance_epsilon)
             qkv = _linear(h, *qkv_w, packed)
@@ -158,5 +163,5 @@ class PackedDecoder:
             x = _linear(ctx, *o_w, packed, add=x)
             norm = layer.post_attention_layernorm
             h = F.rms_norm(x, (hidden,), norm.weight, norm.variance_epsilon)
-            x = _linear(_gated_mlp_input(h, gate_w, up_w, packed), *down_w, packed, add=x)
+            x = _linear(_gated_mlp_input(h, mlp_input_w, packed), *down_w, packed, add=x)
         return F.rms_norm(x, (hidden,), model.norm.weight, model.norm.variance_epsilon)
