@@ -126,12 +126,19 @@ def test_fast_path_bf16_close_to_eager_fp32(model_dirs, kind):
     assert F.cosine_similarity(got.float(), want).min() > 0.999
 
 
-def test_encoder_and_forward_take_the_fast_path_only_for_inference(model_dirs, monkeypatch):
-    model = EmbeddingModel.from_pretrained(model_dirs["qwen2"], device="cpu")
+@pytest.fixture
+def fast_path_calls(monkeypatch) -> list:
+    """A list that gets one item per call of the fast path."""
     calls = []
     fast_call = decoder_packed.PackedDecoder.__call__
     monkeypatch.setattr(decoder_packed.PackedDecoder, "__call__",
                         lambda self, *args: calls.append(1) or fast_call(self, *args))
+    return calls
+
+
+def test_encoder_and_forward_take_the_fast_path_only_for_inference(model_dirs, fast_path_calls):
+    model = EmbeddingModel.from_pretrained(model_dirs["qwen2"], device="cpu")
+    calls = fast_path_calls
     batch = model.tokenize(TEXTS)
     with torch.no_grad():
         fast = model(batch)
@@ -198,19 +205,15 @@ def test_packed_decoder_setting(model_dirs, monkeypatch):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("kind", ["qwen2-gqa14", "llama", "qwen3"])
-def test_fast_path_on_gpu_matches_eager(model_dirs, monkeypatch, kind, dtype):
+def test_fast_path_on_gpu_matches_eager(model_dirs, monkeypatch, fast_path_calls, kind, dtype):
     """With KALM_PACKED_DECODER=all the fast path runs on the GPU (addmm linears, ops.flash_attention) and equals
-    the eager oracle (fp32), or stays within bf16 rounding of it, as the encoder's output too."""
+    the eager oracle (fp32), or stays within bf16 rounding of it."""
     monkeypatch.setenv("KALM_PACKED_DECODER", "all")
     model = EmbeddingModel.from_pretrained(model_dirs[kind], device="cuda", dtype=dtype)
-    calls = []
-    fast_call = decoder_packed.PackedDecoder.__call__
-    monkeypatch.setattr(decoder_packed.PackedDecoder, "__call__",
-                        lambda self, *args: calls.append(1) or fast_call(self, *args))
     ids = model.token_ids(TEXTS)
     with torch.no_grad():
         got = model.token_embeddings(model.pack(ids)).float().cpu()
-    assert calls == [1] and _branch(model) is False
+    assert fast_path_calls == [1] and _branch(model) is False
     want = _eager_bidirectional(model_dirs[kind], ids)
     if dtype == torch.float32:
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)

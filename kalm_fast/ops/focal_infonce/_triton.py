@@ -109,6 +109,22 @@ def _grad_tile(s, keep, is_pos, lse_log2, gc, scale_log2):
 
 
 @triton.jit
+def _rows_grad_tile(Q, C, RQ, SPOS, LSE, GC, rc, rows, cols, row_ok, col_ok, D, group, stride_q, stride_c, scale_log2,
+                    margin, HAS_MARGIN: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``(dL/ds [BLOCK_M, BLOCK_N], rq [BLOCK_M])`` of query ``rows`` x candidate ``cols``: the score tile recomputed
+    with the rows' inverse norms, positives' scores, log-sum-exps and ``gc`` loaded here."""
+    rq = tl.load(RQ + rows, mask=row_ok, other=0.0)
+    s_pos = tl.load(SPOS + rows, mask=row_ok, other=0.0)
+    lse_log2 = tl.load(LSE + rows, mask=row_ok, other=0.0) * _LOG2E
+    gc = tl.load(GC + rows, mask=row_ok, other=0.0)
+    s = _score_tile(Q, C, rq, rc, rows, cols, row_ok, col_ok, D, stride_q, stride_c,
+                    BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, PRECISION)
+    keep, is_pos = _keep_mask(s, rows, cols, col_ok, s_pos, margin, group, HAS_MARGIN)
+    return _grad_tile(s, keep, is_pos, lse_log2, gc, scale_log2), rq
+
+
+@triton.jit
 def _dot_scaled(g, x, r, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     """``acc + g @ (x * r[:, None])``: the rows of x scaled to unit norm (cosine) before any rounding to 16 bits,
     and ``g`` (normalized by the caller to |g| <= 1), so that no product underflows fp16."""
@@ -164,14 +180,8 @@ def _bwd_dc_kernel(Q, C, RQ, RC, SPOS, LSE, GC, GSCALE, DC, B, N, D, group, stri
     for r0 in range(0, B, BLOCK_M):
         rows = r0 + tl.arange(0, BLOCK_M)
         row_ok = rows < B
-        rq = tl.load(RQ + rows, mask=row_ok, other=0.0)
-        s_pos = tl.load(SPOS + rows, mask=row_ok, other=0.0)
-        lse_log2 = tl.load(LSE + rows, mask=row_ok, other=0.0) * _LOG2E
-        gc = tl.load(GC + rows, mask=row_ok, other=0.0)
-        s = _score_tile(Q, C, rq, rc, rows, cols, row_ok, col_ok, D, stride_q, stride_c,
-                        BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, PRECISION)
-        keep, is_pos = _keep_mask(s, rows, cols, col_ok, s_pos, margin, group, HAS_MARGIN)
-        g = _grad_tile(s, keep, is_pos, lse_log2, gc, scale_log2)
+        g, rq = _rows_grad_tile(Q, C, RQ, SPOS, LSE, GC, rc, rows, cols, row_ok, col_ok, D, group, stride_q,
+                                stride_c, scale_log2, margin, HAS_MARGIN, UPCAST, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
         u = tl.load(Q + rows.to(tl.int64)[:, None] * stride_q + dcols[None, :],
                     mask=row_ok[:, None] & d_ok[None, :], other=0.0)
         acc = _dot_scaled(tl.trans(g), u, rq, acc, UPCAST, PRECISION)
@@ -189,15 +199,9 @@ def _bwd_grad_kernel(Q, C, RQ, RC, SPOS, LSE, GC, G, B, N, D, group, stride_q, s
     rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < B
     col_ok = cols < N
-    rq = tl.load(RQ + rows, mask=row_ok, other=0.0)
     rc = tl.load(RC + cols, mask=col_ok, other=0.0)
-    s_pos = tl.load(SPOS + rows, mask=row_ok, other=0.0)
-    lse_log2 = tl.load(LSE + rows, mask=row_ok, other=0.0) * _LOG2E
-    gc = tl.load(GC + rows, mask=row_ok, other=0.0)
-    s = _score_tile(Q, C, rq, rc, rows, cols, row_ok, col_ok, D, stride_q, stride_c,
-                    BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, PRECISION)
-    keep, is_pos = _keep_mask(s, rows, cols, col_ok, s_pos, margin, group, HAS_MARGIN)
-    g = _grad_tile(s, keep, is_pos, lse_log2, gc, scale_log2)
+    g, _ = _rows_grad_tile(Q, C, RQ, SPOS, LSE, GC, rc, rows, cols, row_ok, col_ok, D, group, stride_q, stride_c,
+                           scale_log2, margin, HAS_MARGIN, UPCAST, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
     out = G + rows.to(tl.int64)[:, None] * stride_g + (cols - c_lo)[None, :]
     tl.store(out, g.to(G.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
