@@ -21,6 +21,9 @@ stage that no longer fits is skipped and reported. Stages, in order:
 - ``pack``: ``OUT/summary.md`` (read it first), ``OUT/summary.json`` and ``OUT/gpu-check.tar.gz`` (every log, JUnit
   XML and benchmark JSON/MD; the benchmark files are named ``<name>-<device>.*`` for ``benchmarks/results/``).
 
+Back on the CPU machine, ``python3 .ci/gpu_check.py --import-results DIR`` copies the GPU reports and the summary of
+a returned ``OUT`` folder into ``benchmarks/results/``.
+
 The exit code is 0 only when the build has CUDA, no test failed and no stage failed or timed out; benchmark stages
 skipped or cut short for lack of budget are listed but do not fail the run. ``--dry`` runs the same stages on the
 CPU: the build and ``gpu`` tests are only collected, the benchmarks run their ``dry`` presets; ``make test`` runs it,
@@ -189,6 +192,28 @@ def summarize(rows: list, work: Path, out: Path, dry: bool, started: float) -> i
     return 0 if not failed else 1
 
 
+def import_results(folder: Path, results: Path = ROOT / "benchmarks" / "results") -> int:
+    """Copy a GPU run's benchmark reports (``bench/<name>-<device>.json|md|png`` of its tarball, not the CPU ones
+    of a dry run) and its ``summary.md`` (as ``gpu-check-summary.md``) into ``results``, to be committed."""
+    tarball = folder / "gpu-check.tar.gz"
+    if not tarball.is_file():
+        print(f"no gpu-check.tar.gz in {folder}")
+        return 1
+    copied = []
+    with tarfile.open(tarball) as tar:
+        for member in tar.getmembers():
+            path = Path(member.name)
+            if (member.isfile() and path.parent.name == "bench" and path.suffix in (".json", ".md", ".png")
+                    and not path.stem.endswith("-cpu")):
+                (results / path.name).write_bytes(tar.extractfile(member).read())
+                copied.append(path.name)
+    if (folder / "summary.md").is_file():
+        shutil.copyfile(folder / "summary.md", results / "gpu-check-summary.md")
+        copied.append("gpu-check-summary.md")
+    print(f"copied into {results}: {', '.join(sorted(copied)) or 'nothing'}")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=os.environ.get("OUT") or str(ROOT / "build" / "gpu-check"),
@@ -197,9 +222,13 @@ def main(argv=None) -> int:
     parser.add_argument("--budget", type=int, default=470, help="seconds the whole run may take")
     parser.add_argument("--workers", type=int, default=min(12, os.cpu_count() or 1), help="pytest workers")
     parser.add_argument("--only", nargs="*", default=None, help="run only these stages (and pack)")
+    parser.add_argument("--import-results", metavar="DIR", type=Path,
+                        help="copy the GPU reports and summary of a run's output folder into benchmarks/results")
     parser.add_argument("--env", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--build", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.import_results:
+        return import_results(args.import_results)
     if args.env:
         return report_env()
     if args.build:

@@ -115,3 +115,26 @@ def test_an_on_request_stage_runs_only_when_named(tmp_path):
     assert [s["stage"] for s in stages] == ["env", "bench-attention-variants", "bench-encode-budgets"]
     assert all(s["status"] == "ok" for s in stages), stages
     assert "encode-budgets" in (out / "summary.md").read_text()
+
+
+def test_import_results_copies_only_the_gpu_reports(tmp_path):
+    import io
+    import tarfile
+
+    module = _load_script()
+    run, results = tmp_path / "out", tmp_path / "results"
+    run.mkdir()
+    results.mkdir()
+    with tarfile.open(run / "gpu-check.tar.gz", "w:gz") as tar:
+        for name in ("gpu-check/bench/attention-nvidia-h200.json", "gpu-check/bench/attention-nvidia-h200.md",
+                     "gpu-check/bench/mean_pool-cpu.md", "gpu-check/tests.log"):
+            info = tarfile.TarInfo(name)
+            info.size = len(name)
+            tar.addfile(info, io.BytesIO(name.encode()))
+    (run / "summary.md").write_text("# make gpu-check: PASSED")
+    assert module.import_results(run, results) == 0
+    assert sorted(p.name for p in results.iterdir()) == ["attention-nvidia-h200.json", "attention-nvidia-h200.md",
+                                                         "gpu-check-summary.md"]
+    assert (results / "attention-nvidia-h200.md").read_text() == "gpu-check/bench/attention-nvidia-h200.md"
+    assert module.import_results(tmp_path / "missing", results) == 1
+
