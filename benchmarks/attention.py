@@ -4,7 +4,8 @@
    head dims 64 and 128, bf16 on GPU. FLOPs: 4 * L^2 * D * H per sequence forward (half when causal),
    2.5x that backward.
 2. A realistic embedding batch: 64k tokens (8k on CPU) packed from a long-tailed length mix (most texts 20-60
-   tokens, some 512), Qwen2-0.5B heads (14 query / 2 key-value, D = 64): packed vs padded SDPA, tokens/s.
+   tokens, some 512), Qwen2-0.5B heads (14 query / 2 key-value, D = 64): packed vs padded SDPA, tokens/s; on a GPU
+   also torch's ``varlen_attn`` (FlashAttention-2's varlen kernel, torch 2.9+) and flash-attn's when installed.
 
     python -m benchmarks.attention                       # full sweep on GPU, small one on CPU
     python -m benchmarks.attention --preset quick        # a couple of shapes
@@ -38,6 +39,10 @@ try:  # optional peer: FlashAttention-2's varlen kernel
     from flash_attn import flash_attn_varlen_func
 except Exception:  # noqa: BLE001 - any import failure means "not available"
     flash_attn_varlen_func = None
+try:  # optional peer: torch's own varlen attention (FlashAttention-2's kernel inside torch, 2.9+)
+    from torch.nn.attention.varlen import varlen_attn
+except Exception:  # noqa: BLE001
+    varlen_attn = None
 
 
 def _ours(backend):
@@ -168,6 +173,8 @@ def realistic_batch(device, dtype, total, repeats, variants=False):
     if flash_attn_varlen_func is not None and device == "cuda" and dtype != torch.float32:
         cu = varlen.cu_seqlens
         cases["packed flash_attn2"] = lambda: flash_attn_varlen_func(q, k, v, cu, cu, L, L)
+    if varlen_attn is not None and device == "cuda" and dtype != torch.float32:
+        cases.update(_torch_varlen_case(q, k, v, varlen.cu_seqlens, L))
     rows, base = [], None
     for name, fn in cases.items():
         with torch.no_grad(), _variant(name.removeprefix("packed ")):
@@ -176,6 +183,18 @@ def realistic_batch(device, dtype, total, repeats, variants=False):
         rows.append({"impl": name, "sequences": B, "tokens": T, "padded tokens": B * L, "ms": ms,
                      "tokens/s": T / (ms * 1e-3), "x padded sdpa": base / ms})
     return rows
+
+
+def _torch_varlen_case(q, k, v, cu, max_len) -> dict:
+    """``torch.nn.attention.varlen.varlen_attn`` on the packed batch: with ``enable_gqa`` where this torch has it,
+    else on K/V heads repeated for every query head (before the timing)."""
+    import inspect
+
+    if "enable_gqa" in inspect.signature(varlen_attn).parameters:
+        return {"packed torch varlen_attn": lambda: varlen_attn(q, k, v, cu, cu, max_len, max_len, enable_gqa=True)}
+    group = q.shape[1] // k.shape[1]
+    kr, vr = (x.repeat_interleave(group, dim=1) for x in (k, v))
+    return {"packed torch varlen_attn (K/V repeated)": lambda: varlen_attn(q, kr, vr, cu, cu, max_len, max_len)}
 
 
 # Kernel sweeps per preset: (dtype, seqlens, head dims, tokens per shape); then the packed long-tailed batch.

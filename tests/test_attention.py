@@ -444,3 +444,27 @@ def test_benchmark_times_the_triton_variants_under_their_settings(monkeypatch):
     assert {("KALM_ATTENTION_DQ", "atomic"), ("KALM_ATTENTION_DQ", None), ("KALM_ATTENTION_TMA", "1"),
             ("KALM_ATTENTION_TMA", None)} <= set(seen)
     assert "KALM_ATTENTION_DQ" not in os.environ and "KALM_ATTENTION_TMA" not in os.environ
+
+
+def test_benchmark_torch_varlen_peer_takes_gqa_or_repeats_kv(monkeypatch):
+    """benchmarks.attention's torch ``varlen_attn`` peer: GQA through ``enable_gqa`` where torch has it, else K/V
+    heads repeated once before the timing."""
+    from benchmarks import attention as bench
+
+    calls = []
+
+    def with_gqa(q, k, v, cu_q, cu_k, max_q, max_k, *, enable_gqa=False):
+        calls.append((k.shape[1], enable_gqa))
+        return q
+
+    def without_gqa(q, k, v, cu_q, cu_k, max_q, max_k):
+        calls.append((k.shape[1], None))
+        return q
+
+    q, k = torch.zeros(5, 14, 8), torch.zeros(5, 2, 8)
+    for fake, name, call in ((with_gqa, "packed torch varlen_attn", (2, True)),
+                             (without_gqa, "packed torch varlen_attn (K/V repeated)", (14, None))):
+        monkeypatch.setattr(bench, "varlen_attn", fake)
+        ((got_name, fn),) = bench._torch_varlen_case(q, k, k, None, 5).items()
+        fn()
+        assert got_name == name and calls[-1] == call
