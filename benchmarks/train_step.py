@@ -143,6 +143,7 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--max-batch", action="store_true", help="double B until out of memory, per backend")
     parser.add_argument("--max-batch-cap", type=int, default=65536)
+    parser.add_argument("--report", default="train_step", help="results name: benchmarks/results/<report>-<device>.*")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if gpu else "cpu")
     model = build_model(QWEN2_05B if gpu else TOY, device)
@@ -153,7 +154,7 @@ def main(argv=None) -> int:
             st = (torch.optim.AdamW(st_model.parameters(), lr=1e-5), st_loss)
         rows = run_all(model, st, args, device)
     columns = ["backend", "batch", "negatives", "chunk", "step_ms", "samples_per_s"] + (["peak_gib"] if gpu else [])
-    write_report("train_step", rows, columns=columns, meta=dict(model="qwen2-0.5b-shaped" if gpu else "toy-qwen2",
+    write_report(args.report, rows, columns=columns, meta=dict(model="qwen2-0.5b-shaped" if gpu else "toy-qwen2",
                                                                 query_len=args.query_len, doc_len=args.doc_len),
                  plot=dict(x="batch", y="samples_per_s", series="backend", logx=True,
                            title="training step throughput (GradCache, focal-InfoNCE)"))

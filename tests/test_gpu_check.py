@@ -104,17 +104,17 @@ if PROBE:  # only inside test_a_skipped_gpu_test_fails_under_gpu_check
 def test_an_on_request_stage_runs_only_when_named(tmp_path):
     module = _load_script()
     on_request = [s.name for s in module.stages(dry=True, workers=1) if s.on_request]
-    assert on_request == ["bench-attention-variants", "bench-encode-budgets"]
+    assert on_request == ["bench-attention-variants", "bench-encode-budgets", "bench-train-step-1024"]
     out = tmp_path / "out"
     env = {k: v for k, v in os.environ.items() if k not in ("OUT", "KALM_BENCH_OUT")}
     proc = subprocess.run([sys.executable, str(SCRIPT), "--dry", "--out", str(out), "--budget", "200", "--only",
-                           "env", "bench-attention-variants", "bench-encode-budgets"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=400)
+                           "env", *on_request], cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     stages = json.loads((out / "summary.json").read_text())["stages"]
-    assert [s["stage"] for s in stages] == ["env", "bench-attention-variants", "bench-encode-budgets"]
+    assert [s["stage"] for s in stages] == ["env", *on_request]
     assert all(s["status"] == "ok" for s in stages), stages
-    assert "encode-budgets" in (out / "summary.md").read_text()
+    summary = (out / "summary.md").read_text()
+    assert "### encode-budgets" in summary and "### train_step_1024" in summary
 
 
 def test_import_results_copies_only_the_gpu_reports(tmp_path):
