@@ -236,6 +236,12 @@ def test_triton_gemm_backward_matches_reference_half(backend, dtype, gemm_backwa
         test_backend_matches_reference_half(backend, dtype, case)
 
 
+@pytest.mark.parametrize("backend", backend_params(OP, ("triton",)))
+@pytest.mark.parametrize("in_batch, margin", [(True, None), (True, 0.05)])
+def test_triton_gemm_backward_with_more_docs_than_queries(backend, in_batch, margin, gemm_backward):
+    test_backend_contract_with_more_docs_than_queries(backend, in_batch, margin)
+
+
 @pytest.mark.parametrize("backend", backend_params(OP, ("triton",), torch.float16))
 @pytest.mark.parametrize("scale", [1.0, 1e-9])
 def test_triton_gemm_backward_accumulates_at_any_gradient_scale(backend, scale, gemm_backward):
