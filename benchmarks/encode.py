@@ -302,12 +302,15 @@ def min_cosine(a, b) -> float:
 
 
 def measure(impls: dict, texts, device, rounds: int) -> tuple:
-    """Warm each implementation up on a few texts, then time them alternately; ``(times, last outputs)``.
+    """Warm each implementation up, then time them alternately; ``(times, last outputs)``.
 
-    A peer that fails on the warm-up is dropped with one printed line (e.g. an export it cannot run)."""
+    The warm-up encodes a few texts on CPU, all of them on a GPU: each batch shape that a GPU run meets first
+    compiles and autotunes Triton kernels (per length bucket), which a timed round must not include. A peer that
+    fails on the warm-up is dropped with one printed line (e.g. an export it cannot run)."""
+    warm_up = texts if device.type == "cuda" else texts[:16]
     for name, fn in list(impls.items()):
         try:
-            fn(texts[:16])
+            fn(warm_up)
         except Exception as exc:
             if name.startswith(("kalm_fast", "sentence-transformers")):
                 raise
