@@ -46,7 +46,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_FILES = 8  # what the H200 test machine hands back from OUT
-MIN_STAGE_SECONDS = 30  # a stage with less time left than this (or than its limit) is skipped
+MIN_STAGE_SECONDS = 30  # a stage with less time left than both this and its own limit is skipped
 
 
 @dataclass
@@ -200,7 +200,7 @@ def summarize(rows: list, work: Path, out: Path, dry: bool, started: float) -> i
 
 def import_results(folder: Path, results: Path = ROOT / "benchmarks" / "results") -> int:
     """Copy a GPU run's benchmark reports (``bench/<name>-<device>.json|md|png`` of its tarball, not the CPU ones
-    of a dry run) and its ``summary.md`` (as ``gpu-check-summary.md``) into ``results``, to be committed."""
+    of a dry run) and, unless it was a dry run, its ``summary.md`` (as ``gpu-check-summary.md``) into ``results``."""
     tarball = folder / "gpu-check.tar.gz"
     if not tarball.is_file():
         print(f"no gpu-check.tar.gz in {folder}")
@@ -213,7 +213,8 @@ def import_results(folder: Path, results: Path = ROOT / "benchmarks" / "results"
                     and not path.stem.endswith("-cpu")):
                 (results / path.name).write_bytes(tar.extractfile(member).read())
                 copied.append(path.name)
-    if (folder / "summary.md").is_file():
+    summary = folder / "summary.json"
+    if summary.is_file() and not json.loads(summary.read_text()).get("dry"):
         shutil.copyfile(folder / "summary.md", results / "gpu-check-summary.md")
         copied.append("gpu-check-summary.md")
     print(f"copied into {results}: {', '.join(sorted(copied)) or 'nothing'}")

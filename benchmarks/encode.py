@@ -172,7 +172,9 @@ def torch_impls(model_dir, st_fp32, dtype, device, st_batch_size, token_budgets)
         label = f"kalm_fast {name}" + (f" ({budget} tokens)" if budget else "")
         impls[label] = lambda texts, budget=budget: encoder.encode(texts, max_tokens_per_batch=budget)
     if device.type == "cuda" and encoder.model._packed_decoder is not None:  # the CPU fast path, on the GPU
-        impls[f"kalm_fast {name} (packed decoder)"] = with_packed_decoder(encoder, token_budgets[0])
+        budget = token_budgets[0]
+        impls[f"kalm_fast {name} (packed decoder{f', {budget} tokens' if budget else ''})"] = \
+            with_packed_decoder(encoder, budget)
     return impls, encoder
 
 

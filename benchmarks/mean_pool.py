@@ -63,8 +63,8 @@ def run(shapes, dtype: torch.dtype, backends, repeats: int) -> list[dict]:
         copy_to = torch.empty_like(hidden)
         copy_ms = time_fn(lambda: copy_to.copy_(hidden), repeats=repeats)["median_ms"]
         copy_gbs = 2 * hidden.numel() * hidden.element_size() / (copy_ms * 1e-3) / 1e9
-        rows.append({"shape": name, "tokens": tokens, "backend": "copy", "dtype": str(dtype).split(".")[-1],
-                     "ms": copy_ms, "GB/s": copy_gbs, "% of copy": 100.0,
+        rows.append({"shape": name, "tokens": tokens, "backend": "copy", "series": "copy",
+                     "dtype": str(dtype).split(".")[-1], "ms": copy_ms, "GB/s": copy_gbs, "% of copy": 100.0,
                      "% nominal": (100 * copy_gbs / bandwidth) if bandwidth else None})
         runnable = _registry.runnable("mean_pool", device, dtype)
         for normalize in (False, True):  # the encoders pool with normalize=True
@@ -77,6 +77,7 @@ def run(shapes, dtype: torch.dtype, backends, repeats: int) -> list[dict]:
                 ref_ms = ms if backend == "reference" else ref_ms
                 gbs = nbytes / (ms * 1e-3) / 1e9
                 rows.append({"shape": name, "tokens": tokens, "backend": backend, "normalize": normalize,
+                             "series": backend + (" normalize" if normalize else ""),
                              "dtype": str(dtype).split(".")[-1], "ms": ms, "GB/s": gbs,
                              "% of copy": 100 * gbs / copy_gbs,
                              "% nominal": (100 * gbs / bandwidth) if bandwidth else None,
@@ -96,7 +97,7 @@ def main(argv=None) -> None:
     rows = run(PRESETS[preset], dtype, ["reference", "torch", "triton", "cuda"], repeats=repeats)
     write_report("mean_pool", rows, columns=["shape", "backend", "normalize", "dtype", "ms", "GB/s", "% of copy",
                                              "% nominal", "x reference"],
-                 plot=dict(x="shape", y="GB/s", series="backend", title="mean_pool forward"))
+                 plot=dict(x="shape", y="GB/s", series="series", title="mean_pool forward"))
 
 
 if __name__ == "__main__":

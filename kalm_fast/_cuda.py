@@ -62,5 +62,13 @@ def sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+INTERPRETER_SMS = 2  # off a GPU (Triton's interpreter): small, so that the tests' small shapes split their work too
+
+
+def sms_to_fill(device: torch.device) -> int:
+    """Streaming multiprocessors a Triton launcher sizes its grid for: the GPU's, or INTERPRETER_SMS off a GPU."""
+    return sm_count(device.index) if device.type == "cuda" else INTERPRETER_SMS
+
+
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)

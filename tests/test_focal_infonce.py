@@ -258,7 +258,7 @@ def test_triton_gemm_backward_chunks(backend, gemm_backward, monkeypatch):
     want = _loss_and_grads(ref.focal_infonce, q, docs, temperature=0.05)
     got = _loss_and_grads(focal_infonce, q, docs, temperature=0.05, backend=backend)
     tile = gemm_backward.MAX_TILE
-    assert [(c["c_lo"], c["N"]) for c in calls] == [(c0, min(c0 + tile, 296)) for c0 in range(0, 296, tile)]
+    assert [(c["c_lo"], c["c_hi"]) for c in calls] == [(c0, min(c0 + tile, 296)) for c0 in range(0, 296, tile)]
     _assert_close(got, want, tolerance(OP, backend, torch.float32))
 
 
@@ -467,7 +467,6 @@ def test_half_kernels_at_kalm_widths(backend, B, M, D, options):
 @pytest.mark.parametrize("options", [dict(), dict(false_negative_margin=0.1, num_synthetic=2),
                                      dict(similarity="dot", in_batch_negatives=False)],
                          ids=["in-batch", "margin-mixing", "dot-own"])
-def test_triton_gemm_backward_at_kalm_widths(backend, B, M, D, options, gemm_backward, monkeypatch):
+def test_triton_gemm_backward_at_kalm_widths(backend, B, M, D, options, gemm_backward):
     """The ``gemm`` backward in bf16 on a GPU (cuBLAS with a float32 result), in chunks of 128 candidates."""
-    monkeypatch.setattr(gemm_backward, "GRAD_CHUNK_BYTES", B * 2 * 128)
     test_half_kernels_at_kalm_widths(backend, B, M, D, options)

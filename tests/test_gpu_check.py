@@ -132,6 +132,10 @@ def test_import_results_copies_only_the_gpu_reports(tmp_path):
             info.size = len(name)
             tar.addfile(info, io.BytesIO(name.encode()))
     (run / "summary.md").write_text("# make gpu-check: PASSED")
+    (run / "summary.json").write_text(json.dumps({"dry": True}))
+    assert module.import_results(run, results) == 0
+    assert sorted(p.name for p in results.iterdir()) == ["attention-nvidia-h200.json", "attention-nvidia-h200.md"]
+    (run / "summary.json").write_text(json.dumps({"dry": False}))
     assert module.import_results(run, results) == 0
     assert sorted(p.name for p in results.iterdir()) == ["attention-nvidia-h200.json", "attention-nvidia-h200.md",
                                                          "gpu-check-summary.md"]

@@ -5,7 +5,7 @@ default until a GPU run shows it faster than transformers' modules: ``python -m 
 
 The transformers module's own weights, token embedding and rotary embedding are reused; what changes is the
 execution. Every linear layer runs on the packed ``[T, H]`` tokens (no padding FLOPs); Q/K/V are one GEMM (gate/up
-too, off oneDNN); the residual adds are fused into the output and down projections. On CPU the linear layers go
+too, without oneDNN); the residual adds are fused into the output and down projections. On CPU the linear layers go
 through oneDNN with weights packed once into its blocked layout (fp32, and bf16 where the CPU has it), the SiLU fused
 into the gate projection and the multiply into the up projection, so the ``[T, intermediate]`` activations are
 written once; ``addmm`` / ``F.linear`` is the fallback where oneDNN is missing. RMSNorm is ``F.rms_norm``, RoPE is

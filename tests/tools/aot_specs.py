@@ -18,11 +18,12 @@ from kalm_fast.ops.mean_pool import _triton as mean_pool
 ARCHS = {80: "sm80", 90: "sm90"}
 
 
-def _aligned(fn, signature):
-    """ASTSource attrs marking pointers and strides 16-divisible, as the JIT specializes real launches (contiguous
-    tensors with D % 8 == 0 and torch's aligned allocations); without them the loads are not vectorized/pipelined."""
+def _aligned(fn, signature, also=()):
+    """ASTSource attrs marking pointers, strides and the ints named in ``also`` 16-divisible, as the JIT specializes
+    real launches (contiguous tensors with D % 8 == 0 and torch's aligned allocations); without them the loads are
+    not vectorized/pipelined."""
     return {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a, t in signature.items()
-            if t.startswith("*") or a.startswith("stride")}
+            if t.startswith("*") or a.startswith("stride") or a in also}
 
 
 def _strides(*names):
@@ -125,11 +126,13 @@ def focal_infonce_specs() -> list:
         kernels = (("fwd", focal._fwd_kernel, dict(LSE="*fp32", NEG="*fp32"), dict(cols_per_split="i32"),
                     focal.GPU_CONFIGS["fwd", width]),
                    ("bwd_grad", focal._bwd_grad_kernel, dict(LSE="*fp32", GC="*fp32", G=ptr),
-                    dict(stride_g="i32", c_lo="i32"), focal.GPU_CONFIGS["grad", width]),
+                    dict(c_hi="i32", stride_g="i32", c_lo="i32"), focal.GPU_CONFIGS["grad", width]),
                    ("bwd_dq", focal._bwd_dq_kernel, dict(grads, DQ="*fp32"), dict(cols_per_split="i32"), [fused]),
                    ("bwd_dc", focal._bwd_dc_kernel, dict(grads, DC="*fp32"), dict(stride_dc="i32"), [fused]))
         for name, fn, outputs, extra, configs in kernels:
             signature = dict(common, **outputs, **ints, **extra, scale_log2="fp32", margin="fp32")
+            if "c_hi" in extra:  # the gradient kernel's column bound takes N's place
+                del signature["N"]
             for config in configs:
                 bm, bn, bk = config[:3]
                 warps, stages = config[-2:]
@@ -137,9 +140,7 @@ def focal_infonce_specs() -> list:
                                   PRECISION="ieee" if dtype == "fp32" else "tf32", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
                 if len(config) == 6:
                     constexprs["BLOCK_DO"] = config[3]
-                # the launches see D = 896 (a multiple of 16) and 16-byte aligned rows: the JIT specializes on them
-                attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a, t in signature.items()
-                         if t.startswith("*") or a.startswith("stride") or a == "D"}
+                attrs = _aligned(fn, signature, also=("D",))  # KaLM's D = 896 is a multiple of 16
                 tag = f"{dtype}{'_margin' if has_margin else ''}_{bm}x{bn}x{bk}w{warps}s{stages}"
                 specs.append(dict(module="focal_infonce", name=f"focal_infonce_{name}_{tag}", fn=fn,
                                   signature=dict(signature, **{c: "constexpr" for c in constexprs}),

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from ..._constants import LN2, LOG2E
-from ..._cuda import launch_device, sm_count
+from ..._cuda import launch_device, sms_to_fill
 from ..._registry import triton_interpreting
 from .logp import LogP, split_columns
 
@@ -191,14 +191,15 @@ def _bwd_dc_kernel(Q, C, RQ, RC, SPOS, LSE, GC, GSCALE, DC, B, N, D, group, stri
 
 
 @triton.jit
-def _bwd_grad_kernel(Q, C, RQ, RC, SPOS, LSE, GC, G, B, N, D, group, stride_q, stride_c, stride_g, c_lo,
+def _bwd_grad_kernel(Q, C, RQ, RC, SPOS, LSE, GC, G, B, c_hi, D, group, stride_q, stride_c, stride_g, c_lo,
                      scale_log2, margin, HAS_MARGIN: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Grid (candidate tiles of columns ``c_lo:N``, query tiles): ``G[rows, cols - c_lo] = dL/ds``, in G's dtype."""
+    """Grid (candidate tiles of columns ``c_lo:c_hi``, query tiles): ``G[rows, cols - c_lo] = dL/ds``, in G's
+    dtype."""
     cols = c_lo + tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < B
-    col_ok = cols < N
+    col_ok = cols < c_hi
     rc = tl.load(RC + cols, mask=col_ok, other=0.0)
     g, _ = _rows_grad_tile(Q, C, RQ, SPOS, LSE, GC, rc, rows, cols, row_ok, col_ok, D, group, stride_q, stride_c,
                            scale_log2, margin, HAS_MARGIN, UPCAST, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
@@ -266,11 +267,6 @@ def _fused_bwd_meta(dtype, margin) -> dict:
     return dict(meta, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_DO=bdo, num_warps=warps, num_stages=stages)
 
 
-def _sm_count(device) -> int:
-    """Streaming multiprocessors to fill (a small stand-in in the interpreter, so that tests split columns)."""
-    return 2 if triton_interpreting() or device.type != "cuda" else sm_count(device.index)
-
-
 class TritonEngine:
     """The in-batch pass of ``logp.LogP`` on Triton kernels (same contract as ``_torch.TorchEngine``).
 
@@ -281,7 +277,7 @@ class TritonEngine:
     @staticmethod
     def forward(q, flat, rq, rd, s_pos, inv_tau, margin, group):
         batch, n, d = q.shape[0], flat.shape[0], q.shape[1]
-        cols, splits = split_columns(n, MAX_TILE, triton.cdiv(batch, MAX_TILE), _sm_count(q.device))
+        cols, splits = split_columns(n, MAX_TILE, triton.cdiv(batch, MAX_TILE), sms_to_fill(q.device))
         lse = torch.empty(splits, batch, dtype=torch.float32, device=q.device)
         neg = torch.empty_like(lse)
         _fwd_tuned[lambda meta: (triton.cdiv(batch, meta["BLOCK_M"]), splits)](
@@ -305,7 +301,7 @@ def _backward_fused(q, flat, rq, rd, s_pos, lse, gc, g_scale, scale_log2, margin
     meta = _fused_bwd_meta(q.dtype, margin)
     args = (batch, n, d, group, q.stride(0), flat.stride(0))
     row_tiles, chunks = triton.cdiv(batch, meta["BLOCK_M"]), triton.cdiv(d, meta["BLOCK_DO"])
-    cols, splits = split_columns(n, meta["BLOCK_N"], row_tiles * chunks, _sm_count(q.device))
+    cols, splits = split_columns(n, meta["BLOCK_N"], row_tiles * chunks, sms_to_fill(q.device))
     part = torch.empty(splits, batch, d, dtype=torch.float32, device=q.device)
     m = 0.0 if margin is None else margin
     _bwd_dq_kernel[(row_tiles, chunks, splits)](q, flat, rq, rd, s_pos, lse, gc, g_scale, part, *args, cols,

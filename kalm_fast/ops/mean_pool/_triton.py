@@ -1,6 +1,7 @@
-"""Backend ``triton`` of ``mean_pool``: the forward in two kernels (sums over row splits of each sequence, so that a
-batch of a few long sequences still fills the GPU; then one program per sequence adds the splits, divides by the
-count, truncates and normalizes), one backward kernel, their launchers and the autograd Function.
+"""Backend ``triton`` of ``mean_pool``: the forward in two kernels (sums of the first ``dim`` features over row
+splits of each sequence, so that a batch of a few long sequences still fills the GPU; then one program per sequence
+adds the splits, divides by the count and normalizes), one backward kernel, their launchers and the autograd
+Function.
 
 A sequence ``n`` is a run of rows of ``hidden``: packed ``[T, H]`` rows ``cu_seqlens[n]:cu_seqlens[n+1]``,
 padded ``[B, L, H]`` rows ``0:L`` of batch ``n`` weighted by ``mask[n]``. Accumulation is fp32.
@@ -13,8 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..._cuda import launch_device, sm_count
-from ..._registry import triton_interpreting
+from ..._cuda import launch_device, sms_to_fill
 from ..varlen import sequence_layout
 
 
@@ -142,8 +142,8 @@ def _rows_per_split(num_programs: int, max_len: int, block_t: int, device) -> in
     """Rows each program of the sum kernel covers: a whole sequence, unless its ``num_programs`` (sequences x
     feature blocks) would leave SMs idle; then sequences are cut into splits of at least MIN_SPLIT_ROWS rows (a
     whole number of BLOCK_T) until about PROGRAMS_PER_SM programs per SM run."""
-    sms = 2 if triton_interpreting() or device.type != "cuda" else sm_count(device.index)  # 2: tests split
-    splits = min(triton.cdiv(PROGRAMS_PER_SM * sms, max(num_programs, 1)), triton.cdiv(max_len, MIN_SPLIT_ROWS))
+    splits = min(triton.cdiv(PROGRAMS_PER_SM * sms_to_fill(device), max(num_programs, 1)),
+                 triton.cdiv(max_len, MIN_SPLIT_ROWS))
     return max(block_t, triton.cdiv(triton.cdiv(max_len, max(splits, 1)), block_t) * block_t)
 
 
@@ -159,8 +159,7 @@ def mean_pool_forward(hidden, mask, cu_seqlens, max_len: int, dim: int, normaliz
         return out, (mean if save_for_backward else None), (count if save_for_backward else None)
     mask_t, stride_mb = _mask_arg(mask, hidden)
     cu = cu_seqlens if cu_seqlens is not None else hidden
-    block_h = min(128, triton.next_power_of_2(dim))
-    block_t = max(1, min(32, 4096 // block_h))
+    block_h, block_t = min(128, triton.next_power_of_2(dim)), 32
     col_blocks = triton.cdiv(dim, block_h)
     rows_per_split = _rows_per_split(N * col_blocks, max_len, block_t, hidden.device)
     splits = max(1, triton.cdiv(max_len, rows_per_split))
