@@ -15,7 +15,8 @@ stage that no longer fits is skipped and reported. Stages, in order:
 - ``bench-*``: the Hopper speed targets in quick modes, each against its baseline in the same run: attention (D=128,
   L 2k-16k; fp32; the packed KaLM shape), the Qwen2-0.5B-shaped encode against sentence-transformers (and the
   top ops of each by GPU time, ``--profile``), pooling against a device copy, the loss at B=32k against the
-  reference, a GradCache training step against sentence-transformers' CachedMultipleNegativesRankingLoss step;
+  reference, a GradCache training step against sentence-transformers' CachedMultipleNegativesRankingLoss step (and
+  each step's top ops);
 - on request only (``--only build bench-attention-variants bench-encode-budgets bench-train-step-1024``): the triton
   attention's variants, ``benchmarks.attention --preset variants``; the encode at token budgets 16k / 32k / 64k; the
   training step at B = 1024 against sentence-transformers';
@@ -72,7 +73,7 @@ def stages(dry: bool, workers: int) -> list:
         test_cmd += ["-n", str(workers), "--junitxml", "{work}/junit.xml"]
     encode = [py, "-m", "benchmarks.encode", "--models", "qwen2", "--workloads", "longtail", "--quick", "--no-peers",
               *(["--dtypes", "float32", "--layers", "1", "--texts", "16"] if dry else ["--dtypes", "bfloat16"])]
-    train = [py, "-m", "benchmarks.train_step", "--batch", "4" if dry else "256", "--repeats", "1",
+    train = [py, "-m", "benchmarks.train_step", "--batch", "4" if dry else "256", "--repeats", "1", "--profile",
              "--backends", "auto", "st-cached-mnrl", *([] if dry else ["reference"])]
     return [
         Stage("env", 30, [py, __file__, "--env"]),

@@ -40,7 +40,7 @@ import torch
 
 from kalm_fast.cli.demo import DATA_DIR
 
-from .harness import device_info, write_report
+from .harness import device_info, print_profile, write_report
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = DATA_DIR / "sample_corpus.txt"
@@ -326,25 +326,6 @@ def measure(impls: dict, texts, device, rounds: int) -> tuple:
     return times, outs
 
 
-def profile(impls: dict, texts, device, top: int = 20) -> None:
-    """Print the ops that took the most time in one more call of each torch implementation (kalm_fast and
-    sentence-transformers; device time on a GPU): where the time goes, for the next optimization."""
-    from torch.profiler import ProfilerActivity
-    from torch.profiler import profile as torch_profile
-
-    gpu = device.type == "cuda"
-    sort = "self_device_time_total" if gpu else "self_cpu_time_total"
-    for name, fn in impls.items():
-        if not name.startswith(("kalm_fast", "sentence-transformers")):
-            continue
-        with torch_profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])) as prof:
-            fn(texts)
-            if gpu:
-                torch.cuda.synchronize(device)
-        print(f"== profile of {name}, {len(texts)} texts: the {top} ops with the most {sort}", flush=True)
-        print(prof.key_averages().table(sort_by=sort, row_limit=top), flush=True)
-
-
 def rows_for(model_name, workload, texts, times, outs, reference, lengths, work, ceilings) -> list:
     """One row per implementation: throughput, share of the matmul ceiling, ratios and agreement."""
     medians = {name: statistics.median(ts) for name, ts in times.items()}
@@ -384,8 +365,10 @@ def run_model(key, model_dir, texts_by_workload, dtypes, device, args, workdir) 
     for workload, texts in texts_by_workload.items():
         print(f"== {MODELS[key]} / {workload}: {len(texts)} texts, {', '.join(impls)}", flush=True)
         times, outs = measure(impls, texts, device, args.rounds)
-        if args.profile:
-            profile(impls, texts, device)
+        if args.profile:  # one more call of each torch implementation (not the ONNX / OpenVINO peers)
+            for name, fn in impls.items():
+                if name.startswith(("kalm_fast", "sentence-transformers")):
+                    print_profile(f"{name}, {len(texts)} texts", lambda: fn(texts), device)
         reference = outs.get(ST_FP32)
         if reference is None:  # fp32 not timed: the reference is computed once, untimed
             reference = st_fp32.encode(texts, batch_size=args.st_batch_size, normalize_embeddings=True)

@@ -53,6 +53,21 @@ def time_fn(fn: Callable[[], object], *, warmup: int = 3, repeats: int = 10) -> 
     return {"median_ms": statistics.median(times), "min_ms": min(times), "repeats": repeats}
 
 
+def print_profile(label: str, fn: Callable[[], object], device, top: int = 20) -> None:
+    """Print the ``top`` ops by time (device time on a GPU) of one call of ``fn`` under torch.profiler: where the
+    time goes, for the next optimization."""
+    from torch.profiler import ProfilerActivity, profile
+
+    gpu = torch.device(device).type == "cuda"
+    sort = "self_device_time_total" if gpu else "self_cpu_time_total"
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])) as prof:
+        fn()
+        if gpu:
+            torch.cuda.synchronize(device)
+    print(f"== profile of {label}: the {top} ops with the most {sort}", flush=True)
+    print(prof.key_averages().table(sort_by=sort, row_limit=top), flush=True)
+
+
 def _version(package: str) -> Optional[str]:
     try:
         return metadata.version(package)

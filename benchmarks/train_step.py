@@ -21,7 +21,7 @@ import tempfile
 
 import torch
 
-from .harness import on_gpu, time_fn, write_report
+from .harness import on_gpu, print_profile, time_fn, write_report
 
 QWEN2_05B = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
                  num_key_value_heads=2, vocab_size=151936, max_position_embeddings=4096)
@@ -121,6 +121,8 @@ def measure(model, optimizer, backend, batch, args, device, repeats, st=None):
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     t = time_fn(step, warmup=1, repeats=repeats)
+    if args.profile:
+        print_profile(f"one {backend} step, B = {batch}", step, device)
     row = dict(backend=backend, batch=batch, negatives=args.negatives, chunk=args.chunk,
                step_ms=t["median_ms"], samples_per_s=batch / (t["median_ms"] / 1e3))
     if device.type == "cuda":
@@ -143,6 +145,7 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--max-batch", action="store_true", help="double B until out of memory, per backend")
     parser.add_argument("--max-batch-cap", type=int, default=65536)
+    parser.add_argument("--profile", action="store_true", help="print each step's top ops (torch.profiler)")
     parser.add_argument("--report", default="train_step", help="results name: benchmarks/results/<report>-<device>.*")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if gpu else "cpu")
