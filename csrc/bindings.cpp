@@ -187,6 +187,7 @@ PYBIND11_MODULE(_C, m) {
       .def_readwrite("lse", &InfoNCEArgs::lse)
       .def_readwrite("gc", &InfoNCEArgs::gc)
       .def_readwrite("group", &InfoNCEArgs::group)
+      .def_readwrite("doc_offset", &InfoNCEArgs::doc_offset)
       .def_readwrite("inv_tau_log2", &InfoNCEArgs::inv_tau_log2)
       .def_readwrite("has_margin", &InfoNCEArgs::has_margin)
       .def_readwrite("margin", &InfoNCEArgs::margin)

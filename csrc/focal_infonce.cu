@@ -132,7 +132,7 @@ __global__ void __launch_bounds__(kThreads) infonce_bwd_kernel(InfoNCEArgs a) {
         float g = 0.f;
         if (c < c_end && row[h] < a.n_rows) {
           const int query = kTransposed ? c : row[h];
-          const int doc = kTransposed ? row[h] : c;
+          const int doc = (kTransposed ? row[h] : c) + a.doc_offset;
           const float v = s[j][e] * rr[h] * r_col[c];
           const bool is_pos = doc == query * a.group;
           const bool keep = !a.has_margin || v <= s_pos[query] + a.margin || is_pos;

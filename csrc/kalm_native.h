@@ -74,6 +74,7 @@ struct InfoNCEArgs {
   uint64_t r_row = 0, r_col = 0;     // float32 inverse norms (ones for dot similarity)
   uint64_t s_pos = 0, lse = 0, gc = 0;  // float32 [B], indexed by query (lse, gc: backward only)
   int group = 1;                     // documents per query: query i's positive is document i * group
+  int doc_offset = 0;                // backward: the first document row/column is document doc_offset
   float inv_tau_log2 = 0.f;          // log2(e) / temperature
   int has_margin = 0;
   float margin = 0.f;

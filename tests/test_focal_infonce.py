@@ -10,7 +10,7 @@ from conftest import DEVICE, backend_params, tolerance
 
 from kalm_fast import _registry
 from kalm_fast.ops import focal_infonce
-from kalm_fast.ops.focal_infonce import logp
+from kalm_fast.ops.focal_infonce import focal_weighted, logp
 from kalm_fast.ops.focal_infonce import reference as ref
 from kalm_fast.ops.focal_infonce._torch import TorchEngine
 from kalm_fast.ops.focal_infonce.mixing import synthetic_negatives
@@ -18,6 +18,7 @@ from kalm_fast.ops.focal_infonce.reference import mixing_draws
 
 OP = "focal_infonce"
 BACKENDS = backend_params(OP, ("torch", "triton"))
+DEFAULT_CHUNKING = (logp.MIN_CHUNK_BYTES, logp.CHUNK_ALIGN)  # before the fixture below shrinks them
 
 
 def _backend_fn(name):
@@ -26,9 +27,12 @@ def _backend_fn(name):
 
 @pytest.fixture(autouse=True)
 def small_torch_tiles(monkeypatch):
-    """Tiny tiles so that the small shapes below cross several query and candidate tiles."""
+    """Tiny tiles and backward chunks so that the small shapes below cross several query and candidate tiles, and
+    the backward's candidate chunks (in steps of 16 columns, the interpreter's tile)."""
     monkeypatch.setattr(logp, "TILE_Q", 4)
     monkeypatch.setattr(logp, "TILE_C", 7)
+    monkeypatch.setattr(logp, "MIN_CHUNK_BYTES", 0)
+    monkeypatch.setattr(logp, "CHUNK_ALIGN", 16)
 
 
 def _inputs(b, m, d, dtype=torch.float32, seed=0, scale=0.3):
@@ -188,6 +192,45 @@ def test_non_contiguous_inputs(backend):
     _assert_close(got, want, tolerance(OP, backend, torch.float32))
 
 
+@pytest.mark.parametrize("n,dim", [(1, 8), (200, 896), (65536, 896), (262144, 896), (4_000_000, 896), (5000, 4)])
+def test_candidate_chunks_bound_the_float32_document_gradients(n, dim, monkeypatch):
+    monkeypatch.setattr(logp, "MIN_CHUNK_BYTES", DEFAULT_CHUNKING[0])
+    monkeypatch.setattr(logp, "CHUNK_ALIGN", DEFAULT_CHUNKING[1])
+    rows = logp.candidate_chunk(n, dim)
+    assert rows % logp.CHUNK_ALIGN == 0
+    # about 1/16 of the candidates, unless that is under MIN_CHUNK_BYTES: then as much, or all of them
+    assert rows - logp.CHUNK_ALIGN < max(n / logp.CANDIDATE_CHUNKS, logp.MIN_CHUNK_BYTES / (4 * dim))
+    assert rows >= n / logp.CANDIDATE_CHUNKS and (rows >= n or rows * 4 * dim >= logp.MIN_CHUNK_BYTES)
+
+
+class _ChunkRecorder(TorchEngine):
+    calls = []
+
+    @classmethod
+    def backward(cls, q, flat, rq, rd, s_pos, lse, gc, inv_tau, margin, group, dq, dd, c0=0):
+        cls.calls.append((c0, c0 + dd.shape[0], dd.dtype, bool(dd.eq(0).all())))
+        super().backward(q, flat, rq, rd, s_pos, lse, gc, inv_tau, margin, group, dq, dd, c0)
+
+
+@pytest.mark.parametrize("in_batch", [True, False])
+def test_backward_accumulates_the_documents_chunk_by_chunk(in_batch):
+    """In-batch, LogP hands the engine zeroed float32 accumulators of consecutive candidate chunks (never one of all
+    the documents) and the gradients match the reference; without in-batch negatives no engine runs."""
+    q, docs = _inputs(9, 4, 24)  # 45 candidates: chunks of 16
+    _ChunkRecorder.calls = []
+
+    def loss(a, b, **kw):
+        log_p = logp.LogP.apply(a, b, None, 0.05, True, in_batch, None, _ChunkRecorder)[0]
+        return focal_weighted(log_p, 0.5, False, "mean")
+
+    got = _loss_and_grads(loss, q, docs)
+    want = _loss_and_grads(ref.focal_infonce, q, docs, temperature=0.05, in_batch_negatives=in_batch)
+    _assert_close(got, want, tolerance(OP, "torch", torch.float32))
+    expected = [(0, 16), (16, 32), (32, 45)] if in_batch else []
+    assert [c[:2] for c in _ChunkRecorder.calls] == expected
+    assert all(dtype == torch.float32 and zeroed for _, _, dtype, zeroed in _ChunkRecorder.calls)
+
+
 @pytest.mark.parametrize("backend", backend_params(OP, ("triton", "cuda"), torch.float16))
 @pytest.mark.parametrize("scale", [1.0, 1e-9])
 def test_half_engines_accumulate_at_any_gradient_scale(backend, scale):
@@ -287,9 +330,13 @@ def test_benchmark_times_the_gemm_backward_under_its_setting(backend, monkeypatc
     monkeypatch.setattr(_triton, "backward_mode", lambda: seen.append(real()) or seen[-1])
     monkeypatch.delenv("KALM_FOCAL_INFONCE_BWD", raising=False)
     q, docs = (x.requires_grad_() for x in _inputs(6, 2, 16))
+    modes = {}
     for name in ("triton", "triton gemm-bwd"):
+        seen.clear()
         bench._step(q, docs, name)
-    assert seen == ["fused", "gemm"] and "KALM_FOCAL_INFONCE_BWD" not in os.environ
+        modes[name] = set(seen)
+    assert modes == {"triton": {"fused"}, "triton gemm-bwd": {"gemm"}}
+    assert "KALM_FOCAL_INFONCE_BWD" not in os.environ
 
 
 def test_focal_infonce_bwd_setting_is_checked(monkeypatch):

@@ -458,19 +458,20 @@ def test_column_split_covers_every_column_once(n_cols, other, sms):
     assert splits * other <= max(logp.PROGRAMS_PER_SM * sms, other)
 
 
-def _walk_engine_plan(q, flat, rq, rd, s_pos, inv_tau, margin, group, lse=None, gc=None, sms=4):
+def _walk_engine_plan(q, flat, rq, rd, s_pos, inv_tau, margin, group, lse=None, gc=None, sms=4, chunk=None):
     """csrc/focal_infonce.cu's launches in fp32: forward (lse, neg) via column splits, or backward
-    accumulators (dq, dd) via (row tile, feature chunk, column split) blocks."""
+    accumulators (dq, dd) via (row tile, feature chunk, column split) blocks, as ``CudaEngine.backward`` launches
+    them for each chunk of ``chunk`` candidates (all of them when None)."""
     B, D = q.shape
     N = flat.shape[0]
     qf, ff = q.float(), flat.float()
 
-    def block(rows_x, cols_x, r_row, r_col, r0, c_begin, c_end, transposed):
+    def block(rows_x, cols_x, r_row, r_col, r0, c_begin, c_end, transposed, doc_offset=0):
         rows = torch.arange(r0, min(r0 + cfi.TILE, rows_x.shape[0]))
         cols = torch.arange(c_begin, c_end)
         v = rows_x[rows] @ cols_x[cols].T * r_row[rows, None] * r_col[None, cols]
         query, doc = (cols[None, :], rows[:, None]) if transposed else (rows[:, None], cols[None, :])
-        is_pos = doc == query * group
+        is_pos = doc + doc_offset == query * group
         keep = torch.ones_like(is_pos) if margin is None else (v <= s_pos[query] + margin) | is_pos
         return rows, cols, v, query, is_pos, keep
 
@@ -485,27 +486,27 @@ def _walk_engine_plan(q, flat, rq, rd, s_pos, inv_tau, margin, group, lse=None, 
                 lse_part[z, rows] = torch.logsumexp((v * inv_tau).masked_fill(~keep, float("-inf")), dim=1)
                 neg_part[z, rows] = v.masked_fill(~keep | is_pos, float("-inf")).amax(1) if v.shape[1] else float("-inf")
         return torch.logsumexp(lse_part, 0), neg_part.amax(0)
-    results = []
-    for rows_x, cols_x, r_row, r_col, transposed in ((qf, ff, rq, rd, False), (ff, qf, rd, rq, True)):
-        n_rows, n_cols = rows_x.shape[0], cols_x.shape[0]
-        p = cfi.backward_plan(n_rows=n_rows, n_cols=n_cols, dim=D, sms=sms)
-        out = torch.zeros(n_rows, D)
-        for r0 in range(0, n_rows, cfi.TILE):
-            for d0 in range(0, D, cfi.CHUNK):
-                for z in range(p["col_splits"]):
-                    c_begin, c_end = z * p["cols_per_split"], min(n_cols, (z + 1) * p["cols_per_split"])
-                    rows, cols, v, query, is_pos, keep = block(rows_x, cols_x, r_row, r_col, r0, c_begin, c_end,
-                                                               transposed)
-                    prob = torch.exp2(v * inv_tau * cfi.LOG2E - lse[query] * cfi.LOG2E) * keep
-                    g = gc[query] * (is_pos.float() - prob)
-                    out[rows, d0:d0 + cfi.CHUNK] += (g * r_col[None, cols]) @ cols_x[cols, d0:d0 + cfi.CHUNK]
-        results.append(out)
-    return results
+    dq, dd = torch.zeros(B, D), torch.zeros(N, D)
+    for c0 in range(0, N, chunk or N):
+        docs, r_docs = ff[c0:c0 + (chunk or N)], rd[c0:c0 + (chunk or N)]
+        for rows_x, cols_x, r_row, r_col, out, transposed in ((qf, docs, rq, r_docs, dq, False),
+                                                              (docs, qf, r_docs, rq, dd[c0:c0 + len(docs)], True)):
+            n_rows, n_cols = rows_x.shape[0], cols_x.shape[0]
+            p = cfi.backward_plan(n_rows=n_rows, n_cols=n_cols, dim=D, sms=sms)
+            for r0, d0, z in itertools.product(range(0, n_rows, cfi.TILE), range(0, D, cfi.CHUNK),
+                                               range(p["col_splits"])):
+                c_begin, c_end = z * p["cols_per_split"], min(n_cols, (z + 1) * p["cols_per_split"])
+                rows, cols, v, query, is_pos, keep = block(rows_x, cols_x, r_row, r_col, r0, c_begin, c_end,
+                                                           transposed, doc_offset=c0)
+                prob = torch.exp2(v * inv_tau * cfi.LOG2E - lse[query] * cfi.LOG2E) * keep
+                g = gc[query] * (is_pos.float() - prob)
+                out[rows, d0:d0 + cfi.CHUNK] += (g * r_col[None, cols]) @ cols_x[cols, d0:d0 + cfi.CHUNK]
+    return dq, dd
 
 
-@pytest.mark.parametrize("B,group,D,margin,cos", [(3, 2, 24, None, True), (70, 3, 136, 0.05, True),
-                                                  (5, 1, 64, None, False)])
-def test_host_plan_engine_blocks_cover_the_torch_engine(B, group, D, margin, cos):
+@pytest.mark.parametrize("B,group,D,margin,cos,chunk", [(3, 2, 24, None, True, None), (70, 3, 136, 0.05, True, None),
+                                                        (70, 3, 136, 0.05, True, 64), (5, 1, 64, None, False, 2)])
+def test_host_plan_engine_blocks_cover_the_torch_engine(B, group, D, margin, cos, chunk):
     inverse_norms = logp.inverse_norms
     torch.manual_seed(1)
     q, flat = torch.randn(B, D), torch.randn(B * group, D)
@@ -521,7 +522,7 @@ def test_host_plan_engine_blocks_cover_the_torch_engine(B, group, D, margin, cos
     gc = torch.randn(B)
     acc = [torch.zeros(B, D), torch.zeros(B * group, D)]
     TorchEngine.backward(q, flat, rq, rd, s_pos, ref_lse, gc, inv_tau, margin, group, *acc)
-    got = _walk_engine_plan(q, flat, rq, rd, s_pos, inv_tau, margin, group, lse=ref_lse, gc=gc)
+    got = _walk_engine_plan(q, flat, rq, rd, s_pos, inv_tau, margin, group, lse=ref_lse, gc=gc, chunk=chunk)
     for g, r in zip(got, acc):
         torch.testing.assert_close(g, r, atol=1e-4, rtol=1e-4)
 
@@ -529,10 +530,10 @@ def test_host_plan_engine_blocks_cover_the_torch_engine(B, group, D, margin, cos
 def test_engine_args():
     q, flat = torch.randn(4, 32, dtype=torch.float16), torch.randn(12, 32, dtype=torch.float16)
     rq, rd, s_pos = torch.ones(4), torch.ones(12), torch.zeros(4)
-    a = cfi.engine_args(q, flat, rq, rd, s_pos, 3, 20.0, 0.1, stream=9, transposed=1, col_splits=2)
+    a = cfi.engine_args(q, flat, rq, rd, s_pos, 3, 20.0, 0.1, stream=9, transposed=1, col_splits=2, doc_offset=6)
     assert (a.dtype, a.rows, a.cols, a.n_rows, a.n_cols, a.dim, a.row_stride, a.col_stride) == (
         1, q.data_ptr(), flat.data_ptr(), 4, 12, 32, 32, 32)
-    assert (a.r_row, a.r_col, a.s_pos, a.group, a.has_margin, a.transposed, a.col_splits, a.stream) == (
-        rq.data_ptr(), rd.data_ptr(), s_pos.data_ptr(), 3, 1, 1, 2, 9)
+    assert (a.r_row, a.r_col, a.s_pos, a.group, a.has_margin, a.transposed, a.col_splits, a.stream, a.doc_offset) == (
+        rq.data_ptr(), rd.data_ptr(), s_pos.data_ptr(), 3, 1, 1, 2, 9, 6)
     assert a.margin == pytest.approx(0.1) and a.inv_tau_log2 == pytest.approx(20 * cfi.LOG2E, rel=1e-6)
     assert cfi.engine_args(q, flat, rq, rd, s_pos, 3, 20.0, None, stream=0).has_margin == 0

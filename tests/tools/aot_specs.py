@@ -127,11 +127,13 @@ def focal_infonce_specs() -> list:
                     focal.GPU_CONFIGS["fwd", width]),
                    ("bwd_grad", focal._bwd_grad_kernel, dict(LSE="*fp32", GC="*fp32", G=ptr),
                     dict(c_hi="i32", stride_g="i32", c_lo="i32"), focal.GPU_CONFIGS["grad", width]),
-                   ("bwd_dq", focal._bwd_dq_kernel, dict(grads, DQ="*fp32"), dict(cols_per_split="i32"), [fused]),
-                   ("bwd_dc", focal._bwd_dc_kernel, dict(grads, DC="*fp32"), dict(stride_dc="i32"), [fused]))
+                   ("bwd_dq", focal._bwd_dq_kernel, dict(grads, DQ="*fp32"),
+                    dict(c_base="i32", c_end="i32", cols_per_split="i32"), [fused]),
+                   ("bwd_dc", focal._bwd_dc_kernel, dict(grads, DC="*fp32"),
+                    dict(c_base="i32", c_end="i32", stride_dc="i32"), [fused]))
         for name, fn, outputs, extra, configs in kernels:
             signature = dict(common, **outputs, **ints, **extra, scale_log2="fp32", margin="fp32")
-            if "c_hi" in extra:  # the gradient kernel's column bound takes N's place
+            if "N" not in fn.arg_names:  # the backward kernels take a column range in N's place
                 del signature["N"]
             for config in configs:
                 bm, bn, bk = config[:3]

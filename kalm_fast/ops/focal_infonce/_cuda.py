@@ -59,17 +59,18 @@ class CudaEngine:
         return torch.logsumexp(lse_part, dim=0), neg_part.amax(dim=0)
 
     @staticmethod
-    def backward(q, flat, rq, rd, s_pos, lse, gc, inv_tau, margin, group, dq, dd):
-        """Adds the in-batch part of ``G = dL/ds`` into the float32 accumulators: ``dq += (G * rd) @ flat``,
-        ``dd += (G * rq)^T @ q``."""
+    def backward(q, flat, rq, rd, s_pos, lse, gc, inv_tau, margin, group, dq, dd, c0=0):
+        """Adds the in-batch part of ``G = dL/ds`` of candidates ``c0 .. c0 + len(dd)`` into the float32
+        accumulators: ``dq += (G * rd) @ flat``, ``dd += (G * rq)^T @ q``."""
         lib, stream, sms = _native.cuda_lib(), stream_of(q.device), sm_count(q.device.index or 0)
         lse, gc = lse.contiguous(), gc.contiguous()
-        for rows, cols, r_row, r_col, out, transposed in ((q, flat, rq, rd, dq, 0), (flat, q, rd, rq, dd, 1)):
+        docs, r_docs = flat[c0:c0 + dd.shape[0]], rd[c0:c0 + dd.shape[0]]
+        for rows, cols, r_row, r_col, out, transposed in ((q, docs, rq, r_docs, dq, 0), (docs, q, r_docs, rq, dd, 1)):
             p = backward_plan(n_rows=rows.shape[0], n_cols=cols.shape[0], dim=rows.shape[1], sms=sms)
             lib.infonce_bwd(engine_args(
                 rows, cols, r_row, r_col, s_pos, group, inv_tau, margin, stream=stream, lse=lse.data_ptr(),
                 gc=gc.data_ptr(), cols_per_split=p["cols_per_split"], col_splits=p["col_splits"],
-                out=out.data_ptr(), out_stride=out.stride(0), transposed=transposed))
+                out=out.data_ptr(), out_stride=out.stride(0), transposed=transposed, doc_offset=c0))
 
 
 def focal_infonce_cuda(q, docs, synthetic, temperature, similarity, in_batch_negatives, false_negative_margin):

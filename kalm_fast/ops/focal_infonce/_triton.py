@@ -135,13 +135,14 @@ def _dot_scaled(g, x, r, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _bwd_dq_kernel(Q, C, RQ, RC, SPOS, LSE, GC, GSCALE, DQ, B, N, D, group, stride_q, stride_c, cols_per_split,
-                   scale_log2, margin, HAS_MARGIN: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DO: tl.constexpr):
-    """Grid (query tiles, feature chunks, column splits): ``DQ[split, rows, chunk] = (dL/ds * rc) @ C[split, chunk]``
-    (``DQ`` float32 ``[splits, B, D]``, summed over the splits by the caller)."""
-    c_lo = tl.program_id(2) * cols_per_split
-    c_hi = tl.minimum(c_lo + cols_per_split, N)
+def _bwd_dq_kernel(Q, C, RQ, RC, SPOS, LSE, GC, GSCALE, DQ, B, c_base, c_end, D, group, stride_q, stride_c,
+                   cols_per_split, scale_log2, margin, HAS_MARGIN: tl.constexpr, UPCAST: tl.constexpr,
+                   PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                   BLOCK_DO: tl.constexpr):
+    """Grid (query tiles, feature chunks, column splits of candidates ``c_base:c_end``):
+    ``DQ[split, rows, chunk] += (dL/ds * rc) @ C[split's columns, chunk]`` (``DQ`` float32 ``[splits, B, D]``)."""
+    c_lo = c_base + tl.program_id(2) * cols_per_split
+    c_hi = tl.minimum(c_lo + cols_per_split, c_end)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < B
     dcols = tl.program_id(1) * BLOCK_DO + tl.arange(0, BLOCK_DO)
@@ -163,16 +164,19 @@ def _bwd_dq_kernel(Q, C, RQ, RC, SPOS, LSE, GC, GSCALE, DQ, B, N, D, group, stri
                     mask=col_ok[:, None] & d_ok[None, :], other=0.0)
         acc = _dot_scaled(g, v, rc, acc, UPCAST, PRECISION)
     out = DQ + (tl.program_id(2) * B + rows).to(tl.int64)[:, None] * D + dcols[None, :]
-    tl.store(out, acc * tl.load(GSCALE), mask=row_ok[:, None] & d_ok[None, :])
+    out_ok = row_ok[:, None] & d_ok[None, :]
+    tl.store(out, tl.load(out, mask=out_ok, other=0.0) + acc * tl.load(GSCALE), mask=out_ok)
 
 
 @triton.jit
-def _bwd_dc_kernel(Q, C, RQ, RC, SPOS, LSE, GC, GSCALE, DC, B, N, D, group, stride_q, stride_c, stride_dc,
-                   scale_log2, margin, HAS_MARGIN: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DO: tl.constexpr):
-    """Grid (candidate tiles, feature chunks): ``DC[cols, chunk] += (dL/ds * rq)^T @ Q[:, chunk]``."""
-    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = cols < N
+def _bwd_dc_kernel(Q, C, RQ, RC, SPOS, LSE, GC, GSCALE, DC, B, c_base, c_end, D, group, stride_q, stride_c,
+                   stride_dc, scale_log2, margin, HAS_MARGIN: tl.constexpr, UPCAST: tl.constexpr,
+                   PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                   BLOCK_DO: tl.constexpr):
+    """Grid (tiles of candidates ``c_base:c_end``, feature chunks):
+    ``DC[cols - c_base, chunk] += (dL/ds * rq)^T @ Q[:, chunk]``."""
+    cols = c_base + tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < c_end
     dcols = tl.program_id(1) * BLOCK_DO + tl.arange(0, BLOCK_DO)
     d_ok = dcols < D
     rc = tl.load(RC + cols, mask=col_ok, other=0.0)
@@ -185,7 +189,7 @@ def _bwd_dc_kernel(Q, C, RQ, RC, SPOS, LSE, GC, GSCALE, DC, B, N, D, group, stri
         u = tl.load(Q + rows.to(tl.int64)[:, None] * stride_q + dcols[None, :],
                     mask=row_ok[:, None] & d_ok[None, :], other=0.0)
         acc = _dot_scaled(tl.trans(g), u, rq, acc, UPCAST, PRECISION)
-    out = DC + cols.to(tl.int64)[:, None] * stride_dc + dcols[None, :]
+    out = DC + (cols - c_base).to(tl.int64)[:, None] * stride_dc + dcols[None, :]
     out_ok = col_ok[:, None] & d_ok[None, :]
     tl.store(out, tl.load(out, mask=out_ok, other=0.0) + acc * tl.load(GSCALE), mask=out_ok)
 
@@ -286,47 +290,53 @@ class TritonEngine:
         return torch.logsumexp(lse, dim=0), neg.amax(dim=0)
 
     @staticmethod
-    def backward(q, flat, rq, rd, s_pos, lse, gc, inv_tau, margin, group, dq, dd):
+    def backward(q, flat, rq, rd, s_pos, lse, gc, inv_tau, margin, group, dq, dd, c0=0):
+        """Adds the in-batch part of ``G = dL/ds`` of candidates ``c0 .. c0 + len(dd)`` into the float32
+        accumulators: ``dq += (G * rd) @ flat``, ``dd += (G * rq)^T @ q``."""
         g_scale = gc.abs().amax().clamp_min(torch.finfo(torch.float32).tiny).reshape(1)
         gc = gc / g_scale  # |gc| <= 1 inside the kernels (no 16-bit product underflows), scaled back in float32
-        args = (q, flat, rq, rd, s_pos, lse, gc, g_scale, inv_tau * LOG2E, margin, group, dq, dd)
+        args = (q, flat, rq, rd, s_pos, lse, gc, g_scale, inv_tau * LOG2E, margin, group, dq, dd, c0)
         if backward_mode() == "gemm":
             _backward_gemm(*args)
         else:
             _backward_fused(*args)
 
 
-def _backward_fused(q, flat, rq, rd, s_pos, lse, gc, g_scale, scale_log2, margin, group, dq, dd):
-    batch, n, d = q.shape[0], flat.shape[0], q.shape[1]
+def _backward_fused(q, flat, rq, rd, s_pos, lse, gc, g_scale, scale_log2, margin, group, dq, dd, c0):
+    batch, d = q.shape
+    c1 = c0 + dd.shape[0]
     meta = _fused_bwd_meta(q.dtype, margin)
-    args = (batch, n, d, group, q.stride(0), flat.stride(0))
     row_tiles, chunks = triton.cdiv(batch, meta["BLOCK_M"]), triton.cdiv(d, meta["BLOCK_DO"])
-    cols, splits = split_columns(n, meta["BLOCK_N"], row_tiles * chunks, sms_to_fill(q.device))
-    part = torch.empty(splits, batch, d, dtype=torch.float32, device=q.device)
+    cols, splits = split_columns(c1 - c0, meta["BLOCK_N"], row_tiles * chunks, sms_to_fill(q.device))
+    # one column split adds into dq itself; several into zeroed partial sums, added up here
+    part = dq[None] if splits == 1 else torch.zeros(splits, batch, d, dtype=torch.float32, device=q.device)
+    args = (batch, c0, c1, d, group, q.stride(0), flat.stride(0))
     m = 0.0 if margin is None else margin
     _bwd_dq_kernel[(row_tiles, chunks, splits)](q, flat, rq, rd, s_pos, lse, gc, g_scale, part, *args, cols,
                                                 scale_log2, m, **meta)
-    dq += part.sum(dim=0)
-    _bwd_dc_kernel[(triton.cdiv(n, meta["BLOCK_N"]), chunks)](
+    if splits > 1:
+        dq += part.sum(dim=0)
+    _bwd_dc_kernel[(triton.cdiv(c1 - c0, meta["BLOCK_N"]), chunks)](
         q, flat, rq, rd, s_pos, lse, gc, g_scale, dd, *args, dd.stride(0), scale_log2, m, **meta)
 
 
-def _backward_gemm(q, flat, rq, rd, s_pos, lse, gc, g_scale, scale_log2, margin, group, dq, dd):
-    batch, n, d = q.shape[0], flat.shape[0], q.shape[1]
+def _backward_gemm(q, flat, rq, rd, s_pos, lse, gc, g_scale, scale_log2, margin, group, dq, dd, c0):
+    batch, d = q.shape
+    n = dd.shape[0]
     # G [B, chunk] and the [chunk, D] float32 temporaries stay within GRAD_CHUNK_BYTES (at least one tile)
     chunk = GRAD_CHUNK_BYTES // max(batch * q.element_size(), d * 4)
     chunk = min(n, max(MAX_TILE, chunk // MAX_TILE * MAX_TILE))
     grad = torch.empty(batch, chunk, dtype=q.dtype, device=q.device)
     q_unit = _scale_rows(q, rq)
     flags = _flags(q.dtype, margin)
-    for c0 in range(0, n, chunk):
-        c1 = min(c0 + chunk, n)
-        g = grad[:, :c1 - c0]
-        _bwd_grad_tuned[lambda meta: (triton.cdiv(c1 - c0, meta["BLOCK_N"]), triton.cdiv(batch, meta["BLOCK_M"]))](
-            q, flat, rq, rd, s_pos, lse, gc, g, batch, c1, d, group, q.stride(0), flat.stride(0), g.stride(0), c0,
+    for g0 in range(c0, c0 + n, chunk):
+        g1 = min(g0 + chunk, c0 + n)
+        g = grad[:, :g1 - g0]
+        _bwd_grad_tuned[lambda meta: (triton.cdiv(g1 - g0, meta["BLOCK_N"]), triton.cdiv(batch, meta["BLOCK_M"]))](
+            q, flat, rq, rd, s_pos, lse, gc, g, batch, g1, d, group, q.stride(0), flat.stride(0), g.stride(0), g0,
             scale_log2, 0.0 if margin is None else margin, **flags)
-        dq += _matmul_fp32(g, _scale_rows(flat[c0:c1], rd[c0:c1])).mul_(g_scale)
-        dd[c0:c1] += _matmul_fp32(g.T, q_unit).mul_(g_scale)
+        dq += _matmul_fp32(g, _scale_rows(flat[g0:g1], rd[g0:g1])).mul_(g_scale)
+        dd[g0 - c0:g1 - c0] += _matmul_fp32(g.T, q_unit).mul_(g_scale)
 
 
 def _scale_rows(x, r):

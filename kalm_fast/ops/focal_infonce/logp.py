@@ -3,9 +3,12 @@
 
 A backend supplies an *engine* for the in-batch pass (every query against every document of the batch), with
 ``forward(q, flat, rq, rd, s_pos, inv_tau, margin, group) -> (lse, hardest_neg)`` and
-``backward(q, flat, rq, rd, s_pos, lse, gc, inv_tau, margin, group, dq, dd)`` (adds into float32 accumulators);
-see ``_torch.TorchEngine``. For cosine similarity the scores are dot products scaled by stored inverse norms, not
-dot products of normalized copies.
+``backward(q, flat, rq, rd, s_pos, lse, gc, inv_tau, margin, group, dq, dd, c0=0)``, which adds the part of
+candidates ``c0 .. c0 + len(dd)`` into the float32 accumulators ``dq [B, D]`` and ``dd [len(dd), D]``; see
+``_torch.TorchEngine``. ``LogP`` calls it once per chunk of candidates (``candidate_chunk``) and turns each chunk's
+``dd`` into the documents' gradient at once: no float32 copy of all the documents is ever held (norms and
+positives' scores are also computed in blocks of rows). For cosine similarity the scores are dot products scaled
+by stored inverse norms, not dot products of normalized copies.
 """
 from __future__ import annotations
 
@@ -17,6 +20,12 @@ from ..._cuda import launch_device
 TILE_Q = 512  # tile of the torch passes: query rows x candidate rows
 TILE_C = 2048
 PROGRAMS_PER_SM = 4  # what the GPU engines' column split aims for
+# the backward's float32 block of document gradients: about 1/CANDIDATE_CHUNKS of the candidates, at least
+# MIN_CHUNK_BYTES (fewer, larger launches) unless that is all of them, in whole multiples of CHUNK_ALIGN rows (the
+# largest tile side of any engine)
+CANDIDATE_CHUNKS = 16
+MIN_CHUNK_BYTES = 16 * 2**20
+CHUNK_ALIGN = 128
 
 
 def split_columns(n_cols: int, tile: int, other_programs: int, sms: int) -> tuple[int, int]:
@@ -29,13 +38,36 @@ def split_columns(n_cols: int, tile: int, other_programs: int, sms: int) -> tupl
     return cols_per_split, max(1, -(-n_cols // cols_per_split))
 
 
+def candidate_chunk(n_cols: int, dim: int) -> int:
+    """Candidates per backward chunk of ``n_cols`` candidates of ``dim`` features (see ``CANDIDATE_CHUNKS``)."""
+    rows = max(-(-n_cols // CANDIDATE_CHUNKS), MIN_CHUNK_BYTES // (4 * dim))
+    return max(CHUNK_ALIGN, -(-rows // CHUNK_ALIGN) * CHUNK_ALIGN)
+
+
+def _row_blocks(x: torch.Tensor):
+    """``(r0, r1)`` blocks of ``candidate_chunk`` rows of ``x [rows, D]``: float32 copies made one block at a time
+    stay within the backward's chunk budget."""
+    rows = candidate_chunk(x.shape[0], x.shape[1])
+    return [(r0, min(r0 + rows, x.shape[0])) for r0 in range(0, x.shape[0], rows)]
+
+
 def inverse_norms(x: torch.Tensor, cos: bool):
     """``(1 / max(|x_r|, eps), |x_r| > eps)`` as float32 ``[rows]`` (ones / zeros for dot similarity)."""
     if not cos:
         ones = torch.ones(x.shape[0], dtype=torch.float32, device=x.device)
         return ones, torch.zeros_like(ones)
-    norm = torch.linalg.vector_norm(x, dim=-1, dtype=torch.float32)
+    norm = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
+    for r0, r1 in _row_blocks(x):
+        torch.linalg.vector_norm(x[r0:r1], dim=-1, dtype=torch.float32, out=norm[r0:r1])
     return 1.0 / norm.clamp_min(NORM_EPS), (norm > NORM_EPS).float()
+
+
+def _positive_scores(q, flat, rq, rd, group):
+    """``s(q_i, flat[i * group])`` float32 ``[B]``: each query's score with its positive."""
+    dots = torch.empty(q.shape[0], dtype=torch.float32, device=q.device)
+    for r0, r1 in _row_blocks(q):
+        dots[r0:r1] = torch.linalg.vecdot(q[r0:r1].float(), flat[r0 * group:r1 * group:group].float())
+    return dots * rq * rd[:q.shape[0] * group:group]
 
 
 def _row_dots(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -80,7 +112,8 @@ def _local_forward(q, docs, synthetic, rq, rd, rs, s_pos, inv_tau, margin, in_ba
 
 
 def _local_backward(q, docs, synthetic, rq, rd, rs, s_pos, lse, gc, inv_tau, margin, in_batch, dq, dd):
-    """Adds the local candidates' part of dL/ds into the accumulators (see ``_LogP.backward``)."""
+    """Adds the local candidates' part of dL/ds into the accumulators (see ``LogP.backward``); ``dd`` (all the
+    candidates) is only written when not in-batch."""
     if in_batch and synthetic is None:
         return
     group = docs.shape[1]
@@ -128,8 +161,7 @@ class LogP(torch.autograd.Function):
         if synthetic is not None:
             rs = inverse_norms(synthetic.reshape(-1, synthetic.shape[-1]), cos)[0].view(batch, -1)
         inv_tau = 1.0 / temperature
-        pos_rows = torch.arange(batch, device=q.device) * group
-        s_pos = (q.float() * flat[pos_rows].float()).sum(dim=-1) * rq * rd[pos_rows]
+        s_pos = _positive_scores(q, flat, rq, rd, group)
         lse, neg = _local_forward(q, docs, synthetic, rq, rd, rs, s_pos, inv_tau, margin, in_batch)
         if in_batch:
             lse_b, neg_b = engine.forward(q, flat, rq, rd, s_pos, inv_tau, margin, group)
@@ -143,15 +175,26 @@ class LogP(torch.autograd.Function):
     def backward(ctx, dlog_p, _dpos, _dneg):
         q, docs, synthetic, rq, pq, rd, pd, rs, s_pos, lse = ctx.saved_tensors
         flat = docs.reshape(-1, docs.shape[-1])
+        n, dim = flat.shape
         # dL/ds_ic = gc_i * ([c is the positive] - P_ic), with gc_i = dL/dlog p_i / temperature. Accumulate
         # sum_c dL/ds_ic * r_c * c (and the transpose for the docs), then finish with the inverse norms.
         gc = dlog_p.float() * ctx.inv_tau
         dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-        dd = torch.zeros(flat.shape, dtype=torch.float32, device=q.device)
-        if ctx.in_batch:
-            with launch_device(q):  # backward may run on another thread, whose current device is not q's
-                ctx.engine.backward(q, flat, rq, rd, s_pos, lse, gc, ctx.inv_tau, ctx.margin, docs.shape[1], dq, dd)
-        _local_backward(q, docs, synthetic, rq, rd, rs, s_pos, lse, gc, ctx.inv_tau, ctx.margin, ctx.in_batch, dq, dd)
+        dd = torch.empty(flat.shape, dtype=docs.dtype, device=q.device)
+        rows = candidate_chunk(n, dim) if ctx.in_batch else n  # own candidates only: one chunk
+        chunk = torch.empty((min(rows, n), dim), dtype=torch.float32, device=q.device)
+        for c0 in range(0, n, rows):
+            c1 = min(c0 + rows, n)
+            acc = chunk[:c1 - c0].zero_()
+            if ctx.in_batch:
+                with launch_device(q):  # backward may run on another thread, whose current device is not q's
+                    ctx.engine.backward(q, flat, rq, rd, s_pos, lse, gc, ctx.inv_tau, ctx.margin, docs.shape[1], dq,
+                                        acc, c0)
+            else:
+                _local_backward(q, docs, synthetic, rq, rd, rs, s_pos, lse, gc, ctx.inv_tau, ctx.margin, False, dq,
+                                acc)
+            dd[c0:c1] = _finish_grad(acc, flat[c0:c1], rd[c0:c1], pd[c0:c1])
+        if ctx.in_batch:  # the synthetic negatives' part of dq
+            _local_backward(q, docs, synthetic, rq, rd, rs, s_pos, lse, gc, ctx.inv_tau, ctx.margin, True, dq, None)
         dq = _finish_grad(dq, q, rq, pq).to(q.dtype)
-        dd = _finish_grad(dd, flat, rd, pd).view(docs.shape).to(docs.dtype)
-        return dq, dd, None, None, None, None, None, None
+        return dq, dd.view(docs.shape), None, None, None, None, None, None
