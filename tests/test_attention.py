@@ -317,6 +317,65 @@ def test_cuda_tensors_on_different_devices():
         flash_attention(q, q.cpu(), q.cpu())
 
 
+# Autotuning checks only the config that wins on a test's shapes; each config a GPU could pick elsewhere (longer
+# sequences, other head dims) must be correct on its own: the autotuned kernel is forced to one config at a time.
+TMA, ATOMIC_DQ = "KALM_ATTENTION_TMA=1", "KALM_ATTENTION_DQ=atomic"
+CONFIG_CASES = [("fwd", None), ("fwd", TMA), ("dkdv", None), ("dkdv", ATOMIC_DQ), ("dq", None)]
+
+
+def _config_runs(kernel, d, setting):
+    """``[(dtype, causal values, [(BLOCK_M, BLOCK_N, warps, stages)])]``: on a GPU its arch's configs, bf16 (causal
+    and not) and fp32 (not causal, head dims <= 128; fp32 never loads through TMA descriptors); in the interpreter,
+    which ignores warps and stages, every tile shape of any arch and width, on fp32 (fp16 for TMA)."""
+    import triton
+
+    from kalm_fast.ops.attention import _triton as tri
+
+    block_d, atomic = max(16, triton.next_power_of_2(d)), setting == ATOMIC_DQ
+    if DEVICE == "cuda":
+        arch = tri.arch_class(DEVICE)
+        runs = [(torch.bfloat16, (False, True), tri.gpu_configs(kernel, arch, "half", block_d, atomic))]
+        if setting != TMA and d <= 128:
+            runs.append((torch.float32, (False,), tri.gpu_configs(kernel, arch, "fp32", block_d, atomic)))
+        return runs
+    shapes = sorted({c[:2] for arch in ("sm80", "sm90") for width in ("half", "fp32")
+                     for c in tri.gpu_configs(kernel, arch, width, block_d, atomic)})
+    return [(torch.float16 if setting == TMA else torch.float32, (False, True), [(m, n, 4, 1) for m, n in shapes])]
+
+
+@pytest.mark.parametrize("backend", backend_params(OP, ("triton",)))
+@pytest.mark.parametrize("kernel,setting", CONFIG_CASES)
+@pytest.mark.parametrize("d", [64, 128, 256] if DEVICE == "cuda" else [64, 96, 256])
+def test_triton_every_config_matches_reference(backend, kernel, setting, d, monkeypatch):
+    """Sequences over several tiles of every height and a partial last tile; on a GPU the head counts of the GPU
+    tests below (GQA 14:2, whose compiles they share), in the interpreter 2:1 (fewer rows to interpret)."""
+    import triton
+
+    from kalm_fast.ops.attention import _triton as tri
+
+    if setting:
+        monkeypatch.setenv(*setting.split("="))
+    tuned = {"fwd": tri._attn_fwd_tuned, "dkdv": tri._attn_bwd_dkdv_tuned, "dq": tri._attn_bwd_dq_tuned}[kernel]
+    run = _forward if kernel == "fwd" else _run  # the forward kernel: out and lse only
+    hq, hkv = (14, 2) if DEVICE == "cuda" else (2, 1)
+    cu = _cu([0, 1, 37, 150])
+    checked = 0
+    for dtype, causals, configs in _config_runs(kernel, d, setting):
+        q, k, v = _inputs((int(cu[-1]), hq, d), hkv, dtype)
+        for causal in causals:
+            expected = run("reference", q, k, v, cu_seqlens=cu, causal=causal)
+            for bm, bn, warps, stages in configs:
+                config = triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
+                monkeypatch.setattr(tuned, "configs", [config])
+                try:
+                    _assert_close(run(backend, q, k, v, cu_seqlens=cu, causal=causal), expected, backend, dtype)
+                except AssertionError as e:
+                    raise AssertionError(f"{kernel} config {config}, {dtype}, causal={causal}: {e}") from None
+                assert tuned.best_config is config
+                checked += 1
+    assert checked >= 2
+
+
 # ---------------------------------------------------------------------------------------------- GPU-only cases
 
 

@@ -320,6 +320,39 @@ class _Recorder:
 
 
 @pytest.mark.parametrize("backend", backend_params(OP, ("triton",)))
+@pytest.mark.parametrize("kernel", ["fwd", "grad"])
+def test_triton_every_config_matches_reference(backend, kernel, gemm_backward, monkeypatch):
+    """Autotuning checks only the config that wins on a test's shapes: each config of the forward's and the gemm
+    backward's tables, forced one at a time (on a GPU: bf16 and fp32, compiled; in the interpreter, which ignores
+    warps and stages: every tile shape, on fp32), at a width and batch that no tile divides."""
+    import triton
+
+    tuned = {"fwd": gemm_backward._fwd_tuned, "grad": gemm_backward._bwd_grad_tuned}[kernel]
+    tables = {width: gemm_backward.GPU_CONFIGS[kernel, width] for width in ("half", "fp32")}
+    if DEVICE == "cuda":
+        configs = {torch.bfloat16: tables["half"], torch.float32: tables["fp32"]}
+    else:
+        configs = {torch.float32: sorted({(bm, bn, bk, 4, 1) for table in tables.values() for bm, bn, bk, *_ in table})}
+    kw = dict(temperature=0.05, false_negative_margin=0.1, num_synthetic=2)
+    checked = 0
+    for dtype, table in configs.items():
+        q, docs = _inputs(70, 3, 136, dtype)
+        want = _loss_and_grads(ref.focal_infonce, q, docs, generator=torch.Generator().manual_seed(2), **kw)
+        for bm, bn, bk, warps, stages in table:
+            config = triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk), num_warps=warps, num_stages=stages)
+            monkeypatch.setattr(tuned, "configs", [config])
+            got = _loss_and_grads(focal_infonce, q, docs, generator=torch.Generator().manual_seed(2),
+                                  backend=backend, **kw)
+            try:
+                _assert_close(got, want, tolerance(OP, backend, dtype))
+            except AssertionError as e:
+                raise AssertionError(f"{kernel} config {config}, {dtype}: {e}") from None
+            assert tuned.best_config is config
+            checked += 1
+    assert checked >= 2
+
+
+@pytest.mark.parametrize("backend", backend_params(OP, ("triton",)))
 def test_benchmark_times_the_gemm_backward_under_its_setting(backend, monkeypatch):
     """benchmarks.contrastive's ``triton gemm-bwd`` row runs the triton backend with KALM_FOCAL_INFONCE_BWD=gemm."""
     from benchmarks import contrastive as bench

@@ -430,6 +430,11 @@ def delta_block(dtype, block_d: int) -> int:
     return min(rows, 32) if triton_interpreting() else rows
 
 
+def arch_class(device=None) -> str:
+    """The config tables' arch class of a CUDA device: ``sm90`` (compute capability 9 and newer) or ``sm80``."""
+    return "sm90" if torch.cuda.get_device_capability(device)[0] >= 9 else "sm80"
+
+
 def head_dim_class(block_d: int) -> int:
     return 64 if block_d <= 64 else 128 if block_d <= 128 else 256
 
@@ -461,9 +466,8 @@ def _pruner(kernel):
         if triton_interpreting():
             return configs
         meta = {**named_args, **kwargs}
-        arch = "sm90" if torch.cuda.get_device_capability()[0] >= 9 else "sm80"
-        allowed = gpu_configs(kernel, arch, "fp32" if meta["PRECISION"] == "ieee" else "half", meta["BLOCK_D"],
-                              meta.get("ATOMIC_DQ", False))
+        width = "fp32" if meta["PRECISION"] == "ieee" else "half"
+        allowed = gpu_configs(kernel, arch_class(), width, meta["BLOCK_D"], meta.get("ATOMIC_DQ", False))
         return [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in allowed]
     return prune
 

@@ -175,26 +175,34 @@ class LogP(torch.autograd.Function):
     def backward(ctx, dlog_p, _dpos, _dneg):
         q, docs, synthetic, rq, pq, rd, pd, rs, s_pos, lse = ctx.saved_tensors
         flat = docs.reshape(-1, docs.shape[-1])
-        n, dim = flat.shape
         # dL/ds_ic = gc_i * ([c is the positive] - P_ic), with gc_i = dL/dlog p_i / temperature. Accumulate
         # sum_c dL/ds_ic * r_c * c (and the transpose for the docs), then finish with the inverse norms.
         gc = dlog_p.float() * ctx.inv_tau
         dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-        dd = torch.empty(flat.shape, dtype=docs.dtype, device=q.device)
-        rows = candidate_chunk(n, dim) if ctx.in_batch else n  # own candidates only: one chunk
-        chunk = torch.empty((min(rows, n), dim), dtype=torch.float32, device=q.device)
-        for c0 in range(0, n, rows):
-            c1 = min(c0 + rows, n)
-            acc = chunk[:c1 - c0].zero_()
-            if ctx.in_batch:
-                with launch_device(q):  # backward may run on another thread, whose current device is not q's
-                    ctx.engine.backward(q, flat, rq, rd, s_pos, lse, gc, ctx.inv_tau, ctx.margin, docs.shape[1], dq,
-                                        acc, c0)
-            else:
-                _local_backward(q, docs, synthetic, rq, rd, rs, s_pos, lse, gc, ctx.inv_tau, ctx.margin, False, dq,
-                                acc)
-            dd[c0:c1] = _finish_grad(acc, flat[c0:c1], rd[c0:c1], pd[c0:c1])
-        if ctx.in_batch:  # the synthetic negatives' part of dq
-            _local_backward(q, docs, synthetic, rq, rd, rs, s_pos, lse, gc, ctx.inv_tau, ctx.margin, True, dq, None)
+        local = (q, docs, synthetic, rq, rd, rs, s_pos, lse, gc, ctx.inv_tau, ctx.margin, ctx.in_batch, dq)
+        if ctx.in_batch:
+            _local_backward(*local, None)  # the synthetic negatives' part of dq
+            dd = _in_batch_backward(ctx.engine, q, flat, rq, rd, pd, s_pos, lse, gc, ctx.inv_tau, ctx.margin,
+                                    docs.shape[1], dq)
+        else:  # own candidates only: one float32 block of all the documents (group x the size of dq)
+            acc = torch.zeros(flat.shape, dtype=torch.float32, device=q.device)
+            _local_backward(*local, acc)
+            dd = _finish_grad(acc, flat, rd, pd).to(docs.dtype)
         dq = _finish_grad(dq, q, rq, pq).to(q.dtype)
         return dq, dd.view(docs.shape), None, None, None, None, None, None
+
+
+def _in_batch_backward(engine, q, flat, rq, rd, pd, s_pos, lse, gc, inv_tau, margin, group, dq):
+    """The documents' gradient ``[N, D]`` in their dtype (and the in-batch part of ``dq``), one float32 chunk of
+    ``candidate_chunk`` documents at a time."""
+    n, dim = flat.shape
+    dd = torch.empty(flat.shape, dtype=flat.dtype, device=q.device)
+    rows = candidate_chunk(n, dim)
+    chunk = torch.empty((min(rows, n), dim), dtype=torch.float32, device=q.device)
+    for c0 in range(0, n, rows):
+        c1 = min(c0 + rows, n)
+        acc = chunk[:c1 - c0].zero_()
+        with launch_device(q):  # backward may run on another thread, whose current device is not q's
+            engine.backward(q, flat, rq, rd, s_pos, lse, gc, inv_tau, margin, group, dq, acc, c0)
+        dd[c0:c1] = _finish_grad(acc, flat[c0:c1], rd[c0:c1], pd[c0:c1])
+    return dd
