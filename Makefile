@@ -18,6 +18,8 @@ test: $(VENV)/.installed-dev
 # The newest transformers and sentence-transformers that pyproject's ranges allow (constraints.txt pins everything
 # else: torch's CPU build, and numpy and triton for the Triton interpreter), in their own venv, on the tests of the
 # code that meets them: the next release of either shows up here as a red test. Not part of `make test`.
+# PINS="transformers==5.17.0 sentence-transformers==6.0.1" tests given versions instead (those of the H200 machine).
+PINS ?=
 LATEST := .venv-latest
 LATEST_PIP := $(LATEST)/bin/python -m pip --disable-pip-version-check -q
 LATEST_TESTS := tests/test_models.py tests/test_train_gradcache.py tests/test_sentence_transformers.py tests/test_mteb.py
@@ -25,6 +27,7 @@ LATEST_TESTS := tests/test_models.py tests/test_train_gradcache.py tests/test_se
 test-latest:
 	test -x $(LATEST)/bin/python || $(PYTHON) -m venv $(LATEST)
 	grep -v -E '^(transformers|sentence-transformers)==' constraints.txt > $(LATEST)/constraints.txt
+	for pin in $(PINS); do echo "$$pin" >> $(LATEST)/constraints.txt; done
 	$(LATEST)/bin/python -c "import torch" 2>/dev/null || $(LATEST_PIP) install -c $(LATEST)/constraints.txt torch
 	$(LATEST)/bin/python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
 		print('\n'.join(p['dependencies'] + p['optional-dependencies']['dev']))" > $(LATEST)/requirements.txt

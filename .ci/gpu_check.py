@@ -5,8 +5,9 @@
 
 Made for the offline H200 test machine (system python3 with torch, triton, transformers, sentence-transformers,
 pybind11, pytest, pytest-xdist; nothing can be installed; the 88 MB embedded-model package is absent) and for its
-short leases: the whole run ends within ``--budget`` seconds (default 470), every stage has its own time limit and a
-stage that no longer fits is skipped and reported. Stages, in order:
+short leases: the whole run ends within ``--budget`` seconds (default 470), every stage has its own time limit (at
+which it is interrupted, so that pytest still prints the failures so far, then killed with its workers) and a stage
+that no longer fits is skipped and reported. Stages, in order:
 
 - ``env``: GPU, driver, versions;
 - ``build``: ``kalm_fast._C`` built in place with this interpreter; a build without CUDA fails the run loudly;
@@ -37,7 +38,9 @@ import argparse
 import json
 import os
 import platform
+import re
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
@@ -48,6 +51,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 MAX_FILES = 8  # what the H200 test machine hands back from OUT
 MIN_STAGE_SECONDS = 30  # a stage with less time left than both this and its own limit is skipped
+# a stage at its limit gets SIGINT and up to this long (a quarter of its limit at most) to print what it has: pytest
+# its short summary of the failures so far, a benchmark where it was; then its whole process group is killed
+INTERRUPT_GRACE = 15
 
 
 @dataclass
@@ -66,11 +72,11 @@ class Stage:
 def stages(dry: bool, workers: int) -> list:
     py = sys.executable
     bench = "dry" if dry else "gpu-check"
-    test_cmd = [py, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "-rfEs", "tests"]
+    test_cmd = [py, "-m", "pytest", "-m", "gpu", "-p", "no:cacheprovider", "-rfEs", "tests"]
     if dry:
-        test_cmd += ["--collect-only"]
-    else:
-        test_cmd += ["-n", str(workers), "--junitxml", "{work}/junit.xml"]
+        test_cmd += ["-q", "--collect-only"]
+    else:  # a line per test as it ends (what ran, should the stage be cut), the slowest tests at the end
+        test_cmd += ["-v", "--durations=25", "-n", str(workers), "--junitxml", "{work}/junit.xml"]
     encode = [py, "-m", "benchmarks.encode", "--models", "qwen2", "--workloads", "longtail", "--quick", "--no-peers",
               *(["--dtypes", "float32", "--layers", "1", "--texts", "16"] if dry else ["--dtypes", "bfloat16"])]
     train = [py, "-m", "benchmarks.train_step", "--batch", "4" if dry else "256", "--repeats", "1", "--profile",
@@ -153,16 +159,32 @@ def run_stage(stage: Stage, work: Path, deadline: float) -> dict:
     with open(log, "w") as out:
         out.write("$ " + " ".join(command) + "\n")
         out.flush()
-        try:
-            proc = subprocess.run(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, timeout=limit)
+        proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)  # its own process group: no worker outlives it
+        if _finished(proc, limit - min(INTERRUPT_GRACE, limit // 4)):
             status = "ok" if proc.returncode == 0 else f"failed (exit {proc.returncode})"
-        except subprocess.TimeoutExpired:  # over its own limit, or cut short by the run's budget
+        else:  # over its own limit, or cut short by the run's budget
+            proc.send_signal(signal.SIGINT)
+            _finished(proc, min(INTERRUPT_GRACE, limit // 4))
             status = f"timeout after {limit} s" if limit == stage.limit else f"cut at the budget after {limit} s"
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:  # the group is gone: nothing was left running
+            pass
+        proc.wait()
     row.update(status=status, seconds=round(time.monotonic() - started, 1), log=log.name)
     tail = log.read_text(errors="replace").splitlines()[-3:]
     row["tail"] = " | ".join(line.strip() for line in tail)[-400:]
     print(f"[{row['seconds']:6.1f} s] {stage.name}: {status}", flush=True)
     return row
+
+
+def _finished(proc: subprocess.Popen, seconds: float) -> bool:
+    try:
+        proc.wait(timeout=max(seconds, 0))
+        return True
+    except subprocess.TimeoutExpired:
+        return False
 
 
 def summarize(rows: list, work: Path, out: Path, dry: bool, started: float) -> int:
@@ -182,9 +204,9 @@ def summarize(rows: list, work: Path, out: Path, dry: bool, started: float) -> i
     tests_log = work / "tests.log"
     if tests_log.is_file():  # pytest's short summary: failures, errors and skips with their reasons
         text = tests_log.read_text(errors="replace").splitlines()
-        keep = [line for line in text if line.startswith(("FAILED", "ERROR", "SKIPPED", "="))
-                or " passed" in line or " collected" in line]
-        lines += ["", "## tests", "```", *keep[-80:], "```"]
+        keep = [line for line in text if line.startswith(("FAILED", "ERROR", "SKIPPED", "=", "!"))
+                or " passed" in line or " collected" in line or re.match(r"\d+\.\d+s (call|setup) ", line)]
+        lines += ["", "## tests", "```", *keep[-100:], "```"]
     for report in sorted((work / "bench").glob("*.md")):
         lines += ["", report.read_text(errors="replace")]
     (out / "summary.md").write_text("\n".join(lines) + "\n")

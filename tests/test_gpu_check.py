@@ -67,6 +67,42 @@ def test_a_stage_over_its_limit_times_out_and_a_late_one_is_skipped(tmp_path):
     assert row["status"] == "skipped"
 
 
+def _running(pid: int) -> bool:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+    return "\nState:\tZ" not in status  # a zombie has ended
+
+
+def test_a_stage_over_its_limit_is_interrupted_then_killed_with_its_children(tmp_path):
+    """At its limit a stage gets SIGINT and a grace period to print what it has (pytest: the failures so far); then
+    its whole process group goes, workers included (none may hold the GPU during the next stage)."""
+    module = _load_script()
+    import time
+
+    pid_file = tmp_path / "worker.pid"
+    script = f"""if True:
+        import subprocess, sys, time
+        worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+        open({str(pid_file)!r}, "w").write(str(worker.pid))
+        try:
+            time.sleep(60)
+        except KeyboardInterrupt:
+            print("interrupted:", "3 passed", flush=True)  # (the log's first line holds this script's text)
+            time.sleep(60)  # and then hangs: killed at the limit"""
+    started = time.monotonic()
+    row = module.run_stage(module.Stage("tests", 4, [sys.executable, "-c", script]), tmp_path, started + 60)
+    assert row["status"] == "timeout after 4 s"
+    assert time.monotonic() - started < 10
+    assert "interrupted: 3 passed" in (tmp_path / "tests.log").read_text()
+    worker = int(pid_file.read_text())
+    deadline = time.monotonic() + 5
+    while _running(worker) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _running(worker)
+
+
 def test_a_benchmark_cut_by_the_budget_does_not_fail_the_run(tmp_path, monkeypatch):
     module = _load_script()
     import time
