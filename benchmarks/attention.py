@@ -33,7 +33,7 @@ from kalm_fast import _registry
 from kalm_fast.ops import Varlen
 from kalm_fast.ops.attention import flash_attention
 
-from .harness import time_fn, write_report
+from .harness import progress, time_fn, write_report
 
 try:  # optional peer: FlashAttention-2's varlen kernel
     from flash_attn import flash_attn_varlen_func
@@ -126,9 +126,9 @@ def kernel_sweep(device, dtype, seqlens, head_dims, causal, tokens, repeats, wit
                 bwd = max(both - fwd, 1e-6)
                 dt = str(dtype).split(".")[-1]
                 for mode, ms, f in (("fwd", fwd, flops), ("bwd", bwd, 2.5 * flops), ("fwd+bwd", both, 3.5 * flops)):
-                    rows.append({"impl": name, "mode": mode, "seqlen": L, "batch": B, "heads": heads, "head_dim": d,
-                                 "causal": causal, "dtype": dt, "ms": ms, "TFLOP/s": f / (ms * 1e-3) / 1e12,
-                                 "series": f"{name} {mode} D={d} {dt}"})
+                    rows.append(progress({"impl": name, "mode": mode, "seqlen": L, "batch": B, "heads": heads,
+                                          "head_dim": d, "causal": causal, "dtype": dt, "ms": ms,
+                                          "TFLOP/s": f / (ms * 1e-3) / 1e12, "series": f"{name} {mode} D={d} {dt}"}))
     return rows
 
 
@@ -180,8 +180,8 @@ def realistic_batch(device, dtype, total, repeats, variants=False):
         with torch.no_grad(), _variant(name.removeprefix("packed ")):
             ms = time_fn(fn, repeats=repeats)["median_ms"]
         base = ms if name == "padded sdpa" else base
-        rows.append({"impl": name, "sequences": B, "tokens": T, "padded tokens": B * L, "ms": ms,
-                     "tokens/s": T / (ms * 1e-3), "x padded sdpa": base / ms})
+        rows.append(progress({"impl": name, "sequences": B, "tokens": T, "padded tokens": B * L, "ms": ms,
+                              "tokens/s": T / (ms * 1e-3), "x padded sdpa": base / ms}))
     return rows
 
 

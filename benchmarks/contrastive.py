@@ -23,7 +23,7 @@ from unittest import mock
 
 import torch
 
-from .harness import on_gpu, time_fn, write_report
+from .harness import on_gpu, progress, time_fn, write_report
 
 M, D = 7, 896
 # GPU presets: batch sizes (every backend each); CPU presets: (backend, B) runs, each in its own process.
@@ -81,8 +81,7 @@ def _run_cpu(runs) -> list:
         if proc.returncode != 0:
             rows.append(dict(backend=backend, B=batch, note=f"failed: {proc.stderr.strip()[-200:]}"))
             continue
-        rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-        print(rows[-1], flush=True)
+        rows.append(progress(json.loads(proc.stdout.strip().splitlines()[-1])))
     return rows
 
 
@@ -110,8 +109,7 @@ def _run_gpu(sizes) -> list:
             except torch.OutOfMemoryError:
                 row["note"] = "out of memory"
             q = docs = None
-            rows.append(row)
-            print(row, flush=True)
+            rows.append(progress(row))
     return rows
 
 

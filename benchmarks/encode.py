@@ -40,7 +40,7 @@ import torch
 
 from kalm_fast.cli.demo import DATA_DIR
 
-from .harness import device_info, print_profile, write_report
+from .harness import device_info, print_profile, progress, write_report
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = DATA_DIR / "sample_corpus.txt"
@@ -336,13 +336,14 @@ def rows_for(model_name, workload, texts, times, outs, reference, lengths, work,
         dtype = next((d for d in ("bfloat16", "float16") if d in name), "float32") if torch_runtime else None
         same = (ST_FP32 if dtype == "float32" else f"sentence-transformers {dtype}") if torch_runtime else None
         ceiling = ceilings.get(dtype)
-        rows.append({"model": model_name, "workload": workload, "impl": name, "dtype": dtype, "texts": len(texts),
-                     "tokens": sum(lengths), "median_s": med, "min_s": min(ts), "texts/s": len(texts) / med,
-                     "tokens/s": sum(lengths) / med, "GFLOP/s": work / med / 1e9, "matmul GFLOP/s": ceiling,
-                     "% of matmul": 100 * work / med / 1e9 / ceiling if ceiling else None,
-                     "x ST fp32": medians[ST_FP32] / med if ST_FP32 in medians else None,
-                     "x ST same dtype": medians[same] / med if same in medians else None,
-                     "min cos vs ST fp32": f"{min_cosine(outs[name], reference):.6f}"})
+        rows.append(progress({
+            "model": model_name, "workload": workload, "impl": name, "dtype": dtype, "texts": len(texts),
+            "tokens": sum(lengths), "median_s": med, "min_s": min(ts), "texts/s": len(texts) / med,
+            "tokens/s": sum(lengths) / med, "GFLOP/s": work / med / 1e9, "matmul GFLOP/s": ceiling,
+            "% of matmul": 100 * work / med / 1e9 / ceiling if ceiling else None,
+            "x ST fp32": medians[ST_FP32] / med if ST_FP32 in medians else None,
+            "x ST same dtype": medians[same] / med if same in medians else None,
+            "min cos vs ST fp32": f"{min_cosine(outs[name], reference):.6f}"}))
     return rows
 
 

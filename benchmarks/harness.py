@@ -114,6 +114,12 @@ def device_tag() -> str:
     return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name().lower()).strip("-")
 
 
+def progress(row: dict) -> dict:
+    """Print a measured row at once (a run cut short still shows what it measured) and return it."""
+    print("row", json.dumps(row, default=str), flush=True)
+    return row
+
+
 def markdown_table(rows: list[dict], columns: list[str]) -> str:
     def fmt(v):
         if isinstance(v, float):

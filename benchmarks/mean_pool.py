@@ -18,7 +18,7 @@ import torch
 from kalm_fast import _registry
 from kalm_fast.ops import Varlen, mean_pool
 
-from .harness import device_info, time_fn, write_report
+from .harness import device_info, progress, time_fn, write_report
 
 # Padded (B, L, H) shapes, or ("packed", T, H): a long-tailed packed encode batch of T tokens, hidden size H.
 PRESETS = {
@@ -63,9 +63,9 @@ def run(shapes, dtype: torch.dtype, backends, repeats: int) -> list[dict]:
         copy_to = torch.empty_like(hidden)
         copy_ms = time_fn(lambda: copy_to.copy_(hidden), repeats=repeats)["median_ms"]
         copy_gbs = 2 * hidden.numel() * hidden.element_size() / (copy_ms * 1e-3) / 1e9
-        rows.append({"shape": name, "tokens": tokens, "backend": "copy", "series": "copy",
-                     "dtype": str(dtype).split(".")[-1], "ms": copy_ms, "GB/s": copy_gbs, "% of copy": 100.0,
-                     "% nominal": (100 * copy_gbs / bandwidth) if bandwidth else None})
+        rows.append(progress({"shape": name, "tokens": tokens, "backend": "copy", "series": "copy",
+                              "dtype": str(dtype).split(".")[-1], "ms": copy_ms, "GB/s": copy_gbs, "% of copy": 100.0,
+                              "% nominal": (100 * copy_gbs / bandwidth) if bandwidth else None}))
         runnable = _registry.runnable("mean_pool", device, dtype)
         for normalize in (False, True):  # the encoders pool with normalize=True
             ref_ms = None
@@ -76,12 +76,12 @@ def run(shapes, dtype: torch.dtype, backends, repeats: int) -> list[dict]:
                              repeats=repeats)["median_ms"]
                 ref_ms = ms if backend == "reference" else ref_ms
                 gbs = nbytes / (ms * 1e-3) / 1e9
-                rows.append({"shape": name, "tokens": tokens, "backend": backend, "normalize": normalize,
-                             "series": backend + (" normalize" if normalize else ""),
-                             "dtype": str(dtype).split(".")[-1], "ms": ms, "GB/s": gbs,
-                             "% of copy": 100 * gbs / copy_gbs,
-                             "% nominal": (100 * gbs / bandwidth) if bandwidth else None,
-                             "x reference": (ref_ms / ms) if ref_ms else None})
+                rows.append(progress({"shape": name, "tokens": tokens, "backend": backend, "normalize": normalize,
+                                      "series": backend + (" normalize" if normalize else ""),
+                                      "dtype": str(dtype).split(".")[-1], "ms": ms, "GB/s": gbs,
+                                      "% of copy": 100 * gbs / copy_gbs,
+                                      "% nominal": (100 * gbs / bandwidth) if bandwidth else None,
+                                      "x reference": (ref_ms / ms) if ref_ms else None}))
     return rows
 
 

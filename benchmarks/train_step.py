@@ -21,7 +21,7 @@ import tempfile
 
 import torch
 
-from .harness import on_gpu, print_profile, time_fn, write_report
+from .harness import on_gpu, print_profile, progress, time_fn, write_report
 
 QWEN2_05B = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
                  num_key_value_heads=2, vocab_size=151936, max_position_embeddings=4096)
@@ -127,7 +127,7 @@ def measure(model, optimizer, backend, batch, args, device, repeats, st=None):
                step_ms=t["median_ms"], samples_per_s=batch / (t["median_ms"] / 1e3))
     if device.type == "cuda":
         row["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-    return row
+    return progress(row)
 
 
 def main(argv=None) -> int:
