@@ -208,15 +208,17 @@ class _ChunkRecorder(TorchEngine):
 
     @classmethod
     def backward(cls, q, flat, rq, rd, s_pos, lse, gc, inv_tau, margin, group, dq, dd, c0=0):
-        cls.calls.append((c0, c0 + dd.shape[0], dd.dtype, bool(dd.eq(0).all())))
+        cls.calls.append((c0, c0 + dd.shape[0], dd.dtype, bool(dd.eq(0).all()), dd.data_ptr()))
         super().backward(q, flat, rq, rd, s_pos, lse, gc, inv_tau, margin, group, dq, dd, c0)
 
 
 @pytest.mark.parametrize("in_batch", [True, False])
-def test_backward_accumulates_the_documents_chunk_by_chunk(in_batch):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_backward_accumulates_the_documents_chunk_by_chunk(in_batch, dtype):
     """In-batch, LogP hands the engine zeroed float32 accumulators of consecutive candidate chunks (never one of all
-    the documents) and the gradients match the reference; without in-batch negatives no engine runs."""
-    q, docs = _inputs(9, 4, 24)  # 45 candidates: chunks of 16
+    the documents): float32 documents' own gradient, chunk by chunk; for fp16 one reused float32 chunk. The
+    gradients match the reference; without in-batch negatives no engine runs."""
+    q, docs = _inputs(9, 4, 24, dtype)  # 45 candidates: chunks of 16
     _ChunkRecorder.calls = []
 
     def loss(a, b, **kw):
@@ -225,10 +227,13 @@ def test_backward_accumulates_the_documents_chunk_by_chunk(in_batch):
 
     got = _loss_and_grads(loss, q, docs)
     want = _loss_and_grads(ref.focal_infonce, q, docs, temperature=0.05, in_batch_negatives=in_batch)
-    _assert_close(got, want, tolerance(OP, "torch", torch.float32))
-    expected = [(0, 16), (16, 32), (32, 45)] if in_batch else []
-    assert [c[:2] for c in _ChunkRecorder.calls] == expected
-    assert all(dtype == torch.float32 and zeroed for _, _, dtype, zeroed in _ChunkRecorder.calls)
+    _assert_close(got, want, tolerance(OP, "torch", dtype))
+    calls = _ChunkRecorder.calls
+    assert [c[:2] for c in calls] == ([(0, 16), (16, 32), (32, 45)] if in_batch else [])
+    assert all(acc_dtype == torch.float32 and zeroed for _, _, acc_dtype, zeroed, _ in calls)
+    row_bytes = 4 * q.shape[1]
+    offsets = [ptr - calls[0][-1] for *_, ptr in calls]
+    assert offsets == ([c0 * row_bytes for c0, *_ in calls] if dtype == torch.float32 else [0] * len(calls))
 
 
 @pytest.mark.parametrize("backend", backend_params(OP, ("triton", "cuda"), torch.float16))

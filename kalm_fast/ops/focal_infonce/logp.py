@@ -193,16 +193,21 @@ class LogP(torch.autograd.Function):
 
 
 def _in_batch_backward(engine, q, flat, rq, rd, pd, s_pos, lse, gc, inv_tau, margin, group, dq):
-    """The documents' gradient ``[N, D]`` in their dtype (and the in-batch part of ``dq``), one float32 chunk of
-    ``candidate_chunk`` documents at a time."""
+    """The documents' gradient ``[N, D]`` in their dtype (and the in-batch part of ``dq``), ``candidate_chunk``
+    documents at a time: float32 documents accumulate in place, others in one reused float32 chunk, cast as each is
+    finished."""
     n, dim = flat.shape
     dd = torch.empty(flat.shape, dtype=flat.dtype, device=q.device)
     rows = candidate_chunk(n, dim)
-    chunk = torch.empty((min(rows, n), dim), dtype=torch.float32, device=q.device)
+    chunk = None
+    if dd.dtype != torch.float32:
+        chunk = torch.empty((min(rows, n), dim), dtype=torch.float32, device=q.device)
     for c0 in range(0, n, rows):
         c1 = min(c0 + rows, n)
-        acc = chunk[:c1 - c0].zero_()
+        acc = (dd[c0:c1] if chunk is None else chunk[:c1 - c0]).zero_()
         with launch_device(q):  # backward may run on another thread, whose current device is not q's
             engine.backward(q, flat, rq, rd, s_pos, lse, gc, inv_tau, margin, group, dq, acc, c0)
-        dd[c0:c1] = _finish_grad(acc, flat[c0:c1], rd[c0:c1], pd[c0:c1])
+        _finish_grad(acc, flat[c0:c1], rd[c0:c1], pd[c0:c1])
+        if chunk is not None:
+            dd[c0:c1] = acc
     return dd
