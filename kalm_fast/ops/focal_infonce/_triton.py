@@ -11,10 +11,14 @@ The backward, by ``KALM_FOCAL_INFONCE_BWD`` (read at each backward): ``fused`` (
 kernel, each recomputing every score tile once per chunk of ``BLOCK_DO`` features (8 recomputations at D = 896);
 ``gemm``: for each chunk of candidates, one kernel recomputes the chunk's score tiles once and writes
 ``G = dL/ds [B, chunk]`` in the input dtype, then two matmuls (cuBLAS on a GPU, fp32 output) add
-``G @ (C * rc)`` into dq and ``G^T @ (Q * rq)`` into dC; ``G`` is at most ``GRAD_CHUNK_BYTES``.
+``G @ (C * rc)`` into dq and ``G^T @ (Q * rq)`` into dC (straight into the float32 accumulators where this torch's
+``addmm`` takes ``out_dtype``, else through a float32 product); ``G`` is at most ``GRAD_CHUNK_BYTES``.
+fp16 products could underflow: for fp16 inputs ``gc`` is divided by its largest magnitude inside the kernels and
+the float32 results multiplied back (bf16 has float32's range).
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -293,8 +297,11 @@ class TritonEngine:
     def backward(q, flat, rq, rd, s_pos, lse, gc, inv_tau, margin, group, dq, dd, c0=0):
         """Adds the in-batch part of ``G = dL/ds`` of candidates ``c0 .. c0 + len(dd)`` into the float32
         accumulators: ``dq += (G * rd) @ flat``, ``dd += (G * rq)^T @ q``."""
-        g_scale = gc.abs().amax().clamp_min(torch.finfo(torch.float32).tiny).reshape(1)
-        gc = gc / g_scale  # |gc| <= 1 inside the kernels (no 16-bit product underflows), scaled back in float32
+        if q.dtype == torch.float16:  # |gc| <= 1 inside the kernels (no fp16 product underflows), scaled back after
+            g_scale = gc.abs().amax().clamp_min(torch.finfo(torch.float32).tiny).reshape(1)
+            gc = gc / g_scale
+        else:
+            g_scale = torch.ones(1, device=q.device)
         args = (q, flat, rq, rd, s_pos, lse, gc, g_scale, inv_tau * LOG2E, margin, group, dq, dd, c0)
         if backward_mode() == "gemm":
             _backward_gemm(*args)
@@ -335,8 +342,30 @@ def _backward_gemm(q, flat, rq, rd, s_pos, lse, gc, g_scale, scale_log2, margin,
         _bwd_grad_tuned[lambda meta: (triton.cdiv(g1 - g0, meta["BLOCK_N"]), triton.cdiv(batch, meta["BLOCK_M"]))](
             q, flat, rq, rd, s_pos, lse, gc, g, batch, g1, d, group, q.stride(0), flat.stride(0), g.stride(0), g0,
             scale_log2, 0.0 if margin is None else margin, **flags)
-        dq += _matmul_fp32(g, _scale_rows(flat[g0:g1], rd[g0:g1])).mul_(g_scale)
-        dd[g0 - c0:g1 - c0] += _matmul_fp32(g.T, q_unit).mul_(g_scale)
+        _add_matmul(dq, g, _scale_rows(flat[g0:g1], rd[g0:g1]), g_scale)
+        _add_matmul(dd[g0 - c0:g1 - c0], g.T, q_unit, g_scale)
+
+
+def _add_matmul(acc, a, b, g_scale):
+    """``acc += (a @ b) * g_scale`` into float32 ``acc``: bf16 products (``g_scale`` is one) straight into it on a GPU
+    whose torch's ``addmm`` can, else through a float32 product (``_matmul_fp32``)."""
+    if a.dtype == torch.bfloat16 and a.is_cuda and _addmm_into_float32(a.device):
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    else:
+        acc += _matmul_fp32(a, b).mul_(g_scale)
+
+
+@functools.cache
+def _addmm_into_float32(device) -> bool:
+    """Whether this torch's cuBLAS ``addmm`` adds bf16 products into a float32 tensor (``out_dtype=float32`` with a
+    float32 ``self``; older versions want ``self`` in the inputs' dtype), tried once per device on a tiny case."""
+    a = torch.ones(16, 16, dtype=torch.bfloat16, device=device)
+    acc = torch.ones(16, 16, device=device)
+    try:
+        torch.addmm(acc, a, a, out_dtype=torch.float32, out=acc)
+    except (RuntimeError, TypeError):
+        return False
+    return bool((acc == 17).all())
 
 
 def _scale_rows(x, r):
