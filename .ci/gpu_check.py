@@ -161,11 +161,12 @@ def run_stage(stage: Stage, work: Path, deadline: float) -> dict:
         out.flush()
         proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)  # its own process group: no worker outlives it
-        if _finished(proc, limit - min(INTERRUPT_GRACE, limit // 4)):
+        grace = min(INTERRUPT_GRACE, limit // 4)
+        if _finished(proc, limit - grace):
             status = "ok" if proc.returncode == 0 else f"failed (exit {proc.returncode})"
         else:  # over its own limit, or cut short by the run's budget
             proc.send_signal(signal.SIGINT)
-            _finished(proc, min(INTERRUPT_GRACE, limit // 4))
+            _finished(proc, grace)
             status = f"timeout after {limit} s" if limit == stage.limit else f"cut at the budget after {limit} s"
         try:
             os.killpg(proc.pid, signal.SIGKILL)
