@@ -19,6 +19,15 @@ def launch_device(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
+def to_device(t: torch.Tensor, device) -> torch.Tensor:
+    """A host tensor copied to ``device``; to a GPU from pinned memory, so that the copy neither waits for the work
+    already queued there nor synchronizes the host with it."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def dtype_code(dtype: torch.dtype, allowed=tuple(DTYPE_CODES)) -> int:
     if dtype not in allowed:
         raise TypeError(f"backend 'cuda' supports dtypes {[str(d) for d in allowed]}, got {dtype}")

@@ -111,6 +111,20 @@ def test_packed_equals_padded_forward_and_backward(decoder_dir):
     assert grads[0].abs().sum() > 0
 
 
+def test_decoder_trains_under_bf16_autocast(decoder_dir):
+    """Under autocast the rotary embedding leaves q, k in float32 and v in bf16: the attention runs them in bf16
+    (what training on a GPU does, with ``autocast: true``), close to the float32 model, gradients included."""
+    model = EmbeddingModel.from_pretrained(decoder_dir, device="cpu").train()
+    texts = [t for t in TEXTS if t]
+    want = model(model.tokenize(texts)).detach()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = model(model.tokenize(texts))
+    assert F.cosine_similarity(got.float(), want).min() > 0.99
+    got.float().square().sum().backward()
+    grad = model.model.layers[0].self_attn.q_proj.weight.grad
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+
+
 def test_xlm_roberta_positions_match_transformers(tmp_path, tokenizer):
     """RoBERTa-style position ids start after the padding index; packed must agree with transformers' own model."""
     from transformers import AutoModel

@@ -25,9 +25,14 @@ def kalm_attention_forward(module, query, key, value, attention_mask, dropout=0.
     """transformers attention function. ``query [B, Hq, L, D]``, ``key/value [B, Hkv, L, D]`` -> ``([B, L, Hq, D], None)``.
 
     Attention-probability dropout is not applied (``flash_attention`` has none); hidden-state dropout still is.
+    Under autocast q, k and v run in the autocast dtype, as transformers' SDPA attention does: the rotary embedding
+    (float32 cos/sin) promotes q and k to float32 there while v stays in the autocast dtype.
     """
     backend = getattr(module.config, "kalm_attn_backend", "auto")
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
+    if torch.is_autocast_enabled(q.device.type):
+        dtype = torch.get_autocast_dtype(q.device.type)
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     varlen = kwargs.get("kalm_varlen")
     if varlen is None and kwargs.get("cu_seq_lens_q") is not None:
         varlen = kwargs["cu_seq_lens_q"]

@@ -13,6 +13,7 @@ from typing import Iterator, Optional, Sequence
 
 import torch
 
+from .._cuda import to_device
 from ..ops import Varlen
 
 # Tokens per packed batch when the caller gives no budget (CPU: fits the caches; GPU: fills the device). Decoder LLMs
@@ -49,10 +50,8 @@ def pack(ids: Sequence[Sequence[int]], *, device=None, position_offset: int = 0)
     input_ids = torch.tensor(list(itertools.chain.from_iterable(ids)), dtype=torch.long)
     starts = torch.repeat_interleave(counts.cumsum(0) - counts, counts, output_size=input_ids.numel())
     position_ids = torch.arange(input_ids.numel()) - starts + position_offset
-    device = torch.device("cpu" if device is None else device)
-    if device.type == "cuda":  # pinned: the copies do not wait for the work already queued on the GPU
-        input_ids, position_ids = input_ids.pin_memory(), position_ids.pin_memory()
-    return PackedBatch(input_ids.to(device, non_blocking=True), position_ids.to(device, non_blocking=True),
+    device = "cpu" if device is None else device
+    return PackedBatch(to_device(input_ids, device), to_device(position_ids, device),
                        Varlen.from_lengths(lengths, device))
 
 

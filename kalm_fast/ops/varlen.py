@@ -16,6 +16,7 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 
 from .._checks import check_tensor
+from .._cuda import to_device
 
 
 @dataclass(frozen=True, eq=False)
@@ -54,12 +55,7 @@ class Varlen:
                 raise ValueError(f"lengths must be ints >= 0, item {i} is {n!r}")
         cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
         torch.cumsum(torch.tensor(lengths, dtype=torch.int64), 0, out=cu[1:])
-        device = torch.device("cpu" if device is None else device)
-        if device.type == "cuda":  # from pinned memory the copy does not wait for the work queued on the GPU
-            cu = cu.pin_memory().to(device, non_blocking=True)
-        else:
-            cu = cu.to(device)
-        return cls(cu, lengths)
+        return cls(to_device(cu, "cpu" if device is None else device), lengths)
 
     @classmethod
     def from_cu_seqlens(cls, cu_seqlens, total: int, *, name: str = "cu_seqlens") -> "Varlen":

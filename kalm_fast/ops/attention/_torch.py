@@ -11,6 +11,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ..._cuda import to_device
 from .padding import padded_via_packed
 
 BUCKET_RATIO = 0.8  # a bucket holds sequences at least this fraction of its longest one
@@ -80,16 +81,11 @@ def _buckets_attention(q, k, v, varlen, causal, scale, return_lse):
             qb, kb, vb = (x[rows].view(n, longest, x.shape[1], d) for x in (q, k, v))
             key_mask = None
         else:
-            start = torch.tensor([starts[i] for i in ids]).to(q.device)
-            length = torch.tensor([lengths[i] for i in ids]).to(q.device)
-            pos = torch.arange(longest, device=q.device)
-            valid = (pos[None, :] < length[:, None]).flatten()                            # [n * Lb]
-            index = (start[:, None] + torch.minimum(pos[None, :], length[:, None] - 1)).flatten()
+            index, valid, keep, rows = _gather_plan([starts[i] for i in ids], [lengths[i] for i in ids], longest,
+                                                    q.device)
             qb, kb, vb = (x.index_select(0, index).view(n, longest, x.shape[1], d) for x in (q, k, v))
             all_valid = all(lengths[i] == longest for i in ids)
             key_mask = None if all_valid else valid.view(n, 1, 1, longest)
-            keep = torch.nonzero(valid).flatten()
-            rows = index.index_select(0, keep)
         ob, lb = _sdpa(qb.transpose(1, 2), kb.transpose(1, 2), vb.transpose(1, 2), key_mask, causal, scale, return_lse)
         ob = ob.transpose(1, 2).reshape(n * longest, hq, d)                                # [n * Lb, Hq, D]
         lb = lb.transpose(1, 2).reshape(n * longest, hq) if return_lse else None
@@ -107,6 +103,18 @@ def _buckets_attention(q, k, v, varlen, causal, scale, return_lse):
         if return_lse:
             lse[rows] = lb.float()
     return (out, lse.T.contiguous()) if return_lse else out
+
+
+def _gather_plan(starts, lengths, longest, device):
+    """Row indices of a bucket of ``n`` sequences padded to ``longest`` rows each, built on the host and copied
+    without a synchronization: ``index [n * longest]`` (padding rows repeat a sequence's last row), ``valid`` (bool,
+    same shape), ``keep`` (the positions of the valid rows) and ``rows`` (``index[keep]``, the packed rows)."""
+    start, length = torch.tensor(starts)[:, None], torch.tensor(lengths)[:, None]
+    pos = torch.arange(longest)[None, :]
+    valid = (pos < length).flatten()
+    index = (start + torch.minimum(pos, length - 1)).flatten()
+    keep = torch.nonzero(valid).flatten()
+    return tuple(to_device(x, device) for x in (index, valid, keep, index[keep]))
 
 
 def _nan_rows(q, result, return_lse):

@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from ..._constants import LOG2E
-from ..._cuda import launch_device
+from ..._cuda import launch_device, to_device
 from ..._registry import triton_interpreting
 from .padding import padded_via_packed
 
@@ -99,10 +99,7 @@ def _build_tile_work(lengths, rows_per_token, device):
     if work.max(initial=0) >= 2 ** 31:
         raise ValueError(f"the batch needs {counts[TILE_HEIGHTS[0]]} attention tiles; the triton backend indexes "
                          "them with int32: split the batch")
-    work = torch.from_numpy(work.astype(np.int32))
-    if device.type == "cuda":  # from pinned memory the copy does not wait for the work queued on the GPU
-        return work.pin_memory().to(device, non_blocking=True), counts
-    return work.to(device), counts
+    return to_device(torch.from_numpy(work.astype(np.int32)), device), counts
 
 
 @triton.jit
