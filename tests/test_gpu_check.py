@@ -23,6 +23,9 @@ def _load_script():
 
 def test_dry_run_passes_every_stage_in_at_most_eight_files(tmp_path):
     out = tmp_path / "out"
+    (out / "old").mkdir(parents=True)  # emptied first (not removed: OUT may be a mount point)
+    (out / "old" / "x.log").write_text("old")
+    (out / "old.md").write_text("old")
     env = {k: v for k, v in os.environ.items() if k not in ("OUT", "KALM_BENCH_OUT")}
     proc = subprocess.run([sys.executable, str(SCRIPT), "--dry", "--out", str(out), "--budget", "400"], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=600)
@@ -103,21 +106,29 @@ def test_a_stage_over_its_limit_is_interrupted_then_killed_with_its_children(tmp
     assert not _running(worker)
 
 
-def test_a_benchmark_cut_by_the_budget_does_not_fail_the_run(tmp_path, monkeypatch):
+def test_a_benchmark_stopped_early_does_not_fail_the_run_and_keeps_its_rows(tmp_path, monkeypatch):
+    """A benchmark cut by the budget or over its own limit is reported with the rows it printed; a failing benchmark
+    or a required stage that did not finish fails the run."""
     module = _load_script()
     import time
 
     monkeypatch.setattr(module, "MIN_STAGE_SECONDS", 1)
-    bench = module.Stage("bench", 50, [sys.executable, "-c", "import time; time.sleep(5)"], required=False)
-    row = module.run_stage(bench, tmp_path, time.monotonic() + 1.5)  # 1 s left: started, then cut
-    assert row["status"] == "cut at the budget after 1 s"
-    over = module.run_stage(module.Stage("over", 1, bench.command, required=False), tmp_path, time.monotonic() + 60)
-    required = module.run_stage(module.Stage("tests", 50, bench.command), tmp_path, time.monotonic() + 1.5)
+    measure = "import json, time; print('row', json.dumps(dict(ms=1.5)), flush=True); time.sleep(5)"
+    bench = module.Stage("bench", 50, [sys.executable, "-c", measure], required=False)
     work, out = tmp_path / "work", tmp_path / "out"
     work.mkdir()
     out.mkdir()
-    assert module.summarize([row], work, out, True, time.monotonic()) == 0
-    assert module.summarize([row, over], work, out, True, time.monotonic()) == 1  # over its own limit
+    row = module.run_stage(bench, work, time.monotonic() + 1.5)  # 1 s left: started, then cut
+    assert row["status"] == "cut at the budget after 1 s"
+    over = module.run_stage(module.Stage("over", 1, bench.command, required=False), work, time.monotonic() + 60)
+    assert over["status"] == "timeout after 1 s"
+    broken = module.run_stage(module.Stage("broken", 50, [sys.executable, "-c", "raise SystemExit(3)"],
+                                           required=False), work, time.monotonic() + 60)
+    required = module.run_stage(module.Stage("tests", 50, bench.command), work, time.monotonic() + 1.5)
+    assert module.summarize([row, over], work, out, True, time.monotonic()) == 0
+    summary = (out / "summary.md").read_text()
+    assert "## over: timeout after 1 s, the rows measured so far" in summary and 'row {"ms": 1.5}' in summary
+    assert module.summarize([row, broken], work, out, True, time.monotonic()) == 1
     assert module.summarize([required], work, out, True, time.monotonic()) == 1
 
 

@@ -32,9 +32,18 @@ from kalm_fast.ops.mean_pool import _cuda as cmp
 
 ROOT = Path(__file__).resolve().parents[1]
 CSRC = ROOT / "csrc"
-NVCC = shutil.which("nvcc")
+
+
+def _find_nvcc():
+    """nvcc where setup.py's ``find_nvcc`` finds it: CUDA_HOME / CUDA_PATH, then PATH, then /usr/local/cuda."""
+    homes = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
+    candidates = [Path(h) / "bin" / "nvcc" for h in homes if h] + [shutil.which("nvcc"), "/usr/local/cuda/bin/nvcc"]
+    return next((str(c) for c in candidates if c and Path(c).is_file()), None)
+
+
+NVCC = _find_nvcc()
 ARCHS = (80, 90)
-requires_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc is not on PATH")
+requires_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc not found (CUDA_HOME, PATH, /usr/local/cuda)")
 
 
 # ---------------------------------------------------------------------------------------------- nvcc
