@@ -35,12 +35,65 @@ def small_torch_tiles(monkeypatch):
     monkeypatch.setattr(logp, "CHUNK_ALIGN", 16)
 
 
-def _inputs(b, m, d, dtype=torch.float32, seed=0, scale=0.3):
+def _inputs(b, m, d, dtype=torch.float32, seed=0, norm=1.0, dot_temperature=None):
+    """``q [b, d]``, ``docs [b, 1+m, d]`` whose positives get moderate probabilities at temperature 0.05 (most p
+    between 0.05 and 0.8): no loss or gradient is close to zero, so that a backend which drops a term cannot pass.
+
+    The queries share a topic, and every third one (i = 2, 5, ...) paraphrases the one before it: the other queries'
+    documents are in-batch negatives that matter. Each document of query i is a noisy copy of q_i, the positive
+    leaning a little more towards it, the hard negatives nearly as close. Queries i = 1, 4, 7, ... have a false
+    negative, a hard negative ``docs[i, 1]`` closer to q_i than the positive (by 0.14 in cosine on average, from
+    0.05 at small widths): a ``false_negative_margin`` up to 0.1 drops some (``_margin_drops`` counts them). Rows of
+    norm about ``norm`` (cosine's gradients scale with ``1 / norm``); for dot similarity at ``dot_temperature``,
+    norms for which ``s / temperature`` is about what cosine similarity gives at 0.05.
+    """
     gen = torch.Generator().manual_seed(seed)
-    q = torch.randn(b, d, generator=gen)
-    docs = scale * q[:, None] + torch.randn(b, 1 + m, d, generator=gen) * 0.5
-    docs[:, 0] += q  # positives lean towards their queries
-    return q.to(DEVICE, dtype), docs.to(DEVICE, dtype)
+    q = 1.5 * torch.randn(d, generator=gen) + torch.randn(b, d, generator=gen)
+    q[2::3] = q[1::3][:len(q[2::3])] + 0.5 * torch.randn(q[2::3].shape, generator=gen)
+    docs = q[:, None] + 1.5 * torch.randn(b, 1 + m, d, generator=gen)
+    docs[:, 0] += 0.3 * q
+    if m:
+        docs[1::3, 1] = 1.3 * q[1::3] + 0.45 * torch.randn(q[1::3].shape, generator=gen)
+    if dot_temperature is not None:
+        norm = 0.5 * (dot_temperature / 0.05) ** 0.5
+    scale = norm / (2 * d ** 0.5)
+    return (scale * q).to(DEVICE, dtype), (scale * docs).to(DEVICE, dtype)
+
+
+def _case_inputs(b, m, d, options, dtype=torch.float32):
+    """``_inputs`` for a case's options (dot similarity: norms for its temperature)."""
+    dot = options.get("similarity") == "dot"
+    return _inputs(b, m, d, dtype, dot_temperature=options.get("temperature", 0.01) if dot else None)
+
+
+def _single_candidate(b, m, options):
+    """Whether every query's only candidate is its positive: log p = 0, a loss and gradients of exactly zero."""
+    return m == 0 and (b == 1 or not options.get("in_batch_negatives", True))
+
+
+def _margin_drops(q, docs, options, seed):
+    """How many candidates the reference drops with ``options``' false-negative margin: those other than the
+    positive with ``s(q_i, c) > s(q_i, positive) + margin``, from the scores (synthetic negatives drawn from
+    ``seed``)."""
+    margin = options.get("false_negative_margin")
+    if margin is None:
+        return 0
+    cos = options.get("similarity", "cos") == "cos"
+    sim = (lambda x: F.normalize(x.float(), dim=-1)) if cos else (lambda x: x.float())
+    qs, ds = sim(q), sim(docs)
+    rows = torch.arange(q.shape[0], device=q.device)
+    if options.get("in_batch_negatives", True):
+        s, pos = qs @ ds.reshape(-1, ds.shape[-1]).T, rows * docs.shape[1]
+    else:
+        s, pos = torch.einsum("bd,bgd->bg", qs, ds), torch.zeros_like(rows)
+    syn = synthetic_negatives(q, docs, num_synthetic=options.get("num_synthetic", 0),
+                              mix_top_k=options.get("mix_top_k"), mix_alpha=options.get("mix_alpha", 2.0),
+                              similarity="cos" if cos else "dot", generator=torch.Generator().manual_seed(seed))
+    if syn is not None:
+        s = torch.cat([s, torch.einsum("bd,bsd->bs", qs, sim(syn))], dim=1)
+    drop = s > s[rows, pos].unsqueeze(1) + margin
+    drop[rows, pos] = False
+    return int(drop.sum())
 
 
 def _loss_and_grads(fn, q, docs, **kw):
@@ -51,8 +104,15 @@ def _loss_and_grads(fn, q, docs, **kw):
     return loss.detach().float(), q.grad.float(), docs.grad.float()
 
 
-def _assert_close(got, want, tol):
+def _assert_close(got, want, tol, zero=False):
+    """``got`` matches ``want`` (loss, dq, ddocs) within ``tol``. The expected values must reach 20 x atol (so that
+    zeros, or a gradient that misses a term, cannot pass as within the tolerance), or be exactly zero with ``zero``
+    (one candidate per query, see ``_single_candidate``)."""
     for g, w, name in zip(got, want, ("loss", "dq", "ddocs")):
+        if zero:
+            assert not w.any(), f"{name}: expected zeros"
+        else:
+            assert w.abs().max() > 20 * tol[0], f"{name}: expected values up to {w.abs().max():.3g}, atol {tol[0]}"
         torch.testing.assert_close(g, w, atol=tol[0], rtol=tol[1], msg=lambda m: f"{name}: {m}")
 
 
@@ -126,7 +186,7 @@ CASES = [  # b, m, d, options
     (5, 3, 40, dict(detach_focal_weight=True, gamma=2.0)),
     (9, 3, 24, dict(false_negative_margin=0.05)),
     (9, 3, 24, dict(false_negative_margin=0.0, in_batch_negatives=False, similarity="dot", temperature=2.0)),
-    (7, 4, 24, dict(num_synthetic=3, mix_alpha=2.0)),
+    (7, 4, 24, dict(num_synthetic=3, mix_alpha=0.5)),
     (7, 4, 24, dict(num_synthetic=2, mix_top_k=2, false_negative_margin=0.1, in_batch_negatives=False)),
     (5, 3, 16, dict(num_synthetic=2, similarity="dot", temperature=1.0, reduction="sum", gamma=2.0)),
     (5, 3, 16, dict(reduction="none")),
@@ -142,11 +202,13 @@ def _case_id(case):
 def test_backend_matches_reference_fp32(backend, case):
     b, m, d, options = case
     options = dict(dict(temperature=0.05), **options)
-    q, docs = _inputs(b, m, d)
+    q, docs = _case_inputs(b, m, d, options)
+    if "false_negative_margin" in options:  # the margin must drop candidates for the comparison to check it
+        assert _margin_drops(q, docs, options, seed=7) > 0
     want = _loss_and_grads(ref.focal_infonce, q, docs, generator=torch.Generator().manual_seed(7), **options)
     got = _loss_and_grads(focal_infonce, q, docs, generator=torch.Generator().manual_seed(7), backend=backend,
                           **options)
-    _assert_close(got, want, tolerance(OP, backend, torch.float32))
+    _assert_close(got, want, tolerance(OP, backend, torch.float32), zero=_single_candidate(b, m, options))
 
 
 @pytest.mark.parametrize("backend", backend_params(OP, ("torch", "triton", "cuda"), torch.float16))
@@ -155,7 +217,9 @@ def test_backend_matches_reference_fp32(backend, case):
                                   (6, 3, 24, dict(in_batch_negatives=False, gamma=2.0))])
 def test_backend_matches_reference_half(backend, dtype, case):
     b, m, d, options = case
-    q, docs = _inputs(b, m, d, dtype)
+    q, docs = _inputs(b, m, d, dtype, norm=0.5)  # expected values 25-175 x bf16's atol (2e-2)
+    if "false_negative_margin" in options:
+        assert _margin_drops(q, docs, options, seed=1) > 0
     want = _loss_and_grads(ref.focal_infonce, q, docs, temperature=0.05, generator=torch.Generator().manual_seed(1),
                            **options)
     got = _loss_and_grads(focal_infonce, q, docs, temperature=0.05, generator=torch.Generator().manual_seed(1),
@@ -170,6 +234,9 @@ def test_backend_contract_with_more_docs_than_queries(backend, in_batch, margin)
     q, docs = _inputs(18, 2, 24)
     q, syn = q[:5], synthetic_negatives(q[:5], docs[:5], num_synthetic=2, generator=torch.Generator().manual_seed(0))
     args = (syn, 0.05, "cos", in_batch, margin)
+    if margin is not None:
+        options = dict(false_negative_margin=margin, in_batch_negatives=in_batch, num_synthetic=2)
+        assert _margin_drops(q, docs if in_batch else docs[:5], options, seed=0) > 0
 
     def run(fn):
         qq, dd = q.clone().requires_grad_(), docs.clone().requires_grad_()
@@ -181,6 +248,11 @@ def test_backend_contract_with_more_docs_than_queries(backend, in_batch, margin)
     got = run(_backend_fn(backend))
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
+    # log p and the gradients far above the tolerance: of the queries, their documents and, in-batch, the other
+    # ranks' documents (which are no candidates otherwise: no gradient)
+    log_p, _, _, dq, ddocs = want
+    assert all(x.abs().max() > 20 * 1e-4 for x in [log_p, dq, ddocs[:5]] + ([ddocs[5:]] if in_batch else []))
+    assert in_batch or not ddocs[5:].any()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -246,7 +318,7 @@ def test_half_engines_accumulate_at_any_gradient_scale(backend, scale, dtype):
 
     engine = {"triton": "TritonEngine", "cuda": "CudaEngine"}[backend]
     engine = getattr(import_module(f"kalm_fast.ops.focal_infonce._{backend}"), engine)
-    q, docs = _inputs(17, 2, 40, dtype)
+    q, docs = _inputs(17, 2, 40, dtype, norm=6.0)
     flat = (docs * 30).reshape(-1, 40)  # unnormalized candidates: inverse norms ~ 0.005
     rq, _ = logp.inverse_norms(q, True)
     rd, _ = logp.inverse_norms(flat, True)
@@ -341,10 +413,12 @@ def test_triton_every_config_matches_reference(backend, kernel, gemm_backward, m
         configs = {torch.bfloat16: tables["half"], torch.float32: tables["fp32"]}
     else:
         configs = {torch.float32: sorted({(bm, bn, bk, 4, 1) for table in tables.values() for bm, bn, bk, *_ in table})}
-    kw = dict(temperature=0.05, false_negative_margin=0.1, num_synthetic=2)
+    # "sum": bf16's atol (2e-2) needs the gradients of 70 queries' losses, not of their mean
+    kw = dict(temperature=0.05, false_negative_margin=0.1, num_synthetic=2, reduction="sum")
     checked = 0
     for dtype, table in configs.items():
-        q, docs = _inputs(70, 3, 136, dtype)
+        q, docs = _inputs(70, 3, 136, dtype, norm=2.0)
+        assert _margin_drops(q, docs, kw, seed=2) > 0
         want = _loss_and_grads(ref.focal_infonce, q, docs, generator=torch.Generator().manual_seed(2), **kw)
         for bm, bn, bk, warps, stages in table:
             config = triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk), num_warps=warps, num_stages=stages)
@@ -455,6 +529,37 @@ def test_mixing_draws_are_reproducible_and_valid():
     assert set(b.flatten().tolist()) == {0, 1, 2}
 
 
+@pytest.mark.parametrize("alpha", [0.5, 2.0])
+def test_mixing_weights_have_the_beta_mean_and_variance(alpha):
+    """lam ~ Beta(alpha, alpha): mean 1/2 and variance alpha^2 / ((2 alpha)^2 (2 alpha + 1)) (1/8 and 1/20 here),
+    each within 6 standard errors of 200k draws (a fixed seed: no flakes); another alpha draws other weights from the
+    same generator state (and the same indices, drawn first)."""
+    n = 200_000
+    a, b, lam = mixing_draws(400, 500, 3, alpha, torch.Generator().manual_seed(0))
+    x = lam.double().flatten()
+    var = alpha**2 / ((2 * alpha) ** 2 * (2 * alpha + 1))
+    dev = (x - x.mean()) ** 2
+    assert abs(x.mean() - 0.5) < 6 * (var / n) ** 0.5
+    assert abs(x.var() - var) < 6 * dev.std() / n**0.5
+    a2, b2, lam2 = mixing_draws(400, 500, 3, 2.5 - alpha, torch.Generator().manual_seed(0))
+    assert torch.equal(a, a2) and torch.equal(b, b2) and (lam != lam2).float().mean() > 0.99
+
+
+@pytest.mark.parametrize("similarity", ["cos", "dot"])
+def test_synthetic_negatives_mix_with_the_drawn_weights(similarity):
+    """Orthonormal hard negatives e1 (the harder one for q = e0 + 0.1 e1) and e2: each synthetic negative is
+    normalize(lam e1 + (1 - lam) e2) when a = 0 (e1 first), else with e1 and e2 swapped; lam, a from ``mixing_draws``
+    with mix_alpha (the same generator state)."""
+    q = torch.tensor([1.0, 0.1, 0.0]).repeat(50, 1)
+    docs = torch.eye(3).repeat(50, 1, 1)
+    for alpha in (0.5, 2.0):
+        syn = synthetic_negatives(q, docs, num_synthetic=40, mix_alpha=alpha, similarity=similarity,
+                                  generator=torch.Generator().manual_seed(3))
+        a, _, lam = mixing_draws(50, 40, 2, alpha, torch.Generator().manual_seed(3))
+        assert (syn[..., 0] == 0).all()
+        torch.testing.assert_close(syn[..., 1] / (syn[..., 1] + syn[..., 2]), torch.where(a == 0, lam, 1 - lam))
+
+
 def test_synthetic_negatives_shape_norm_and_not_enough_hard_negatives():
     q, docs = _inputs(5, 4, 8)
     syn = synthetic_negatives(q, docs, num_synthetic=3, generator=torch.Generator().manual_seed(0))
@@ -542,12 +647,18 @@ def test_triton_on_cpu_says_why(monkeypatch):
                                      dict(in_batch_negatives=False, false_negative_margin=0.05, num_synthetic=3)],
                          ids=["in-batch", "margin-mixing", "dot-own", "own-margin-mixing"])
 def test_half_kernels_at_kalm_widths(backend, B, M, D, options):
-    """bf16 kernels (the interpreter's bf16 dots are not trusted) at the KaLM width 896 and odd widths."""
-    q, docs = _inputs(B, M, D, torch.bfloat16, scale=0.1 if options.get("similarity") == "dot" else 0.3)
-    kw = dict(temperature=0.05, **options)
+    """bf16 kernels (the interpreter's bf16 dots are not trusted) at the KaLM width 896 and odd widths; "sum": bf16's
+    atol (2e-2) needs the gradients of B queries' losses, not of their mean."""
+    kw = dict(temperature=0.05, reduction="sum", **options)
+    if options.get("similarity") == "dot":
+        q, docs = _case_inputs(B, M, D, kw, torch.bfloat16)
+    else:
+        q, docs = _inputs(B, M, D, torch.bfloat16, norm=2.0)
+    if "false_negative_margin" in options and M > 0:
+        assert _margin_drops(q, docs, kw, seed=2) > 0
     want = _loss_and_grads(ref.focal_infonce, q, docs, generator=torch.Generator().manual_seed(2), **kw)
     got = _loss_and_grads(focal_infonce, q, docs, generator=torch.Generator().manual_seed(2), backend=backend, **kw)
-    _assert_close(got, want, tolerance(OP, backend, torch.bfloat16))
+    _assert_close(got, want, tolerance(OP, backend, torch.bfloat16), zero=_single_candidate(B, M, kw))
 
 
 @pytest.mark.parametrize("backend", backend_params(OP, ("triton",), torch.bfloat16, gpu_only=True))
