@@ -92,6 +92,7 @@ class Encoder:
                                                     attn_backend=attn_backend, max_length=max_length,
                                                     allow_pickle=allow_pickle)
         self.tokenizer = self.model.tokenizer
+        self._longest = self.model.max_length  # what the attention was set up for (sliding windows dropped)
         self.model.prompts = {"query": "", "document": "", **self.model.prompts, **(prompts or {})}
         if default_prompt_name is not None:
             self.model.default_prompt_name = default_prompt_name
@@ -112,7 +113,17 @@ class Encoder:
     def max_length(self) -> int:
         return self.model.max_length
 
-    max_seq_length = max_length
+    @property
+    def max_seq_length(self) -> int:
+        """sentence-transformers' name of ``max_length``; settable up to the ``max_length`` the Encoder was made with."""
+        return self.model.max_length
+
+    @max_seq_length.setter
+    def max_seq_length(self, value: int) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= self._longest:
+            raise ValueError(f"max_seq_length must be an int from 1 to {self._longest} (the max_length this Encoder "
+                             f"was made with; the model's own is {self.model.model_max_length}), got {value!r}")
+        self.model.max_length = value
 
     @property
     def prompts(self) -> dict:
@@ -226,7 +237,7 @@ class Encoder:
             out = torch.from_numpy(quantize_embeddings(out.cpu().numpy(), precision))
         if single:
             out = out[0]
-        if convert_to_tensor:
+        if convert_to_tensor or (single and not convert_to_numpy):
             return out
         if convert_to_numpy:
             return out.cpu().numpy()

@@ -24,9 +24,9 @@ from .files import atomic_write, atomic_write_text, digest, verify
 
 FORMAT = "kalm_fast.shards/1"
 MANIFEST = "manifest.json"
-SHARD_NAME = re.compile(r"^shard-(\d{5})\.safetensors$")
+SHARD_NAME = re.compile(r"^shard-(\d{5,})\.safetensors$")  # five digits at least: shard_path
 # what a shard directory may hold besides shards and the manifest: the temp files of killed writes
-TEMP_NAME = re.compile(r"^\.(shard-(\d{5})\.safetensors|manifest\.json)\.\d+\.tmp$")
+TEMP_NAME = re.compile(r"^\.(shard-(\d{5,})\.safetensors|manifest\.json)\.\d+\.tmp$")
 
 
 def shard_path(directory: Path, index: int) -> Path:

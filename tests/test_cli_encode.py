@@ -247,3 +247,28 @@ def test_titles_join_their_text_the_same_way_in_encode_corpus_and_eval_sets(tmp_
     monkeypatch.setattr(shared_encoder, "encode", lambda texts, **kwargs: seen.extend(texts))
     shared_encoder.encode_corpus([{"title": "Mount Everest", "text": "the tallest mountain"}])
     assert seen == [doc] == ["Mount Everest the tallest mountain"]
+
+
+def test_model_options_reach_the_encoder(tmp_path):
+    """--prompt-name, --prompt, --no-normalize, --truncate-dim (above the model's saved cut) and --max-length give
+    what ``Encoder.encode`` gives with the same options, on a model without a Normalize module."""
+    from train_utils import make_tiny_model
+
+    from kalm_fast.encode import Encoder
+
+    model = tmp_path / "model"
+    Encoder(make_tiny_model(tmp_path / "hf"), device="cpu", prompts={"query": "query: "}, truncate_dim=16).save(model)
+    txt = _write(tmp_path / "in.txt", "\n".join(TEXTS) + "\n")
+    out = tmp_path / "a.npy"
+    assert main(["encode", "--model", str(model), "--input", str(txt), "--output", str(out), "--device", "cpu",
+                 "--prompt-name", "query", "--no-normalize", "--truncate-dim", "24", "--max-length", "8"]) == 0
+    short = Encoder(model, device="cpu", max_length=8)
+    want = short.encode(TEXTS, prompt_name="query", truncate_dim=24, normalize_embeddings=False)
+    got = np.load(out)
+    np.testing.assert_allclose(got, want, atol=1e-6)
+    assert got.shape == (len(TEXTS), 24) and np.abs(np.linalg.norm(got, axis=1) - 1).max() > 0.1
+    assert main(["encode", "--model", str(model), "--input", str(txt), "--output", str(out), "--device", "cpu",
+                 "--prompt", "x: "]) == 0
+    want = Encoder(model, device="cpu").encode(TEXTS, prompt="x: ", normalize_embeddings=True)
+    np.testing.assert_allclose(np.load(out), want, atol=1e-6)
+    assert want.shape == (len(TEXTS), 16)

@@ -91,3 +91,14 @@ def test_remove_leftovers(tmp_path):
     (tmp_path / "keep.json").write_text("")
     assert sorted(files.remove_leftovers(tmp_path)) == [".d.tmp", ".x.1.tmp"]
     assert [p.name for p in tmp_path.iterdir()] == ["keep.json"]
+
+
+def test_shard_directories_past_99999_shards_are_still_recognized(tmp_path):
+    """``shard_path`` writes six digits from shard 100000 on; resuming must still recognize those files."""
+    for index in (99_999, 100_000):
+        shards.shard_path(tmp_path, index).write_bytes(b"")
+    (tmp_path / ".shard-100000.safetensors.123.tmp").write_bytes(b"")
+    shards.check_directory(tmp_path)
+    (tmp_path / "shard-1.safetensors").write_bytes(b"")
+    with pytest.raises(ValueError, match="shard-1.safetensors"):
+        shards.check_directory(tmp_path)

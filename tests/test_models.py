@@ -14,6 +14,7 @@ TEXTS = ["hello", "a somewhat longer sentence with more tokens in it, and a comm
 
 
 def _tiny_config(kind):
+    import transformers
     from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config, XLMRobertaConfig
 
     common = dict(vocab_size=30522, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
@@ -28,6 +29,18 @@ def _tiny_config(kind):
         return MistralConfig(**common, num_key_value_heads=2, sliding_window=4096, pad_token_id=0)
     if kind == "xlm-roberta":
         return XLMRobertaConfig(**{**common, "max_position_embeddings": 130}, pad_token_id=1, type_vocab_size=1)
+    if kind in ("roberta", "camembert", "electra", "albert"):
+        config = transformers.AutoConfig.for_model(kind, **common, pad_token_id=1 if "bert" in kind else 0)
+        if kind != "electra":
+            config.max_position_embeddings = 130
+        return config
+    if kind == "distilbert":
+        return transformers.DistilBertConfig(vocab_size=30522, dim=64, hidden_dim=96, n_layers=2, n_heads=4,
+                                             max_position_embeddings=128)
+    if kind == "gemma":
+        return transformers.GemmaConfig(**common, num_key_value_heads=1, head_dim=16, pad_token_id=0)
+    if kind in ("mpnet", "deberta-v2", "roformer"):
+        return transformers.AutoConfig.for_model(kind, **common)
     raise ValueError(kind)
 
 
@@ -125,11 +138,13 @@ def test_decoder_trains_under_bf16_autocast(decoder_dir):
     assert torch.isfinite(grad).all() and grad.abs().sum() > 0
 
 
-def test_xlm_roberta_positions_match_transformers(tmp_path, tokenizer):
-    """RoBERTa-style position ids start after the padding index; packed must agree with transformers' own model."""
+@pytest.mark.parametrize("kind", ["xlm-roberta", "roberta", "camembert", "distilbert", "electra", "albert"])
+def test_encoder_families_match_transformers(tmp_path, tokenizer, kind):
+    """Each supported encoder family, packed, against transformers' own padded forward (RoBERTa-style position ids
+    start after the padding index)."""
     from transformers import AutoModel
 
-    directory = _save_tiny("xlm-roberta", tmp_path, tokenizer)
+    directory = _save_tiny(kind, tmp_path, tokenizer)
     model = EmbeddingModel.from_pretrained(directory, device="cpu")
     ref = AutoModel.from_pretrained(str(directory), attn_implementation="eager").eval()
     texts = [t for t in TEXTS if t]  # the padded oracle has no mean of an empty row
@@ -140,6 +155,23 @@ def test_xlm_roberta_positions_match_transformers(tmp_path, tokenizer):
         m = batch["attention_mask"][..., None].float()
         want = (h * m).sum(1) / m.sum(1)
     torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+
+
+def test_gemma_is_bidirectional_and_matches_eager_reference(tmp_path, tokenizer):
+    directory = _save_tiny("gemma", tmp_path, tokenizer)
+    model = EmbeddingModel.from_pretrained(directory, device="cpu")
+    ids = model.token_ids(TEXTS)
+    with torch.no_grad():
+        got = model(model.pack(ids))
+    torch.testing.assert_close(got, _eager_reference(directory, TEXTS, ids), atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("kind", ["mpnet", "deberta-v2", "roformer"])
+def test_unsupported_families_are_refused(tmp_path, tokenizer, kind):
+    """Families whose attention or positions the packed path does not handle are refused, not run wrong."""
+    directory = _save_tiny(kind, tmp_path, tokenizer)
+    with pytest.raises(ValueError, match=f"model_type '{kind}' is not supported"):
+        EmbeddingModel.from_pretrained(directory, device="cpu")
 
 
 def test_kalm_layout_loads_without_running_remote_code(tmp_path, tokenizer):

@@ -360,7 +360,7 @@ def test_token_embeddings_as_sentence_transformers(pair):
 
 
 def test_call_shapes(pair):
-    enc, _ = pair
+    enc, ref = pair
     H = enc.get_embedding_dimension()
     batch = enc.encode(inputs=TEXTS[:3])
     np.testing.assert_allclose(enc.encode(sentences=TEXTS[:3]), batch)
@@ -370,6 +370,9 @@ def test_call_shapes(pair):
     assert isinstance(tensor, torch.Tensor) and tensor.shape == (3, H)
     listed = enc.encode(TEXTS[:3], convert_to_numpy=False)
     assert isinstance(listed, list) and len(listed) == 3 and listed[0].shape == (H,)
+    one, want = enc.encode(TEXTS[1], convert_to_numpy=False), ref.encode(TEXTS[1], convert_to_numpy=False)
+    assert isinstance(one, torch.Tensor) and isinstance(want, torch.Tensor) and one.shape == want.shape == (H,)
+    assert enc.encode([], output_value="token_embeddings") == []
     np.testing.assert_allclose(enc.encode_queries(TEXTS[:3]), enc.encode_query(TEXTS[:3]))
     np.testing.assert_allclose(enc.encode_corpus(TEXTS[:3]), enc.encode_document(TEXTS[:3]))
     for bad, match in ((dict(precision="int4"), "precision"), (dict(output_value=None), "output_value"),
@@ -378,6 +381,21 @@ def test_call_shapes(pair):
             enc.encode(TEXTS[:3], **bad)
     with pytest.raises(ValueError, match="at least 2"):
         enc.encode(TEXTS[0], precision="int8")
+
+
+def test_max_seq_length_can_be_set_as_in_sentence_transformers(pair):
+    enc, ref = pair
+    longest = enc.max_seq_length
+    try:
+        enc.max_seq_length = ref.max_seq_length = 8
+        long_text = TEXTS[-1]
+        np.testing.assert_allclose(enc.encode([long_text]), ref.encode([long_text]), atol=2e-5)
+        assert len(enc.model.token_ids([long_text])[0]) == 8
+    finally:
+        enc.max_seq_length = ref.max_seq_length = longest
+    for bad in (0, longest + 1, 2.0, True):
+        with pytest.raises(ValueError, match="max_seq_length"):
+            enc.max_seq_length = bad
 
 
 def test_sentence_transformers_evaluators_run_on_an_encoder(pair):

@@ -19,6 +19,11 @@ import torch
 from .. import ops
 
 NAME = "kalm_fast"
+# What is tested against transformers' own forward: other families may keep their own attention (MPNet, DeBERTa,
+# RoFormer: then texts packed in one row would attend to each other), count positions differently, or need
+# attention kalm_fast does not have (ModernBERT's and Gemma 2's local windows), so they are refused.
+SUPPORTED_MODEL_TYPES = ("bert", "roberta", "xlm-roberta", "camembert", "distilbert", "electra", "albert",
+                         "qwen2", "qwen3", "llama", "mistral", "gemma")
 
 
 def kalm_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
@@ -87,6 +92,9 @@ def make_bidirectional(model, backend: str = "auto", max_length: int = 512):
     """
     install()
     config = model.config
+    if config.model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(f"model_type {config.model_type!r} is not supported by kalm_fast (its bidirectional packed "
+                         f"attention is tested for {', '.join(SUPPORTED_MODEL_TYPES)})")
     window = getattr(config, "sliding_window", None)
     if window is not None and getattr(config, "use_sliding_window", True):
         if window < max_length:
@@ -99,4 +107,7 @@ def make_bidirectional(model, backend: str = "auto", max_length: int = 512):
     config.is_causal = False
     config.kalm_attn_backend = backend
     model.set_attn_implementation(NAME)
+    if config._attn_implementation != NAME:  # transformers keeps a model's own attention when it cannot switch
+        raise ValueError(f"the {config.model_type} model kept its {config._attn_implementation!r} attention: "
+                         "kalm_fast's packed batches need its bidirectional attention")
     return model

@@ -217,6 +217,8 @@ class EmbeddingModel(nn.Module):
                      max_sequences: Optional[int] = None, show_progress: bool = False) -> list:
         """The last hidden states of each text, float32 ``[tokens_i, H]`` on the model's device, in the order of
         ``texts`` (batching as ``_batched``)."""
+        if not texts:
+            return []
         order, hidden = self._batched(
             self.token_ids(texts), lambda batch: self.token_embeddings(batch).float().split(batch.varlen.lengths),
             max_tokens, max_sequences, show_progress)
