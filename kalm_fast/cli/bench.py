@@ -10,7 +10,8 @@ NOT_BENCHMARKS = ("__init__", "harness", "run_all")
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("only", nargs="*", help="benchmark names (mean_pool, attention, contrastive, encode); default all")
+    parser.add_argument("only", nargs="*", help=f"benchmark names ({', '.join(available()) or 'in a checkout'}); "
+                        "default all")
 
 
 def available() -> list:
