@@ -4,7 +4,7 @@ import dataclasses
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DEVICE, backend_params, cu_seqlens, tolerance
+from conftest import DEVICE, INTERPRET, backend_params, cu_seqlens, tolerance
 
 from kalm_fast import _registry
 from kalm_fast.ops import Varlen, mean_pool
@@ -34,7 +34,8 @@ def _check_against_reference(backend, hidden, kwargs, dtype):
     x_ref = hidden.detach().clone().requires_grad_(True)
     out = mean_pool(x, **kwargs, backend=backend)
     ref = reference_mean_pool(x_ref, kwargs.get("attention_mask"), cu_seqlens=kwargs.get("cu_seqlens"),
-                              dim=kwargs.get("dim"), normalize=kwargs.get("normalize", False))
+                              dim=kwargs.get("dim"), normalize=kwargs.get("normalize", False),
+                              eps=kwargs.get("eps", 1e-12))
     assert out.dtype == hidden.dtype and out.shape == ref.shape
     torch.testing.assert_close(out.float(), ref.float(), atol=atol, rtol=rtol)
     grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(3)).to(out)
@@ -71,6 +72,31 @@ def test_long_sequence_crosses_blocks(backend):
     """Lengths past one token block and a hidden size that is not a power of two."""
     hidden, cu = _packed_case(torch.float32, DEVICE, lengths=(129, 3, 70), H=96)
     _check_against_reference(backend, hidden, dict(cu_seqlens=cu, normalize=True), torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_eps_reaches_every_backend(backend):
+    """Means shorter than ``eps`` are divided by ``eps``, not by their norm (forward and backward)."""
+    hidden, cu = _packed_case(torch.float32, DEVICE, lengths=(3, 1, 6), H=24)
+    hidden = hidden * torch.tensor([1e-4] * 4 + [1.0] * 6, device=DEVICE)[:, None]  # the first two means: tiny
+    eps = 1e-2
+    kalm = mean_pool(hidden, cu_seqlens=cu, normalize=True, eps=eps, backend=backend)
+    assert kalm[:2].norm(dim=-1).max() < 0.1 and (kalm[2].norm() - 1).abs() < 1e-5
+    _check_against_reference(backend, hidden, dict(cu_seqlens=cu, normalize=True, eps=eps), torch.float32)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not (INTERPRET or DEVICE == "cuda"), reason="Triton on CPU needs TRITON_INTERPRET=1")
+def test_triton_backward_programs_stride_over_rows_past_the_grid_limit(monkeypatch):
+    """The backward's row programs are capped (CUDA allows 65535 on a grid's second axis): each then loops over
+    several row blocks."""
+    from kalm_fast.ops.mean_pool import _triton
+
+    monkeypatch.setattr(_triton, "MAX_GRID_Y", 2)
+    hidden, cu = _packed_case(torch.float32, DEVICE, lengths=(300, 1, 0, 77), H=40)
+    _check_against_reference("triton", hidden, dict(cu_seqlens=cu, normalize=True), torch.float32)
+    hidden, mask = _padded_case(torch.float32, DEVICE, L=150)
+    _check_against_reference("triton", hidden, dict(attention_mask=mask), torch.float32)
 
 
 def test_triton_rows_per_split():

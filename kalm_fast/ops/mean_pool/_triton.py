@@ -98,11 +98,10 @@ def _mean_pool_bwd_kernel(
     IS_PACKED: tl.constexpr, HAS_MASK: tl.constexpr, NORMALIZE: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
-    """Grid ``(N, cdiv(max_len, BLOCK_T))``; ``BLOCK_H >= H``. Writes every row of the sequence (zeros past DIM / masked)."""
+    """Grid ``(N, row programs)``, ``BLOCK_H >= H``: program ``(n, r)`` writes row blocks ``r, r + row programs, ...``
+    of sequence ``n``, every row (zeros past DIM / masked)."""
     n = tl.program_id(0)
     start, length = _sequence_bounds(n, cu_ptr, L, IS_PACKED)
-    rows = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
-    row_ok = rows < length
     cols = tl.arange(0, BLOCK_H)
     keep = cols < DIM
     g = tl.load(grad_out_ptr + n.to(tl.int64) * stride_gb + cols, mask=keep, other=0.0).to(tl.float32)
@@ -116,14 +115,17 @@ def _mean_pool_bwd_kernel(
             g = g / eps
     count = tl.load(count_ptr + n)
     g = g / tl.maximum(count, 1.0)
-    if HAS_MASK:
-        w = tl.load(mask_ptr + n.to(tl.int64) * stride_mb + rows, mask=row_ok, other=0).to(tl.float32)
-    else:
-        w = row_ok.to(tl.float32)
-    dh = w[:, None] * g[None, :]
     base = grad_hidden_ptr + n.to(tl.int64) * stride_dhb + start.to(tl.int64) * stride_dht
-    tl.store(base + rows[:, None].to(tl.int64) * stride_dht + cols[None, :],
-             dh.to(grad_hidden_ptr.dtype.element_ty), mask=row_ok[:, None] & (cols < H)[None, :])
+    for t0 in range(tl.program_id(1) * BLOCK_T, length, tl.num_programs(1) * BLOCK_T):
+        rows = t0 + tl.arange(0, BLOCK_T)
+        row_ok = rows < length
+        if HAS_MASK:
+            w = tl.load(mask_ptr + n.to(tl.int64) * stride_mb + rows, mask=row_ok, other=0).to(tl.float32)
+        else:
+            w = row_ok.to(tl.float32)
+        dh = w[:, None] * g[None, :]
+        tl.store(base + rows[:, None].to(tl.int64) * stride_dht + cols[None, :],
+                 dh.to(grad_hidden_ptr.dtype.element_ty), mask=row_ok[:, None] & (cols < H)[None, :])
 
 
 def _mask_arg(mask: Optional[torch.Tensor], hidden: torch.Tensor):
@@ -135,6 +137,7 @@ def _mask_arg(mask: Optional[torch.Tensor], hidden: torch.Tensor):
 
 
 PROGRAMS_PER_SM = 8  # what the row splits of the forward aim for
+MAX_GRID_Y = 65535  # CUDA's limit on a grid's second and third axes
 MIN_SPLIT_ROWS = 64
 
 
@@ -194,7 +197,7 @@ def mean_pool_backward(grad_out, mean, count, hidden_shape, hidden_dtype, mask, 
     cu = cu_seqlens if cu_seqlens is not None else grad_hidden
     block_h = triton.next_power_of_2(H)
     block_t = max(1, min(32, 4096 // block_h))
-    grid = (N, triton.cdiv(max_len, block_t))
+    grid = (N, min(triton.cdiv(max_len, block_t), MAX_GRID_Y))
     _mean_pool_bwd_kernel[grid](
         grad_out, mean, count, mask_t, cu, grad_hidden, L, H, dim, grad_out.stride(0), stride_mb,
         stride_dhb, stride_dht, eps, IS_PACKED=cu_seqlens is not None, HAS_MASK=mask is not None,
