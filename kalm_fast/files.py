@@ -42,12 +42,21 @@ def temp_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.tmp")
 
 
+def _new_file_mode() -> int:
+    """The permissions ``open(path, "w")`` gives a new file: 0o666 less the process's umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def atomic_write(path, write: Callable[[Path], None]) -> None:
-    """``write(tmp)`` then fsync, rename over ``path`` and fsync the directory; the temp file goes on failure."""
+    """``write(tmp)`` then fsync, rename over ``path`` and fsync the directory; the temp file goes on failure. The
+    file gets a new file's usual permissions, whatever ``write`` created (safetensors writes owner-only files)."""
     path = Path(path)
     tmp = temp_name(path)
     try:
         write(tmp)
+        os.chmod(tmp, _new_file_mode())
         fsync_file(tmp)
         os.replace(tmp, path)
         fsync_dir(path.parent)

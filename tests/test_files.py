@@ -102,3 +102,18 @@ def test_shard_directories_past_99999_shards_are_still_recognized(tmp_path):
     (tmp_path / "shard-1.safetensors").write_bytes(b"")
     with pytest.raises(ValueError, match="shard-1.safetensors"):
         shards.check_directory(tmp_path)
+
+
+def test_atomic_writes_get_a_new_files_usual_permissions(tmp_path):
+    """safetensors creates owner-only files; what kalm_fast writes is readable as any file the user creates."""
+    plain = tmp_path / "plain"
+    plain.write_text("x")
+    target = tmp_path / "out.safetensors"
+    files.atomic_write(target, lambda tmp: (tmp.write_bytes(b"x"), os.chmod(tmp, 0o600)))
+    assert target.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777
+    old = os.umask(0o077)
+    try:
+        files.atomic_write(target, lambda tmp: tmp.write_bytes(b"y"))
+        assert target.stat().st_mode & 0o777 == 0o600  # a stricter umask is honoured
+    finally:
+        os.umask(old)
