@@ -29,9 +29,9 @@ a returned ``OUT`` folder into ``benchmarks/results/``.
 
 The exit code is 0 only when the build has CUDA, no test failed and no required stage failed or timed out; a
 benchmark stage that is skipped, cut short by the budget or over its own limit is listed, with the rows it measured
-so far in ``summary.md``, but does not fail the run (a slow benchmark is a finding, not a failure). ``--dry`` runs the same stages on the
-CPU: the build and ``gpu`` tests are only collected, the benchmarks run their ``dry`` presets; ``make test`` runs it,
-so the script cannot rot between GPU runs.
+so far in ``summary.md``, but does not fail the run (a slow benchmark is a finding, not a failure). ``--dry`` runs
+the same stages on the CPU: the build and ``gpu`` tests are only collected, the benchmarks run their ``dry`` presets;
+``make test`` runs it, so the script cannot rot between GPU runs.
 """
 from __future__ import annotations
 

@@ -115,7 +115,8 @@ class Encoder:
 
     @property
     def max_seq_length(self) -> int:
-        """sentence-transformers' name of ``max_length``; settable up to the ``max_length`` the Encoder was made with."""
+        """sentence-transformers' name of ``max_length``; settable, up to the ``max_length`` the Encoder was made
+        with."""
         return self.model.max_length
 
     @max_seq_length.setter
