@@ -7,7 +7,7 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-from train_utils import make_records, make_tiny_model
+from train_utils import make_records, make_tiny_model, max_abs_diff
 
 import kalm_fast.train.ablation as ablation_mod
 import kalm_fast.train.trainer as trainer_mod
@@ -69,7 +69,7 @@ def spy(monkeypatch):
 
     for module in (trainer_mod, ablation_mod):
         monkeypatch.setattr(module, "evaluate_model", evaluate)
-        monkeypatch.setattr(module, "load_eval_set", load)
+    monkeypatch.setattr(trainer_mod, "load_eval_set", load)  # behind load_split, which reads both splits
     monkeypatch.setattr(trainer_mod, "TrainData", train_data)
     return calls
 
@@ -128,6 +128,12 @@ def test_ablation_choices_on_validation_only(inputs, tmp_path, spy, capsys, monk
     assert by_name["plain"]["diff_vs_plain"] is None
     assert by_name["focal"]["settings"] == dict(gamma=0.5, num_synthetic=0)
     assert by_name["mixing"]["settings"] == dict(gamma=0.0, num_synthetic=2)
+    # the variants' loss settings reach training: with the same seed (same batches), each ends with other weights
+    for seed in results["seeds"]:
+        finals = [load_file(str(out / f"{v}-s{seed}/final/model.safetensors")) for v in VARIANT_ORDER[1:5]]
+        for i, a in enumerate(finals):
+            for b in finals[i + 1:]:
+                assert max_abs_diff(a, b) > 1e-6
 
     # the soup of each seed is the greedy choice made from validation scores, and is what was written
     for run in by_name["soup"]["runs"]:
@@ -224,6 +230,8 @@ def test_plot_results(monkeypatch):
     (dict(options=dict(resamples=0)), "resamples must be an integer >= 1"),
     (dict(options=dict(stage="nope")), "stage 'nope' is not a training stage"),
     (dict(overlap=True), "share 10 queries"),
+    (dict(test=dict(queries="missing.jsonl", corpus="c.jsonl")), "test.queries: cannot read 'missing.jsonl': it does "
+                                                                 "not exist"),
 ])
 def test_bad_input_is_a_clear_error_before_training(inputs, tmp_path, change, message):
     raw = _raw(inputs, tmp_path / "run", **change.get("stage", {}))

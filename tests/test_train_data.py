@@ -1,5 +1,6 @@
 """Training data validation, task-homogeneous deterministic sampling, resumable position, configs."""
 import json
+import re
 
 import pytest
 
@@ -107,6 +108,11 @@ def test_sampler_task_weights():
         TaskBatchSampler(tasks, 2, task_weights={"zzz": 1.0})
     with pytest.raises(ValueError, match="no task has batch_size=50"):
         TaskBatchSampler(tasks, 50)
+    # a zero weight drops a task; weights that leave no batch at all are named as the cause
+    assert {b[0] for b in _take(TaskBatchSampler(tasks, 2, task_weights={"a": 0}), 6)} == {"b"}
+    for weights in ({"a": 0, "b": 0}, {"a": 0.05, "b": 0}):
+        with pytest.raises(ValueError, match=r"task_weights \{.*\} leave no batch in an epoch"):
+            TaskBatchSampler(tasks, 2, task_weights=weights)
 
 
 def test_build_example_negatives():
@@ -184,6 +190,11 @@ def test_example_configs_load():
     (dict(matryoshka_dims=[16], matryoshka_weights=[1, 1]), "'matryoshka_weights' must be one weight >= 0 per"),
     (dict(save_every=0), "'save_every' must be >= 1 (or null), got 0"),
     (dict(keep_checkpoints=0), "'keep_checkpoints' must be >= 1, got 0"),
+    (dict(keep_best=True), "'keep_best' needs 'eval_every'"),
+    (dict(hard_negatives=0, in_batch_negatives=False), "'hard_negatives' 0 with in_batch_negatives False and "
+                                                       "batch_size 32 leaves each query only its positive"),
+    (dict(hard_negatives=0, batch_size=1), "'hard_negatives' 0 with in_batch_negatives True and batch_size 1"),
+    (dict(data=["x.jsonl", "y.jsonl", "./x.jsonl"]), "'data' lists the file"),
 ])
 def test_every_stage_value_is_checked_naming_its_key(change, message):
     stage = dict(dict(name="s", data=["x.jsonl"], steps=3), **change)
@@ -207,6 +218,27 @@ def test_every_global_value_is_checked_naming_its_key(change, message):
     with pytest.raises(ValueError) as error:
         config_from_dict(raw)
     assert message in str(error.value), str(error.value)
+
+
+@pytest.mark.parametrize("name", ["../escape", "a/b", "a\\b", ".", "..", ".hidden", "", "a\0b"])
+@pytest.mark.parametrize("kind", ["train", "soup"])
+def test_a_stage_name_must_be_one_plain_directory_name(name, kind):
+    """A stage's name is its directory under output_dir: nothing that leaves it, or hides among temporaries."""
+    train = dict(name="s", data=["x.jsonl"], steps=3)
+    stages = [dict(train, name=name)] if kind == "train" else [train, {"name": name, "type": "soup", "from": ["s"]}]
+    with pytest.raises(ValueError, match=r"'name' must be a plain directory name \(not empty, no '/'"):
+        config_from_dict(dict(stages=stages))
+
+
+def test_a_data_file_listed_twice_is_refused_by_its_resolved_path(tmp_path):
+    (tmp_path / "d.jsonl").write_text(GOOD + "\n")
+    (tmp_path / "link.jsonl").symlink_to(tmp_path / "d.jsonl")
+    stage = dict(name="s", data=[str(tmp_path / "d.jsonl"), str(tmp_path / "link.jsonl")], steps=3)
+    message = f"stages[0] ('s'): 'data' lists the file {(tmp_path / 'd.jsonl').resolve()} twice"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        config_from_dict(dict(stages=[stage]))
+    once = config_from_dict(dict(stages=[dict(stage, data=[str(tmp_path / "d.jsonl")])]))
+    assert once.stages[0].data == [str(tmp_path / "d.jsonl")]
 
 
 def test_soup_stage_values_are_checked():

@@ -2,6 +2,7 @@
 the same config and data on --resume, every stage's data checked before the first step, a non-finite loss stops
 the run, a failed start does not block the fixed rerun, and what batching leaves out is logged."""
 import json
+import re
 import shutil
 
 import pytest
@@ -221,4 +222,46 @@ def test_an_unwritable_output_dir_is_refused_before_anything(inputs, tmp_path, m
     monkeypatch.setattr(os, "access", lambda p, mode: False if str(p) == str(tmp_path) else real_access(p, mode))
     with pytest.raises(ValueError, match=f"output_dir: cannot write in '{tmp_path}'"):
         _run(_raw(inputs, tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+
+
+def test_task_weights_that_leave_no_batch_are_refused_before_anything(inputs, tmp_path):
+    raw = _raw(inputs, tmp_path / "run", task_weights={"alpha": 0, "beta": 0})
+    with pytest.raises(ValueError, match=r"stage 'ft': task_weights \{'alpha': 0\.0, 'beta': 0\.0\} leave no batch"):
+        _run(raw)
+    assert not (tmp_path / "run").exists()
+
+
+def test_matryoshka_dims_beyond_the_models_size_are_refused_before_anything(inputs, tmp_path):
+    with pytest.raises(ValueError, match=r"stage 'ft': 'matryoshka_dims' must be <= the embedding size 32 of the "
+                                         r"model it trains \(.*\), got \[16, 48\]"):
+        _run(_raw(inputs, tmp_path / "run", matryoshka_dims=[16, 48]))
+    assert not (tmp_path / "run").exists()
+    # a stage trained from a soup of an outside model is measured against that model
+    small = make_tiny_model(tmp_path / "small", hidden=16)
+    raw = _raw(inputs, tmp_path / "run", matryoshka_dims=[24])
+    raw["stages"].insert(0, {"name": "outside", "type": "soup", "from": [str(small)]})
+    with pytest.raises(ValueError, match=re.escape(f"stage 'ft': 'matryoshka_dims' must be <= the embedding size 16 "
+                                                   f"of the model it trains ({small}), got [24]")):
+        _run(raw)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("key", ["queries", "corpus"])
+def test_a_missing_eval_file_is_a_usage_error_naming_its_key(inputs, tmp_path, capsys, key):
+    split = dict(queries=str(tmp_path / "q.jsonl"), corpus=str(tmp_path / "c.jsonl"))
+    write_jsonl(tmp_path / "c.jsonl", [dict(id="d0", text="apple")])
+    write_jsonl(tmp_path / "q.jsonl", [dict(query="apple", relevant=["d0"])])
+    (tmp_path / f"{key[0]}.jsonl").unlink()
+    raw = dict(_raw(inputs, tmp_path / "run"), eval=split)
+    message = f"eval.{key}: cannot read '{tmp_path / key[0]}.jsonl': it does not exist"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        _run(raw)
+    config = tmp_path / "c.yaml"
+    config.write_text(json.dumps(raw))
+    assert main(["train", str(config)]) == 2
+    assert f"kalm-fast train: error: {message}" in capsys.readouterr().err
+    (tmp_path / f"{key[0]}.jsonl").mkdir()
+    with pytest.raises(ValueError, match=rf"eval\.{key}: cannot read .*: it is a directory, expected a file"):
+        _run(raw)
     assert not (tmp_path / "run").exists()

@@ -7,8 +7,10 @@ import torch
 from safetensors.torch import load_file
 from train_utils import make_records, make_tiny_model, max_abs_diff
 
+from kalm_fast.train import trainer as trainer_module
 from kalm_fast.train.config import config_from_dict
 from kalm_fast.train.data import write_jsonl
+from kalm_fast.train.losses import FocalInfoNCELoss
 from kalm_fast.train.trainer import Trainer, lr_lambda
 
 
@@ -121,3 +123,50 @@ def test_lr_schedule():
     g = lr_lambda(10, 0, "cosine")
     assert g(0) == 1.0 and g(5) == pytest.approx(0.5) and g(10) == pytest.approx(0.0)
     assert lr_lambda(10, 2, "constant")(9) == 1.0
+
+
+def test_the_stage_settings_reach_the_loss_the_optimizer_the_clipping_and_the_schedule(inputs, tmp_path, monkeypatch):
+    """Spies on what the trainer builds: every loss setting differs from its default, so none can be dropped."""
+    losses, models, optimizers, max_norms = [], [], [], []
+    real_init, real_wrap = FocalInfoNCELoss.__init__, trainer_module.wrap_model
+    real_clip = torch.nn.utils.clip_grad_norm_
+
+    def init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        losses.append(self)
+
+    class AdamW(torch.optim.AdamW):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            optimizers.append(self)
+
+    def clip(parameters, max_norm, *args, **kwargs):
+        max_norms.append(max_norm)
+        return real_clip(parameters, max_norm, *args, **kwargs)
+
+    monkeypatch.setattr(FocalInfoNCELoss, "__init__", init)
+    monkeypatch.setattr(trainer_module, "wrap_model", lambda model, *a: models.append(model) or real_wrap(model, *a))
+    monkeypatch.setattr(torch.optim, "AdamW", AdamW)
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip)
+    loss_settings = dict(temperature=0.07, gamma=0.3, similarity="dot", in_batch_negatives=False, num_synthetic=2,
+                         mix_top_k=2, mix_alpha=1.5, false_negative_margin=0.2, detach_focal_weight=True)
+    cfg = _config(inputs, tmp_path / "run", steps=4, hard_negatives=3, gradcache_chunk=None, save_every=None,
+                  lr=2e-3, warmup_ratio=0.75, schedule="linear", weight_decay=0.05, max_grad_norm=0.7,
+                  matryoshka_dims=[32, 16], matryoshka_weights=[1.0, 0.5], **loss_settings)
+    Trainer(cfg, show_progress=False).train()
+
+    [loss] = losses
+    assert loss.options == dict(loss_settings, gather=False, backend="auto")
+    assert (loss.matryoshka_dims, loss.matryoshka_weights) == ([32, 16], [1.0, 0.5])
+    # AdamW: weight decay on the matrices only, none on biases and LayerNorm weights
+    [optimizer], [model] = optimizers, models
+    names = {id(p): n for n, p in model.named_parameters()}
+    decay = {g["weight_decay"]: {names[id(p)] for p in g["params"]} for g in optimizer.param_groups}
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    no_decay = {n for n in trained if n.endswith(".bias") or "LayerNorm" in n}
+    assert set(decay) == {0.05, 0.0} and decay[0.0] == no_decay and decay[0.05] == trained - no_decay
+    assert no_decay and all(g["initial_lr"] == 2e-3 for g in optimizer.param_groups)
+    assert max_norms == [0.7] * 4
+    # the lr logged after each step (the next step's): warmup 1/3, 2/3, 1 over 3 steps, then linear decay to 0
+    records = [json.loads(line) for line in open(tmp_path / "run/metrics.jsonl")]
+    assert [r["lr"] for r in records if "lr" in r] == pytest.approx([2e-3 * f for f in (2 / 3, 1, 1, 0)])

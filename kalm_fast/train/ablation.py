@@ -40,9 +40,8 @@ import torch
 
 from ..files import atomic_write, atomic_write_text
 from .config import SoupStage, TrainConfig, TrainStage, load_config
-from .data import load_eval_set
 from .evaluate import evaluate_model
-from .trainer import Trainer, base_model_path
+from .trainer import Trainer, base_model_path, load_split
 
 METRICS = ("ndcg@10", "recall@10", "mrr@10")
 METRIC_LABELS = {"ndcg@10": "nDCG@10", "recall@10": "Recall@10", "mrr@10": "MRR@10"}
@@ -226,7 +225,7 @@ class Ablation:
                                           stages=_variant_stages(self.stage, self.seeds))
         self.trainer = Trainer(self.config, resume=resume, show_progress=show_progress)  # reads the validation split
         self.trainer.train_data(self.config.stages[0])  # indexes (and checks) the training data once, for every run
-        self.test_set = load_eval_set(config.test.queries, config.test.corpus, instruction=config.test.instruction)
+        self.test_set = load_split(config.test, "test")
         shared = set(self.trainer.eval_set.queries) & set(self.test_set.queries)
         if shared:
             raise ValueError(f"{where}: the validation split ('eval': {config.eval.queries}) and the test split "

@@ -94,6 +94,12 @@ def _require(ok: bool, key: str, what: str, value) -> None:
         raise ValueError(f"{key!r} must be {what}, got {value!r}")
 
 
+def _check_name(name: str) -> None:
+    """A stage name is a directory under output_dir: one plain path component."""
+    _require(bool(name) and not name.startswith(".") and not any(c in name for c in "/\\\0"), "name",
+             "a plain directory name (not empty, no '/', '\\' or NUL, not starting with '.')", name)
+
+
 @dataclass
 class EvalConfig:
     queries: str
@@ -141,15 +147,21 @@ class TrainStage:
     save_every: Optional[int] = None  # steps between resumable checkpoints (None: only the final model)
     keep_checkpoints: int = 2         # how many of the latest checkpoints to keep on disk
     eval_every: Optional[int] = None  # steps between evaluations (needs `eval`)
-    keep_best: bool = False           # final model = best evaluated checkpoint of the stage
+    keep_best: bool = False           # final model = best evaluated checkpoint of the stage (needs eval_every)
     seed: Optional[int] = None
 
     def __post_init__(self):
         if isinstance(self.data, str):
             self.data = [self.data]
         _check_types(self)
-        _require(bool(self.name), "name", "a non-empty string", self.name)
+        _check_name(self.name)
         _require(bool(self.data) and all(self.data), "data", "a non-empty list of JSONL paths", self.data)
+        resolved = [Path(f).resolve() for f in self.data]
+        for i, path in enumerate(resolved):
+            if path in resolved[:i]:
+                raise ValueError(f"'data' lists the file {path} twice ({self.data[resolved.index(path)]!r} and "
+                                 f"{self.data[i]!r}): its records would be trained on twice; list each file once "
+                                 "(task_weights weighs a task)")
         if (self.steps is None) == (self.epochs is None):
             raise ValueError("set exactly one of 'steps' or 'epochs'")
         for key in ("steps", "gradcache_chunk", "save_every", "eval_every"):
@@ -173,6 +185,12 @@ class TrainStage:
         if self.num_synthetic and (self.hard_negatives < 2 or (self.mix_top_k or 2) < 2):
             raise ValueError("'num_synthetic' mixes pairs of a query's hard negatives: it needs hard_negatives >= 2 "
                              f"and mix_top_k >= 2 (got {self.hard_negatives} and {self.mix_top_k})")
+        if self.hard_negatives == 0 and (not self.in_batch_negatives or self.batch_size == 1):
+            raise ValueError(f"'hard_negatives' 0 with in_batch_negatives {self.in_batch_negatives} and batch_size "
+                             f"{self.batch_size} leaves each query only its positive (loss 0, no gradient): set "
+                             "hard_negatives >= 1, or in_batch_negatives: true with batch_size >= 2")
+        if self.keep_best and self.eval_every is None:
+            raise ValueError("'keep_best' needs 'eval_every' (the steps between the evaluations it chooses from)")
         dims, weights = self.matryoshka_dims, self.matryoshka_weights
         _require(dims is None or (dims and min(dims) >= 1), "matryoshka_dims", "a non-empty list of ints >= 1", dims)
         _require(weights is None or (dims is not None and len(weights) == len(dims) and min(weights) >= 0),
@@ -190,6 +208,7 @@ class SoupStage:
 
     def __post_init__(self):
         _check_types(self)
+        _check_name(self.name)
         _require(bool(self.from_), "from", "a non-empty list of stage names, 'base' or model directories", self.from_)
         if self.weights is not None:
             _require(len(self.weights) == len(self.from_) and min(self.weights) >= 0 and sum(self.weights) > 0,
@@ -246,7 +265,7 @@ class TrainConfig:
                                  f"({earlier}) nor an existing path")
             if isinstance(s, SoupStage) and s.greedy and self.eval is None:
                 raise ValueError(f"soup stage {s.name!r} is greedy, which needs an 'eval' section")
-            if isinstance(s, TrainStage) and (s.eval_every or s.keep_best) and self.eval is None:
+            if isinstance(s, TrainStage) and s.eval_every and self.eval is None:
                 raise ValueError(f"stage {s.name!r} evaluates (eval_every/keep_best), which needs an 'eval' section")
 
 

@@ -39,7 +39,11 @@ class TaskBatchSampler:
         self.step = 0  # batches of the current epoch already handed out
         if self.batches_per_epoch() == 0:
             sizes = {t: len(ids) for t, ids in self.tasks.items()}
-            raise ValueError(f"no task has batch_size={batch_size} records (records per task: {sizes})")
+            if max(sizes.values(), default=0) < batch_size:
+                raise ValueError(f"no task has batch_size={batch_size} records (records per task: {sizes})")
+            raise ValueError(f"task_weights {weights} leave no batch in an epoch (a task's batches per epoch are its "
+                             f"full batches times its weight, rounded; records per task: {sizes}, batch_size "
+                             f"{batch_size}): give a task with enough records a weight > 0")
 
     def _epoch_batches(self, epoch: int) -> list:
         rng = random.Random(f"{self.seed}:{epoch}")

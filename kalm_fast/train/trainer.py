@@ -16,15 +16,15 @@ Output layout::
                                           + checkpoint.json (size and sha256 of each of its files)
     OUTPUT/<stage>/final/                 the stage's model (Hugging Face + sentence-transformers layout)
 
-Before anything is written, the config (``config.py``), the device, the eval set and every stage's data are
-checked. ``--resume`` skips finished stages and continues the current one from its latest intact checkpoint (a
-damaged one is reported, removed, and the one before it used), exactly: the weights after the last step equal
-those of an uninterrupted run. It refuses a changed config or changed data (naming what changed), except the
-keys in ``RESUMABLE_CHANGES``, which do not change the weights. A run that stopped before its first checkpoint
-left nothing to continue: the next run, with or without ``--resume``, starts it afresh. A non-finite loss or
-gradient norm stops the run (``RunError``) before the optimizer step, so no model is saved from it. Files and
-directories are written under temporary names, fsynced and renamed; a killed run's temporary files are removed
-by the next one.
+Before anything is written, the config (``config.py``), the device, the eval set, every stage's data and its
+``matryoshka_dims`` (against its model's size) are checked. ``--resume`` skips finished stages and continues the
+current one from its latest intact checkpoint (a damaged one is reported, removed, and the one before it used),
+exactly: the weights after the last step equal those of an uninterrupted run. It refuses a changed config or
+changed data (naming what changed), except the keys in ``RESUMABLE_CHANGES``, which do not change the weights. A
+run that stopped before its first checkpoint left nothing to continue: the next run, with or without ``--resume``,
+starts it afresh. A non-finite loss or gradient norm stops the run (``RunError``) before the optimizer step, so no
+model is saved from it. Files and directories are written under temporary names, fsynced and renamed; a killed
+run's temporary files are removed by the next one.
 """
 from __future__ import annotations
 
@@ -69,9 +69,9 @@ from ..files import (
     verify,
 )
 from ..models import EmbeddingModel
-from ..models.loading import default_model_dir, resolve_model_dir
-from .config import SoupStage, TrainConfig, TrainStage, config_to_dict
-from .data import TrainData, load_eval_set
+from ..models.loading import build_config, default_model_dir, read_sentence_transformer_info, resolve_model_dir
+from .config import EvalConfig, SoupStage, TrainConfig, TrainStage, config_to_dict
+from .data import EvalSet, TrainData, load_eval_set
 from .evaluate import evaluate_model
 from .gradcache import contrastive_step
 from .losses import FocalInfoNCELoss
@@ -132,6 +132,23 @@ def checkpoint_problem(path: Path):
 def base_model_path(model: Optional[str]) -> str:
     """The configured model directory, or the embedded MiniLM when None."""
     return str(model) if model is not None else str(default_model_dir())
+
+
+def load_split(split: EvalConfig, section: str) -> EvalSet:
+    """The eval set of the config section ``section`` ('eval' or 'test'); an unreadable file is a ValueError
+    naming its key."""
+    for key in ("queries", "corpus"):
+        path = Path(getattr(split, key))
+        if not path.exists():
+            raise ValueError(f"{section}.{key}: cannot read {str(path)!r}: it does not exist")
+        if path.is_dir():
+            raise ValueError(f"{section}.{key}: cannot read {str(path)!r}: it is a directory, expected a file")
+    return load_eval_set(split.queries, split.corpus, instruction=split.instruction)
+
+
+def embedding_size(model_dir) -> int:
+    """The embedding size (hidden size) of a model directory, read from its config without loading weights."""
+    return int(build_config(read_sentence_transformer_info(resolve_model_dir(model_dir)).transformer_dir).hidden_size)
 
 
 def lr_lambda(total: int, warmup: int, schedule: str) -> Callable[[int], float]:
@@ -233,7 +250,7 @@ class Trainer:
         self.eval_set = None   # the validation split: every choice (keep_best, greedy soups); `test` is never read
         self._train_data: dict = {}
         if config.eval is not None:
-            self.eval_set = load_eval_set(config.eval.queries, config.eval.corpus, instruction=config.eval.instruction)
+            self.eval_set = load_split(config.eval, "eval")
 
     # ---------------------------------------------------------------- bookkeeping
     def _log(self, record: dict):
@@ -342,6 +359,7 @@ class Trainer:
         """Every training stage's data (validated and hashed) and sampler, before any stage trains."""
         check_writable_dir(self.out, "output_dir")
         resolve_model_dir(self.config.model)  # the base model exists (its files are checked when it loads)
+        sources = self._model_sources()
         prepared = {}
         for stage in self.config.stages:
             if not isinstance(stage, TrainStage):
@@ -350,6 +368,11 @@ class Trainer:
                 if stage.batch_size % self.info.world_size:
                     raise ValueError(f"batch_size {stage.batch_size} must be a multiple of the number of processes "
                                      f"{self.info.world_size}")
+                if stage.matryoshka_dims:
+                    size = embedding_size(sources[stage.name])
+                    if max(stage.matryoshka_dims) > size:
+                        raise ValueError(f"'matryoshka_dims' must be <= the embedding size {size} of the model it "
+                                         f"trains ({sources[stage.name]}), got {stage.matryoshka_dims}")
                 data = self.train_data(stage)
                 sampler = TaskBatchSampler(data.tasks, stage.batch_size, seed=self._seed(stage),
                                            task_weights=stage.task_weights)
@@ -357,6 +380,19 @@ class Trainer:
                 raise ValueError(f"stage {stage.name!r}: {exc}") from None
             prepared[stage.name] = (data, sampler)
         return prepared
+
+    def _model_sources(self) -> dict:
+        """Per stage, the model directory that fixes its model's shape: the base model, or the first outside
+        directory of a soup it comes from (a soup's members share one shape)."""
+        sources, previous = {"base": base_model_path(self.config.model)}, "base"
+        for stage in self.config.stages:
+            if isinstance(stage, SoupStage):
+                ref = stage.from_[0]
+            else:
+                ref = previous if stage.init == "previous" else stage.init
+            sources[stage.name] = sources.get(ref, ref)
+            previous = stage.name
+        return sources
 
     def _seed(self, stage: TrainStage) -> int:
         return self.config.seed if stage.seed is None else stage.seed
