@@ -160,6 +160,15 @@ class Encoder:
 
     get_sentence_embedding_dimension = get_embedding_dimension
 
+    def get_max_seq_length(self) -> int:
+        return self.max_seq_length
+
+    def to(self, *args, **kwargs) -> "Encoder":
+        """Moves or casts the model as ``nn.Module.to`` (``enc.to("cuda")``, ``enc.to(torch.bfloat16)``); returns
+        the encoder."""
+        self.model.to(*args, **kwargs)
+        return self
+
     def _check_dim(self, dim, name: str) -> int:
         if isinstance(dim, bool) or not isinstance(dim, int) or not 1 <= dim <= self.model.hidden_size:
             raise ValueError(f"{name} must be an int in [1, {self.model.hidden_size}], got {dim!r}")

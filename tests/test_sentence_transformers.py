@@ -393,6 +393,9 @@ def test_max_seq_length_can_be_set_as_in_sentence_transformers(pair):
         assert len(enc.model.token_ids([long_text])[0]) == 8
     finally:
         enc.max_seq_length = ref.max_seq_length = longest
+    assert enc.get_max_seq_length() == ref.get_max_seq_length() == longest
+    assert enc.to("cpu") is enc and enc.to(torch.float64).model.model.dtype == torch.float64
+    enc.to(torch.float32)
     for bad in (0, longest + 1, 2.0, True):
         with pytest.raises(ValueError, match="max_seq_length"):
             enc.max_seq_length = bad
