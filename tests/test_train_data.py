@@ -220,10 +220,11 @@ def test_every_global_value_is_checked_naming_its_key(change, message):
     assert message in str(error.value), str(error.value)
 
 
-@pytest.mark.parametrize("name", ["../escape", "a/b", "a\\b", ".", "..", ".hidden", "", "a\0b"])
+@pytest.mark.parametrize("name", ["../escape", "a/b", "a\\b", ".", "..", ".hidden", "", "a\0b", "run.json", "metrics.jsonl"])
 @pytest.mark.parametrize("kind", ["train", "soup"])
 def test_a_stage_name_must_be_one_plain_directory_name(name, kind):
-    """A stage's name is its directory under output_dir: nothing that leaves it, or hides among temporaries."""
+    """A stage's name is its directory under output_dir: nothing that leaves it, hides among temporaries or is
+    one of the run's own files."""
     train = dict(name="s", data=["x.jsonl"], steps=3)
     stages = [dict(train, name=name)] if kind == "train" else [train, {"name": name, "type": "soup", "from": ["s"]}]
     with pytest.raises(ValueError, match=r"'name' must be a plain directory name \(not empty, no '/'"):

@@ -94,10 +94,14 @@ def _require(ok: bool, key: str, what: str, value) -> None:
         raise ValueError(f"{key!r} must be {what}, got {value!r}")
 
 
+RUN_FILES = ("run.json", "metrics.jsonl", "scores.json")  # what the trainer writes beside the stages' directories
+
+
 def _check_name(name: str) -> None:
-    """A stage name is a directory under output_dir: one plain path component."""
-    _require(bool(name) and not name.startswith(".") and not any(c in name for c in "/\\\0"), "name",
-             "a plain directory name (not empty, no '/', '\\' or NUL, not starting with '.')", name)
+    """A stage name is a directory under output_dir: one plain path component, none of the run's own files."""
+    _require(bool(name) and not name.startswith(".") and not any(c in name for c in "/\\\0")
+             and name not in RUN_FILES, "name", "a plain directory name (not empty, no '/', '\\' or NUL, not "
+             f"starting with '.', none of {', '.join(RUN_FILES)})", name)
 
 
 @dataclass
