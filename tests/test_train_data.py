@@ -220,7 +220,8 @@ def test_every_global_value_is_checked_naming_its_key(change, message):
     assert message in str(error.value), str(error.value)
 
 
-@pytest.mark.parametrize("name", ["../escape", "a/b", "a\\b", ".", "..", ".hidden", "", "a\0b", "run.json", "metrics.jsonl"])
+@pytest.mark.parametrize("name", ["../escape", "a/b", "a\\b", ".", "..", ".hidden", "", "a\0b", "run.json",
+                                  "metrics.jsonl"])
 @pytest.mark.parametrize("kind", ["train", "soup"])
 def test_a_stage_name_must_be_one_plain_directory_name(name, kind):
     """A stage's name is its directory under output_dir: nothing that leaves it, hides among temporaries or is
