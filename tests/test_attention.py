@@ -464,23 +464,25 @@ def test_cuda_is_forward_only(backend):
 
 @pytest.mark.parametrize("backend", ["reference", *BACKENDS, *backend_params(OP, ("cuda",), torch.float16)])
 def test_nan_semantics_agree_and_padding_never_leaks(backend):
-    """NaN in masked-out keys/values never reaches a real row; a NaN query row gives NaN there, and a padded query
-    row gives zeros whatever it holds, on every backend alike."""
+    """NaN in masked-out keys/values never reaches a real row; a query row holding a NaN or an infinity gives NaN
+    there, and a padded query row gives zeros whatever it holds, on every backend alike."""
     dtype = torch.float16 if backend == "cuda" else torch.float32
     q, k, v = (t.detach() for t in _inputs((2, 5, 2, 64), 2, dtype))
     mask = _mask([3, 5], 5)
     k[0, 4], v[0, 4], v[0, 3] = float("nan"), float("nan"), float("inf")
-    q[1, 2, 0, 0], q[0, 4, 0, 0] = float("nan"), float("nan")
+    q[1, 2, 0, 0], q[0, 4, 0, 0], q[1, 1, 1, 5] = float("nan"), float("nan"), float("-inf")
     with torch.no_grad():
         out = flash_attention(q, k, v, key_padding_mask=mask, backend=backend)
     assert torch.isfinite(out[0, :3]).all()            # the padding of sequence 0 did not leak
     assert (out[0, 3:] == 0).all()                      # padded query rows are zeros, even a NaN one
     assert out[1, 2, 0].isnan().all() and torch.isfinite(out[1, 2, 1]).all()  # query head 0 of token 2 is NaN
-    assert torch.isfinite(out[1, [0, 1, 3, 4]]).all()
+    assert out[1, 1, 1].isnan().all() and torch.isfinite(out[1, 1, 0]).all()  # head 1 of token 1: -inf in q
+    assert torch.isfinite(out[1, [0, 3, 4]]).all()
     with torch.no_grad():
         packed = flash_attention(q[1], k[1], v[1], cu_seqlens=_cu([5]), backend=backend)
     assert packed[2, 0].isnan().all() and torch.isfinite(packed[2, 1]).all()
-    assert torch.isfinite(packed[[0, 1, 3, 4]]).all()
+    assert packed[1, 1].isnan().all() and torch.isfinite(packed[1, 0]).all()
+    assert torch.isfinite(packed[[0, 3, 4]]).all()
 
 
 def test_benchmark_times_the_triton_variants_under_their_settings(monkeypatch):

@@ -75,6 +75,7 @@ def test_generator_makes_mixing_reproducible():
 @pytest.mark.parametrize("kwargs, match", [
     (dict(matryoshka_dims=[]), "matryoshka_dims must be a non-empty list"),
     (dict(matryoshka_dims=[8, 0]), "matryoshka_dims must be a non-empty list"),
+    (dict(matryoshka_dims=[8, 6.7]), "matryoshka_dims must be a non-empty list of ints"),
     (dict(matryoshka_weights=[1.0]), "one weight per matryoshka_dims"),
     (dict(matryoshka_dims=[8, 4], matryoshka_weights=[1.0]), "one weight per matryoshka_dims"),
     (dict(matryoshka_dims=[8, 4], matryoshka_weights=[1.0, -0.1]), "finite and >= 0"),

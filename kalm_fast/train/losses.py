@@ -14,8 +14,9 @@ class FocalInfoNCELoss(nn.Module):
     """Focal-InfoNCE (``kalm_fast.ops.focal_infonce``) with optional Matryoshka dimensions.
 
     ``forward(q [B, D], docs [B, 1+M, D], generator=None) -> (loss, stats)``: ``loss`` is a float32 scalar,
-    the weighted sum over ``matryoshka_dims`` (default: only the full D) of the loss on the first ``dim``
-    features (cosine similarity normalizes each truncation again); ``stats`` holds floats for logging, from
+    the weighted sum (weights default to 1 each, not normalized) over ``matryoshka_dims`` (default: only the full
+    D) of the loss, ``reduction="mean"``, on the first ``dim`` features (cosine similarity normalizes each truncation
+    again; each dimension draws its own synthetic negatives from ``generator``); ``stats`` holds floats for logging, from
     the first Matryoshka dimension: ``mean_p`` (probability of the positive), ``mean_weight`` (focal weight),
     ``pos_sim`` and ``hardest_neg_sim`` (mean over queries of the similarity to the positive / to the most
     similar kept negative, NaN when no query has a negative).
@@ -32,8 +33,9 @@ class FocalInfoNCELoss(nn.Module):
                       mix_top_k=mix_top_k, mix_alpha=mix_alpha, false_negative_margin=false_negative_margin,
                       backend=backend)
         if matryoshka_dims is not None:
-            matryoshka_dims = [int(d) for d in matryoshka_dims]
-            if not matryoshka_dims or min(matryoshka_dims) < 1:
+            matryoshka_dims = list(matryoshka_dims)
+            if (not matryoshka_dims or not all(isinstance(d, int) and not isinstance(d, bool) for d in matryoshka_dims)
+                    or min(matryoshka_dims) < 1):
                 raise ValueError(f"matryoshka_dims must be a non-empty list of ints >= 1, got {matryoshka_dims}")
         if matryoshka_weights is not None:
             matryoshka_weights = [float(w) for w in matryoshka_weights]

@@ -118,8 +118,9 @@ def _gather_plan(starts, lengths, longest, device):
 
 
 def _nan_rows(q, result, return_lse):
-    """NaN where a query row holds a NaN, as the oracle gives: CPU SDPA's flash kernel returns 0 there."""
-    bad = torch.isnan(q).any(-1, keepdim=True)
+    """NaN where a query row holds a NaN or an infinity, as the oracle gives (its scores are then NaN or infinite):
+    CPU SDPA's flash kernel returns 0 there."""
+    bad = ~torch.isfinite(q).all(-1, keepdim=True)
     out = result[0] if return_lse else result
     out = out.masked_fill(bad, float("nan"))
     return (out, result[1]) if return_lse else out

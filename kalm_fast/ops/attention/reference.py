@@ -56,7 +56,7 @@ def flash_attention(q, k, v, cu_seqlens=None, max_seqlen=None, key_padding_mask=
         out = torch.stack(outs) if outs else q.float() * 0
         lse = torch.stack(lses) if lses else q.new_zeros(0, Hq, L, dtype=torch.float32)
     out = out.to(q.dtype)
-    return (out, lse) if return_lse else out
+    return (out, lse.detach()) if return_lse else out  # lse is an output, not differentiable (as every backend's)
 
 
 def flash_attention_reference(q, k, v, varlen, key_padding_mask, causal, scale, return_lse):
