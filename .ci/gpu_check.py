@@ -56,6 +56,7 @@ MIN_STAGE_SECONDS = 30  # a stage with less time left than both this and its own
 # a stage at its limit gets SIGINT and up to this long (a quarter of its limit at most) to print what it has: pytest
 # its short summary of the failures so far, a benchmark where it was; then its whole process group is killed
 INTERRUPT_GRACE = 15
+PARALLEL_TOKENIZERS = dict(TOKENIZERS_PARALLELISM="true")
 
 
 @dataclass
@@ -88,7 +89,8 @@ def stages(dry: bool, workers: int) -> list:
         Stage("build", 300, [py, __file__, "--build", *(["--dry"] if dry else [])]),
         Stage("tests", 260, test_cmd, env=dict(KALM_GPU_CHECK="0" if dry else "1")),
         Stage("bench-attention", 120, [py, "-m", "benchmarks.attention", "--preset", bench], required=False),
-        Stage("bench-encode", 120, [*encode, "--profile"], required=False),  # + where the time goes
+        # + where the time goes; tokenizers may use every core there (both sides tokenize; pytest's workers may not)
+        Stage("bench-encode", 120, [*encode, "--profile"], required=False, env=PARALLEL_TOKENIZERS),
         Stage("bench-mean-pool", 45, [py, "-m", "benchmarks.mean_pool", "--preset", bench], required=False),
         Stage("bench-contrastive", 90, [py, "-m", "benchmarks.contrastive", "--preset", bench], required=False),
         Stage("bench-train-step", 120, train, required=False),
@@ -98,7 +100,7 @@ def stages(dry: bool, workers: int) -> list:
                                                 "dry" if dry else "variants"], required=False, on_request=True),
         Stage("bench-encode-budgets", 200, [*encode, "--report", "encode-budgets", "--token-budgets",
                                             "256,512" if dry else "16384,32768,65536"],
-              required=False, on_request=True),
+              required=False, on_request=True, env=PARALLEL_TOKENIZERS),
         # the training-step target's own batch, B = 1024 (the required run times B = 256)
         Stage("bench-train-step-1024", 240, [py, "-m", "benchmarks.train_step", "--batch", "8" if dry else "1024",
                                              "--repeats", "1", "--backends", "auto", "st-cached-mnrl",

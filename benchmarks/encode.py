@@ -307,14 +307,15 @@ def measure(impls: dict, texts, device, rounds: int) -> tuple:
     """Warm each implementation up, then time them alternately; ``(times, last outputs)``.
 
     The warm-up encodes a few texts on CPU, all of them on a GPU: each batch shape that a GPU run meets first
-    compiles and autotunes Triton kernels (per length bucket), which a timed round must not include. A peer that
-    fails on the warm-up is dropped with one printed line (e.g. an export it cannot run)."""
+    compiles and autotunes Triton kernels (per length bucket), which a timed round must not include. A peer or an
+    optional variant (``packed decoder``) that fails on the warm-up is dropped with one printed line (e.g. an export
+    it cannot run)."""
     warm_up = texts if device.type == "cuda" else texts[:16]
     for name, fn in list(impls.items()):
         try:
             fn(warm_up)
         except Exception as exc:
-            if name.startswith(("kalm_fast", "sentence-transformers")):
+            if name.startswith(("kalm_fast", "sentence-transformers")) and "(packed decoder" not in name:
                 raise
             print(f"peer skipped: {name} failed: {type(exc).__name__}: {exc}", flush=True)
             del impls[name]
@@ -366,16 +367,16 @@ def run_model(key, model_dir, texts_by_workload, dtypes, device, args, workdir) 
     for workload, texts in texts_by_workload.items():
         print(f"== {MODELS[key]} / {workload}: {len(texts)} texts, {', '.join(impls)}", flush=True)
         times, outs = measure(impls, texts, device, args.rounds)
-        if args.profile:  # one more call of each torch implementation (not the ONNX / OpenVINO peers)
-            for name, fn in impls.items():
-                if name.startswith(("kalm_fast", "sentence-transformers")):
-                    print_profile(f"{name}, {len(texts)} texts", lambda: fn(texts), device)
         reference = outs.get(ST_FP32)
         if reference is None:  # fp32 not timed: the reference is computed once, untimed
             reference = st_fp32.encode(texts, batch_size=args.st_batch_size, normalize_embeddings=True)
         lengths = [len(x) for x in encoders[0].model.token_ids(texts)]
         work = flops(encoders[0].model.model, lengths)
         rows += rows_for(MODELS[key], workload, texts, times, outs, reference, lengths, work, ceilings)
+        if args.profile:  # after the rows (a run cut short keeps them): one more call of each torch implementation
+            for name, fn in impls.items():
+                if name.startswith(("kalm_fast", "sentence-transformers")):
+                    print_profile(f"{name}, {len(texts)} texts", lambda: fn(texts), device)
     return rows
 
 

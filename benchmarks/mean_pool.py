@@ -72,12 +72,16 @@ def run(shapes, dtype: torch.dtype, backends, repeats: int) -> list[dict]:
             for backend in backends:
                 if backend not in runnable or (backend == "reference" and shape[0] == "packed" and device == "cuda"):
                     continue  # the reference loops over the sequences of a packed batch in Python
-                ms = time_fn(lambda: mean_pool(hidden, **kwargs, normalize=normalize, backend=backend),
-                             repeats=repeats)["median_ms"]
+                row = {"shape": name, "tokens": tokens, "backend": backend, "normalize": normalize}
+                try:
+                    ms = time_fn(lambda: mean_pool(hidden, **kwargs, normalize=normalize, backend=backend),
+                                 repeats=repeats)["median_ms"]
+                except Exception as exc:  # noqa: BLE001  (one failing backend must not lose the other rows)
+                    rows.append(progress(dict(row, note=f"failed: {type(exc).__name__}: {exc}"[:300])))
+                    continue
                 ref_ms = ms if backend == "reference" else ref_ms
                 gbs = nbytes / (ms * 1e-3) / 1e9
-                rows.append(progress({"shape": name, "tokens": tokens, "backend": backend, "normalize": normalize,
-                                      "series": backend + (" normalize" if normalize else ""),
+                rows.append(progress({**row, "series": backend + (" normalize" if normalize else ""),
                                       "dtype": str(dtype).split(".")[-1], "ms": ms, "GB/s": gbs,
                                       "% of copy": 100 * gbs / copy_gbs,
                                       "% nominal": (100 * gbs / bandwidth) if bandwidth else None,
@@ -96,7 +100,7 @@ def main(argv=None) -> None:
     repeats = 3 if preset in ("quick", "dry") else 20
     rows = run(PRESETS[preset], dtype, ["reference", "torch", "triton", "cuda"], repeats=repeats)
     write_report("mean_pool", rows, columns=["shape", "backend", "normalize", "dtype", "ms", "GB/s", "% of copy",
-                                             "% nominal", "x reference"],
+                                             "% nominal", "x reference", "note"],
                  plot=dict(x="shape", y="GB/s", series="series", title="mean_pool forward"))
 
 

@@ -105,9 +105,12 @@ def run_step(model, optimizer, loss_fn, texts, chunk, device):
 
 def measure(model, optimizer, backend, batch, args, device, repeats, st=None):
     """One row: ``backend`` is a focal-InfoNCE loss backend run by kalm_fast's step, or ST_BASELINE with
-    ``st = (its optimizer, its loss)``."""
+    ``st = (its optimizer, its loss)``. Both run mini-batches of ``min(chunk, batch)`` texts (sentence-transformers'
+    cached loss embeds each column of the batch in such mini-batches). ``peak_gib``: the step's peak above what was
+    allocated before it (both models' weights and optimizer states)."""
     from kalm_fast.train.losses import FocalInfoNCELoss
 
+    chunk = min(args.chunk, batch)
     texts = make_texts(batch, args.negatives, args.query_len, args.doc_len, model.config.vocab_size)
     if backend == ST_BASELINE:
         st_optimizer, st_loss = st
@@ -116,18 +119,21 @@ def measure(model, optimizer, backend, batch, args, device, repeats, st=None):
         step = lambda: run_st_step(st_loss, st_optimizer, features, device)  # noqa: E731
     else:
         loss_fn = FocalInfoNCELoss(temperature=TEMPERATURE, gamma=0.5, num_synthetic=args.synthetic, backend=backend)
-        step = lambda: run_step(model, optimizer, loss_fn, texts, args.chunk, device)  # noqa: E731
+        step = lambda: run_step(model, optimizer, loss_fn, texts, chunk, device)  # noqa: E731
+    step()  # warm-up: compiles, autotunes, creates the optimizer states
     if device.type == "cuda":
         torch.cuda.empty_cache()
+        base = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
-    t = time_fn(step, warmup=1, repeats=repeats)
-    if args.profile:
-        print_profile(f"one {backend} step, B = {batch}", step, device)
-    row = dict(backend=backend, batch=batch, negatives=args.negatives, chunk=args.chunk,
+    t = time_fn(step, warmup=0, repeats=repeats)
+    row = dict(backend=backend, batch=batch, negatives=args.negatives, chunk=chunk,
                step_ms=t["median_ms"], samples_per_s=batch / (t["median_ms"] / 1e3))
     if device.type == "cuda":
-        row["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-    return progress(row)
+        row["peak_gib"] = (torch.cuda.max_memory_allocated(device) - base) / 2**30
+    progress(row)
+    if args.profile:  # after the row is printed (a run cut short keeps it)
+        print_profile(f"one {backend} step, B = {batch}", step, device)
+    return row
 
 
 def main(argv=None) -> int:
@@ -156,7 +162,8 @@ def main(argv=None) -> int:
             st_model, st_loss = st_baseline(model, args.chunk, device, workdir)
             st = (torch.optim.AdamW(st_model.parameters(), lr=1e-5), st_loss)
         rows = run_all(model, st, args, device)
-    columns = ["backend", "batch", "negatives", "chunk", "step_ms", "samples_per_s"] + (["peak_gib"] if gpu else [])
+    columns = ["backend", "batch", "negatives", "chunk", "step_ms", "samples_per_s"] + (["peak_gib"] if gpu else []) + [
+        "note"]
     write_report(args.report, rows, columns=columns, meta=dict(model="qwen2-0.5b-shaped" if gpu else "toy-qwen2",
                                                                 query_len=args.query_len, doc_len=args.doc_len),
                  plot=dict(x="batch", y="samples_per_s", series="backend", logx=True,
@@ -166,7 +173,16 @@ def main(argv=None) -> int:
 
 def run_all(model, st, args, device) -> list:
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
-    rows = [measure(model, optimizer, b, n, args, device, args.repeats, st) for b in args.backends for n in args.batch]
+    rows = []
+    for backend in args.backends:
+        for batch in args.batch:
+            try:
+                rows.append(measure(model, optimizer, backend, batch, args, device, args.repeats, st))
+            except torch.OutOfMemoryError:
+                optimizer.zero_grad(set_to_none=True)
+                if st is not None:
+                    st[0].zero_grad(set_to_none=True)
+                rows.append(progress(dict(backend=backend, batch=batch, note="out of memory")))
     if args.max_batch:
         for backend in args.backends:
             batch, fits = max(args.batch), None

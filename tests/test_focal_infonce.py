@@ -669,3 +669,12 @@ def test_half_kernels_at_kalm_widths(backend, B, M, D, options):
 def test_triton_gemm_backward_at_kalm_widths(backend, B, M, D, options, gemm_backward):
     """The ``gemm`` backward in bf16 on a GPU (cuBLAS with a float32 result), in chunks of 128 candidates."""
     test_half_kernels_at_kalm_widths(backend, B, M, D, options)
+
+
+def test_benchmark_baseline_is_plain_infonce():
+    """benchmarks.contrastive's ``matmul+ce`` baseline (one matmul, cross-entropy) is the loss at gamma 0."""
+    from benchmarks import contrastive as bench
+
+    q, docs = bench._inputs(12, torch.float32, "cpu")
+    want = ref.focal_infonce(q, docs, temperature=bench.TEMPERATURE, gamma=0.0)
+    torch.testing.assert_close(bench._matmul_ce(q, docs), want, atol=1e-4, rtol=1e-5)
