@@ -286,10 +286,12 @@ def main(argv=None) -> int:
                       PYTHONUNBUFFERED="1", KALM_BENCH_OUT=str(work / "bench"), HF_HUB_OFFLINE="1",
                       TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
                       TRITON_INTERPRET="1" if args.dry else "0")
+    plan = [s for s in stages(args.dry, args.workers)
+            if not ((s.on_request or args.only is not None) and s.name not in (args.only or ()))]
+    print(f"plan, {args.budget} s in all: " + ", ".join(f"{s.name} (at most {s.limit} s)" for s in plan) +
+          "; a stage that no longer fits is skipped", flush=True)
     rows = []
-    for stage in stages(args.dry, args.workers):
-        if (stage.on_request or args.only is not None) and stage.name not in (args.only or ()):
-            continue
+    for stage in plan:
         rows.append(run_stage(stage, work, deadline))
         if stage.name == "build" and rows[-1]["status"] != "ok":
             print("the build failed: the remaining stages would test a build without CUDA; stopping", flush=True)
