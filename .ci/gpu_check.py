@@ -15,8 +15,8 @@ that no longer fits is skipped and reported. Stages, in order:
   (Triton compiles single-threaded per process), with ``KALM_GPU_CHECK=1``: a skipped GPU test is a failure;
 - ``bench-*``: the Hopper speed targets in quick modes, each against its baseline in the same run: attention (D=128,
   L 2k-16k; fp32; the packed KaLM shape), the Qwen2-0.5B-shaped encode against sentence-transformers (and the
-  top ops of each by GPU time, ``--profile``), pooling against a device copy, the loss at B=32k against the
-  reference, a GradCache training step against sentence-transformers' CachedMultipleNegativesRankingLoss step (and
+  top ops of each by GPU time, ``--profile``), pooling against a device copy, the loss at B=32k against one matmul
+  and cross-entropy, a GradCache training step against sentence-transformers' CachedMultipleNegativesRankingLoss step (and
   each step's top ops);
 - on request only (``--only build bench-attention-variants bench-encode-budgets bench-train-step-1024``): the triton
   attention's variants, ``benchmarks.attention --preset variants``; the encode at token budgets 16k / 32k / 64k; the
