@@ -31,6 +31,14 @@ def _sequence_bounds(n, cu_ptr, L, IS_PACKED: tl.constexpr):
 
 
 @triton.jit
+def _row_weights(mask_ptr, n, stride_mb, rows, row_ok, HAS_MASK: tl.constexpr):
+    """fp32 weights ``[BLOCK_T]`` of ``rows`` of sequence ``n``: its mask's values (0 past ``row_ok``), else 1."""
+    if HAS_MASK:
+        return tl.load(mask_ptr + n.to(tl.int64) * stride_mb + rows, mask=row_ok, other=0).to(tl.float32)
+    return row_ok.to(tl.float32)
+
+
+@triton.jit
 def _mean_pool_sum_kernel(
     hidden_ptr, mask_ptr, cu_ptr, part_ptr, weight_ptr,
     L, DIM, rows_per_split, stride_hb, stride_ht, stride_mb,
@@ -52,10 +60,7 @@ def _mean_pool_sum_kernel(
     for t0 in range(lo, hi, BLOCK_T):
         rows = t0 + tl.arange(0, BLOCK_T)
         row_ok = rows < hi
-        if HAS_MASK:
-            w = tl.load(mask_ptr + n.to(tl.int64) * stride_mb + rows, mask=row_ok, other=0).to(tl.float32)
-        else:
-            w = row_ok.to(tl.float32)
+        w = _row_weights(mask_ptr, n, stride_mb, rows, row_ok, HAS_MASK)
         x = tl.load(base + rows[:, None].to(tl.int64) * stride_ht + cols[None, :],
                     mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
         acc += tl.where(w[:, None] != 0, x * w[:, None], 0.0)  # padding never enters the sum, not even a NaN
@@ -119,10 +124,7 @@ def _mean_pool_bwd_kernel(
     for t0 in range(tl.program_id(1) * BLOCK_T, length, tl.num_programs(1) * BLOCK_T):
         rows = t0 + tl.arange(0, BLOCK_T)
         row_ok = rows < length
-        if HAS_MASK:
-            w = tl.load(mask_ptr + n.to(tl.int64) * stride_mb + rows, mask=row_ok, other=0).to(tl.float32)
-        else:
-            w = row_ok.to(tl.float32)
+        w = _row_weights(mask_ptr, n, stride_mb, rows, row_ok, HAS_MASK)
         dh = w[:, None] * g[None, :]
         tl.store(base + rows[:, None].to(tl.int64) * stride_dht + cols[None, :],
                  dh.to(grad_hidden_ptr.dtype.element_ty), mask=row_ok[:, None] & (cols < H)[None, :])
