@@ -189,6 +189,17 @@ def test_non_contiguous_inputs(backend):
     _assert_close(_run(backend, q, k, v, cu_seqlens=cu), expected, backend, torch.float32)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_strided_cu_seqlens(backend):
+    """A cu_seqlens that is every other entry of a tensor is read as its values."""
+    cu = _cu([3, 20, 1])
+    strided = torch.stack([cu, torch.full_like(cu, 7)], 1).reshape(-1)[::2]
+    assert strided.stride() == (2,) and torch.equal(strided, cu)
+    q, k, v = _inputs((24, 4, 32), 2, torch.float32)
+    _assert_close(_run(backend, q, k, v, cu_seqlens=strided), _run("reference", q, k, v, cu_seqlens=cu), backend,
+                  torch.float32)
+
+
 @pytest.mark.parametrize("rows_per_token", [1, 7])
 def test_triton_work_list_covers_every_tile_once_longest_first(rows_per_token):
     """The triton backend launches one program per (sequence, tile) item of a host-built list: for every tile height,

@@ -68,6 +68,20 @@ def test_float_mask_and_no_mask(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_strided_mask_and_cu_seqlens(backend):
+    """A mask stored transposed and a cu_seqlens that is every other entry of a tensor: read as their values."""
+    hidden, mask = _padded_case(torch.float32, DEVICE)
+    transposed = mask.t().contiguous().t()
+    assert transposed.stride() == (1, mask.shape[0])
+    _check_against_reference(backend, hidden, dict(attention_mask=transposed), torch.float32)
+    _check_against_reference(backend, hidden, dict(attention_mask=transposed.float()), torch.float32)
+    packed, cu = _packed_case(torch.float32, DEVICE)
+    strided = torch.stack([cu, torch.full_like(cu, 99)], 1).reshape(-1)[::2]
+    assert strided.stride() == (2,) and torch.equal(strided, cu)
+    _check_against_reference(backend, packed, dict(cu_seqlens=strided, normalize=True), torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_long_sequence_crosses_blocks(backend):
     """Lengths past one token block and a hidden size that is not a power of two."""
     hidden, cu = _packed_case(torch.float32, DEVICE, lengths=(129, 3, 70), H=96)

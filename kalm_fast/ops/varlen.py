@@ -73,7 +73,7 @@ class Varlen:
             raise ValueError(f"{name} must be non-decreasing, got {bounds[:16]}")
         if bounds[-1] != total:
             raise ValueError(f"{name}[-1] must equal the number of packed tokens {total}, got {bounds[-1]}")
-        return cls(cu_seqlens, lengths)
+        return cls(cu_seqlens.contiguous(), lengths)  # the kernels read entry n at offset n
 
 
 def as_varlen(cu_seqlens: Union[torch.Tensor, Varlen], total: int, *, name: str = "cu_seqlens") -> Varlen:

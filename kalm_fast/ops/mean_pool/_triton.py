@@ -135,7 +135,8 @@ def _mask_arg(mask: Optional[torch.Tensor], hidden: torch.Tensor):
         return hidden, 0  # never read (HAS_MASK=False)
     if mask.dtype == torch.bool:
         mask = mask.to(torch.uint8)
-    return mask.contiguous(), mask.stride(0)
+    mask = mask.contiguous()  # the kernels step along a row with stride 1
+    return mask, mask.stride(0)
 
 
 PROGRAMS_PER_SM = 8  # what the row splits of the forward aim for
