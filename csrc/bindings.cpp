@@ -186,6 +186,7 @@ PYBIND11_MODULE(_C, m) {
       .def_readwrite("s_pos", &InfoNCEArgs::s_pos)
       .def_readwrite("lse", &InfoNCEArgs::lse)
       .def_readwrite("gc", &InfoNCEArgs::gc)
+      .def_readwrite("g_scale", &InfoNCEArgs::g_scale)
       .def_readwrite("group", &InfoNCEArgs::group)
       .def_readwrite("doc_offset", &InfoNCEArgs::doc_offset)
       .def_readwrite("inv_tau_log2", &InfoNCEArgs::inv_tau_log2)

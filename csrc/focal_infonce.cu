@@ -107,6 +107,7 @@ __global__ void __launch_bounds__(kThreads) infonce_bwd_kernel(InfoNCEArgs a) {
   const float* s_pos = ptr<const float>(a.s_pos);
   const float* lse = ptr<const float>(a.lse);
   const float* gc = ptr<const float>(a.gc);
+  const float inv_r_col_max = ptr<const float>(a.g_scale)[0];
 
   int row[2];
   float rr[2];
@@ -137,7 +138,7 @@ __global__ void __launch_bounds__(kThreads) infonce_bwd_kernel(InfoNCEArgs a) {
           const bool is_pos = doc == query * a.group;
           const bool keep = !a.has_margin || v <= s_pos[query] + a.margin || is_pos;
           const float p = keep ? exp2f(v * a.inv_tau_log2 - lse[query] * kLog2e) : 0.f;
-          g = gc[query] * ((is_pos ? 1.f : 0.f) - p) * r_col[c];
+          g = gc[query] * ((is_pos ? 1.f : 0.f) - p) * (r_col[c] * inv_r_col_max);
         }
         s[j][e] = g;
       }
@@ -146,6 +147,7 @@ __global__ void __launch_bounds__(kThreads) infonce_bwd_kernel(InfoNCEArgs a) {
     __syncthreads();  // every warp is done with sx
   }
   float* out = ptr<float>(a.out);
+  const float out_scale = ptr<const float>(a.g_scale)[1];
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     if (row[h] >= a.n_rows) continue;
@@ -154,7 +156,7 @@ __global__ void __launch_bounds__(kThreads) infonce_bwd_kernel(InfoNCEArgs a) {
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
         const int d = d0 + dj * 8 + (lane % 4) * 2 + e;
-        if (d < a.dim) atomicAdd(out + row[h] * a.out_stride + d, acc[dj][2 * h + e]);
+        if (d < a.dim) atomicAdd(out + row[h] * a.out_stride + d, acc[dj][2 * h + e] * out_scale);
       }
     }
   }

@@ -20,6 +20,7 @@ TILE = 64       # rows and columns per block tile
 CHUNK = 64      # features per k-step / backward output chunk
 THREADS = 128
 DTYPES = (torch.float16, torch.bfloat16)
+_TINY = torch.finfo(torch.float32).tiny
 
 
 def forward_plan(*, n_rows: int, n_cols: int, sms: int) -> dict:
@@ -63,14 +64,22 @@ class CudaEngine:
         """Adds the in-batch part of ``G = dL/ds`` of candidates ``c0 .. c0 + len(dd)`` into the float32
         accumulators: ``dq += (G * rd) @ flat``, ``dd += (G * rq)^T @ q``."""
         lib, stream, sms = _native.cuda_lib(), stream_of(q.device), sm_count(q.device.index or 0)
-        lse, gc = lse.contiguous(), gc.contiguous()
         docs, r_docs = flat[c0:c0 + dd.shape[0]], rd[c0:c0 + dd.shape[0]]
+        if q.shape[0] == 0 or docs.shape[0] == 0:
+            return
+        # the kernel rounds each score gradient G * r_col to the tile dtype: divided by their largest possible
+        # magnitude, they stay in [-1, 1] (no fp16 underflow at tiny dL/dlog p or large norms), scaled back after
+        gc_max = gc.abs().amax().clamp_min(_TINY)
+        lse, gc = lse.contiguous(), (gc / gc_max).contiguous()
         for rows, cols, r_row, r_col, out, transposed in ((q, docs, rq, r_docs, dq, 0), (docs, q, r_docs, rq, dd, 1)):
+            r_max = r_col.amax().clamp_min(_TINY)
+            g_scale = torch.stack([1.0 / r_max, gc_max * r_max]).float().contiguous()
             p = backward_plan(n_rows=rows.shape[0], n_cols=cols.shape[0], dim=rows.shape[1], sms=sms)
             lib.infonce_bwd(engine_args(
                 rows, cols, r_row, r_col, s_pos, group, inv_tau, margin, stream=stream, lse=lse.data_ptr(),
-                gc=gc.data_ptr(), cols_per_split=p["cols_per_split"], col_splits=p["col_splits"],
-                out=out.data_ptr(), out_stride=out.stride(0), transposed=transposed, doc_offset=c0))
+                gc=gc.data_ptr(), g_scale=g_scale.data_ptr(), cols_per_split=p["cols_per_split"],
+                col_splits=p["col_splits"], out=out.data_ptr(), out_stride=out.stride(0), transposed=transposed,
+                doc_offset=c0))
 
 
 def focal_infonce_cuda(q, docs, synthetic, temperature, similarity, in_batch_negatives, false_negative_margin):
