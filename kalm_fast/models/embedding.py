@@ -153,7 +153,10 @@ class EmbeddingModel(nn.Module):
         """Last hidden states ``[T, H]`` of a packed batch."""
         if batch.input_ids.numel() == 0:  # only empty texts (a tokenizer without special tokens)
             return torch.zeros(0, self.hidden_size, dtype=self.dtype, device=self.device)
-        inference = not self.training and not torch.is_grad_enabled()
+        # the packed inference paths read the weights themselves: not FSDP-sharded ones (DTensors, which only the
+        # modules' own forward gathers)
+        inference = not self.training and not torch.is_grad_enabled() and not any(
+            hasattr(p, "device_mesh") for p in self.model.parameters())
         if self._packed_bert is not None and inference:
             return self._packed_bert(batch)
         if self._packed_decoder is not None and inference and decoder_packed.runs_on(batch.input_ids.device):
@@ -234,9 +237,10 @@ class EmbeddingModel(nn.Module):
         else:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
-    def save_pretrained(self, directory) -> None:
+    def save_pretrained(self, directory, *, max_seq_length: Optional[int] = None) -> None:
         """Safetensors weights, config, tokenizer and the sentence-transformers files, in the layout that
-        sentence-transformers 2.x to 6.x all load (decoders with ``is_causal: false``, so bidirectionally there too)."""
+        sentence-transformers 2.x to 6.x all load (decoders with ``is_causal: false``, so bidirectionally there too).
+        ``max_seq_length``: the one saved (default: the model's own, ``model_max_length``)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         backend = self.config.__dict__.pop("kalm_attn_backend", None)
@@ -262,7 +266,8 @@ class EmbeddingModel(nn.Module):
         if self.truncate_dim is not None:
             model_config["truncate_dim"] = self.truncate_dim
         files = {"modules.json": modules, "1_Pooling/config.json": pooling,
-                 "sentence_bert_config.json": dict(max_seq_length=self.model_max_length, do_lower_case=False),
+                 "sentence_bert_config.json": dict(max_seq_length=max_seq_length or self.model_max_length,
+                                                   do_lower_case=False),
                  "config_sentence_transformers.json": model_config}
         for name, data in files.items():
             with open(directory / name, "w", encoding="utf-8") as f:

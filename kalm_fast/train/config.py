@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Union, get_args, get_origin, get_type_hints
@@ -243,6 +244,15 @@ class TrainConfig:
         _require(self.parallel in ("ddp", "fsdp"), "parallel", "'ddp' or 'fsdp'", self.parallel)
         _require(self.dtype is None or self.dtype in DTYPE_NAMES, "dtype", f"one of {', '.join(DTYPE_NAMES)}",
                  self.dtype)
+        # AdamW updates the weights in their own dtype: its eps (1e-8) is 0 in float16 (0/0: NaN weights), and in
+        # bfloat16 updates under half a unit in the last place are lost (most of them at lr ~1e-5)
+        _require(self.dtype not in ("float16", "fp16"), "dtype",
+                 "float32 or bfloat16 (float16 weights turn NaN under AdamW; leave dtype unset for float32 weights "
+                 "and bf16 autocast)", self.dtype)
+        if self.dtype in ("bfloat16", "bf16"):
+            warnings.warn("dtype: bfloat16 trains bf16 weights, without a float32 copy: AdamW updates smaller than "
+                          "half a bf16 unit are lost (most updates at lr ~1e-5). Leave dtype unset for float32 "
+                          "weights with bf16 autocast (the default on GPU)", stacklevel=2)
         _require(self.attn_backend in ATTN_BACKENDS, "attn_backend", f"one of {', '.join(ATTN_BACKENDS)}",
                  self.attn_backend)
         _require(self.max_length >= 1, "max_length", ">= 1", self.max_length)

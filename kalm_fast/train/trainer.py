@@ -46,7 +46,9 @@ from tqdm.auto import tqdm
 
 from ..distributed import (
     DistInfo,
+    any_across,
     barrier,
+    from_main,
     full_state_dict,
     init_distributed,
     is_fsdp,
@@ -213,7 +215,8 @@ def load_optimizer(optimizer: torch.optim.Optimizer, directory: Path, tag: str):
         param = params[int(pid)]
         if torch.is_tensor(value) and value.dim() > 0 and hasattr(param, "device_mesh"):
             from torch.distributed.tensor import DTensor
-            value = DTensor.from_local(value.to(param.device), param.device_mesh, param.placements)
+            value = DTensor.from_local(value.to(param.device), param.device_mesh, param.placements,
+                                       shape=param.shape, stride=param.stride())  # shards may be uneven
         state.setdefault(int(pid), {})[key] = value
     optimizer.load_state_dict(dict(state=state, param_groups=meta["param_groups"]))
 
@@ -247,10 +250,12 @@ class Trainer:
         self.out = Path(config.output_dir)
         self.info: DistInfo = init_distributed(config.device)
         self.device = local_device(self.info, config.device)
-        self.eval_set = None   # the validation split: every choice (keep_best, greedy soups); `test` is never read
+        self.eval_set = None   # the validation split: every choice (keep_best, greedy soups); `test` is never used
         self._train_data: dict = {}
         if config.eval is not None:
             self.eval_set = load_split(config.eval, "eval")
+        if config.test is not None:  # checked before anything is written, for `kalm-fast ablate` and the user
+            load_split(config.test, "test")
 
     # ---------------------------------------------------------------- bookkeeping
     def _log(self, record: dict):
@@ -341,18 +346,17 @@ class Trainer:
         barrier(self.info)
 
     def evaluate(self, model, *, sync: bool = True) -> Optional[dict]:
-        """Eval metrics of ``model`` on the config's eval set (rank 0 computes; None elsewhere or without eval).
+        """Eval metrics of ``model`` on the config's eval set (None without one).
 
-        ``sync``: every rank calls this (then they wait for rank 0); False when only rank 0 does.
+        ``sync``: every rank calls this and gets rank 0's metrics (every rank then takes the same choices, such
+        as saving a best model); False when only rank 0 does.
         """
         if self.eval_set is None:
             return None
         metrics = None
         if self.info.is_main or is_fsdp(model):  # an FSDP forward needs every rank
             metrics = evaluate_model(unwrap(model), self.eval_set, batch_size=self.config.eval.batch_size)
-        if sync:
-            barrier(self.info)
-        return metrics
+        return from_main(self.info, metrics) if sync else metrics
 
     # ---------------------------------------------------------------- run
     def _prepare(self) -> dict:
@@ -589,8 +593,11 @@ class Trainer:
                     grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
                 else:
                     grad_norm = float("nan")
-                if not math.isfinite(loss) or not (math.isfinite(grad_norm) or stage.max_grad_norm is None):
-                    what = f"loss is {loss}" if not math.isfinite(loss) else f"gradient norm is {grad_norm}"
+                bad = not math.isfinite(loss) or not (math.isfinite(grad_norm) or stage.max_grad_norm is None)
+                # every rank stops together: the gathered loss spreads one rank's NaN to every rank's gradients
+                if any_across(info, bad):
+                    what = (f"loss is {loss}" if not math.isfinite(loss) else f"gradient norm is {grad_norm}" if bad
+                            else "loss or gradient norm of another rank is not finite")
                     raise RunError(f"stage {stage.name!r}, step {step + 1} (task {task!r}): the {what}; stopped "
                                    "before the optimizer step, so no model is saved from it (earlier checkpoints "
                                    "stay valid). Lower lr or check the data, then start a new output_dir")
@@ -618,7 +625,8 @@ class Trainer:
                     self.on_step(stage.name, step)
         final = self._stage_final(stage.name)
         best_dir = self.out / stage.name / "best"
-        if stage.keep_best and best is not None and best_dir.exists():
+        # rank 0's view: it moves best/ away, so another rank may look after it did
+        if from_main(info, stage.keep_best and best is not None and best_dir.exists()):
             if info.is_main:
                 os.replace(best_dir, final)
                 fsync_dir(final.parent)
@@ -662,9 +670,27 @@ class Trainer:
         return score
 
     # ---------------------------------------------------------------- soup
+    def _soup_paths(self, stage: SoupStage) -> list:
+        """The soup's ingredients. The run's model (``base``) is saved once more by rank 0 as the stages are, in
+        ``<soup>/base``: a model saved elsewhere may hold other tensors (transformers 4's ``position_ids``) or
+        another dtype than the stages' models, and a soup needs the same tensors in the same dtype."""
+        base = base_model_path(self.config.model)
+        paths = [self._resolve(r, "base") for r in stage.from_]
+        if base not in paths:
+            return paths
+        copy = self.out / stage.name / "base"
+        if self.info.is_main and not copy.is_dir():
+            tmp = copy.with_name(".base.tmp")
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            self.load_model(base, device="cpu").save_pretrained(tmp)
+            publish_dir(tmp, copy)
+        barrier(self.info)
+        return [str(copy) if p == base else p for p in paths]
+
     def _run_soup(self, stage: SoupStage):
         refs = stage.from_
-        paths = [self._resolve(r, "base") for r in refs]
+        paths = self._soup_paths(stage)
         final = self._stage_final(stage.name)
         if self.info.is_main:
             if not stage.greedy:
