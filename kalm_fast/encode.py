@@ -295,8 +295,9 @@ class Encoder:
 
     def save(self, path) -> None:
         """Write the model in Hugging Face + sentence-transformers layout, with this encoder's prompts,
-        ``default_prompt_name``, ``truncate_dim`` and ``similarity_fn_name``; it loads in both libraries."""
+        ``default_prompt_name``, ``truncate_dim``, ``similarity_fn_name`` and ``max_seq_length`` (as
+        sentence-transformers saves them); it loads in both libraries."""
         self.model.similarity_fn_name = self.similarity_fn_name
-        self.model.save_pretrained(path)
+        self.model.save_pretrained(path, max_seq_length=self.max_seq_length)
 
     save_pretrained = save

@@ -383,7 +383,7 @@ def test_call_shapes(pair):
         enc.encode(TEXTS[0], precision="int8")
 
 
-def test_max_seq_length_can_be_set_as_in_sentence_transformers(pair):
+def test_max_seq_length_can_be_set_as_in_sentence_transformers(pair, tmp_path):
     enc, ref = pair
     longest = enc.max_seq_length
     try:
@@ -391,6 +391,10 @@ def test_max_seq_length_can_be_set_as_in_sentence_transformers(pair):
         long_text = TEXTS[-1]
         np.testing.assert_allclose(enc.encode([long_text]), ref.encode([long_text]), atol=2e-5)
         assert len(enc.model.token_ids([long_text])[0]) == 8
+        enc.save(tmp_path / "kalm")  # saved with it, as sentence-transformers saves it
+        ref.save(str(tmp_path / "st"))
+        assert Encoder(tmp_path / "kalm").max_seq_length == Encoder(tmp_path / "st").max_seq_length == 8
+        assert SentenceTransformer(str(tmp_path / "kalm")).max_seq_length == 8
     finally:
         enc.max_seq_length = ref.max_seq_length = longest
     assert enc.get_max_seq_length() == ref.get_max_seq_length() == longest

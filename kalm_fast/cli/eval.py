@@ -16,6 +16,8 @@ def add_arguments(parser: argparse.ArgumentParser):
     parser.add_argument("--corpus", required=True, help="corpus JSONL: {id, text, title?}")
     parser.add_argument("--instruction", default=None, help="task instruction for queries that carry none")
     parser.add_argument("--batch-size", type=positive_int, default=64)
+    parser.add_argument("--max-length", type=positive_int, default=None,
+                        help="max tokens per text (default: the model's own; a larger value is capped by it)")
     parser.add_argument("--device", type=device, default=None)
     parser.add_argument("--k", type=positive_int, nargs="+", default=list(DEFAULT_KS),
                         help="cut-offs (default 1 5 10 100)")
@@ -34,7 +36,7 @@ def run(args) -> int:
         check_writable_dir(Path(args.output).parent, "--output")
     eval_set = load_eval_set(queries, corpus, instruction=args.instruction)
     try:
-        encoder = Encoder(args.model, device=args.device)
+        encoder = Encoder(args.model, device=args.device, max_length=args.max_length)
     except (ValueError, OSError) as exc:
         raise ValueError(f"cannot load --model: {exc}") from None
 
