@@ -142,10 +142,15 @@ def markdown_table(rows: list[dict], columns: list[str]) -> str:
     return "\n".join(lines)
 
 
+def results_dir() -> Path:
+    """Where reports go: ``KALM_BENCH_OUT`` if set, else ``benchmarks/results/``."""
+    return Path(os.environ.get("KALM_BENCH_OUT", RESULTS))
+
+
 def write_report(name: str, rows: list[dict], *, columns: list[str], plot: Optional[dict] = None,
                  meta: Optional[dict] = None, out_dir: Optional[Path] = None) -> Path:
     """Print the table; save JSON (device info + rows), markdown and, with ``plot``, a PNG. Returns the JSON path."""
-    out_dir = Path(out_dir or os.environ.get("KALM_BENCH_OUT", RESULTS))
+    out_dir = Path(out_dir or results_dir())
     out_dir.mkdir(parents=True, exist_ok=True)
     info = {**device_info(), **(meta or {})}
     table = markdown_table(rows, columns)

@@ -1,4 +1,5 @@
-"""Run every benchmark that fits this device (`make bench`); results land in benchmarks/results/."""
+"""Run every benchmark that fits this device (`make bench`); results land in benchmarks/results/ (or
+``KALM_BENCH_OUT``)."""
 from __future__ import annotations
 
 import subprocess
@@ -7,7 +8,7 @@ from importlib import import_module
 from importlib.util import find_spec
 from pathlib import Path
 
-from .harness import RESULTS, device_tag
+from .harness import device_tag, results_dir
 
 SCRIPTS = ["mean_pool", "attention", "contrastive", "encode", "train_step"]
 
@@ -24,10 +25,11 @@ def main(argv=None) -> int:
             print(f"benchmarks.{name} failed: {type(exc).__name__}: {exc}", flush=True)
             failed.append(name)
     print("== pytest-benchmark", flush=True)
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = results_dir()
+    out.mkdir(parents=True, exist_ok=True)
     here = Path(__file__).resolve().parent
     rc = subprocess.call([sys.executable, "-m", "pytest", "-q", str(here), "-p", "no:cacheprovider", "--benchmark-enable",
-                          f"--benchmark-json={RESULTS / f'pytest-benchmark-{device_tag()}.json'}"], cwd=here.parent)
+                          f"--benchmark-json={out / f'pytest-benchmark-{device_tag()}.json'}"], cwd=here.parent)
     if failed:
         print("failed benchmarks: " + ", ".join(failed))
     return 1 if failed or rc not in (0, 5) else 0

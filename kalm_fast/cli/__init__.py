@@ -36,7 +36,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser(argv_command: str | None = None) -> argparse.ArgumentParser:
-    parser = _Parser(prog="kalm-fast", description="Fast KaLM-style text embedding: encode, train, soup, eval.")
+    parser = _Parser(prog="kalm-fast",
+                     description="Fast KaLM-style text embedding: encode, train, soup, eval, ablate, bench.")
     parser.add_argument("--version", action="version", version=f"kalm-fast {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
