@@ -490,8 +490,9 @@ def test_nan_semantics_agree_and_padding_never_leaks(backend):
     assert out[1, 1, 1].isnan().all() and torch.isfinite(out[1, 1, 0]).all()  # head 1 of token 1: -inf in q
     assert torch.isfinite(out[1, [0, 3, 4]]).all()
     with torch.no_grad():
-        packed = flash_attention(q[1], k[1], v[1], cu_seqlens=_cu([5]), backend=backend)
+        packed, lse = flash_attention(q[1], k[1], v[1], cu_seqlens=_cu([5]), backend=backend, return_lse=True)
     assert packed[2, 0].isnan().all() and torch.isfinite(packed[2, 1]).all()
+    assert lse[0, 2].isnan() and torch.isfinite(lse[1, 2]) and torch.isfinite(lse[:, [0, 3, 4]]).all()
     assert packed[1, 1].isnan().all() and torch.isfinite(packed[1, 0]).all()
     assert torch.isfinite(packed[[0, 3, 4]]).all()
 
