@@ -335,6 +335,68 @@ def test_half_engines_accumulate_at_any_gradient_scale(backend, scale, dtype):
         torch.testing.assert_close(got, want, atol=tol, rtol=tol)
 
 
+def _raw(address: int, shape: tuple, row_stride: int, dtype: torch.dtype) -> torch.Tensor:
+    """The CPU memory at ``address`` as a ``[rows, cols]`` (or ``[n]``) tensor sharing it."""
+    import ctypes
+
+    count = (shape[0] - 1) * row_stride + (shape[1] if len(shape) == 2 else 1) if shape[0] else 0
+    flat = torch.frombuffer((ctypes.c_byte * (count * dtype.itemsize)).from_address(address), dtype=dtype)
+    return flat.as_strided(shape, (row_stride, 1) if len(shape) == 2 else (1,))
+
+
+class _EmulatedInfoNCEKernels:
+    """``infonce_bwd`` of csrc/focal_infonce.cu computed by torch on CPU memory from its ``InfoNCEArgs``: what the
+    kernel reads, rounds to the tile dtype and adds (a host-side check of CudaEngine's arguments)."""
+
+    @staticmethod
+    def infonce_bwd(a):
+        dtype = {1: torch.float16, 2: torch.bfloat16}[a.dtype]
+        rows = _raw(a.rows, (a.n_rows, a.dim), a.row_stride, dtype).float()
+        cols = _raw(a.cols, (a.n_cols, a.dim), a.col_stride, dtype)
+        n_queries = a.n_cols if a.transposed else a.n_rows
+        s_pos, lse, gc = (_raw(p, (n_queries,), 1, torch.float32) for p in (a.s_pos, a.lse, a.gc))
+        r_row, r_col = _raw(a.r_row, (a.n_rows,), 1, torch.float32), _raw(a.r_col, (a.n_cols,), 1, torch.float32)
+        inv_r_col_max, out_scale = _raw(a.g_scale, (2,), 1, torch.float32).tolist()
+        r, c = torch.arange(a.n_rows)[:, None], torch.arange(a.n_cols)[None, :]
+        query, doc = (c, r + a.doc_offset) if a.transposed else (r, c + a.doc_offset)
+        v = rows @ cols.float().T * r_row[:, None] * r_col[None, :]
+        is_pos = doc == query * a.group
+        keep = is_pos | (v <= s_pos[query] + a.margin) if a.has_margin else torch.ones_like(is_pos)
+        p = torch.where(keep, torch.exp2(v * a.inv_tau_log2 - lse[query] * math.log2(math.e)), 0.0)
+        g = (gc[query] * (is_pos.float() - p) * (r_col * inv_r_col_max)[None, :]).to(dtype)
+        _raw(a.out, (a.n_rows, a.dim), a.out_stride, torch.float32).add_(g.float() @ cols.float() * out_scale)
+
+
+@pytest.mark.parametrize("margin", [None, 0.05])
+@pytest.mark.parametrize("scale", [1.0, 1e-9])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_engine_backward_arguments_keep_half_tiles_in_range(monkeypatch, dtype, scale, margin):
+    """CudaEngine.backward's launch arguments, run through an emulation of the kernel on the CPU: its score
+    gradients reach the tiles divided into [-1, 1] (fp16 does not underflow at tiny dL/dlog p or large norms) and
+    come back scaled; the GPU test above checks the kernel itself."""
+    pytest.importorskip("kalm_fast._C")
+    from kalm_fast.ops.focal_infonce import _cuda
+
+    monkeypatch.setattr(_cuda._native, "cuda_lib", lambda: _EmulatedInfoNCEKernels)
+    monkeypatch.setattr(_cuda, "sm_count", lambda index: 2)
+    monkeypatch.setattr(_cuda, "stream_of", lambda device: 0)
+    q, docs = _inputs(17, 2, 40, dtype, norm=6.0)
+    q, flat = q.cpu(), (docs.cpu() * 30).reshape(-1, 40)  # unnormalized candidates: inverse norms ~ 0.005
+    rq, _ = logp.inverse_norms(q, True)
+    rd, _ = logp.inverse_norms(flat, True)
+    s_pos = (q.float() * flat[::3].float()).sum(-1) * rq * rd[::3]
+    lse, _ = TorchEngine.forward(q, flat, rq, rd, s_pos, 20.0, margin, 3)
+    gc = scale * torch.randn(17, generator=torch.Generator().manual_seed(0))
+    out = []
+    for engine in (TorchEngine, _cuda.CudaEngine):
+        dq, dd = torch.zeros(q.shape), torch.zeros(flat.shape)
+        engine.backward(q, flat, rq, rd, s_pos, lse, gc, 20.0, margin, 3, dq, dd)
+        out.append((dq, dd))
+    tol = 2e-3 if dtype == torch.float16 else 2e-2
+    for got, want in zip(*out):
+        torch.testing.assert_close(got / want.abs().max(), want / want.abs().max(), atol=tol, rtol=tol)
+
+
 @pytest.fixture
 def gemm_backward(monkeypatch):
     """The Triton engine's ``gemm`` backward, its score-gradient chunks so small that every case crosses several."""
