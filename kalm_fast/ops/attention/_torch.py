@@ -120,10 +120,10 @@ def _gather_plan(starts, lengths, longest, device):
 def _nan_rows(q, result, return_lse):
     """NaN (output and lse) where a query row holds a NaN or an infinity, as the oracle gives (its scores are then
     NaN or infinite): CPU SDPA's flash kernel returns 0 there."""
-    bad = ~torch.isfinite(q).all(-1, keepdim=True)  # [T, Hq, 1]
+    bad = ~torch.isfinite(q).all(-1, keepdim=True)  # [T, Hq, 1] or [B, L, Hq, 1]; lse is [Hq, T] or [B, Hq, L]
     out = result[0] if return_lse else result
     out = out.masked_fill(bad, float("nan"))
-    return (out, result[1].masked_fill(bad[..., 0].T, float("nan"))) if return_lse else out
+    return (out, result[1].masked_fill(bad[..., 0].transpose(-1, -2), float("nan"))) if return_lse else out
 
 
 def flash_attention_torch(q, k, v, varlen, key_padding_mask, causal, scale, return_lse):
