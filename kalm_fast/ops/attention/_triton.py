@@ -490,7 +490,7 @@ def _common(q, k, causal, max_seqlen):
 
 
 def attention_forward(q, k, v, varlen, causal: bool, softmax_scale: float):
-    """q [T, Hq, D], k/v [T, Hkv, D] contiguous, ``varlen`` their ``Varlen`` -> (out [T, Hq, D] in q.dtype,
+    """q [T, Hq, D], k/v [T, Hkv, D] (last dim contiguous), ``varlen`` their ``Varlen`` -> (out [T, Hq, D] in q.dtype,
     lse [Hq, T] fp32)."""
     T, hq, _ = q.shape
     hkv, group = k.shape[1], hq // k.shape[1]
@@ -547,7 +547,7 @@ class _Attention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, varlen, causal, scale):
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        q, k, v = _unit_last_stride(q), _unit_last_stride(k), _unit_last_stride(v)
         out, lse = attention_forward(q, k, v, varlen, causal, scale)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.meta = (varlen, causal, scale)
@@ -558,8 +558,19 @@ class _Attention(torch.autograd.Function):
     def backward(ctx, dout, _dlse):
         q, k, v, out, lse = ctx.saved_tensors
         with launch_device(dout):
-            dq, dk, dv = attention_backward(dout.contiguous(), q, k, v, out, lse, *ctx.meta)
+            dq, dk, dv = attention_backward(_unit_last_stride(dout), q, k, v, out, lse, *ctx.meta)
         return dq, dk, dv, None, None, None
+
+
+def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself when its last dim is contiguous (the kernels take the token and head strides: the per-head
+    views of a fused projection or of transformers' ``[B, H, L, D]`` layout are not copied), else a contiguous copy."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _index_span(t: torch.Tensor) -> int:
+    """One past the largest element offset the kernels compute into ``t`` from its strides."""
+    return sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride())) + 1 if t.numel() else 0
 
 
 def _packed(q, k, v, varlen, causal, scale, return_lse):
@@ -569,8 +580,9 @@ def _packed(q, k, v, varlen, causal, scale, return_lse):
 
 def flash_attention_triton(q, k, v, varlen, key_padding_mask, causal, scale, return_lse):
     """The backend contract of ``kalm_fast.ops.flash_attention``; launches on ``q``'s device."""
-    if q.numel() >= 2 ** 31:
-        raise ValueError(f"q has {q.numel()} elements; the triton backend indexes with int32 (< 2**31): "
+    span = max(q.numel(), *(_index_span(t) for t in (q, k, v)))
+    if span >= 2 ** 31:
+        raise ValueError(f"q, k, v span {span} elements; the triton backend indexes with int32 (< 2**31): "
                          "split the batch")
     with launch_device(q):
         if q.dim() == 3:
