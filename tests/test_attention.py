@@ -187,6 +187,24 @@ def test_non_contiguous_inputs(backend):
     q, k, v = qkv.unbind(1)
     expected = _run("reference", q, k, v, cu_seqlens=cu)
     _assert_close(_run(backend, q, k, v, cu_seqlens=cu), expected, backend, torch.float32)
+    # transformers' layout: [H, T, D] tensors seen as [T, H, D] (head stride T * D)
+    q, k, v = (torch.randn(h, 23, 32, device=DEVICE).transpose(0, 1).requires_grad_() for h in (4, 2, 2))
+    _assert_close(_run(backend, q, k, v, cu_seqlens=cu), _run("reference", q, k, v, cu_seqlens=cu), backend,
+                  torch.float32)
+
+
+@pytest.mark.parametrize("d", [26, 36])
+def test_head_dims_off_the_multiples_of_8_run_on_torch(d):
+    """TinyBERT-312's D = 26: the torch backend (what ``auto`` picks for it) against the oracle, packed and padded."""
+    q, k, v = _inputs((23, 4, d), 2, torch.float32)
+    cu = _cu([3, 20])
+    expected = _run("reference", q, k, v, cu_seqlens=cu)
+    _assert_close(_run("torch", q, k, v, cu_seqlens=cu), expected, "torch", torch.float32)
+    _assert_close(_run("auto", q, k, v, cu_seqlens=cu), expected, "torch", torch.float32)
+    qp, kp, vp = (t.detach().view(1, 23, *t.shape[1:]).requires_grad_() for t in (q, k, v))
+    mask = torch.arange(23, device=DEVICE)[None] < 19
+    _assert_close(_run("auto", qp, kp, vp, key_padding_mask=mask), _run("reference", qp, kp, vp, key_padding_mask=mask),
+                  "torch", torch.float32)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -289,8 +307,8 @@ def _bad_calls():
         (dict(q=q3, k=torch.randn(T, 3, 32), v=torch.randn(T, 3, 32), cu_seqlens=cu), ValueError, "multiple"),
         (dict(q=q3, k=k3, v=torch.randn(T, 2, 16), cu_seqlens=cu), ValueError, "v must have the shape of k"),
         (dict(q=q3, k=torch.randn(T + 1, 2, 32), v=torch.randn(T + 1, 2, 32), cu_seqlens=cu), ValueError, "k must be"),
-        (dict(q=torch.randn(T, 4, 36), k=torch.randn(T, 2, 36), v=torch.randn(T, 2, 36), cu_seqlens=cu),
-         ValueError, "head dim"),
+        (dict(q=torch.randn(T, 4, 36), k=torch.randn(T, 2, 36), v=torch.randn(T, 2, 36), cu_seqlens=cu,
+              backend="triton"), ValueError, "head dim D=36: backend 'triton' needs a multiple of 8"),
         (dict(q=torch.randn(T, 4, 512), k=torch.randn(T, 2, 512), v=torch.randn(T, 2, 512), cu_seqlens=cu),
          ValueError, "head dim"),
         (dict(q=q3, k=k3.half(), v=k3.half(), cu_seqlens=cu), TypeError, "dtype of q"),

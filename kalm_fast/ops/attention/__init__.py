@@ -69,8 +69,11 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     hq, hkv, d = q.shape[-2], k.shape[-2], q.shape[-1]
     if hq == 0 or hkv == 0 or hq % hkv:
         raise ValueError(f"the query heads Hq={hq} must be a positive multiple of the key/value heads Hkv={hkv}")
-    if not (8 <= d <= MAX_HEAD_DIM and d % 8 == 0):
-        raise ValueError(f"head dim D must be a multiple of 8 in [8, {MAX_HEAD_DIM}], got D={d}")
+    if not 1 <= d <= MAX_HEAD_DIM:
+        raise ValueError(f"head dim D must be in [1, {MAX_HEAD_DIM}], got D={d}")
+    if d % 8 and backend in ("triton", "cuda"):
+        raise ValueError(f"head dim D={d}: backend {backend!r} needs a multiple of 8 (16-byte rows); backends "
+                         "'torch' and 'reference' take any, and 'auto' picks 'torch' for it")
     varlen = None
     if q.dim() == 3:
         if cu_seqlens is None:
@@ -96,5 +99,5 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)) \
             or not math.isfinite(softmax_scale) or softmax_scale <= 0:
         raise ValueError(f"softmax_scale must be a positive finite float, got {softmax_scale!r}")
-    _, fn = _registry.select(OP, backend, q.device, q.dtype)
+    _, fn = _registry.select(OP, "torch" if backend == "auto" and d % 8 else backend, q.device, q.dtype)
     return fn(q, k, v, varlen, key_padding_mask, bool(causal), float(softmax_scale), bool(return_lse))
