@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from .models import EmbeddingModel
+from .models.embedding import resolve_device
 from .models.loading import SIMILARITY_FN_NAMES
 from .prompts import join_title, kalm_query_prompt
 
@@ -77,7 +78,9 @@ class EvaluationLog:
 class Encoder:
     """Text -> embeddings with ``SentenceTransformer``'s API and results for the same model directory.
 
-    ``Encoder()`` loads the embedded default model offline. As in sentence-transformers, ``prompts`` (name -> prefix)
+    ``Encoder()`` loads the embedded default model offline. ``dtype`` None: the checkpoint's own dtype on a GPU (as
+    sentence-transformers loads it), float32 on CPU (half precision is emulated on most CPUs); ``"auto"``: the
+    checkpoint's own everywhere. As in sentence-transformers, ``prompts`` (name -> prefix)
     and ``default_prompt_name``, ``truncate_dim`` and ``similarity_fn_name`` override what the model saved, and a
     model always has a "query" and a "document" prompt ("" unless saved or given). ``max_length`` caps the model's own
     max length. ``encode`` runs ``EmbeddingModel.embed``: inputs are tokenized once, sorted by length, packed without
@@ -88,6 +91,8 @@ class Encoder:
                  attn_backend: str = "auto", prompts: Optional[dict] = None, default_prompt_name: Optional[str] = None,
                  truncate_dim: Optional[int] = None, similarity_fn_name: Optional[str] = None,
                  allow_pickle: bool = False):
+        if dtype is None and resolve_device(device).type == "cuda":
+            dtype = "auto"  # on a GPU the checkpoint's own dtype, as sentence-transformers loads it; float32 on CPU
         self.model = EmbeddingModel.from_pretrained(model_name_or_path, device=device, dtype=dtype,
                                                     attn_backend=attn_backend, max_length=max_length,
                                                     allow_pickle=allow_pickle)

@@ -166,6 +166,30 @@ def test_gemma_is_bidirectional_and_matches_eager_reference(tmp_path, tokenizer)
     torch.testing.assert_close(got, _eager_reference(directory, TEXTS, ids), atol=2e-5, rtol=2e-5)
 
 
+def test_albert_gradient_checkpointing_is_refused_by_name(tmp_path, tokenizer):
+    model = EmbeddingModel.from_pretrained(_save_tiny("albert", tmp_path, tokenizer), device="cpu")
+    with pytest.raises(ValueError, match="gradient_checkpointing: transformers' AlbertModel .* does not support it"):
+        model.gradient_checkpointing_enable()
+
+
+@pytest.mark.parametrize("sliding_layers, refused", [(0, False), (2, True)])
+def test_a_sliding_window_only_matters_where_a_layer_slides(tmp_path, tokenizer, sliding_layers, refused):
+    """Qwen2's window applies to the layers past ``max_window_layers``: with none of them, nothing is refused."""
+    from transformers import AutoModel, Qwen2Config
+
+    config = Qwen2Config(vocab_size=30522, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0,
+                         use_sliding_window=True, sliding_window=16, max_window_layers=2 - sliding_layers)
+    assert config.layer_types.count("sliding_attention") == sliding_layers
+    AutoModel.from_config(config).save_pretrained(str(tmp_path))
+    tokenizer.save_pretrained(str(tmp_path))
+    if refused:
+        with pytest.raises(ValueError, match="sliding_window=16 is shorter than max_length=64"):
+            EmbeddingModel.from_pretrained(tmp_path, device="cpu", max_length=64)
+    else:
+        assert EmbeddingModel.from_pretrained(tmp_path, device="cpu", max_length=64).max_length == 64
+
+
 @pytest.mark.parametrize("kind", ["mpnet", "deberta-v2", "roformer"])
 def test_unsupported_families_are_refused(tmp_path, tokenizer, kind):
     """Families whose attention or positions the packed path does not handle are refused, not run wrong."""
@@ -386,3 +410,31 @@ def test_encoder_on_gpu_matches_cpu(decoder_dir, dtype):
     want = Encoder(decoder_dir, device="cpu").encode(texts, convert_to_tensor=True)
     got = Encoder(decoder_dir, device="cuda", dtype=dtype).encode(texts, convert_to_tensor=True).cpu()
     assert F.cosine_similarity(got, want).min() > (0.9999 if dtype == "float32" else 0.99)
+
+
+@pytest.fixture(scope="module")
+def bf16_decoder_dir(decoder_dir, tmp_path_factory):
+    directory = tmp_path_factory.mktemp("bf16") / "model"
+    EmbeddingModel.from_pretrained(decoder_dir, dtype="bfloat16").save_pretrained(directory)
+    return directory
+
+
+def test_dtype_auto_keeps_the_checkpoints_dtype(bf16_decoder_dir):
+    """``"auto"``: the saved dtype (as transformers 5 loads); None: float32 weights (training, and Encoder on CPU)."""
+    from kalm_fast import Encoder
+
+    assert EmbeddingModel.from_pretrained(bf16_decoder_dir, dtype="auto").dtype == torch.bfloat16
+    assert EmbeddingModel.from_pretrained(bf16_decoder_dir).dtype == torch.float32
+    assert Encoder(bf16_decoder_dir, device="cpu").model.dtype == torch.float32
+    with pytest.raises(ValueError, match="'auto'"):
+        EmbeddingModel.from_pretrained(bf16_decoder_dir, dtype="half-ish")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA device")
+def test_encoder_on_gpu_loads_the_checkpoints_dtype(bf16_decoder_dir):
+    """On a GPU ``Encoder`` keeps a bf16 checkpoint in bf16, as sentence-transformers loads it."""
+    from kalm_fast import Encoder
+
+    assert Encoder(bf16_decoder_dir, device="cuda").model.dtype == torch.bfloat16
+    assert Encoder(bf16_decoder_dir, device="cuda", dtype="float32").model.dtype == torch.float32

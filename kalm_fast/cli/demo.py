@@ -19,7 +19,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--queries", default=str(DATA_DIR / "sample_queries.txt"), help="one query per line")
     parser.add_argument("--model", default=None, help="local model directory (default: the embedded MiniLM)")
     parser.add_argument("--device", type=device, default=None)
-    parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16", "auto"],
+                        help="weights dtype (default: the checkpoint's own on a GPU, float32 on CPU; auto: the "
+                             "checkpoint's own)")
     parser.add_argument("--top-k", type=positive_int, default=3)
 
 

@@ -58,7 +58,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--text-field", default="text", help="field holding the text in .jsonl input (default: text)")
     parser.add_argument("--device", type=device, default=None,
                         help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16", "auto"],
+                        help="weights dtype (default: the checkpoint's own on a GPU, float32 on CPU; auto: the "
+                             "checkpoint's own)")
     parser.add_argument("--max-length", type=positive_int, default=512,
                         help="max tokens per text (capped by the model)")
     parser.add_argument("--max-tokens-per-batch", type=positive_int, default=None,

@@ -96,7 +96,10 @@ def make_bidirectional(model, backend: str = "auto", max_length: int = 512):
         raise ValueError(f"model_type {config.model_type!r} is not supported by kalm_fast (its bidirectional packed "
                          f"attention is tested for {', '.join(SUPPORTED_MODEL_TYPES)})")
     window = getattr(config, "sliding_window", None)
-    if window is not None and getattr(config, "use_sliding_window", True):
+    layer_types = getattr(config, "layer_types", None)
+    slides = getattr(config, "use_sliding_window", True) and (layer_types is None
+                                                             or "sliding_attention" in layer_types)
+    if window is not None and slides:
         if window < max_length:
             raise ValueError(f"sliding_window={window} is shorter than max_length={max_length}; "
                              "kalm_fast's bidirectional attention supports full attention only")

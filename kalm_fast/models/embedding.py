@@ -38,13 +38,16 @@ def _position_offset(config) -> int:
     return config.pad_token_id + 1 if config.model_type in _ROBERTA_LIKE else 0
 
 
-def resolve_dtype(dtype) -> Optional[torch.dtype]:
+def resolve_dtype(dtype):
+    """A torch dtype, None (float32 weights) or ``"auto"`` (the checkpoint's own dtype) from a name or dtype."""
+    if dtype == "auto":
+        return dtype
     if dtype is None or isinstance(dtype, torch.dtype):
         if dtype not in (None, torch.float32, torch.float16, torch.bfloat16):
             raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
         return dtype
     if str(dtype) not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)} or a torch dtype, got {dtype!r}")
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, 'auto' or a torch dtype, got {dtype!r}")
     return DTYPES[str(dtype)]
 
 
@@ -94,6 +97,8 @@ class EmbeddingModel(nn.Module):
     def from_pretrained(cls, path=None, *, device=None, dtype=None, attn_backend: str = "auto",
                         max_length: Optional[int] = None, allow_pickle: bool = False) -> "EmbeddingModel":
         """Load a local Hugging Face / sentence-transformers directory (None -> the embedded default model).
+
+        ``dtype``: of the weights; None is float32, ``"auto"`` the checkpoint's own (as transformers 5 loads it).
 
         The model's own max length is sentence-transformers' (its saved ``max_seq_length``, else the tokenizer's
         ``model_max_length`` capped by the position embeddings); ``max_length`` caps it further.
@@ -232,6 +237,9 @@ class EmbeddingModel(nn.Module):
 
     def gradient_checkpointing_enable(self):
         """Recompute each layer's activations in backward (non-reentrant checkpointing)."""
+        if not getattr(self.model, "supports_gradient_checkpointing", True):
+            raise ValueError(f"gradient_checkpointing: transformers' {type(self.model).__name__} "
+                             f"(model_type {self.config.model_type!r}) does not support it; set it to false")
         if hasattr(self.model, "activation_checkpointing_enable"):  # transformers >= 5.x
             self.model.activation_checkpointing_enable({"use_reentrant": False})
         else:
