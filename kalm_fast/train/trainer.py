@@ -136,15 +136,19 @@ def base_model_path(model: Optional[str]) -> str:
     return str(model) if model is not None else str(default_model_dir())
 
 
-def load_split(split: EvalConfig, section: str) -> EvalSet:
-    """The eval set of the config section ``section`` ('eval' or 'test'); an unreadable file is a ValueError
-    naming its key."""
+def check_split_files(split: EvalConfig, section: str) -> None:
+    """The files of the config section ``section`` ('eval' or 'test') exist; else a ValueError naming the key."""
     for key in ("queries", "corpus"):
         path = Path(getattr(split, key))
         if not path.exists():
             raise ValueError(f"{section}.{key}: cannot read {str(path)!r}: it does not exist")
         if path.is_dir():
             raise ValueError(f"{section}.{key}: cannot read {str(path)!r}: it is a directory, expected a file")
+
+
+def load_split(split: EvalConfig, section: str) -> EvalSet:
+    """The eval set of the config section ``section``; a missing file is a ValueError naming its key."""
+    check_split_files(split, section)
     return load_eval_set(split.queries, split.corpus, instruction=split.instruction)
 
 
@@ -254,8 +258,8 @@ class Trainer:
         self._train_data: dict = {}
         if config.eval is not None:
             self.eval_set = load_split(config.eval, "eval")
-        if config.test is not None:  # checked before anything is written, for `kalm-fast ablate` and the user
-            load_split(config.test, "test")
+        if config.test is not None:  # found before anything is written (`kalm-fast ablate` reads it)
+            check_split_files(config.test, "test")
 
     # ---------------------------------------------------------------- bookkeeping
     def _log(self, record: dict):
