@@ -85,6 +85,29 @@ def test_triton_atomic_dq_matches_reference(backend, lengths, hq, hkv, d, causal
 
 
 @pytest.mark.parametrize("backend", backend_params(OP, ("triton",)))
+def test_triton_atomic_dq_under_autotuning(backend, monkeypatch):
+    """KALM_ATTENTION_DQ=atomic with several dK/dV configs: the autotuner runs the kernel once per config into the
+    same fp32 dQ buffer, which must be zeroed before each run (reset_to_zero) or dQ comes out a multiple of itself.
+    (The interpreter has one config and never tunes: two are forced here, with a one-run timer.)"""
+    import triton
+
+    from kalm_fast.ops.attention import _triton as tri
+
+    monkeypatch.setenv("KALM_ATTENTION_DQ", "atomic")
+    tuned = tri._attn_bwd_dkdv_tuned
+    configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=4, num_stages=1) for m, n in ((32, 64), (16, 32))]
+    monkeypatch.setattr(tuned, "configs", configs)
+    monkeypatch.setattr(tuned, "early_config_prune", None)
+    monkeypatch.setattr(tuned, "cache", {})
+    monkeypatch.setitem(vars(tuned), "do_bench", lambda fn, quantiles: (fn(), [1.0, 1.0, 1.0])[1])
+    cu = _cu([5, 40])
+    q, k, v = _inputs((45, 4, 32), 2, torch.float32)
+    kw = dict(cu_seqlens=cu, causal=True)
+    _assert_close(_run(backend, q, k, v, **kw), _run("reference", q, k, v, **kw), backend, torch.float32)
+    assert tuned.best_config in configs
+
+
+@pytest.mark.parametrize("backend", backend_params(OP, ("triton",)))
 @pytest.mark.parametrize("lengths,hq,hkv,d,causal,dtype", [c for c in PACKED_CASES if c[-1] != torch.float32])
 def test_triton_tma_forward_matches_reference(backend, lengths, hq, hkv, d, causal, dtype, monkeypatch):
     """KALM_ATTENTION_TMA=1: K/V tiles through tensor descriptors bounded by each sequence (zeros past its end and
@@ -105,6 +128,22 @@ def test_triton_tma_setting_is_checked(backend, monkeypatch):
     q, k, v = _inputs((5, 2, 32), 1, torch.float16)
     with pytest.raises(ValueError, match="KALM_ATTENTION_TMA must be 0 or 1, got 'yes'"):
         flash_attention(q, k, v, cu_seqlens=_cu([5]), backend=backend)
+
+
+@pytest.mark.parametrize("backend", backend_params(OP, ("triton",), torch.float16))
+def test_triton_tma_only_for_16_byte_aligned_k_v(backend, monkeypatch):
+    """Tensor descriptors need a 16-byte aligned base and row stride: other K/V views take the pointer loads."""
+    from kalm_fast.ops.attention._triton import use_tma
+
+    monkeypatch.setenv("KALM_ATTENTION_TMA", "1")
+    flat = torch.randn(20 * 68 + 8, device=DEVICE, dtype=torch.float16)
+    aligned = flat[:20 * 64].view(20, 1, 64)
+    shifted = flat[1:1 + 20 * 64].view(20, 1, 64)           # base 2 bytes past an aligned one
+    odd_rows = flat[:20 * 68].view(20, 68)[:, None, :64]     # rows 136 bytes apart
+    assert aligned.data_ptr() % 16 == 0
+    assert not use_tma(shifted, aligned) and not use_tma(aligned, shifted) and not use_tma(odd_rows, odd_rows)
+    if _registry.triton_interpreting():
+        assert use_tma(aligned, aligned)
 
 
 @pytest.mark.parametrize("backend", backend_params(OP, ("triton",)))
@@ -169,6 +208,22 @@ def test_many_sequences_and_scale(backend):
     q, k, v = _inputs((int(cu[-1]), 4, 32), 1, torch.float32, seed=4)
     kw = dict(cu_seqlens=cu, softmax_scale=0.3)
     _assert_close(_run(backend, q, k, v, **kw), _run("reference", q, k, v, **kw), backend, torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_similar_lengths_padded_together_never_read_past_a_sequence(backend):
+    """Sequences of similar, unequal lengths (one bucket of the torch backend, padded to its longest): the padding
+    never reads the next sequence (an inf value there stays out of the shorter one before it) nor past the batch (a
+    shorter sequence last)."""
+    cu = _cu([18, 20, 17])
+    q, k, v = _inputs((55, 2, 32), 1, torch.float32)
+    _assert_close(_run(backend, q, k, v, cu_seqlens=cu), _run("reference", q, k, v, cu_seqlens=cu), backend,
+                  torch.float32)
+    q, k, v = (t.detach() for t in _inputs((58, 2, 32), 1, torch.float32))
+    v[18, 0, 3] = float("inf")  # the first token of sequence 1, right after the 18 of sequence 0
+    with torch.no_grad():
+        out = flash_attention(q, k, v, cu_seqlens=_cu([18, 20, 20]), backend=backend)
+    assert torch.isfinite(out[:18]).all()
 
 
 @pytest.mark.parametrize("backend", ["reference"] + BACKENDS)
@@ -242,12 +297,51 @@ def test_triton_work_list_covers_every_tile_once_longest_first(rows_per_token):
 
 
 @pytest.mark.parametrize("backend", backend_params(OP, ("triton",)))
+def test_triton_shared_varlen_keeps_a_work_list_per_group(backend):
+    """One Varlen serves every call on a batch: its work lists are kept per rows per token (the GQA group), so an MHA
+    call and then a GQA 4:1 call on the same Varlen each launch their own tiles."""
+    varlen = Varlen.from_lengths([40, 3], DEVICE)
+    for hq, hkv in ((2, 2), (8, 2)):
+        q, k, v = _inputs((43, hq, 32), hkv, torch.float32)
+        _assert_close(_run(backend, q, k, v, cu_seqlens=varlen),
+                      _run("reference", q, k, v, cu_seqlens=varlen.cu_seqlens), backend, torch.float32)
+
+
+def test_triton_fp32_dots_are_ieee():
+    """fp32 inputs take ieee dots, fp16/bf16 tf32 (ignored for them): the interpreter computes every dot in fp32, so
+    only a GPU would see tf32 on fp32 inputs (errors ~1e-3 against a 1e-5 tolerance)."""
+    pytest.importorskip("triton")
+    from kalm_fast.ops.attention._triton import _common
+
+    for dtype, precision in ((torch.float32, "ieee"), (torch.float16, "tf32"), (torch.bfloat16, "tf32")):
+        q = torch.empty(4, 2, 64, dtype=dtype)
+        assert _common(q, q, False, 4)[0]["PRECISION"] == precision
+
+
+@pytest.mark.parametrize("backend", backend_params(OP, ("triton",)))
 def test_triton_unsorted_lengths_with_empty_sequences(backend):
     """The work list reorders the sequences (longest first); outputs land at their own tokens (causal, GQA 4:2)."""
     cu = _cu([5, 0, 17, 3, 0, 9])
     q, k, v = _inputs((34, 4, 32), 2, torch.float32)
     kw = dict(cu_seqlens=cu, causal=True)
     _assert_close(_run("triton", q, k, v, **kw), _run("reference", q, k, v, **kw), "triton", torch.float32)
+
+
+@pytest.mark.parametrize("backend", backend_params(OP, ("triton",)))
+def test_triton_causal_gqa_group_as_tall_as_the_tile(backend, monkeypatch):
+    """Causal GQA 16:1 on 16-row tiles (fp32 configs of a GPU): a query tile then ends on the first token of a key
+    tile (its diagonal key), which the forward and dQ kernels must not skip."""
+    import triton
+
+    from kalm_fast.ops.attention import _triton as tri
+
+    config = triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)
+    for tuned in (tri._attn_fwd_tuned, tri._attn_bwd_dq_tuned):
+        monkeypatch.setattr(tuned, "configs", [config])
+    cu = _cu([40, 17])
+    q, k, v = _inputs((57, 16, 32), 1, torch.float32)
+    kw = dict(cu_seqlens=cu, causal=True)
+    _assert_close(_run(backend, q, k, v, **kw), _run("reference", q, k, v, **kw), backend, torch.float32)
 
 
 def test_reference_matches_naive_formula():

@@ -173,6 +173,25 @@ def test_weight_cache_follows_in_place_parameter_changes(model_dirs, onednn):
     torch.testing.assert_close(after, want, atol=2e-5, rtol=2e-5)
 
 
+@pytest.mark.parametrize("kind", ["qwen2", "qwen3"])
+def test_fast_path_honours_every_rms_norm_epsilon(model_dirs, kind):
+    """Every RMSNorm's variance_epsilon reaches the fast path (input, post-attention, Qwen3 q/k and final norms): at
+    the configs' 1e-6 dropping one moves the output by ~1e-7, within the tolerance; at 0.5 it cannot hide."""
+    model = EmbeddingModel.from_pretrained(model_dirs[kind], device="cpu")
+    norms = [m for m in model.model.modules() if hasattr(m, "variance_epsilon")]
+    assert len(norms) >= 2 * model.config.num_hidden_layers + 1
+    for m in norms:
+        m.variance_epsilon = 0.5
+    ids = model.token_ids(TEXTS[:5])
+    got = _fast(model, ids)
+    b = model.pack(ids)
+    cu, m = b.cu_seqlens, b.max_seqlen
+    with torch.no_grad():  # the transformers modules on the same packed tokens, with the same epsilons
+        want = model.model(input_ids=b.input_ids[None], position_ids=b.position_ids[None], cu_seq_lens_q=cu,
+                           cu_seq_lens_k=cu, max_length_q=m, max_length_k=m).last_hidden_state[0]
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+
+
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_other_attention_backends_go_through_flash_attention(model_dirs, monkeypatch, backend):
     """An attention backend other than "auto" / "torch" runs ``ops.flash_attention`` with that backend."""

@@ -117,6 +117,12 @@ def test_token_budget_batches_cover_every_index_once():
         assert len(b) == 1 or sum(max(lengths[i], 1) for i in b) <= 16
 
 
+def test_token_budget_batches_fill_the_budget_exactly():
+    """Texts adding up to exactly max_tokens stay one batch: the budget is inclusive."""
+    assert list(token_budget_batches([8, 8, 4, 4], 16)) == [[0, 1], [2, 3]]
+    assert list(token_budget_batches([10, 6, 3], 16, max_sequences=2)) == [[0, 1], [2]]
+
+
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available() or not torch.ops.mkldnn._is_mkldnn_bf16_supported(),
                     reason="this CPU has no native bf16")
 def test_bf16_close_to_fp32(encoder):

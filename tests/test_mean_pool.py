@@ -99,6 +99,16 @@ def test_eps_reaches_every_backend(backend):
     _check_against_reference(backend, hidden, dict(cu_seqlens=cu, normalize=True, eps=eps), torch.float32)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_wide_rows_span_several_feature_blocks(backend):
+    """More than 128 features: the triton forward sums them in several column blocks (KaLM's width 896 on a GPU),
+    packed and padded, truncated or not."""
+    hidden, cu = _packed_case(torch.float32, DEVICE, lengths=(3, 0, 70), H=200)
+    _check_against_reference(backend, hidden, dict(cu_seqlens=cu, dim=150, normalize=True), torch.float32)
+    hidden, mask = _padded_case(torch.float32, DEVICE, H=136)
+    _check_against_reference(backend, hidden, dict(attention_mask=mask), torch.float32)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not (INTERPRET or DEVICE == "cuda"), reason="Triton on CPU needs TRITON_INTERPRET=1")
 def test_triton_backward_programs_stride_over_rows_past_the_grid_limit(monkeypatch):
