@@ -157,6 +157,24 @@ def test_encoder_families_match_transformers(tmp_path, tokenizer, kind):
     torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
 
 
+@pytest.mark.parametrize("kind", ["xlm-roberta", "roberta"])
+def test_roberta_positions_skip_a_pad_token_inside_a_text(tmp_path, tokenizer, kind):
+    """RoBERTa numbers positions past the padding id and gives the padding id's own tokens position ``pad``: a text
+    that holds the pad token (``"<pad>"`` written in it) matches transformers' forward, which numbers them so."""
+    from transformers import AutoModel
+
+    directory = _save_tiny(kind, tmp_path, tokenizer)
+    model = EmbeddingModel.from_pretrained(directory, device="cpu")
+    ref = AutoModel.from_pretrained(str(directory), attn_implementation="eager").eval()
+    pad = model.config.pad_token_id
+    texts = [[5, 9, pad, 7, pad, 11], [pad, 8], [6, 12, 13]]
+    with torch.no_grad():
+        got = model(model.pack(texts))
+        want = torch.stack([ref(input_ids=torch.tensor([ids])).last_hidden_state[0].mean(0) for ids in texts])
+    assert model.pack(texts).position_ids.tolist() == [2, 3, 1, 4, 1, 5, 1, 2, 2, 3, 4]
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+
+
 def test_gemma_is_bidirectional_and_matches_eager_reference(tmp_path, tokenizer):
     directory = _save_tiny("gemma", tmp_path, tokenizer)
     model = EmbeddingModel.from_pretrained(directory, device="cpu")

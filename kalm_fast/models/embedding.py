@@ -89,6 +89,8 @@ class EmbeddingModel(nn.Module):
         self.truncate_dim = truncate_dim
         self.attn_backend = attn_backend
         self.position_offset = _position_offset(model.config)
+        # RoBERTa-style positions skip the padding id wherever it stands (a text may hold the pad token itself)
+        self.position_pad_id = model.config.pad_token_id if model.config.model_type in _ROBERTA_LIKE else None
         make_bidirectional(model, attn_backend, self.max_length)
         self._packed_bert = bert_packed.PackedBert(model) if bert_packed.supports(model) else None
         self._packed_decoder = decoder_packed.PackedDecoder(model) if decoder_packed.supports(model) else None
@@ -148,7 +150,7 @@ class EmbeddingModel(nn.Module):
 
     def pack(self, ids: Sequence[Sequence[int]]) -> PackedBatch:
         """A ``PackedBatch`` on the model's device from token id lists."""
-        return pack(ids, device=self.device, position_offset=self.position_offset)
+        return pack(ids, device=self.device, position_offset=self.position_offset, pad_id=self.position_pad_id)
 
     def tokenize(self, texts: Sequence[str]) -> PackedBatch:
         """The ``PackedBatch`` of ``texts`` (special tokens added, truncated to ``max_length``)."""
@@ -176,7 +178,8 @@ class EmbeddingModel(nn.Module):
         ``dim`` truncates (Matryoshka) and ``normalize`` L2-normalizes after truncation. The first ``prompt_length``
         tokens of each text are left out of the mean (sentence-transformers' ``include_prompt: false``)."""
         if not isinstance(batch, PackedBatch):
-            batch = pack_padded(batch["input_ids"], batch["attention_mask"], position_offset=self.position_offset)
+            batch = pack_padded(batch["input_ids"], batch["attention_mask"], position_offset=self.position_offset,
+                                pad_id=self.position_pad_id)
         if batch.input_ids.numel() == 0:  # only empty texts: zero vectors
             return torch.zeros(batch.num_seqs, dim or self.hidden_size, dtype=self.dtype, device=self.device)
         hidden = self.token_embeddings(batch)

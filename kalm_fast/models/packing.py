@@ -43,25 +43,34 @@ class PackedBatch:
         return self.varlen.num_seqs
 
 
-def pack(ids: Sequence[Sequence[int]], *, device=None, position_offset: int = 0) -> PackedBatch:
-    """A ``PackedBatch`` on ``device`` from token id lists; positions count from ``position_offset`` in every text."""
+def pack(ids: Sequence[Sequence[int]], *, device=None, position_offset: int = 0,
+         pad_id: Optional[int] = None) -> PackedBatch:
+    """A ``PackedBatch`` on ``device`` from token id lists; positions count from ``position_offset`` in every text.
+    ``pad_id`` (RoBERTa's rule): tokens of that id take position ``pad_id`` and are not counted."""
     lengths = [len(x) for x in ids]
     counts = torch.tensor(lengths, dtype=torch.long)
     input_ids = torch.tensor(list(itertools.chain.from_iterable(ids)), dtype=torch.long)
     starts = torch.repeat_interleave(counts.cumsum(0) - counts, counts, output_size=input_ids.numel())
-    position_ids = torch.arange(input_ids.numel()) - starts + position_offset
+    if pad_id is None:
+        position_ids = torch.arange(input_ids.numel()) - starts + position_offset
+    else:
+        counted = (input_ids != pad_id).long()
+        before = counted.cumsum(0) - counted  # counted tokens before each token, from the batch's start
+        in_text = counted.cumsum(0) - before[starts]  # counted tokens of its text up to and with each token
+        position_ids = torch.where(counted.bool(), in_text - 1 + position_offset, pad_id)
     device = "cpu" if device is None else device
     return PackedBatch(to_device(input_ids, device), to_device(position_ids, device),
                        Varlen.from_lengths(lengths, device))
 
 
-def pack_padded(input_ids: torch.Tensor, attention_mask: torch.Tensor, *, position_offset: int = 0) -> PackedBatch:
+def pack_padded(input_ids: torch.Tensor, attention_mask: torch.Tensor, *, position_offset: int = 0,
+                pad_id: Optional[int] = None) -> PackedBatch:
     """The real tokens of a padded batch (``input_ids [B, L]``, ``attention_mask [B, L]``, left or right padding) as
     a ``PackedBatch`` (one host copy of the mask)."""
     mask = attention_mask.bool().cpu()
     ids = input_ids.cpu()
     return pack([row[m].tolist() for row, m in zip(ids, mask)], device=input_ids.device,
-                position_offset=position_offset)
+                position_offset=position_offset, pad_id=pad_id)
 
 
 def token_budget_batches(lengths: Sequence[int], max_tokens: int, max_sequences: Optional[int] = None) -> Iterator[list]:
