@@ -71,6 +71,15 @@ def _eager_bidirectional(model_dir, ids, dtype=torch.float32):
     return torch.cat(out)
 
 
+def _modules(model, ids):
+    """Last hidden states ``[T, H]`` of the transformers modules themselves on the packed tokens of ``ids``."""
+    b = model.pack(ids)
+    cu, m = b.cu_seqlens, b.max_seqlen
+    with torch.no_grad():
+        return model.model(input_ids=b.input_ids[None], position_ids=b.position_ids[None], cu_seq_lens_q=cu,
+                           cu_seq_lens_k=cu, max_length_q=m, max_length_k=m).last_hidden_state[0]
+
+
 def _fast(model, ids):
     with torch.no_grad():
         return model._packed_decoder(model.pack(ids))
@@ -165,12 +174,7 @@ def test_weight_cache_follows_in_place_parameter_changes(model_dirs, onednn):
             p.mul_(0.5)
     after = _fast(model, ids)
     assert not torch.allclose(before, after, atol=1e-3)
-    b = model.pack(ids)
-    cu, m = b.cu_seqlens, b.max_seqlen
-    with torch.no_grad():  # the transformers modules on the same packed tokens, with the changed parameters
-        want = model.model(input_ids=b.input_ids[None], position_ids=b.position_ids[None], cu_seq_lens_q=cu,
-                           cu_seq_lens_k=cu, max_length_q=m, max_length_k=m).last_hidden_state[0]
-    torch.testing.assert_close(after, want, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(after, _modules(model, ids), atol=2e-5, rtol=2e-5)  # with the changed weights
 
 
 @pytest.mark.parametrize("kind", ["qwen2", "qwen3"])
@@ -184,12 +188,7 @@ def test_fast_path_honours_every_rms_norm_epsilon(model_dirs, kind):
         m.variance_epsilon = 0.5
     ids = model.token_ids(TEXTS[:5])
     got = _fast(model, ids)
-    b = model.pack(ids)
-    cu, m = b.cu_seqlens, b.max_seqlen
-    with torch.no_grad():  # the transformers modules on the same packed tokens, with the same epsilons
-        want = model.model(input_ids=b.input_ids[None], position_ids=b.position_ids[None], cu_seq_lens_q=cu,
-                           cu_seq_lens_k=cu, max_length_q=m, max_length_k=m).last_hidden_state[0]
-    torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(got, _modules(model, ids), atol=2e-5, rtol=2e-5)
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
