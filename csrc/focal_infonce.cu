@@ -138,7 +138,7 @@ __global__ void __launch_bounds__(kThreads) infonce_bwd_kernel(InfoNCEArgs a) {
           const bool is_pos = doc == query * a.group;
           const bool keep = !a.has_margin || v <= s_pos[query] + a.margin || is_pos;
           const float p = keep ? exp2f(v * a.inv_tau_log2 - lse[query] * kLog2e) : 0.f;
-          g = gc[query] * ((is_pos ? 1.f : 0.f) - p) * (r_col[c] * inv_r_col_max);
+          g = gc[query] * ((is_pos ? 1.f : 0.f) - p) * fminf(r_col[c] * inv_r_col_max, 1.f);
         }
         s[j][e] = g;
       }
@@ -198,6 +198,7 @@ int kalm_infonce_fwd(const InfoNCEArgs& a) {
 
 int kalm_infonce_bwd(const InfoNCEArgs& a) {
   if (a.n_rows == 0 || a.n_cols == 0) return 0;
+  if (a.g_scale == 0) return cudaErrorInvalidValue;
   const int err = cudaSetDevice(a.device);
   if (err != cudaSuccess) return err;
   cudaStream_t stream = reinterpret_cast<cudaStream_t>(a.stream);

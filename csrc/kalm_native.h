@@ -73,8 +73,9 @@ struct InfoNCEArgs {
   int64_t n_rows = 0, n_cols = 0, dim = 0, row_stride = 0, col_stride = 0;
   uint64_t r_row = 0, r_col = 0;     // float32 inverse norms (ones for dot similarity)
   uint64_t s_pos = 0, lse = 0, gc = 0;  // float32 [B], indexed by query (lse, gc: backward only)
-  // backward: float32 [2] {1 / max r_col, max|gc| * max r_col}, gc divided by max|gc|: every score gradient is
-  // in [-1, 1] when it is rounded to the tile dtype (fp16 has no small ones), the sums are scaled back
+  // backward: float32 [2] {1 / max r_col, max|gc| * max r_col} (max over non-zero rows; the kernel caps
+  // r_col / max at 1), gc divided by max|gc|: every score gradient is in [-1, 1] when it is rounded to the tile
+  // dtype (fp16 has no small ones), the sums are scaled back
   uint64_t g_scale = 0;
   int group = 1;                     // documents per query: query i's positive is document i * group
   int doc_offset = 0;                // backward: the first document row/column is document doc_offset

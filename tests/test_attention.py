@@ -140,8 +140,10 @@ def test_triton_tma_only_for_16_byte_aligned_k_v(backend, monkeypatch):
     aligned = flat[:20 * 64].view(20, 1, 64)
     shifted = flat[1:1 + 20 * 64].view(20, 1, 64)           # base 2 bytes past an aligned one
     odd_rows = flat[:20 * 68].view(20, 68)[:, None, :64]     # rows 136 bytes apart
+    odd_heads = flat[:10 * 136].view(10, 2, 68)[..., :64]      # rows 272 bytes apart, heads 136
     assert aligned.data_ptr() % 16 == 0
     assert not use_tma(shifted, aligned) and not use_tma(aligned, shifted) and not use_tma(odd_rows, odd_rows)
+    assert not use_tma(odd_heads, odd_heads)
     if _registry.triton_interpreting():
         assert use_tma(aligned, aligned)
 

@@ -363,17 +363,19 @@ class _EmulatedInfoNCEKernels:
         is_pos = doc == query * a.group
         keep = is_pos | (v <= s_pos[query] + a.margin) if a.has_margin else torch.ones_like(is_pos)
         p = torch.where(keep, torch.exp2(v * a.inv_tau_log2 - lse[query] * math.log2(math.e)), 0.0)
-        g = (gc[query] * (is_pos.float() - p) * (r_col * inv_r_col_max)[None, :]).to(dtype)
+        g = (gc[query] * (is_pos.float() - p) * (r_col * inv_r_col_max).clamp(max=1.0)[None, :]).to(dtype)
         _raw(a.out, (a.n_rows, a.dim), a.out_stride, torch.float32).add_(g.float() @ cols.float() * out_scale)
 
 
+@pytest.mark.parametrize("zero_row", [False, True])
 @pytest.mark.parametrize("margin", [None, 0.05])
 @pytest.mark.parametrize("scale", [1.0, 1e-9])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_cuda_engine_backward_arguments_keep_half_tiles_in_range(monkeypatch, dtype, scale, margin):
+def test_cuda_engine_backward_arguments_keep_half_tiles_in_range(monkeypatch, dtype, scale, margin, zero_row):
     """CudaEngine.backward's launch arguments, run through an emulation of the kernel on the CPU: its score
-    gradients reach the tiles divided into [-1, 1] (fp16 does not underflow at tiny dL/dlog p or large norms) and
-    come back scaled; the GPU test above checks the kernel itself."""
+    gradients reach the tiles divided into [-1, 1] (fp16 does not underflow at tiny dL/dlog p or large norms, nor
+    beside a zero candidate, whose inverse norm is 1 / NORM_EPS) and come back scaled; the GPU test above checks
+    the kernel itself."""
     pytest.importorskip("kalm_fast._C")
     from kalm_fast.ops.focal_infonce import _cuda
 
@@ -382,6 +384,8 @@ def test_cuda_engine_backward_arguments_keep_half_tiles_in_range(monkeypatch, dt
     monkeypatch.setattr(_cuda, "stream_of", lambda device: 0)
     q, docs = _inputs(17, 2, 40, dtype, norm=6.0)
     q, flat = q.cpu(), (docs.cpu() * 30).reshape(-1, 40)  # unnormalized candidates: inverse norms ~ 0.005
+    if zero_row:
+        flat[4] = 0.0  # a hard negative (an empty text pools to zeros)
     rq, _ = logp.inverse_norms(q, True)
     rd, _ = logp.inverse_norms(flat, True)
     s_pos = (q.float() * flat[::3].float()).sum(-1) * rq * rd[::3]

@@ -185,9 +185,23 @@ def test_gemma_is_bidirectional_and_matches_eager_reference(tmp_path, tokenizer)
 
 
 def test_albert_gradient_checkpointing_is_refused_by_name(tmp_path, tokenizer):
-    model = EmbeddingModel.from_pretrained(_save_tiny("albert", tmp_path, tokenizer), device="cpu")
-    with pytest.raises(ValueError, match="gradient_checkpointing: transformers' AlbertModel .* does not support it"):
-        model.gradient_checkpointing_enable()
+    """By the model, and by the trainer before it writes anything."""
+    from train_utils import make_records
+
+    from kalm_fast.train.config import config_from_dict
+    from kalm_fast.train.data import write_jsonl
+    from kalm_fast.train.trainer import Trainer
+
+    directory = _save_tiny("albert", tmp_path / "model", tokenizer)
+    message = "gradient_checkpointing: transformers' AlbertModel .* does not support it"
+    with pytest.raises(ValueError, match=message):
+        EmbeddingModel.from_pretrained(directory, device="cpu").gradient_checkpointing_enable()
+    write_jsonl(tmp_path / "train.jsonl", make_records(8))
+    raw = dict(model=str(directory), output_dir=str(tmp_path / "run"), gradient_checkpointing=True,
+               stages=[dict(name="s", data=[str(tmp_path / "train.jsonl")], steps=1, batch_size=2)])
+    with pytest.raises(ValueError, match=message):
+        Trainer(config_from_dict(raw), show_progress=False).train()
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("sliding_layers, refused", [(0, False), (2, True)])

@@ -109,12 +109,12 @@ class EmbeddingModel(nn.Module):
                                        or max_length < 1):
             raise ValueError(f"max_length must be a positive int or None, got {max_length!r}")
         dtype, device = resolve_dtype(dtype), resolve_device(device)
-        if device.type == "cpu" and dtype == torch.bfloat16 and not _cpu_has_bf16():
-            warnings.warn("this CPU has no native bf16 (avx512_bf16 / AMX): bfloat16 runs emulated and slowly; "
-                          "use dtype='float32' here", stacklevel=2)
         model_dir = resolve_model_dir(path)
         info = read_sentence_transformer_info(model_dir)
         config, model = load_transformer(info.transformer_dir, dtype=dtype, allow_pickle=allow_pickle)
+        if device.type == "cpu" and model.dtype == torch.bfloat16 and not _cpu_has_bf16():  # also from "auto"
+            warnings.warn("this CPU has no native bf16 (avx512_bf16 / AMX): bfloat16 runs emulated and slowly; "
+                          "use dtype='float32' here", stacklevel=2)
         tokenizer = load_tokenizer(info.transformer_dir, model_dir)
         if info.do_lower_case:
             lowercase_inputs(tokenizer)

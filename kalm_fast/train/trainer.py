@@ -152,9 +152,25 @@ def load_split(split: EvalConfig, section: str) -> EvalSet:
     return load_eval_set(split.queries, split.corpus, instruction=split.instruction)
 
 
+def _model_config(model_dir):
+    """The transformers config of a model directory, without loading weights."""
+    return build_config(read_sentence_transformer_info(resolve_model_dir(model_dir)).transformer_dir)
+
+
 def embedding_size(model_dir) -> int:
     """The embedding size (hidden size) of a model directory, read from its config without loading weights."""
-    return int(build_config(read_sentence_transformer_info(resolve_model_dir(model_dir)).transformer_dir).hidden_size)
+    return int(_model_config(model_dir).hidden_size)
+
+
+def check_gradient_checkpointing(model_dir) -> None:
+    """A ValueError when transformers' class of the model cannot checkpoint activations (ALBERT)."""
+    from transformers import AutoModel
+
+    config = _model_config(model_dir)
+    model_class = AutoModel._model_mapping[type(config)]
+    if not model_class.supports_gradient_checkpointing:
+        raise ValueError(f"gradient_checkpointing: transformers' {model_class.__name__} (model_type "
+                         f"{config.model_type!r}) does not support it; set it to false")
 
 
 def lr_lambda(total: int, warmup: int, schedule: str) -> Callable[[int], float]:
@@ -368,6 +384,8 @@ class Trainer:
         check_writable_dir(self.out, "output_dir")
         resolve_model_dir(self.config.model)  # the base model exists (its files are checked when it loads)
         sources = self._model_sources()
+        if self.config.gradient_checkpointing:
+            check_gradient_checkpointing(sources["base"])
         prepared = {}
         for stage in self.config.stages:
             if not isinstance(stage, TrainStage):

@@ -43,12 +43,13 @@ DQ_MODES = ("separate", "atomic")
 def use_tma(k, v) -> bool:
     """Whether the forward loads K/V tiles through tensor descriptors (Hopper's copy engine, TMA):
     ``KALM_ATTENTION_TMA=1``, fp16/bf16 (fp32 tiles spill), on a GPU of compute capability 9+ (or in the
-    interpreter, for the tests), with 16-byte aligned rows. The descriptors are made on the device, which needs a
+    interpreter, for the tests), with 16-byte aligned rows and heads. The descriptors are made on the device, which needs a
     Triton allocator: one is set (torch's caching allocator) if none was."""
     if os.environ.get("KALM_ATTENTION_TMA", "0") not in ("0", "1"):
         raise ValueError(f"KALM_ATTENTION_TMA must be 0 or 1, got {os.environ['KALM_ATTENTION_TMA']!r}")
     if os.environ.get("KALM_ATTENTION_TMA") != "1" or k.dtype == torch.float32 or any(
-            t.data_ptr() % 16 or (t.stride(0) * t.element_size()) % 16 for t in (k, v)):
+            t.data_ptr() % 16 or (t.stride(0) * t.element_size()) % 16 or (t.stride(1) * t.element_size()) % 16
+            for t in (k, v)):
         return False
     if triton_interpreting():
         return True

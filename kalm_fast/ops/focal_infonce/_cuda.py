@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from ... import _native
-from ..._constants import LOG2E
+from ..._constants import LOG2E, NORM_EPS
 from ..._cuda import aligned, cdiv, dtype_code, launch_device, pack, sm_count, stream_of
 from .logp import LogP, split_columns
 
@@ -72,7 +72,9 @@ class CudaEngine:
         gc_max = gc.abs().amax().clamp_min(_TINY)
         lse, gc = lse.contiguous(), (gc / gc_max).contiguous()
         for rows, cols, r_row, r_col, out, transposed in ((q, docs, rq, r_docs, dq, 0), (docs, q, r_docs, rq, dd, 1)):
-            r_max = r_col.amax().clamp_min(_TINY)
+            # over real rows: a zero vector's 1 / NORM_EPS would push every other factor to 0 (the kernel caps its
+            # own at 1, harmless: it multiplies zeros)
+            r_max = r_col.masked_fill(r_col >= 1.0 / NORM_EPS, 0.0).amax().clamp_min(_TINY)
             g_scale = torch.stack([1.0 / r_max, gc_max * r_max]).float().contiguous()
             p = backward_plan(n_rows=rows.shape[0], n_cols=cols.shape[0], dim=rows.shape[1], sms=sms)
             lib.infonce_bwd(engine_args(
