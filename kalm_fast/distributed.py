@@ -168,23 +168,20 @@ def from_main(info: DistInfo, obj):
     return box[0]
 
 
-def any_across(info: DistInfo, flag: bool) -> bool:
-    """True on every rank when ``flag`` is True on any."""
-    if not info.enabled:
-        return flag
-    t = torch.tensor([int(flag)])
+def _reduced(value: float, op) -> float:
+    """``value`` reduced over every rank with ``op`` (on the GPU under NCCL)."""
+    t = torch.tensor([float(value)], dtype=torch.float64)
     if dist.get_backend() == "nccl":
         t = t.cuda()
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+    dist.all_reduce(t, op=op)
+    return float(t.item())
+
+
+def any_across(info: DistInfo, flag: bool) -> bool:
+    """True on every rank when ``flag`` is True on any."""
+    return bool(_reduced(float(flag), dist.ReduceOp.MAX)) if info.enabled else flag
 
 
 def mean_across(info: DistInfo, value: float) -> float:
     """Mean of a float over ranks (for logging)."""
-    if not info.enabled:
-        return value
-    t = torch.tensor([float(value)], dtype=torch.float64)
-    if dist.get_backend() == "nccl":
-        t = t.cuda()
-    dist.all_reduce(t)
-    return float(t.item()) / info.world_size
+    return _reduced(value, dist.ReduceOp.SUM) / info.world_size if info.enabled else value

@@ -38,6 +38,13 @@ def _position_offset(config) -> int:
     return config.pad_token_id + 1 if config.model_type in _ROBERTA_LIKE else 0
 
 
+def check_gradient_checkpointing(model_class, model_type: str) -> None:
+    """A ValueError naming the model when transformers' ``model_class`` cannot checkpoint activations (ALBERT)."""
+    if not getattr(model_class, "supports_gradient_checkpointing", True):
+        raise ValueError(f"gradient_checkpointing: transformers' {model_class.__name__} (model_type "
+                         f"{model_type!r}) does not support it; set it to false")
+
+
 def resolve_dtype(dtype):
     """A torch dtype, None (float32 weights) or ``"auto"`` (the checkpoint's own dtype) from a name or dtype."""
     if dtype == "auto":
@@ -240,9 +247,7 @@ class EmbeddingModel(nn.Module):
 
     def gradient_checkpointing_enable(self):
         """Recompute each layer's activations in backward (non-reentrant checkpointing)."""
-        if not getattr(self.model, "supports_gradient_checkpointing", True):
-            raise ValueError(f"gradient_checkpointing: transformers' {type(self.model).__name__} "
-                             f"(model_type {self.config.model_type!r}) does not support it; set it to false")
+        check_gradient_checkpointing(type(self.model), self.config.model_type)
         if hasattr(self.model, "activation_checkpointing_enable"):  # transformers >= 5.x
             self.model.activation_checkpointing_enable({"use_reentrant": False})
         else:

@@ -71,6 +71,7 @@ from ..files import (
     verify,
 )
 from ..models import EmbeddingModel
+from ..models.embedding import check_gradient_checkpointing
 from ..models.loading import build_config, default_model_dir, read_sentence_transformer_info, resolve_model_dir
 from .config import EvalConfig, SoupStage, TrainConfig, TrainStage, config_to_dict
 from .data import EvalSet, TrainData, load_eval_set
@@ -162,15 +163,13 @@ def embedding_size(model_dir) -> int:
     return int(_model_config(model_dir).hidden_size)
 
 
-def check_gradient_checkpointing(model_dir) -> None:
-    """A ValueError when transformers' class of the model cannot checkpoint activations (ALBERT)."""
+def check_model_checkpointing(model_dir) -> None:
+    """A ValueError when transformers' class of the model in ``model_dir`` cannot checkpoint activations, found
+    from its config (before any weights load)."""
     from transformers import AutoModel
 
     config = _model_config(model_dir)
-    model_class = AutoModel._model_mapping[type(config)]
-    if not model_class.supports_gradient_checkpointing:
-        raise ValueError(f"gradient_checkpointing: transformers' {model_class.__name__} (model_type "
-                         f"{config.model_type!r}) does not support it; set it to false")
+    check_gradient_checkpointing(AutoModel._model_mapping[type(config)], config.model_type)
 
 
 def lr_lambda(total: int, warmup: int, schedule: str) -> Callable[[int], float]:
@@ -385,7 +384,7 @@ class Trainer:
         resolve_model_dir(self.config.model)  # the base model exists (its files are checked when it loads)
         sources = self._model_sources()
         if self.config.gradient_checkpointing:
-            check_gradient_checkpointing(sources["base"])
+            check_model_checkpointing(sources["base"])
         prepared = {}
         for stage in self.config.stages:
             if not isinstance(stage, TrainStage):

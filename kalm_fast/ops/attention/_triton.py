@@ -43,8 +43,8 @@ DQ_MODES = ("separate", "atomic")
 def use_tma(k, v) -> bool:
     """Whether the forward loads K/V tiles through tensor descriptors (Hopper's copy engine, TMA):
     ``KALM_ATTENTION_TMA=1``, fp16/bf16 (fp32 tiles spill), on a GPU of compute capability 9+ (or in the
-    interpreter, for the tests), with 16-byte aligned rows and heads. The descriptors are made on the device, which needs a
-    Triton allocator: one is set (torch's caching allocator) if none was."""
+    interpreter, for the tests), with 16-byte aligned rows and heads. The descriptors are made on the device, which
+    needs a Triton allocator: one is set (torch's caching allocator) if none was."""
     if os.environ.get("KALM_ATTENTION_TMA", "0") not in ("0", "1"):
         raise ValueError(f"KALM_ATTENTION_TMA must be 0 or 1, got {os.environ['KALM_ATTENTION_TMA']!r}")
     if os.environ.get("KALM_ATTENTION_TMA") != "1" or k.dtype == torch.float32 or any(
@@ -491,8 +491,8 @@ def _common(q, k, causal, max_seqlen):
 
 
 def attention_forward(q, k, v, varlen, causal: bool, softmax_scale: float):
-    """q [T, Hq, D], k/v [T, Hkv, D] (last dim contiguous), ``varlen`` their ``Varlen`` -> (out [T, Hq, D] in q.dtype,
-    lse [Hq, T] fp32)."""
+    """q [T, Hq, D], k/v [T, Hkv, D] (last dim contiguous), ``varlen`` their ``Varlen`` -> (out [T, Hq, D] in
+    q.dtype, lse [Hq, T] fp32)."""
     T, hq, _ = q.shape
     hkv, group = k.shape[1], hq // k.shape[1]
     out = torch.empty_like(q)
