@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from conftest import DEVICE, INTERPRET
 
 from kalm_fast.models import EmbeddingModel
+from kalm_fast.ops.attention.padding import unpad_layout
 
 TEXTS = ["hello", "a somewhat longer sentence with more tokens in it, and a comma", "", "日本語",
          "short one", "x " * 40]
@@ -122,6 +123,27 @@ def test_packed_equals_padded_forward_and_backward(decoder_dir):
     torch.testing.assert_close(outs[0], outs[1], atol=2e-5, rtol=2e-5)
     torch.testing.assert_close(grads[0], grads[1], atol=1e-4, rtol=1e-4)
     assert grads[0].abs().sum() > 0
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "roberta", "distilbert", "albert"])
+def test_padded_batch_unpads_once_per_forward(tmp_path, tokenizer, monkeypatch, kind):
+    """A padded batch through a model made bidirectional (``make_bidirectional``, transformers' own forward): every
+    layer reuses one unpadding of the mask (one synchronization per forward, and the Varlen's cached kernel work
+    lists), and the result is the packed batch's."""
+    from kalm_fast.models import bidirectional
+
+    model = EmbeddingModel.from_pretrained(_save_tiny(kind, tmp_path, tokenizer), device="cpu")
+    texts = [t for t in TEXTS if t]
+    batch = _padded(model, texts)
+    calls = []
+    monkeypatch.setattr(bidirectional, "unpad_layout", lambda mask: calls.append(1) or unpad_layout(mask))
+    with torch.no_grad():
+        want = model(model.tokenize(texts))
+        hidden = [model.model(**batch).last_hidden_state for _ in range(2)]
+    assert len(calls) == 2  # one per forward, not one per layer
+    mask = batch["attention_mask"][..., None].float()
+    for h in hidden:
+        torch.testing.assert_close((h * mask).sum(1) / mask.sum(1), want, atol=2e-5, rtol=2e-5)
 
 
 def test_decoder_trains_under_bf16_autocast(decoder_dir):

@@ -9,14 +9,19 @@ Two batch layouts reach the attention function:
 - packed input ``[1, T]`` with a ``kalm_varlen`` keyword argument (a checked ``kalm_fast.ops.Varlen``, what
   ``EmbeddingModel`` passes) or flash-attention's ``cu_seq_lens_q`` / ``max_length_q`` (checked in every layer);
   transformers forwards such keyword arguments from ``model(...)`` down to every attention call;
-- padded ``[B, L]`` input: the mask function hands the 2-D key padding mask (or None) to the attention.
+- padded ``[B, L]`` input: the mask function hands the 2-D key padding mask (or None) to the attention, which
+  unpads q/k/v by it; the unpadding (one synchronization) is computed once per forward, since every layer gets
+  the same mask object.
 Both run through ``kalm_fast.ops.flash_attention``.
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from .. import ops
+from ..ops.attention.padding import unpad_layout
 
 NAME = "kalm_fast"
 # What is tested against transformers' own forward: other families may keep their own attention (MPNet, DeBERTa,
@@ -46,10 +51,29 @@ def kalm_attention_forward(module, query, key, value, attention_mask, dropout=0.
             raise ValueError(f"packed attention needs a batch of one row [1, T], got query shape {tuple(query.shape)}")
         out = ops.flash_attention(q[0], k[0], v[0], cu_seqlens=varlen, softmax_scale=scaling, backend=backend)
         return out.unsqueeze(0), None
-    if attention_mask is not None and attention_mask.dim() != 2:
-        raise ValueError(f"kalm_fast attention takes a [B, L] key padding mask, got shape {tuple(attention_mask.shape)}")
-    out = ops.flash_attention(q, k, v, key_padding_mask=attention_mask, softmax_scale=scaling, backend=backend)
-    return out, None
+    if attention_mask is None:
+        return ops.flash_attention(q, k, v, softmax_scale=scaling, backend=backend), None
+    if attention_mask.shape != q.shape[:2]:
+        raise ValueError(f"kalm_fast attention takes a [B, L] = {list(q.shape[:2])} key padding mask, got shape "
+                         f"{list(attention_mask.shape)}")
+    indices, varlen = _forward_layout(attention_mask.bool())
+    packed = ops.flash_attention(*(x.flatten(0, 1)[indices] for x in (q, k, v)), cu_seqlens=varlen,
+                                 softmax_scale=scaling, backend=backend)
+    return ops.pad(packed, indices, q.shape[0], q.shape[1]), None
+
+
+_last_layout = (None, None)  # (weak reference to the padding mask of the latest forward, its unpad_layout)
+
+
+def _forward_layout(mask: torch.Tensor):
+    """``unpad_layout(mask)``, computed once for every layer of a forward: ``kalm_mask`` makes a new mask object per
+    forward and the model hands that same object to each layer."""
+    global _last_layout
+    ref, layout = _last_layout
+    if ref is None or ref() is not mask:
+        layout = unpad_layout(mask)
+        _last_layout = (weakref.ref(mask), layout)
+    return layout
 
 
 def kalm_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None, attention_mask=None,

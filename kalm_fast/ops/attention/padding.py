@@ -10,12 +10,19 @@ from ..._checks import check_mask, check_same_device, check_tensor
 from ..varlen import Varlen
 
 
-def _unpad(x: torch.Tensor, mask: torch.Tensor):
-    """``(x_packed [T, ...], indices [T] int64, Varlen)`` of a checked ``x [B, L, ...]`` and bool ``mask [B, L]``."""
+def unpad_layout(mask: torch.Tensor):
+    """``(indices [T] int64 into the flattened B*L rows, Varlen)`` of a checked bool ``mask [B, L]``: one host copy
+    of the lengths."""
     indices = torch.nonzero(mask.flatten(), as_tuple=False).flatten()
     lengths = mask.sum(dim=1, dtype=torch.int32)
     cu_seqlens = F.pad(torch.cumsum(lengths, 0, dtype=torch.int32), (1, 0))
-    return x.flatten(0, 1)[indices], indices, Varlen(cu_seqlens, tuple(lengths.tolist()))
+    return indices, Varlen(cu_seqlens, tuple(lengths.tolist()))
+
+
+def _unpad(x: torch.Tensor, mask: torch.Tensor):
+    """``(x_packed [T, ...], indices [T] int64, Varlen)`` of a checked ``x [B, L, ...]`` and bool ``mask [B, L]``."""
+    indices, varlen = unpad_layout(mask)
+    return x.flatten(0, 1)[indices], indices, varlen
 
 
 def unpad(x: torch.Tensor, mask: torch.Tensor):
