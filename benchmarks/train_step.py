@@ -7,17 +7,24 @@ loss backends (``auto`` against ``reference``, which materializes the similarity
 sentence-transformers' own GradCache step (``st-cached-mnrl``: ``CachedMultipleNegativesRankingLoss`` with
 ``mini_batch_size = --chunk`` and ``scale = 1 / temperature``, the same weights saved by ``EmbeddingModel``, the same
 padded token ids; the loss and its backward under the same autocast, as the Hugging Face Trainer runs it).
-``--max-batch`` also doubles B until the step runs out of memory, per backend.
+``--max-batch`` adds, per backend, the largest B whose step fits in the same memory: B doubles from
+``--max-batch-start`` while one step fits in ``--max-batch-gib`` GiB above the weights and optimizer states (a
+``torch.cuda.set_per_process_memory_fraction`` limit). What grows with B at a fixed GradCache mini-batch is the
+loss and the cached embeddings, not the model's activations, so this probe runs a 2-layer model of the same width
+(896, the embedding size) on texts of ``--max-batch-len`` tokens, with ``--max-batch-chunk`` texts per
+mini-batch: every B up to the cap takes seconds, where the 24-layer model would take minutes per step.
 
 GPU default: a Qwen2-0.5B-shaped model (24 layers, hidden 896, 14/2 heads; random init), fp32 weights with
 bf16 autocast, B in {256, 1024}, M = 7. CPU default: a 2-layer toy of the same family so the script runs
-anywhere (the numbers only show the loop works).
+anywhere (the numbers only show the loop works; no memory limit on the CPU).
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import tempfile
+import time
 
 import torch
 
@@ -25,6 +32,7 @@ from .harness import on_gpu, print_profile, progress, time_fn, write_report
 
 QWEN2_05B = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
                  num_key_value_heads=2, vocab_size=151936, max_position_embeddings=4096)
+MAX_BATCH_PROBE = dict(QWEN2_05B, num_hidden_layers=2, vocab_size=1000)
 TOY = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
            num_key_value_heads=2, vocab_size=1000, max_position_embeddings=512)
 
@@ -58,10 +66,9 @@ def _autocast(device):
     return (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else contextlib.nullcontext
 
 
-def st_baseline(model, chunk: int, device, workdir):
-    """``(SentenceTransformer over a copy of the model's weights, its CachedMultipleNegativesRankingLoss)``."""
+def st_baseline(model, device, workdir):
+    """A SentenceTransformer over a copy of the model's weights."""
     from sentence_transformers import SentenceTransformer
-    from sentence_transformers.losses import CachedMultipleNegativesRankingLoss
 
     from kalm_fast.models import EmbeddingModel
 
@@ -69,8 +76,7 @@ def st_baseline(model, chunk: int, device, workdir):
 
     EmbeddingModel(model.model, bpe_tokenizer(), max_length=model.model_max_length,
                    normalize=False).save_pretrained(workdir)
-    st = SentenceTransformer(str(workdir), device=str(device)).train()
-    return st, CachedMultipleNegativesRankingLoss(st, scale=1 / TEMPERATURE, mini_batch_size=chunk)
+    return SentenceTransformer(str(workdir), device=str(device)).train()
 
 
 def padded_features(seqs, device) -> dict:
@@ -103,23 +109,31 @@ def run_step(model, optimizer, loss_fn, texts, chunk, device):
     return float(loss)
 
 
-def measure(model, optimizer, backend, batch, args, device, repeats, st=None):
-    """One row: ``backend`` is a focal-InfoNCE loss backend run by kalm_fast's step, or ST_BASELINE with
-    ``st = (its optimizer, its loss)``. Both run mini-batches of ``min(chunk, batch)`` texts (sentence-transformers'
-    cached loss embeds each column of the batch in such mini-batches). ``peak_gib``: the step's peak above what was
-    allocated before it (both models' weights and optimizer states)."""
+def make_step(model, optimizer, backend, texts, chunk, device, st=None, synthetic=0):
+    """One training step of ``texts``, as a callable: ``backend`` is a focal-InfoNCE loss backend run by kalm_fast's
+    step, or ST_BASELINE with ``st = (its SentenceTransformer, its optimizer)``. Both run mini-batches of ``chunk``
+    texts (sentence-transformers' cached loss embeds each column of the batch in such mini-batches)."""
+    if backend == ST_BASELINE:
+        from sentence_transformers.losses import CachedMultipleNegativesRankingLoss
+
+        st_model, st_optimizer = st
+        st_loss = CachedMultipleNegativesRankingLoss(st_model, scale=1 / TEMPERATURE, mini_batch_size=chunk)
+        features = [padded_features(texts[0], device)]
+        features += [padded_features([docs[j] for docs in texts[1]], device) for j in range(len(texts[1][0]))]
+        return lambda: run_st_step(st_loss, st_optimizer, features, device)
     from kalm_fast.train.losses import FocalInfoNCELoss
 
+    loss_fn = FocalInfoNCELoss(temperature=TEMPERATURE, gamma=0.5, num_synthetic=synthetic,
+                               backend=backend)
+    return lambda: run_step(model, optimizer, loss_fn, texts, chunk, device)
+
+
+def measure(model, optimizer, backend, batch, args, device, repeats, st=None):
+    """One row of ``make_step`` at ``batch``, mini-batches of ``min(chunk, batch)`` texts. ``peak_gib``: the step's
+    peak above what was allocated before it (both models' weights and optimizer states)."""
     chunk = min(args.chunk, batch)
     texts = make_texts(batch, args.negatives, args.query_len, args.doc_len, model.config.vocab_size)
-    if backend == ST_BASELINE:
-        st_optimizer, st_loss = st
-        features = [padded_features(texts[0], device)]
-        features += [padded_features([docs[j] for docs in texts[1]], device) for j in range(1 + args.negatives)]
-        step = lambda: run_st_step(st_loss, st_optimizer, features, device)  # noqa: E731
-    else:
-        loss_fn = FocalInfoNCELoss(temperature=TEMPERATURE, gamma=0.5, num_synthetic=args.synthetic, backend=backend)
-        step = lambda: run_step(model, optimizer, loss_fn, texts, chunk, device)  # noqa: E731
+    step = make_step(model, optimizer, backend, texts, chunk, device, st, args.synthetic)
     step()  # warm-up: compiles, autotunes, creates the optimizer states
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -149,19 +163,23 @@ def main(argv=None) -> int:
                         help=f"focal-InfoNCE loss backends of kalm_fast's step, and {ST_BASELINE} "
                              "(sentence-transformers' CachedMultipleNegativesRankingLoss step)")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--max-batch", action="store_true", help="double B until out of memory, per backend")
-    parser.add_argument("--max-batch-cap", type=int, default=65536)
+    parser.add_argument("--max-batch", action="store_true",
+                        help="add each backend's largest B that fits in --max-batch-gib (see the module docstring)")
+    parser.add_argument("--max-batch-gib", type=float, default=1.0,
+                        help="memory for the step above the weights and optimizer states (GiB)")
+    parser.add_argument("--max-batch-start", type=int, default=1024 if gpu else 8)
+    parser.add_argument("--max-batch-cap", type=int, default=16384 if gpu else 16,
+                        help="the largest B tried (the loss costs B^2 (1 + M) D multiply-adds per step)")
+    parser.add_argument("--max-batch-len", type=int, default=16, help="tokens per text in the --max-batch probe")
+    parser.add_argument("--max-batch-chunk", type=int, default=128, help="GradCache mini-batch in the probe")
     parser.add_argument("--profile", action="store_true", help="print each step's top ops (torch.profiler)")
     parser.add_argument("--report", default="train_step", help="results name: benchmarks/results/<report>-<device>.*")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if gpu else "cpu")
-    model = build_model(QWEN2_05B if gpu else TOY, device)
-    st = None
     with tempfile.TemporaryDirectory() as workdir:
-        if ST_BASELINE in args.backends:  # a copy of the same initial weights, before any kalm_fast step
-            st_model, st_loss = st_baseline(model, args.chunk, device, workdir)
-            st = (torch.optim.AdamW(st_model.parameters(), lr=1e-5), st_loss)
-        rows = run_all(model, st, args, device)
+        rows = run_all(build_model(QWEN2_05B if gpu else TOY, device), args, device, workdir)
+        if args.max_batch:
+            rows += largest_batches(build_model(MAX_BATCH_PROBE if gpu else TOY, device), args, device, workdir)
     columns = ["backend", "batch", "negatives", "chunk", "step_ms", "samples_per_s"] + (["peak_gib"] if gpu else []) + [
         "note"]
     write_report(args.report, rows, columns=columns, meta=dict(model="qwen2-0.5b-shaped" if gpu else "toy-qwen2",
@@ -171,33 +189,89 @@ def main(argv=None) -> int:
     return 0
 
 
-def run_all(model, st, args, device) -> list:
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+def optimizers(model, backends, device, workdir) -> tuple:
+    """``(AdamW of the model, (SentenceTransformer copy of its weights, its AdamW) or None)``: the copy is made before
+    any kalm_fast step, so both start from the same weights."""
+    st = None
+    if ST_BASELINE in backends:
+        st_model = st_baseline(model, device, workdir)
+        st = (st_model, torch.optim.AdamW(st_model.parameters(), lr=1e-5))
+    return torch.optim.AdamW(model.parameters(), lr=1e-5), st
+
+
+def _free_after_oom(optimizer, st):
+    optimizer.zero_grad(set_to_none=True)
+    if st is not None:
+        st[1].zero_grad(set_to_none=True)
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def run_all(model, args, device, workdir) -> list:
+    optimizer, st = optimizers(model, args.backends, device, workdir)
     rows = []
     for backend in args.backends:
         for batch in args.batch:
             try:
                 rows.append(measure(model, optimizer, backend, batch, args, device, args.repeats, st))
             except torch.OutOfMemoryError:
-                optimizer.zero_grad(set_to_none=True)
-                if st is not None:
-                    st[0].zero_grad(set_to_none=True)
+                _free_after_oom(optimizer, st)
                 rows.append(progress(dict(backend=backend, batch=batch, note="out of memory")))
-    if args.max_batch:
-        for backend in args.backends:
-            batch, fits = max(args.batch), None
-            while batch <= args.max_batch_cap:
-                try:
-                    row = measure(model, optimizer, backend, batch, args, device, 1, st)
-                except torch.OutOfMemoryError:
-                    optimizer.zero_grad(set_to_none=True)
-                    if st is not None:
-                        st[0].zero_grad(set_to_none=True)
-                    break
-                fits = row
-                batch *= 2
-            if fits is not None:
-                rows.append(dict(fits, backend=f"{backend} (largest fitting B, cap {args.max_batch_cap})"))
+    return rows
+
+
+@contextlib.contextmanager
+def memory_limit(device, gib: float):
+    """At most ``gib`` GiB more than what is allocated now, on a GPU (the caching allocator's limit); no limit on
+    the CPU."""
+    if device.type != "cuda":
+        yield
+        return
+    gc.collect()
+    torch.cuda.empty_cache()
+    total = torch.cuda.get_device_properties(device).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, (torch.cuda.memory_allocated(device) + gib * 2**30) / total),
+                                               device)
+    try:
+        yield
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0, device)
+
+
+def largest_batches(model, args, device, workdir) -> list:
+    """``--max-batch``: per backend, the largest B from ``--max-batch-start`` doubling to ``--max-batch-cap`` whose
+    step fits in ``--max-batch-gib`` GiB above the weights and optimizer states (see the module docstring)."""
+    optimizer, st = optimizers(model, args.backends, device, workdir)
+    vocab, length = model.config.vocab_size, args.max_batch_len
+    rows = []
+    for backend in args.backends:
+        make_step(model, optimizer, backend, make_texts(4, args.negatives, length, length, vocab), 4, device, st,
+                  args.synthetic)()  # creates the optimizer states, which the limit leaves out
+        fits, batch = None, args.max_batch_start
+        while batch <= args.max_batch_cap:
+            chunk, texts = min(args.max_batch_chunk, batch), make_texts(batch, args.negatives, length, length, vocab)
+            try:
+                with memory_limit(device, args.max_batch_gib):
+                    base = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+                    if device.type == "cuda":
+                        torch.cuda.reset_peak_memory_stats(device)
+                    started = time.perf_counter()
+                    make_step(model, optimizer, backend, texts, chunk, device, st, args.synthetic)()
+                    if device.type == "cuda":
+                        torch.cuda.synchronize(device)
+                    fits = dict(batch=batch, chunk=chunk, step_ms=(time.perf_counter() - started) * 1e3)
+                    if device.type == "cuda":
+                        fits["peak_gib"] = (torch.cuda.max_memory_allocated(device) - base) / 2**30
+            except torch.OutOfMemoryError:
+                _free_after_oom(optimizer, st)
+                break
+            batch *= 2
+        last = "the cap" if batch > args.max_batch_cap else f"B = {batch} ran out of memory"
+        limit = f"{args.max_batch_gib:g} GiB above the weights" if device.type == "cuda" else "no limit on the CPU"
+        note = (f"largest B ({limit}; {last}): {model.config.num_hidden_layers} layers of width "
+                f"{model.config.hidden_size}, {length}-token texts")
+        rows.append(progress(dict(fits or {}, backend=f"{backend}: largest B", negatives=args.negatives,
+                                  note=note if fits else f"B = {args.max_batch_start} ran out of memory")))
     return rows
 
 

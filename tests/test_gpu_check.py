@@ -189,3 +189,29 @@ def test_import_results_copies_only_the_gpu_reports(tmp_path):
     assert (results / "attention-nvidia-h200.md").read_text() == "gpu-check/bench/attention-nvidia-h200.md"
     assert module.import_results(tmp_path / "missing", results) == 1
 
+
+
+def test_max_batch_probe_keeps_the_last_batch_that_fit(monkeypatch, tmp_path):
+    """``benchmarks.train_step --max-batch`` doubles B until a step runs out of memory and reports the B before."""
+    import argparse
+
+    import torch
+
+    from benchmarks import train_step
+
+    def fake_step(model, optimizer, backend, texts, chunk, device, st=None, synthetic=0):
+        def step():
+            if len(texts[0]) > limits[backend]:
+                raise torch.OutOfMemoryError("fake")
+        return step
+
+    limits = {"auto": 40, "reference": 5}  # the warm-up step (B = 4) fits in both
+    monkeypatch.setattr(train_step, "make_step", fake_step)
+    monkeypatch.setattr(train_step.torch.cuda, "empty_cache", lambda: None)
+    args = argparse.Namespace(backends=list(limits), negatives=1, synthetic=0, max_batch_gib=1.0, max_batch_start=8,
+                              max_batch_cap=64, max_batch_len=4, max_batch_chunk=8)
+    model = train_step.build_model(dict(train_step.TOY, num_hidden_layers=1), torch.device("cpu"))
+    rows = train_step.largest_batches(model, args, torch.device("cpu"), tmp_path)
+    assert [(r["backend"], r.get("batch"), r["chunk"] if "chunk" in r else None) for r in rows] == [
+        ("auto: largest B", 32, 8), ("reference: largest B", None, None)]
+    assert "B = 64 ran out of memory" in rows[0]["note"] and "B = 8 ran out of memory" in rows[1]["note"]
