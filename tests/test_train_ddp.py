@@ -82,8 +82,17 @@ def test_two_processes_keep_the_best_model_and_resume_uneven_shards(tmp_path, pa
     assert proc.returncode == 0, proc.stderr[-8000:]
     records = [json.loads(line) for line in (tmp_path / "two/metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "eval" in r] == [1, 2, 3, None]  # each step, then the final model
-    assert "ft" in json.loads((tmp_path / "two/scores.json").read_text())
-    shutil.rmtree(tmp_path / "two/ft/final")  # a crash after the checkpoint of step 2
+    scores = json.loads((tmp_path / "two/scores.json").read_text())
+    best = load_file(str(tmp_path / "two/ft/final/model.safetensors"))
+    # a crash after step 3's evaluation, before best/ became final/ and was scored: --resume (from the checkpoint of
+    # step 2) ends with the same model and score
+    os.replace(tmp_path / "two/ft/final", tmp_path / "two/ft/best")
+    (tmp_path / "two/scores.json").write_text(json.dumps({k: v for k, v in scores.items() if k != "ft"}))
     proc = subprocess.run(cmd + ["--resume"], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-8000:]
-    assert (tmp_path / "two/ft/final/model.safetensors").is_file()
+    resumed = load_file(str(tmp_path / "two/ft/final/model.safetensors"))
+    assert all(torch.equal(best[k], resumed[k]) for k in best)
+    assert json.loads((tmp_path / "two/scores.json").read_text()) == scores
+    records = [json.loads(line) for line in (tmp_path / "two/metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], "eval" in r) for r in records if "loss" not in r] == [
+        (None, False), (1, True), (2, True), (3, True), (None, True)]  # the data record first, step 3 redone once

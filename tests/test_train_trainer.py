@@ -29,12 +29,13 @@ def inputs(tmp_path_factory):
     return dict(root=root, model=make_tiny_model(root / "model", dropout=0.1))
 
 
-def _config(inputs, out, **stage):
+def _config(inputs, out, evaluated=False, **stage):
     s = dict(name="ft", data=[str(inputs["root"] / "train.jsonl")], steps=5, batch_size=4, hard_negatives=2,
              lr=1e-3, warmup_ratio=0.2, temperature=0.05, num_synthetic=2, gradcache_chunk=5, save_every=2)
     s.update(stage)
+    split = dict(queries=str(inputs["root"] / "queries.jsonl"), corpus=str(inputs["root"] / "corpus.jsonl"))
     return config_from_dict(dict(model=str(inputs["model"]), output_dir=str(out), max_length=32, log_every=1,
-                                 stages=[s]))
+                                 stages=[s], **(dict(eval=split) if evaluated else {})))
 
 
 def _weights(path):
@@ -62,8 +63,45 @@ def test_resume_gives_the_weights_of_an_uninterrupted_run(inputs, tmp_path):
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4, 5]  # step 3 redone, logged once
     assert all(datetime.fromisoformat(r["time"]).tzinfo is not None for r in records)
     assert [r["data"]["records"] for r in records if "data" in r] == [24]
+    assert [r["step"] for r in records] == [None, 1, 2, 3, 4, 5]  # the stage's data record first, in order
     # a finished run resumes to a no-op
     assert Trainer(cfg, resume=True, show_progress=False).train() == resumed
+
+
+def test_keep_best_after_a_resume_keeps_the_best_scoring_model(inputs, tmp_path, monkeypatch):
+    """keep_best: the stage's final model is its best-scoring evaluation's, also when that evaluation came before an
+    interruption. The metric here falls as training moves the weights away from the base model: step 1 is best."""
+    from kalm_fast.models import EmbeddingModel
+
+    base = {n: p.detach() for n, p in EmbeddingModel.from_pretrained(str(inputs["model"]), max_length=32)
+            .named_parameters()}
+    evaluated = []  # (score, weights), in the order of the evaluations
+
+    def distance_metric(model, eval_set, batch_size):
+        weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+        evaluated.append((-sum(float((w - base[n]).abs().sum()) for n, w in weights.items()), weights))
+        return {"ndcg@10": evaluated[-1][0]}
+
+    def stop_at_3(stage, step):
+        if step == 3:  # after step 3's evaluation; the checkpoint of step 2 holds best = step 1's score
+            raise Interrupted
+
+    monkeypatch.setattr(trainer_module, "evaluate_model", distance_metric)
+    cfg = _config(inputs, tmp_path / "run", evaluated=True, eval_every=1, keep_best=True)
+    with pytest.raises(Interrupted):
+        Trainer(cfg, on_step=stop_at_3, show_progress=False).train()
+    step_1 = evaluated[0]
+    final = Trainer(cfg, resume=True, show_progress=False).train()
+
+    records = [json.loads(line) for line in open(tmp_path / "run/metrics.jsonl")]
+    steps = [r["step"] for r in records if "eval" in r]
+    scores = [r["eval"]["ndcg@10"] for r in records if "eval" in r]
+    assert steps == [1, 2, 3, 4, 5, None]  # each step once (step 3 redone), then the final model
+    assert scores[0] == step_1[0] and scores[:5] == sorted(scores[:5], reverse=True) and scores[0] > scores[1]
+    assert json.loads((tmp_path / "run/scores.json").read_text())["ft"] == scores[-1] == step_1[0]
+    got = dict(EmbeddingModel.from_pretrained(str(final), max_length=32).named_parameters())
+    assert all(torch.equal(got[n], w) for n, w in step_1[1].items())
+    assert [r["step"] for r in records if "eval" not in r] == [None, 1, 2, 3, 4, 5]  # data record, then the steps
 
 
 def test_stages_soup_and_eval(inputs, tmp_path):
@@ -118,7 +156,8 @@ def test_cli_train_and_eval(inputs, tmp_path):
     config = tmp_path / "c.yaml"
     config.write_text(
         f"model: {inputs['model']}\noutput_dir: {tmp_path / 'out'}\nmax_length: 32\n"
-        f"stages:\n  - {{name: s, data: {inputs['root'] / 'train.jsonl'}, steps: 2, batch_size: 4, hard_negatives: 1}}\n")
+        f"stages:\n  - {{name: s, data: {inputs['root'] / 'train.jsonl'}, steps: 2, batch_size: 4, "
+        "hard_negatives: 1}\n")
     assert main(["train", str(config)]) == 0
     assert (tmp_path / "out/s/final/model.safetensors").is_file()
     assert main(["eval", "--model", str(tmp_path / "out/s/final"), "--queries", str(inputs["root"] / "queries.jsonl"),

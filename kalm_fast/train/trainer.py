@@ -284,7 +284,8 @@ class Trainer:
                 fh.write(json.dumps(record) + "\n")
 
     def _trim_metrics(self, stage: str, step: int):
-        """Drop the records of ``stage`` after ``step`` (work about to be redone), so no step appears twice."""
+        """Drop the records of ``stage`` after ``step`` (work about to be redone), so no step appears twice. A stage
+        resumed from a checkpoint (``step`` > 0) keeps its ``data`` record, which stays before its steps."""
         path = self.out / "metrics.jsonl"
         if not self.info.is_main or not path.is_file():
             return
@@ -296,7 +297,8 @@ class Trainer:
             except ValueError:  # a line cut short by a kill
                 return False
             at = record.get("step")
-            return record.get("stage") != stage or (isinstance(at, int) and 0 < at <= step)
+            return (record.get("stage") != stage or (isinstance(at, int) and 0 < at <= step)
+                    or (step > 0 and "data" in record))
 
         atomic_write_text(path, "".join(line for line in lines if kept(line)))
 
@@ -588,7 +590,7 @@ class Trainer:
             _restore_rng(load_file(str(tdir / f"rng-rank{info.rank}.safetensors")), self.device, generator)
             step, best = state["step"], state["best"]
         self._trim_metrics(stage.name, step)
-        self._report_data(stage, data, sampler)
+        self._report_data(stage, data, sampler, log=step == 0)
         loss_fn = FocalInfoNCELoss(
             temperature=stage.temperature, gamma=stage.gamma, similarity=stage.similarity,
             in_batch_negatives=stage.in_batch_negatives, num_synthetic=stage.num_synthetic,
@@ -658,10 +660,13 @@ class Trainer:
         if self.eval_set is not None:
             self._score_path(stage.name, final, None if stage.keep_best else wrapped)
 
-    def _report_data(self, stage: TrainStage, data: TrainData, sampler: TaskBatchSampler):
-        """Log what batching leaves out (tasks smaller than a batch; each epoch, every task's last records)."""
+    def _report_data(self, stage: TrainStage, data: TrainData, sampler: TaskBatchSampler, *, log: bool):
+        """Log what batching leaves out (tasks smaller than a batch; each epoch, every task's last records) unless
+        ``log`` is False (a resumed stage keeps its record: same config, same data); warn of the small tasks."""
         coverage = sampler.coverage()
-        self._log(dict(stage=stage.name, step=None, data=dict(records=len(data), **coverage, unused_keys=data.unused)))
+        if log:
+            self._log(dict(stage=stage.name, step=None,
+                           data=dict(records=len(data), **coverage, unused_keys=data.unused)))
         if coverage["tasks_smaller_than_a_batch"] and self.info.is_main:
             warnings.warn(f"stage {stage.name!r}: tasks with fewer records than batch_size {stage.batch_size} are "
                           f"never trained on: {coverage['tasks_smaller_than_a_batch']}", stacklevel=2)
