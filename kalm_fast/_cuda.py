@@ -81,3 +81,20 @@ def sms_to_fill(device: torch.device) -> int:
 
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+def free_memory(device) -> "int | None":
+    """Bytes that ``device`` can still allocate: a GPU's free memory plus what torch's caching allocator holds unused;
+    the host's ``MemAvailable`` (Linux) for the CPU; None where that is unknown."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None

@@ -304,3 +304,25 @@ def test_encoder_default_token_budget_for_decoders_on_cpu(model_dirs, monkeypatc
                         lambda lengths, budget, *a: budgets.append(budget) or batches(lengths, budget, *a))
     Encoder(model_dirs["qwen2"], device="cpu").encode(TEXTS)
     assert budgets == [DEFAULT_TOKENS["cpu-decoder"]]
+
+
+def test_no_fast_path_where_its_weight_copy_does_not_fit(model_dirs, monkeypatch):
+    """The fast path copies the linear weights (oneDNN's layout, fused Q/K/V): with too little memory free the model
+    runs transformers' modules instead, says so once, and gives the same embeddings."""
+    from kalm_fast.models import embedding
+
+    model = EmbeddingModel.from_pretrained(model_dirs["qwen2"], device="cpu")
+    want = model.embed(TEXTS)
+    def fast_path(self, batch):
+        raise AssertionError("the fast path ran")
+
+    monkeypatch.setattr(decoder_packed.PackedDecoder, "__call__", fast_path)
+    monkeypatch.setattr(embedding, "free_memory", lambda device: 1024)
+    small = EmbeddingModel.from_pretrained(model_dirs["qwen2"], device="cpu")
+    with pytest.warns(RuntimeWarning, match="running transformers' modules instead"):
+        got = small.embed(TEXTS)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+    monkeypatch.setattr(embedding, "free_memory", lambda device: 2**40)
+    big = EmbeddingModel.from_pretrained(model_dirs["qwen2"], device="cpu")
+    with pytest.raises(AssertionError, match="the fast path ran"):  # taken where the copy fits
+        big.embed(TEXTS)

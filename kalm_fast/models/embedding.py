@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .._cuda import free_memory
 from ..ops import Varlen, mean_pool
 from . import bert_packed, decoder_packed
 from .bidirectional import make_bidirectional
@@ -101,6 +102,7 @@ class EmbeddingModel(nn.Module):
         make_bidirectional(model, attn_backend, self.max_length)
         self._packed_bert = bert_packed.PackedBert(model) if bert_packed.supports(model) else None
         self._packed_decoder = decoder_packed.PackedDecoder(model) if decoder_packed.supports(model) else None
+        self._copy_fits = {}  # device -> whether the packed paths' copy of the linear weights fits there
 
     @classmethod
     def from_pretrained(cls, path=None, *, device=None, dtype=None, attn_backend: str = "auto",
@@ -171,13 +173,31 @@ class EmbeddingModel(nn.Module):
         # modules' own forward gathers)
         inference = not self.training and not torch.is_grad_enabled() and not any(
             hasattr(p, "device_mesh") for p in self.model.parameters())
-        if self._packed_bert is not None and inference:
+        device = batch.input_ids.device
+        if self._packed_bert is not None and inference and self._weight_copy_fits(device):
             return self._packed_bert(batch)
-        if self._packed_decoder is not None and inference and decoder_packed.runs_on(batch.input_ids.device):
+        if (self._packed_decoder is not None and inference and decoder_packed.runs_on(device)
+                and self._weight_copy_fits(device)):
             return self._packed_decoder(batch)
         out = self.model(input_ids=batch.input_ids[None], position_ids=batch.position_ids[None],
                          kalm_varlen=batch.varlen, use_cache=False)
         return out.last_hidden_state[0]
+
+    def _weight_copy_fits(self, device) -> bool:
+        """Whether the packed inference paths may build their copy of the linear weights (oneDNN's layout on CPU,
+        fused Q/K/V): only when it takes at most half of what ``device`` has free, decided once per device (a 7B
+        model on a small machine runs transformers' modules instead, with a warning, rather than run out of
+        memory)."""
+        if device not in self._copy_fits:
+            need = sum(m.weight.numel() * m.weight.element_size() for m in self.model.modules()
+                       if isinstance(m, nn.Linear))
+            free = free_memory(device)
+            self._copy_fits[device] = free is None or need <= free / 2
+            if not self._copy_fits[device]:
+                warnings.warn(f"the fast inference path would copy the linear weights ({need / 2**30:.1f} GiB) "
+                              f"with {free / 2**30:.1f} GiB free on {device}: running transformers' modules "
+                              "instead (slower, no second copy)", RuntimeWarning, stacklevel=3)
+        return self._copy_fits[device]
 
     def forward(self, batch, *, dim: Optional[int] = None, normalize: bool = False,
                 prompt_length: int = 0) -> torch.Tensor:
