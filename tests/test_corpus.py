@@ -10,6 +10,7 @@ from kalm_fast import shards
 from kalm_fast.cli import encode as corpus
 from kalm_fast.cli import main
 
+_REAL_LOAD_ENCODER = corpus._load_encoder  # before the autouse fixture swaps it
 N_TEXTS = 53
 SHARD = 8
 
@@ -276,3 +277,39 @@ def test_load_embeddings_reads_the_rows_in_order_and_checks_them(tmp_path, small
 
 def kalm_fast_load(directory):
     return shards.load_embeddings(directory)
+
+
+@pytest.mark.parametrize("extra, key", [
+    (["--no-normalize", "--truncate-dim", "64"], "normalize"),
+    (["--task", "Find the document"], "prompt"),
+    (["--prompt", "passage: "], "prompt"),
+    (["--max-length", "16"], "max_length"),
+])
+def test_a_rerun_with_other_settings_refuses_the_shards(tmp_path, small, capsys, monkeypatch, extra, key):
+    """Every setting that changes the rows is part of what a shard must agree on: reusing shards encoded with other
+    settings would silently mix two encodes in one output."""
+    monkeypatch.setattr(corpus, "_load_encoder", _REAL_LOAD_ENCODER)  # --max-length must reach the model
+    base = ["--truncate-dim", "64"] if "--truncate-dim" in extra else []
+    out = tmp_path / "out"
+    assert main(_small_args(small, out, *base)) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    capsys.readouterr()
+    assert main(_small_args(small, out, *extra)) == 2
+    assert key in _one_error(capsys)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    (out / "manifest.json").unlink()  # as after an interruption: each shard's own header decides
+    assert main(_small_args(small, out, *extra)) == 2
+    assert key in _one_error(capsys)
+
+
+def test_a_truncated_shard_is_encoded_again_not_trusted(tmp_path, small, capsys):
+    """A shard cut short (a disk that lost its tail, a copy that stopped) is not a finished shard."""
+    out = tmp_path / "out"
+    assert main(_small_args(small, out)) == 0
+    good = kalm_fast_load(out)
+    (out / "manifest.json").unlink()
+    shard = out / "shard-00001.safetensors"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    assert main(_small_args(small, out)) == 0
+    assert "shard-00001.safetensors is not a readable shard" in capsys.readouterr().err
+    np.testing.assert_array_equal(kalm_fast_load(out), good)

@@ -131,3 +131,65 @@ def test_bf16_close_to_fp32(encoder):
     got = bf16.encode(texts)
     want = encoder.encode(texts)
     assert (got * want).sum(1).min() >= 0.999
+
+
+def test_token_embeddings_come_back_in_input_order(encoder):
+    """Batched longest first, each text's token embeddings still land at its own index (as encoded alone)."""
+    texts = ["short", "a considerably longer text with quite a few more tokens in it", "", "mid length text here"]
+    got = encoder.encode(texts, output_value="token_embeddings", max_tokens_per_batch=16)
+    assert len(got) == len(texts)
+    for text, tokens in zip(texts, got):
+        want = encoder.encode(text, output_value="token_embeddings")
+        assert tokens.shape == want.shape
+        torch.testing.assert_close(tokens, want, atol=1e-5, rtol=1e-5)
+
+
+def test_truncate_dim_without_a_normalize_module(tmp_path):
+    """A model without a Normalize module: truncation first, then normalization only if asked (as the fused pass)."""
+    from train_utils import make_tiny_model
+
+    enc = Encoder(make_tiny_model(tmp_path / "tiny"), device="cpu")
+    assert not enc.model.normalize
+    texts = ["matryoshka dolls nest inside each other", "a second sentence", "third"]
+    with torch.no_grad():
+        full = torch.stack([enc.model(enc.model.tokenize([t]))[0] for t in texts]).numpy()  # one text at a time
+    np.testing.assert_allclose(enc.encode(texts, truncate_dim=8), full[:, :8], atol=1e-5)
+    want = full[:, :8] / np.linalg.norm(full[:, :8], axis=1, keepdims=True)
+    np.testing.assert_allclose(enc.encode(texts, truncate_dim=8, normalize_embeddings=True), want, atol=1e-5)
+
+
+def test_query_prompt_reaches_the_model_verbatim(encoder, monkeypatch):
+    """The exact KaLM query string (its spaces and newline: MiniLM's tokenizer would not tell them apart, a Qwen
+    tokenizer does) is what the model embeds; documents get no instruction."""
+    task, q = "Given a question, retrieve passages that answer it", "what is the tallest mountain"
+    seen = []
+    real = encoder.model.embed
+    monkeypatch.setattr(encoder.model, "embed", lambda texts, **kw: seen.append(list(texts)) or real(texts, **kw))
+    encoder.encode_queries([q], task=task)
+    encoder.encode_corpus([{"title": "Everest", "text": "The highest mountain."}])
+    assert seen == [["Instruct: " + task + " \n Query: " + q], ["Everest The highest mountain."]]
+
+
+def test_encode_corpus_uses_the_document_prompt_not_the_query_prompt(encoder):
+    prompted = Encoder(device="cpu", prompts={"query": "query: ", "document": "doc: "})
+    docs = [{"title": "Everest", "text": "The highest mountain."}, "plain text doc"]
+    want = encoder.encode(["doc: Everest The highest mountain.", "doc: plain text doc"])
+    np.testing.assert_allclose(prompted.encode_corpus(docs), want, atol=1e-6)
+    np.testing.assert_allclose(prompted.encode_queries(["tallest?"]), encoder.encode(["query: tallest?"]), atol=1e-6)
+
+
+def test_include_prompt_false_leaves_exactly_the_prompt_out(st_model):
+    """Pooling without the prompt's tokens (BERT: the prompt alone is [CLS] ... [SEP]; the [SEP] is not the
+    prompt's), as sentence-transformers pools them."""
+    from sentence_transformers import SentenceTransformer
+
+    from kalm_fast.models.loading import default_model_dir
+
+    st = SentenceTransformer(str(default_model_dir()), device="cpu")
+    st[1].include_prompt = False
+    enc = Encoder(device="cpu")
+    enc.model.include_prompt = False
+    texts = ["what is the tallest mountain", "a", "rivers of the world and where they flow"]
+    want = st.encode(texts, prompt="query: ")
+    np.testing.assert_allclose(enc.encode(texts, prompt="query: "), want, atol=2e-5)
+    assert not np.allclose(want, st_model.encode(texts, prompt="query: "), atol=1e-3)  # the prompt's tokens matter

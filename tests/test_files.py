@@ -117,3 +117,18 @@ def test_atomic_writes_get_a_new_files_usual_permissions(tmp_path):
         assert target.stat().st_mode & 0o777 == 0o600  # a stricter umask is honoured
     finally:
         os.umask(old)
+
+
+def test_load_embeddings_refuses_a_shard_that_holds_other_rows(tmp_path):
+    """A manifest written over a shard copied to another index (so its size and sha256 match) must still not put
+    rows 0-3 where rows 4-7 belong: each shard's row ids are checked too."""
+    header = dict(shard_size=4, count=10, dim=3)
+    rows = np.random.default_rng(0).standard_normal((10, 3)).astype(np.float32)
+    for index in range(3):
+        shards.write_shard(shards.shard_path(tmp_path, index), rows[4 * index:4 * index + 4], 4 * index, header)
+    shards.write_manifest(tmp_path, header, 10, {})
+    np.testing.assert_array_equal(shards.load_embeddings(tmp_path), rows)
+    shards.shard_path(tmp_path, 1).write_bytes(shards.shard_path(tmp_path, 0).read_bytes())
+    shards.write_manifest(tmp_path, header, 10, {})
+    with pytest.raises(ValueError, match="shard-00001.safetensors does not hold rows 4-7"):
+        shards.load_embeddings(tmp_path)

@@ -218,3 +218,37 @@ def test_a_killed_soups_temp_files_are_removed_by_the_next(tmp_path):
     dirs = [_model_dir(tmp_path / f"m{i}", i, 1) for i in range(2)]
     model_soup(dirs, output=tmp_path / "soup")
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_tensors_are_averaged_in_fp32(tmp_path, dtype):
+    """Rounded once, to the nearest value of the tensor's dtype: the sum is accumulated in fp32, not in the tensor's
+    own precision (which drifts by many ulps over a few checkpoints)."""
+    g = torch.Generator().manual_seed(0)
+    ts = [torch.randn(2000, generator=g).to(dtype) for _ in range(5)]
+    weights = torch.rand(5, generator=g).tolist()
+    paths = []
+    for i, t in enumerate(ts):
+        paths.append(tmp_path / f"h{i}.safetensors")
+        save_file({"w": t}, str(paths[-1]))
+    got = load_file(str(model_soup(paths, weights=weights, output=tmp_path / "soup.safetensors")))["w"]
+    assert got.dtype == dtype
+    want = sum(w / sum(weights) * t.double() for w, t in zip(weights, ts))  # exact, in float64
+    torch.testing.assert_close(got.double(), want, rtol=torch.finfo(dtype).eps, atol=1e-6)
+
+
+def test_integer_and_bool_buffers_of_any_width_are_kept_not_averaged(tmp_path):
+    """int32 / int16 / uint8 / bool buffers must agree across checkpoints and come out unchanged, exactly."""
+    buffers = {"i32": torch.arange(7, dtype=torch.int32) * 3 + 1, "i16": torch.arange(5, dtype=torch.int16),
+               "u8": torch.arange(4, dtype=torch.uint8) + 250, "mask": torch.tensor([True, False, True])}
+    paths = []
+    for i in range(3):
+        paths.append(tmp_path / f"b{i}.safetensors")
+        save_file({"w": torch.full((2,), float(i)), **buffers}, str(paths[-1]))
+    got = load_file(str(model_soup(paths, output=tmp_path / "soup.safetensors")))
+    for name, t in buffers.items():
+        assert got[name].dtype == t.dtype and torch.equal(got[name], t), name
+    torch.testing.assert_close(got["w"], torch.full((2,), 1.0))
+    save_file({"w": torch.zeros(2), **dict(buffers, i32=buffers["i32"] + 1)}, str(paths[2]))
+    with pytest.raises(ValueError, match="tensor 'i32' is an integer tensor that differs"):
+        model_soup(paths, output=tmp_path / "soup2.safetensors")

@@ -1,6 +1,7 @@
 """The trainer: exact resume after an interruption, stages, soups, evaluation-driven choices, the CLI."""
 import json
 from datetime import datetime
+from pathlib import Path
 
 import pytest
 import torch
@@ -234,3 +235,45 @@ def test_the_stage_settings_reach_the_loss_the_optimizer_the_clipping_and_the_sc
     # the lr logged after each step (the next step's): warmup 1/3, 2/3, 1 over 3 steps, then linear decay to 0
     records = [json.loads(line) for line in open(tmp_path / "run/metrics.jsonl")]
     assert [r["lr"] for r in records if "lr" in r] == pytest.approx([2e-3 * f for f in (2 / 3, 1, 1, 0)])
+
+
+def test_greedy_soup_keeps_a_candidate_only_if_the_soup_does_not_score_lower(inputs, tmp_path, monkeypatch):
+    """Greedy soup (Wortsman et al., 2022) on made-up scores: candidates best first; each joins iff the soup with it
+    scores at least as well as the soup so far (a tie joins). The choice is checked against a replay of that rule, on
+    scores where a candidate that makes the soup worse than before (but not worse than itself alone) stays out."""
+    names = ["a", "b", "c", "d", "e"]
+    for name in names:
+        (tmp_path / name).mkdir()
+    alone = {"a": 0.5, "b": 0.7, "c": 0.6, "d": 0.4, "e": 0.3}
+    soups = {frozenset("bc"): 0.65, frozenset("ba"): 0.7, frozenset("bad"): 0.72, frozenset("bade"): 0.71}
+
+    def score(members):
+        return alone[next(iter(members))] if len(members) == 1 else soups.get(members, 0.0)
+
+    order = sorted(names, key=lambda n: -alone[n])  # the rule, replayed
+    chosen, best = [order[0]], alone[order[0]]
+    for name in order[1:]:
+        if score(frozenset(chosen + [name])) >= best:
+            chosen, best = chosen + [name], score(frozenset(chosen + [name]))
+    assert sorted(chosen) == ["a", "b", "d"]  # c lowers the soup, a ties, e lowers it after d raised it
+
+    raw = dict(model=str(inputs["model"]), output_dir=str(tmp_path / "run"), max_length=32,
+               eval=dict(queries=str(inputs["root"] / "queries.jsonl"), corpus=str(inputs["root"] / "corpus.jsonl")),
+               stages=[dict(name="greedy", type="soup", greedy=True, **{"from": [str(tmp_path / n) for n in names]})])
+    trainer = Trainer(config_from_dict(raw), show_progress=False)
+    trainer.out.mkdir(parents=True)  # as train() does
+    made = {}  # output path -> the members of the soup written there
+    soups_written = []
+
+    def fake_soup(paths, weights=None, output=None):
+        made[str(output)] = frozenset(Path(p).name for p in paths)
+        soups_written.append((sorted(made[str(output)]), Path(output)))
+        return Path(output)
+
+    monkeypatch.setattr(trainer_module, "model_soup", fake_soup)
+    monkeypatch.setattr(trainer, "load_model",
+                        lambda path, device=None: made.get(str(path), frozenset([Path(path).name])))
+    monkeypatch.setattr(trainer, "evaluate", lambda model, sync=True: {trainer.config.eval.metric: score(model)})
+    trainer._run_soup(trainer.config.stages[0])
+    assert soups_written[-1] == (sorted(chosen), tmp_path / "run" / "greedy" / "final")
+    assert json.loads((tmp_path / "run" / "scores.json").read_text())["greedy"] == best
