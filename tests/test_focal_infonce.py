@@ -10,7 +10,7 @@ from conftest import DEVICE, backend_params, tolerance
 
 from kalm_fast import _registry
 from kalm_fast.ops import focal_infonce
-from kalm_fast.ops.focal_infonce import focal_weighted, logp
+from kalm_fast.ops.focal_infonce import focal_infonce_with_stats, focal_weighted, logp
 from kalm_fast.ops.focal_infonce import reference as ref
 from kalm_fast.ops.focal_infonce._torch import TorchEngine
 from kalm_fast.ops.focal_infonce.mixing import synthetic_negatives
@@ -255,6 +255,28 @@ def test_backend_contract_with_more_docs_than_queries(backend, in_batch, margin)
     assert in_batch or not ddocs[5:].any()
 
 
+# every candidate of some Triton column splits is dropped: their log-sum-exp is log2(0) = -inf, as it should be
+@pytest.mark.filterwarnings("ignore:divide by zero encountered in log2:RuntimeWarning")
+@pytest.mark.parametrize("backend", ["reference"] + BACKENDS)
+@pytest.mark.parametrize("in_batch", [True, False])
+def test_negative_margin_never_drops_the_positive(backend, in_batch):
+    """A margin below zero keeps only the negatives at least |m| under the positive; the positive itself always stays
+    (reference.py, step 4), however its score rounds: at m = -3 every negative goes (cosine scores differ by at most
+    2), log p = 0 and no negative is left; at m = -0.02 some stay, and loss and gradients match the reference."""
+    q, docs = _inputs(9, 3, 24)
+    kw = dict(temperature=0.05, in_batch_negatives=in_batch, num_synthetic=2)
+    out = focal_infonce_with_stats(q, docs, false_negative_margin=-3.0, backend=backend,
+                                   generator=torch.Generator().manual_seed(7), **kw)
+    torch.testing.assert_close(out.log_p, torch.zeros_like(out.log_p), atol=1e-5, rtol=0)
+    assert (out.hardest_neg_sim == float("-inf")).all() and abs(out.loss.item()) < 1e-6
+    options = dict(kw, false_negative_margin=-0.02)
+    assert _margin_drops(q, docs, options, seed=7) > 0
+    want = _loss_and_grads(ref.focal_infonce, q, docs, generator=torch.Generator().manual_seed(7), **options)
+    got = _loss_and_grads(focal_infonce, q, docs, generator=torch.Generator().manual_seed(7), backend=backend,
+                          **options)
+    _assert_close(got, want, tolerance(OP, backend, torch.float32))
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_non_contiguous_inputs(backend):
     q, docs = _inputs(5, 3, 48)
@@ -396,6 +418,39 @@ def test_cuda_engine_backward_arguments_keep_half_tiles_in_range(monkeypatch, dt
         dq, dd = torch.zeros(q.shape), torch.zeros(flat.shape)
         engine.backward(q, flat, rq, rd, s_pos, lse, gc, 20.0, margin, 3, dq, dd)
         out.append((dq, dd))
+    tol = 2e-3 if dtype == torch.float16 else 2e-2
+    for got, want in zip(*out):
+        torch.testing.assert_close(got / want.abs().max(), want / want.abs().max(), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("margin", [None, 0.05])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_engine_backward_chunks_offset_the_documents(monkeypatch, dtype, margin):
+    """LogP's backward hands the engine chunks of candidates ``c0 .. c0 + len(dd)`` (16 here): CudaEngine's launch
+    arguments, run through the kernel's emulation, must index the chunk's documents (their inverse norms, which one
+    is a positive) from c0, not from 0; the whole in-batch backward matches the float32 torch engine's."""
+    pytest.importorskip("kalm_fast._C")
+    from kalm_fast.ops.focal_infonce import _cuda
+
+    monkeypatch.setattr(_cuda._native, "cuda_lib", lambda: _EmulatedInfoNCEKernels)
+    monkeypatch.setattr(_cuda, "sm_count", lambda index: 2)
+    monkeypatch.setattr(_cuda, "stream_of", lambda device: 0)
+    q, docs = _inputs(17, 2, 40, dtype, norm=6.0)
+    gen = torch.Generator().manual_seed(0)
+    # candidates of unequal norms (inverse norms 0.004 to 0.04): a chunk scaled by another chunk's norms is wrong
+    flat = (docs.cpu().float().reshape(-1, 40) * (3 + 27 * torch.rand(51, 1, generator=gen))).to(dtype)
+    q = q.cpu()
+    rq, _ = logp.inverse_norms(q, True)
+    rd, pd = logp.inverse_norms(flat, True)
+    s_pos = logp._positive_scores(q, flat, rq, rd, 3)
+    lse, _ = TorchEngine.forward(q, flat, rq, rd, s_pos, 20.0, margin, 3)
+    gc = torch.randn(17, generator=gen)
+    assert logp.candidate_chunk(51, 40) == 16  # chunks start at c0 = 0, 16, 32, 48
+    out = []
+    for engine in (TorchEngine, _cuda.CudaEngine):
+        dq = torch.zeros(q.shape)
+        dd = logp._in_batch_backward(engine, q, flat, rq, rd, pd, s_pos, lse, gc, 20.0, margin, 3, dq)
+        out.append((dq, dd.float()))
     tol = 2e-3 if dtype == torch.float16 else 2e-2
     for got, want in zip(*out):
         torch.testing.assert_close(got / want.abs().max(), want / want.abs().max(), atol=tol, rtol=tol)
@@ -671,6 +726,7 @@ def test_same_generator_same_loss_on_every_backend(backend):
 @pytest.mark.parametrize("kwargs, error, match", [
     (dict(docs=torch.randn(3, 2, 8)), ValueError, r"docs must be \[B, 1\+M, D\]"),
     (dict(docs=torch.randn(4, 2, 7)), ValueError, r"docs must be \[B, 1\+M, D\]"),
+    (dict(docs=torch.randn(4, 0, 8)), ValueError, r"docs must be \[B, 1\+M, D\]"),  # no positive
     (dict(docs=torch.randn(4, 8)), ValueError, "docs must have 3 dimensions"),
     (dict(q=torch.randn(8)), ValueError, "q must have 2 dimensions"),
     (dict(q=torch.randn(4, 8).double()), TypeError, "q must have dtype"),
@@ -684,6 +740,7 @@ def test_same_generator_same_loss_on_every_backend(backend):
     (dict(num_synthetic=-1), ValueError, "num_synthetic must be >= 0"),
     (dict(num_synthetic=1.5), TypeError, "num_synthetic must be a finite int"),
     (dict(mix_top_k=0), ValueError, "mix_top_k must be >= 1"),
+    (dict(mix_top_k=2.5), TypeError, "mix_top_k must be a finite int"),
     (dict(mix_alpha=0.0), ValueError, "mix_alpha must be > 0"),
     (dict(generator=0), TypeError, "generator must be a torch.Generator"),
     (dict(false_negative_margin=float("nan")), TypeError, "false_negative_margin must be a finite number"),

@@ -39,6 +39,21 @@ def test_matryoshka_weighted_sum_of_renormalized_truncations(backend):
     torch.testing.assert_close(got_grad, want_grad, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_matryoshka_weights_apply_to_the_first_dim_too(backend):
+    """Every dimension's loss is scaled by its weight, the first one's included (the test above weights it 1)."""
+    q, docs = _inputs()
+    module = FocalInfoNCELoss(temperature=0.05, matryoshka_dims=[8, 16], matryoshka_weights=[0.25, 2.0],
+                              backend=backend)
+    loss, _ = module(q, docs)
+    want = sum(w * ref.focal_infonce(q[:, :d], docs[..., :d], temperature=0.05) for d, w in ((8, 0.25), (16, 2.0)))
+    torch.testing.assert_close(loss, want, atol=1e-5, rtol=1e-5)
+    only_first, _ = FocalInfoNCELoss(temperature=0.05, matryoshka_dims=[8], matryoshka_weights=[0.25],
+                                     backend=backend)(q, docs)
+    torch.testing.assert_close(only_first, 0.25 * ref.focal_infonce(q[:, :8], docs[..., :8], temperature=0.05),
+                               atol=1e-6, rtol=1e-5)
+
+
 def test_stats_match_hand_computed_values():
     q, docs = _inputs(b=5, m=2, d=8)
     loss, stats = FocalInfoNCELoss(temperature=0.1, gamma=0.5)(q, docs)
@@ -63,6 +78,17 @@ def test_stats_without_negatives():
     assert stats["hardest_neg_sim"] != stats["hardest_neg_sim"]  # NaN: no query has a negative
 
 
+def test_stats_come_from_the_first_matryoshka_dim():
+    """The statistics are those of the first Matryoshka dimension (4 of 16 features here), from the oracle's rows."""
+    q, docs = _inputs(b=5, m=2, d=16)
+    _, stats = FocalInfoNCELoss(temperature=0.1, matryoshka_dims=[4, 16])(q, docs)
+    log_p, pos_sim, neg_sim = ref.log_p_rows(q.detach()[:, :4], docs.detach()[..., :4], None, 0.1, "cos", True, None)
+    assert stats["mean_p"] == pytest.approx(log_p.exp().mean().item(), rel=1e-5)
+    assert stats["mean_weight"] == pytest.approx(((1 - log_p.exp()) ** 0.5).mean().item(), rel=1e-5)
+    assert stats["pos_sim"] == pytest.approx(pos_sim.mean().item(), rel=1e-5)
+    assert stats["hardest_neg_sim"] == pytest.approx(neg_sim.mean().item(), rel=1e-5)
+
+
 def test_generator_makes_mixing_reproducible():
     q, docs = _inputs()
     module = FocalInfoNCELoss(num_synthetic=3)
@@ -79,6 +105,8 @@ def test_generator_makes_mixing_reproducible():
     (dict(matryoshka_weights=[1.0]), "one weight per matryoshka_dims"),
     (dict(matryoshka_dims=[8, 4], matryoshka_weights=[1.0]), "one weight per matryoshka_dims"),
     (dict(matryoshka_dims=[8, 4], matryoshka_weights=[1.0, -0.1]), "finite and >= 0"),
+    (dict(matryoshka_dims=[8, 4], matryoshka_weights=[1.0, float("nan")]), "finite and >= 0"),
+    (dict(matryoshka_dims=[8, 4], matryoshka_weights=[float("inf"), 1.0]), "finite and >= 0"),
 ])
 def test_bad_options(kwargs, match):
     with pytest.raises(ValueError, match=match):
