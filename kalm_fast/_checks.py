@@ -1,6 +1,7 @@
 """Argument checks shared by the ops. Every message names the argument and what was expected."""
 from __future__ import annotations
 
+import numbers
 from typing import Optional
 
 import torch
@@ -15,7 +16,8 @@ def check_tensor(name: str, x, *, ndim=None, dtypes=None) -> torch.Tensor:
     if ndim is not None:
         allowed = (ndim,) if isinstance(ndim, int) else tuple(ndim)
         if x.dim() not in allowed:
-            raise ValueError(f"{name} must have {' or '.join(map(str, allowed))} dimensions, got shape {tuple(x.shape)}")
+            raise ValueError(f"{name} must have {' or '.join(map(str, allowed))} dimensions, "
+                             f"got shape {tuple(x.shape)}")
     if dtypes is not None and x.dtype not in dtypes:
         raise TypeError(f"{name} must have dtype in {[str(d) for d in dtypes]}, got {x.dtype}")
     return x
@@ -39,3 +41,13 @@ def check_mask(name: str, mask, shape: tuple) -> torch.Tensor:
     if mask.dtype.is_complex:
         raise TypeError(f"{name} must be bool or 0/1 numbers, got {mask.dtype}")
     return mask
+
+
+def check_int(name: str, value, *, low: int = 1, allow_none: bool = True) -> Optional[int]:
+    """``value`` as an int >= ``low`` (numpy ints pass, bools and floats do not), or None when ``allow_none``."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+        what = "a positive int" if low == 1 else f"an int >= {low}"
+        raise ValueError(f"{name} must be {what}{' or None' if allow_none else ''}, got {value!r}")
+    return int(value)

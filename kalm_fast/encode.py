@@ -1,12 +1,16 @@
 """``Encoder``: ``SentenceTransformer``'s API and results on kalm_fast's packed, bidirectional execution."""
 from __future__ import annotations
 
+import warnings
+from collections.abc import Iterable
 from typing import Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ._checks import check_int
+from .distributed import check_device
 from .models import EmbeddingModel
 from .models.embedding import resolve_device
 from .models.loading import SIMILARITY_FN_NAMES
@@ -43,14 +47,30 @@ def quantize_embeddings(embeddings: np.ndarray, precision: str, ranges: Optional
     return (bits - 128).astype(np.int8) if precision == "binary" else bits
 
 
-def _as_tensor(x, *, batch: bool) -> torch.Tensor:
-    """Embeddings (tensor, numpy array or list of vectors) as a tensor; half precision upcast to float32."""
-    if isinstance(x, (list, tuple)):
-        x = torch.stack([torch.as_tensor(v) for v in x]) if x else torch.zeros(0, 0)
-    x = torch.as_tensor(x)
-    if x.is_floating_point() and torch.finfo(x.dtype).bits < 32:
+def _as_tensor(x, *, batch: bool, name: str) -> torch.Tensor:
+    """Embeddings (tensor, numpy array or list of vectors) as a tensor; half precision and integers (quantized
+    embeddings) as float32."""
+    try:
+        if isinstance(x, (list, tuple)):
+            x = torch.stack([torch.as_tensor(v) for v in x]) if x else torch.zeros(0, 0)
+        x = torch.as_tensor(x)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise TypeError(f"{name} must be embeddings ([N, D] or [D]: a tensor, a numpy array or a list of vectors), "
+                        f"got {type(x).__name__} ({exc})") from None
+    if x.dim() not in (1, 2):
+        raise ValueError(f"{name} must be embeddings [N, D] or [D], got shape {tuple(x.shape)}")
+    if not x.is_floating_point() or torch.finfo(x.dtype).bits < 32:
         x = x.float()
     return x[None] if batch and x.dim() == 1 else x
+
+
+def _embedding_pair(embeddings1, embeddings2, *, batch: bool) -> tuple:
+    a, b = _as_tensor(embeddings1, batch=batch, name="embeddings1"), _as_tensor(embeddings2, batch=batch,
+                                                                                 name="embeddings2")
+    if a.shape[-1] != b.shape[-1]:
+        raise ValueError(f"embeddings1 and embeddings2 must have the same dimension D, got {a.shape[-1]} and "
+                         f"{b.shape[-1]}")
+    return a, b
 
 
 # name -> (matrix ``[N, M]``, pairwise ``[N]``), as sentence-transformers' similarity functions of the same names.
@@ -91,6 +111,9 @@ class Encoder:
                  attn_backend: str = "auto", prompts: Optional[dict] = None, default_prompt_name: Optional[str] = None,
                  truncate_dim: Optional[int] = None, similarity_fn_name: Optional[str] = None,
                  allow_pickle: bool = False):
+        if prompts is not None and (not isinstance(prompts, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in prompts.items())):
+            raise TypeError(f"prompts must be a dict of prompt name -> prefix string, got {prompts!r:.200}")
         if dtype is None and resolve_device(device).type == "cuda":
             dtype = "auto"  # on a GPU the checkpoint's own dtype, as sentence-transformers loads it; float32 on CPU
         self.model = EmbeddingModel.from_pretrained(model_name_or_path, device=device, dtype=dtype,
@@ -182,10 +205,16 @@ class Encoder:
     def _resolve_prompt(self, prompt: Optional[str], prompt_name: Optional[str]) -> str:
         """``prompt``, else the prompt named ``prompt_name``, else the default prompt, else none."""
         if prompt is not None:
+            if not isinstance(prompt, str):
+                raise TypeError(f"prompt must be a string (a prefix), got {type(prompt).__name__}")
+            if prompt_name is not None:  # as sentence-transformers: a warning, and prompt wins
+                warnings.warn(f"pass prompt or prompt_name, not both: prompt_name {prompt_name!r} is ignored in "
+                              "favor of prompt", stacklevel=4)
             return prompt
         if prompt_name is not None:
             if prompt_name not in self.prompts:
-                raise ValueError(f"prompt_name {prompt_name!r} is not one of the model's prompts {sorted(self.prompts)}")
+                raise ValueError(f"prompt_name {prompt_name!r} is not one of the model's prompts "
+                                 f"{sorted(self.prompts)}")
             return self.prompts[prompt_name]
         if self.default_prompt_name is not None:
             return self.prompts.get(self.default_prompt_name, "")
@@ -215,19 +244,21 @@ class Encoder:
         if inputs is None:
             raise TypeError("encode() needs inputs: a string or a list of strings")
         single = isinstance(inputs, str)
+        if not single and (isinstance(inputs, (bytes, dict)) or not isinstance(inputs, Iterable)):
+            raise TypeError(f"inputs must be a string or a list of strings, got {type(inputs).__name__}")
         texts = [inputs] if single else list(inputs)
         for i, t in enumerate(texts):
             if not isinstance(t, str):
                 raise TypeError(f"inputs must be strings, item {i} is {type(t).__name__}")
-        if (max_tokens_per_batch is not None and max_tokens_per_batch < 1) or (batch_size is not None and batch_size < 1):
-            raise ValueError("batch_size and max_tokens_per_batch must be positive")
+        batch_size = check_int("batch_size", batch_size)
+        max_tokens_per_batch = check_int("max_tokens_per_batch", max_tokens_per_batch)
         if output_value not in OUTPUT_VALUES:
             raise ValueError(f"output_value must be one of {list(OUTPUT_VALUES)}, got {output_value!r}")
         precision = precision or "float32"
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
         if device is not None:
-            self.model.to(device)
+            self.model.to(check_device(device))
         prefix = self._resolve_prompt(prompt, prompt_name)
         if prefix:
             texts = [prefix + t for t in texts]
@@ -275,24 +306,44 @@ class Encoder:
     def encode_queries(self, queries, *, task: Optional[str] = None, **kwargs):
         """Queries; with ``task``, in the KaLM format ``Instruct: {task} \\n Query: {text}`` (else ``encode_query``)."""
         if task is not None:
+            if not isinstance(task, str) or not task.strip():
+                raise ValueError(f"task must be a non-empty string (the instruction), got {task!r}")
+            if kwargs.get("prompt") is not None or kwargs.get("prompt_name") is not None:
+                raise ValueError("pass task, prompt or prompt_name, not several: task is the KaLM query prompt")
             kwargs["prompt"] = kalm_query_prompt(task)
         return self.encode_query(queries, **kwargs)
 
     def encode_corpus(self, corpus, **kwargs):
-        """Documents (``encode_document``): strings or BEIR-style dicts with ``title`` / ``text``."""
-        texts = [c if isinstance(c, str) else join_title(c.get("title"), c["text"]) for c in corpus]
-        return self.encode_document(texts, **kwargs)
+        """Documents (``encode_document``): strings or BEIR-style dicts with ``title`` / ``text``; one string or
+        dict gives one vector."""
+        single = isinstance(corpus, (str, dict))
+        if not single and not isinstance(corpus, Iterable):
+            raise TypeError(f"corpus must be a list of strings or of {{'title', 'text'}} dicts, got "
+                            f"{type(corpus).__name__}")
+        texts = []
+        for i, c in enumerate([corpus] if single else corpus):
+            if isinstance(c, dict) and isinstance(c.get("text"), str) and isinstance(c.get("title") or "", str):
+                c = join_title(c.get("title"), c["text"])
+            if not isinstance(c, str):
+                raise TypeError(f"corpus item {i} must be a string or a dict with a string 'text' (and an optional "
+                                f"string 'title'), got {c!r:.100}")
+            texts.append(c)
+        return self.encode_document(texts[0] if single else texts, **kwargs)
 
     def similarity(self, embeddings1, embeddings2) -> torch.Tensor:
         """``[N, M]`` scores of every pair by ``similarity_fn_name`` (cosine; dot; euclidean and manhattan as negative
         distances), for ``[N, D]`` / ``[M, D]`` (or ``[D]``) tensors or arrays, as in sentence-transformers."""
-        return SIMILARITIES[self.similarity_fn_name][0](_as_tensor(embeddings1, batch=True),
-                                                        _as_tensor(embeddings2, batch=True))
+        return SIMILARITIES[self.similarity_fn_name][0](*_embedding_pair(embeddings1, embeddings2, batch=True))
 
     def similarity_pairwise(self, embeddings1, embeddings2) -> torch.Tensor:
         """``[N]`` scores of ``embeddings1[i]`` with ``embeddings2[i]`` by ``similarity_fn_name``."""
-        return SIMILARITIES[self.similarity_fn_name][1](_as_tensor(embeddings1, batch=False),
-                                                        _as_tensor(embeddings2, batch=False))
+        a, b = _embedding_pair(embeddings1, embeddings2, batch=False)
+        try:
+            torch.broadcast_shapes(a.shape[:-1], b.shape[:-1])
+        except RuntimeError:
+            raise ValueError(f"embeddings1 and embeddings2 must hold as many embeddings, got shapes {tuple(a.shape)} "
+                             f"and {tuple(b.shape)}") from None
+        return SIMILARITIES[self.similarity_fn_name][1](a, b)
 
     def evaluate(self, evaluator, output_path: Optional[str] = None):
         """Run a sentence-transformers evaluator on this model, as ``SentenceTransformer.evaluate``."""

@@ -374,6 +374,16 @@ def test_unpad_pad_roundtrip_and_grad():
     torch.testing.assert_close(w.grad, 2 * w.detach())
 
 
+def test_pad_checks_batch_and_seqlen():
+    x_packed, indices = torch.randn(3, 4), torch.tensor([0, 1, 3])
+    with pytest.raises(ValueError, match="batch must be an int >= 0, got 2.5"):
+        pad(x_packed, indices, 2.5, 3)
+    with pytest.raises(ValueError, match="seqlen must be an int >= 0, got -1"):
+        pad(x_packed, indices, 2, -1)
+    with pytest.raises(ValueError, match=r"batch \* seqlen = 1 \* 2 rows cannot hold the 3 packed rows"):
+        pad(x_packed, indices, 1, 2)
+
+
 def test_auto_picks_torch_on_cpu():
     assert _registry.select(OP, "auto", torch.device("cpu"), torch.float32)[0] == "torch"
 

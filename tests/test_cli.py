@@ -62,6 +62,7 @@ def files(tmp_path_factory):
     ("soup", ["soup", "{d}/ck0.safetensors", "{d}/ck1.safetensors", "--output", "{d}/s.parquet"],
      "output must be a .safetensors file path"),
     ("train", ["train", "{d}/missing.yaml"], "cannot read config '{d}/missing.yaml': it does not exist"),
+    ("ablate", ["ablate", "{d}/missing.yaml"], "cannot read config '{d}/missing.yaml': it does not exist"),
     ("train", ["train", "{d}/bad.yaml"], "bad.yaml: stages[0] ('s'): 'max_grad_norm' must be > 0 (or null), got -1.0"),
     ("train", ["train", "{d}/nodata.yaml"], "stage 's': data: file not found: {d}/missing.jsonl"),
     ("demo", ["demo", "--top-k", "0"], "argument --top-k: must be >= 1, got 0"),

@@ -53,7 +53,8 @@ def test_txt_to_npy_and_jsonl_to_safetensors(tmp_path, reuse_encoder, shared_enc
 
 @pytest.mark.parametrize("name, content, message", [
     ("bad.jsonl", '{"text": "ok"}\n{"text": "ok"}\n{"text": oops}\n', "bad.jsonl:3: invalid JSON"),
-    ("missing.jsonl", '{"text": "ok"}\n{"title": "no text"}\n', "missing.jsonl:2: expected a JSON object with a 'text' field"),
+    ("missing.jsonl", '{"text": "ok"}\n{"title": "no text"}\n',
+     "missing.jsonl:2: expected a JSON object with a 'text' field"),
     ("notstr.jsonl", '{"text": 5}\n', "notstr.jsonl:1: field 'text' must be a string"),
     ("list.jsonl", '["text"]\n', "list.jsonl:1: expected a JSON object"),
     ("empty.txt", "", "holds no texts"),
@@ -152,6 +153,7 @@ def test_deeply_nested_json_is_a_line_error(tmp_path, capsys, no_encoding):
     (["--prompt", "x", "--task", "y"], "argument --task: not allowed with argument --prompt"),
     (["--device", "cuda:99"], "argument --device: device 'cuda:99'"),
     (["--device", "banana"], "argument --device: device 'banana' is not a device name"),
+    (["--text-field", "body"], "--text-field 'body' is for .jsonl input"),
 ])
 @pytest.mark.parametrize("suffix", [".npy", "_dir"])
 def test_bad_arguments_are_one_line_before_any_work(tmp_path, capsys, no_encoding, extra, message, suffix):

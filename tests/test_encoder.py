@@ -193,3 +193,76 @@ def test_include_prompt_false_leaves_exactly_the_prompt_out(st_model):
     want = st.encode(texts, prompt="query: ")
     np.testing.assert_allclose(enc.encode(texts, prompt="query: "), want, atol=2e-5)
     assert not np.allclose(want, st_model.encode(texts, prompt="query: "), atol=1e-3)  # the prompt's tokens matter
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(inputs=123), TypeError, "inputs must be a string or a list of strings, got int"),
+    (dict(inputs={"text": "a"}), TypeError, "inputs must be a string or a list of strings, got dict"),
+    (dict(inputs=b"a"), TypeError, "inputs must be a string or a list of strings, got bytes"),
+    (dict(batch_size=0), ValueError, "batch_size must be a positive int"),
+    (dict(batch_size=2.5), ValueError, "batch_size must be a positive int"),
+    (dict(batch_size=True), ValueError, "batch_size must be a positive int"),
+    (dict(batch_size="32"), ValueError, "batch_size must be a positive int"),
+    (dict(max_tokens_per_batch=2.5), ValueError, "max_tokens_per_batch must be a positive int"),
+    (dict(max_tokens_per_batch="4096"), ValueError, "max_tokens_per_batch must be a positive int"),
+    (dict(prompt=5), TypeError, "prompt must be a string"),
+    (dict(prompt=["q: "]), TypeError, "prompt must be a string"),
+    (dict(device="cuda:99"), ValueError, "device 'cuda:99'"),
+    (dict(device="banana"), ValueError, "device 'banana' is not a device name"),
+])
+def test_bad_encode_arguments_name_the_argument(encoder, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        encoder.encode(**{"inputs": ["a", "b"], **kwargs})
+
+
+def test_numpy_int_batch_size_and_prompt_with_prompt_name(encoder):
+    """numpy ints are ints; prompt and prompt_name together warn and take prompt, as sentence-transformers does."""
+    np.testing.assert_allclose(encoder.encode(["a", "b"], batch_size=np.int64(1)), encoder.encode(["a", "b"]),
+                               atol=1e-6)
+    with pytest.warns(UserWarning, match="prompt_name 'query' is ignored"):
+        got = encoder.encode(["a"], prompt="x: ", prompt_name="query")
+    np.testing.assert_allclose(got, encoder.encode(["x: a"]), atol=1e-6)
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(prompts="query: "), TypeError, "prompts must be a dict of prompt name -> prefix string"),
+    (dict(prompts={"query": None}), TypeError, "prompts must be a dict of prompt name -> prefix string"),
+    (dict(attn_backend="flash"), ValueError, "attn_backend must be one of"),
+    (dict(device="cuda:99"), ValueError, "device 'cuda:99'"),
+    (dict(device="mps"), ValueError, "device 'mps'"),
+])
+def test_bad_constructor_arguments_name_the_argument(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        Encoder(**kwargs)
+
+
+def test_encode_corpus_and_queries_check_their_arguments(encoder):
+    one = encoder.encode_corpus("The highest mountain.")
+    assert one.shape == (384,)
+    np.testing.assert_allclose(one, encoder.encode_document("The highest mountain."), atol=1e-6)
+    np.testing.assert_allclose(encoder.encode_corpus({"title": "Everest", "text": "The highest mountain."}),
+                               encoder.encode_document("Everest The highest mountain."), atol=1e-6)
+    for bad in ([{"title": "no text"}], [None], [{"text": 5}]):
+        with pytest.raises(TypeError, match="corpus item 0 must be a string or a dict with a string 'text'"):
+            encoder.encode_corpus(bad)
+    for task in (5, "", " "):
+        with pytest.raises(ValueError, match="task must be a non-empty string"):
+            encoder.encode_queries(["q"], task=task)
+    with pytest.raises(ValueError, match="pass task, prompt or prompt_name, not several"):
+        encoder.encode_queries(["q"], task="t", prompt="x: ")
+
+
+def test_similarity_checks_its_embeddings(encoder, tmp_path):
+    emb = encoder.encode(["a", "b"])
+    with pytest.raises(TypeError, match="embeddings1 must be embeddings"):
+        encoder.similarity(["a"], emb)
+    with pytest.raises(ValueError, match="embeddings1 and embeddings2 must have the same dimension D, got 384 and 128"):
+        encoder.similarity(emb, emb[:, :128])
+    with pytest.raises(ValueError, match="embeddings1 and embeddings2 must hold as many embeddings"):
+        encoder.similarity_pairwise(emb, np.vstack([emb, emb[:1]]))
+    q8 = encoder.encode(["a", "b", "c"], precision="int8")  # quantized embeddings compare as float32
+    torch.testing.assert_close(encoder.similarity(q8, q8), encoder.similarity(q8.astype(np.float32),
+                                                                              q8.astype(np.float32)))
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="is an existing file; save writes a model directory"):
+        encoder.save(tmp_path / "file")

@@ -212,6 +212,7 @@ def test_triton_on_cpu_without_interpreter_says_why(monkeypatch):
     (lambda: mean_pool(torch.randn(2, 3, 4, dtype=torch.float64)), TypeError, "hidden must have dtype"),
     (lambda: mean_pool(torch.randn(2, 3, 4), backend="fast"), ValueError, "backend must be one of"),
     (lambda: mean_pool(torch.randn(2, 3, 4), eps=0.0), ValueError, "eps must be > 0"),
+    (lambda: mean_pool(torch.randn(2, 3, 4), eps="1e-6"), ValueError, "eps must be > 0"),
 ])
 def test_bad_input_is_a_clear_error(call, error, match):
     with pytest.raises(error, match=match):
@@ -250,7 +251,8 @@ def test_packed_input_made_under_inference_mode():
     with torch.inference_mode():
         hidden = torch.randn(5, 4)
         cu = torch.tensor([0, 2, 5], dtype=torch.int32)
-        torch.testing.assert_close(mean_pool(hidden, cu_seqlens=cu), mean_pool(hidden, cu_seqlens=cu, backend="reference"))
+        torch.testing.assert_close(mean_pool(hidden, cu_seqlens=cu),
+                                   mean_pool(hidden, cu_seqlens=cu, backend="reference"))
 
 
 @pytest.mark.parametrize("backend", ["reference", *BACKENDS])

@@ -291,6 +291,28 @@ def test_unknown_path_and_custom_model_type_are_clear_errors(tmp_path):
         EmbeddingModel.from_pretrained(tmp_path)
 
 
+def test_bad_arguments_name_the_argument(tmp_path, tokenizer):
+    with pytest.raises(ValueError, match="attn_backend must be one of"):
+        EmbeddingModel.from_pretrained(tmp_path / "nope", attn_backend="flash")
+    with pytest.raises(ValueError, match="device 'cuda:99'"):
+        EmbeddingModel.from_pretrained(tmp_path / "nope", device="cuda:99")
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad/config.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"bad/config.json: not a valid JSON file"):
+        EmbeddingModel.from_pretrained(tmp_path / "bad")
+    model = EmbeddingModel.from_pretrained(_save_tiny("qwen2", tmp_path / "m", tokenizer), device="cpu")
+    with pytest.raises(TypeError, match="texts must be a list of strings, got one str"):
+        model.embed("one text")
+    with pytest.raises(TypeError, match="texts must be strings, item 1 is NoneType"):
+        model.embed(["a", None])
+    for key, value in (("max_tokens", 0), ("max_tokens", -5), ("max_sequences", 0), ("max_sequences", 2.5)):
+        with pytest.raises(ValueError, match=f"{key} must be a positive int or None, got {value}"):
+            model.embed(["a", "b"], **{key: value})
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="is an existing file; save writes a model directory"):
+        model.save_pretrained(tmp_path / "file")
+
+
 def test_save_pretrained_reloads_in_kalm_fast_and_sentence_transformers(tmp_path, tokenizer):
     from sentence_transformers import SentenceTransformer
 
@@ -410,7 +432,8 @@ def test_bert_fast_path_honours_the_attention_backend(tmp_path, tokenizer, monke
     assert chosen._packed_bert is not None
     calls = []
     real = bert_packed.ops.flash_attention
-    monkeypatch.setattr(bert_packed.ops, "flash_attention", lambda *a, **kw: calls.append(kw["backend"]) or real(*a, **kw))
+    monkeypatch.setattr(bert_packed.ops, "flash_attention",
+                        lambda *a, **kw: calls.append(kw["backend"]) or real(*a, **kw))
     with torch.no_grad():
         want, got = default(default.tokenize(TEXTS)), chosen(chosen.tokenize(TEXTS))
     assert calls == ["reference", "reference"]  # one call per layer, none from the default model's per-run path

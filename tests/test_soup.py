@@ -78,7 +78,8 @@ def _model_dir(path, seed, shards):
 def test_directories_sharded(tmp_path, shards):
     dirs = [_model_dir(tmp_path / f"m{i}", i, shards) for i in range(2)]
     out = model_soup(dirs, weights=[1, 3], output=tmp_path / "soup")
-    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in dirs[0].iterdir() if p.name != "optimizer_junk")
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in dirs[0].iterdir()
+                                                           if p.name != "optimizer_junk")
     assert json.loads((out / "config.json").read_text()) == {"seed": 0}
     assert (out / "1_Pooling/config.json").is_file()
     got = {}
@@ -130,6 +131,8 @@ def test_mismatch_errors_write_nothing(tmp_path, change, message):
 @pytest.mark.parametrize("weights, message", [
     ([1.0, -1.0], "must be finite and >= 0"), ([float("inf"), 1.0], "must be finite and >= 0"),
     ([0.0, 0.0], "must not all be zero"), ([1.0], "one entry per checkpoint"),
+    (0.5, "weights must be a list of numbers, one per checkpoint"),
+    (["a", "b"], "weights must be a list of numbers, one per checkpoint"),
 ])
 def test_weight_errors(tmp_path, weights, message):
     paths = _files(tmp_path, 2)
@@ -149,6 +152,9 @@ def test_path_errors(tmp_path):
         model_soup(paths, output=tmp_path / "x.bin")
     with pytest.raises(ValueError, match="non-empty list"):
         model_soup([], output=tmp_path / "x.safetensors")
+    with pytest.raises(ValueError, match="output must be a directory path when the checkpoints are model directories"):
+        model_soup([d, d], output=tmp_path / "x.safetensors")
+    assert not (tmp_path / "x.safetensors").exists()
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy/file").write_text("x")
     with pytest.raises(ValueError, match="already exists and is not empty"):
@@ -192,7 +198,8 @@ def test_top_level_and_cli(tmp_path):
 
     assert kalm_fast.model_soup is model_soup
     paths = _files(tmp_path, 2)
-    assert main(["soup", str(paths[0]), str(paths[1]), "--weights", "3", "1", "--output", str(tmp_path / "s.safetensors")]) == 0
+    assert main(["soup", str(paths[0]), str(paths[1]), "--weights", "3", "1", "--output",
+                 str(tmp_path / "s.safetensors")]) == 0
     got = load_file(str(tmp_path / "s.safetensors"))
     torch.testing.assert_close(got["a.weight"], _expected([3, 1])["a.weight"])
 

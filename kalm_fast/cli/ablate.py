@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .args import nonnegative_int, positive_int
+from .args import input_file, nonnegative_int, positive_int
 
 
 def add_arguments(parser: argparse.ArgumentParser):
@@ -20,8 +20,9 @@ def add_arguments(parser: argparse.ArgumentParser):
 def run(args) -> int:
     from ..train.ablation import Ablation, format_table
 
-    ablation = Ablation(args.config, seeds=args.seeds, stage=args.stage, output_dir=args.output_dir,
-                        resume=args.resume, resamples=args.bootstrap, bootstrap_seed=args.bootstrap_seed)
+    ablation = Ablation(input_file(args.config, "config"), seeds=args.seeds, stage=args.stage,
+                        output_dir=args.output_dir, resume=args.resume, resamples=args.bootstrap,
+                        bootstrap_seed=args.bootstrap_seed)
     results = ablation.run()
     print(format_table(results))
     print(f"\nwall time {results['wall_s']:.0f} s; wrote " + ", ".join(p for p in results["files"].values() if p))

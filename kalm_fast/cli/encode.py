@@ -316,6 +316,9 @@ def run(args) -> int:
     input_path, output = input_file(args.input, "--input"), Path(args.output)
     if input_path.suffix.lower() not in INPUT_SUFFIXES:
         raise ValueError(f"--input must be a .txt or .jsonl file, got {args.input!r}")
+    if args.text_field != "text" and input_path.suffix.lower() == ".txt":
+        raise ValueError(f"--text-field {args.text_field!r} is for .jsonl input; {args.input!r} is .txt (one text "
+                         "per line, no fields)")
     with process_group():
         if single:
             rows, total, seconds = encode_single(args, input_path, output)

@@ -11,7 +11,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .._checks import check_int
 from .._cuda import free_memory
+from .._registry import BACKEND_NAMES
+from ..distributed import check_device
 from ..ops import Varlen, mean_pool
 from . import bert_packed, decoder_packed
 from .bidirectional import make_bidirectional
@@ -60,9 +63,20 @@ def resolve_dtype(dtype):
 
 
 def resolve_device(device) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    """``device`` (None: cuda if available, else cpu), refused with a ValueError naming it unless this machine has
+    it."""
+    return check_device(device)
+
+
+def check_texts(texts) -> list:
+    """``texts`` as a list of strings (a TypeError naming the first that is not)."""
+    if isinstance(texts, str):
+        raise TypeError("texts must be a list of strings, got one str (wrap a single text in a list)")
+    texts = list(texts)
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise TypeError(f"texts must be strings, item {i} is {type(t).__name__}")
+    return texts
 
 
 class EmbeddingModel(nn.Module):
@@ -117,6 +131,8 @@ class EmbeddingModel(nn.Module):
         if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int)
                                        or max_length < 1):
             raise ValueError(f"max_length must be a positive int or None, got {max_length!r}")
+        if attn_backend not in BACKEND_NAMES:
+            raise ValueError(f"attn_backend must be one of {BACKEND_NAMES}, got {attn_backend!r}")
         dtype, device = resolve_dtype(dtype), resolve_device(device)
         model_dir = resolve_model_dir(path)
         info = read_sentence_transformer_info(model_dir)
@@ -223,6 +239,7 @@ class EmbeddingModel(nn.Module):
         """``compute(batch)`` for each packed batch of the texts ``ids`` in eval mode: the texts sorted by length, at
         most ``max_tokens`` tokens (default per device: ``DEFAULT_TOKENS``) and ``max_sequences`` texts a batch.
         Returns ``(order, outputs)``: the text indices in the order the batches hold them, and each batch's output."""
+        max_tokens, max_sequences = check_int("max_tokens", max_tokens), check_int("max_sequences", max_sequences)
         kind = self.device.type + ("-decoder" if self._packed_decoder is not None else "")
         budget = max_tokens or DEFAULT_TOKENS.get(kind, DEFAULT_TOKENS.get(self.device.type, 16384))
         batches = list(token_budget_batches([len(x) for x in ids], budget, max_sequences))
@@ -241,6 +258,7 @@ class EmbeddingModel(nn.Module):
               show_progress: bool = False) -> torch.Tensor:
         """float32 ``[len(texts), dim or H]`` embeddings on the model's device, in the order of ``texts`` (batching as
         ``_batched``; ``dim``, ``normalize`` and ``prompt_length`` as ``forward``)."""
+        texts = check_texts(texts)
         out = torch.empty(len(texts), dim or self.hidden_size, dtype=torch.float32, device=self.device)
         if not texts:
             return out
@@ -255,6 +273,7 @@ class EmbeddingModel(nn.Module):
                      max_sequences: Optional[int] = None, show_progress: bool = False) -> list:
         """The last hidden states of each text, float32 ``[tokens_i, H]`` on the model's device, in the order of
         ``texts`` (batching as ``_batched``)."""
+        texts = check_texts(texts)
         if not texts:
             return []
         order, hidden = self._batched(
@@ -278,6 +297,9 @@ class EmbeddingModel(nn.Module):
         sentence-transformers 2.x to 6.x all load (decoders with ``is_causal: false``, so bidirectionally there too).
         ``max_seq_length``: the one saved (default: the model's own, ``model_max_length``)."""
         directory = Path(directory)
+        if directory.exists() and not directory.is_dir():
+            raise ValueError(f"{str(directory)!r} is an existing file; save writes a model directory (give a new "
+                             "path or an existing directory)")
         directory.mkdir(parents=True, exist_ok=True)
         backend = self.config.__dict__.pop("kalm_attn_backend", None)
         try:

@@ -74,7 +74,10 @@ def resolve_model_dir(name_or_path) -> Path:
 
 def _read_json(path: Path) -> dict:
     with open(path, encoding="utf-8") as f:
-        return json.load(f)
+        try:
+            return json.load(f)
+        except ValueError as exc:  # invalid JSON or UTF-8: name the file
+            raise ValueError(f"{path}: not a valid JSON file ({exc})") from None
 
 
 def read_sentence_transformer_info(model_dir: Path) -> SentenceTransformerInfo:
@@ -213,7 +216,8 @@ def build_config(model_dir: Path):
 
     config_file = model_dir / "config.json"
     if not config_file.is_file():
-        raise ValueError(f"{model_dir} has no config.json; expected a Hugging Face or sentence-transformers model directory")
+        raise ValueError(f"{model_dir} has no config.json; expected a Hugging Face or sentence-transformers model "
+                         "directory")
     data = _read_json(config_file)
     data.pop("auto_map", None)
     model_type = data.get("model_type")

@@ -75,7 +75,10 @@ class _Checkpoint:
 def _normalized_weights(weights, n: int) -> list:
     if weights is None:
         return [1.0 / n] * n
-    weights = [float(w) for w in weights]
+    try:
+        weights = [float(w) for w in weights]
+    except (TypeError, ValueError):
+        raise ValueError(f"weights must be a list of numbers, one per checkpoint ({n}), got {weights!r:.200}") from None
     if len(weights) != n:
         raise ValueError(f"weights must have one entry per checkpoint ({n}), got {len(weights)}")
     if any(not math.isfinite(w) or w < 0 for w in weights):
@@ -99,7 +102,8 @@ def _check_compatible(ckpts: list):
         for name, (_, shape, dtype) in first.tensors.items():
             _, oshape, odtype = other.tensors[name]
             if oshape != shape:
-                raise ValueError(f"tensor {name!r} has shape {list(shape)} in {first.path} but {list(oshape)} in {other.path}")
+                raise ValueError(f"tensor {name!r} has shape {list(shape)} in {first.path} but {list(oshape)} in "
+                                 f"{other.path}")
             if odtype != dtype:
                 raise ValueError(f"tensor {name!r} has dtype {dtype} in {first.path} but {odtype} in {other.path}")
     for name, (_, _, dtype) in first.tensors.items():
@@ -187,6 +191,9 @@ def model_soup(checkpoints: Sequence, *, weights: Optional[Sequence[float]] = No
         raise ValueError(f"output {output} is one of the checkpoints; choose a new path")
     first = ckpts[0]
     if first.is_dir:
+        if output.suffix == ".safetensors":
+            raise ValueError(f"output must be a directory path when the checkpoints are model directories, got "
+                             f"{output}")
         if output.exists() and (not output.is_dir() or any(output.iterdir())):
             raise ValueError(f"output directory {output} already exists and is not empty")
     elif output.suffix != ".safetensors" or output.is_dir():

@@ -6,7 +6,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..._checks import check_mask, check_same_device, check_tensor
+from ..._checks import check_int, check_mask, check_same_device, check_tensor
 from ..varlen import Varlen
 
 
@@ -48,6 +48,11 @@ def pad(x_packed: torch.Tensor, indices: torch.Tensor, batch: int, seqlen: int) 
                          f"got {tuple(x_packed.shape)}")
     if indices.dtype != torch.int64:
         raise TypeError(f"indices must be torch.int64 (as returned by unpad), got {indices.dtype}")
+    batch = check_int("batch", batch, low=0, allow_none=False)
+    seqlen = check_int("seqlen", seqlen, low=0, allow_none=False)
+    if indices.shape[0] > batch * seqlen:
+        raise ValueError(f"batch * seqlen = {batch} * {seqlen} rows cannot hold the {indices.shape[0]} packed rows; "
+                         "pass the batch and seqlen that unpad's input had")
     return _scatter_rows(x_packed, indices, batch, seqlen, 0.0)
 
 

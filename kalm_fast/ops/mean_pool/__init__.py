@@ -10,6 +10,7 @@ Backends (one contract, ``fn(hidden, mask, varlen, dim, normalize, eps)`` with c
 """
 from __future__ import annotations
 
+import numbers
 from typing import Optional, Union
 
 import torch
@@ -43,7 +44,8 @@ def mean_pool(hidden: torch.Tensor, attention_mask: Optional[torch.Tensor] = Non
     """
     check_tensor("hidden", hidden, ndim=(2, 3), dtypes=FLOAT_DTYPES)
     if attention_mask is not None and cu_seqlens is not None:
-        raise ValueError("pass either attention_mask (padded [B, L, H] input) or cu_seqlens (packed [T, H] input), not both")
+        raise ValueError("pass either attention_mask (padded [B, L, H] input) or cu_seqlens (packed [T, H] input), "
+                         "not both")
     varlen = None
     if cu_seqlens is not None:
         if hidden.dim() != 2:
@@ -63,8 +65,8 @@ def mean_pool(hidden: torch.Tensor, attention_mask: Optional[torch.Tensor] = Non
         dim = H
     if isinstance(dim, bool) or not isinstance(dim, int) or not 1 <= dim <= H:
         raise ValueError(f"dim must be an int with 1 <= dim <= H = {H}, got {dim!r}")
-    if not eps > 0:
-        raise ValueError(f"eps must be > 0, got {eps}")
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not eps > 0:
+        raise ValueError(f"eps must be > 0 (a float), got {eps!r}")
     name, fn = _registry.select(OP, backend, hidden.device, hidden.dtype)
     if name in ("triton", "cuda") and H > 0 and hidden.stride(-1) != 1:
         raise ValueError(f"hidden must have a contiguous last dimension for backend {name!r}, "
