@@ -111,9 +111,12 @@ def test_sampler_task_weights():
         TaskBatchSampler(tasks, 50)
     # a zero weight drops a task; weights that leave no batch at all are named as the cause
     assert {b[0] for b in _take(TaskBatchSampler(tasks, 2, task_weights={"a": 0}), 6)} == {"b"}
-    for weights in ({"a": 0, "b": 0}, {"a": 0.05, "b": 0}):
+    for weights in ({"a": 0, "b": 0}, {"a": 0, "b": 0, "c": 5.0}):
         with pytest.raises(ValueError, match=r"task_weights \{.*\} leave no batch in an epoch"):
-            TaskBatchSampler(tasks, 2, task_weights=weights)
+            TaskBatchSampler({**tasks, "c": [99]}, 2, task_weights=weights)
+    # a small positive weight rounds to at least one batch per epoch: the task is never dropped silently
+    s = TaskBatchSampler(tasks, 2, task_weights={"a": 0.05, "b": 0})
+    assert s.batches_per_epoch() == 1 and _take(s, 1)[0][0] == "a"
 
 
 def test_build_example_negatives():
@@ -309,6 +312,7 @@ def test_flagembedding_scores_and_type_are_checked_and_reported_not_dropped_sile
 @pytest.mark.parametrize("raw, message", [
     (b'{"query": "q", "pos": ""}', "'pos' holds an empty text at index 0"),
     (b'{"query": "q", "pos": ["ok", "  "]}', "'pos' holds an empty text at index 1"),
+    (b'{"query": "q", "pos": ["ok"], "neg": ["n", ""]}', "'neg' holds an empty text at index 1"),
     (b'{"query": "q", "pos": ["caf\xe9"]}', "not valid UTF-8 \\(byte 0xe9 at column 28"),
     (b'{"query": "q", "pos": ["a\\ud800"]}', "'pos\\[0\\]' holds '\\\\ud800' at character 2, a lone surrogate"),
     (b'{"query": "q", "pos": ' + b"[" * 100000 + b"]" * 100000 + b"}", "JSON nested too deeply"),

@@ -4,7 +4,8 @@ Training record (one JSON object per line, FlagEmbedding-style)::
 
     {"query": str, "pos": [str, ...], "neg": [str, ...], "task": str, "instruction" or "prompt": str (optional)}
 
-``pos`` needs at least one non-blank text; ``neg`` may be empty or absent (then only in-batch negatives).
+``pos`` needs at least one non-blank text; ``neg`` may be empty or absent (then only in-batch
+negatives), but holds no blank text.
 ``task`` defaults to the file's stem. ``prompt`` is FlagEmbedding's name for the query instruction (it is applied in
 the KaLM format). FlagEmbedding's ``pos_scores`` / ``neg_scores`` (teacher scores for distillation) and ``type`` are
 checked and reported as unused (kalm_fast trains contrastively); any other key is reported too, never dropped
@@ -50,7 +51,7 @@ def _check_texts(path, line_no, obj, key, *, required: bool):
         _fail(path, line_no, f"{key!r} must be a list of strings, got {type(value).__name__}")
     if required and not value:
         _fail(path, line_no, f"{key!r} must hold at least one text")
-    if required and not all(t.strip() for t in value):
+    if not all(t.strip() for t in value):
         _fail(path, line_no, f"{key!r} holds an empty text at index {[bool(t.strip()) for t in value].index(False)}")
     for i, t in enumerate(value):
         check_unicode(path, line_no, f"{key}[{i}]", t)

@@ -3,7 +3,7 @@
 Every batch comes from one task (in-batch negatives of another task would be easy, or false, negatives).
 An epoch's batch order is a pure function of ``(seed, epoch)``: per task, shuffle the record ids and cut
 them into full batches; a task's weight in ``task_weights`` scales how many of its batches an epoch holds
-(>1 repeats batches, <1 drops some); then all batches are shuffled together. The position
+(>1 repeats batches, <1 drops some, rounded, but a task of weight > 0 keeps at least one); then all batches are shuffled together. The position
 ``(epoch, step)`` is the whole state, so resuming replays nothing and skips nothing.
 """
 from __future__ import annotations
@@ -41,9 +41,9 @@ class TaskBatchSampler:
             sizes = {t: len(ids) for t, ids in self.tasks.items()}
             if max(sizes.values(), default=0) < batch_size:
                 raise ValueError(f"no task has batch_size={batch_size} records (records per task: {sizes})")
-            raise ValueError(f"task_weights {weights} leave no batch in an epoch (a task's batches per epoch are its "
-                             f"full batches times its weight, rounded; records per task: {sizes}, batch_size "
-                             f"{batch_size}): give a task with enough records a weight > 0")
+            raise ValueError(f"task_weights {weights} leave no batch in an epoch (they weigh 0 every task with a full "
+                             f"batch; records per task: {sizes}, batch_size {batch_size}): give a task with enough "
+                             "records a weight > 0")
 
     def _epoch_batches(self, epoch: int) -> list:
         rng = random.Random(f"{self.seed}:{epoch}")
@@ -54,7 +54,8 @@ class TaskBatchSampler:
             full = [ids[i:i + self.batch_size] for i in range(0, len(ids) - self.batch_size + 1, self.batch_size)]
             if not full:
                 continue
-            want = round(len(full) * self.weights[task])
+            weight = self.weights[task]
+            want = max(1, round(len(full) * weight)) if weight > 0 else 0  # a weighted task is never dropped
             chosen = [full[i % len(full)] for i in range(want)]
             batches.extend((task, b) for b in chosen)
         rng.shuffle(batches)
