@@ -266,3 +266,5 @@ def test_similarity_checks_its_embeddings(encoder, tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(ValueError, match="is an existing file; save writes a model directory"):
         encoder.save(tmp_path / "file")
+    with pytest.raises(TypeError, match=r"directory must be a path \(str or os.PathLike\), got NoneType"):
+        encoder.save(None)

@@ -240,6 +240,11 @@ def test_a_varlen_is_trusted_but_its_token_count_is_checked():
     torch.testing.assert_close(mean_pool(hidden, cu_seqlens=varlen), mean_pool(hidden, cu_seqlens=varlen.cu_seqlens))
     with pytest.raises(ValueError, match="describes 5 packed tokens, the input has 6"):
         mean_pool(torch.randn(6, 4), cu_seqlens=varlen)
+    for bad, err, msg in ((5, TypeError, "lengths must be a sequence of ints >= 0, got int"),
+                          ([2, -1], ValueError, "lengths must be ints >= 0, item 1 is -1"),
+                          ([2.0], ValueError, "item 0 is 2.0")):
+        with pytest.raises(err, match=msg):
+            Varlen.from_lengths(bad)
 
 
 def test_cuda_backend_on_cpu_tensors_says_why():

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import warnings
 from pathlib import Path
 from typing import Optional, Sequence
@@ -296,6 +297,8 @@ class EmbeddingModel(nn.Module):
         """Safetensors weights, config, tokenizer and the sentence-transformers files, in the layout that
         sentence-transformers 2.x to 6.x all load (decoders with ``is_causal: false``, so bidirectionally there too).
         ``max_seq_length``: the one saved (default: the model's own, ``model_max_length``)."""
+        if not isinstance(directory, (str, os.PathLike)):
+            raise TypeError(f"directory must be a path (str or os.PathLike), got {type(directory).__name__}")
         directory = Path(directory)
         if directory.exists() and not directory.is_dir():
             raise ValueError(f"{str(directory)!r} is an existing file; save writes a model directory (give a new "

@@ -49,6 +49,8 @@ class Varlen:
     @classmethod
     def from_lengths(cls, lengths: Sequence[int], device=None) -> "Varlen":
         """From per-sequence token counts (ints >= 0), without any device synchronization."""
+        if isinstance(lengths, (str, bytes)) or not hasattr(lengths, "__iter__"):
+            raise TypeError(f"lengths must be a sequence of ints >= 0, got {type(lengths).__name__}")
         lengths = tuple(lengths)
         for i, n in enumerate(lengths):
             if isinstance(n, bool) or not isinstance(n, int) or n < 0:
