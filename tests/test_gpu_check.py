@@ -27,8 +27,8 @@ def test_dry_run_passes_every_stage_in_at_most_eight_files(tmp_path):
     (out / "old" / "x.log").write_text("old")
     (out / "old.md").write_text("old")
     env = {k: v for k, v in os.environ.items() if k not in ("OUT", "KALM_BENCH_OUT")}
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--dry", "--out", str(out), "--budget", "400"], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--dry", "--out", str(out), "--budget", "900"], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=1200)
     summary = json.loads((out / "summary.json").read_text())
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     names = [s["stage"] for s in summary["stages"]]
@@ -154,8 +154,8 @@ def test_an_on_request_stage_runs_only_when_named(tmp_path):
     assert on_request == ["bench-attention-variants", "bench-encode-budgets", "bench-train-step-1024"]
     out = tmp_path / "out"
     env = {k: v for k, v in os.environ.items() if k not in ("OUT", "KALM_BENCH_OUT")}
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--dry", "--out", str(out), "--budget", "200", "--only",
-                           "env", *on_request], cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--dry", "--out", str(out), "--budget", "600", "--only",
+                           "env", *on_request], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     stages = json.loads((out / "summary.json").read_text())["stages"]
     assert [s["stage"] for s in stages] == ["env", *on_request]
