@@ -4,7 +4,7 @@ Every documented function and class of the standard library and of numpy becomes
 the query, the rest of the docstring the document. Modules are split: a held-out set of modules (never seen in
 training) is the test split, whose corpus is every held-out docstring body; the other modules give the training
 pairs and, from pairs left out of training, the validation split. The starting model mines its own hard
-negatives (ranks 3-30 of the training corpus; examples whose positive ranks 100th or worse are dropped), then
+negatives (ranks 4-30 of the training corpus; examples whose positive ranks 101st or worse are dropped), then
 ``kalm-fast train configs/docstring_demo.yaml`` runs the KaLM recipe: task-homogeneous batches, in-batch + hard
 negatives, focal-InfoNCE, online hard-negative mixing, two fine-tunes from the same start, and a greedy model
 soup of them chosen on validation nDCG@10. Prints test nDCG@10 / Recall@10 / MRR@10 before and after
@@ -97,8 +97,8 @@ def held_out(module: str) -> bool:
 
 def mine_hard_negatives(encoder, pairs: list, instructions: dict, *, lo: int = 3, hi: int = 30, keep: int = 10,
                         filter_rank: int = 100) -> list:
-    """Training records with negatives from ranks ``[lo, hi)`` of the starting model; drops examples whose
-    positive ranks ``filter_rank`` or worse (likely noisy pairs), as KaLM-Embedding-V2 does at a larger scale."""
+    """Training records with negatives from the 0-based ranks ``[lo, hi)`` of the starting model; drops examples
+    whose positive is not in the top ``filter_rank`` (likely noisy pairs), as KaLM-Embedding-V2 does at scale."""
     queries = [format_query(p["summary"], instructions.get(p["kind"])) for p in pairs]
     q = encoder.encode(queries, convert_to_tensor=True)
     d = encoder.encode([p["body"] for p in pairs], convert_to_tensor=True)
