@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from kalm_fast.train.data import EvalSet
-from kalm_fast.train.evaluate import evaluate_embeddings, rank_metrics, search
+from kalm_fast.train.evaluate import evaluate_embeddings, evaluate_encoder, evaluate_model, rank_metrics, search
 
 
 def test_single_relevant_doc():
@@ -49,3 +49,41 @@ def test_search_and_evaluate_embeddings():
     m = evaluate_embeddings(queries, docs, ev, ks=(1, 10))
     assert m["recall@1"] == 0 and m["mrr@10"] == pytest.approx((1 / 2 + 1 / 3) / 2)
     assert m["ndcg@10"] == pytest.approx((1 / math.log2(3) + 1 / math.log2(4)) / 2)
+
+
+def test_no_queries_is_an_error():
+    with pytest.raises(ValueError, match="at least one query"):
+        rank_metrics([], [])
+
+
+def test_per_query_values_in_query_order():
+    """``per_query=True``: one value per query (what the ablation's paired comparisons need), not the mean."""
+    docs = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    ev = EvalSet(["q0", "q1"], ["x", "y"], [{"d0": 1.0}, {"d0": 1.0}], ["d0", "d1"], ["", ""])
+    m = evaluate_embeddings(torch.tensor([[1.0, 0.0], [0.0, 1.0]]), docs, ev, ks=(1, 2), per_query=True)
+    assert m["recall@1"] == [1.0, 0.0] and m["mrr@2"] == [1.0, 0.5]
+    assert m["ndcg@2"] == pytest.approx([1.0, 1 / math.log2(3)])
+
+
+def test_evaluate_encoder_uses_the_given_ks():
+    ev = EvalSet(["q0"], ["x"], [{"d1": 1.0}], ["d0", "d1"], ["a", "b"])
+    vectors = {"x": [0.0, 1.0], "a": [1.0, 0.0], "b": [0.6, 0.8]}
+    m = evaluate_encoder(lambda texts: torch.tensor([vectors[t] for t in texts]), ev, ks=(1, 2))
+    assert m == {"ndcg@1": 1.0, "recall@1": 1.0, "mrr@1": 1.0, "ndcg@2": 1.0, "recall@2": 1.0, "mrr@2": 1.0}
+
+
+def test_evaluate_model_ranks_by_cosine_of_normalized_embeddings():
+    """The trainer's evaluation asks the model for normalized embeddings (cosine, not the raw dot product, which
+    would rank the long document d0 first here), with ``batch_size`` as the texts per batch."""
+    vectors = {"q": [1.0, 0.0], "long": [10.0, 10.0], "aligned": [1.0, 0.1]}
+    calls = []
+
+    class Model:
+        def embed(self, texts, *, max_sequences=None, normalize=False):
+            calls.append((max_sequences, normalize))
+            emb = torch.tensor([vectors[t] for t in texts])
+            return torch.nn.functional.normalize(emb, dim=-1) if normalize else emb
+
+    ev = EvalSet(["q0"], ["q"], [{"d1": 1.0}], ["d0", "d1"], ["long", "aligned"])
+    assert evaluate_model(Model(), ev, batch_size=3, ks=(1,))["mrr@1"] == 1.0
+    assert calls == [(3, True), (3, True)]

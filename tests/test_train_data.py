@@ -128,7 +128,8 @@ def test_build_example_negatives():
     assert docs != build_example(rec, 3, num_negatives=7, seed=0, epoch=1)[1]
     few = dict(rec, neg=["x", "y"])
     assert set(build_example(few, 0, num_negatives=5, seed=0, epoch=0)[1][1:]) <= {"x", "y"}
-    assert build_example(rec, 0, num_negatives=0, seed=0, epoch=0)[1] == [build_example(rec, 0, num_negatives=0, seed=0, epoch=0)[1][0]]
+    no_negatives = build_example(rec, 0, num_negatives=0, seed=0, epoch=0)[1]
+    assert len(no_negatives) == 1 and no_negatives[0] in rec["pos"]
 
 
 def test_eval_set(tmp_path):
@@ -334,3 +335,126 @@ def test_eval_files_name_file_and_line(tmp_path):
     write_jsonl(queries, [{"query": "a", "relevant": {"d1": "high"}}])
     with pytest.raises(ValueError, match=r"q.jsonl:1: 'relevant' grades must be numbers"):
         load_eval_set(queries, corpus)
+
+
+# ---------------------------------------------------------------- pinned by mutation testing
+
+
+@pytest.mark.parametrize("line, message", [
+    (json.dumps({"query": "  ", "pos": ["p"]}), "'query' must be a non-empty string"),
+    (json.dumps({"query": "q", "pos": ["p"], "task": ""}), "'task' must be a non-empty string"),
+    (json.dumps({"query": "q", "pos": ["p"], "type": 3}), "'type' must be a string, got int"),
+    ('{"query": "q", "pos": ["p"], "pos_scores": [NaN]}', "'pos_scores' must be a list of 1 numbers"),
+    (json.dumps({"query": "q", "pos": ["p"], "pos_scores": [True]}), "'pos_scores' must be a list of 1 numbers"),
+])
+def test_more_bad_records_name_file_and_line(tmp_path, line, message):
+    """A blank query, an empty task, a non-string FlagEmbedding ``type`` and non-finite or boolean teacher scores
+    (Python's json reads NaN) are refused, not trained on."""
+    path = _write(tmp_path / "train.jsonl", [GOOD, line])
+    with pytest.raises(ValueError, match=rf"train.jsonl:2: {message}"):
+        TrainData(path)
+
+
+def test_empty_negatives_list_and_empty_instruction_are_accepted(tmp_path):
+    """``neg: []`` means in-batch negatives only (like no ``neg``); ``instruction: ""`` is no instruction of its own,
+    so the task's default instruction applies."""
+    path = _write(tmp_path / "t.jsonl", [json.dumps({"query": "q", "pos": ["p"], "neg": [], "instruction": ""})])
+    data = TrainData(path, instructions={"t": "task default"})
+    assert data[0]["neg"] == [] and data[0]["instruction"] == "task default"
+
+
+def test_one_hard_negative_asked_for_needs_one_in_every_record(tmp_path):
+    path = _write(tmp_path / "d.jsonl", [GOOD, json.dumps({"query": "q", "pos": ["p"]})])
+    with pytest.raises(ValueError, match=r"d.jsonl:2: no hard negatives \('neg'\), but the stage asks for 1"):
+        TrainData(path, min_negatives=1)
+
+
+def test_sha256_is_of_the_file_bytes(tmp_path):
+    """What ``--resume`` compares to find changed data: the sha256 of every byte, blank lines included."""
+    import hashlib
+
+    path = _write(tmp_path / "d.jsonl", [GOOD, "", GOOD])
+    assert TrainData(path).sha256 == {str(path): hashlib.sha256(path.read_bytes()).hexdigest()}
+
+
+def test_missing_file_and_no_records_are_value_errors(tmp_path):
+    with pytest.raises(ValueError, match=r"data: file not found: .*nope.jsonl"):
+        TrainData(tmp_path / "nope.jsonl")
+    with pytest.raises(ValueError, match=r"data: no records in .*blank.jsonl"):
+        TrainData(_write(tmp_path / "blank.jsonl", ["", "  "]))
+    with pytest.raises(ValueError, match="expected at least one JSONL file"):
+        TrainData([])
+
+
+def test_eval_set_own_instruction_wins_and_bad_entries_are_refused(tmp_path):
+    corpus, queries = tmp_path / "corpus.jsonl", tmp_path / "q.jsonl"
+    write_jsonl(corpus, [{"id": "d1", "text": "one"}])
+    write_jsonl(queries, [{"query": "a", "relevant": ["d1"], "instruction": "own"}, {"query": "b", "relevant": ["d1"]}])
+    ev = load_eval_set(queries, corpus, instruction="default")
+    assert ev.queries == [format_query("a", "own"), format_query("b", "default")]
+    for row, message in [({"query": "a", "relevant": []}, "'relevant' is empty"),
+                         ({"query": "a", "relevant": {"d1": 0}}, "'relevant' is empty"),
+                         ({"query": "a", "relevant": {"d1": float("nan")}}, "'relevant' grades must be numbers"),
+                         ({"query": "a", "relevant": {"d1": True}}, "'relevant' grades must be numbers"),
+                         ({"query": "a", "relevant": ["d1"], "instruction": 3}, "'instruction' must be a string")]:
+        write_jsonl(queries, [{"query": "ok", "relevant": ["d1"]}, row])
+        with pytest.raises(ValueError, match=rf"q.jsonl:2: {re.escape(message)}"):
+            load_eval_set(queries, corpus)
+    write_jsonl(queries, [])
+    with pytest.raises(ValueError, match="q.jsonl: no queries"):
+        load_eval_set(queries, corpus)
+    write_jsonl(queries, [{"query": "a", "relevant": ["d1"]}])
+    write_jsonl(corpus, [{"id": "d1", "text": "one"}, {"id": "d2"}])
+    with pytest.raises(ValueError, match=r"corpus.jsonl:2: expected an object with 'id' and 'text'"):
+        load_eval_set(queries, corpus)
+
+
+def test_sampler_refuses_bad_batch_size_and_negative_weights():
+    tasks = {"a": list(range(8))}
+    with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):
+        TaskBatchSampler(tasks, 0)
+    with pytest.raises(ValueError, match="task_weights must be >= 0"):
+        TaskBatchSampler({**tasks, "b": list(range(8, 16))}, 2, task_weights={"b": -1.0})
+
+
+def test_sampler_weight_above_one_repeats_every_batch_evenly():
+    """Weight 2: each of the task's batches twice per epoch (not one batch over and over)."""
+    s = TaskBatchSampler({"a": list(range(12))}, 2, seed=3, task_weights={"a": 2.0})
+    batches = [tuple(ids) for _, ids, _ in _take(s, s.batches_per_epoch())]
+    assert len(batches) == 12 and all(batches.count(b) == 2 for b in batches)
+    assert sorted(i for b in set(batches) for i in b) == list(range(12))
+
+
+def test_sampler_mixes_tasks_within_an_epoch_and_ignores_task_order():
+    """All batches of an epoch are shuffled together (not task by task), and the order is a function of (seed,
+    epoch) only: listing the tasks in another order changes nothing."""
+    tasks = {"a": list(range(20)), "b": list(range(20, 40))}
+    batches = _take(TaskBatchSampler(tasks, 2, seed=0), 20)
+    order = [t for t, _, _ in batches]
+    assert order != sorted(order) and order != sorted(order, reverse=True)
+    assert batches == _take(TaskBatchSampler(dict(reversed(list(tasks.items()))), 2, seed=0), 20)
+
+
+def test_sampler_state_refuses_another_batch_size():
+    s = TaskBatchSampler({"a": list(range(8))}, 2, seed=1)
+    with pytest.raises(ValueError, match="batch_size=2; this run has seed=1, batch_size=4"):
+        TaskBatchSampler({"a": list(range(8))}, 4, seed=1).load_state_dict(s.state_dict())
+
+
+def test_sampler_coverage():
+    s = TaskBatchSampler({"big": list(range(10)), "even": list(range(10, 18)), "tiny": [99]}, 4)
+    assert s.coverage() == dict(tasks_smaller_than_a_batch={"tiny": 1}, left_out_per_epoch={"big": 2})
+
+
+def test_build_example_draws_depend_on_record_and_epoch():
+    """Exactly M negatives available: all of them, none twice. The positive and the negatives are drawn anew per
+    record id and per epoch (not always the first positive, not the same draw for every record)."""
+    rec = dict(query="q", pos=["p1", "p2", "p3"], neg=[f"n{i}" for i in range(5)], task="t", instruction=None)
+    for rid in range(10):
+        assert sorted(build_example(rec, rid, num_negatives=5, seed=0, epoch=0)[1][1:]) == sorted(rec["neg"])
+    draws = [build_example(rec, rid, num_negatives=2, seed=0, epoch=0)[1] for rid in range(20)]
+    assert {d[0] for d in draws} == set(rec["pos"]) and len({tuple(d) for d in draws}) > 5
+    epochs = [build_example(rec, 0, num_negatives=2, seed=0, epoch=e)[1] for e in range(20)]
+    assert {d[0] for d in epochs} == set(rec["pos"])
+    with pytest.raises(ValueError, match=r"record 4 \('q'\) has no hard negatives but 2 are asked for"):
+        build_example(dict(rec, neg=[]), 4, num_negatives=2, seed=0, epoch=0)

@@ -113,3 +113,46 @@ def test_gradcache_step_on_gpu(tmp_path, batch, bpe_tokenizer):
     _assert_grads_close({k: v.cpu() for k, v in got.items()}, {k: v.cpu() for k, v in ref.items()}, tol=1e-3)
     loss, got = step(4, lambda: torch.autocast("cuda", dtype=torch.bfloat16))
     assert torch.isfinite(loss) and all(torch.isfinite(g).all() for g in got.values())
+
+
+class _Recorder(torch.nn.Module):
+    """A linear 'encoder' of fixed per-text features that records, at each forward, whether the autocast context is
+    entered and, at each backward into its weight, whether the no_sync context is."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.linear = torch.nn.Linear(4, 3)
+        self.flags = dict(autocast=False, no_sync=False)
+        self.forwards, self.backwards = [], []
+        self.linear.weight.register_hook(lambda grad: self.backwards.append(self.flags["no_sync"]))
+
+    def tokenize(self, texts):
+        return torch.stack([torch.tensor([len(t), t.count("a"), t.count("e"), 1.0]) for t in texts])
+
+    def forward(self, features):
+        self.forwards.append(self.flags["autocast"])
+        return self.linear(features)
+
+    def context(self, flag):
+        @contextlib.contextmanager
+        def enter():
+            self.flags[flag] = True
+            try:
+                yield
+            finally:
+                self.flags[flag] = False
+        return enter
+
+
+@pytest.mark.parametrize("chunk", [None, 4])
+def test_autocast_wraps_every_forward_and_no_sync_every_backward_but_the_last(batch, chunk):
+    """The embedding forwards run under ``autocast``, the GradCache replays too (else they would not recompute the
+    cached embeddings); every mini-batch's backward but the last runs under ``no_sync``, so DDP all-reduces once,
+    after the last one has accumulated its gradient."""
+    queries, docs = batch[0][:3], batch[1][:3]  # 3 + 3 * 3 = 12 texts: 3 mini-batches of 4
+    model = _Recorder()
+    contrastive_step(model, model.tokenize, queries, docs, FocalInfoNCELoss(temperature=0.5), chunk_size=chunk,
+                     autocast=model.context("autocast"), no_sync=model.context("no_sync"))
+    assert model.forwards == [True] * (1 if chunk is None else 6)
+    assert model.backwards == ([False] if chunk is None else [True, True, False])

@@ -278,3 +278,113 @@ def test_under_torchrun_each_rank_takes_its_own_gpu(monkeypatch):
     with pytest.raises(ValueError, match="device 'cuda:0': under torchrun every rank computes on cuda:LOCAL_RANK"):
         distributed.local_device(two, "cuda:0")
     assert distributed.local_device(distributed.DistInfo(), "cuda:3") == torch.device("cuda", 3)
+
+
+# ---------------------------------------------------------------- pinned by mutation testing
+
+
+def _steps_logged(out, stage="ft"):
+    """The ``step`` of every metrics record of ``stage``, in file order (None: its data record)."""
+    return [r["step"] for r in map(json.loads, open(out / "metrics.jsonl")) if r["stage"] == stage]
+
+
+def test_run_changes_lets_only_the_resumable_keys_change():
+    """eval.batch_size, save_every, log_every, output_dir may change on --resume; the eval metric (which picks the
+    best model) may not, nor a data file's content."""
+    def record(metric, batch_size, save_every, log_every, out, sha):
+        return dict(config=dict(output_dir=out, log_every=log_every, eval=dict(metric=metric, batch_size=batch_size),
+                                stages=[dict(name="ft", lr=1e-3, save_every=save_every)]),
+                    data={"ft": {"a.jsonl": sha}})
+
+    stored = record("ndcg@10", 8, 1, 1, "x", "aaa")
+    assert trainer_module.run_changes(stored, record("ndcg@10", 16, 5, 3, "y", "aaa")) == []
+    assert trainer_module.run_changes(stored, record("mrr@10", 8, 1, 1, "x", "bbb")) == [
+        "eval.metric: 'ndcg@10' -> 'mrr@10'", "a.jsonl of stage 'ft' (its content changed)"]
+
+
+def test_a_non_finite_gradient_norm_stops_the_run(inputs, tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda *args, **kwargs: torch.tensor(float("inf")))
+    with pytest.raises(RunError, match=r"stage 'ft', step 1 .*: the gradient norm is inf; stopped before the opt"):
+        _run(_raw(inputs, tmp_path / "inf", save_every=None))
+    assert not (tmp_path / "inf/ft/final").exists()
+    # without clipping there is no gradient norm to check: the run trains (its logged norm is NaN)
+    final = _run(_raw(inputs, tmp_path / "free", steps=1, save_every=None, max_grad_norm=None))
+    assert (final / "config.json").is_file()
+
+
+def test_a_checkpoint_of_another_number_of_processes_is_refused(inputs, interrupted, tmp_path):
+    raw = _copy(interrupted, inputs, tmp_path)
+    step = tmp_path / "cut/ft/checkpoints/step-0000003"
+    state = json.loads((step / "trainer/state.json").read_text())
+    (step / "trainer/state.json").write_text(json.dumps(dict(state, world_size=2)))
+    manifest = json.loads((step / "checkpoint.json").read_text())  # intact on disk, as a 2-process run wrote it
+    manifest["files"]["trainer/state.json"] = digest(step / "trainer/state.json")
+    (step / "checkpoint.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=r"step-0000003 was written by 2 processes; resume it with the same number "
+                                         r"\(this run has 1\)"):
+        _run(raw, resume=True)
+
+
+def test_a_stage_seed_overrides_the_run_seed(inputs, tmp_path):
+    raw = dict(_raw(inputs, tmp_path / "run", seed=5), seed=1)
+    raw["stages"].append(dict(raw["stages"][0], name="second"))
+    del raw["stages"][1]["seed"]
+    prepared = Trainer(config_from_dict(raw), show_progress=False)._prepare()
+    assert {name: sampler.seed for name, (_, sampler) in prepared.items()} == {"ft": 5, "second": 1}
+
+
+def test_epochs_round_up_to_whole_steps(inputs, tmp_path):
+    """2 tasks of 8 records, batch_size 4: 4 batches an epoch; 0.6 epochs are 2.4 batches, trained as 3 steps."""
+    _run(_raw(inputs, tmp_path / "run", steps=None, epochs=0.6, save_every=None))
+    assert _steps_logged(tmp_path / "run") == [None, 1, 2, 3]
+
+
+def test_a_rerun_of_a_run_stopped_before_its_first_checkpoint_drops_its_records(inputs, tmp_path):
+    """Nothing to continue: the rerun starts afresh, without --resume and with any config (here the stage renamed);
+    metrics.jsonl holds the new run's records only."""
+    _interrupted(_raw(inputs, tmp_path / "run", save_every=None), n=2)
+    assert _steps_logged(tmp_path / "run") == [None, 1, 2]
+    _run(_raw(inputs, tmp_path / "run", save_every=None, name="renamed"))
+    records = [json.loads(line) for line in open(tmp_path / "run/metrics.jsonl")]
+    assert {r["stage"] for r in records} == {"renamed"}
+    assert _steps_logged(tmp_path / "run", "renamed") == [None, 1, 2, 3, 4]
+
+
+def test_a_stage_resumed_without_a_checkpoint_logs_once_and_a_finished_run_trains_nothing(inputs, tmp_path,
+                                                                                            monkeypatch):
+    """The second stage stops before its first checkpoint: --resume keeps the first stage, redoes the second from
+    its start (its earlier data record and steps dropped, not doubled); resuming the finished run trains nothing."""
+    raw = _raw(inputs, tmp_path / "run", steps=1, save_every=None)
+    raw["stages"].append(dict(raw["stages"][0], name="second", steps=2))
+
+    def stop(stage, step):
+        if stage == "second":
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        _run(raw, on_step=stop)
+    first = _weights(tmp_path / "run/ft/final")
+    _run(raw, resume=True)
+    assert _steps_logged(tmp_path / "run", "ft") == [None, 1]
+    assert _steps_logged(tmp_path / "run", "second") == [None, 1, 2]
+    assert all(torch.equal(first[k], v) for k, v in _weights(tmp_path / "run/ft/final").items())
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished stage was trained again")
+
+    monkeypatch.setattr(trainer_module, "contrastive_step", no_training)
+    assert _run(raw, resume=True) == tmp_path / "run/second/final"
+
+
+def test_a_model_swap_cut_short_by_a_kill_is_undone(inputs, tmp_path):
+    """A kill between moving ``best`` aside (``.best.old``) and putting the new one in place: the next run puts the
+    old one back, so keep_best still finds it; a ``.final.old`` next to a complete ``final`` is removed."""
+    trainer = Trainer(config_from_dict(_raw(inputs, tmp_path / "run")), show_progress=False)
+    stage_dir = tmp_path / "run/ft"
+    for name in (".best.old", ".best.tmp", "final", ".final.old"):
+        (stage_dir / name).mkdir(parents=True)
+        (stage_dir / name / "model.safetensors").write_text(name)
+    trainer._clean_stage(trainer.config.stages[0])
+    assert sorted(p.name for p in stage_dir.iterdir()) == ["best", "final"]
+    assert (stage_dir / "best/model.safetensors").read_text() == ".best.old"
+    assert (stage_dir / "final/model.safetensors").read_text() == "final"

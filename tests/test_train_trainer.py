@@ -277,3 +277,28 @@ def test_greedy_soup_keeps_a_candidate_only_if_the_soup_does_not_score_lower(inp
     trainer._run_soup(trainer.config.stages[0])
     assert soups_written[-1] == (sorted(chosen), tmp_path / "run" / "greedy" / "final")
     assert json.loads((tmp_path / "run" / "scores.json").read_text())["greedy"] == best
+
+
+def test_lr_schedule_stays_at_zero_after_the_last_step():
+    """Past ``total`` the decayed multiplier stays 0 (cosine does not rise again, linear does not turn negative)."""
+    assert [lr_lambda(10, 2, schedule)(s) for schedule in ("linear", "cosine") for s in (12, 15)] == [0.0] * 4
+
+
+def test_keep_best_keeps_the_earlier_model_on_a_tie(inputs, tmp_path, monkeypatch):
+    """keep_best replaces the best model only when a later evaluation scores higher, not when it only ties: with a
+    constant score the final model is the one of the first evaluation (step 1)."""
+    from kalm_fast.models import EmbeddingModel
+
+    evaluated = []
+
+    def constant_metric(model, eval_set, batch_size):
+        evaluated.append({n: p.detach().clone() for n, p in model.named_parameters()})
+        return {"ndcg@10": 0.5}
+
+    monkeypatch.setattr(trainer_module, "evaluate_model", constant_metric)
+    cfg = _config(inputs, tmp_path / "run", evaluated=True, steps=3, eval_every=1, keep_best=True, save_every=None,
+                  gradcache_chunk=None)
+    final = Trainer(cfg, show_progress=False).train()
+    got = dict(EmbeddingModel.from_pretrained(str(final), max_length=32).named_parameters())
+    assert len(evaluated) == 4 and max_abs_diff(evaluated[0], evaluated[2]) > 1e-4  # steps 1-3, then final
+    assert all(torch.equal(got[n], w) for n, w in evaluated[0].items())
