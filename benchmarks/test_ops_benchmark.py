@@ -42,7 +42,8 @@ def test_flash_attention_packed_long_tail(benchmark, backend):
     q = torch.randn(varlen.total, 14, 64, device=DEVICE, dtype=DTYPE)
     k, v = (torch.randn(varlen.total, 2, 64, device=DEVICE, dtype=DTYPE) for _ in range(2))
     with torch.no_grad():
-        _run(benchmark, "flash_attention", backend, lambda: flash_attention(q, k, v, cu_seqlens=varlen, backend=backend))
+        _run(benchmark, "flash_attention", backend,
+             lambda: flash_attention(q, k, v, cu_seqlens=varlen, backend=backend))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -85,7 +85,8 @@ def test_interrupted_encode_resumes_every_row_once(tmp_path, jsonl, monkeypatch,
     monkeypatch.setattr(shards, "atomic_write", real_save)
     encoded = []
     real_encode = shared_encoder.encode
-    monkeypatch.setattr(shared_encoder, "encode", lambda texts, **kw: encoded.append(len(texts)) or real_encode(texts, **kw))
+    monkeypatch.setattr(shared_encoder, "encode",
+                        lambda texts, **kw: encoded.append(len(texts)) or real_encode(texts, **kw))
     assert main(_args(jsonl, out)) == 0
     assert sum(encoded) == N_TEXTS - 3 * SHARD  # finished shards are not redone
     assert all(out.joinpath(name).stat().st_mtime_ns == t for name, t in before.items())

@@ -21,7 +21,8 @@ def compile_all(modules=()):
     """The compile tool's rows, run without TRITON_INTERPRET (the interpreter's @triton.jit cannot be compiled)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, str(SCRIPT), *modules], capture_output=True, text=True, env=env, timeout=2400)
+    proc = subprocess.run([sys.executable, str(SCRIPT), *modules], capture_output=True, text=True, env=env,
+                          timeout=2400)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
 

@@ -496,7 +496,8 @@ def _walk_engine_plan(q, flat, rq, rd, s_pos, inv_tau, margin, group, lse=None, 
             for r0 in range(0, B, cfi.TILE):
                 rows, _, v, _, is_pos, keep = block(qf, ff, rq, rd, r0, c_begin, c_end, False)
                 lse_part[z, rows] = torch.logsumexp((v * inv_tau).masked_fill(~keep, float("-inf")), dim=1)
-                neg_part[z, rows] = v.masked_fill(~keep | is_pos, float("-inf")).amax(1) if v.shape[1] else float("-inf")
+                neg_part[z, rows] = (v.masked_fill(~keep | is_pos, float("-inf")).amax(1) if v.shape[1]
+                                     else float("-inf"))
         return torch.logsumexp(lse_part, 0), neg_part.amax(0)
     dq, dd = torch.zeros(B, D), torch.zeros(N, D)
     for c0 in range(0, N, chunk or N):

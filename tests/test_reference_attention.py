@@ -18,7 +18,8 @@ def test_hand_computed_two_tokens():
     p0 = math.exp(1) / (math.exp(1) + math.exp(2))
     p1 = math.exp(2) / (math.exp(2) + math.exp(4))
     torch.testing.assert_close(out[:, 0, 0], torch.tensor([10 * p0 + 20 * (1 - p0), 10 * p1 + 20 * (1 - p1)]))
-    torch.testing.assert_close(lse[0], torch.tensor([math.log(math.exp(1) + math.exp(2)), math.log(math.exp(2) + math.exp(4))]))
+    torch.testing.assert_close(lse[0], torch.tensor([math.log(math.exp(1) + math.exp(2)),
+                                                     math.log(math.exp(2) + math.exp(4))]))
     causal = flash_attention_reference(q, k, v, cu, 2, None, True, 1.0, False)
     assert causal[0, 0, 0].item() == 10.0  # the first token sees only itself
 

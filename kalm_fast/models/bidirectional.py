@@ -32,7 +32,8 @@ SUPPORTED_MODEL_TYPES = ("bert", "roberta", "xlm-roberta", "camembert", "distilb
 
 
 def kalm_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-    """transformers attention function. ``query [B, Hq, L, D]``, ``key/value [B, Hkv, L, D]`` -> ``([B, L, Hq, D], None)``.
+    """transformers attention function. ``query [B, Hq, L, D]``, ``key/value [B, Hkv, L, D]`` ->
+    ``([B, L, Hq, D], None)``.
 
     Attention-probability dropout is not applied (``flash_attention`` has none); hidden-state dropout still is.
     Under autocast q, k and v run in the autocast dtype, as transformers' SDPA attention does: the rotary embedding

@@ -73,7 +73,8 @@ def pack_padded(input_ids: torch.Tensor, attention_mask: torch.Tensor, *, positi
                 position_offset=position_offset, pad_id=pad_id)
 
 
-def token_budget_batches(lengths: Sequence[int], max_tokens: int, max_sequences: Optional[int] = None) -> Iterator[list]:
+def token_budget_batches(lengths: Sequence[int], max_tokens: int,
+                         max_sequences: Optional[int] = None) -> Iterator[list]:
     """Indices grouped into batches of at most ``max_tokens`` tokens (``max_sequences`` texts), longest first.
 
     A text longer than ``max_tokens`` gets a batch of its own.

@@ -16,8 +16,8 @@ class FocalInfoNCELoss(nn.Module):
     ``forward(q [B, D], docs [B, 1+M, D], generator=None) -> (loss, stats)``: ``loss`` is a float32 scalar,
     the weighted sum (weights default to 1 each, not normalized) over ``matryoshka_dims`` (default: only the full
     D) of the loss, ``reduction="mean"``, on the first ``dim`` features (cosine similarity normalizes each truncation
-    again; each dimension draws its own synthetic negatives from ``generator``); ``stats`` holds floats for logging, from
-    the first Matryoshka dimension: ``mean_p`` (probability of the positive), ``mean_weight`` (focal weight),
+    again; each dimension draws its own synthetic negatives from ``generator``); ``stats`` holds floats for logging,
+    from the first Matryoshka dimension: ``mean_p`` (probability of the positive), ``mean_weight`` (focal weight),
     ``pos_sim`` and ``hardest_neg_sim`` (mean over queries of the similarity to the positive / to the most
     similar kept negative, NaN when no query has a negative).
     """

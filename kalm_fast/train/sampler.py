@@ -3,8 +3,8 @@
 Every batch comes from one task (in-batch negatives of another task would be easy, or false, negatives).
 An epoch's batch order is a pure function of ``(seed, epoch)``: per task, shuffle the record ids and cut
 them into full batches; a task's weight in ``task_weights`` scales how many of its batches an epoch holds
-(>1 repeats batches, <1 drops some, rounded, but a task of weight > 0 keeps at least one); then all batches are shuffled together. The position
-``(epoch, step)`` is the whole state, so resuming replays nothing and skips nothing.
+(>1 repeats batches, <1 drops some, rounded, but a task of weight > 0 keeps at least one); then all batches are
+shuffled together. The position ``(epoch, step)`` is the whole state, so resuming replays nothing and skips nothing.
 """
 from __future__ import annotations
 
@@ -104,7 +104,8 @@ def build_example(record: dict, rid: int, *, num_negatives: int, seed: int, epoc
     if num_negatives == 0:
         chosen = []
     elif not negs:
-        raise ValueError(f"record {rid} ({record['query'][:40]!r}) has no hard negatives but {num_negatives} are asked for")
+        raise ValueError(f"record {rid} ({record['query'][:40]!r}) has no hard negatives but {num_negatives} "
+                         "are asked for")
     elif len(negs) >= num_negatives:
         chosen = rng.sample(negs, num_negatives)
     else:

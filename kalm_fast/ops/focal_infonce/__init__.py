@@ -149,10 +149,11 @@ def focal_infonce(q: torch.Tensor, docs: torch.Tensor, *, temperature: float = 0
     """Focal-InfoNCE of ``q [B, D]`` against ``docs [B, 1+M, D]`` (positive first, then M hard negatives).
 
     ``loss_i = -(1 - p_i) ** gamma * log p_i`` where ``p_i`` is the softmax probability (at ``temperature``) of
-    the positive among the candidates (``reference.py``, steps 1-5). Returns a float32 scalar (``reduction`` "mean" / "sum") or
-    ``[B]`` ("none"). With ``gather=True`` every rank's docs join the candidates and "mean" is over this rank's
-    queries, so that DDP's gradient averaging gives exactly the gradient of the global-batch loss when every rank
-    holds the same number of queries (the trainer's global batches split evenly; else weight by the local counts).
+    the positive among the candidates (``reference.py``, steps 1-5). Returns a float32 scalar (``reduction``
+    "mean" / "sum") or ``[B]`` ("none"). With ``gather=True`` every rank's docs join the candidates and "mean" is
+    over this rank's queries, so that DDP's gradient averaging gives exactly the gradient of the global-batch loss
+    when every rank holds the same number of queries (the trainer's global batches split evenly; else weight by the
+    local counts).
     """
     return focal_infonce_with_stats(
         q, docs, temperature=temperature, gamma=gamma, similarity=similarity, in_batch_negatives=in_batch_negatives,

@@ -1,4 +1,5 @@
-"""Backend ``reference`` of ``mean_pool``, the oracle: a Python loop over sequences, fp32, obviously correct (and slow)."""
+"""Backend ``reference`` of ``mean_pool``, the oracle: a Python loop over sequences, fp32, obviously correct
+(and slow)."""
 from __future__ import annotations
 
 from typing import Optional
