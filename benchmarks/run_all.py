@@ -28,8 +28,9 @@ def main(argv=None) -> int:
     out = results_dir()
     out.mkdir(parents=True, exist_ok=True)
     here = Path(__file__).resolve().parent
+    report = out / f"pytest-benchmark-{device_tag()}.json"
     rc = subprocess.call([sys.executable, "-m", "pytest", "-q", str(here), "-p", "no:cacheprovider",
-                          "--benchmark-enable", f"--benchmark-json={out / f'pytest-benchmark-{device_tag()}.json'}"], cwd=here.parent)
+                          "--benchmark-enable", f"--benchmark-json={report}"], cwd=here.parent)
     if failed:
         print("failed benchmarks: " + ", ".join(failed))
     return 1 if failed or rc not in (0, 5) else 0

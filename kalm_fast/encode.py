@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from ._checks import check_int
 from .distributed import check_device
 from .models import EmbeddingModel
-from .models.embedding import resolve_device
+from .models.embedding import check_texts
 from .models.loading import SIMILARITY_FN_NAMES
 from .prompts import join_title, kalm_query_prompt
 
@@ -114,7 +114,7 @@ class Encoder:
         if prompts is not None and (not isinstance(prompts, dict) or not all(
                 isinstance(k, str) and isinstance(v, str) for k, v in prompts.items())):
             raise TypeError(f"prompts must be a dict of prompt name -> prefix string, got {prompts!r:.200}")
-        if dtype is None and resolve_device(device).type == "cuda":
+        if dtype is None and check_device(device).type == "cuda":
             dtype = "auto"  # on a GPU the checkpoint's own dtype, as sentence-transformers loads it; float32 on CPU
         self.model = EmbeddingModel.from_pretrained(model_name_or_path, device=device, dtype=dtype,
                                                     attn_backend=attn_backend, max_length=max_length,
@@ -246,10 +246,7 @@ class Encoder:
         single = isinstance(inputs, str)
         if not single and (isinstance(inputs, (bytes, dict)) or not isinstance(inputs, Iterable)):
             raise TypeError(f"inputs must be a string or a list of strings, got {type(inputs).__name__}")
-        texts = [inputs] if single else list(inputs)
-        for i, t in enumerate(texts):
-            if not isinstance(t, str):
-                raise TypeError(f"inputs must be strings, item {i} is {type(t).__name__}")
+        texts = [inputs] if single else check_texts(inputs, "inputs")
         batch_size = check_int("batch_size", batch_size)
         max_tokens_per_batch = check_int("max_tokens_per_batch", max_tokens_per_batch)
         if output_value not in OUTPUT_VALUES:

@@ -63,20 +63,14 @@ def resolve_dtype(dtype):
     return DTYPES[str(dtype)]
 
 
-def resolve_device(device) -> torch.device:
-    """``device`` (None: cuda if available, else cpu), refused with a ValueError naming it unless this machine has
-    it."""
-    return check_device(device)
-
-
-def check_texts(texts) -> list:
+def check_texts(texts, name: str = "texts") -> list:
     """``texts`` as a list of strings (a TypeError naming the first that is not)."""
     if isinstance(texts, str):
-        raise TypeError("texts must be a list of strings, got one str (wrap a single text in a list)")
+        raise TypeError(f"{name} must be a list of strings, got one str (wrap a single text in a list)")
     texts = list(texts)
     for i, t in enumerate(texts):
         if not isinstance(t, str):
-            raise TypeError(f"texts must be strings, item {i} is {type(t).__name__}")
+            raise TypeError(f"{name} must be strings, item {i} is {type(t).__name__}")
     return texts
 
 
@@ -134,7 +128,7 @@ class EmbeddingModel(nn.Module):
             raise ValueError(f"max_length must be a positive int or None, got {max_length!r}")
         if attn_backend not in BACKEND_NAMES:
             raise ValueError(f"attn_backend must be one of {BACKEND_NAMES}, got {attn_backend!r}")
-        dtype, device = resolve_dtype(dtype), resolve_device(device)
+        dtype, device = resolve_dtype(dtype), check_device(device)
         model_dir = resolve_model_dir(path)
         info = read_sentence_transformer_info(model_dir)
         config, model = load_transformer(info.transformer_dir, dtype=dtype, allow_pickle=allow_pickle)
