@@ -96,7 +96,7 @@ def stages(dry: bool, workers: int) -> list:
         Stage("bench-mean-pool", 45, [py, "-m", "benchmarks.mean_pool", "--preset", bench], required=False),
         Stage("bench-contrastive", 90, [py, "-m", "benchmarks.contrastive", "--preset", bench], required=False),
         Stage("bench-train-step", 120, train, required=False),
-        # for the speed issue: the triton attention variants (TMA forward, atomic dQ) against the defaults and SDPA;
+        # for the speed issue: the triton attention variants (TMA loads, atomic dQ) against the defaults and SDPA;
         # the encode at three token budgets (the default, DEFAULT_TOKENS["cuda"], is 32768)
         Stage("bench-attention-variants", 240, [py, "-m", "benchmarks.attention", "--preset",
                                                 "dry" if dry else "variants"], required=False, on_request=True),

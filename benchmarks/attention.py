@@ -14,8 +14,9 @@
 
 The ``variants`` preset (bf16 on a GPU; reports ``attention_variants-*`` and ``attention_packed_variants-*``) adds
 the triton backend under each of its environment settings: ``triton tma`` (``KALM_ATTENTION_TMA=1``: the forward
-loads K/V tiles through tensor descriptors, sm_90+) and ``triton atomic-dQ`` (``KALM_ATTENTION_DQ=atomic``: the
-backward adds dQ atomically in the dK/dV kernel, 5 GEMMs per tile pair instead of 7).
+and dQ kernels load K/V tiles through tensor descriptors, sm_90+) and ``triton atomic-dQ``
+(``KALM_ATTENTION_DQ=atomic``: the backward adds dQ atomically in the dK/dV kernel, 5 GEMMs per tile pair instead
+of 7).
 
 Packed inputs come with a ``Varlen`` (checked once), so our timings hold no argument validation.
 """

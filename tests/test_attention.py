@@ -109,9 +109,9 @@ def test_triton_atomic_dq_under_autotuning(backend, monkeypatch):
 
 @pytest.mark.parametrize("backend", backend_params(OP, ("triton",)))
 @pytest.mark.parametrize("lengths,hq,hkv,d,causal,dtype", [c for c in PACKED_CASES if c[-1] != torch.float32])
-def test_triton_tma_forward_matches_reference(backend, lengths, hq, hkv, d, causal, dtype, monkeypatch):
-    """KALM_ATTENTION_TMA=1: K/V tiles through tensor descriptors bounded by each sequence (zeros past its end and
-    past the head dim); the interpreter runs them on the CPU."""
+def test_triton_tma_matches_reference(backend, lengths, hq, hkv, d, causal, dtype, monkeypatch):
+    """KALM_ATTENTION_TMA=1: the forward and dQ kernels load K/V tiles through tensor descriptors bounded by each
+    sequence (zeros past its end and past the head dim); the interpreter runs them on the CPU."""
     from kalm_fast.ops.attention._triton import use_tma
 
     monkeypatch.setenv("KALM_ATTENTION_TMA", "1")
@@ -455,7 +455,7 @@ def test_cuda_tensors_on_different_devices():
 # Autotuning checks only the config that wins on a test's shapes; each config a GPU could pick elsewhere (longer
 # sequences, other head dims) must be correct on its own: the autotuned kernel is forced to one config at a time.
 TMA, ATOMIC_DQ = "KALM_ATTENTION_TMA=1", "KALM_ATTENTION_DQ=atomic"
-CONFIG_CASES = [("fwd", None), ("fwd", TMA), ("dkdv", None), ("dkdv", ATOMIC_DQ), ("dq", None)]
+CONFIG_CASES = [("fwd", None), ("fwd", TMA), ("dkdv", None), ("dkdv", ATOMIC_DQ), ("dq", None), ("dq", TMA)]
 
 
 def _config_runs(kernel, d, setting):
@@ -531,7 +531,8 @@ def test_triton_bf16_gpu(backend, d, causal):
 @pytest.mark.parametrize("causal", [False, True])
 def test_triton_bf16_gpu_variants(backend, setting, d, causal, monkeypatch):
     """The triton variants compiled: atomic dQ (several key tiles of a sequence add into the same dQ rows) and the
-    TMA forward (on sm_90+; elsewhere the pointer loads run and this repeats the bf16 test)."""
+    TMA loads of the forward and dQ kernels (on sm_90+; elsewhere the pointer loads run and this repeats the bf16
+    test)."""
     monkeypatch.setenv(*setting.split("="))
     cu = _cu([0, 1, 17, 300, 129, 1024])
     q, k, v = _inputs((int(cu[-1]), 14, d), 2, torch.bfloat16)

@@ -3,7 +3,7 @@ GPU runs, as ``triton.compile`` specs (``name``, ``module``, ``fn``, ``signature
 ``num_warps``, ``num_stages``, ``archs``; ``wgmma_expected`` where Hopper's tensor-core instruction must appear).
 
 Attention: every entry of its config table (``ops/attention/_triton.py``) for its arch, for fp16/bf16 and fp32, at
-head dims 64, 80, 128 and 256, with the kernels' variants (TMA forward, atomic dQ). Mean pooling and
+head dims 64, 80, 128 and 256, with the kernels' variants (TMA loads in fwd and dq, atomic dQ). Mean pooling and
 focal-InfoNCE: their fixed configurations per dtype.
 """
 from __future__ import annotations
@@ -49,14 +49,15 @@ def attention_specs() -> list:
         dq = dict(bwd, DQ=ptr, WORK="*i32", CU_SEQLENS="*i32", qk_scale="fp32", sm_scale="fp32",
                   seqlen_bucket="i32",
                   **_strides("qt", "qh", "kt", "kh", "vt", "vh", "dot", "doh", "lh", "dqt", "dqh"))
-        # the variants: fwd with K/V through tensor descriptors (KALM_ATTENTION_TMA=1: sm_90, fp16/bf16), dQ by its
-        # own kernel (the default) or added atomically by dkdv (KALM_ATTENTION_DQ=atomic)
+        # the variants: fwd and dq with K/V through tensor descriptors (KALM_ATTENTION_TMA=1: sm_90, fp16/bf16), dQ
+        # by its own kernel (the default) or added atomically by dkdv (KALM_ATTENTION_DQ=atomic)
         for name, fn, sig, extra, archs in (
                 ("fwd", attention._attn_fwd, fwd, {"USE_TMA": False}, ARCHS),
                 ("fwd", attention._attn_fwd, fwd, {"USE_TMA": True}, {90: "sm90"} if dtype != "fp32" else {}),
                 ("dkdv", attention._attn_bwd_dkdv, dkdv, {"ATOMIC_DQ": False}, ARCHS),
                 ("dkdv", attention._attn_bwd_dkdv, dkdv, {"ATOMIC_DQ": True}, ARCHS),
-                ("dq", attention._attn_bwd_dq, dq, {}, ARCHS)):
+                ("dq", attention._attn_bwd_dq, dq, {"USE_TMA": False}, ARCHS),
+                ("dq", attention._attn_bwd_dq, dq, {"USE_TMA": True}, {90: "sm90"} if dtype != "fp32" else {})):
             for arch, arch_class in archs.items():
                 for bm, bn, warps, stages in attention.gpu_configs(name, arch_class, width, block_d,
                                                                    extra.get("ATOMIC_DQ", False)):

@@ -8,7 +8,8 @@ sequences (20-60 tokens, the usual embedding input) still fill a 64/128-row tile
 of one KV head of one sequence: the grid is (work items, KV heads), and a host-built work list (``tile_work``)
 names the (sequence, tile) of each item, the longest sequences first, so that a packed batch of short texts with a
 few long ones launches no empty programs and its longest tiles start first. With ``KALM_ATTENTION_TMA=1``
-(fp16/bf16, sm_90+) the forward loads K/V tiles through tensor descriptors bounded by each sequence (``use_tma``).
+(fp16/bf16, sm_90+) the forward and the dQ kernel load K/V tiles through tensor descriptors bounded by each sequence
+(``use_tma``).
 Scores are kept in base 2 (``qk_scale = softmax_scale * log2(e)``); the saved log-sum-exp ``lse [Hq, T]`` is fp32
 in natural units.
 
@@ -20,6 +21,9 @@ dQ buffer with atomic adds (5 GEMMs, Q/dO and K/V read once; the order of the ad
 Tiles entirely outside the causal mask are skipped; forward and dQ mask only the boundary/diagonal tiles.
 ``seqlen_bucket`` (max_seqlen rounded up to a power of two) is only an autotuning key. Offsets are int32: tensors
 stay below 2**31 elements (checked here). No other argument checking (see ``kalm_fast.ops.attention``).
+Not used: Triton 3.6's automatic warp specialization (``tl.range(..., warp_specialize=True)`` on the key loop)
+leaves the 8-warp sm_90 forward configs unchanged and fails the 4-warp one in its NVGPUWarpSpecialization pass
+(compiled ahead of time, 2026-12-06).
 """
 from __future__ import annotations
 
@@ -41,7 +45,7 @@ DQ_MODES = ("separate", "atomic")
 
 
 def use_tma(k, v) -> bool:
-    """Whether the forward loads K/V tiles through tensor descriptors (Hopper's copy engine, TMA):
+    """Whether the forward and dQ kernels load K/V tiles through tensor descriptors (Hopper's copy engine, TMA):
     ``KALM_ATTENTION_TMA=1``, fp16/bf16 (fp32 tiles spill), on a GPU of compute capability 9+ (or in the
     interpreter, for the tests), with 16-byte aligned rows and heads. The descriptors are made on the device, which
     needs a Triton allocator: one is set (torch's caching allocator) if none was."""
@@ -176,6 +180,22 @@ def _key_range(m0, seqlen, GROUP: tl.constexpr, IS_CAUSAL: tl.constexpr, BLOCK_M
 
 
 @triton.jit
+def _kv_sources(K, V, start, seqlen, kv_head, stride_kt, stride_kh, stride_vt, stride_vh, HEAD_DIM: tl.constexpr,
+                USE_TMA: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Where a program's key tiles come from: pointers to the sequence's first K/V row of ``kv_head`` or, with
+    USE_TMA (Hopper's copy engine), tensor descriptors of its ``[seqlen, HEAD_DIM]`` rows, which load rows past the
+    sequence and columns past HEAD_DIM as zeros."""
+    k_src = K + start * stride_kt + kv_head * stride_kh
+    v_src = V + start * stride_vt + kv_head * stride_vh
+    if USE_TMA:
+        k_src = tl.make_tensor_descriptor(k_src, shape=[seqlen, HEAD_DIM], strides=[stride_kt, 1],
+                                          block_shape=[BLOCK_N, BLOCK_D])
+        v_src = tl.make_tensor_descriptor(v_src, shape=[seqlen, HEAD_DIM], strides=[stride_vt, 1],
+                                          block_shape=[BLOCK_N, BLOCK_D])
+    return k_src, v_src
+
+
+@triton.jit
 def _attn_fwd(Q, K, V, O, LSE, WORK, CU_SEQLENS, qk_scale, seqlen_bucket,
               stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_lh,
               GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, IS_CAUSAL: tl.constexpr,
@@ -193,13 +213,8 @@ def _attn_fwd(Q, K, V, O, LSE, WORK, CU_SEQLENS, qk_scale, seqlen_bucket,
     d_ok = offs_d < HEAD_DIM
     ld = (r < seqlen * GROUP)[:, None] & d_ok[None, :]
     q = tl.load(Q + ((start + tok) * stride_qt + head * stride_qh)[:, None] + offs_d[None, :], mask=ld, other=0.0)
-    k_src = K + start * stride_kt + kv_head * stride_kh
-    v_src = V + start * stride_vt + kv_head * stride_vh
-    if USE_TMA:  # the copy engine (Hopper); rows past the sequence and columns past HEAD_DIM load as zeros
-        k_src = tl.make_tensor_descriptor(k_src, shape=[seqlen, HEAD_DIM], strides=[stride_kt, 1],
-                                          block_shape=[BLOCK_N, BLOCK_D])
-        v_src = tl.make_tensor_descriptor(v_src, shape=[seqlen, HEAD_DIM], strides=[stride_vt, 1],
-                                          block_shape=[BLOCK_N, BLOCK_D])
+    k_src, v_src = _kv_sources(K, V, start, seqlen, kv_head, stride_kt, stride_kh, stride_vt, stride_vh, HEAD_DIM,
+                               USE_TMA, BLOCK_N, BLOCK_D)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -304,18 +319,22 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, WORK, CU_SEQLENS, qk
 
 
 @triton.jit
-def _dq_tiles(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, lo, hi, tok, seqlen, qk_scale,
+def _dq_tiles(dq, q, do, lse, delta, k_src, v_src, stride_kt, stride_vt, lo, hi, tok, seqlen, qk_scale,
               offs_n, offs_d, d_ok, IS_CAUSAL: tl.constexpr, MASKED: tl.constexpr, BLOCK_N: tl.constexpr,
-              PRECISION: tl.constexpr):
+              PRECISION: tl.constexpr, USE_TMA: tl.constexpr):
     """Accumulate dQ of one query tile (``tok``: token of each row) over key tiles [lo, hi); MASKED tiles may cross
-    the sequence end or the causal diagonal."""
+    the sequence end or the causal diagonal. K/V from ``_kv_sources``."""
     for n0 in range(lo, hi, BLOCK_N):
         cols = n0 + offs_n
         kv_ok = d_ok[None, :]
         if MASKED:
             kv_ok = kv_ok & (cols < seqlen)[:, None]
-        k_t = tl.load(k_base + cols[None, :] * stride_kt + offs_d[:, None], mask=tl.trans(kv_ok), other=0.0)
-        v_t = tl.load(v_base + cols[None, :] * stride_vt + offs_d[:, None], mask=tl.trans(kv_ok), other=0.0)
+        if USE_TMA:
+            k_t = tl.trans(k_src.load([n0, 0]))
+            v_t = tl.trans(v_src.load([n0, 0]))
+        else:
+            k_t = tl.load(k_src + cols[None, :] * stride_kt + offs_d[:, None], mask=tl.trans(kv_ok), other=0.0)
+            v_t = tl.load(v_src + cols[None, :] * stride_vt + offs_d[:, None], mask=tl.trans(kv_ok), other=0.0)
         p = tl.exp2(tl.dot(q, k_t, input_precision=PRECISION) * qk_scale - lse[:, None])
         if MASKED:
             ok = (cols < seqlen)[None, :]
@@ -333,7 +352,7 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, WORK, CU_SEQLENS, qk_scale, sm_sca
                  stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
                  stride_lh, stride_dqt, stride_dqh,
                  GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, IS_CAUSAL: tl.constexpr,
-                 PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                 USE_TMA: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """dQ of the folded query tile of work item program_id(0), KV head program_id(1)."""
     seq, m0 = _work_item(WORK, BLOCK_M)
     kv_head = tl.program_id(1)
@@ -352,14 +371,14 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, WORK, CU_SEQLENS, qk_scale, sm_sca
                  other=0.0)
     lse = tl.load(LSE + head * stride_lh + start + tok, mask=row_ok, other=float("inf")) * _LOG2E
     delta = tl.load(DELTA + head * stride_lh + start + tok, mask=row_ok, other=0.0)
-    k_base = K + start * stride_kt + kv_head * stride_kh
-    v_base = V + start * stride_vt + kv_head * stride_vh
+    k_src, v_src = _kv_sources(K, V, start, seqlen, kv_head, stride_kt, stride_kh, stride_vt, stride_vh, HEAD_DIM,
+                               USE_TMA, BLOCK_N, BLOCK_D)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     full, hi = _key_range(m0, seqlen, GROUP, IS_CAUSAL, BLOCK_M, BLOCK_N)
-    dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, 0, full, tok, seqlen, qk_scale,
-                   offs_n, offs_d, d_ok, IS_CAUSAL, False, BLOCK_N, PRECISION)
-    dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, full, hi, tok, seqlen, qk_scale,
-                   offs_n, offs_d, d_ok, IS_CAUSAL, True, BLOCK_N, PRECISION)
+    dq = _dq_tiles(dq, q, do, lse, delta, k_src, v_src, stride_kt, stride_vt, 0, full, tok, seqlen, qk_scale,
+                   offs_n, offs_d, d_ok, IS_CAUSAL, False, BLOCK_N, PRECISION, USE_TMA)
+    dq = _dq_tiles(dq, q, do, lse, delta, k_src, v_src, stride_kt, stride_vt, full, hi, tok, seqlen, qk_scale,
+                   offs_n, offs_d, d_ok, IS_CAUSAL, True, BLOCK_N, PRECISION, USE_TMA)
     tl.store(DQ + ((start + tok) * stride_dqt + head * stride_dqh)[:, None] + offs_d[None, :],
              (dq * sm_scale).to(DQ.dtype.element_ty), mask=ld)
 
@@ -475,7 +494,7 @@ _attn_fwd_tuned = triton.autotune(_configs("fwd"), key=_KEY + ["USE_TMA"],
                                   prune_configs_by={"early_config_prune": _pruner("fwd")})(_attn_fwd)
 _attn_bwd_dkdv_tuned = triton.autotune(_configs("dkdv"), key=_KEY + ["ATOMIC_DQ"], reset_to_zero=["DQ_ACC"],
                                        prune_configs_by={"early_config_prune": _pruner("dkdv")})(_attn_bwd_dkdv)
-_attn_bwd_dq_tuned = triton.autotune(_configs("dq"), key=_KEY,
+_attn_bwd_dq_tuned = triton.autotune(_configs("dq"), key=_KEY + ["USE_TMA"],
                                      prune_configs_by={"early_config_prune": _pruner("dq")})(_attn_bwd_dq)
 
 
@@ -535,7 +554,7 @@ def attention_backward(dout, q, k, v, out, lse, varlen, causal: bool, softmax_sc
     row_work, row_items = tile_work(varlen, group, q.device)
     _attn_bwd_dq_tuned[lambda m: (row_items[m["BLOCK_M"]], hkv)](
         q, k, v, dout, lse, delta, dq, row_work, varlen.cu_seqlens, softmax_scale * LOG2E, softmax_scale, bucket,
-        *strides, dq.stride(0), dq.stride(1), **meta)
+        *strides, dq.stride(0), dq.stride(1), USE_TMA=use_tma(k, v), **meta)
     return dq, dk, dv
 
 
