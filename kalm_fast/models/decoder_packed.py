@@ -8,10 +8,11 @@ execution. Every linear layer runs on the packed ``[T, H]`` tokens (no padding F
 too, without oneDNN); the residual adds are fused into the output and down projections. On CPU the linear layers go
 through oneDNN with weights packed once into its blocked layout (fp32, and bf16 where the CPU has it), the SiLU fused
 into the gate projection and the multiply into the up projection, so the ``[T, intermediate]`` activations are
-written once; ``addmm`` / ``F.linear`` is the fallback where oneDNN is missing. RMSNorm is ``F.rms_norm``, RoPE is
-applied in place on Q and K. Attention is bidirectional: per run of equal-length sequences on CPU with the "auto" /
-"torch" backends (zero-copy views of K and V, the query heads of one key/value head stacked so that GQA needs no
-repeated K/V), otherwise ``ops.flash_attention`` (varlen) with the model's attention backend.
+written once; ``addmm`` / ``F.linear`` is the fallback where oneDNN is missing. On a GPU the SiLU-multiply and RoPE
+are ``decoder_kernels``' Triton kernels, one pass each. RMSNorm is ``F.rms_norm``, RoPE is applied in place on Q
+and K. Attention is bidirectional: per run of equal-length sequences on CPU with the "auto" / "torch" backends
+(zero-copy views of K and V, the query heads of one key/value head stacked so that GQA needs no repeated K/V),
+otherwise ``ops.flash_attention`` (varlen) with the model's attention backend.
 Used without autograd only; training goes through the transformers modules and the registered attention function.
 """
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import ops
+from .._registry import triton_unavailable
 from .bert_packed import MATMUL_ATTENTION_MAX_LEN, equal_length_runs, layer_weights, onednn_linear_available
 
 FAMILIES = ("qwen2", "qwen3", "llama", "mistral")
@@ -63,23 +65,30 @@ def _linear(x, weight, bias, packed: bool, add=None):
     return y if bias is None else y.add_(bias)
 
 
-def _gated_mlp_input(x, weights, packed: bool):
+def _gated_mlp_input(x, weights, packed: bool, fused: bool):
     """``silu(x @ Wg.T + bg) * (x @ Wu.T + bu)``: ``x [T, H]`` -> ``[T, I]``. ``weights``: the gate's and the up
-    projection's (weight, bias) when ``packed``, else their concatenation (one GEMM)."""
+    projection's (weight, bias) when ``packed``, else their concatenation (one GEMM), followed by the Triton
+    SiLU-multiply when ``fused``."""
     if packed:  # SiLU and multiply as oneDNN post-ops: no extra pass over [T, I]
         (w_gate, b_gate), (w_up, b_up) = weights
         g = torch.ops.mkldnn._linear_pointwise(x, w_gate, b_gate, "swish", [], "")
         return torch.ops.mkldnn._linear_pointwise(x, g, w_up, b_up, "mul")
     ((w_gate_up, b_gate_up),) = weights
-    gate, up = F.linear(x, w_gate_up, b_gate_up).chunk(2, dim=1)
+    gate_up = F.linear(x, w_gate_up, b_gate_up)
+    if fused:
+        from .decoder_kernels import silu_mul
+
+        return silu_mul(gate_up)
+    gate, up = gate_up.chunk(2, dim=1)
     return F.silu(gate, inplace=True).mul_(up)  # [T, I] view with row stride 2I
 
 
 def _rope_(x, cos, sin):
-    """Rotate ``x [T, heads, D]`` in place by the rotary angles (``cos``, ``sin`` ``[T, 1, D/2]``), as transformers'
+    """Rotate ``x [T, heads, D]`` in place by the rotary angles (``cos``, ``sin`` ``[T, D/2]``), as transformers'
     ``apply_rotary_pos_emb``: ``(x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin)``. One half-size temporary."""
     half = x.shape[-1] // 2
     x1, x2 = x[..., :half], x[..., half:]
+    cos, sin = cos[:, None], sin[:, None]
     x1_sin = x1 * sin
     x1.mul_(cos).addcmul_(x2, sin, value=-1)
     x2.mul_(cos).add_(x1_sin)
@@ -115,9 +124,11 @@ def attention_per_run(q, k, v, runs, scale: float):
 class PackedDecoder:
     """Callable ``(PackedBatch) -> last hidden state [T, H]``."""
 
-    def __init__(self, model, onednn: bool = True):
+    def __init__(self, model, onednn: bool = True, fused: "bool | None" = None):
         self.model = model
         self.onednn = onednn  # CPU linears through oneDNN where the torch build and the CPU have it for the dtype
+        # SiLU-multiply and RoPE through decoder_kernels (None: on CUDA tensors, where Triton imports)
+        self.fused = fused
         self._weights = {}
 
     def _layer_weights(self, layer, x) -> tuple:
@@ -138,8 +149,12 @@ class PackedDecoder:
         runs = equal_length_runs(batch.varlen.lengths) if per_run else None
         x = model.embed_tokens(batch.input_ids)                                                # [T, H]
         cos, sin = model.rotary_emb(x, batch.position_ids[None])                               # [1, T, D]
-        half = head_dim // 2
-        cos, sin = cos[0, :, None, :half], sin[0, :, None, :half]                              # [T, 1, D/2]
+        cos, sin = cos[0, :, :head_dim // 2], sin[0, :, :head_dim // 2]                        # [T, D/2]
+        fused = self.fused if self.fused is not None else x.is_cuda and triton_unavailable() is None
+        if fused:
+            from .decoder_kernels import rope_ as rotate
+        else:
+            rotate = _rope_
         hidden = x.shape[1]
         for layer in model.layers:
             attn = layer.self_attn
@@ -153,8 +168,8 @@ class PackedDecoder:
             if hasattr(attn, "q_norm"):  # Qwen3: RMSNorm over each head before RoPE
                 q = F.rms_norm(q, (head_dim,), attn.q_norm.weight, attn.q_norm.variance_epsilon)
                 k = F.rms_norm(k, (head_dim,), attn.k_norm.weight, attn.k_norm.variance_epsilon)
-            _rope_(q, cos, sin)
-            _rope_(k, cos, sin)
+            rotate(q, cos, sin)
+            rotate(k, cos, sin)
             if per_run:
                 ctx = attention_per_run(q, k, v, runs, attn.scaling)
             else:
@@ -163,5 +178,5 @@ class PackedDecoder:
             x = _linear(ctx, *o_w, packed, add=x)
             norm = layer.post_attention_layernorm
             h = F.rms_norm(x, (hidden,), norm.weight, norm.variance_epsilon)
-            x = _linear(_gated_mlp_input(h, mlp_input_w, packed), *down_w, packed, add=x)
+            x = _linear(_gated_mlp_input(h, mlp_input_w, packed, fused), *down_w, packed, add=x)
         return F.rms_norm(x, (hidden,), model.norm.weight, model.norm.variance_epsilon)

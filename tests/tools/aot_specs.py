@@ -3,14 +3,15 @@ GPU runs, as ``triton.compile`` specs (``name``, ``module``, ``fn``, ``signature
 ``num_warps``, ``num_stages``, ``archs``; ``wgmma_expected`` where Hopper's tensor-core instruction must appear).
 
 Attention: every entry of its config table (``ops/attention/_triton.py``) for its arch, for fp16/bf16 and fp32, at
-head dims 64, 80, 128 and 256, with the kernels' variants (TMA loads in fwd and dq, atomic dQ). Mean pooling and
-focal-InfoNCE: their fixed configurations per dtype.
+head dims 64, 80, 128 and 256, with the kernels' variants (TMA loads in fwd and dq, atomic dQ). Mean pooling,
+focal-InfoNCE and the packed decoder's SiLU-multiply and RoPE: their fixed configurations per dtype.
 """
 from __future__ import annotations
 
 import torch
 import triton
 
+from kalm_fast.models import decoder_kernels
 from kalm_fast.ops.attention import _triton as attention
 from kalm_fast.ops.focal_infonce import _triton as focal
 from kalm_fast.ops.mean_pool import _triton as mean_pool
@@ -151,5 +152,28 @@ def focal_infonce_specs() -> list:
     return specs
 
 
+def decoder_specs() -> list:
+    """The packed decoder's kernels per dtype; RoPE at Qwen2-0.5B's head dim 64 (14 query heads: one 16-head block)
+    and 128, as ``rope_`` launches them."""
+    specs = []
+    for dtype in ("fp16", "bf16", "fp32"):
+        specs.append(dict(
+            module="decoder", name=f"decoder_silu_mul_{dtype}", fn=decoder_kernels._silu_mul_kernel,
+            signature={"GATE_UP": f"*{dtype}", "OUT": f"*{dtype}", "I": "i32", "stride_in": "i32",
+                       "stride_out": "i32", "BLOCK": "constexpr"},
+            constexprs={"BLOCK": decoder_kernels.SILU_MUL_BLOCK}, num_warps=4, num_stages=2))
+        for head_dim in (64, 128):
+            specs.append(dict(
+                module="decoder", name=f"decoder_rope_{dtype}_d{head_dim}", fn=decoder_kernels._rope_kernel,
+                signature={"X": f"*{dtype}", "COS": f"*{dtype}", "SIN": f"*{dtype}", "H": "i32", "stride_xt": "i32",
+                           "stride_xh": "i32", "stride_ct": "i32", "stride_st": "i32", "HALF": "constexpr",
+                           "BLOCK_H": "constexpr", "BLOCK_HALF": "constexpr"},
+                constexprs={"HALF": head_dim // 2, "BLOCK_H": 16, "BLOCK_HALF": head_dim // 2}, num_warps=4,
+                num_stages=2))
+    for spec in specs:  # Qwen2-0.5B's intermediate size 4864 is a multiple of 16, as JIT launches specialize it
+        spec["attrs"] = _aligned(spec["fn"], spec["signature"], also=("I",))
+    return specs
+
+
 def all_specs() -> list:
-    return attention_specs() + mean_pool_specs() + focal_infonce_specs()
+    return attention_specs() + mean_pool_specs() + focal_infonce_specs() + decoder_specs()
