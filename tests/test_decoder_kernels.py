@@ -1,12 +1,12 @@
 """kalm_fast.models.decoder_kernels: the Triton SiLU-multiply and RoPE of the packed decoder's GPU path against the
-torch ops they replace (odd shapes, strided per-head views, head halves that are not a power of two), and the
-packed decoder taking them (in the interpreter on CPU, compiled on a GPU)."""
+torch ops they replace (odd shapes, strided per-head views, head halves that are not a power of two), in the
+interpreter on CPU, compiled on a GPU (the decoder taking them: tests/test_decoder_packed.py)."""
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import DEVICE, INTERPRET
 
-from kalm_fast.models import EmbeddingModel, decoder_packed
+from kalm_fast.models import decoder_packed
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(DEVICE != "cuda" and not INTERPRET,
                                                   reason="needs a CUDA device or TRITON_INTERPRET=1")]
@@ -76,40 +76,3 @@ def test_rope_checks_its_input():
         rope_(_randn(3, 2, 7), cos, cos)
     with pytest.raises(ValueError, match="contiguous last dim"):
         rope_(_randn(3, 8, 2).transpose(1, 2), cos, cos)
-
-
-@pytest.mark.parametrize("kind", ["qwen2-gqa14", "llama", "qwen3"])
-def test_packed_decoder_takes_the_kernels(kind, tmp_path, monkeypatch):
-    """The packed decoder with the Triton SiLU-multiply and RoPE (``fused=True``; on a GPU by default) equals its torch
-    path in fp32: GQA 14:2, biases, Qwen3's q/k norms."""
-    from transformers import AutoModel, AutoTokenizer
-
-    from test_decoder_packed import BPE, TEXTS, _config
-
-    torch.manual_seed(0)
-    model = AutoModel.from_config(_config(kind))
-    for p in model.parameters():
-        p.data.normal_(0, 0.2)
-    model.save_pretrained(str(tmp_path))
-    AutoTokenizer.from_pretrained(str(BPE)).save_pretrained(str(tmp_path))
-    monkeypatch.setenv("KALM_PACKED_DECODER", "all")
-    model = EmbeddingModel.from_pretrained(tmp_path, device=DEVICE)
-    batch = model.pack(model.token_ids(TEXTS))
-    from kalm_fast.models import decoder_kernels
-
-    calls = []
-    for name in ("silu_mul", "rope_"):
-        real = getattr(decoder_kernels, name)
-        monkeypatch.setattr(decoder_kernels, name,
-                            lambda *a, _real=real, _name=name: (calls.append(_name), _real(*a))[1])
-    decoder = model._packed_decoder
-    decoder.onednn = False  # the kernels serve the one-GEMM gate/up projection (oneDNN fuses SiLU itself on CPU)
-    with torch.no_grad():
-        decoder.fused = False
-        want = decoder(batch)
-        assert calls == []
-        decoder.fused = None if DEVICE == "cuda" else True
-        got = decoder(batch)
-    layers = len(model.model.layers)
-    assert calls.count("silu_mul") == layers and calls.count("rope_") == 2 * layers
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

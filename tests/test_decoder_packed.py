@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import DEVICE, INTERPRET
 
 from kalm_fast.models import EmbeddingModel, decoder_packed
 from kalm_fast.models.bert_packed import MATMUL_ATTENTION_MAX_LEN, onednn_linear_available
@@ -217,6 +218,35 @@ def test_packed_decoder_setting(model_dirs, monkeypatch):
     monkeypatch.setenv("KALM_PACKED_DECODER", "gpu")
     with pytest.raises(ValueError, match="KALM_PACKED_DECODER must be one of"):
         decoder_packed.runs_on(torch.device("cpu"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(DEVICE != "cuda" and not INTERPRET, reason="needs a CUDA device or TRITON_INTERPRET=1")
+@pytest.mark.parametrize("kind", ["qwen2-gqa14", "llama", "qwen3"])
+def test_fast_path_takes_the_triton_kernels(model_dirs, monkeypatch, kind):
+    """With decoder_kernels' SiLU-multiply and RoPE (``fused``: by default on a GPU; in the interpreter on CPU) the
+    fast path equals its torch path in fp32: GQA 14:2, biases, Qwen3's q/k norms."""
+    from kalm_fast.models import decoder_kernels
+
+    monkeypatch.setenv("KALM_PACKED_DECODER", "all")
+    model = EmbeddingModel.from_pretrained(model_dirs[kind], device=DEVICE)
+    batch = model.pack(model.token_ids(TEXTS))
+    calls = []
+    for name in ("silu_mul", "rope_"):
+        real = getattr(decoder_kernels, name)
+        monkeypatch.setattr(decoder_kernels, name,
+                            lambda *a, _real=real, _name=name: (calls.append(_name), _real(*a))[1])
+    decoder = model._packed_decoder
+    decoder.onednn = False  # the kernels serve the one-GEMM gate/up projection (oneDNN fuses SiLU itself on CPU)
+    with torch.no_grad():
+        decoder.fused = False
+        want = decoder(batch)
+        assert calls == []
+        decoder.fused = None if DEVICE == "cuda" else True
+        got = decoder(batch)
+    layers = len(model.model.layers)
+    assert calls.count("silu_mul") == layers and calls.count("rope_") == 2 * layers
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.gpu
