@@ -22,7 +22,8 @@ test: $(VENV)/.installed-dev
 PINS ?=
 LATEST := .venv-latest
 LATEST_PIP := $(LATEST)/bin/python -m pip --disable-pip-version-check -q
-LATEST_TESTS := tests/test_models.py tests/test_train_gradcache.py tests/test_sentence_transformers.py tests/test_mteb.py
+LATEST_TESTS := tests/test_models.py tests/test_decoder_packed.py tests/test_train_gradcache.py tests/test_sentence_transformers.py \
+	tests/test_mteb.py
 
 test-latest:
 	test -x $(LATEST)/bin/python || $(PYTHON) -m venv $(LATEST)

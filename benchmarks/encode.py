@@ -47,6 +47,9 @@ ROOT = Path(__file__).resolve().parent.parent
 DATA = DATA_DIR / "sample_corpus.txt"
 BPE_TOKENIZER = ROOT / "tests" / "fixtures" / "bpe-8k"
 MODELS = {"minilm": "all-MiniLM-L6-v2", "qwen2": "qwen2-0.5B-shaped"}
+# variant rows of decoder models on a GPU, off by default there: the CPU's packed fast path; transformers' modules
+# with fused ops
+VARIANTS = {"packed decoder": {"KALM_PACKED_DECODER": "all"}, "fused decoder": {"KALM_FUSED_DECODER": "1"}}
 ST_FP32 = "sentence-transformers"
 
 
@@ -176,17 +179,18 @@ def torch_impls(model_dir, st_fp32, dtype, device, st_batch_size, token_budgets)
     for budget in token_budgets:
         label = f"kalm_fast {name}" + (f" ({budget} tokens)" if budget else "")
         impls[label] = lambda texts, budget=budget: encoder.encode(texts, max_tokens_per_batch=budget)
-    if device.type == "cuda" and encoder.model._packed_decoder is not None:  # the CPU fast path, on the GPU
+    if device.type == "cuda" and encoder.model._packed_decoder is not None:
         budget = token_budgets[0]
-        impls[f"kalm_fast {name} (packed decoder{f', {budget} tokens' if budget else ''})"] = \
-            with_packed_decoder(encoder, budget)
+        tail = f", {budget} tokens" if budget else ""
+        for variant, setting in VARIANTS.items():  # decoder paths prepared for the GPU, off by default there
+            impls[f"kalm_fast {name} ({variant}{tail})"] = with_setting(encoder, budget, setting)
     return impls, encoder
 
 
-def with_packed_decoder(encoder, budget):
-    """``encoder.encode`` under ``KALM_PACKED_DECODER=all`` (decoder_packed's fast path on every device)."""
+def with_setting(encoder, budget, setting: dict):
+    """``encoder.encode`` under the environment ``setting`` (restored afterwards)."""
     def encode(texts):
-        with mock.patch.dict(os.environ, {"KALM_PACKED_DECODER": "all"}):
+        with mock.patch.dict(os.environ, setting):
             return encoder.encode(texts, max_tokens_per_batch=budget)
     return encode
 
@@ -313,14 +317,14 @@ def measure(impls: dict, texts, device, rounds: int) -> tuple:
 
     The warm-up encodes a few texts on CPU, all of them on a GPU: each batch shape that a GPU run meets first
     compiles and autotunes Triton kernels (per length bucket), which a timed round must not include. A peer or an
-    optional variant (``packed decoder``) that fails on the warm-up is dropped with one printed line (e.g. an export
+    optional variant (``VARIANTS``) that fails on the warm-up is dropped with one printed line (e.g. an export
     it cannot run)."""
     warm_up = texts if device.type == "cuda" else texts[:16]
     for name, fn in list(impls.items()):
         try:
             fn(warm_up)
         except Exception as exc:
-            if name.startswith(("kalm_fast", "sentence-transformers")) and "(packed decoder" not in name:
+            if name.startswith(("kalm_fast", "sentence-transformers")) and not any(f"({v}" in name for v in VARIANTS):
                 raise
             print(f"peer skipped: {name} failed: {type(exc).__name__}: {exc}", flush=True)
             del impls[name]

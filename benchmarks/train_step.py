@@ -3,8 +3,9 @@
 One step = GradCache embedding of B queries and B x (1 + M) documents (random token ids, lengths
 ``--query-len`` / ``--doc-len``), focal-InfoNCE with in-batch + M hard negatives, backward through the
 model mini-batch by mini-batch, AdamW update: the loop of ``kalm_fast.train.Trainer``. Compared across
-loss backends (``auto`` against ``reference``, which materializes the similarity matrix) and against
-sentence-transformers' own GradCache step (``st-cached-mnrl``: ``CachedMultipleNegativesRankingLoss`` with
+loss backends (``auto`` against ``reference``, which materializes the similarity matrix), with transformers' modules
+as they are or with fused ops (``auto (fused decoder)``: ``KALM_FUSED_DECODER=1``, a row by default on a GPU), and
+against sentence-transformers' own GradCache step (``st-cached-mnrl``: ``CachedMultipleNegativesRankingLoss`` with
 ``mini_batch_size = --chunk`` and ``scale = 1 / temperature``, the same weights saved by ``EmbeddingModel``, the same
 padded token ids; the loss and its backward under the same autocast, as the Hugging Face Trainer runs it).
 ``--max-batch`` adds, per backend, the largest B whose step fits in the same memory: B doubles from
@@ -23,8 +24,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import os
 import tempfile
 import time
+from unittest import mock
 
 import torch
 
@@ -59,6 +62,7 @@ def make_texts(batch: int, negatives: int, query_len: int, doc_len: int, vocab: 
 
 
 ST_BASELINE = "st-cached-mnrl"
+FUSED = " (fused decoder)"  # a loss backend's row with KALM_FUSED_DECODER=1 (transformers' modules with fused ops)
 TEMPERATURE = 0.01
 
 
@@ -111,8 +115,9 @@ def run_step(model, optimizer, loss_fn, texts, chunk, device):
 
 def make_step(model, optimizer, backend, texts, chunk, device, st=None, synthetic=0):
     """One training step of ``texts``, as a callable: ``backend`` is a focal-InfoNCE loss backend run by kalm_fast's
-    step, or ST_BASELINE with ``st = (its SentenceTransformer, its optimizer)``. Both run mini-batches of ``chunk``
-    texts (sentence-transformers' cached loss embeds each column of the batch in such mini-batches)."""
+    step (with FUSED appended: under ``KALM_FUSED_DECODER=1``), or ST_BASELINE with ``st = (its SentenceTransformer,
+    its optimizer)``. Both run mini-batches of ``chunk`` texts (sentence-transformers' cached loss embeds each column
+    of the batch in such mini-batches)."""
     if backend == ST_BASELINE:
         from sentence_transformers.losses import CachedMultipleNegativesRankingLoss
 
@@ -123,9 +128,14 @@ def make_step(model, optimizer, backend, texts, chunk, device, st=None, syntheti
         return lambda: run_st_step(st_loss, st_optimizer, features, device)
     from kalm_fast.train.losses import FocalInfoNCELoss
 
+    fused = backend.endswith(FUSED)
     loss_fn = FocalInfoNCELoss(temperature=TEMPERATURE, gamma=0.5, num_synthetic=synthetic,
-                               backend=backend)
-    return lambda: run_step(model, optimizer, loss_fn, texts, chunk, device)
+                               backend=backend[:-len(FUSED)] if fused else backend)
+
+    def step():
+        with mock.patch.dict(os.environ, {"KALM_FUSED_DECODER": "1"} if fused else {}):
+            return run_step(model, optimizer, loss_fn, texts, chunk, device)
+    return step
 
 
 def measure(model, optimizer, backend, batch, args, device, repeats, st=None):
@@ -159,9 +169,11 @@ def main(argv=None) -> int:
     parser.add_argument("--chunk", type=int, default=512 if gpu else 64, help="GradCache mini-batch (texts)")
     parser.add_argument("--query-len", type=int, default=32)
     parser.add_argument("--doc-len", type=int, default=128 if gpu else 32)
-    parser.add_argument("--backends", nargs="+", default=["auto", "reference", ST_BASELINE],
-                        help=f"focal-InfoNCE loss backends of kalm_fast's step, and {ST_BASELINE} "
-                             "(sentence-transformers' CachedMultipleNegativesRankingLoss step)")
+    parser.add_argument("--backends", nargs="+",
+                        default=["auto", *([f"auto{FUSED}"] if gpu else []), "reference", ST_BASELINE],
+                        help=f"focal-InfoNCE loss backends of kalm_fast's step (a name ending in '{FUSED}': with "
+                             f"KALM_FUSED_DECODER=1), and {ST_BASELINE} (sentence-transformers' "
+                             "CachedMultipleNegativesRankingLoss step)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--max-batch", action="store_true",
                         help="add each backend's largest B that fits in --max-batch-gib (see the module docstring)")

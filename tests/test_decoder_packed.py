@@ -249,6 +249,99 @@ def test_fast_path_takes_the_triton_kernels(model_dirs, monkeypatch, kind):
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
+def _train_step_grads(model, batch, weights):
+    """Embeddings of ``batch`` in train mode and the gradients of every parameter of ``(emb * weights).sum()``."""
+    model.zero_grad(set_to_none=True)
+    emb = model(batch)
+    (emb * weights).sum().backward()
+    return emb.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(DEVICE != "cuda" and not INTERPRET, reason="needs a CUDA device or TRITON_INTERPRET=1")
+@pytest.mark.parametrize("kind", ["qwen2-gqa14", "llama", "qwen3", "mistral"])
+def test_fused_modules_match_transformers_forward_and_backward(model_dirs, monkeypatch, kind):
+    """KALM_FUSED_DECODER=1: transformers' modules with F.rms_norm, the Triton SiLU-multiply and RoPE give the
+    embeddings and every parameter gradient of their own forward (fp32, train mode): GQA 14:2, biases, Qwen3's
+    q/k norms; the kernels are called once per MLP and twice per attention."""
+    from kalm_fast.models import decoder_kernels
+
+    model = EmbeddingModel.from_pretrained(model_dirs[kind], device=DEVICE).train()
+    batch = model.pack(model.token_ids(TEXTS))
+    weights = torch.randn(len(TEXTS), model.hidden_size, generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    calls = []
+    for name in ("silu_mul", "rope"):
+        real = getattr(decoder_kernels, name)
+        monkeypatch.setattr(decoder_kernels, name,
+                            lambda *a, _real=real, _name=name: (calls.append(_name), _real(*a))[1])
+    monkeypatch.setenv("KALM_FUSED_DECODER", "0")
+    want, want_grads = _train_step_grads(model, batch, weights)
+    assert calls == []
+    monkeypatch.setenv("KALM_FUSED_DECODER", "1")
+    got, got_grads = _train_step_grads(model, batch, weights)
+    layers = len(model.model.layers)
+    assert calls.count("silu_mul") == layers and calls.count("rope") == 2 * layers
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert got_grads.keys() == want_grads.keys() and len(got_grads) == len(list(model.parameters()))
+    for name, grad in want_grads.items():
+        torch.testing.assert_close(got_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("kind", ["qwen2-gqa14", "qwen3"])
+def test_fused_modules_under_bf16_autocast_on_gpu(model_dirs, monkeypatch, kind):
+    """As training runs on a GPU (fp32 weights, bf16 autocast): the fused modules' embeddings and gradients stay
+    within bf16 rounding of transformers' own forward."""
+    model = EmbeddingModel.from_pretrained(model_dirs[kind], device="cuda").train()
+    batch = model.pack(model.token_ids(TEXTS))
+    weights = torch.randn(len(TEXTS), model.hidden_size, generator=torch.Generator().manual_seed(0)).cuda()
+    runs = []
+    for setting in ("0", "1"):
+        monkeypatch.setenv("KALM_FUSED_DECODER", setting)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            runs.append(_train_step_grads(model, batch, weights))
+    (want, want_grads), (got, got_grads) = runs
+    texts = want.norm(dim=1) > 0  # not the empty text's zero row
+    assert F.cosine_similarity(got[texts].float(), want[texts].float()).min() > 0.999
+    for name, grad in want_grads.items():
+        assert F.cosine_similarity(got_grads[name].flatten().float(), grad.flatten().float(), dim=0) > 0.99, name
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(DEVICE != "cuda" and not INTERPRET, reason="needs a CUDA device or TRITON_INTERPRET=1")
+def test_fused_modules_on_a_padded_batch(model_dirs, monkeypatch):
+    """The transformers model called on a padded ``[B, L]`` batch (the 2-D key padding mask reaches kalm_fast's
+    attention through the fused attention module) equals its own forward on the real tokens."""
+    model = EmbeddingModel.from_pretrained(model_dirs["qwen2-gqa14"], device=DEVICE)
+    ids = [x for x in model.token_ids(TEXTS) if x][:4]
+    width = max(map(len, ids))
+    input_ids = torch.tensor([x + [0] * (width - len(x)) for x in ids], device=DEVICE)
+    mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids], device=DEVICE)
+    outs = []
+    for setting in ("0", "1"):
+        monkeypatch.setenv("KALM_FUSED_DECODER", setting)
+        with torch.no_grad():
+            outs.append(model.model(input_ids=input_ids, attention_mask=mask).last_hidden_state[mask.bool()])
+    torch.testing.assert_close(outs[1], outs[0], atol=1e-5, rtol=1e-5)
+
+
+def test_fused_decoder_setting(model_dirs, monkeypatch):
+    """KALM_FUSED_DECODER takes 0 or 1 (anything else is refused by name); off the GPU and the interpreter, or
+    unset, the modules run their own forward."""
+    from kalm_fast.models import fused_decoder
+
+    model = EmbeddingModel.from_pretrained(model_dirs["qwen2"], device="cpu")
+    batch = model.pack(model.token_ids(TEXTS[:2]))
+    monkeypatch.setenv("KALM_FUSED_DECODER", "yes")
+    with pytest.raises(ValueError, match="KALM_FUSED_DECODER must be 0 or 1, got 'yes'"):
+        model.train()(batch)
+    monkeypatch.setenv("KALM_FUSED_DECODER", "1")
+    assert fused_decoder.enabled(torch.zeros(1)) == INTERPRET
+    monkeypatch.delenv("KALM_FUSED_DECODER")
+    assert not fused_decoder.enabled(torch.zeros(1))
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -271,7 +364,7 @@ def test_fast_path_on_gpu_matches_eager(model_dirs, monkeypatch, fast_path_calls
 
 def test_encode_benchmark_times_the_packed_decoder_under_its_setting(model_dirs, monkeypatch):
     """benchmarks.encode's "(packed decoder)" row encodes with KALM_PACKED_DECODER=all, restored afterwards."""
-    from benchmarks.encode import with_packed_decoder
+    from benchmarks.encode import VARIANTS, with_setting
     from kalm_fast.encode import Encoder
 
     monkeypatch.delenv("KALM_PACKED_DECODER", raising=False)
@@ -280,7 +373,7 @@ def test_encode_benchmark_times_the_packed_decoder_under_its_setting(model_dirs,
     runs_on = decoder_packed.runs_on
     monkeypatch.setattr(decoder_packed, "runs_on",
                         lambda device: seen.append(os.environ.get("KALM_PACKED_DECODER")) or runs_on(device))
-    out = with_packed_decoder(encoder, None)(["hello", "a longer text"])
+    out = with_setting(encoder, None, VARIANTS["packed decoder"])(["hello", "a longer text"])
     assert len(out) == 2 and seen and set(seen) == {"all"} and "KALM_PACKED_DECODER" not in os.environ
 
 

@@ -78,7 +78,7 @@ def _gated_mlp_input(x, weights, packed: bool, fused: bool):
     if fused:
         from .decoder_kernels import silu_mul
 
-        return silu_mul(gate_up)
+        return silu_mul(*gate_up.chunk(2, dim=1))
     gate, up = gate_up.chunk(2, dim=1)
     return F.silu(gate, inplace=True).mul_(up)  # [T, I] view with row stride 2I
 

@@ -17,7 +17,7 @@ from .._cuda import free_memory
 from .._registry import BACKEND_NAMES
 from ..distributed import check_device
 from ..ops import Varlen, mean_pool
-from . import bert_packed, decoder_packed
+from . import bert_packed, decoder_packed, fused_decoder
 from .bidirectional import make_bidirectional
 from .loading import (
     load_tokenizer,
@@ -82,7 +82,9 @@ class EmbeddingModel(nn.Module):
     (a dict of ``input_ids [B, L]`` and ``attention_mask [B, L]``) is packed first. ``embed(texts)`` is the batching
     loop of inference (token budget, longest first, order restored) that ``Encoder``, evaluation and hard-negative
     mining share. In eval mode without autograd, BERT-family models take the packed fast path (``bert_packed``),
-    decoder LLMs on CPU theirs (``decoder_packed``; on a GPU too with ``KALM_PACKED_DECODER=all``).
+    decoder LLMs on CPU theirs (``decoder_packed``; on a GPU too with ``KALM_PACKED_DECODER=all``). Otherwise
+    transformers' modules run, decoder LLMs' with fused ops on a GPU under ``KALM_FUSED_DECODER=1``
+    (``fused_decoder``, training included).
     """
 
     def __init__(self, model: nn.Module, tokenizer, *, max_length: int = 512, prompts: Optional[dict] = None,
@@ -111,6 +113,8 @@ class EmbeddingModel(nn.Module):
         make_bidirectional(model, attn_backend, self.max_length)
         self._packed_bert = bert_packed.PackedBert(model) if bert_packed.supports(model) else None
         self._packed_decoder = decoder_packed.PackedDecoder(model) if decoder_packed.supports(model) else None
+        if self._packed_decoder is not None:  # transformers' modules with fused ops under KALM_FUSED_DECODER=1
+            fused_decoder.install(model)
         self._copy_fits = {}  # device -> whether the packed paths' copy of the linear weights fits there
 
     @classmethod

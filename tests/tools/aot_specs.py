@@ -153,23 +153,34 @@ def focal_infonce_specs() -> list:
 
 
 def decoder_specs() -> list:
-    """The packed decoder's kernels per dtype; RoPE at Qwen2-0.5B's head dim 64 (14 query heads: one 16-head block)
-    and 128, as ``rope_`` launches them."""
+    """The decoder kernels per dtype: SiLU-multiply forward (the two halves of one gate-up projection, as the packed
+    decoder launches it) and backward; RoPE at Qwen2-0.5B's head dim 64 (14 query heads: one 16-head block) and 128,
+    forward in place and backward (cos/sin in the inputs' dtype, as both decoder paths give them)."""
     specs = []
     for dtype in ("fp16", "bf16", "fp32"):
+        ptr = f"*{dtype}"
         specs.append(dict(
             module="decoder", name=f"decoder_silu_mul_{dtype}", fn=decoder_kernels._silu_mul_kernel,
-            signature={"GATE_UP": f"*{dtype}", "OUT": f"*{dtype}", "I": "i32", "stride_in": "i32",
-                       "stride_out": "i32", "BLOCK": "constexpr"},
+            signature={"GATE": ptr, "UP": ptr, "OUT": ptr, "I": "i32", "stride_g": "i32", "stride_u": "i32",
+                       "stride_o": "i32", "BLOCK": "constexpr"},
+            constexprs={"BLOCK": decoder_kernels.SILU_MUL_BLOCK}, num_warps=4, num_stages=2))
+        specs.append(dict(
+            module="decoder", name=f"decoder_silu_mul_bwd_{dtype}", fn=decoder_kernels._silu_mul_bwd_kernel,
+            signature={"DOUT": ptr, "GATE": ptr, "UP": ptr, "DGATE": ptr, "DUP": ptr, "I": "i32", "stride_d": "i32",
+                       "stride_g": "i32", "stride_u": "i32", "stride_dg": "i32", "stride_du": "i32",
+                       "BLOCK": "constexpr"},
             constexprs={"BLOCK": decoder_kernels.SILU_MUL_BLOCK}, num_warps=4, num_stages=2))
         for head_dim in (64, 128):
-            specs.append(dict(
-                module="decoder", name=f"decoder_rope_{dtype}_d{head_dim}", fn=decoder_kernels._rope_kernel,
-                signature={"X": f"*{dtype}", "COS": f"*{dtype}", "SIN": f"*{dtype}", "H": "i32", "stride_xt": "i32",
-                           "stride_xh": "i32", "stride_ct": "i32", "stride_st": "i32", "HALF": "constexpr",
-                           "BLOCK_H": "constexpr", "BLOCK_HALF": "constexpr"},
-                constexprs={"HALF": head_dim // 2, "BLOCK_H": 16, "BLOCK_HALF": head_dim // 2}, num_warps=4,
-                num_stages=2))
+            for inverse in (False, True):
+                specs.append(dict(
+                    module="decoder", name=f"decoder_rope{'_bwd' if inverse else ''}_{dtype}_d{head_dim}",
+                    fn=decoder_kernels._rope_kernel,
+                    signature={"X": ptr, "OUT": ptr, "COS": ptr, "SIN": ptr, "H": "i32", "stride_xt": "i32",
+                               "stride_xh": "i32", "stride_ot": "i32", "stride_oh": "i32", "stride_ct": "i32",
+                               "stride_st": "i32", "HALF": "constexpr", "BLOCK_H": "constexpr",
+                               "BLOCK_HALF": "constexpr", "INVERSE": "constexpr"},
+                    constexprs={"HALF": head_dim // 2, "BLOCK_H": 16, "BLOCK_HALF": head_dim // 2,
+                                "INVERSE": inverse}, num_warps=4, num_stages=2))
     for spec in specs:  # Qwen2-0.5B's intermediate size 4864 is a multiple of 16, as JIT launches specialize it
         spec["attrs"] = _aligned(spec["fn"], spec["signature"], also=("I",))
     return specs

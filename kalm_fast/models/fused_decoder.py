@@ -1,0 +1,86 @@
+"""transformers' own decoder modules (Qwen2, Qwen3, Llama, Mistral) with fused elementwise ops, training included.
+
+With ``KALM_FUSED_DECODER=1`` (read at each call; off by default until a GPU run shows it faster:
+``python -m benchmarks.train_step`` and ``python -m benchmarks.encode`` time it), on CUDA tensors (or in the Triton
+interpreter), the modules of a decoder model run:
+- RMSNorm as torch's ``F.rms_norm`` (fused on CUDA where input and weight share a dtype; autocast runs it in fp32)
+  instead of transformers' six ops with fp32 intermediates;
+- the gated MLP's ``silu(gate) * up`` as ``decoder_kernels.silu_mul`` (one pass, its backward one pass);
+- RoPE on Q and K as ``decoder_kernels.rope`` (one pass each way; Qwen3's q/k norms before it), then kalm_fast's
+  attention function, as transformers' attention module does.
+Elsewhere, and for what they do not handle (a KV cache, partial rotary angles, a model switched off kalm_fast's
+attention), the modules run their own forward. Parameters, state dicts, hooks and checkpointing are unchanged:
+``install`` only binds a forward to each module instance. This is the path of training and of GPU inference off the
+packed decoder (``decoder_packed``, which takes the same kernels on its own layout).
+"""
+from __future__ import annotations
+
+import os
+import types
+
+import torch
+import torch.nn.functional as F
+
+from .._registry import triton_interpreting, triton_unavailable
+from .bidirectional import NAME, kalm_attention_forward
+
+SETTING = "KALM_FUSED_DECODER"
+
+
+def enabled(x: torch.Tensor) -> bool:
+    """Whether a module called on ``x`` takes its fused forward: ``KALM_FUSED_DECODER=1``, ``x`` on CUDA or the
+    Triton interpreter on, Triton importable."""
+    setting = os.environ.get(SETTING, "0")
+    if setting not in ("0", "1"):
+        raise ValueError(f"{SETTING} must be 0 or 1, got {setting!r}")
+    return setting == "1" and (x.is_cuda or triton_interpreting()) and triton_unavailable() is None
+
+
+def _rms_norm_forward(self, hidden_states):
+    weight = self.weight
+    if enabled(hidden_states) and (hidden_states.dtype == weight.dtype
+                                   or torch.is_autocast_enabled(hidden_states.device.type)):
+        return F.rms_norm(hidden_states, weight.shape, weight, self.variance_epsilon)
+    return type(self).forward(self, hidden_states)
+
+
+def _mlp_forward(self, x):
+    if enabled(x):
+        from .decoder_kernels import silu_mul
+
+        return self.down_proj(silu_mul(self.gate_proj(x), self.up_proj(x)))
+    return type(self).forward(self, x)
+
+
+def _attention_forward(self, hidden_states, position_embeddings=None, attention_mask=None, **kwargs):
+    """transformers' decoder attention (projections, Qwen3's q/k norms, RoPE, attention, output projection) on
+    ``hidden_states [B, L, H]`` with ``position_embeddings`` = (cos, sin) ``[B, L, head_dim]``."""
+    head_dim = self.head_dim
+    fused = (enabled(hidden_states) and position_embeddings is not None and self.config._attn_implementation == NAME
+             and position_embeddings[0].shape[-1] == head_dim
+             and kwargs.get("past_key_values") is None and kwargs.get("cache") is None)
+    if not fused:
+        return type(self).forward(self, hidden_states=hidden_states, position_embeddings=position_embeddings,
+                                  attention_mask=attention_mask, **kwargs)
+    from .decoder_kernels import rope
+
+    lead = hidden_states.shape[:-1]
+    q, k, v = (proj(hidden_states).view(*lead, -1, head_dim) for proj in (self.q_proj, self.k_proj, self.v_proj))
+    if hasattr(self, "q_norm"):  # Qwen3: RMSNorm over each head before RoPE
+        q, k = self.q_norm(q), self.k_norm(k)
+    cos, sin = (c[..., :head_dim // 2].reshape(-1, head_dim // 2) for c in position_embeddings)
+    q, k = (rope(x.reshape(-1, *x.shape[-2:]), cos, sin).view(x.shape) for x in (q, k))
+    out, _ = kalm_attention_forward(self, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attention_mask,
+                                    scaling=self.scaling, **kwargs)
+    return self.o_proj(out.reshape(*lead, -1)), None
+
+
+def install(model) -> None:
+    """Bind the fused forwards to the RMSNorm, gated-MLP and attention modules of a decoder base model that
+    ``decoder_packed.supports`` (idempotent)."""
+    for module in model.modules():
+        if type(module).__name__.endswith("RMSNorm") and hasattr(module, "variance_epsilon"):
+            module.forward = types.MethodType(_rms_norm_forward, module)
+    for layer in model.layers:
+        layer.mlp.forward = types.MethodType(_mlp_forward, layer.mlp)
+        layer.self_attn.forward = types.MethodType(_attention_forward, layer.self_attn)
