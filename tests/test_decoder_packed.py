@@ -306,24 +306,65 @@ def test_fused_modules_under_bf16_autocast_on_gpu(model_dirs, monkeypatch, kind)
     assert F.cosine_similarity(got[texts].float(), want[texts].float()).min() > 0.999
     for name, grad in want_grads.items():
         assert F.cosine_similarity(got_grads[name].flatten().float(), grad.flatten().float(), dim=0) > 0.99, name
+        assert (got_grads[name] - grad).norm() <= 0.02 * grad.norm(), name
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(DEVICE != "cuda" and not INTERPRET, reason="needs a CUDA device or TRITON_INTERPRET=1")
-def test_fused_modules_on_a_padded_batch(model_dirs, monkeypatch):
+@pytest.mark.parametrize("positions", [True, False], ids=["position_ids", "no_position_ids"])
+def test_fused_modules_on_a_padded_batch(model_dirs, monkeypatch, positions):
     """The transformers model called on a padded ``[B, L]`` batch (the 2-D key padding mask reaches kalm_fast's
-    attention through the fused attention module) equals its own forward on the real tokens."""
+    attention through the fused attention module; without position_ids transformers makes one row of rotary angles
+    for the whole batch) equals its own forward on the real tokens, gradients included."""
+    from kalm_fast.models import decoder_kernels
+
     model = EmbeddingModel.from_pretrained(model_dirs["qwen2-gqa14"], device=DEVICE)
     ids = [x for x in model.token_ids(TEXTS) if x][:4]
     width = max(map(len, ids))
     input_ids = torch.tensor([x + [0] * (width - len(x)) for x in ids], device=DEVICE)
     mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids], device=DEVICE)
-    outs = []
+    extra = dict(position_ids=torch.arange(width, device=DEVICE).expand(len(ids), width)) if positions else {}
+    calls = []
+    real = decoder_kernels.rope
+    monkeypatch.setattr(decoder_kernels, "rope", lambda *a: (calls.append(1), real(*a))[1])
+    runs = []
     for setting in ("0", "1"):
         monkeypatch.setenv("KALM_FUSED_DECODER", setting)
+        model.zero_grad(set_to_none=True)
+        out = model.model(input_ids=input_ids, attention_mask=mask, use_cache=False, **extra).last_hidden_state
+        out[mask.bool()].square().sum().backward()
+        runs.append((out[mask.bool()].detach(), [p.grad.clone() for p in model.parameters()]))
+    assert len(calls) == 2 * len(model.model.layers)
+    (want, want_grads), (got, got_grads) = runs
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
+
+
+def test_fused_forwards_survive_pickling_and_deepcopy(model_dirs, monkeypatch):
+    """A model with the fused forwards installed pickles (torch.save of the whole module) and deep-copies; each copy's
+    modules run on the copy's own weights."""
+    import copy
+    import io
+
+    monkeypatch.setenv("KALM_FUSED_DECODER", "1")
+    model = EmbeddingModel.from_pretrained(model_dirs["qwen2"], device="cpu")
+    batch = model.pack(model.token_ids(TEXTS[:2]))
+    buffer = io.BytesIO()
+    torch.save(model.model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    copied = copy.deepcopy(model.model)
+    for clone in (loaded, copied):
+        norm = clone.layers[0].input_layernorm
+        assert norm.forward.args[0] is norm and clone.layers[0].mlp.forward.args[0] is clone.layers[0].mlp
         with torch.no_grad():
-            outs.append(model.model(input_ids=input_ids, attention_mask=mask).last_hidden_state[mask.bool()])
-    torch.testing.assert_close(outs[1], outs[0], atol=1e-5, rtol=1e-5)
+            clone.norm.weight.mul_(2)
+            got = clone(input_ids=batch.input_ids[None], position_ids=batch.position_ids[None],
+                        kalm_varlen=batch.varlen, use_cache=False).last_hidden_state
+            want = model.model(input_ids=batch.input_ids[None], position_ids=batch.position_ids[None],
+                               kalm_varlen=batch.varlen, use_cache=False).last_hidden_state
+        torch.testing.assert_close(got, 2 * want, atol=1e-5, rtol=1e-5)
 
 
 def test_fused_decoder_setting(model_dirs, monkeypatch):

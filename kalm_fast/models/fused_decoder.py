@@ -10,13 +10,13 @@ interpreter), the modules of a decoder model run:
   attention function, as transformers' attention module does.
 Elsewhere, and for what they do not handle (a KV cache, partial rotary angles, a model switched off kalm_fast's
 attention), the modules run their own forward. Parameters, state dicts, hooks and checkpointing are unchanged:
-``install`` only binds a forward to each module instance. This is the path of training and of GPU inference off the
-packed decoder (``decoder_packed``, which takes the same kernels on its own layout).
+``install`` only gives each module instance a forward of its own. This is the path of training and of GPU inference
+off the packed decoder (``decoder_packed``, which takes the same kernels on its own layout).
 """
 from __future__ import annotations
 
+import functools
 import os
-import types
 
 import torch
 import torch.nn.functional as F
@@ -68,7 +68,8 @@ def _attention_forward(self, hidden_states, position_embeddings=None, attention_
     q, k, v = (proj(hidden_states).view(*lead, -1, head_dim) for proj in (self.q_proj, self.k_proj, self.v_proj))
     if hasattr(self, "q_norm"):  # Qwen3: RMSNorm over each head before RoPE
         q, k = self.q_norm(q), self.k_norm(k)
-    cos, sin = (c[..., :head_dim // 2].reshape(-1, head_dim // 2) for c in position_embeddings)
+    half = head_dim // 2  # cos/sin [B or 1, L, head_dim] (both halves alike) -> [B * L, head_dim / 2]
+    cos, sin = (c[..., :half].expand(*lead, half).reshape(-1, half) for c in position_embeddings)
     q, k = (rope(x.reshape(-1, *x.shape[-2:]), cos, sin).view(x.shape) for x in (q, k))
     out, _ = kalm_attention_forward(self, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attention_mask,
                                     scaling=self.scaling, **kwargs)
@@ -77,10 +78,10 @@ def _attention_forward(self, hidden_states, position_embeddings=None, attention_
 
 def install(model) -> None:
     """Bind the fused forwards to the RMSNorm, gated-MLP and attention modules of a decoder base model that
-    ``decoder_packed.supports`` (idempotent)."""
+    ``decoder_packed.supports`` (idempotent; partials, which pickle and deep-copy with their module)."""
     for module in model.modules():
         if type(module).__name__.endswith("RMSNorm") and hasattr(module, "variance_epsilon"):
-            module.forward = types.MethodType(_rms_norm_forward, module)
+            module.forward = functools.partial(_rms_norm_forward, module)
     for layer in model.layers:
-        layer.mlp.forward = types.MethodType(_mlp_forward, layer.mlp)
-        layer.self_attn.forward = types.MethodType(_attention_forward, layer.self_attn)
+        layer.mlp.forward = functools.partial(_mlp_forward, layer.mlp)
+        layer.self_attn.forward = functools.partial(_attention_forward, layer.self_attn)

@@ -4,9 +4,11 @@ GPU runs, as ``triton.compile`` specs (``name``, ``module``, ``fn``, ``signature
 
 Attention: every entry of its config table (``ops/attention/_triton.py``) for its arch, for fp16/bf16 and fp32, at
 head dims 64, 80, 128 and 256, with the kernels' variants (TMA loads in fwd and dq, atomic dQ). Mean pooling,
-focal-InfoNCE and the packed decoder's SiLU-multiply and RoPE: their fixed configurations per dtype.
+focal-InfoNCE and the decoders' SiLU-multiply and RoPE (forward and backward): their fixed configurations per dtype.
 """
 from __future__ import annotations
+
+import itertools
 
 import torch
 import triton
@@ -153,12 +155,13 @@ def focal_infonce_specs() -> list:
 
 
 def decoder_specs() -> list:
-    """The decoder kernels per dtype: SiLU-multiply forward (the two halves of one gate-up projection, as the packed
-    decoder launches it) and backward; RoPE at Qwen2-0.5B's head dim 64 (14 query heads: one 16-head block) and 128,
-    forward in place and backward (cos/sin in the inputs' dtype, as both decoder paths give them)."""
+    """The decoder kernels per dtype: SiLU-multiply forward and backward; RoPE at Qwen2-0.5B's head dim 64 (14 query
+    heads: one 16-head block) and 128, forward and backward, cos/sin in x's dtype (a model run in that dtype) and,
+    for fp16/bf16 x, in fp32 (transformers' rotary angles under autocast, what training hands over)."""
     specs = []
     for dtype in ("fp16", "bf16", "fp32"):
         ptr = f"*{dtype}"
+        angles = [dtype] if dtype == "fp32" else [dtype, "fp32"]
         specs.append(dict(
             module="decoder", name=f"decoder_silu_mul_{dtype}", fn=decoder_kernels._silu_mul_kernel,
             signature={"GATE": ptr, "UP": ptr, "OUT": ptr, "I": "i32", "stride_g": "i32", "stride_u": "i32",
@@ -170,17 +173,18 @@ def decoder_specs() -> list:
                        "stride_g": "i32", "stride_u": "i32", "stride_dg": "i32", "stride_du": "i32",
                        "BLOCK": "constexpr"},
             constexprs={"BLOCK": decoder_kernels.SILU_MUL_BLOCK}, num_warps=4, num_stages=2))
-        for head_dim in (64, 128):
-            for inverse in (False, True):
-                specs.append(dict(
-                    module="decoder", name=f"decoder_rope{'_bwd' if inverse else ''}_{dtype}_d{head_dim}",
-                    fn=decoder_kernels._rope_kernel,
-                    signature={"X": ptr, "OUT": ptr, "COS": ptr, "SIN": ptr, "H": "i32", "stride_xt": "i32",
-                               "stride_xh": "i32", "stride_ot": "i32", "stride_oh": "i32", "stride_ct": "i32",
-                               "stride_st": "i32", "HALF": "constexpr", "BLOCK_H": "constexpr",
-                               "BLOCK_HALF": "constexpr", "INVERSE": "constexpr"},
-                    constexprs={"HALF": head_dim // 2, "BLOCK_H": 16, "BLOCK_HALF": head_dim // 2,
-                                "INVERSE": inverse}, num_warps=4, num_stages=2))
+        for head_dim, inverse, angle in itertools.product((64, 128), (False, True), angles):
+            specs.append(dict(
+                module="decoder",
+                name=f"decoder_rope{'_bwd' if inverse else ''}_{dtype}_d{head_dim}"
+                     f"{'_fp32_angles' if angle != dtype else ''}",
+                fn=decoder_kernels._rope_kernel,
+                signature={"X": ptr, "OUT": ptr, "COS": f"*{angle}", "SIN": f"*{angle}", "H": "i32",
+                           "stride_xt": "i32", "stride_xh": "i32", "stride_ot": "i32", "stride_oh": "i32",
+                           "stride_ct": "i32", "stride_st": "i32", "HALF": "constexpr", "BLOCK_H": "constexpr",
+                           "BLOCK_HALF": "constexpr", "INVERSE": "constexpr"},
+                constexprs={"HALF": head_dim // 2, "BLOCK_H": 16, "BLOCK_HALF": head_dim // 2, "INVERSE": inverse},
+                num_warps=4, num_stages=2))
     for spec in specs:  # Qwen2-0.5B's intermediate size 4864 is a multiple of 16, as JIT launches specialize it
         spec["attrs"] = _aligned(spec["fn"], spec["signature"], also=("I",))
     return specs
