@@ -88,11 +88,14 @@ def test_docs_groups_must_match(model):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA device")
-def test_gradcache_step_on_gpu(tmp_path, batch, bpe_tokenizer):
-    """One GradCache step of a Qwen2-family model on the GPU (Triton attention, pooling and loss): equal to the plain
-    full-batch step, and finite under bf16 autocast."""
+@pytest.mark.parametrize("fused", ["0", "1"], ids=["modules", "fused_decoder"])
+def test_gradcache_step_on_gpu(tmp_path, batch, bpe_tokenizer, monkeypatch, fused):
+    """One GradCache step of a Qwen2-family model on the GPU (Triton attention, pooling and loss), with transformers'
+    modules as they are and with KALM_FUSED_DECODER=1: equal to the plain full-batch step, and finite under bf16
+    autocast."""
     from transformers import Qwen2Config, Qwen2Model
 
+    monkeypatch.setenv("KALM_FUSED_DECODER", fused)
     torch.manual_seed(0)
     Qwen2Model(Qwen2Config(vocab_size=8192, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                            num_attention_heads=4, num_key_value_heads=2)).save_pretrained(str(tmp_path))
