@@ -312,6 +312,27 @@ def test_fused_modules_under_bf16_autocast_on_gpu(model_dirs, monkeypatch, kind)
 
 
 @pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("kind", ["qwen2-gqa14", "llama", "qwen3"])
+def test_fused_modules_encode_bf16_on_gpu(model_dirs, monkeypatch, fast_path_calls, kind):
+    """GPU inference in bf16 weights through transformers' modules with KALM_FUSED_DECODER=1 (bf16 rotary angles,
+    F.rms_norm in bf16) stays within bf16 rounding of the eager fp32 oracle."""
+    from kalm_fast.models import decoder_kernels
+
+    monkeypatch.setenv("KALM_FUSED_DECODER", "1")
+    model = EmbeddingModel.from_pretrained(model_dirs[kind], device="cuda", dtype=torch.bfloat16)
+    ids = model.token_ids(TEXTS)
+    calls = []
+    real = decoder_kernels.silu_mul
+    monkeypatch.setattr(decoder_kernels, "silu_mul", lambda *a: (calls.append(1), real(*a))[1])
+    with torch.no_grad():
+        got = model.token_embeddings(model.pack(ids)).float().cpu()
+    # transformers' modules ran, not the packed decoder, with the fused ops
+    assert fast_path_calls == [] and len(calls) == len(model.model.layers)
+    assert F.cosine_similarity(got, _eager_bidirectional(model_dirs[kind], ids)).min() > 0.999
+
+
+@pytest.mark.gpu
 @pytest.mark.skipif(DEVICE != "cuda" and not INTERPRET, reason="needs a CUDA device or TRITON_INTERPRET=1")
 @pytest.mark.parametrize("positions", [True, False], ids=["position_ids", "no_position_ids"])
 def test_fused_modules_on_a_padded_batch(model_dirs, monkeypatch, positions):
