@@ -215,3 +215,21 @@ def test_max_batch_probe_keeps_the_last_batch_that_fit(monkeypatch, tmp_path):
     assert [(r["backend"], r.get("batch"), r["chunk"] if "chunk" in r else None) for r in rows] == [
         ("auto: largest B", 32, 8), ("reference: largest B", None, None)]
     assert "B = 64 ran out of memory" in rows[0]["note"] and "B = 8 ran out of memory" in rows[1]["note"]
+
+
+def test_train_step_fused_decoder_row(monkeypatch, tmp_path):
+    """``benchmarks.train_step``'s ``auto (fused decoder)`` row runs the ``auto`` loss with KALM_FUSED_DECODER=1 for
+    the step only; ``auto`` runs without it."""
+    import os
+
+    import torch
+
+    from benchmarks import train_step
+
+    seen = []
+    monkeypatch.delenv("KALM_FUSED_DECODER", raising=False)
+    monkeypatch.setattr(train_step, "run_step", lambda model, optimizer, loss_fn, *rest: seen.append(
+        (loss_fn.options["backend"], os.environ.get("KALM_FUSED_DECODER"))))
+    for backend in ("auto", f"auto{train_step.FUSED}"):
+        train_step.make_step(None, None, backend, ([], []), 4, torch.device("cpu"))()
+    assert seen == [("auto", None), ("auto", "1")] and "KALM_FUSED_DECODER" not in os.environ
