@@ -62,7 +62,6 @@ class _SiluMul(torch.autograd.Function):
         out = g.new_empty(g.shape)
         _launch_silu_mul(_silu_mul_kernel, g.shape[0], g.shape[1], g, u, out)
         ctx.save_for_backward(g, u)
-        ctx.shape = gate.shape
         return out.view(gate.shape)
 
     @staticmethod
@@ -70,7 +69,7 @@ class _SiluMul(torch.autograd.Function):
         g, u = ctx.saved_tensors
         dgate, dup = torch.empty_like(g), torch.empty_like(u)
         _launch_silu_mul(_silu_mul_bwd_kernel, g.shape[0], g.shape[1], _rows(dout), g, u, dgate, dup)
-        return dgate.view(ctx.shape), dup.view(ctx.shape)
+        return dgate.view(dout.shape), dup.view(dout.shape)
 
 
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
