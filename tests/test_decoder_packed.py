@@ -220,22 +220,28 @@ def test_packed_decoder_setting(model_dirs, monkeypatch):
         decoder_packed.runs_on(torch.device("cpu"))
 
 
+def _kernel_calls(monkeypatch, *names) -> list:
+    """A list that gets the name of each call of ``decoder_kernels``' functions ``names`` (which still run)."""
+    from kalm_fast.models import decoder_kernels
+
+    calls = []
+    for name in names:
+        real = getattr(decoder_kernels, name)
+        monkeypatch.setattr(decoder_kernels, name,
+                            lambda *a, _real=real, _name=name: (calls.append(_name), _real(*a))[1])
+    return calls
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(DEVICE != "cuda" and not INTERPRET, reason="needs a CUDA device or TRITON_INTERPRET=1")
 @pytest.mark.parametrize("kind", ["qwen2-gqa14", "llama", "qwen3"])
 def test_fast_path_takes_the_triton_kernels(model_dirs, monkeypatch, kind):
     """With decoder_kernels' SiLU-multiply and RoPE (``fused``: by default on a GPU; in the interpreter on CPU) the
     fast path equals its torch path in fp32: GQA 14:2, biases, Qwen3's q/k norms."""
-    from kalm_fast.models import decoder_kernels
-
     monkeypatch.setenv("KALM_PACKED_DECODER", "all")
     model = EmbeddingModel.from_pretrained(model_dirs[kind], device=DEVICE)
     batch = model.pack(model.token_ids(TEXTS))
-    calls = []
-    for name in ("silu_mul", "rope_"):
-        real = getattr(decoder_kernels, name)
-        monkeypatch.setattr(decoder_kernels, name,
-                            lambda *a, _real=real, _name=name: (calls.append(_name), _real(*a))[1])
+    calls = _kernel_calls(monkeypatch, "silu_mul", "rope_")
     decoder = model._packed_decoder
     decoder.onednn = False  # the kernels serve the one-GEMM gate/up projection (oneDNN fuses SiLU itself on CPU)
     with torch.no_grad():
@@ -264,16 +270,10 @@ def test_fused_modules_match_transformers_forward_and_backward(model_dirs, monke
     """KALM_FUSED_DECODER=1: transformers' modules with F.rms_norm, the Triton SiLU-multiply and RoPE give the
     embeddings and every parameter gradient of their own forward (fp32, train mode): GQA 14:2, biases, Qwen3's
     q/k norms; the kernels are called once per MLP and twice per attention."""
-    from kalm_fast.models import decoder_kernels
-
     model = EmbeddingModel.from_pretrained(model_dirs[kind], device=DEVICE).train()
     batch = model.pack(model.token_ids(TEXTS))
     weights = torch.randn(len(TEXTS), model.hidden_size, generator=torch.Generator().manual_seed(0)).to(DEVICE)
-    calls = []
-    for name in ("silu_mul", "rope"):
-        real = getattr(decoder_kernels, name)
-        monkeypatch.setattr(decoder_kernels, name,
-                            lambda *a, _real=real, _name=name: (calls.append(_name), _real(*a))[1])
+    calls = _kernel_calls(monkeypatch, "silu_mul", "rope")
     monkeypatch.setenv("KALM_FUSED_DECODER", "0")
     want, want_grads = _train_step_grads(model, batch, weights)
     assert calls == []
@@ -317,14 +317,10 @@ def test_fused_modules_under_bf16_autocast_on_gpu(model_dirs, monkeypatch, kind)
 def test_fused_modules_encode_bf16_on_gpu(model_dirs, monkeypatch, fast_path_calls, kind):
     """GPU inference in bf16 weights through transformers' modules with KALM_FUSED_DECODER=1 (bf16 rotary angles,
     F.rms_norm in bf16) stays within bf16 rounding of the eager fp32 oracle."""
-    from kalm_fast.models import decoder_kernels
-
     monkeypatch.setenv("KALM_FUSED_DECODER", "1")
     model = EmbeddingModel.from_pretrained(model_dirs[kind], device="cuda", dtype=torch.bfloat16)
     ids = model.token_ids(TEXTS)
-    calls = []
-    real = decoder_kernels.silu_mul
-    monkeypatch.setattr(decoder_kernels, "silu_mul", lambda *a: (calls.append(1), real(*a))[1])
+    calls = _kernel_calls(monkeypatch, "silu_mul")
     with torch.no_grad():
         got = model.token_embeddings(model.pack(ids)).float().cpu()
     # transformers' modules ran, not the packed decoder, with the fused ops
@@ -339,17 +335,13 @@ def test_fused_modules_on_a_padded_batch(model_dirs, monkeypatch, positions):
     """The transformers model called on a padded ``[B, L]`` batch (the 2-D key padding mask reaches kalm_fast's
     attention through the fused attention module; without position_ids transformers makes one row of rotary angles
     for the whole batch) equals its own forward on the real tokens, gradients included."""
-    from kalm_fast.models import decoder_kernels
-
     model = EmbeddingModel.from_pretrained(model_dirs["qwen2-gqa14"], device=DEVICE)
     ids = [x for x in model.token_ids(TEXTS) if x][:4]
     width = max(map(len, ids))
     input_ids = torch.tensor([x + [0] * (width - len(x)) for x in ids], device=DEVICE)
     mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids], device=DEVICE)
     extra = dict(position_ids=torch.arange(width, device=DEVICE).expand(len(ids), width)) if positions else {}
-    calls = []
-    real = decoder_kernels.rope
-    monkeypatch.setattr(decoder_kernels, "rope", lambda *a: (calls.append(1), real(*a))[1])
+    calls = _kernel_calls(monkeypatch, "rope")
     runs = []
     for setting in ("0", "1"):
         monkeypatch.setenv("KALM_FUSED_DECODER", setting)
