@@ -17,6 +17,8 @@ from typing import Callable, Optional
 
 import torch
 
+from kalm_fast._registry import kernel_settings
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 # Nominal peak memory bandwidth (GB/s) by device name, for "% of bandwidth" columns.
@@ -104,11 +106,13 @@ def nominal_bandwidth_gbs(name: str) -> Optional[float]:
 
 
 def device_info() -> dict:
-    """What the numbers were measured on: device, versions, threads, date."""
+    """What the numbers were measured on: device, versions, threads, date, and the kernel settings in effect
+    (``KALM_*``, README's settings table; rows that time a variant name its setting themselves)."""
     info = {
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "torch": torch.__version__, "triton": _version("triton"), "transformers": _version("transformers"),
         "python": platform.python_version(), "cpu": _cpu_name(), "cpu_threads": torch.get_num_threads(),
+        "settings": kernel_settings(),
     }
     if on_gpu():
         name = torch.cuda.get_device_name()
@@ -154,7 +158,9 @@ def write_report(name: str, rows: list[dict], *, columns: list[str], plot: Optio
     out_dir.mkdir(parents=True, exist_ok=True)
     info = {**device_info(), **(meta or {})}
     table = markdown_table(rows, columns)
-    header = f"### {name} on {info['device']} ({info['date']}, torch {info['torch']}, triton {info['triton']})"
+    settings = "".join(f", {k}={v}" for k, v in info["settings"].items())
+    header = (f"### {name} on {info['device']} ({info['date']}, torch {info['torch']}, triton {info['triton']}"
+              f"{settings})")
     print(header + "\n\n" + table + "\n", flush=True)
     stem = out_dir / f"{name}-{device_tag()}"
     stem.with_suffix(".json").write_text(json.dumps({"name": name, "meta": info, "rows": rows}, indent=1, default=str))

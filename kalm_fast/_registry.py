@@ -30,6 +30,17 @@ def triton_unavailable() -> Optional[str]:
     return None
 
 
+# The environment settings that pick kernel variants or paths, read at each call (README's settings table)
+KERNEL_SETTINGS = ("KALM_ATTENTION_TMA", "KALM_ATTENTION_DQ", "KALM_FOCAL_INFONCE_BWD", "KALM_PACKED_DECODER",
+                   "KALM_FUSED_DECODER")
+
+
+def kernel_settings() -> dict:
+    """``{name: value}`` of the ``KERNEL_SETTINGS`` set in the environment (what benchmark reports and a training
+    run's ``run.json`` record beside their numbers)."""
+    return {name: os.environ[name] for name in KERNEL_SETTINGS if name in os.environ}
+
+
 # Where Triton kernels run: CUDA devices, and the CPU only under the interpreter (tests).
 TRITON_DEVICES = ("cuda", "cpu") if triton_interpreting() else ("cuda",)
 TRITON_HINT = ("on CPU tensors Triton runs only under TRITON_INTERPRET=1; use backend='torch' or move the tensors "

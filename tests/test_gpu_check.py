@@ -190,6 +190,33 @@ def test_import_results_copies_only_the_gpu_reports(tmp_path):
     assert module.import_results(tmp_path / "missing", results) == 1
 
 
+def test_reports_record_the_kernel_settings_they_ran_under(monkeypatch, tmp_path):
+    """A benchmark's JSON and markdown name the ``KALM_*`` settings set when it ran (and only those)."""
+    from benchmarks import harness
+    from kalm_fast import _registry
+
+    for name in _registry.KERNEL_SETTINGS:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("KALM_ATTENTION_DQ", "atomic")
+    monkeypatch.setenv("KALM_FUSED_DECODER", "1")
+    monkeypatch.setenv("KALM_SOMETHING_ELSE", "x")
+    path = harness.write_report("toy", [dict(a=1)], columns=["a"], out_dir=tmp_path)
+    assert json.loads(path.read_text())["meta"]["settings"] == {"KALM_ATTENTION_DQ": "atomic",
+                                                                "KALM_FUSED_DECODER": "1"}
+    header = path.with_suffix(".md").read_text().splitlines()[0]
+    assert header.endswith(", KALM_ATTENTION_DQ=atomic, KALM_FUSED_DECODER=1)"), header
+
+
+def test_kernel_settings_name_every_setting_the_package_reads():
+    """``KERNEL_SETTINGS`` (what reports and run.json record) holds every ``KALM_*`` name in kalm_fast's sources."""
+    import re
+
+    from kalm_fast import _registry
+
+    names = {m for path in (ROOT / "kalm_fast").rglob("*.py") for m in re.findall(r"KALM_[A-Z_]+", path.read_text())}
+    assert names == set(_registry.KERNEL_SETTINGS)
+
+
 
 def test_max_batch_probe_keeps_the_last_batch_that_fit(monkeypatch, tmp_path):
     """``benchmarks.train_step --max-batch`` doubles B until a step runs out of memory and reports the B before."""

@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from train_utils import make_records, make_tiny_model
 
+from kalm_fast._registry import KERNEL_SETTINGS
 from kalm_fast.cli import main
 from kalm_fast.errors import RunError
 from kalm_fast.files import digest
@@ -134,7 +135,9 @@ def test_a_non_finite_loss_stops_the_run_and_saves_no_model(inputs, tmp_path, mo
     assert not (tmp_path / "nan-cli/ft/final").exists()
 
 
-def test_resume_refuses_a_changed_config_or_data_naming_them(inputs, tmp_path):
+def test_resume_refuses_a_changed_config_or_data_naming_them(inputs, tmp_path, monkeypatch):
+    for name in KERNEL_SETTINGS:
+        monkeypatch.delenv(name, raising=False)
     data = tmp_path / "train.jsonl"
     shutil.copy(inputs["root"] / "train.jsonl", data)
     raw = _raw(inputs, tmp_path / "cut", data=[str(data)])
@@ -149,7 +152,9 @@ def test_resume_refuses_a_changed_config_or_data_naming_them(inputs, tmp_path):
         _run(raw, resume=True)
     data.write_bytes(kept)
     allowed = dict(_raw(inputs, tmp_path / "cut", data=[str(data)], save_every=2, keep_checkpoints=3), log_every=2)
+    monkeypatch.setenv("KALM_ATTENTION_DQ", "atomic")  # a kernel setting: recorded in run.json, free to change
     assert (_run(allowed, resume=True) / "model.safetensors").is_file()
+    assert json.loads((tmp_path / "cut/run.json").read_text())["settings"] == {"KALM_ATTENTION_DQ": "atomic"}
 
 
 def test_every_stage_is_checked_before_the_first_trains_and_the_fixed_rerun_starts(inputs, tmp_path):

@@ -9,7 +9,8 @@ saves.
 
 Output layout::
 
-    OUTPUT/run.json                       the config and the sha256 of every stage's data files
+    OUTPUT/run.json                       the config, the sha256 of every stage's data files and the kernel
+                                          settings (``KALM_*``) of the latest start (not compared on resume)
     OUTPUT/metrics.jsonl                  one JSON line per logged step / evaluation, with its UTC time
     OUTPUT/scores.json                    eval scores of final models and soup candidates
     OUTPUT/<stage>/checkpoints/step-N/    model (safetensors) + trainer/ (optimizer, scheduler, sampler, RNG)
@@ -44,6 +45,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from .._registry import kernel_settings
 from ..distributed import (
     DistInfo,
     any_across,
@@ -432,7 +434,8 @@ class Trainer:
     def _start_run(self, prepared: dict):
         """Refuse what would mix two runs in one output_dir; record this run's config and data."""
         record = json.loads(json.dumps(dict(config=config_to_dict(self.config),
-                                            data={name: data.sha256 for name, (data, _) in prepared.items()})))
+                                            data={name: data.sha256 for name, (data, _) in prepared.items()},
+                                            settings=kernel_settings())))
         progress = self._progress()
         barrier(self.info)  # every rank looks before any rank writes
         if progress and not self.resume:
