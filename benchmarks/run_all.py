@@ -2,6 +2,7 @@
 ``KALM_BENCH_OUT``)."""
 from __future__ import annotations
 
+import argparse
 import subprocess
 import sys
 from importlib import import_module
@@ -14,6 +15,9 @@ SCRIPTS = ["mean_pool", "attention", "contrastive", "encode", "train_step"]
 
 
 def main(argv=None) -> int:
+    argparse.ArgumentParser(description="Run every benchmark script at its default preset for this device, then "
+                            "the pytest-benchmark suite (`make bench`); results land in benchmarks/results/ (or "
+                            "KALM_BENCH_OUT).").parse_args(argv)
     failed = []
     for name in SCRIPTS:
         if find_spec(f"benchmarks.{name}") is None:

@@ -1,5 +1,5 @@
-"""kalm_fast.models.decoder_kernels: the Triton SiLU-multiply and RoPE of the decoders' GPU paths against the torch
-ops they replace, forward and backward (odd shapes, strided per-head views, head halves that are not a power of
+"""kalm_fast.models.decoder_kernels: the Triton SiLU-multiply, RoPE and residual-add RMSNorm of the decoders' GPU
+paths against the torch ops they replace, forward and backward (odd shapes, strided per-head views, head halves that are not a power of
 two), in the interpreter on CPU, compiled on a GPU (the decoders taking them: tests/test_decoder_packed.py)."""
 import pytest
 import torch
@@ -130,3 +130,77 @@ def test_rope_checks_its_input():
         rope_(_randn(3, 2, 7), cos, cos)
     with pytest.raises(ValueError, match="contiguous last dim"):
         rope_(_randn(3, 8, 2).transpose(1, 2), cos, cos)
+
+
+def _add_rms_norm_torch(residual, delta, weight, eps):
+    """transformers' residual add then RMSNorm (``weight * x / rms(x)``), the norm in fp32."""
+    total = residual + delta
+    x = total.float()
+    return weight.float() * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)), total
+
+
+# (residual, delta, weight) dtypes: one dtype throughout (a model run in it), and training's autocast: an fp32
+# residual stream and weight beside a half-precision attention output (the normed output in the autocast dtype)
+ADD_NORM_DTYPES = [(torch.float32,) * 3, (torch.float16,) * 3, (torch.float32, torch.float16, torch.float32)] + (
+    [(torch.bfloat16,) * 3, (torch.float32, torch.bfloat16, torch.float32)] if DEVICE == "cuda" else [])
+
+
+@pytest.mark.parametrize("dtypes", ADD_NORM_DTYPES, ids=lambda d: "-".join(str(t)[6:] for t in d))
+@pytest.mark.parametrize("tokens,hidden", [(0, 64), (1, 1), (37, 896), (40, 80), (3, 33), (2, 4100)])
+def test_add_rms_norm_matches_torch(tokens, hidden, dtypes):
+    """Forward (the normed output and the sum) and backward (residual, delta, weight; both outputs get a gradient:
+    the sum is the residual stream) against the torch ops in fp32: rows not a power of two, one column, more than
+    one backward program (40 rows: 32 per program), no tokens, 4100 columns (a 8192-wide block)."""
+    from kalm_fast.models.decoder_kernels import add_rms_norm
+
+    res_dtype, delta_dtype, weight_dtype = dtypes
+    half = delta_dtype if delta_dtype != torch.float32 else None
+    residual = _randn(tokens, hidden, dtype=res_dtype).requires_grad_()
+    delta = _randn(tokens, hidden, dtype=delta_dtype, seed=1).requires_grad_()
+    weight = (1 + 0.3 * _randn(hidden, seed=2)).to(weight_dtype).requires_grad_()
+    normed, total = add_rms_norm(residual, delta, weight, 1e-6, half)
+    grads = (_randn(tokens, hidden, dtype=normed.dtype, seed=3), _randn(tokens, hidden, dtype=total.dtype, seed=4))
+    got_grads = torch.autograd.grad((normed, total), (residual, delta, weight), grads)
+    ref = [t.detach().float().requires_grad_() for t in (residual, delta, weight)]
+    want, want_total = _add_rms_norm_torch(*ref, 1e-6)
+    want_grads = torch.autograd.grad((want, want_total), ref, [g.float() for g in grads])
+    assert normed.dtype == (half or res_dtype) and total.dtype == torch.promote_types(res_dtype, delta_dtype)
+    assert [g.dtype for g in got_grads] == list(dtypes)
+    atol, rtol = TOL[half or torch.float32]
+    torch.testing.assert_close(total.float(), want_total, atol=TOL[total.dtype][0], rtol=TOL[total.dtype][1])
+    torch.testing.assert_close(normed.float(), want, atol=atol, rtol=rtol)
+    for got, expected, dtype in zip(got_grads, want_grads, dtypes):
+        atol, rtol = TOL[dtype if half is None or dtype != torch.float32 else half]
+        torch.testing.assert_close(got.float(), expected, atol=atol * 10 * max(1, tokens ** 0.5), rtol=rtol * 10)
+
+
+def test_add_rms_norm_keeps_leading_dims_and_strided_inputs():
+    """transformers' [B, L, H] hidden states, a delta that is a strided view (every other row of a wider tensor)
+    and a transposed incoming gradient."""
+    from kalm_fast.models.decoder_kernels import add_rms_norm
+
+    residual = _randn(2, 3, 24).requires_grad_()
+    wide = _randn(2, 3, 48, seed=1).requires_grad_()
+    delta = wide[..., :24]
+    weight = (1 + 0.3 * _randn(24, seed=2)).requires_grad_()
+    grad = _randn(2, 24, 3, seed=3).transpose(1, 2)
+    normed, total = add_rms_norm(residual, delta, weight, 1e-5)
+    (normed + total).backward(grad)
+    ref = [t.detach().clone().requires_grad_() for t in (residual, delta, weight)]
+    want, want_total = _add_rms_norm_torch(*ref, 1e-5)
+    (want + want_total).backward(grad)
+    assert normed.shape == total.shape == (2, 3, 24)
+    torch.testing.assert_close(normed, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(total, want_total, atol=0, rtol=0)
+    for got, expected in zip((residual.grad, wide.grad[..., :24], weight.grad), (t.grad for t in ref)):
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert not wide.grad[..., 24:].any()
+
+
+def test_add_rms_norm_checks_its_input():
+    from kalm_fast.models.decoder_kernels import add_rms_norm
+
+    with pytest.raises(ValueError, match="residual and delta must be"):
+        add_rms_norm(_randn(3, 4), _randn(3, 5), _randn(4), 1e-6)
+    with pytest.raises(ValueError, match=r"weight must be \[4\]"):
+        add_rms_norm(_randn(3, 4), _randn(3, 4), _randn(5), 1e-6)

@@ -267,20 +267,20 @@ def _train_step_grads(model, batch, weights):
 @pytest.mark.skipif(DEVICE != "cuda" and not INTERPRET, reason="needs a CUDA device or TRITON_INTERPRET=1")
 @pytest.mark.parametrize("kind", ["qwen2-gqa14", "llama", "qwen3", "mistral"])
 def test_fused_modules_match_transformers_forward_and_backward(model_dirs, monkeypatch, kind):
-    """KALM_FUSED_DECODER=1: transformers' modules with F.rms_norm, the Triton SiLU-multiply and RoPE give the
-    embeddings and every parameter gradient of their own forward (fp32, train mode): GQA 14:2, biases, Qwen3's
-    q/k norms; the kernels are called once per MLP and twice per attention."""
+    """KALM_FUSED_DECODER=1: transformers' modules with F.rms_norm, the Triton SiLU-multiply, RoPE and residual-add
+    RMSNorm give the embeddings and every parameter gradient of their own forward (fp32, train mode): GQA 14:2,
+    biases, Qwen3's q/k norms; the kernels are called once per MLP, twice per attention and once per layer."""
     model = EmbeddingModel.from_pretrained(model_dirs[kind], device=DEVICE).train()
     batch = model.pack(model.token_ids(TEXTS))
     weights = torch.randn(len(TEXTS), model.hidden_size, generator=torch.Generator().manual_seed(0)).to(DEVICE)
-    calls = _kernel_calls(monkeypatch, "silu_mul", "rope")
+    calls = _kernel_calls(monkeypatch, "silu_mul", "rope", "add_rms_norm")
     monkeypatch.setenv("KALM_FUSED_DECODER", "0")
     want, want_grads = _train_step_grads(model, batch, weights)
     assert calls == []
     monkeypatch.setenv("KALM_FUSED_DECODER", "1")
     got, got_grads = _train_step_grads(model, batch, weights)
     layers = len(model.model.layers)
-    assert calls.count("silu_mul") == layers and calls.count("rope") == 2 * layers
+    assert calls.count("silu_mul") == calls.count("add_rms_norm") == layers and calls.count("rope") == 2 * layers
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert got_grads.keys() == want_grads.keys() and len(got_grads) == len(list(model.parameters()))
     for name, grad in want_grads.items():
@@ -288,19 +288,28 @@ def test_fused_modules_match_transformers_forward_and_backward(model_dirs, monke
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.skipif(DEVICE != "cuda" and not INTERPRET, reason="needs a CUDA device or TRITON_INTERPRET=1")
 @pytest.mark.parametrize("kind", ["qwen2-gqa14", "qwen3"])
-def test_fused_modules_under_bf16_autocast_on_gpu(model_dirs, monkeypatch, kind):
-    """As training runs on a GPU (fp32 weights, bf16 autocast): the fused modules' embeddings and gradients stay
-    within bf16 rounding of transformers' own forward."""
-    model = EmbeddingModel.from_pretrained(model_dirs[kind], device="cuda").train()
+def test_fused_modules_under_autocast(model_dirs, monkeypatch, kind):
+    """As training runs on a GPU (fp32 weights, bf16 autocast; fp16 autocast on CPU in the interpreter): the fused
+    modules' embeddings and gradients stay within half-precision rounding of transformers' own forward; the residual
+    stream stays fp32 and the fused add-RMSNorm hands the MLP its input in the autocast dtype."""
+    dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float16
+    model = EmbeddingModel.from_pretrained(model_dirs[kind], device=DEVICE).train()
     batch = model.pack(model.token_ids(TEXTS))
-    weights = torch.randn(len(TEXTS), model.hidden_size, generator=torch.Generator().manual_seed(0)).cuda()
+    weights = torch.randn(len(TEXTS), model.hidden_size, generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    from kalm_fast.models import decoder_kernels
+
+    real, dtypes = decoder_kernels.add_rms_norm, []
+    monkeypatch.setattr(decoder_kernels, "add_rms_norm", lambda *a: (
+        lambda out: (dtypes.append(tuple(t.dtype for t in (*a[:2], *out))), out)[1])(real(*a)))
     runs = []
     for setting in ("0", "1"):
         monkeypatch.setenv("KALM_FUSED_DECODER", setting)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast(DEVICE, dtype=dtype):
             runs.append(_train_step_grads(model, batch, weights))
+    # (residual, attention output, normed, sum) per layer
+    assert dtypes == [(torch.float32, dtype, dtype, torch.float32)] * len(model.model.layers)
     (want, want_grads), (got, got_grads) = runs
     texts = want.norm(dim=1) > 0  # not the empty text's zero row
     assert F.cosine_similarity(got[texts].float(), want[texts].float()).min() > 0.999
@@ -341,7 +350,7 @@ def test_fused_modules_on_a_padded_batch(model_dirs, monkeypatch, positions):
     input_ids = torch.tensor([x + [0] * (width - len(x)) for x in ids], device=DEVICE)
     mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids], device=DEVICE)
     extra = dict(position_ids=torch.arange(width, device=DEVICE).expand(len(ids), width)) if positions else {}
-    calls = _kernel_calls(monkeypatch, "rope")
+    calls = _kernel_calls(monkeypatch, "rope", "add_rms_norm")
     runs = []
     for setting in ("0", "1"):
         monkeypatch.setenv("KALM_FUSED_DECODER", setting)
@@ -349,7 +358,7 @@ def test_fused_modules_on_a_padded_batch(model_dirs, monkeypatch, positions):
         out = model.model(input_ids=input_ids, attention_mask=mask, use_cache=False, **extra).last_hidden_state
         out[mask.bool()].square().sum().backward()
         runs.append((out[mask.bool()].detach(), [p.grad.clone() for p in model.parameters()]))
-    assert len(calls) == 2 * len(model.model.layers)
+    assert calls.count("rope") == 2 * calls.count("add_rms_norm") == 2 * len(model.model.layers)
     (want, want_grads), (got, got_grads) = runs
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     for g, w in zip(got_grads, want_grads):
@@ -371,8 +380,8 @@ def test_fused_forwards_survive_pickling_and_deepcopy(model_dirs, monkeypatch):
     loaded = torch.load(buffer, weights_only=False)
     copied = copy.deepcopy(model.model)
     for clone in (loaded, copied):
-        norm = clone.layers[0].input_layernorm
-        assert norm.forward.args[0] is norm and clone.layers[0].mlp.forward.args[0] is clone.layers[0].mlp
+        layer = clone.layers[0]
+        assert all(m.forward.args[0] is m for m in (layer, layer.input_layernorm, layer.mlp, layer.self_attn))
         with torch.no_grad():
             clone.norm.weight.mul_(2)
             got = clone(input_ids=batch.input_ids[None], position_ids=batch.position_ids[None],

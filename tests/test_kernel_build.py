@@ -55,7 +55,8 @@ def test_shared_memory_fits(compiled):
 @pytest.mark.parametrize("module,kernels", [("attention", ("attn_fwd", "attn_dkdv", "attn_dq", "attn_bwd_delta")),
                                             ("mean_pool", ("sum", "finish", "bwd")),
                                             ("focal_infonce", ("fwd", "bwd_dq", "bwd_dc", "bwd_grad")),
-                                            ("decoder", ("silu_mul", "silu_mul_bwd", "rope", "rope_bwd"))])
+                                            ("decoder", ("silu_mul", "silu_mul_bwd", "rope", "rope_bwd",
+                                                         "add_rms_norm", "add_rms_norm_bwd"))])
 def test_every_kernel_and_dtype_is_covered(compiled, module, kernels):
     names = {r["name"] for r in compiled if r["module"] == module}
     for kernel in kernels:

@@ -1,9 +1,11 @@
-"""Triton kernels of the decoder LLMs' elementwise ops on a GPU: the gated MLP's ``silu(gate) * up`` and the rotary
-embedding, each one pass over its tensors (torch's ops make two and five, each writing a rounded intermediate), with
-their backward. Used by the packed decoder (``decoder_packed``: inference, RoPE in place) and by transformers' own
-modules under ``KALM_FUSED_DECODER=1`` (``fused_decoder``: training too). The math is fp32 with one rounding to the
-output dtype at the store."""
+"""Triton kernels of the decoder LLMs' elementwise ops on a GPU: the gated MLP's ``silu(gate) * up``, the rotary
+embedding and a residual add followed by RMSNorm, each one pass over its tensors (torch's ops make two, five and
+seven, each writing a rounded intermediate), with their backward. Used by the packed decoder (``decoder_packed``:
+inference, RoPE in place) and by transformers' own modules under ``KALM_FUSED_DECODER=1``
+(``fused_decoder``: training too). The math is fp32 with one rounding to the output dtype at the store."""
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import triton
@@ -152,3 +154,112 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     ``x`` (the backward rotates the gradient back; ``cos``/``sin``, functions of the positions, get none)."""
     _check_rope(x, cos, sin)
     return _Rope.apply(x, cos, sin)
+
+
+@triton.jit
+def _add_rms_norm_kernel(RES, DELTA, W, SUM, OUT, RSTD, H, eps, stride_r, stride_d, stride_s, stride_o,
+                         BLOCK: tl.constexpr):
+    """``SUM[t] = RES[t] + DELTA[t]`` (rounded to SUM's dtype, as the residual stream holds it), ``RSTD[t] =
+    1 / sqrt(mean(SUM[t]^2) + eps)`` (fp32), ``OUT[t] = SUM[t] * RSTD[t] * W``; grid ``(T,)``."""
+    t = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    ok = cols < H
+    total = (tl.load(RES + t * stride_r + cols, mask=ok, other=0.0).to(tl.float32)
+             + tl.load(DELTA + t * stride_d + cols, mask=ok, other=0.0).to(tl.float32)).to(SUM.dtype.element_ty)
+    tl.store(SUM + t * stride_s + cols, total, mask=ok)
+    total = total.to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(total * total, axis=0) / H + eps)
+    tl.store(RSTD + t, rstd)
+    w = tl.load(W + cols, mask=ok, other=0.0).to(tl.float32)
+    tl.store(OUT + t * stride_o + cols, (total * rstd * w).to(OUT.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _add_rms_norm_bwd_kernel(DOUT, DSUM, SUM, W, RSTD, DRES, DDELTA, DW_PART, T, H, stride_do, stride_ds, stride_s,
+                             stride_dr, stride_dd, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    """Rows ``[pid * ROWS, (pid + 1) * ROWS)``: with ``xhat = SUM * RSTD`` and ``g = DOUT * W``, the gradient of the
+    sum ``RSTD (g - xhat mean(g xhat)) + DSUM`` (the sum's own gradient: it is also the residual stream) into DRES and
+    DDELTA (one per input dtype), and ``sum over the rows of DOUT * xhat`` into ``DW_PART[pid]`` (fp32; the launcher
+    adds the programs' partial sums); grid ``(cdiv(T, ROWS),)``."""
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    ok = cols < H
+    w = tl.load(W + cols, mask=ok, other=0.0).to(tl.float32)
+    dw = tl.zeros([BLOCK], dtype=tl.float32)
+    for i in range(ROWS):
+        t = pid.to(tl.int64) * ROWS + i
+        row_ok = ok & (t < T)
+        xhat = tl.load(SUM + t * stride_s + cols, mask=row_ok, other=0.0).to(tl.float32)
+        rstd = tl.load(RSTD + t, mask=t < T, other=0.0)
+        xhat = xhat * rstd
+        dout = tl.load(DOUT + t * stride_do + cols, mask=row_ok, other=0.0).to(tl.float32)
+        g = dout * w
+        dx = rstd * (g - xhat * (tl.sum(g * xhat, axis=0) / H))
+        dx += tl.load(DSUM + t * stride_ds + cols, mask=row_ok, other=0.0).to(tl.float32)
+        tl.store(DRES + t * stride_dr + cols, dx.to(DRES.dtype.element_ty), mask=row_ok)
+        tl.store(DDELTA + t * stride_dd + cols, dx.to(DDELTA.dtype.element_ty), mask=row_ok)
+        dw += dout * xhat
+    tl.store(DW_PART + pid * H + cols, dw, mask=ok)
+
+
+ADD_RMS_NORM_ROWS = 32  # rows per backward program (each writes one partial dW row)
+
+
+def _norm_warps(block: int, backward: bool = False) -> int:
+    """Warps per row-wide program: the backward holds four rows' worth of fp32 values (eight warps at a 1024-wide
+    block, where four spill on sm_80)."""
+    return min(16, (4 if block <= 1024 else 8 if block <= 4096 else 16) * (2 if backward else 1))
+
+
+class _AddRmsNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, residual, delta, weight, eps, out_dtype):
+        r, d = _rows(residual), _rows(delta)
+        tokens, hidden = r.shape
+        total = torch.empty(r.shape, dtype=torch.promote_types(r.dtype, d.dtype), device=r.device)
+        out = torch.empty(r.shape, dtype=out_dtype, device=r.device)
+        rstd = torch.empty(tokens, dtype=torch.float32, device=r.device)
+        block = triton.next_power_of_2(hidden)
+        if tokens:
+            with launch_device(r):
+                _add_rms_norm_kernel[(tokens,)](r, d, weight, total, out, rstd, hidden, eps, r.stride(0), d.stride(0),
+                                                total.stride(0), out.stride(0), BLOCK=block,
+                                                num_warps=_norm_warps(block))
+        ctx.save_for_backward(total, weight, rstd)
+        ctx.dtypes, ctx.shape = (r.dtype, d.dtype), residual.shape
+        return out.view(residual.shape), total.view(residual.shape)
+
+    @staticmethod
+    def backward(ctx, dout, dsum):
+        total, weight, rstd = ctx.saved_tensors
+        tokens, hidden = total.shape
+        dout, dsum = _rows(dout), _rows(dsum)
+        dres, ddelta = (torch.empty(total.shape, dtype=dtype, device=total.device) for dtype in ctx.dtypes)
+        programs = triton.cdiv(tokens, ADD_RMS_NORM_ROWS)
+        dw_part = torch.zeros(max(programs, 1), hidden, dtype=torch.float32, device=total.device)
+        block = triton.next_power_of_2(hidden)
+        if tokens:
+            with launch_device(total):
+                _add_rms_norm_bwd_kernel[(programs,)](
+                    dout, dsum, total, weight, rstd, dres, ddelta, dw_part, tokens, hidden, dout.stride(0),
+                    dsum.stride(0), total.stride(0), dres.stride(0), ddelta.stride(0), ROWS=ADD_RMS_NORM_ROWS,
+                    BLOCK=block, num_warps=_norm_warps(block, backward=True))
+        return dres.view(ctx.shape), ddelta.view(ctx.shape), dw_part.sum(0).to(weight.dtype), None, None
+
+
+def add_rms_norm(residual: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float,
+                 out_dtype: Optional[torch.dtype] = None) -> tuple:
+    """``(rms_norm(residual + delta) * weight, residual + delta)``, as transformers' decoder layers compute a residual
+    add and the RMSNorm after it, in one pass: ``residual``, ``delta`` ``[..., H]`` of one shape (any row strides),
+    ``weight [H]``. The sum has the promoted dtype of the two (what ``residual + delta`` gives); the normed output
+    ``out_dtype`` (default: the sum's and weight's promoted dtype, as transformers' RMSNorm returns). The norm reads
+    the sum as stored, in fp32. Differentiable in ``residual``, ``delta`` and ``weight``."""
+    if residual.shape != delta.shape or residual.device != delta.device or residual.dim() == 0:
+        raise ValueError(f"residual and delta must be [..., H] tensors of one shape and device, got "
+                         f"{tuple(residual.shape)} on {residual.device} and {tuple(delta.shape)} on {delta.device}")
+    if weight.shape != residual.shape[-1:] or weight.device != residual.device:
+        raise ValueError(f"weight must be [{residual.shape[-1]}] on {residual.device}, got {tuple(weight.shape)} on "
+                         f"{weight.device}")
+    if out_dtype is None:
+        out_dtype = torch.promote_types(torch.promote_types(residual.dtype, delta.dtype), weight.dtype)
+    return _AddRmsNorm.apply(residual, delta, weight, float(eps), out_dtype)

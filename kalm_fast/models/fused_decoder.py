@@ -3,11 +3,13 @@
 With ``KALM_FUSED_DECODER=1`` (read at each call; off by default until a GPU run shows it faster:
 ``python -m benchmarks.train_step`` and ``python -m benchmarks.encode`` time it), on CUDA tensors (or in the Triton
 interpreter), the modules of a decoder model run:
-- RMSNorm as torch's ``F.rms_norm`` (fused on CUDA where input and weight share a dtype; autocast runs it in fp32)
-  instead of transformers' six ops with fp32 intermediates;
+- RMSNorm as torch's ``F.rms_norm`` in the promoted dtype of input and weight instead of transformers' six ops with
+  fp32 intermediates;
 - the gated MLP's ``silu(gate) * up`` as ``decoder_kernels.silu_mul`` (one pass, its backward one pass);
 - RoPE on Q and K as ``decoder_kernels.rope`` (one pass each way; Qwen3's q/k norms before it), then kalm_fast's
-  attention function, as transformers' attention module does.
+  attention function, as transformers' attention module does;
+- the residual add after attention and the RMSNorm before the MLP as ``decoder_kernels.add_rms_norm`` (one pass each
+  way; under autocast its output is already in the autocast dtype that the MLP's projections cast to).
 Elsewhere, and for what they do not handle (a KV cache, partial rotary angles, a model switched off kalm_fast's
 attention), the modules run their own forward. Parameters, state dicts, hooks and checkpointing are unchanged:
 ``install`` only gives each module instance a forward of its own. This is the path of training and of GPU inference
@@ -36,12 +38,18 @@ def enabled(x: torch.Tensor) -> bool:
     return setting == "1" and (x.is_cuda or triton_interpreting()) and triton_unavailable() is None
 
 
+def _is_rms_norm(module) -> bool:
+    """transformers' RMSNorm of these families (``weight * x / rms(x)``, eps in ``variance_epsilon``)."""
+    return type(module).__name__.endswith("RMSNorm") and hasattr(module, "variance_epsilon")
+
+
 def _rms_norm_forward(self, hidden_states):
-    weight = self.weight
-    if enabled(hidden_states) and (hidden_states.dtype == weight.dtype
-                                   or torch.is_autocast_enabled(hidden_states.device.type)):
-        return F.rms_norm(hidden_states, weight.shape, weight, self.variance_epsilon)
-    return type(self).forward(self, hidden_states)
+    """transformers' RMSNorm as one ``F.rms_norm`` in the promoted dtype of input and weight (the dtype transformers
+    returns; torch fuses it only where the two agree: Qwen3's q/k norms under autocast get a half-precision input)."""
+    if not enabled(hidden_states):
+        return type(self).forward(self, hidden_states)
+    dtype = torch.promote_types(hidden_states.dtype, self.weight.dtype)
+    return F.rms_norm(hidden_states.to(dtype), self.weight.shape, self.weight.to(dtype), self.variance_epsilon)
 
 
 def _mlp_forward(self, x):
@@ -76,12 +84,33 @@ def _attention_forward(self, hidden_states, position_embeddings=None, attention_
     return self.o_proj(out.reshape(*lead, -1)), None
 
 
+def _layer_forward(self, hidden_states, attention_mask=None, **kwargs):
+    """transformers' decoder layer (RMSNorm, attention, residual add, RMSNorm, MLP, residual add) on
+    ``hidden_states [B, L, H]``, the add after attention and the RMSNorm after it fused; every keyword goes to the
+    attention module, as the layer passes it on."""
+    norm = self.post_attention_layernorm
+    if not enabled(hidden_states):
+        return type(self).forward(self, hidden_states, attention_mask=attention_mask, **kwargs)
+    from .decoder_kernels import add_rms_norm
+
+    attended, _ = self.self_attn(hidden_states=self.input_layernorm(hidden_states), attention_mask=attention_mask,
+                                 **kwargs)
+    device_type = hidden_states.device.type
+    out_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+    normed, residual = add_rms_norm(hidden_states, attended, norm.weight, norm.variance_epsilon, out_dtype)
+    return residual + self.mlp(normed)
+
+
 def install(model) -> None:
-    """Bind the fused forwards to the RMSNorm, gated-MLP and attention modules of a decoder base model that
-    ``decoder_packed.supports`` (idempotent; partials, which pickle and deep-copy with their module)."""
+    """Bind the fused forwards to the decoder layers and their RMSNorm, gated-MLP and attention modules of a decoder
+    base model that ``decoder_packed.supports`` (idempotent; partials, which pickle and deep-copy with their
+    module)."""
     for module in model.modules():
-        if type(module).__name__.endswith("RMSNorm") and hasattr(module, "variance_epsilon"):
+        if _is_rms_norm(module):
             module.forward = functools.partial(_rms_norm_forward, module)
     for layer in model.layers:
+        if _is_rms_norm(getattr(layer, "input_layernorm", None)) and _is_rms_norm(
+                getattr(layer, "post_attention_layernorm", None)):
+            layer.forward = functools.partial(_layer_forward, layer)
         layer.mlp.forward = functools.partial(_mlp_forward, layer.mlp)
         layer.self_attn.forward = functools.partial(_attention_forward, layer.self_attn)

@@ -4,7 +4,8 @@ GPU runs, as ``triton.compile`` specs (``name``, ``module``, ``fn``, ``signature
 
 Attention: every entry of its config table (``ops/attention/_triton.py``) for its arch, for fp16/bf16 and fp32, at
 head dims 64, 80, 128 and 256, with the kernels' variants (TMA loads in fwd and dq, atomic dQ). Mean pooling,
-focal-InfoNCE and the decoders' SiLU-multiply and RoPE (forward and backward): their fixed configurations per dtype.
+focal-InfoNCE and the decoders' SiLU-multiply, RoPE and residual-add RMSNorm (forward and backward): their fixed
+configurations per dtype.
 """
 from __future__ import annotations
 
@@ -185,8 +186,34 @@ def decoder_specs() -> list:
                            "BLOCK_HALF": "constexpr", "INVERSE": "constexpr"},
                 constexprs={"HALF": head_dim // 2, "BLOCK_H": 16, "BLOCK_HALF": head_dim // 2, "INVERSE": inverse},
                 num_warps=4, num_stages=2))
+    specs += _add_rms_norm_specs()
     for spec in specs:  # Qwen2-0.5B's intermediate size 4864 is a multiple of 16, as JIT launches specialize it
-        spec["attrs"] = _aligned(spec["fn"], spec["signature"], also=("I",))
+        spec.setdefault("attrs", _aligned(spec["fn"], spec["signature"], also=("I",)))
+    return specs
+
+
+def _add_rms_norm_specs() -> list:
+    """The residual-add RMSNorm forward and backward at hidden 896 (Qwen2-0.5B: a 1024-wide block) and 3584 (Qwen2-7B:
+    4096), for a model run in one dtype and for autocast's mix (fp32 residual stream and weight, a half-precision
+    attention output and normed output)."""
+    specs = []
+    mixes = [(d, d, d, d) for d in ("fp32", "fp16", "bf16")] + [("fp32", h, "fp32", h) for h in ("fp16", "bf16")]
+    for (res, delta, weight, out), hidden in itertools.product(mixes, (896, 3584)):
+        total = "fp32" if "fp32" in (res, delta) else res
+        tag = f"{res}_{delta}" if res != delta else res
+        block = triton.next_power_of_2(hidden)
+        forward = {"RES": f"*{res}", "DELTA": f"*{delta}", "W": f"*{weight}", "SUM": f"*{total}", "OUT": f"*{out}",
+                   "RSTD": "*fp32", "H": "i32", "eps": "fp32", **_strides("r", "d", "s", "o"), "BLOCK": "constexpr"}
+        backward = {"DOUT": f"*{out}", "DSUM": f"*{total}", "SUM": f"*{total}", "W": f"*{weight}", "RSTD": "*fp32",
+                    "DRES": f"*{res}", "DDELTA": f"*{delta}", "DW_PART": "*fp32", "T": "i32", "H": "i32",
+                    **_strides("do", "ds", "s", "dr", "dd"), "ROWS": "constexpr", "BLOCK": "constexpr"}
+        for name, fn, signature, constexprs, is_backward in (
+                ("add_rms_norm", decoder_kernels._add_rms_norm_kernel, forward, {"BLOCK": block}, False),
+                ("add_rms_norm_bwd", decoder_kernels._add_rms_norm_bwd_kernel, backward,
+                 {"ROWS": decoder_kernels.ADD_RMS_NORM_ROWS, "BLOCK": block}, True)):
+            specs.append(dict(module="decoder", name=f"decoder_{name}_{tag}_h{hidden}", fn=fn, signature=signature,
+                              constexprs=constexprs, attrs=_aligned(fn, signature, also=("H",)),
+                              num_warps=decoder_kernels._norm_warps(block, is_backward), num_stages=2))
     return specs
 
 
