@@ -1,6 +1,7 @@
 """kalm_fast.models.decoder_kernels: the Triton SiLU-multiply, RoPE and residual-add RMSNorm of the decoders' GPU
-paths against the torch ops they replace, forward and backward (odd shapes, strided per-head views, head halves that are not a power of
-two), in the interpreter on CPU, compiled on a GPU (the decoders taking them: tests/test_decoder_packed.py)."""
+paths against the torch ops they replace, forward and backward (odd shapes, strided per-head views, head halves
+that are not a power of two), in the interpreter on CPU, compiled on a GPU (the decoders taking them:
+tests/test_decoder_packed.py)."""
 import pytest
 import torch
 import torch.nn.functional as F
