@@ -337,32 +337,93 @@ def test_fused_modules_encode_bf16_on_gpu(model_dirs, monkeypatch, fast_path_cal
     assert F.cosine_similarity(got, _eager_bidirectional(model_dirs[kind], ids)).min() > 0.999
 
 
+def _padded(model, left: bool):
+    """Four of TEXTS as a padded ``[B, L]`` batch (``input_ids``, ``attention_mask``), padded on the right or left."""
+    ids = [x for x in model.token_ids(TEXTS) if x][:4]
+    width = max(map(len, ids))
+    pad = [[0] * (width - len(x)) for x in ids]
+    rows = [(p + x, [0] * len(p) + [1] * len(x)) if left else (x + p, [1] * len(x) + [0] * len(p))
+            for x, p in zip(ids, pad)]
+    return (torch.tensor([r[0] for r in rows], device=DEVICE), torch.tensor([r[1] for r in rows], device=DEVICE))
+
+
+def _padded_runs(model, monkeypatch, settings=("0", "1"), **inputs):
+    """transformers' model on a padded batch for each KALM_FUSED_DECODER setting: the real tokens' last hidden states
+    and every parameter's gradient of their squared sum."""
+    mask = inputs["attention_mask"].bool()
+    runs = []
+    for setting in settings:
+        monkeypatch.setenv("KALM_FUSED_DECODER", setting)
+        model.zero_grad(set_to_none=True)
+        out = model.model(**inputs).last_hidden_state
+        out[mask].square().sum().backward()
+        runs.append((out[mask].detach(), [p.grad.clone() for p in model.parameters()]))
+    return runs
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(DEVICE != "cuda" and not INTERPRET, reason="needs a CUDA device or TRITON_INTERPRET=1")
-@pytest.mark.parametrize("positions", [True, False], ids=["position_ids", "no_position_ids"])
+@pytest.mark.parametrize("positions", ["position_ids", "no_position_ids", "left_padded"])
 def test_fused_modules_on_a_padded_batch(model_dirs, monkeypatch, positions):
     """The transformers model called on a padded ``[B, L]`` batch (the 2-D key padding mask reaches kalm_fast's
     attention through the fused attention module; without position_ids transformers makes one row of rotary angles
-    for the whole batch) equals its own forward on the real tokens, gradients included."""
+    for the whole batch; left padding gives each row angles of its own) equals its own forward on the real tokens,
+    gradients included."""
     model = EmbeddingModel.from_pretrained(model_dirs["qwen2-gqa14"], device=DEVICE)
-    ids = [x for x in model.token_ids(TEXTS) if x][:4]
-    width = max(map(len, ids))
-    input_ids = torch.tensor([x + [0] * (width - len(x)) for x in ids], device=DEVICE)
-    mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids], device=DEVICE)
-    extra = dict(position_ids=torch.arange(width, device=DEVICE).expand(len(ids), width)) if positions else {}
+    input_ids, mask = _padded(model, left=positions == "left_padded")
+    extra = {}
+    if positions == "position_ids":
+        extra = dict(position_ids=torch.arange(mask.shape[1], device=DEVICE).expand(mask.shape))
+    elif positions == "left_padded":
+        extra = dict(position_ids=(mask.cumsum(1) - 1).clamp(min=0))
     calls = _kernel_calls(monkeypatch, "rope", "add_rms_norm")
-    runs = []
-    for setting in ("0", "1"):
-        monkeypatch.setenv("KALM_FUSED_DECODER", setting)
-        model.zero_grad(set_to_none=True)
-        out = model.model(input_ids=input_ids, attention_mask=mask, use_cache=False, **extra).last_hidden_state
-        out[mask.bool()].square().sum().backward()
-        runs.append((out[mask.bool()].detach(), [p.grad.clone() for p in model.parameters()]))
+    (want, want_grads), (got, got_grads) = _padded_runs(model, monkeypatch, input_ids=input_ids, attention_mask=mask,
+                                                         use_cache=False, **extra)
     assert calls.count("rope") == 2 * calls.count("add_rms_norm") == 2 * len(model.model.layers)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(DEVICE != "cuda" and not INTERPRET, reason="needs a CUDA device or TRITON_INTERPRET=1")
+@pytest.mark.parametrize("case", ["kv_cache", "eager_attention"])
+def test_fused_attention_falls_back_where_it_does_not_apply(model_dirs, monkeypatch, case):
+    """With a KV cache, or with the model switched from kalm_fast's attention to another implementation, the
+    attention modules run their own forward under KALM_FUSED_DECODER=1 (no fused RoPE):
+    the same output and gradients as with the setting off."""
+    model = EmbeddingModel.from_pretrained(model_dirs["qwen2"], device=DEVICE)
+    input_ids, mask = _padded(model, left=False)
+    if case == "eager_attention":
+        model.model.config._attn_implementation = "eager"
+    calls = _kernel_calls(monkeypatch, "rope")
+    runs = _padded_runs(model, monkeypatch, input_ids=input_ids, attention_mask=mask, use_cache=case == "kv_cache")
+    assert calls == []
     (want, want_grads), (got, got_grads) = runs
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     for g, w in zip(got_grads, want_grads):
         torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(DEVICE != "cuda" and not INTERPRET, reason="needs a CUDA device or TRITON_INTERPRET=1")
+def test_fused_layers_keep_gradient_checkpointing(model_dirs, monkeypatch):
+    """With activation checkpointing on, the fused layers are still checkpointed (the backward recomputes each layer:
+    a second add-RMSNorm call per layer) whichever way the installed transformers checkpoints (in the layer's
+    ``__call__``, or in its class's ``forward``, which the fused layer replaces), with the same gradients."""
+    monkeypatch.setenv("KALM_FUSED_DECODER", "1")
+    model = EmbeddingModel.from_pretrained(model_dirs["qwen2"], device=DEVICE).train()
+    batch = model.pack(model.token_ids(TEXTS[:4]))
+    weights = torch.randn(4, model.hidden_size, generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    calls = _kernel_calls(monkeypatch, "add_rms_norm")
+    want, want_grads = _train_step_grads(model, batch, weights)
+    assert len(calls) == len(model.model.layers)
+    model.gradient_checkpointing_enable()
+    got, got_grads = _train_step_grads(model, batch, weights)
+    assert len(calls) == 3 * len(model.model.layers)
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+    for name, grad in want_grads.items():
+        torch.testing.assert_close(got_grads[name], grad, atol=1e-6, rtol=1e-6, msg=name)
 
 
 def test_fused_forwards_survive_pickling_and_deepcopy(model_dirs, monkeypatch):
@@ -460,6 +521,9 @@ def test_supports_only_decoder_families(model_dirs):
     gelu = _config("qwen2")
     gelu.hidden_act = "gelu"
     assert not decoder_packed.supports(AutoModel.from_config(gelu))
+    partial = AutoModel.from_config(_config("llama"))  # rotary angles for half of each head (partial rotary)
+    partial.rotary_emb.inv_freq = partial.rotary_emb.inv_freq[: partial.layers[0].self_attn.head_dim // 4]
+    assert not decoder_packed.supports(partial)
 
 
 def test_saved_directory_loads_bidirectionally_in_sentence_transformers(model_dirs, tmp_path):

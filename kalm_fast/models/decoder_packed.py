@@ -39,7 +39,8 @@ def runs_on(device: torch.device) -> bool:
 
 
 def supports(model) -> bool:
-    """True for a transformers Qwen2 / Qwen3 / Llama / Mistral base model with a SiLU-gated MLP.
+    """True for a transformers Qwen2 / Qwen3 / Llama / Mistral base model with a SiLU-gated MLP whose rotary
+    embedding turns every dimension of a head (not a partial rotary one).
 
     The fast path is bidirectional whatever the config says: ``make_bidirectional`` must have run on the model."""
     config = model.config
@@ -49,8 +50,10 @@ def supports(model) -> bool:
     if not layers or not all(hasattr(model, name) for name in ("embed_tokens", "norm", "rotary_emb")):
         return False
     attn, mlp = getattr(layers[0], "self_attn", None), getattr(layers[0], "mlp", None)
-    return (all(hasattr(attn, name) for name in ("q_proj", "k_proj", "v_proj", "o_proj", "scaling"))
-            and all(hasattr(mlp, name) for name in ("gate_proj", "up_proj", "down_proj")))
+    inv_freq = getattr(model.rotary_emb, "inv_freq", None)  # one frequency per pair of rotated dimensions
+    return (all(hasattr(attn, name) for name in ("q_proj", "k_proj", "v_proj", "o_proj", "scaling", "head_dim"))
+            and all(hasattr(mlp, name) for name in ("gate_proj", "up_proj", "down_proj"))
+            and inv_freq is not None and 2 * inv_freq.numel() == attn.head_dim)
 
 
 def _linear(x, weight, bias, packed: bool, add=None):

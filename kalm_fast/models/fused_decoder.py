@@ -87,18 +87,34 @@ def _attention_forward(self, hidden_states, position_embeddings=None, attention_
 def _layer_forward(self, hidden_states, attention_mask=None, **kwargs):
     """transformers' decoder layer (RMSNorm, attention, residual add, RMSNorm, MLP, residual add) on
     ``hidden_states [B, L, H]``, the add after attention and the RMSNorm after it fused; every keyword goes to the
-    attention module, as the layer passes it on."""
-    norm = self.post_attention_layernorm
+    attention module, as the layer passes it on. With gradient checkpointing on, the layer is checkpointed as
+    transformers does it (newer transformers checkpoint in the class's ``forward``, which this one replaces)."""
     if not enabled(hidden_states):
         return type(self).forward(self, hidden_states, attention_mask=attention_mask, **kwargs)
+    fused = functools.partial(_fused_layer, self, attention_mask=attention_mask, **kwargs)
+    if (getattr(self, "gradient_checkpointing", False) and self.training and torch.is_grad_enabled()
+            and not _checkpoints_in_call(self)):
+        return self._gradient_checkpointing_func(fused, hidden_states)
+    return fused(hidden_states)
+
+
+def _fused_layer(self, hidden_states, attention_mask=None, **kwargs):
     from .decoder_kernels import add_rms_norm
 
     attended, _ = self.self_attn(hidden_states=self.input_layernorm(hidden_states), attention_mask=attention_mask,
                                  **kwargs)
     device_type = hidden_states.device.type
     out_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+    norm = self.post_attention_layernorm
     normed, residual = add_rms_norm(hidden_states, attended, norm.weight, norm.variance_epsilon, out_dtype)
     return residual + self.mlp(normed)
+
+
+def _checkpoints_in_call(layer) -> bool:
+    """Whether transformers checkpoints ``layer`` in ``GradientCheckpointingLayer.__call__`` (up to 5.17 at least:
+    an instance ``forward`` runs inside the checkpoint) rather than in the class's ``forward`` (5.24)."""
+    base = next((c for c in type(layer).__mro__ if c.__name__ == "GradientCheckpointingLayer"), None)
+    return base is not None and "__call__" in vars(base)
 
 
 def install(model) -> None:
