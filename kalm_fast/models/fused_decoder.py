@@ -91,14 +91,15 @@ def _layer_forward(self, hidden_states, attention_mask=None, **kwargs):
     transformers does it (newer transformers checkpoint in the class's ``forward``, which this one replaces)."""
     if not enabled(hidden_states):
         return type(self).forward(self, hidden_states, attention_mask=attention_mask, **kwargs)
-    fused = functools.partial(_fused_layer, self, attention_mask=attention_mask, **kwargs)
     if (getattr(self, "gradient_checkpointing", False) and self.training and torch.is_grad_enabled()
             and not _checkpoints_in_call(self)):
-        return self._gradient_checkpointing_func(fused, hidden_states)
-    return fused(hidden_states)
+        return self._gradient_checkpointing_func(
+            functools.partial(_fused_layer, self, attention_mask=attention_mask, **kwargs), hidden_states)
+    return _fused_layer(self, hidden_states, attention_mask=attention_mask, **kwargs)
 
 
 def _fused_layer(self, hidden_states, attention_mask=None, **kwargs):
+    """The body of ``_layer_forward``."""
     from .decoder_kernels import add_rms_norm
 
     attended, _ = self.self_attn(hidden_states=self.input_layernorm(hidden_states), attention_mask=attention_mask,
