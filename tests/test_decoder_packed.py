@@ -303,13 +303,16 @@ def test_fused_modules_under_autocast(model_dirs, monkeypatch, kind):
     real, dtypes = decoder_kernels.add_rms_norm, []
     monkeypatch.setattr(decoder_kernels, "add_rms_norm", lambda *a: (
         lambda out: (dtypes.append(tuple(t.dtype for t in (*a[:2], *out))), out)[1])(real(*a)))
+    projected = []  # the dtype of what reaches the first layer's Q projection, per run
+    model.model.layers[0].self_attn.q_proj.register_forward_pre_hook(lambda m, args: projected.append(args[0].dtype))
     runs = []
     for setting in ("0", "1"):
         monkeypatch.setenv("KALM_FUSED_DECODER", setting)
         with torch.autocast(DEVICE, dtype=dtype):
             runs.append(_train_step_grads(model, batch, weights))
-    # (residual, attention output, normed, sum) per layer
+    # (residual, attention output, normed, sum) per layer; the input norm's output cast once, before the projections
     assert dtypes == [(torch.float32, dtype, dtype, torch.float32)] * len(model.model.layers)
+    assert projected == [torch.float32, dtype]
     (want, want_grads), (got, got_grads) = runs
     texts = want.norm(dim=1) > 0  # not the empty text's zero row
     assert F.cosine_similarity(got[texts].float(), want[texts].float()).min() > 0.999

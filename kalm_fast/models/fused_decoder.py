@@ -9,7 +9,8 @@ interpreter), the modules of a decoder model run:
 - RoPE on Q and K as ``decoder_kernels.rope`` (one pass each way; Qwen3's q/k norms before it), then kalm_fast's
   attention function, as transformers' attention module does;
 - the residual add after attention and the RMSNorm before the MLP as ``decoder_kernels.add_rms_norm`` (one pass each
-  way; under autocast its output is already in the autocast dtype that the MLP's projections cast to).
+  way). Under autocast the two norms' outputs come in the autocast dtype, which the projections after them would
+  cast to each (the residual stream stays fp32).
 Elsewhere, and for what they do not handle (a KV cache, partial rotary angles, a model switched off kalm_fast's
 attention), the modules run their own forward. Parameters, state dicts, hooks and checkpointing are unchanged:
 ``install`` only gives each module instance a forward of its own. This is the path of training and of GPU inference
@@ -102,10 +103,12 @@ def _fused_layer(self, hidden_states, attention_mask=None, **kwargs):
     """The body of ``_layer_forward``."""
     from .decoder_kernels import add_rms_norm
 
-    attended, _ = self.self_attn(hidden_states=self.input_layernorm(hidden_states), attention_mask=attention_mask,
-                                 **kwargs)
     device_type = hidden_states.device.type
     out_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+    normed = self.input_layernorm(hidden_states)
+    if out_dtype is not None:  # cast once for the Q/K/V projections (autocast would cast it for each)
+        normed = normed.to(out_dtype)
+    attended, _ = self.self_attn(hidden_states=normed, attention_mask=attention_mask, **kwargs)
     norm = self.post_attention_layernorm
     normed, residual = add_rms_norm(hidden_states, attended, norm.weight, norm.variance_epsilon, out_dtype)
     return residual + self.mlp(normed)
