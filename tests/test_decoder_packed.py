@@ -429,6 +429,24 @@ def test_fused_layers_keep_gradient_checkpointing(model_dirs, monkeypatch):
         torch.testing.assert_close(got_grads[name], grad, atol=1e-6, rtol=1e-6, msg=name)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("fused", ["0", "1"], ids=["modules", "fused_decoder"])
+def test_torch_compile_of_the_decoder_on_gpu(model_dirs, monkeypatch, fused):
+    """``torch.compile`` of a decoder (inductor), with kalm_fast's attention and with KALM_FUSED_DECODER=1's
+    kernels: the same embeddings and gradients as eager in train mode."""
+    monkeypatch.setenv("KALM_FUSED_DECODER", fused)
+    model = EmbeddingModel.from_pretrained(model_dirs["qwen2-gqa14"], device="cuda").train()
+    batch = model.pack(model.token_ids(TEXTS))
+    weights = torch.randn(len(TEXTS), model.hidden_size, generator=torch.Generator().manual_seed(0)).cuda()
+    want, want_grads = _train_step_grads(model, batch, weights)
+    model.model.compile()
+    got, got_grads = _train_step_grads(model, batch, weights)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    for name, grad in want_grads.items():
+        torch.testing.assert_close(got_grads[name], grad, atol=1e-4, rtol=1e-3, msg=name)
+
+
 def test_fused_forwards_survive_pickling_and_deepcopy(model_dirs, monkeypatch):
     """A model with the fused forwards installed pickles (torch.save of the whole module) and deep-copies; each copy's
     modules run on the copy's own weights."""
