@@ -390,18 +390,23 @@ def test_fused_modules_on_a_padded_batch(model_dirs, monkeypatch, positions):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(DEVICE != "cuda" and not INTERPRET, reason="needs a CUDA device or TRITON_INTERPRET=1")
-@pytest.mark.parametrize("case", ["kv_cache", "eager_attention"])
-def test_fused_attention_falls_back_where_it_does_not_apply(model_dirs, monkeypatch, case):
-    """With a KV cache, or with the model switched from kalm_fast's attention to another implementation, the
-    attention modules run their own forward under KALM_FUSED_DECODER=1 (no fused RoPE):
-    the same output and gradients as with the setting off."""
+@pytest.mark.parametrize("case", ["kv_cache", "eager_attention", "norm_hook"])
+def test_fused_modules_fall_back_where_they_do_not_apply(model_dirs, monkeypatch, case):
+    """Under KALM_FUSED_DECODER=1, the layers run their own forward with a KV cache; the attention modules theirs
+    with the model switched from kalm_fast's attention to another implementation; a layer whose norm after
+    attention has a hook (which the fused add-RMSNorm would skip) its own: the same output and gradients as with
+    the setting off."""
     model = EmbeddingModel.from_pretrained(model_dirs["qwen2"], device=DEVICE)
     input_ids, mask = _padded(model, left=False)
+    layers = len(model.model.layers)
     if case == "eager_attention":
         model.model.config._attn_implementation = "eager"
-    calls = _kernel_calls(monkeypatch, "rope")
+    if case == "norm_hook":
+        model.model.layers[0].post_attention_layernorm.register_forward_hook(lambda m, args, out: out * 1.5)
+    calls = _kernel_calls(monkeypatch, "rope", "add_rms_norm")
     runs = _padded_runs(model, monkeypatch, input_ids=input_ids, attention_mask=mask, use_cache=case == "kv_cache")
-    assert calls == []
+    assert calls.count("rope") == {"kv_cache": 0, "eager_attention": 0, "norm_hook": 2 * layers}[case]
+    assert calls.count("add_rms_norm") == {"kv_cache": 0, "eager_attention": layers, "norm_hook": layers - 1}[case]
     (want, want_grads), (got, got_grads) = runs
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     for g, w in zip(got_grads, want_grads):
@@ -430,7 +435,7 @@ def test_fused_layers_keep_gradient_checkpointing(model_dirs, monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA device (dynamo cannot trace the Triton interpreter)")
 @pytest.mark.parametrize("fused", ["0", "1"], ids=["modules", "fused_decoder"])
 def test_torch_compile_of_the_decoder_on_gpu(model_dirs, monkeypatch, fused):
     """``torch.compile`` of a decoder (inductor), with kalm_fast's attention and with KALM_FUSED_DECODER=1's

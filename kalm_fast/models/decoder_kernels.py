@@ -234,7 +234,10 @@ class _AddRmsNorm(torch.autograd.Function):
         total, weight, rstd = ctx.saved_tensors
         tokens, hidden = total.shape
         dout, dsum = _rows(dout), _rows(dsum)
-        dres, ddelta = (torch.empty(total.shape, dtype=dtype, device=total.device) for dtype in ctx.dtypes)
+        # one gradient for both inputs where they share a dtype (as torch's add returns it): the second store of each
+        # value goes to the same address
+        dres = torch.empty(total.shape, dtype=ctx.dtypes[0], device=total.device)
+        ddelta = dres if ctx.dtypes[1] == ctx.dtypes[0] else torch.empty_like(dres, dtype=ctx.dtypes[1])
         programs = triton.cdiv(tokens, ADD_RMS_NORM_ROWS)
         dw_part = torch.zeros(max(programs, 1), hidden, dtype=torch.float32, device=total.device)
         block = triton.next_power_of_2(hidden)

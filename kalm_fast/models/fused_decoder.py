@@ -50,7 +50,8 @@ def _rms_norm_forward(self, hidden_states):
     if not enabled(hidden_states):
         return type(self).forward(self, hidden_states)
     dtype = torch.promote_types(hidden_states.dtype, self.weight.dtype)
-    return F.rms_norm(hidden_states.to(dtype), self.weight.shape, self.weight.to(dtype), self.variance_epsilon)
+    with torch.autocast(hidden_states.device.type, enabled=False):  # CUDA autocast would run (and return) it in fp32
+        return F.rms_norm(hidden_states.to(dtype), self.weight.shape, self.weight.to(dtype), self.variance_epsilon)
 
 
 def _mlp_forward(self, x):
@@ -89,8 +90,11 @@ def _layer_forward(self, hidden_states, attention_mask=None, **kwargs):
     """transformers' decoder layer (RMSNorm, attention, residual add, RMSNorm, MLP, residual add) on
     ``hidden_states [B, L, H]``, the add after attention and the RMSNorm after it fused; every keyword goes to the
     attention module, as the layer passes it on. With gradient checkpointing on, the layer is checkpointed as
-    transformers does it (newer transformers checkpoint in the class's ``forward``, which this one replaces)."""
-    if not enabled(hidden_states):
+    transformers does it (newer transformers checkpoint in the class's ``forward``, which this one replaces). With a
+    KV cache, or hooks on the norm after attention (which the fused kernel would skip), the layer's own forward runs."""
+    norm = self.post_attention_layernorm
+    if (not enabled(hidden_states) or kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None
+            or norm._forward_hooks or norm._forward_pre_hooks):
         return type(self).forward(self, hidden_states, attention_mask=attention_mask, **kwargs)
     if (getattr(self, "gradient_checkpointing", False) and self.training and torch.is_grad_enabled()
             and not _checkpoints_in_call(self)):
