@@ -186,14 +186,14 @@ def test_add_rms_norm_matches_torch(tokens, hidden, dtypes):
 
 
 def test_add_rms_norm_keeps_leading_dims_and_strided_inputs():
-    """transformers' [B, L, H] hidden states, a delta that is a strided view (every other row of a wider tensor)
-    and a transposed incoming gradient."""
+    """transformers' [B, L, H] hidden states, a delta that is a strided view (the first half of each row of a wider
+    tensor), a weight that is one too (every other element) and a transposed incoming gradient."""
     from kalm_fast.models.decoder_kernels import add_rms_norm
 
     residual = _randn(2, 3, 24).requires_grad_()
     wide = _randn(2, 3, 48, seed=1).requires_grad_()
     delta = wide[..., :24]
-    weight = (1 + 0.3 * _randn(24, seed=2)).requires_grad_()
+    weight = (1 + 0.3 * _randn(48, seed=2))[::2].requires_grad_()
     grad = _randn(2, 24, 3, seed=3).transpose(1, 2)
     normed, total = add_rms_norm(residual, delta, weight, 1e-5)
     (normed + total).backward(grad)

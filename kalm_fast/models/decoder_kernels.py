@@ -206,15 +206,15 @@ ADD_RMS_NORM_ROWS = 32  # rows per backward program (each writes one partial dW 
 
 
 def _norm_warps(block: int, backward: bool = False) -> int:
-    """Warps per row-wide program: the backward holds four rows' worth of fp32 values (eight warps at a 1024-wide
-    block, where four spill on sm_80)."""
+    """Warps per row-wide program: twice as many for the backward, which holds more fp32 row vectors at once (at a
+    1024-wide block four warps spill on sm_80)."""
     return min(16, (4 if block <= 1024 else 8 if block <= 4096 else 16) * (2 if backward else 1))
 
 
 class _AddRmsNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, residual, delta, weight, eps, out_dtype):
-        r, d = _rows(residual), _rows(delta)
+        r, d, weight = _rows(residual), _rows(delta), weight.contiguous()
         tokens, hidden = r.shape
         total = torch.empty(r.shape, dtype=torch.promote_types(r.dtype, d.dtype), device=r.device)
         out = torch.empty(r.shape, dtype=out_dtype, device=r.device)
