@@ -156,11 +156,12 @@ ADD_NORM_DTYPES = [(torch.float32,) * 3, (torch.float16,) * 3, (torch.float32, t
 
 
 @pytest.mark.parametrize("dtypes", ADD_NORM_DTYPES, ids=lambda d: "-".join(str(t)[6:] for t in d))
-@pytest.mark.parametrize("tokens,hidden", [(0, 64), (1, 1), (37, 896), (40, 80), (3, 33), (2, 4100)])
+@pytest.mark.parametrize("tokens,hidden", [(0, 64), (1, 1), (37, 896), (40, 80), (300, 48), (3, 33), (2, 4100)])
 def test_add_rms_norm_matches_torch(tokens, hidden, dtypes):
     """Forward (the normed output and the sum) and backward (residual, delta, weight; both outputs get a gradient:
-    the sum is the residual stream) against the torch ops in fp32: rows not a power of two, one column, more than
-    one backward program (40 rows: 32 per program), no tokens, 4100 columns (a 8192-wide block)."""
+    the sum is the residual stream) against the torch ops in fp32: rows not a power of two, one column, backward
+    programs of several rows with a shorter last one (37 rows: 5 per program in the interpreter; 300 rows: 32, the
+    most), no tokens, 4100 columns (a 8192-wide block)."""
     from kalm_fast.models.decoder_kernels import add_rms_norm
 
     res_dtype, delta_dtype, weight_dtype = dtypes

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._cuda import launch_device
+from .._cuda import cdiv, launch_device, sms_to_fill
 
 SILU_MUL_BLOCK = 1024  # columns per program
 
@@ -176,11 +176,12 @@ def _add_rms_norm_kernel(RES, DELTA, W, SUM, OUT, RSTD, H, eps, stride_r, stride
 
 @triton.jit
 def _add_rms_norm_bwd_kernel(DOUT, DSUM, SUM, W, RSTD, DRES, DDELTA, DW_PART, T, H, stride_do, stride_ds, stride_s,
-                             stride_dr, stride_dd, ROWS: tl.constexpr, BLOCK: tl.constexpr):
-    """Rows ``[pid * ROWS, (pid + 1) * ROWS)``: with ``xhat = SUM * RSTD`` and ``g = DOUT * W``, the gradient of the
-    sum ``RSTD (g - xhat mean(g xhat)) + DSUM`` (the sum's own gradient: it is also the residual stream) into DRES and
-    DDELTA (one per input dtype), and ``sum over the rows of DOUT * xhat`` into ``DW_PART[pid]`` (fp32; the launcher
-    adds the programs' partial sums); grid ``(cdiv(T, ROWS),)``."""
+                             stride_dr, stride_dd, ROWS, BLOCK: tl.constexpr):
+    """Rows ``[pid * ROWS, (pid + 1) * ROWS)`` (ROWS a runtime int: one compile for every batch size): with ``xhat =
+    SUM * RSTD`` and ``g = DOUT * W``, the gradient of the sum ``RSTD (g - xhat mean(g xhat)) + DSUM`` (the sum's own
+    gradient: it is also the residual stream) into DRES and DDELTA (one per input dtype), and ``sum over the rows of
+    DOUT * xhat`` into ``DW_PART[pid]`` (fp32; the launcher adds the programs' partial sums); grid
+    ``(cdiv(T, ROWS),)``."""
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     ok = cols < H
@@ -202,7 +203,13 @@ def _add_rms_norm_bwd_kernel(DOUT, DSUM, SUM, W, RSTD, DRES, DDELTA, DW_PART, T,
     tl.store(DW_PART + pid * H + cols, dw, mask=ok)
 
 
-ADD_RMS_NORM_ROWS = 32  # rows per backward program (each writes one partial dW row)
+ADD_RMS_NORM_ROWS = 32  # the most rows per backward program (each writes one partial dW row)
+
+
+def _add_rms_norm_rows(tokens: int, device: torch.device) -> int:
+    """Rows per backward program: enough programs for about four per SM (a memory-bound kernel needs several in
+    flight), at most ADD_RMS_NORM_ROWS rows each (fewer partial dW rows for torch to add on large batches)."""
+    return max(1, min(ADD_RMS_NORM_ROWS, cdiv(tokens, 4 * sms_to_fill(device))))
 
 
 def _norm_warps(block: int, backward: bool = False) -> int:
@@ -238,14 +245,15 @@ class _AddRmsNorm(torch.autograd.Function):
         # value goes to the same address
         dres = torch.empty(total.shape, dtype=ctx.dtypes[0], device=total.device)
         ddelta = dres if ctx.dtypes[1] == ctx.dtypes[0] else torch.empty_like(dres, dtype=ctx.dtypes[1])
-        programs = triton.cdiv(tokens, ADD_RMS_NORM_ROWS)
+        rows = _add_rms_norm_rows(tokens, total.device)
+        programs = triton.cdiv(tokens, rows)
         dw_part = torch.zeros(max(programs, 1), hidden, dtype=torch.float32, device=total.device)
         block = triton.next_power_of_2(hidden)
         if tokens:
             with launch_device(total):
                 _add_rms_norm_bwd_kernel[(programs,)](
                     dout, dsum, total, weight, rstd, dres, ddelta, dw_part, tokens, hidden, dout.stride(0),
-                    dsum.stride(0), total.stride(0), dres.stride(0), ddelta.stride(0), ROWS=ADD_RMS_NORM_ROWS,
+                    dsum.stride(0), total.stride(0), dres.stride(0), ddelta.stride(0), rows,
                     BLOCK=block, num_warps=_norm_warps(block, backward=True))
         return dres.view(ctx.shape), ddelta.view(ctx.shape), dw_part.sum(0).to(weight.dtype), None, None
 

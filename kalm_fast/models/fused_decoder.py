@@ -12,9 +12,10 @@ interpreter), the modules of a decoder model run:
   way). Under autocast the two norms' outputs come in the autocast dtype, which the projections after them would
   cast to each (the residual stream stays fp32).
 Elsewhere, and for what they do not handle (a KV cache, partial rotary angles, a model switched off kalm_fast's
-attention, hooks on the norm after attention), the modules run their own forward. Parameters, state dicts, hooks and checkpointing are unchanged:
-``install`` only gives each module instance a forward of its own. This is the path of training and of GPU inference
-off the packed decoder (``decoder_packed``, which takes the same kernels on its own layout).
+attention, hooks on the norm after attention), the modules run their own forward. Parameters, state dicts, hooks and
+checkpointing are unchanged: ``install`` only gives each module instance a forward of its own. This is the path of
+training and of GPU inference off the packed decoder (``decoder_packed``, which takes the same kernels on its own
+layout).
 """
 from __future__ import annotations
 

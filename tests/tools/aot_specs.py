@@ -206,11 +206,11 @@ def _add_rms_norm_specs() -> list:
                    "RSTD": "*fp32", "H": "i32", "eps": "fp32", **_strides("r", "d", "s", "o"), "BLOCK": "constexpr"}
         backward = {"DOUT": f"*{out}", "DSUM": f"*{total}", "SUM": f"*{total}", "W": f"*{weight}", "RSTD": "*fp32",
                     "DRES": f"*{res}", "DDELTA": f"*{delta}", "DW_PART": "*fp32", "T": "i32", "H": "i32",
-                    **_strides("do", "ds", "s", "dr", "dd"), "ROWS": "constexpr", "BLOCK": "constexpr"}
+                    **_strides("do", "ds", "s", "dr", "dd"), "ROWS": "i32", "BLOCK": "constexpr"}
         for name, fn, signature, constexprs, is_backward in (
                 ("add_rms_norm", decoder_kernels._add_rms_norm_kernel, forward, {"BLOCK": block}, False),
                 ("add_rms_norm_bwd", decoder_kernels._add_rms_norm_bwd_kernel, backward,
-                 {"ROWS": decoder_kernels.ADD_RMS_NORM_ROWS, "BLOCK": block}, True)):
+                 {"BLOCK": block}, True)):
             specs.append(dict(module="decoder", name=f"decoder_{name}_{tag}_h{hidden}", fn=fn, signature=signature,
                               constexprs=constexprs, attrs=_aligned(fn, signature, also=("H",)),
                               num_warps=decoder_kernels._norm_warps(block, is_backward), num_stages=2))
