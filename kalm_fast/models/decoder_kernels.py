@@ -177,7 +177,7 @@ def _add_rms_norm_kernel(RES, DELTA, W, SUM, OUT, RSTD, H, eps, stride_r, stride
 @triton.jit
 def _add_rms_norm_bwd_kernel(DOUT, DSUM, SUM, W, RSTD, DRES, DDELTA, DW_PART, T, H, stride_do, stride_ds, stride_s,
                              stride_dr, stride_dd, ROWS, BLOCK: tl.constexpr):
-    """Rows ``[pid * ROWS, (pid + 1) * ROWS)`` (ROWS a runtime int: one compile for every batch size): with ``xhat =
+    """Rows ``[pid * ROWS, min((pid + 1) * ROWS, T))`` (ROWS a runtime int: one compile for all batches): with ``xhat =
     SUM * RSTD`` and ``g = DOUT * W``, the gradient of the sum ``RSTD (g - xhat mean(g xhat)) + DSUM`` (the sum's own
     gradient: it is also the residual stream) into DRES and DDELTA (one per input dtype), and ``sum over the rows of
     DOUT * xhat`` into ``DW_PART[pid]`` (fp32; the launcher adds the programs' partial sums); grid
@@ -187,18 +187,17 @@ def _add_rms_norm_bwd_kernel(DOUT, DSUM, SUM, W, RSTD, DRES, DDELTA, DW_PART, T,
     ok = cols < H
     w = tl.load(W + cols, mask=ok, other=0.0).to(tl.float32)
     dw = tl.zeros([BLOCK], dtype=tl.float32)
-    for i in range(ROWS):
-        t = pid.to(tl.int64) * ROWS + i
-        row_ok = ok & (t < T)
-        xhat = tl.load(SUM + t * stride_s + cols, mask=row_ok, other=0.0).to(tl.float32)
-        rstd = tl.load(RSTD + t, mask=t < T, other=0.0)
-        xhat = xhat * rstd
-        dout = tl.load(DOUT + t * stride_do + cols, mask=row_ok, other=0.0).to(tl.float32)
+    first = pid * ROWS
+    for i in range(tl.minimum(ROWS, T - first)):  # the last program may have fewer rows
+        t = first.to(tl.int64) + i
+        rstd = tl.load(RSTD + t)
+        xhat = tl.load(SUM + t * stride_s + cols, mask=ok, other=0.0).to(tl.float32) * rstd
+        dout = tl.load(DOUT + t * stride_do + cols, mask=ok, other=0.0).to(tl.float32)
         g = dout * w
         dx = rstd * (g - xhat * (tl.sum(g * xhat, axis=0) / H))
-        dx += tl.load(DSUM + t * stride_ds + cols, mask=row_ok, other=0.0).to(tl.float32)
-        tl.store(DRES + t * stride_dr + cols, dx.to(DRES.dtype.element_ty), mask=row_ok)
-        tl.store(DDELTA + t * stride_dd + cols, dx.to(DDELTA.dtype.element_ty), mask=row_ok)
+        dx += tl.load(DSUM + t * stride_ds + cols, mask=ok, other=0.0).to(tl.float32)
+        tl.store(DRES + t * stride_dr + cols, dx.to(DRES.dtype.element_ty), mask=ok)
+        tl.store(DDELTA + t * stride_dd + cols, dx.to(DDELTA.dtype.element_ty), mask=ok)
         dw += dout * xhat
     tl.store(DW_PART + pid * H + cols, dw, mask=ok)
 
