@@ -11,6 +11,9 @@ from . import _native
 
 # The dtype codes of csrc/common.cuh.
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+# Compile options of every Triton launch: fused multiply-adds, Triton's default up to 3.9, which warns that its default
+# turns them off from 3.10 on. The kernels are checked ahead of time with them (tests/tools/compile_triton_kernels.py).
+LAUNCH_OPTIONS = {"enable_fp_fusion": True}
 
 
 def launch_device(t: torch.Tensor):

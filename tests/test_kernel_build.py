@@ -72,3 +72,21 @@ def test_sm90_half_attention_uses_wgmma(compiled):
     for kernel in ("fwd", "dkdv", "dq"):
         for d in (64, 80, 128, 256):
             assert any(f"attn_{kernel}_" in r["name"] and f"_d{d}_" in r["name"] for r in expected), (kernel, d)
+
+
+def test_every_triton_launch_passes_the_launch_options():
+    """Every ``kernel[grid](...)`` launch in kalm_fast's Triton modules passes ``**LAUNCH_OPTIONS``: the compile
+    options this file checks (fused multiply-adds, whose default Triton 3.10 turns off)."""
+    import ast
+
+    launches, missing = 0, []
+    for path in (ROOT / "kalm_fast").rglob("*.py"):
+        text = path.read_text()
+        if "import triton" not in text:
+            continue
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Subscript):
+                launches += 1
+                if not any(k.arg is None and getattr(k.value, "id", None) == "LAUNCH_OPTIONS" for k in node.keywords):
+                    missing.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert launches >= 15 and not missing, missing

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._cuda import cdiv, launch_device, sms_to_fill
+from .._cuda import LAUNCH_OPTIONS, cdiv, launch_device, sms_to_fill
 
 SILU_MUL_BLOCK = 1024  # columns per program
 
@@ -54,7 +54,7 @@ def _launch_silu_mul(kernel, grid_rows, inter, *tensors):
     if grid_rows and inter:
         with launch_device(tensors[0]):
             kernel[(grid_rows, triton.cdiv(inter, SILU_MUL_BLOCK))](
-                *tensors, inter, *(t.stride(0) for t in tensors), BLOCK=SILU_MUL_BLOCK)
+                *tensors, inter, *(t.stride(0) for t in tensors), BLOCK=SILU_MUL_BLOCK, **LAUNCH_OPTIONS)
 
 
 class _SiluMul(torch.autograd.Function):
@@ -121,7 +121,7 @@ def _launch_rope(x, out, cos, sin, inverse: bool):
         _rope_kernel[(tokens, triton.cdiv(heads, block_h))](
             x, out, cos, sin, heads, x.stride(0), x.stride(1), out.stride(0), out.stride(1), cos.stride(0),
             sin.stride(0), HALF=head_dim // 2, BLOCK_H=block_h, BLOCK_HALF=triton.next_power_of_2(head_dim // 2),
-            INVERSE=inverse)
+            INVERSE=inverse, **LAUNCH_OPTIONS)
 
 
 def rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
@@ -230,7 +230,7 @@ class _AddRmsNorm(torch.autograd.Function):
             with launch_device(r):
                 _add_rms_norm_kernel[(tokens,)](r, d, weight, total, out, rstd, hidden, eps, r.stride(0), d.stride(0),
                                                 total.stride(0), out.stride(0), BLOCK=block,
-                                                num_warps=_norm_warps(block))
+                                                num_warps=_norm_warps(block), **LAUNCH_OPTIONS)
         ctx.save_for_backward(total, weight, rstd)
         ctx.dtypes, ctx.shape = (r.dtype, d.dtype), residual.shape
         return out.view(residual.shape), total.view(residual.shape)
@@ -253,7 +253,7 @@ class _AddRmsNorm(torch.autograd.Function):
                 _add_rms_norm_bwd_kernel[(programs,)](
                     dout, dsum, total, weight, rstd, dres, ddelta, dw_part, tokens, hidden, dout.stride(0),
                     dsum.stride(0), total.stride(0), dres.stride(0), ddelta.stride(0), rows,
-                    BLOCK=block, num_warps=_norm_warps(block, backward=True))
+                    BLOCK=block, num_warps=_norm_warps(block, backward=True), **LAUNCH_OPTIONS)
         return dres.view(ctx.shape), ddelta.view(ctx.shape), dw_part.sum(0).to(weight.dtype), None, None
 
 

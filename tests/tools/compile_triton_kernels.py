@@ -21,6 +21,8 @@ from triton.backends.compiler import GPUTarget
 from triton.backends.nvidia.compiler import get_ptxas
 from triton.compiler import ASTSource
 
+from kalm_fast._cuda import LAUNCH_OPTIONS  # the compile options of kalm_fast's own launches
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from aot_specs import ARCHS, all_specs  # noqa: E402
 
@@ -55,7 +57,8 @@ def main(only: list[str]) -> int:
             try:
                 src = ASTSource(fn=spec["fn"], signature=spec["signature"], constexprs=spec.get("constexprs", {}),
                                 attrs=spec.get("attrs"))
-                options = {"num_warps": spec.get("num_warps", 4), "num_stages": spec.get("num_stages", 2)}
+                options = {"num_warps": spec.get("num_warps", 4), "num_stages": spec.get("num_stages", 2),
+                           **LAUNCH_OPTIONS}
                 compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
                 ptx = compiled.asm["ptx"]
                 row.update(ptxas_report(ptx, arch))

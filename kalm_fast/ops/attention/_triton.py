@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 
 from ..._constants import LOG2E
-from ..._cuda import launch_device, to_device
+from ..._cuda import LAUNCH_OPTIONS, launch_device, to_device
 from ..._registry import triton_interpreting
 from .padding import padded_via_packed
 
@@ -523,7 +523,7 @@ def attention_forward(q, k, v, varlen, causal: bool, softmax_scale: float):
     _attn_fwd_tuned[lambda m: (items[m["BLOCK_M"]], hkv)](
         q, k, v, out, lse, work, varlen.cu_seqlens, softmax_scale * LOG2E, bucket, q.stride(0), q.stride(1),
         k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1), lse.stride(0),
-        USE_TMA=use_tma(k, v), **meta)
+        USE_TMA=use_tma(k, v), **meta, **LAUNCH_OPTIONS)
     return out, lse
 
 
@@ -541,20 +541,20 @@ def attention_backward(dout, q, k, v, out, lse, varlen, causal: bool, softmax_sc
     block_t = delta_block(q.dtype, meta["BLOCK_D"])
     _bwd_delta[(triton.cdiv(T, block_t), hq)](out, dout, delta, T, out.stride(0), out.stride(1), dout.stride(0),
                                               dout.stride(1), delta.stride(0), HEAD_DIM=d, BLOCK_D=meta["BLOCK_D"],
-                                              BLOCK_T=block_t)
+                                              BLOCK_T=block_t, **LAUNCH_OPTIONS)
     strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), dout.stride(0),
                dout.stride(1), lse.stride(0))
     key_work, key_items = tile_work(varlen, 1, q.device)
     _attn_bwd_dkdv_tuned[lambda m: (key_items[m["BLOCK_N"]], hkv)](
         q, k, v, dout, lse, delta, dk, dv, dq, key_work, varlen.cu_seqlens, softmax_scale * LOG2E, softmax_scale,
         bucket, *strides, dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), dq.stride(0), dq.stride(1),
-        ATOMIC_DQ=atomic, **meta)
+        ATOMIC_DQ=atomic, **meta, **LAUNCH_OPTIONS)
     if atomic:
         return dq.mul_(softmax_scale).to(q.dtype), dk, dv
     row_work, row_items = tile_work(varlen, group, q.device)
     _attn_bwd_dq_tuned[lambda m: (row_items[m["BLOCK_M"]], hkv)](
         q, k, v, dout, lse, delta, dq, row_work, varlen.cu_seqlens, softmax_scale * LOG2E, softmax_scale, bucket,
-        *strides, dq.stride(0), dq.stride(1), USE_TMA=use_tma(k, v), **meta)
+        *strides, dq.stride(0), dq.stride(1), USE_TMA=use_tma(k, v), **meta, **LAUNCH_OPTIONS)
     return dq, dk, dv
 
 

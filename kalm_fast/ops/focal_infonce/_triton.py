@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from ..._constants import LN2, LOG2E
-from ..._cuda import launch_device, sms_to_fill
+from ..._cuda import LAUNCH_OPTIONS, launch_device, sms_to_fill
 from ..._registry import triton_interpreting
 from .logp import LogP, split_columns
 
@@ -290,7 +290,7 @@ class TritonEngine:
         neg = torch.empty_like(lse)
         _fwd_tuned[lambda meta: (triton.cdiv(batch, meta["BLOCK_M"]), splits)](
             q, flat, rq, rd, s_pos, lse, neg, batch, n, d, group, q.stride(0), flat.stride(0), cols, inv_tau * LOG2E,
-            0.0 if margin is None else margin, **_flags(q.dtype, margin))
+            0.0 if margin is None else margin, **_flags(q.dtype, margin), **LAUNCH_OPTIONS)
         return torch.logsumexp(lse, dim=0), neg.amax(dim=0)
 
     @staticmethod
@@ -320,11 +320,11 @@ def _backward_fused(q, flat, rq, rd, s_pos, lse, gc, g_scale, scale_log2, margin
     args = (batch, c0, c1, d, group, q.stride(0), flat.stride(0))
     m = 0.0 if margin is None else margin
     _bwd_dq_kernel[(row_tiles, chunks, splits)](q, flat, rq, rd, s_pos, lse, gc, g_scale, part, *args, cols,
-                                                scale_log2, m, **meta)
+                                                scale_log2, m, **meta, **LAUNCH_OPTIONS)
     if splits > 1:
         dq += part.sum(dim=0)
     _bwd_dc_kernel[(triton.cdiv(c1 - c0, meta["BLOCK_N"]), chunks)](
-        q, flat, rq, rd, s_pos, lse, gc, g_scale, dd, *args, dd.stride(0), scale_log2, m, **meta)
+        q, flat, rq, rd, s_pos, lse, gc, g_scale, dd, *args, dd.stride(0), scale_log2, m, **meta, **LAUNCH_OPTIONS)
 
 
 def _backward_gemm(q, flat, rq, rd, s_pos, lse, gc, g_scale, scale_log2, margin, group, dq, dd, c0):
@@ -341,7 +341,7 @@ def _backward_gemm(q, flat, rq, rd, s_pos, lse, gc, g_scale, scale_log2, margin,
         g = grad[:, :g1 - g0]
         _bwd_grad_tuned[lambda meta: (triton.cdiv(g1 - g0, meta["BLOCK_N"]), triton.cdiv(batch, meta["BLOCK_M"]))](
             q, flat, rq, rd, s_pos, lse, gc, g, batch, g1, d, group, q.stride(0), flat.stride(0), g.stride(0), g0,
-            scale_log2, 0.0 if margin is None else margin, **flags)
+            scale_log2, 0.0 if margin is None else margin, **flags, **LAUNCH_OPTIONS)
         _add_matmul(dq, g, _scale_rows(flat[g0:g1], rd[g0:g1]), g_scale)
         _add_matmul(dd[g0 - c0:g1 - c0], g.T, q_unit, g_scale)
 

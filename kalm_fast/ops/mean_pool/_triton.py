@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..._cuda import launch_device, sms_to_fill
+from ..._cuda import LAUNCH_OPTIONS, launch_device, sms_to_fill
 from ..varlen import sequence_layout
 
 
@@ -173,11 +173,12 @@ def mean_pool_forward(hidden, mask, cu_seqlens, max_len: int, dim: int, normaliz
     weight = torch.empty(splits, N, dtype=torch.float32, device=hidden.device)
     _mean_pool_sum_kernel[(N, col_blocks, splits)](
         hidden, mask_t, cu, part, weight, L, dim, rows_per_split, stride_hb, stride_ht, stride_mb,
-        IS_PACKED=cu_seqlens is not None, HAS_MASK=mask is not None, BLOCK_T=block_t, BLOCK_H=block_h, num_warps=4)
+        IS_PACKED=cu_seqlens is not None, HAS_MASK=mask is not None, BLOCK_T=block_t, BLOCK_H=block_h, num_warps=4,
+        **LAUNCH_OPTIONS)
     finish_h = triton.next_power_of_2(dim)
     _mean_pool_finish_kernel[(N,)](
         part, weight, out, mean, count, dim, splits, out.stride(0), eps, NORMALIZE=normalize,
-        SAVE_MEAN=save_for_backward, BLOCK_H=finish_h, num_warps=4 if finish_h <= 1024 else 8)
+        SAVE_MEAN=save_for_backward, BLOCK_H=finish_h, num_warps=4 if finish_h <= 1024 else 8, **LAUNCH_OPTIONS)
     if not save_for_backward:
         return out, None, None
     return out, mean, count
@@ -204,7 +205,8 @@ def mean_pool_backward(grad_out, mean, count, hidden_shape, hidden_dtype, mask, 
     _mean_pool_bwd_kernel[grid](
         grad_out, mean, count, mask_t, cu, grad_hidden, L, H, dim, grad_out.stride(0), stride_mb,
         stride_dhb, stride_dht, eps, IS_PACKED=cu_seqlens is not None, HAS_MASK=mask is not None,
-        NORMALIZE=normalize, BLOCK_T=block_t, BLOCK_H=block_h, num_warps=4 if block_h <= 1024 else 8)
+        NORMALIZE=normalize, BLOCK_T=block_t, BLOCK_H=block_h, num_warps=4 if block_h <= 1024 else 8,
+        **LAUNCH_OPTIONS)
     return grad_hidden
 
 
