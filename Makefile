@@ -15,26 +15,30 @@ run: $(VENV)/.installed
 test: $(VENV)/.installed-dev
 	TRITON_INTERPRET=$(TRITON_INTERPRET) $(PY) -m pytest -q tests
 
-# The newest transformers and sentence-transformers that pyproject's ranges allow (constraints.txt pins everything
-# else: torch's CPU build, and numpy and triton for the Triton interpreter), in their own venv, on the tests of the
-# code that meets them: the next release of either shows up here as a red test. Not part of `make test`.
-# PINS="transformers==5.17.0 sentence-transformers==6.0.1" tests given versions instead (those of the H200 machine).
+# The newest transformers, sentence-transformers, triton and numpy that pyproject's ranges allow (constraints.txt pins
+# the rest: torch's CPU build, mteb), in their own venv, on the tests of the code that meets them: the models and
+# training on those libraries, and every Triton kernel in the interpreter and compiled ahead of time for sm_80/sm_90
+# without spills. The next release of any shows up here as a red test. Not part of `make test` (half an hour).
+# PINS tests given versions instead: "transformers==5.17.0 sentence-transformers==6.0.1 triton==3.6.0 numpy==2.3.5"
+# (the H200 machine's), "triton==3.7.1" (what torch 2.13's CUDA build pins), "triton==3.8.0" (torch 2.14's).
 PINS ?=
 LATEST := .venv-latest
 LATEST_PIP := $(LATEST)/bin/python -m pip --disable-pip-version-check -q
 LATEST_TESTS := tests/test_models.py tests/test_decoder_packed.py tests/test_train_gradcache.py tests/test_sentence_transformers.py \
-	tests/test_mteb.py
+	tests/test_mteb.py tests/test_decoder_kernels.py tests/test_mean_pool.py tests/test_focal_infonce.py \
+	tests/test_attention.py tests/test_kernel_build.py
 
 test-latest:
 	test -x $(LATEST)/bin/python || $(PYTHON) -m venv $(LATEST)
-	grep -v -E '^(transformers|sentence-transformers)==' constraints.txt > $(LATEST)/constraints.txt
+	grep -v -E '^(transformers|sentence-transformers|triton|numpy)==' constraints.txt > $(LATEST)/constraints.txt
 	for pin in $(PINS); do echo "$$pin" >> $(LATEST)/constraints.txt; done
 	$(LATEST)/bin/python -c "import torch" 2>/dev/null || $(LATEST_PIP) install -c $(LATEST)/constraints.txt torch
 	$(LATEST)/bin/python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
 		print('\n'.join(p['dependencies'] + p['optional-dependencies']['dev']))" > $(LATEST)/requirements.txt
 	$(LATEST_PIP) install -U -c $(LATEST)/constraints.txt -r $(LATEST)/requirements.txt
-	$(LATEST)/bin/python -c "import transformers, sentence_transformers as st; \
-		print('test-latest: transformers', transformers.__version__, 'sentence-transformers', st.__version__)"
+	$(LATEST)/bin/python -c "import transformers, sentence_transformers as st, triton, numpy; \
+		print('test-latest: transformers', transformers.__version__, 'sentence-transformers', st.__version__, \
+		'triton', triton.__version__, 'numpy', numpy.__version__)"
 	PYTHONPATH=$(CURDIR) TRITON_INTERPRET=$(TRITON_INTERPRET) $(LATEST)/bin/python -m pytest -q $(LATEST_TESTS)
 
 bench: $(VENV)/.installed-dev

@@ -46,28 +46,32 @@ def ptxas_report(ptx: str, arch: int) -> dict:
     return {"spill_stores": stores, "spill_loads": loads, "registers": regs}
 
 
+def compile_spec(spec: dict, arch: int) -> dict:
+    """One spec compiled for ``arch``: its report row (``error`` where it did not compile)."""
+    row = {"module": spec["module"], "name": spec["name"], "arch": arch,
+           "wgmma_expected": spec.get("wgmma_expected", False)}
+    started = time.perf_counter()
+    try:
+        src = ASTSource(fn=spec["fn"], signature=spec["signature"], constexprs=spec.get("constexprs", {}),
+                        attrs=spec.get("attrs"))
+        options = {"num_warps": spec.get("num_warps", 4), "num_stages": spec.get("num_stages", 2), **LAUNCH_OPTIONS}
+        compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+        ptx = compiled.asm["ptx"]
+        row.update(ptxas_report(ptx, arch))
+        row["wgmma"] = "wgmma.mma_async" in ptx
+        row["shared"] = compiled.metadata.shared
+    except Exception as exc:  # reported, the test fails on it
+        row["error"] = f"{type(exc).__name__}: {exc}"[:3000]
+    row["seconds"] = round(time.perf_counter() - started, 1)
+    return row
+
+
 def main(only: list[str]) -> int:
     for spec in all_specs():
         if only and spec["module"] not in only:
             continue
         for arch in spec.get("archs", ARCHS):
-            row = {"module": spec["module"], "name": spec["name"], "arch": arch,
-                   "wgmma_expected": spec.get("wgmma_expected", False)}
-            started = time.perf_counter()
-            try:
-                src = ASTSource(fn=spec["fn"], signature=spec["signature"], constexprs=spec.get("constexprs", {}),
-                                attrs=spec.get("attrs"))
-                options = {"num_warps": spec.get("num_warps", 4), "num_stages": spec.get("num_stages", 2),
-                           **LAUNCH_OPTIONS}
-                compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
-                ptx = compiled.asm["ptx"]
-                row.update(ptxas_report(ptx, arch))
-                row["wgmma"] = "wgmma.mma_async" in ptx
-                row["shared"] = compiled.metadata.shared
-            except Exception as exc:  # reported, the test fails on it
-                row["error"] = f"{type(exc).__name__}: {exc}"[:3000]
-            row["seconds"] = round(time.perf_counter() - started, 1)
-            print(json.dumps(row), flush=True)
+            print(json.dumps(compile_spec(spec, arch)), flush=True)
     return 0
 
 

@@ -388,9 +388,10 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, WORK, CU_SEQLENS, qk_scale, sm_sca
 
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel, arch class, input width and head-dim class (BLOCK_D <= 64,
-# <= 128, 256). Every entry compiles for its arch without register spills and within its shared memory (ptxas -v,
-# tests/test_kernel_build.py); autotuning picks among them per key. "sm90" is compute capability 9.x and newer,
-# "sm80" covers 8.x. fp32 inputs ("ieee" dots on the CUDA cores, 4-byte tiles) need smaller tiles than fp16/bf16.
+# <= 128, 256). Every entry compiles for its arch without register spills and within its shared memory, with Triton
+# 3.6 to 3.9 (ptxas -v, tests/test_kernel_build.py); autotuning picks among them per key. "sm90" is compute capability
+# 9.x and newer, "sm80" covers 8.x. fp32 inputs ("ieee" dots on the CUDA cores, 4-byte tiles) need smaller tiles than
+# fp16/bf16.
 _TABLE = {
     "fwd": {
         "sm90": {"half": {64: [(128, 64, 8, 3), (128, 128, 8, 2), (128, 128, 8, 3), (64, 64, 4, 2)],
@@ -399,11 +400,11 @@ _TABLE = {
                  "fp32": {64: [(32, 32, 4, 2), (32, 32, 8, 2), (16, 64, 4, 2)],
                           128: [(16, 64, 4, 2), (16, 16, 8, 2)],
                           256: [(16, 16, 4, 2), (16, 16, 8, 2)]}},
-        "sm80": {"half": {64: [(128, 64, 8, 3), (64, 64, 4, 2)],
+        "sm80": {"half": {64: [(128, 64, 8, 3), (64, 32, 4, 2)],
                           128: [(128, 32, 8, 3), (128, 32, 8, 2)],
                           256: [(64, 32, 8, 2), (32, 32, 4, 2)]},
                  "fp32": {64: [(32, 32, 4, 2), (32, 32, 8, 2), (16, 64, 4, 2)],
-                          128: [(16, 64, 4, 2), (16, 16, 8, 2)],
+                          128: [(16, 64, 8, 2), (16, 16, 8, 2)],
                           256: [(16, 16, 4, 2), (16, 16, 8, 2)]}},
     },
     "dkdv": {
@@ -415,23 +416,23 @@ _TABLE = {
                           256: [(16, 16, 8, 2), (16, 32, 8, 2)]}},
         "sm80": {"half": {64: [(16, 64, 4, 2)],
                           128: [(32, 64, 8, 2), (16, 64, 4, 2)],
-                          256: [(16, 64, 8, 2), (32, 32, 8, 2)]},
-                 "fp32": {64: [(32, 16, 4, 2), (16, 32, 4, 2)],
+                          256: [(16, 64, 8, 2), (32, 32, 8, 2), (16, 32, 8, 2)]},
+                 "fp32": {64: [(32, 16, 4, 2), (16, 32, 8, 2)],
                           128: [(16, 32, 4, 2), (16, 16, 4, 2)],
-                          256: [(16, 16, 4, 2)]}},
+                          256: [(16, 16, 4, 2), (16, 16, 4, 1)]}},
     },
     "dq": {
         "sm90": {"half": {64: [(128, 64, 8, 3), (64, 64, 8, 2), (64, 32, 4, 2)],
                           128: [(128, 64, 8, 3), (64, 64, 8, 2), (64, 32, 4, 2)],
                           256: [(64, 32, 8, 2), (32, 32, 4, 2)]},
                  "fp32": {64: [(64, 32, 8, 2), (32, 32, 8, 2)],
-                          128: [(32, 32, 4, 2), (16, 64, 4, 2)],
+                          128: [(16, 32, 8, 2), (16, 64, 4, 2)],
                           256: [(16, 16, 4, 2)]}},
         "sm80": {"half": {64: [(64, 32, 4, 2), (32, 32, 4, 2)],
                           128: [(64, 64, 8, 2), (64, 32, 4, 2), (32, 32, 4, 2)],
                           256: [(64, 64, 8, 2), (32, 32, 4, 2)]},
-                 "fp32": {64: [(64, 32, 8, 2), (32, 32, 8, 2)],
-                          128: [(32, 32, 4, 2), (16, 64, 4, 2)],
+                 "fp32": {64: [(64, 32, 8, 2)],
+                          128: [(32, 16, 4, 2), (16, 32, 8, 2)],
                           256: [(16, 16, 4, 2)]}},
     },
 }
@@ -456,15 +457,24 @@ def head_dim_class(block_d: int) -> int:
     return 64 if block_d <= 64 else 128 if block_d <= 128 else 256
 
 
-# dkdv configs that spill with ATOMIC_DQ's extra dQ tile (ptxas -v): the atomic variant runs without them.
-_ATOMIC_DQ_SPILLS = {("sm90", "half", 256, (16, 64, 8, 2)), ("sm90", "fp32", 64, (16, 64, 8, 2))}
+# dkdv configs that one variant runs without: those that spill with ATOMIC_DQ's extra dQ tile, and those that spill
+# without it (ptxas -v) where that variant has others; (arch class, width, head-dim class, config) per ATOMIC_DQ.
+_DKDV_SKIPS = {
+    True: {("sm90", "half", 128, (16, 64, 4, 2)), ("sm90", "half", 256, (16, 64, 8, 2)),
+           ("sm90", "fp32", 64, (16, 64, 8, 2)), ("sm80", "half", 128, (16, 64, 4, 2)),
+           ("sm80", "half", 256, (16, 64, 8, 2)), ("sm80", "half", 256, (32, 32, 8, 2)),
+           ("sm80", "fp32", 64, (16, 32, 8, 2)), ("sm80", "fp32", 128, (16, 32, 4, 2)),
+           ("sm80", "fp32", 256, (16, 16, 4, 2))},
+    False: {("sm80", "fp32", 256, (16, 16, 4, 1))},
+}
 
 
 def gpu_configs(kernel: str, arch: str, width: str, block_d: int, atomic_dq: bool = False) -> list:
     """The (BLOCK_M, BLOCK_N, num_warps, num_stages) a GPU may run (also what tests/tools/aot_specs.py compiles);
     ``atomic_dq``: of the dkdv kernel with ATOMIC_DQ."""
     hd = head_dim_class(block_d)
-    return [c for c in _TABLE[kernel][arch][width][hd] if not (atomic_dq and (arch, width, hd, c) in _ATOMIC_DQ_SPILLS)]
+    skip = _DKDV_SKIPS[atomic_dq] if kernel == "dkdv" else set()
+    return [c for c in _TABLE[kernel][arch][width][hd] if (arch, width, hd, c) not in skip]
 
 
 def _cfg(c):
