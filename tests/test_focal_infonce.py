@@ -524,14 +524,16 @@ class _Recorder:
 @pytest.mark.parametrize("kernel", ["fwd", "grad"])
 def test_triton_every_config_matches_reference(backend, kernel, gemm_backward, monkeypatch):
     """Autotuning checks only the config that wins on a test's shapes: each config of the forward's and the gemm
-    backward's tables, forced one at a time (on a GPU: bf16 and fp32, compiled; in the interpreter, which ignores
-    warps and stages: every tile shape, on fp32), at a width and batch that no tile divides."""
+    backward's tables, forced one at a time (on a GPU: its arch's, bf16 and fp32, compiled; in the interpreter, which
+    ignores warps and stages: every tile shape, on fp32), at a width and batch that no tile divides."""
     import triton
 
     tuned = {"fwd": gemm_backward._fwd_tuned, "grad": gemm_backward._bwd_grad_tuned}[kernel]
     tables = {width: gemm_backward.GPU_CONFIGS[kernel, width] for width in ("half", "fp32")}
-    if DEVICE == "cuda":
-        configs = {torch.bfloat16: tables["half"], torch.float32: tables["fp32"]}
+    if DEVICE == "cuda":  # this GPU's configs
+        major = torch.cuda.get_device_capability()[0]
+        configs = {dtype: gemm_backward.gpu_configs(kernel, width, major)
+                   for dtype, width in ((torch.bfloat16, "half"), (torch.float32, "fp32"))}
     else:
         configs = {torch.float32: sorted({(bm, bn, bk, 4, 1) for table in tables.values() for bm, bn, bk, *_ in table})}
     # "sum": bf16's atol (2e-2) needs the gradients of 70 queries' losses, not of their mean

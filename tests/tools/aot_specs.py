@@ -120,27 +120,31 @@ def mean_pool_specs() -> list:
 
 
 def focal_infonce_specs() -> list:
-    """Every kernel at every GPU config for bf16 (with and without the margin; fp16 compiles alike) and fp32."""
+    """Every kernel at every GPU config of each arch for bf16 (with and without the margin; fp16 compiles alike) and
+    fp32."""
     specs = []
     for dtype, has_margin in (("bf16", False), ("bf16", True), ("fp32", False)):
         ptr, width = f"*{dtype}", "fp32" if dtype == "fp32" else "half"
         common = dict(Q=ptr, C=ptr, RQ="*fp32", RC="*fp32", SPOS="*fp32")
         ints = dict(B="i32", N="i32", D="i32", group="i32", stride_q="i32", stride_c="i32")
         grads = dict(LSE="*fp32", GC="*fp32", GSCALE="*fp32")
-        fused = focal.FUSED_BWD_CONFIGS[width]
+        fused = {arch: [focal.FUSED_BWD_CONFIGS[width]] for arch in ARCHS}
+        tuned = {kernel: {arch: focal.gpu_configs(kernel, width, arch // 10) for arch in ARCHS}
+                 for kernel in ("fwd", "grad")}
         kernels = (("fwd", focal._fwd_kernel, dict(LSE="*fp32", NEG="*fp32"), dict(cols_per_split="i32"),
-                    focal.GPU_CONFIGS["fwd", width]),
+                    tuned["fwd"]),
                    ("bwd_grad", focal._bwd_grad_kernel, dict(LSE="*fp32", GC="*fp32", G=ptr),
-                    dict(c_hi="i32", stride_g="i32", c_lo="i32"), focal.GPU_CONFIGS["grad", width]),
+                    dict(c_hi="i32", stride_g="i32", c_lo="i32"), tuned["grad"]),
                    ("bwd_dq", focal._bwd_dq_kernel, dict(grads, DQ="*fp32"),
-                    dict(c_base="i32", c_end="i32", cols_per_split="i32"), [fused]),
+                    dict(c_base="i32", c_end="i32", cols_per_split="i32"), fused),
                    ("bwd_dc", focal._bwd_dc_kernel, dict(grads, DC="*fp32"),
-                    dict(c_base="i32", c_end="i32", stride_dc="i32"), [fused]))
-        for name, fn, outputs, extra, configs in kernels:
+                    dict(c_base="i32", c_end="i32", stride_dc="i32"), fused))
+        for name, fn, outputs, extra, arch_configs in kernels:
             signature = dict(common, **outputs, **ints, **extra, scale_log2="fp32", margin="fp32")
             if "N" not in fn.arg_names:  # the backward kernels take a column range in N's place
                 del signature["N"]
-            for config in configs:
+            for config in dict.fromkeys(c for configs in arch_configs.values() for c in configs):
+                archs = tuple(arch for arch, configs in arch_configs.items() if config in configs)
                 bm, bn, bk = config[:3]
                 warps, stages = config[-2:]
                 constexprs = dict(HAS_MARGIN=has_margin, UPCAST=dtype == "fp32",
@@ -149,7 +153,7 @@ def focal_infonce_specs() -> list:
                     constexprs["BLOCK_DO"] = config[3]
                 attrs = _aligned(fn, signature, also=("D",))  # KaLM's D = 896 is a multiple of 16
                 tag = f"{dtype}{'_margin' if has_margin else ''}_{bm}x{bn}x{bk}w{warps}s{stages}"
-                specs.append(dict(module="focal_infonce", name=f"focal_infonce_{name}_{tag}", fn=fn,
+                specs.append(dict(module="focal_infonce", name=f"focal_infonce_{name}_{tag}", fn=fn, archs=archs,
                                   signature=dict(signature, **{c: "constexpr" for c in constexprs}),
                                   constexprs=constexprs, attrs=attrs, num_warps=warps, num_stages=stages))
     return specs

@@ -219,17 +219,18 @@ def _bwd_grad_kernel(Q, C, RQ, RC, SPOS, LSE, GC, G, B, c_hi, D, group, stride_q
 # launch
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) a GPU may run, per kernel and input width, each compiling for
-# sm_80 and sm_90 without register spills, with Triton 3.6 to 3.9 (tests/test_kernel_build.py; 128 x 128 tiles sit at
-# the register limit on sm_80, and 128 x 128 x 64 spills there with some of these versions). The forward and the gemm
-# backward's gradient kernel write only their outputs: they autotune among theirs (per D, margin and dtype). The
-# fused backward's kernels accumulate into theirs: one config each, with BLOCK_DO. The interpreter runs 16 x 16 x 16
-# tiles.
+# sm_80 and sm_90 without register spills, with Triton 3.6 to 3.9 (tests/test_kernel_build.py), but for those that
+# SM80_SKIPS names: at sm_80's register limit, 128 x 128 x 64 tiles spill there with some of these versions. The
+# forward and the gemm backward's gradient kernel write only their outputs: they autotune among theirs (per D, margin
+# and dtype). The fused backward's kernels accumulate into theirs: one config each, with BLOCK_DO. The interpreter
+# runs 16 x 16 x 16 tiles.
 GPU_CONFIGS = {
-    ("fwd", "half"): [(128, 64, 32, 8, 2), (128, 64, 64, 8, 4), (128, 128, 32, 8, 3)],
+    ("fwd", "half"): [(128, 64, 32, 8, 2), (128, 64, 64, 8, 4), (128, 128, 64, 8, 3)],
     ("fwd", "fp32"): [(64, 64, 16, 4, 1)],
-    ("grad", "half"): [(128, 64, 64, 8, 4), (128, 64, 32, 8, 3)],
+    ("grad", "half"): [(128, 64, 64, 8, 4), (128, 64, 32, 8, 3), (128, 128, 64, 8, 3)],
     ("grad", "fp32"): [(64, 64, 16, 8, 1)],
 }
+SM80_SKIPS = {("fwd", "half", (128, 128, 64, 8, 3)), ("grad", "half", (128, 128, 64, 8, 3))}
 FUSED_BWD_CONFIGS = {"half": (32, 32, 32, 256, 8, 1), "fp32": (32, 32, 32, 128, 8, 1)}  # + BLOCK_DO
 _INTERPRET_BLOCK = 16
 # the largest tile side of any config: column splits and gradient chunks are whole multiples of it
@@ -238,6 +239,11 @@ MAX_TILE = _INTERPRET_BLOCK if triton_interpreting() else 128
 
 def _width(precision: str) -> str:
     return "fp32" if precision == "ieee" else "half"
+
+
+def gpu_configs(kernel: str, width: str, major: int) -> list:
+    """The configs of ``GPU_CONFIGS[kernel, width]`` that a GPU of compute capability ``major``.x runs."""
+    return [c for c in GPU_CONFIGS[kernel, width] if major >= 9 or (kernel, width, c) not in SM80_SKIPS]
 
 
 def _autotuned(kernel, fn):
@@ -250,7 +256,7 @@ def _autotuned(kernel, fn):
     def prune(configs, named_args, **kwargs):
         if triton_interpreting():
             return configs
-        allowed = GPU_CONFIGS[kernel, _width(kwargs["PRECISION"])]
+        allowed = gpu_configs(kernel, _width(kwargs["PRECISION"]), torch.cuda.get_device_capability()[0])
         return [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps,
                                        c.num_stages) in allowed]
 
