@@ -18,7 +18,7 @@ test: $(VENV)/.installed-dev
 # The newest transformers, sentence-transformers, triton and numpy that pyproject's ranges allow (constraints.txt pins
 # the rest: torch's CPU build, mteb), in their own venv, on the tests of the code that meets them: the models and
 # training on those libraries, and every Triton kernel in the interpreter and compiled ahead of time for sm_80/sm_90
-# without spills. The next release of any shows up here as a red test. Not part of `make test` (half an hour).
+# without spills. The next release of any shows up here as a red test. Not part of `make test` (about 10 minutes).
 # PINS tests given versions instead: "transformers==5.17.0 sentence-transformers==6.0.1 triton==3.6.0 numpy==2.3.5"
 # (the H200 machine's), "triton==3.7.1" (what torch 2.13's CUDA build pins), "triton==3.8.0" (torch 2.14's).
 PINS ?=
