@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._cuda import LAUNCH_OPTIONS, cdiv, launch_device, sms_to_fill
+from .._cuda import LAUNCH_OPTIONS, launch_device, sms_to_fill
 
 SILU_MUL_BLOCK = 1024  # columns per program
 
@@ -208,7 +208,7 @@ ADD_RMS_NORM_ROWS = 32  # the most rows per backward program (each writes one pa
 def _add_rms_norm_rows(tokens: int, device: torch.device) -> int:
     """Rows per backward program: enough programs for about four per SM (a memory-bound kernel needs several in
     flight), at most ADD_RMS_NORM_ROWS rows each (fewer partial dW rows for torch to add on large batches)."""
-    return max(1, min(ADD_RMS_NORM_ROWS, cdiv(tokens, 4 * sms_to_fill(device))))
+    return max(1, min(ADD_RMS_NORM_ROWS, triton.cdiv(tokens, 4 * sms_to_fill(device))))
 
 
 def _norm_warps(block: int, backward: bool = False) -> int:
