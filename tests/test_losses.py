@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from kalm_fast.ops.focal_infonce import reference as ref
-from kalm_fast.train.losses import FocalInfoNCELoss
+from kalm_fast.train.losses import FocalInfoNCELoss, teacher_distillation
 
 
 def _inputs(b=6, m=3, d=16, seed=0):
@@ -134,4 +134,94 @@ def test_bad_tensors_are_reported_by_the_op():
 ])
 def test_bad_op_options_fail_at_construction(kwargs, error, match):
     with pytest.raises(error, match=match):
+        FocalInfoNCELoss(**kwargs)
+
+
+# ---------------------------------------------------------------- teacher-score distillation
+
+
+def _kl_by_hand(q, docs, teacher, temperature, teacher_temperature, similarity):
+    """KL(softmax(teacher / tt) || softmax(sim / t)) per query, mean over queries, in float64."""
+    q, docs, teacher = q.double(), docs.double(), teacher.double()
+    if similarity == "cos":
+        q, docs = F.normalize(q, dim=-1), F.normalize(docs, dim=-1)
+    sim = (docs @ q[:, :, None])[..., 0]
+    p_teacher = torch.softmax(teacher / teacher_temperature, dim=-1)
+    p_student = torch.softmax(sim / temperature, dim=-1)
+    return (p_teacher * (p_teacher.log() - p_student.log())).sum(-1).mean()
+
+
+@pytest.mark.parametrize("similarity", ["cos", "dot"])
+@pytest.mark.parametrize("teacher_temperature", [None, 1.0])
+def test_teacher_distillation_is_the_kl_of_teacher_and_student_softmaxes(similarity, teacher_temperature):
+    q, docs = _inputs(b=5, m=4, d=12, seed=1)
+    teacher = torch.randn(5, 5, generator=torch.Generator().manual_seed(2)) * 0.2
+    kl = teacher_distillation(q, docs, teacher, temperature=0.5, teacher_temperature=teacher_temperature,
+                              similarity=similarity)
+    q64, docs64 = q.detach().double().requires_grad_(), docs.detach().double().requires_grad_()
+    want = _kl_by_hand(q64, docs64, teacher, 0.5, teacher_temperature or 0.5, similarity)
+    assert kl.dtype == torch.float32 and kl.shape == ()
+    torch.testing.assert_close(kl.double(), want, atol=1e-6, rtol=1e-5)
+    grads = torch.autograd.grad(kl, (q, docs))
+    want_grads = torch.autograd.grad(want, (q64, docs64))
+    for got, expected in zip(grads, want_grads):
+        torch.testing.assert_close(got.double(), expected, atol=1e-6, rtol=1e-4)
+    assert want.item() > 1e-3 and grads[1].abs().sum() > 0  # the case is not trivially zero
+
+
+def test_teacher_distillation_is_zero_when_the_student_agrees_and_ignores_a_shift_of_the_scores():
+    q, docs = (t.detach() for t in _inputs(b=4, m=3, d=8))
+    sim = F.cosine_similarity(q[:, None], docs, dim=-1)
+    assert float(teacher_distillation(q, docs, sim, temperature=0.1)) == pytest.approx(0, abs=1e-6)
+    teacher = torch.randn(4, 4)
+    shifted = teacher + torch.arange(4.0)[:, None] * 5  # a constant per query: the same distribution
+    torch.testing.assert_close(teacher_distillation(q, docs, teacher, temperature=0.1, teacher_temperature=2.0),
+                               teacher_distillation(q, docs, shifted, temperature=0.1, teacher_temperature=2.0))
+    # a sharper teacher makes another target: the temperatures are used
+    assert float(teacher_distillation(q, docs, teacher, temperature=0.1, teacher_temperature=0.5)) != pytest.approx(
+        float(teacher_distillation(q, docs, teacher, temperature=0.1, teacher_temperature=2.0)))
+
+
+@pytest.mark.parametrize("weight", [0.7, 1.0])
+def test_distill_weight_mixes_the_two_losses_at_every_matryoshka_dim(weight):
+    q, docs = _inputs(b=6, m=3, d=16)
+    teacher = torch.randn(6, 4, generator=torch.Generator().manual_seed(5))
+    options = dict(temperature=0.05, gamma=0.5, matryoshka_dims=[16, 8], matryoshka_weights=[1.0, 0.3])
+    module = FocalInfoNCELoss(**options, distill_weight=weight, distill_temperature=0.1, teacher_temperature=0.5)
+    loss, stats = module(q, docs, teacher_scores=teacher)
+    want = 0
+    for dim, w in ((16, 1.0), (8, 0.3)):
+        focal = ref.focal_infonce(q[:, :dim], docs[..., :dim], temperature=0.05, gamma=0.5)
+        kl = teacher_distillation(q[:, :dim], docs[..., :dim], teacher, temperature=0.1, teacher_temperature=0.5)
+        want = want + w * ((1 - weight) * focal + weight * kl)
+    torch.testing.assert_close(loss, want, atol=1e-5, rtol=1e-5)
+    assert stats["distill_kl"] == pytest.approx(teacher_distillation(q, docs, teacher, temperature=0.1,
+                                                                     teacher_temperature=0.5).item(), rel=1e-5)
+    assert ("mean_p" in stats) == (weight < 1)
+    loss.backward()
+    assert torch.isfinite(q.grad).all() and docs.grad.abs().sum() > 0
+
+
+def test_distillation_arguments_are_checked():
+    q, docs = _inputs(b=3, m=2, d=8)
+    with pytest.raises(ValueError, match=r"teacher_scores \[B, 1\+M\] must be given exactly when distill_weight > 0 "
+                                         r"\(it is 0.5\); it was not given"):
+        FocalInfoNCELoss(distill_weight=0.5)(q, docs)
+    with pytest.raises(ValueError, match=r"it is 0.0\); it was given"):
+        FocalInfoNCELoss()(q, docs, teacher_scores=torch.zeros(3, 3))
+    with pytest.raises(ValueError, match=r"teacher_scores must be \[B, 1\+M\] = \[3, 3\] .*, got \[3, 2\]"):
+        FocalInfoNCELoss(distill_weight=0.5)(q, docs, teacher_scores=torch.zeros(3, 2))
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(distill_weight=1.5), r"distill_weight must be in \[0, 1\], got 1.5"),
+    (dict(distill_weight=-0.1), r"distill_weight must be in \[0, 1\]"),
+    (dict(distill_weight=float("nan")), "distill_weight must be a finite number"),
+    (dict(distill_weight=True), "distill_weight must be a finite number"),
+    (dict(distill_temperature=0), "distill_temperature must be > 0"),
+    (dict(teacher_temperature=-1.0), r"teacher_temperature must be > 0 \(or None"),
+    (dict(teacher_temperature="1"), "teacher_temperature must be a finite number"),
+])
+def test_bad_distillation_options(kwargs, match):
+    with pytest.raises(ValueError, match=match):
         FocalInfoNCELoss(**kwargs)

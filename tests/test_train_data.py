@@ -121,10 +121,10 @@ def test_sampler_task_weights():
 
 def test_build_example_negatives():
     rec = dict(query="q", pos=["p1", "p2"], neg=[f"n{i}" for i in range(10)], task="t", instruction="do")
-    q, docs = build_example(rec, 3, num_negatives=7, seed=0, epoch=0)
-    assert q == "Instruct: do \n Query: q" and docs[0] in rec["pos"] and len(docs) == 8
+    q, docs, scores = build_example(rec, 3, num_negatives=7, seed=0, epoch=0)
+    assert q == "Instruct: do \n Query: q" and docs[0] in rec["pos"] and len(docs) == 8 and scores is None
     assert len(set(docs[1:])) == 7 and set(docs[1:]) <= set(rec["neg"])
-    assert (q, docs) == build_example(rec, 3, num_negatives=7, seed=0, epoch=0)
+    assert (q, docs, None) == build_example(rec, 3, num_negatives=7, seed=0, epoch=0)
     assert docs != build_example(rec, 3, num_negatives=7, seed=0, epoch=1)[1]
     few = dict(rec, neg=["x", "y"])
     assert set(build_example(few, 0, num_negatives=5, seed=0, epoch=0)[1][1:]) <= {"x", "y"}
@@ -200,6 +200,11 @@ def test_example_configs_load():
                                                        "batch_size 32 leaves each query only its positive"),
     (dict(hard_negatives=0, batch_size=1), "'hard_negatives' 0 with in_batch_negatives True and batch_size 1"),
     (dict(data=["x.jsonl", "y.jsonl", "./x.jsonl"]), "'data' lists the file"),
+    (dict(distill_weight=1.5), "distill_weight must be in [0, 1], got 1.5"),
+    (dict(distill_weight="much"), "'distill_weight' must be a number, got 'much'"),
+    (dict(distill_temperature=0), "distill_temperature must be > 0, got 0.0"),
+    (dict(teacher_temperature=-1), "teacher_temperature must be > 0 (or None: distill_temperature), got -1.0"),
+    (dict(distill_weight=0.5, hard_negatives=0), "it needs hard_negatives >= 1 (with none, the KL term is always 0)"),
 ])
 def test_every_stage_value_is_checked_naming_its_key(change, message):
     stage = dict(dict(name="s", data=["x.jsonl"], steps=3), **change)
@@ -290,7 +295,7 @@ def test_flagembedding_prompt_is_the_query_instruction(tmp_path):
                                          json.dumps({"query": "q2", "pos": ["p"], "prompt": "x", "instruction": "x"})])
     data = TrainData(path, instructions={"d": "task default"})
     assert data[0]["instruction"] == "Find the answer" and data[1]["instruction"] == "x"
-    query, _ = build_example(data[0], 0, num_negatives=0, seed=0, epoch=0)
+    query, _, _ = build_example(data[0], 0, num_negatives=0, seed=0, epoch=0)
     assert query == format_query("q", "Find the answer")
     _write(path, [json.dumps({"query": "q", "pos": ["p"], "prompt": "a", "instruction": "b"})])
     with pytest.raises(ValueError, match="d.jsonl:1: 'instruction' and 'prompt' differ"):
@@ -302,12 +307,51 @@ def test_flagembedding_scores_and_type_are_checked_and_reported_not_dropped_sile
            "type": "normal", "id": 7}
     path = _write(tmp_path / "d.jsonl", [json.dumps(row)])
     with pytest.warns(UserWarning, match=r"d.jsonl: keys not used by kalm_fast's contrastive training: id, "
-                                         r"neg_scores \(FlagEmbedding's teacher scores"):
+                                         r"neg_scores \(teacher scores: used by stages with distill_weight > 0\)"):
         data = TrainData(path)
     assert data.unused == {str(path): ["id", "neg_scores", "pos_scores", "type"]}
+    with pytest.warns(UserWarning, match=r"training: id, type$"):  # a distilling stage uses the scores
+        assert TrainData(path, teacher_scores=True).unused == {str(path): ["id", "type"]}
     _write(path, [json.dumps(dict(row, neg_scores=[0.1]))])
     with pytest.raises(ValueError, match=r"d.jsonl:1: 'neg_scores' must be a list of 2 numbers"):
         TrainData(path)
+
+
+def test_a_distilling_stage_needs_the_teacher_scores_of_every_text(tmp_path):
+    rows = [{"query": "q", "pos": ["p"], "neg": ["n1"], "pos_scores": [0.9], "neg_scores": [0.1]},
+            {"query": "q2", "pos": ["p"], "pos_scores": [0.9]},  # no negatives: no neg_scores needed
+            {"query": "q3", "pos": ["p"], "neg": ["n1", "n2"], "pos_scores": [0.9]}]
+    path = _write(tmp_path / "d.jsonl", [json.dumps(r) for r in rows])
+    with pytest.warns(UserWarning, match="keys not used"):
+        assert len(TrainData(path)) == 3  # contrastive stages do not need them
+    with pytest.raises(ValueError, match=r"d.jsonl:3: no teacher scores \['neg_scores'\] \(one number per text\), "
+                                         r"but the stage distills"):
+        TrainData(path, teacher_scores=True)
+    _write(path, [json.dumps({"query": "q", "pos": ["p"], "neg": ["n"], "neg_scores": [1.0]})])
+    with pytest.raises(ValueError, match=r"d.jsonl:1: no teacher scores \['pos_scores'\]"):
+        TrainData(path, teacher_scores=True)
+
+
+def test_build_example_gives_the_teacher_scores_of_the_chosen_texts():
+    pos, neg = ["p0", "p1", "p2"], [f"n{i}" for i in range(6)]
+    rec = dict(query="q", pos=pos, neg=neg, task="t", instruction=None,
+               pos_scores=[0.0, 1.0, 2.0], neg_scores=[10.0 + i for i in range(6)])
+
+    def score(text):
+        return float(text[1:]) + (10 if text[0] == "n" else 0)
+
+    chosen_pos = set()
+    for rid in range(30):
+        for m in (0, 2, 6, 9):  # 9 > 6 negatives: drawn with replacement
+            _, docs, scores = build_example(rec, rid, num_negatives=m, seed=1, epoch=rid % 3)
+            assert len(docs) == len(scores) == 1 + m and scores == [score(t) for t in docs]
+            chosen_pos.add(docs[0])
+    assert chosen_pos == set(pos)
+    without = dict(rec, pos_scores=None, neg_scores=None)
+    assert build_example(without, 0, num_negatives=2, seed=1, epoch=0)[2] is None
+    # the draws are those of a record without scores (runs resume the same)
+    assert build_example(without, 5, num_negatives=4, seed=1, epoch=2)[1] == build_example(
+        rec, 5, num_negatives=4, seed=1, epoch=2)[1]
 
 
 @pytest.mark.parametrize("raw, message", [

@@ -1,5 +1,6 @@
 """GradCache gives the gradients of the plain full-batch step (and replays dropout exactly)."""
 import contextlib
+import functools
 
 import pytest
 import torch
@@ -46,9 +47,13 @@ def _step(model, batch, loss_fn, chunk, seed=0):
 
 
 @pytest.mark.parametrize("chunk", [1, 4, 7])
-@pytest.mark.parametrize("options", [dict(), dict(num_synthetic=2, gamma=2.0, temperature=0.05)])
+@pytest.mark.parametrize("options", [dict(), dict(num_synthetic=2, gamma=2.0, temperature=0.05),
+                                     dict(distill_weight=0.7, distill_temperature=0.05)])
 def test_gradcache_equals_full_batch(model, batch, chunk, options):
     loss_fn = FocalInfoNCELoss(**options)
+    if options.get("distill_weight"):  # the trainer binds each batch's teacher scores [B, 1+M] so
+        teacher = torch.linspace(-1, 1, 15, dtype=torch.float32).reshape(5, 3)
+        loss_fn = functools.partial(loss_fn, teacher_scores=teacher)
     ref_loss, ref_stats, ref = _step(model, batch, loss_fn, None)
     loss, stats, got = _step(model, batch, loss_fn, chunk)
     torch.testing.assert_close(loss, ref_loss, atol=1e-6, rtol=1e-5)

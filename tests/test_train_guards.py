@@ -307,6 +307,22 @@ def test_run_changes_lets_only_the_resumable_keys_change():
         "eval.metric: 'ndcg@10' -> 'mrr@10'", "a.jsonl of stage 'ft' (its content changed)"]
 
 
+def test_a_run_started_before_a_key_existed_resumes_if_the_key_holds_its_default():
+    """A run.json written by an older kalm_fast lacks the keys added since: at their defaults they change nothing."""
+    current = dict(config=dict(seed=0, eval=dict(metric="ndcg@10", batch_size=64),
+                               stages=[dict(name="ft", type="train", lr=1e-3, distill_weight=0.0,
+                                            teacher_temperature=None),
+                                       dict(name="soup", type="soup", greedy=False)]), data={})
+    older = dict(config=dict(eval=dict(metric="ndcg@10"), stages=[dict(name="ft", type="train", lr=1e-3),
+                                                                  dict(name="soup", type="soup")]), data={})
+    assert trainer_module.run_changes(older, current) == []
+    current["config"]["stages"][0]["distill_weight"] = 0.7
+    current["config"]["stages"][1]["greedy"] = True
+    current["config"]["seed"] = 3
+    assert trainer_module.run_changes(older, current) == [
+        "seed: '(unset)' -> 3", "stages[0].distill_weight: '(unset)' -> 0.7", "stages[1].greedy: '(unset)' -> True"]
+
+
 def test_a_non_finite_gradient_norm_stops_the_run(inputs, tmp_path, monkeypatch):
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda *args, **kwargs: torch.tensor(float("inf")))
     with pytest.raises(RunError, match=r"stage 'ft', step 1 .*: the gradient norm is inf; stopped before the opt"):

@@ -237,6 +237,43 @@ def test_the_stage_settings_reach_the_loss_the_optimizer_the_clipping_and_the_sc
     assert [r["lr"] for r in records if "lr" in r] == pytest.approx([2e-3 * f for f in (2 / 3, 1, 1, 0)])
 
 
+def _teacher_score(text: str) -> float:
+    """A made-up teacher: a pure function of the text, so every score can be traced back to its text."""
+    return sum(map(ord, text)) % 97 / 10
+
+
+def test_a_distilling_stage_hands_each_text_its_teacher_score(inputs, tmp_path, monkeypatch):
+    rows = [dict(r, pos_scores=[_teacher_score(t) for t in r["pos"]], neg_scores=[_teacher_score(t) for t in r["neg"]])
+            for r in make_records(24, negatives=3)]
+    write_jsonl(tmp_path / "scored.jsonl", rows)
+    steps, real_step = [], trainer_module.contrastive_step
+
+    def spy(model, tokenize, queries, docs, loss_fn, **kwargs):
+        steps.append((docs, loss_fn))
+        return real_step(model, tokenize, queries, docs, loss_fn, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "contrastive_step", spy)
+    cfg = _config(inputs, tmp_path / "run", data=[str(tmp_path / "scored.jsonl")], steps=3, save_every=None,
+                  distill_weight=0.7, distill_temperature=0.1, teacher_temperature=0.5)
+    Trainer(cfg, show_progress=False).train()
+    assert len(steps) == 3
+    for docs, loss_fn in steps:
+        assert loss_fn.func.distill == dict(weight=0.7, temperature=0.1, teacher_temperature=0.5)
+        teacher = loss_fn.keywords["teacher_scores"]
+        assert teacher.shape == (4, 3) and teacher.dtype == torch.float32
+        torch.testing.assert_close(teacher, torch.tensor([[_teacher_score(t) for t in group] for group in docs]))
+    records = [json.loads(line) for line in open(tmp_path / "run/metrics.jsonl")]
+    logged = [r for r in records if r.get("step")]
+    assert len(logged) == 3 and all(r["distill_kl"] >= 0 and "mean_p" in r for r in logged)
+    assert [r["data"]["unused_keys"] for r in records if "data" in r] == [{}]  # the scores were used
+    # the same data without scores is refused before anything trains
+    write_jsonl(tmp_path / "plain.jsonl", make_records(24, negatives=3))
+    with pytest.raises(ValueError, match=r"plain.jsonl:1: no teacher scores \['pos_scores', 'neg_scores'\]"):
+        Trainer(_config(inputs, tmp_path / "plain", data=[str(tmp_path / "plain.jsonl")], distill_weight=0.7),
+                show_progress=False).train()
+    assert not (tmp_path / "plain").exists()
+
+
 def test_greedy_soup_keeps_a_candidate_only_if_the_soup_does_not_score_lower(inputs, tmp_path, monkeypatch):
     """Greedy soup (Wortsman et al., 2022) on made-up scores: candidates best first; each joins iff the soup with it
     scores at least as well as the soup so far (a tie joins). The choice is checked against a replay of that rule, on

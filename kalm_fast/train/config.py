@@ -39,6 +39,7 @@ import yaml
 
 from ..ops.focal_infonce import check_options
 from .evaluate import DEFAULT_KS
+from .losses import check_distill_options
 
 EVAL_METRICS = tuple(f"{name}@{k}" for name in ("ndcg", "recall", "mrr") for k in DEFAULT_KS)
 DTYPE_NAMES = ("float32", "fp32", "float16", "fp16", "bfloat16", "bf16")
@@ -148,6 +149,9 @@ class TrainStage:
     detach_focal_weight: bool = False
     matryoshka_dims: Optional[list[int]] = None
     matryoshka_weights: Optional[list[float]] = None
+    distill_weight: float = 0.0       # > 0: loss (1 - w) * focal-InfoNCE + w * KL(teacher || student) on pos/neg_scores
+    distill_temperature: float = 0.05  # the student's softmax temperature in the distillation term
+    teacher_temperature: Optional[float] = None  # the teacher scores' (None: distill_temperature)
     gather: bool = True               # cross-rank negatives when distributed
     save_every: Optional[int] = None  # steps between resumable checkpoints (None: only the final model)
     keep_checkpoints: int = 2         # how many of the latest checkpoints to keep on disk
@@ -194,6 +198,11 @@ class TrainStage:
             raise ValueError(f"'hard_negatives' 0 with in_batch_negatives {self.in_batch_negatives} and batch_size "
                              f"{self.batch_size} leaves each query only its positive (loss 0, no gradient): set "
                              "hard_negatives >= 1, or in_batch_negatives: true with batch_size >= 2")
+        check_distill_options(distill_weight=self.distill_weight, distill_temperature=self.distill_temperature,
+                              teacher_temperature=self.teacher_temperature)
+        if self.distill_weight and self.hard_negatives == 0:
+            raise ValueError("'distill_weight' > 0 distills the teacher's scores of each query's positive and hard "
+                             "negatives: it needs hard_negatives >= 1 (with none, the KL term is always 0)")
         if self.keep_best and self.eval_every is None:
             raise ValueError("'keep_best' needs 'eval_every' (the steps between the evaluations it chooses from)")
         dims, weights = self.matryoshka_dims, self.matryoshka_weights

@@ -7,11 +7,11 @@ Training record (one JSON object per line, FlagEmbedding-style)::
 ``pos`` needs at least one non-blank text; ``neg`` may be empty or absent (then only in-batch
 negatives), but holds no blank text.
 ``task`` defaults to the file's stem. ``prompt`` is FlagEmbedding's name for the query instruction (it is applied in
-the KaLM format). FlagEmbedding's ``pos_scores`` / ``neg_scores`` (teacher scores for distillation) and ``type`` are
-checked and reported as unused (kalm_fast trains contrastively); any other key is reported too, never dropped
-silently. The files are scanned once to validate every line (errors name ``file:line``), to hash them and to
-remember where each record starts; records are then read back one at a time (``seek``), so memory holds offsets,
-not texts.
+the KaLM format). FlagEmbedding's ``pos_scores`` / ``neg_scores`` (a teacher's score of each text, one number per
+``pos`` / ``neg`` entry) are checked always, used by stages that distill (``teacher_scores=True``: then every record
+needs them) and else reported as unused, as ``type`` and any other key are: nothing is dropped silently. The files
+are scanned once to validate every line (errors name ``file:line``), to hash them and to remember where each record
+starts; records are then read back one at a time (``seek``), so memory holds offsets, not texts.
 
 Evaluation set: queries JSONL ``{"id"?, "query": str, "relevant": [doc_id, ...] or {doc_id: grade},
 "instruction"?: str}`` and a corpus JSONL ``{"id": str, "text": str, "title"?: str}`` (title and text are joined
@@ -32,7 +32,7 @@ from ..files import check_unicode, decode_line, parse_json_line, read_lines
 from ..prompts import format_query, join_title
 
 RECORD_KEYS = ("query", "pos", "neg", "task", "instruction", "prompt")
-UNUSED_KEYS = {"pos_scores": "pos", "neg_scores": "neg", "type": None}  # FlagEmbedding keys kalm_fast does not use
+SCORE_KEYS = {"pos_scores": "pos", "neg_scores": "neg"}  # teacher scores: used by distilling stages only
 
 
 def _fail(path, line_no: int, msg: str):
@@ -58,22 +58,22 @@ def _check_texts(path, line_no, obj, key, *, required: bool):
     return value
 
 
-def _check_unused(path, line_no, obj, texts: dict):
-    for key, paired in UNUSED_KEYS.items():
+def _check_flagembedding_keys(path, line_no, obj, texts: dict):
+    """FlagEmbedding's ``type`` (a string) and teacher scores (one finite number per text)."""
+    if obj.get("type") is not None and not isinstance(obj["type"], str):
+        _fail(path, line_no, f"'type' must be a string, got {type(obj['type']).__name__}")
+    for key, paired in SCORE_KEYS.items():
         value = obj.get(key)
-        if value is None:
-            continue
-        if paired is None:
-            if not isinstance(value, str):
-                _fail(path, line_no, f"{key!r} must be a string, got {type(value).__name__}")
-        elif (not isinstance(value, list) or len(value) != len(texts[paired])
-              or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)):
+        numbers = isinstance(value, list) and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)
+        if value is not None and not (numbers and len(value) == len(texts[paired])):
             _fail(path, line_no, f"{key!r} must be a list of {len(texts[paired])} numbers (one per {paired!r} text)")
 
 
 def parse_train_line(path, line_no: int, line: str, default_task: str) -> dict:
     """Validate one training JSONL line and return the normalized record (``pos``/``neg`` lists, ``instruction``
-    from ``instruction`` or ``prompt``, ``unused``: the keys it holds that kalm_fast does not use)."""
+    from ``instruction`` or ``prompt``, ``pos_scores``/``neg_scores`` or None, ``unused``: the keys it holds that
+    contrastive training does not use, the scores among them)."""
     obj = parse_json_line(path, line_no, line)
     if not isinstance(obj, dict):
         _fail(path, line_no, f"expected a JSON object, got {type(obj).__name__}")
@@ -83,7 +83,7 @@ def parse_train_line(path, line_no: int, line: str, default_task: str) -> dict:
     check_unicode(path, line_no, "query", query)
     pos = _check_texts(path, line_no, obj, "pos", required=True)
     neg = _check_texts(path, line_no, obj, "neg", required=False)
-    _check_unused(path, line_no, obj, dict(pos=pos, neg=neg))
+    _check_flagembedding_keys(path, line_no, obj, dict(pos=pos, neg=neg))
     task = obj.get("task", default_task)
     if not isinstance(task, str) or not task:
         _fail(path, line_no, "'task' must be a non-empty string")
@@ -97,6 +97,7 @@ def parse_train_line(path, line_no: int, line: str, default_task: str) -> dict:
     if len(set(instructions.values())) > 1:
         _fail(path, line_no, "'instruction' and 'prompt' differ; give the query instruction once")
     return dict(query=query, pos=pos, neg=neg, task=task, instruction=next(iter(instructions.values()), None),
+                pos_scores=obj.get("pos_scores"), neg_scores=obj.get("neg_scores"),
                 unused=sorted(set(obj) - set(RECORD_KEYS)))
 
 
@@ -116,12 +117,15 @@ class TrainIndex:
 class TrainData:
     """Random access to validated training records of one or several JSONL files.
 
-    ``TrainData(["a.jsonl", "b.jsonl"], instructions={"task": "..."})``; ``data[i]`` -> record dict with
+    ``TrainData(["a.jsonl", "b.jsonl"], instructions={"task": "..."})``; ``teacher_scores=True``: every record
+    must hold ``pos_scores`` (and ``neg_scores`` when it has negatives), which are then not reported as unused;
+    ``data[i]`` -> record dict with
     ``task`` and ``instruction`` filled in; ``data.tasks`` -> ``{task: [record ids]}``; ``data.sha256`` -> ``{file:
     sha256}`` of the bytes validated; ``data.unused`` -> ``{file: [keys not used]}`` (also a warning).
     """
 
-    def __init__(self, files, *, instructions: Optional[dict] = None, min_negatives: int = 0):
+    def __init__(self, files, *, instructions: Optional[dict] = None, min_negatives: int = 0,
+                 teacher_scores: bool = False):
         if isinstance(files, (str, os.PathLike)):
             files = [files]
         self.files = [Path(f) for f in files]
@@ -131,9 +135,9 @@ class TrainData:
         self.index = TrainIndex(files=self.files)
         self.sha256, self.unused = {}, {}
         for file_no, path in enumerate(self.files):
-            self._scan(file_no, path, min_negatives)
+            self._scan(file_no, path, min_negatives, teacher_scores)
         for path, keys in self.unused.items():
-            notes = [f"{k} (FlagEmbedding's teacher scores for distillation)" if k.endswith("_scores") else k
+            notes = [f"{k} (teacher scores: used by stages with distill_weight > 0)" if k in SCORE_KEYS else k
                      for k in keys]
             warnings.warn(f"{path}: keys not used by kalm_fast's contrastive training: {', '.join(notes)}",
                           stacklevel=2)
@@ -141,7 +145,7 @@ class TrainData:
             raise ValueError(f"data: no records in {[str(f) for f in self.files]}")
         self._handles: dict = {}
 
-    def _scan(self, file_no: int, path: Path, min_negatives: int):
+    def _scan(self, file_no: int, path: Path, min_negatives: int, teacher_scores: bool):
         if not path.is_file():
             raise ValueError(f"data: file not found: {path}")
         digest, unused = hashlib.sha256(), set()
@@ -155,7 +159,14 @@ class TrainData:
                 if not text:
                     continue
                 rec = parse_train_line(path, line_no, text, path.stem)
-                unused.update(rec["unused"])
+                if teacher_scores:
+                    missing = [k for k, texts in SCORE_KEYS.items() if rec[texts] and rec[k] is None]
+                    if missing:
+                        _fail(path, line_no, f"no teacher scores {missing} (one number per text), but the stage "
+                                             "distills (distill_weight > 0)")
+                    unused.update(k for k in rec["unused"] if k not in SCORE_KEYS)
+                else:
+                    unused.update(rec["unused"])
                 if min_negatives > 0 and not rec["neg"]:
                     _fail(path, line_no, f"no hard negatives ('neg'), but the stage asks for {min_negatives} "
                                          "per query (set hard_negatives: 0 to train with in-batch negatives only)")

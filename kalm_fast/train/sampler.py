@@ -93,13 +93,15 @@ class TaskBatchSampler:
 
 
 def build_example(record: dict, rid: int, *, num_negatives: int, seed: int, epoch: int) -> tuple:
-    """``(query text, [positive, negative_1..M])`` for one record; the choice is seeded by (seed, epoch, rid).
+    """``(query text, [positive, negative_1..M], teacher scores)`` for one record; the choice is seeded by
+    (seed, epoch, rid).
 
     One positive is drawn from ``pos``; M negatives from ``neg`` (without replacement when it has enough,
-    with replacement otherwise).
+    with replacement otherwise). The teacher scores are the record's ``pos_scores`` / ``neg_scores`` of the chosen
+    texts (``1 + M`` floats), or None when the record has none for them.
     """
     rng = random.Random(f"{seed}:{epoch}:{rid}")
-    pos = rng.choice(record["pos"])
+    pos = rng.randrange(len(record["pos"]))
     negs = record["neg"]
     if num_negatives == 0:
         chosen = []
@@ -107,7 +109,12 @@ def build_example(record: dict, rid: int, *, num_negatives: int, seed: int, epoc
         raise ValueError(f"record {rid} ({record['query'][:40]!r}) has no hard negatives but {num_negatives} "
                          "are asked for")
     elif len(negs) >= num_negatives:
-        chosen = rng.sample(negs, num_negatives)
+        chosen = rng.sample(range(len(negs)), num_negatives)
     else:
-        chosen = [rng.choice(negs) for _ in range(num_negatives)]
-    return format_query(record["query"], record["instruction"]), [pos] + chosen
+        chosen = [rng.randrange(len(negs)) for _ in range(num_negatives)]
+    pos_scores, neg_scores = record.get("pos_scores"), record.get("neg_scores")
+    scores = None
+    if pos_scores is not None and (neg_scores is not None or not chosen):
+        scores = [float(pos_scores[pos])] + [float(neg_scores[i]) for i in chosen]
+    return (format_query(record["query"], record["instruction"]), [record["pos"][pos]] + [negs[i] for i in chosen],
+            scores)

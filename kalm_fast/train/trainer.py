@@ -30,6 +30,8 @@ run's temporary files are removed by the next one.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 import json
 import math
 import os
@@ -106,10 +108,29 @@ def _flatten(value, prefix: str = "") -> dict:
     return {prefix: value}
 
 
+def _default_of(key: str, current: dict):
+    """The default value of a flattened config key (``stages[0].lr``, ``eval.batch_size``, ``seed``), or a marker
+    that equals nothing when it has none."""
+    missing = object()
+    *section, name = key.split(".")
+    if section and section[0].startswith("stages["):
+        index = int(section[0][len("stages["):-1])
+        cls = SoupStage if current["config"]["stages"][index].get("type") == "soup" else TrainStage
+    else:
+        cls = EvalConfig if section else TrainConfig
+    fields = {f.name.rstrip("_"): f for f in dataclasses.fields(cls)}
+    f = fields.get(name)
+    return missing if f is None or f.default is dataclasses.MISSING else f.default
+
+
 def run_changes(stored: dict, current: dict) -> list:
-    """What differs between two run records (``run.json``) in ways ``--resume`` does not allow, one line each."""
+    """What differs between two run records (``run.json``) in ways ``--resume`` does not allow, one line each. A key
+    the stored record lacks (a run started by an older kalm_fast) is unchanged if it holds its default."""
     old, new = _flatten(stored.get("config", {})), _flatten(current["config"])
     unset = "(unset)"
+    for k in set(new) - set(old):
+        if new[k] == _default_of(k, current):
+            old[k] = new[k]
     changes = [f"{k}: {old.get(k, unset)!r} -> {new.get(k, unset)!r}" for k in sorted(set(old) | set(new))
                if old.get(k, unset) != new.get(k, unset)
                and not any(re.fullmatch(pattern, k) for pattern in RESUMABLE_CHANGES)]
@@ -476,10 +497,12 @@ class Trainer:
 
     def train_data(self, stage: TrainStage) -> TrainData:
         """The stage's training records, indexed once and shared by every stage that reads the same files."""
-        key = (tuple(map(str, stage.data)), tuple(sorted(stage.instructions.items())), stage.hard_negatives)
+        key = (tuple(map(str, stage.data)), tuple(sorted(stage.instructions.items())), stage.hard_negatives,
+               stage.distill_weight > 0)
         if key not in self._train_data:
             self._train_data[key] = TrainData(stage.data, instructions=stage.instructions,
-                                              min_negatives=stage.hard_negatives)
+                                              min_negatives=stage.hard_negatives,
+                                              teacher_scores=stage.distill_weight > 0)
         return self._train_data[key]
 
     def _checkpoints(self, stage: TrainStage) -> list:
@@ -599,7 +622,9 @@ class Trainer:
             in_batch_negatives=stage.in_batch_negatives, num_synthetic=stage.num_synthetic,
             mix_top_k=stage.mix_top_k, mix_alpha=stage.mix_alpha, false_negative_margin=stage.false_negative_margin,
             detach_focal_weight=stage.detach_focal_weight, gather=stage.gather and info.enabled,
-            matryoshka_dims=stage.matryoshka_dims, matryoshka_weights=stage.matryoshka_weights)
+            matryoshka_dims=stage.matryoshka_dims, matryoshka_weights=stage.matryoshka_weights,
+            distill_weight=stage.distill_weight, distill_temperature=stage.distill_temperature,
+            teacher_temperature=stage.teacher_temperature)
         local = stage.batch_size // info.world_size
         batches = iter(sampler)
         show = info.is_main and self.show_progress
@@ -609,8 +634,12 @@ class Trainer:
                 task, ids, epoch = next(batches)
                 examples = [build_example(data[i], i, num_negatives=stage.hard_negatives, seed=seed, epoch=epoch)
                             for i in ids[info.rank * local:(info.rank + 1) * local]]
+                step_loss = loss_fn
+                if stage.distill_weight:  # every record has its scores (checked when the data was read)
+                    teacher = torch.tensor([s for _, _, s in examples], dtype=torch.float32, device=self.device)
+                    step_loss = functools.partial(loss_fn, teacher_scores=teacher)
                 loss, stats = contrastive_step(
-                    wrapped, model.tokenize, [q for q, _ in examples], [d for _, d in examples], loss_fn,
+                    wrapped, model.tokenize, [q for q, _, _ in examples], [d for _, d, _ in examples], step_loss,
                     chunk_size=stage.gradcache_chunk, generator=generator, autocast=self._autocast,
                     no_sync=no_sync_of(wrapped), device=self.device)
                 loss = float(loss)
