@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import os
 import shutil
 import stat
@@ -40,14 +39,13 @@ from ..files import (
     remove_leftovers,
     sha256_file,
 )
-from ..models.loading import resolve_model_dir
+from ..models.loading import model_fingerprint
 from ..prompts import kalm_query_prompt
 from ..shards import TEMP_NAME, check_directory, check_shard, read_manifest, shard_path, write_manifest, write_shard
 from .args import device, input_file, positive_int
 
 SINGLE_SUFFIXES = (".npy", ".safetensors")
 INPUT_SUFFIXES = (".txt", ".jsonl")
-MODEL_FILE_SUFFIXES = (".safetensors", ".json", ".txt", ".model")  # what defines a model's embeddings
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -125,19 +123,6 @@ def readable_input(path: Path) -> Iterator[Path]:
         yield Path(spool)
     finally:
         os.unlink(spool)
-
-
-def model_fingerprint(model, allow_pickle: bool) -> str:
-    """sha256 of the files that define a model's embeddings (weights, configs, tokenizer) in its directory and its
-    module subdirectories: the same path holding other weights is another model."""
-    root = resolve_model_dir(model)
-    suffixes = MODEL_FILE_SUFFIXES + ((".bin", ".pt") if allow_pickle else ())
-    files = sorted(p for pattern in ("*", "*/*") for p in root.glob(pattern)
-                   if p.is_file() and p.suffix in suffixes and not p.name.startswith("."))
-    h = hashlib.sha256()
-    for path in files:
-        h.update(f"{path.relative_to(root).as_posix()}\0{sha256_file(path)}\n".encode())
-    return h.hexdigest()
 
 
 def _prompt_kwargs(args) -> dict:

