@@ -226,6 +226,7 @@ def test_plot_results(monkeypatch):
     (dict(stage=dict(gamma=0.0)), "gamma 0.0, so '\\+ focal' would be plain InfoNCE"),
     (dict(stage=dict(num_synthetic=0)), "num_synthetic 0, so '\\+ mixing'"),
     (dict(stage=dict(hard_negatives=1)), "needs hard_negatives >= 2 and mix_top_k >= 2"),  # the config's check
+    (dict(stage=dict(distill_weight=1.0)), "has distill_weight 1: its loss is the distillation term alone"),
     (dict(options=dict(seeds=0)), "seeds must be an integer >= 1, got 0"),
     (dict(options=dict(resamples=0)), "resamples must be an integer >= 1"),
     (dict(options=dict(stage="nope")), "stage 'nope' is not a training stage"),
@@ -233,6 +234,7 @@ def test_plot_results(monkeypatch):
     (dict(test=dict(queries="missing.jsonl", corpus="c.jsonl")), "test.queries: cannot read 'missing.jsonl': it does "
                                                                  "not exist"),
 ])
+@pytest.mark.filterwarnings("ignore:stage 'ft'. distill_weight 1 leaves out")
 def test_bad_input_is_a_clear_error_before_training(inputs, tmp_path, change, message):
     raw = _raw(inputs, tmp_path / "run", **change.get("stage", {}))
     for key in ("test", "eval"):

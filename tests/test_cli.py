@@ -69,11 +69,14 @@ def files(tmp_path_factory):
     ("demo", ["demo", "--corpus", "{d}/none.txt"], "cannot read --corpus '{d}/none.txt': it does not exist"),
     ("demo", ["demo", "--device", "cuda:99"], "argument --device: device 'cuda:99'"),
     ("bench", ["bench", "nonsense"], "unknown benchmark(s) nonsense; expected some of"),
-    ("score", ["score", "--input", "{d}/q.jsonl", "--output", "{d}/o.jsonl", "--instruction", "retrieval"],
-     "argument --instruction: expected TASK=INSTRUCTION, got 'retrieval'"),
-    ("score", ["score", "--input", "{d}/q.jsonl", "--output", "{d}/o.jsonl"], "q.jsonl:1: missing 'pos'"),
-    ("score", ["score", "--input", "{d}/none.jsonl", "--output", "{d}/o.jsonl"],
+    ("score", ["score", "--model", "{d}", "--input", "{d}/q.jsonl", "--output", "{d}/o.jsonl", "--instruction",
+               "retrieval"], "argument --instruction: expected TASK=INSTRUCTION, got 'retrieval'"),
+    ("score", ["score", "--model", "{d}", "--input", "{d}/q.jsonl", "--output", "{d}/o.jsonl"],
+     "q.jsonl:1: missing 'pos'"),
+    ("score", ["score", "--model", "{d}", "--input", "{d}/none.jsonl", "--output", "{d}/o.jsonl"],
      "cannot read --input '{d}/none.jsonl': it does not exist"),
+    ("score", ["score", "--input", "{d}/q.jsonl", "--output", "{d}/o.jsonl"],
+     "the following arguments are required: --model"),
 ])
 def test_bad_input_is_one_line_and_exit_2(files, capsys, command, argv, message):
     assert main([a.format(d=files) for a in argv]) == 2

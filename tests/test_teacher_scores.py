@@ -98,6 +98,56 @@ def test_another_setting_or_input_starts_over(teacher, tmp_path, monkeypatch):
     assert result["resumed_at"] == 0 and len((tmp_path / "o.jsonl").read_text().splitlines()) == 11
 
 
+def test_a_fresh_start_never_resumes_on_the_progress_record_of_another_run(teacher, tmp_path, monkeypatch):
+    """Run A stops after 2 chunks; run B (other settings) starts over on the same output and dies after writing its
+    first chunk but before recording it; run A's settings again must not continue on B's bytes."""
+    write_jsonl(tmp_path / "train.jsonl", _rows())
+    score_file(teacher, tmp_path / "train.jsonl", tmp_path / "whole.jsonl", chunk_records=3, show_progress=False)
+    real_chunk, real_record = teacher_scores._score_chunk, teacher_scores.atomic_write_text
+    chunks = []
+    monkeypatch.setattr(teacher_scores, "_score_chunk",
+                        lambda *a: (_ for _ in ()).throw(Interrupted) if chunks.append(1) or len(chunks) == 3
+                        else real_chunk(*a))
+    with pytest.raises(Interrupted):  # run A
+        score_file(teacher, tmp_path / "train.jsonl", tmp_path / "o.jsonl", chunk_records=3, show_progress=False)
+    monkeypatch.setattr(teacher_scores, "_score_chunk", real_chunk)
+    monkeypatch.setattr(teacher_scores, "atomic_write_text", lambda *a: (_ for _ in ()).throw(Interrupted))
+    with pytest.raises(Interrupted):  # run B
+        score_file(teacher, tmp_path / "train.jsonl", tmp_path / "o.jsonl", chunk_records=11,
+                   instructions={"beta": "Other"}, show_progress=False)
+    monkeypatch.setattr(teacher_scores, "atomic_write_text", real_record)
+    result = score_file(teacher, tmp_path / "train.jsonl", tmp_path / "o.jsonl", chunk_records=3, show_progress=False)
+    assert result["resumed_at"] == 0
+    assert (tmp_path / "o.jsonl").read_bytes() == (tmp_path / "whole.jsonl").read_bytes()
+
+
+def test_records_without_a_task_keep_the_task_they_were_scored_under(teacher, tmp_path):
+    rows = [{k: v for k, v in r.items() if k != "task"} for r in _rows()]
+    write_jsonl(tmp_path / "train.jsonl", rows)
+    score_file(teacher, tmp_path / "train.jsonl", tmp_path / "scored.jsonl", instructions={"train": "Match"},
+               show_progress=False)
+    out = [json.loads(line) for line in open(tmp_path / "scored.jsonl")]
+    assert all(r["task"] == "train" for r in out)  # not "scored", the stem a stage reading it would give them
+    with pytest.warns(UserWarning, match="not used by kalm_fast's contrastive training: meta$"):
+        data = TrainData(tmp_path / "scored.jsonl", teacher_scores=True, instructions={"train": "Match"})
+    assert list(data.tasks) == ["train"] and data[4]["instruction"] == "Match"
+
+
+def test_an_input_that_changes_while_it_is_scored_gives_no_output(teacher, tmp_path, monkeypatch):
+    write_jsonl(tmp_path / "train.jsonl", _rows())
+    real = teacher_scores._score_chunk
+
+    def append_a_record(*args):
+        with open(tmp_path / "train.jsonl", "a") as f:
+            f.write(json.dumps({"query": "late", "pos": ["p"]}) + "\n")
+        return real(*args)
+
+    monkeypatch.setattr(teacher_scores, "_score_chunk", append_a_record)
+    with pytest.raises(ValueError, match=r"train.jsonl changed while it was scored; run again"):
+        score_file(teacher, tmp_path / "train.jsonl", tmp_path / "o.jsonl", chunk_records=4, show_progress=False)
+    assert not (tmp_path / "o.jsonl").exists()
+
+
 def test_bad_input_is_refused_before_the_teacher_loads(teacher, tmp_path, monkeypatch):
     monkeypatch.setattr("kalm_fast.encode.Encoder.__init__", lambda *a, **k: pytest.fail("the teacher loaded"))
     bad = tmp_path / "bad.jsonl"
@@ -113,7 +163,13 @@ def test_bad_input_is_refused_before_the_teacher_loads(teacher, tmp_path, monkey
         score_file(teacher, bad, bad)
     with pytest.raises(ValueError, match=r"the directory of output .* does not exist"):
         score_file(teacher, bad, tmp_path / "nowhere/o.jsonl")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl", "empty.jsonl"]
+    (tmp_path / "dir.jsonl").mkdir()
+    with pytest.raises(ValueError, match=r"output .*dir.jsonl' is a directory, expected a .jsonl file path"):
+        score_file(teacher, bad, tmp_path / "dir.jsonl")
+    (tmp_path / "surrogate.jsonl").write_text('{"query": "q", "pos": ["p"], "meta": "\\ud800"}\n')
+    with pytest.raises(ValueError, match=r"surrogate.jsonl:1: holds a lone surrogate escape"):
+        score_file(teacher, tmp_path / "surrogate.jsonl", tmp_path / "o.jsonl")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl", "dir.jsonl", "empty.jsonl", "surrogate.jsonl"]
 
 
 def test_cli(teacher, tmp_path, capsys):

@@ -168,6 +168,19 @@ def test_config_validation(tmp_path):
     assert loaded.stages[0].data == ["x.jsonl"] and loaded.stages[0].lr == 2e-5
 
 
+def test_distillation_settings_that_do_nothing_are_warned_of():
+    stage = dict(name="s", data=["x.jsonl"], steps=3)
+    with pytest.warns(UserWarning, match="stage 's': distill_temperature / teacher_temperature are set but "
+                                         "distill_weight is 0"):
+        config_from_dict(dict(stages=[dict(stage, teacher_temperature=1.0)]))
+    with pytest.warns(UserWarning, match="distill_weight 1 leaves out the focal-InfoNCE term, which alone uses the 2 "
+                                         "synthetic negatives"):
+        config_from_dict(dict(stages=[dict(stage, distill_weight=1, num_synthetic=2)]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        config_from_dict(dict(stages=[dict(stage, distill_weight=0.7, num_synthetic=2, teacher_temperature=1.0)]))
+
+
 def test_example_configs_load():
     from pathlib import Path
     for path in sorted((Path(__file__).parent.parent / "configs").glob("*.yaml")):

@@ -321,6 +321,9 @@ def test_a_run_started_before_a_key_existed_resumes_if_the_key_holds_its_default
     current["config"]["seed"] = 3
     assert trainer_module.run_changes(older, current) == [
         "seed: '(unset)' -> 3", "stages[0].distill_weight: '(unset)' -> 0.7", "stages[1].greedy: '(unset)' -> True"]
+    # an entry of a mapping is no config key, even when named like one
+    current["config"]["stages"][0]["task_weights"] = {"lr": 1e-5}
+    assert "stages[0].task_weights.lr: '(unset)' -> 1e-05" in trainer_module.run_changes(older, current)
 
 
 def test_a_non_finite_gradient_norm_stops_the_run(inputs, tmp_path, monkeypatch):

@@ -17,8 +17,7 @@ def _task_instruction(text: str) -> tuple[str, str]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=None, help="the teacher: a local model directory (default: the embedded "
-                                                      "MiniLM)")
+    parser.add_argument("--model", required=True, help="the teacher: a local model directory")
     parser.add_argument("--input", required=True, help="training records (.jsonl: query, pos, neg, task, ...)")
     parser.add_argument("--output", required=True, help="the scored records (.jsonl)")
     parser.add_argument("--instruction", type=_task_instruction, action="append", default=[], metavar="TASK=TEXT",

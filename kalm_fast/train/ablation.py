@@ -103,6 +103,10 @@ def _check_variants_differ(stage: TrainStage, where: str):
     if stage.num_synthetic <= 0:
         raise ValueError(f"{prefix} has num_synthetic {stage.num_synthetic}, so '+ mixing' would be plain InfoNCE; "
                          "set num_synthetic (synthetic negatives per query, e.g. 2)")
+    if stage.distill_weight == 1:
+        raise ValueError(f"{prefix} has distill_weight 1: its loss is the distillation term alone, which gamma and "
+                         "num_synthetic do not change, so every variant would be the same run; ablate it with "
+                         "distill_weight < 1")
 
 
 def _variant_stages(stage: TrainStage, seeds: list) -> list:
@@ -120,7 +124,9 @@ def _variant_stages(stage: TrainStage, seeds: list) -> list:
 
 
 def _labels(stage: TrainStage) -> dict:
-    return {START: "start (no fine-tuning)", "plain": "plain InfoNCE (γ=0, no mixing)",
+    """Row labels of the table; a distilling stage's runs all distill, which the plain row says."""
+    distills = f", + distillation (w={stage.distill_weight:g}) in every run" if stage.distill_weight else ""
+    return {START: "start (no fine-tuning)", "plain": f"plain InfoNCE (γ=0, no mixing){distills}",
             "focal": f"+ focal (γ={stage.gamma:g})", "mixing": f"+ mixing ({stage.num_synthetic} synthetic/query)",
             "focal_mixing": "+ focal + mixing", SOUP: "greedy soup of the 4 (chosen on validation)"}
 

@@ -203,6 +203,12 @@ class TrainStage:
         if self.distill_weight and self.hard_negatives == 0:
             raise ValueError("'distill_weight' > 0 distills the teacher's scores of each query's positive and hard "
                              "negatives: it needs hard_negatives >= 1 (with none, the KL term is always 0)")
+        if not self.distill_weight and (self.distill_temperature != 0.05 or self.teacher_temperature is not None):
+            warnings.warn(f"stage {self.name!r}: distill_temperature / teacher_temperature are set but "
+                          "distill_weight is 0, so nothing distills (set distill_weight > 0 to use them)", stacklevel=2)
+        if self.distill_weight == 1 and self.num_synthetic:
+            warnings.warn(f"stage {self.name!r}: distill_weight 1 leaves out the focal-InfoNCE term, which alone uses "
+                          f"the {self.num_synthetic} synthetic negatives (num_synthetic) and gamma", stacklevel=2)
         if self.keep_best and self.eval_every is None:
             raise ValueError("'keep_best' needs 'eval_every' (the steps between the evaluations it chooses from)")
         dims, weights = self.matryoshka_dims, self.matryoshka_weights

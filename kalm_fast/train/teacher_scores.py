@@ -5,10 +5,11 @@ Queries are formatted as the trainer formats them (``Instruct: {instruction} \\n
 instruction, else ``instructions[task]``, else the bare query), texts as they are, neither with a model prompt; the
 score is the teacher's own similarity (``similarity_fn_name``, cosine unless its config says otherwise). Every line
 of the input is validated first (errors name ``file:line``). The output holds the input's records in order, each with
-every key it had and the two score lists set (replaced if it had them). It is written beside its final name as
-``.NAME.partial``, a chunk of records at a time (each chunk fsynced, then the progress in ``.NAME.partial.json``), and
-renamed to NAME when complete: a run interrupted at any point continues after its last finished chunk when run again
-with the same input, teacher and settings, and starts over otherwise.
+every key it had, its ``task`` (the input file's stem if it had none) and the two score lists set (replaced if it
+had them). It is written beside its final name as ``.NAME.partial``, a chunk of records at a time (each chunk
+fsynced, then the progress in ``.NAME.partial.json``), and renamed to NAME when complete: a run interrupted at any
+point continues after its last finished chunk when run again with the same input, teacher and settings, and starts
+over otherwise.
 """
 from __future__ import annotations
 
@@ -30,11 +31,19 @@ STATE_FORMAT = "kalm_fast.teacher_scores/1"
 
 
 def _records(path: Path):
-    """``(line number, raw JSON object, normalized record)`` of every non-blank line."""
+    """``(line number, raw JSON object, normalized record)`` of every non-blank line; the raw object keeps its keys
+    and gets the record's ``task`` (the file's stem when it had none: the scored file has another stem)."""
     for line_no, line in read_lines(path):
         if line.strip():
             record = parse_train_line(path, line_no, line, path.stem)
-            yield line_no, json.loads(line), record
+            raw = json.loads(line)
+            raw.setdefault("task", record["task"])
+            try:
+                json.dumps(raw, ensure_ascii=False).encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError(f"{path}:{line_no}: holds a lone surrogate escape (\\ud800-\\udfff), which "
+                                 "cannot be written as UTF-8") from None
+            yield line_no, raw, record
 
 
 def _partial_paths(output: Path) -> tuple[Path, Path]:
@@ -59,7 +68,8 @@ def score_file(teacher, input_path, output, *, instructions: Optional[dict] = No
     None for the embedded MiniLM) and write ``output`` (JSONL). ``encoder_kwargs`` go to ``Encoder`` (``device``,
     ``dtype``, ``max_length``, ``allow_pickle``), except ``max_tokens_per_batch``, which goes to ``encode``.
 
-    Returns ``{"records", "pairs", "resumed_at", "seconds"}`` (``resumed_at``: records an earlier run had finished).
+    Returns ``{"records", "pairs", "resumed_at", "seconds"}`` (``pairs`` scored by this run; ``resumed_at``: records
+    an earlier run had finished).
     """
     from ..encode import Encoder
 
@@ -69,6 +79,8 @@ def score_file(teacher, input_path, output, *, instructions: Optional[dict] = No
         raise ValueError(f"chunk_records must be >= 1, got {chunk_records}")
     if output.suffix.lower() != ".jsonl":
         raise ValueError(f"output must be a .jsonl file, got {str(output)!r}")
+    if output.is_dir():
+        raise ValueError(f"output {str(output)!r} is a directory, expected a .jsonl file path")
     if output.exists() and output.resolve() == input_path.resolve():
         raise ValueError(f"output {str(output)!r} is the input: write the scored records to another file")
     if not output.parent.is_dir():
@@ -85,29 +97,39 @@ def score_file(teacher, input_path, output, *, instructions: Optional[dict] = No
                     similarity=encoder.similarity_fn_name, instructions=instructions)
     partial, state_path = _partial_paths(output)
     done, size = _resume_point(partial, state_path, settings)
-    resumed_at = done
+    if not done:  # a fresh start: no earlier progress record may ever describe the new partial file
+        state_path.unlink(missing_ok=True)
+        fsync_dir(output.parent)
+    resumed_at, seen = done, done
     encode = dict(prompt="", convert_to_tensor=True, show_progress_bar=False, max_tokens_per_batch=max_tokens)
     started, pairs = time.perf_counter(), 0
     with open(partial, "r+b" if done else "wb") as out, \
             tqdm(total=count, initial=done, desc="teacher scores", disable=not show_progress) as progress:
         out.truncate(size)
         out.seek(size)
+
+        def write(chunk):
+            nonlocal done, pairs
+            out.write("".join(_score_chunk(encoder, chunk, instructions, encode)).encode("utf-8"))
+            out.flush()
+            os.fsync(out.fileno())
+            done, pairs = done + len(chunk), pairs + sum(len(r["pos"]) + len(r["neg"]) for _, _, r in chunk)
+            atomic_write_text(state_path, json.dumps(dict(format=STATE_FORMAT, settings=settings, records=done,
+                                                          bytes=out.tell())))
+            progress.update(len(chunk))
+
         chunk = []
         for i, item in enumerate(_records(input_path)):
-            if i < done:
-                continue
-            chunk.append(item)
-            if len(chunk) == chunk_records or i == count - 1:
-                lines = _score_chunk(encoder, chunk, instructions, encode)
-                pairs += sum(len(r["pos"]) + len(r["neg"]) for _, _, r in chunk)
-                out.write("".join(lines).encode("utf-8"))
-                out.flush()
-                os.fsync(out.fileno())
-                done, size = done + len(chunk), out.tell()
-                atomic_write_text(state_path, json.dumps(dict(format=STATE_FORMAT, settings=settings, records=done,
-                                                              bytes=size)))
-                progress.update(len(chunk))
+            if i >= done:
+                chunk.append(item)
+                seen = i + 1
+            if len(chunk) == chunk_records:
+                write(chunk)
                 chunk = []
+        if chunk:
+            write(chunk)
+    if seen != count or sha256_file(input_path) != settings["input_sha256"]:
+        raise ValueError(f"{input_path} changed while it was scored; run again to score it as it is now")
     os.replace(partial, output)
     fsync_dir(output.parent)
     state_path.unlink()

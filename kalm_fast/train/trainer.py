@@ -112,14 +112,17 @@ def _default_of(key: str, current: dict):
     """The default value of a flattened config key (``stages[0].lr``, ``eval.batch_size``, ``seed``), or a marker
     that equals nothing when it has none."""
     missing = object()
-    *section, name = key.split(".")
-    if section and section[0].startswith("stages["):
-        index = int(section[0][len("stages["):-1])
-        cls = SoupStage if current["config"]["stages"][index].get("type") == "soup" else TrainStage
-    else:
-        cls = EvalConfig if section else TrainConfig
-    fields = {f.name.rstrip("_"): f for f in dataclasses.fields(cls)}
-    f = fields.get(name)
+    parts = key.split(".")
+    if len(parts) == 1:
+        cls = TrainConfig
+    elif len(parts) == 2 and parts[0] in ("eval", "test"):
+        cls = EvalConfig
+    elif len(parts) == 2 and re.fullmatch(r"stages\[\d+\]", parts[0]):
+        stage = current["config"]["stages"][int(parts[0][len("stages["):-1])]
+        cls = SoupStage if stage.get("type") == "soup" else TrainStage
+    else:  # deeper: an entry of a mapping (instructions, task_weights), which has no default
+        return missing
+    f = {f.name.rstrip("_"): f for f in dataclasses.fields(cls)}.get(parts[-1])
     return missing if f is None or f.default is dataclasses.MISSING else f.default
 
 
