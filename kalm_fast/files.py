@@ -4,7 +4,8 @@ Writes: ``atomic_write(path, write)`` writes a temporary file next to ``path``, 
 and fsyncs the directory, so after a crash ``path`` holds either the old or the new content, never a mix;
 ``publish_dir`` does the same for a directory built under a temporary name. Temporary names start with ``.`` and
 end with ``.tmp``; ``remove_leftovers`` deletes those a killed process left. ``digest`` (size and sha256) is what
-manifests record and what is checked before a file is trusted again.
+manifests record and what is checked before a file is trusted again. ``write_resumable`` writes a long output a
+chunk at a time, so that a run interrupted at any point continues after its last finished chunk.
 
 Reads: ``read_lines`` splits on ``\\n`` only (a lone ``\\r`` inside a line is text, ``\\r\\n`` is a line end) and
 names the file and line of invalid UTF-8; ``parse_json_line`` does the same for invalid or too deeply nested JSON,
@@ -17,7 +18,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 
 def fsync_dir(directory) -> None:
@@ -190,3 +191,71 @@ def check_unicode(path, number: int, key: str, text: str) -> str:
         raise ValueError(f"{path}:{number}: {key!r} holds {text[exc.start]!r} at character {exc.start + 1}, a lone "
                          "surrogate escape that is not valid Unicode") from None
     return text
+
+
+RESUMABLE_FORMAT = "kalm_fast.resumable/1"
+
+
+def _resume_point(partial: Path, state_path: Path, settings: dict) -> tuple[int, int]:
+    """``(items done, bytes of them)`` of an earlier run of ``settings``, else ``(0, 0)``."""
+    try:
+        state = json.loads(state_path.read_text())
+        if (state.get("format") == RESUMABLE_FORMAT and state.get("settings") == settings
+                and partial.stat().st_size >= state["bytes"]):
+            return int(state["items"]), int(state["bytes"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return 0, 0
+
+
+def write_resumable(output, settings: dict, items: Iterable, count: int, render: Callable[[list], str], *,
+                    chunk: int, final_check: Callable[[], None] = lambda: None, desc: str = "",
+                    show_progress: bool = True) -> int:
+    """Write ``render(c)`` for each chunk ``c`` of ``chunk`` items of ``items`` (``count`` of them, from the first)
+    to ``output``, as ``.NAME.partial`` beside it: each chunk is fsynced, then its progress recorded in
+    ``.NAME.partial.json`` (with ``settings``, a JSON-able dict of everything the output depends on). When all
+    ``count`` items are written, ``final_check()`` (which may raise) runs and the partial file is renamed to
+    ``output``. A run with the same settings continues after the last recorded chunk (the items before it are
+    skipped unrendered); other settings start over. Returns how many items an earlier run had finished."""
+    from tqdm.auto import tqdm
+
+    output = Path(output)
+    partial = output.with_name(f".{output.name}.partial")
+    state_path = output.with_name(f".{output.name}.partial.json")
+    done, size = _resume_point(partial, state_path, settings)
+    if not done:  # a fresh start: no earlier progress record may ever describe the new partial file
+        state_path.unlink(missing_ok=True)
+        fsync_dir(output.parent)
+    resumed_at, seen = done, done
+    with open(partial, "r+b" if done else "wb") as out, \
+            tqdm(total=count, initial=done, desc=desc, disable=not show_progress) as progress:
+        out.truncate(size)
+        out.seek(size)
+
+        def write(batch: list):
+            nonlocal done
+            out.write(render(batch).encode("utf-8"))
+            out.flush()
+            os.fsync(out.fileno())
+            done += len(batch)
+            atomic_write_text(state_path, json.dumps(dict(format=RESUMABLE_FORMAT, settings=settings, items=done,
+                                                          bytes=out.tell())))
+            progress.update(len(batch))
+
+        batch = []
+        for i, item in enumerate(items):
+            if i >= done:
+                batch.append(item)
+                seen = i + 1
+            if len(batch) == chunk:
+                write(batch)
+                batch = []
+        if batch:
+            write(batch)
+    if seen != count:
+        raise ValueError(f"expected {count} items, got {seen}: the input changed during the run; run again")
+    final_check()
+    os.replace(partial, output)
+    fsync_dir(output.parent)
+    state_path.unlink()
+    return resumed_at

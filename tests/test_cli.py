@@ -77,6 +77,12 @@ def files(tmp_path_factory):
      "cannot read --input '{d}/none.jsonl': it does not exist"),
     ("score", ["score", "--input", "{d}/q.jsonl", "--output", "{d}/o.jsonl"],
      "the following arguments are required: --model"),
+    ("mine", ["mine", "--model", "{d}", "--input", "{d}/q.jsonl", "--output", "{d}/o.jsonl", "--range", "9"],
+     "argument --range: expected 2 arguments"),
+    ("mine", ["mine", "--model", "{d}", "--input", "{d}/q.jsonl", "--output", "{d}/o.jsonl", "--corpus",
+              "{d}/none.txt"], "cannot read --corpus '{d}/none.txt': it does not exist"),
+    ("mine", ["mine", "--model", "{d}", "--input", "{d}/q.jsonl", "--output", "{d}/o.jsonl"],
+     "q.jsonl:1: missing 'pos'"),
 ])
 def test_bad_input_is_one_line_and_exit_2(files, capsys, command, argv, message):
     assert main([a.format(d=files) for a in argv]) == 2

@@ -6,7 +6,7 @@ import pytest
 import torch
 from train_utils import make_records, make_tiny_model
 
-from kalm_fast import Encoder
+from kalm_fast import Encoder, files
 from kalm_fast.cli import main
 from kalm_fast.prompts import format_query
 from kalm_fast.train import teacher_scores
@@ -74,7 +74,7 @@ def test_an_interrupted_run_continues_after_its_last_finished_chunk(teacher, tmp
     monkeypatch.setattr(teacher_scores, "_score_chunk", real)
     assert not (tmp_path / "cut.jsonl").exists()
     state = json.loads((tmp_path / ".cut.jsonl.partial.json").read_text())
-    assert state["records"] == 6 and (tmp_path / ".cut.jsonl.partial").stat().st_size == state["bytes"]
+    assert state["items"] == 6 and (tmp_path / ".cut.jsonl.partial").stat().st_size == state["bytes"]
     # a write cut short after the last saved progress is dropped on resume
     with open(tmp_path / ".cut.jsonl.partial", "ab") as f:
         f.write(b'{"query": "half a li' + b"x" * 100_000)  # longer than what the resumed run writes
@@ -103,7 +103,7 @@ def test_a_fresh_start_never_resumes_on_the_progress_record_of_another_run(teach
     first chunk but before recording it; run A's settings again must not continue on B's bytes."""
     write_jsonl(tmp_path / "train.jsonl", _rows())
     score_file(teacher, tmp_path / "train.jsonl", tmp_path / "whole.jsonl", chunk_records=3, show_progress=False)
-    real_chunk, real_record = teacher_scores._score_chunk, teacher_scores.atomic_write_text
+    real_chunk, real_record = teacher_scores._score_chunk, files.atomic_write_text
     chunks = []
     monkeypatch.setattr(teacher_scores, "_score_chunk",
                         lambda *a: (_ for _ in ()).throw(Interrupted) if chunks.append(1) or len(chunks) == 3
@@ -111,11 +111,11 @@ def test_a_fresh_start_never_resumes_on_the_progress_record_of_another_run(teach
     with pytest.raises(Interrupted):  # run A
         score_file(teacher, tmp_path / "train.jsonl", tmp_path / "o.jsonl", chunk_records=3, show_progress=False)
     monkeypatch.setattr(teacher_scores, "_score_chunk", real_chunk)
-    monkeypatch.setattr(teacher_scores, "atomic_write_text", lambda *a: (_ for _ in ()).throw(Interrupted))
+    monkeypatch.setattr(files, "atomic_write_text", lambda *a: (_ for _ in ()).throw(Interrupted))
     with pytest.raises(Interrupted):  # run B
         score_file(teacher, tmp_path / "train.jsonl", tmp_path / "o.jsonl", chunk_records=11,
                    instructions={"beta": "Other"}, show_progress=False)
-    monkeypatch.setattr(teacher_scores, "atomic_write_text", real_record)
+    monkeypatch.setattr(files, "atomic_write_text", real_record)
     result = score_file(teacher, tmp_path / "train.jsonl", tmp_path / "o.jsonl", chunk_records=3, show_progress=False)
     assert result["resumed_at"] == 0
     assert (tmp_path / "o.jsonl").read_bytes() == (tmp_path / "whole.jsonl").read_bytes()
@@ -133,17 +133,26 @@ def test_records_without_a_task_keep_the_task_they_were_scored_under(teacher, tm
     assert list(data.tasks) == ["train"] and data[4]["instruction"] == "Match"
 
 
-def test_an_input_that_changes_while_it_is_scored_gives_no_output(teacher, tmp_path, monkeypatch):
+@pytest.mark.parametrize("change, message", [
+    ("append", r"expected 11 items, got \d+: the input changed during the run; run again"),
+    ("edit", r"train.jsonl changed while it was scored; run again to score it as it is now"),
+])
+def test_an_input_that_changes_while_it_is_scored_gives_no_output(teacher, tmp_path, monkeypatch, change, message):
     write_jsonl(tmp_path / "train.jsonl", _rows())
     real = teacher_scores._score_chunk
 
-    def append_a_record(*args):
-        with open(tmp_path / "train.jsonl", "a") as f:
-            f.write(json.dumps({"query": "late", "pos": ["p"]}) + "\n")
+    def change_the_input(*args):
+        if change == "append":
+            with open(tmp_path / "train.jsonl", "a") as f:
+                f.write(json.dumps({"query": "late", "pos": ["p"]}) + "\n")
+        else:  # one letter of the first query edited in place: the same records, the same line offsets
+            with open(tmp_path / "train.jsonl", "r+b") as f:
+                f.seek(len('{"query": "'))
+                f.write(b"Z")
         return real(*args)
 
-    monkeypatch.setattr(teacher_scores, "_score_chunk", append_a_record)
-    with pytest.raises(ValueError, match=r"train.jsonl changed while it was scored; run again"):
+    monkeypatch.setattr(teacher_scores, "_score_chunk", change_the_input)
+    with pytest.raises(ValueError, match=message):
         score_file(teacher, tmp_path / "train.jsonl", tmp_path / "o.jsonl", chunk_records=4, show_progress=False)
     assert not (tmp_path / "o.jsonl").exists()
 
@@ -159,7 +168,7 @@ def test_bad_input_is_refused_before_the_teacher_loads(teacher, tmp_path, monkey
         score_file(teacher, tmp_path / "empty.jsonl", tmp_path / "o.jsonl")
     with pytest.raises(ValueError, match=r"output must be a .jsonl file, got"):
         score_file(teacher, bad, tmp_path / "o.json")
-    with pytest.raises(ValueError, match=r"is the input: write the scored records to another file"):
+    with pytest.raises(ValueError, match=r"is the input: write the rewritten records to another file"):
         score_file(teacher, bad, bad)
     with pytest.raises(ValueError, match=r"the directory of output .* does not exist"):
         score_file(teacher, bad, tmp_path / "nowhere/o.jsonl")

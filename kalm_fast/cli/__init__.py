@@ -1,5 +1,5 @@
-"""``kalm-fast`` command line, one module per subcommand: ``encode``, ``demo``, ``train``, ``score``, ``soup``,
-``eval``, ``ablate``, ``bench``.
+"""``kalm-fast`` command line, one module per subcommand: ``encode``, ``demo``, ``train``, ``mine``, ``score``,
+``soup``, ``eval``, ``ablate``, ``bench``.
 
 Each module defines ``add_arguments(parser)`` and ``run(args) -> int``; argparse lives here only. Under torchrun:
 ``torchrun --nproc_per_node N -m kalm_fast.cli train run.yaml``.
@@ -21,6 +21,7 @@ COMMANDS = {
     "encode": "encode texts (.txt / .jsonl) into .npy / .safetensors, or a sharded resumable output dir",
     "demo": "encode the bundled sample corpus and show nearest neighbours of sample queries",
     "train": "run a multi-stage training config (YAML)",
+    "mine": "hard negatives for training records from a model's ranks 50-100 (the KaLM-Embedding-V2 way)",
     "score": "a teacher embedder's scores of training records (pos_scores / neg_scores, for distillation)",
     "soup": "average checkpoints into a model soup",
     "eval": "retrieval evaluation: nDCG@10, Recall@k, MRR",
@@ -37,8 +38,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser(argv_command: str | None = None) -> argparse.ArgumentParser:
-    parser = _Parser(prog="kalm-fast",
-                     description="Fast KaLM-style text embedding: encode, train, score, soup, eval, ablate, bench.")
+    parser = _Parser(prog="kalm-fast", description="Fast KaLM-style text embedding: encode, train, mine, score, soup, "
+                                                    "eval, ablate, bench.")
     parser.add_argument("--version", action="version", version=f"kalm-fast {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True

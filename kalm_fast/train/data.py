@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
-from ..files import check_unicode, decode_line, parse_json_line, read_lines
+from ..files import check_unicode, check_writable_dir, decode_line, parse_json_line, read_lines
 from ..prompts import format_query, join_title
 
 RECORD_KEYS = ("query", "pos", "neg", "task", "instruction", "prompt")
@@ -206,6 +206,39 @@ class TrainData:
         state = dict(self.__dict__)
         state["_handles"] = {}
         return state
+
+
+def iter_train_records(path) -> Iterator[tuple]:
+    """``(line number, raw JSON object, normalized record)`` of every non-blank line of a training JSONL, each line
+    validated as ``TrainData`` validates it, for tools that rewrite records (``kalm-fast score`` / ``mine``): the raw
+    object keeps its keys and gets the record's ``task`` (the file's stem when it had none, which a rewritten file
+    under another name would not give it), and must be writable as UTF-8 (no lone surrogate escape in any key)."""
+    path = Path(path)
+    for line_no, line in read_lines(path):
+        if line.strip():
+            record = parse_train_line(path, line_no, line, path.stem)
+            raw = json.loads(line)
+            raw.setdefault("task", record["task"])
+            try:
+                json.dumps(raw, ensure_ascii=False).encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError(f"{path}:{line_no}: holds a lone surrogate escape (\\ud800-\\udfff), which "
+                                 "cannot be written as UTF-8") from None
+            yield line_no, raw, record
+
+
+def check_records_output(output: Path, input_path: Path) -> None:
+    """What a tool that rewrites the records of ``input_path`` may write to: a new or replaceable .jsonl file, not the
+    input, in a writable directory (ValueError naming ``output`` otherwise)."""
+    if output.suffix.lower() != ".jsonl":
+        raise ValueError(f"output must be a .jsonl file, got {str(output)!r}")
+    if output.is_dir():
+        raise ValueError(f"output {str(output)!r} is a directory, expected a .jsonl file path")
+    if output.exists() and output.resolve() == input_path.resolve():
+        raise ValueError(f"output {str(output)!r} is the input: write the rewritten records to another file")
+    if not output.parent.is_dir():
+        raise ValueError(f"the directory of output {str(output)!r} does not exist")
+    check_writable_dir(output.parent, "output")
 
 
 def iter_jsonl(path) -> Iterator[tuple]:

@@ -14,52 +14,16 @@ over otherwise.
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Optional
 
 import torch
-from tqdm.auto import tqdm
 
-from ..files import atomic_write_text, check_writable_dir, fsync_dir, read_lines, sha256_file
+from ..files import sha256_file, write_resumable
 from ..models.loading import model_fingerprint
 from ..prompts import format_query
-from .data import parse_train_line
-
-STATE_FORMAT = "kalm_fast.teacher_scores/1"
-
-
-def _records(path: Path):
-    """``(line number, raw JSON object, normalized record)`` of every non-blank line; the raw object keeps its keys
-    and gets the record's ``task`` (the file's stem when it had none: the scored file has another stem)."""
-    for line_no, line in read_lines(path):
-        if line.strip():
-            record = parse_train_line(path, line_no, line, path.stem)
-            raw = json.loads(line)
-            raw.setdefault("task", record["task"])
-            try:
-                json.dumps(raw, ensure_ascii=False).encode("utf-8")
-            except UnicodeEncodeError:
-                raise ValueError(f"{path}:{line_no}: holds a lone surrogate escape (\\ud800-\\udfff), which "
-                                 "cannot be written as UTF-8") from None
-            yield line_no, raw, record
-
-
-def _partial_paths(output: Path) -> tuple[Path, Path]:
-    return output.with_name(f".{output.name}.partial"), output.with_name(f".{output.name}.partial.json")
-
-
-def _resume_point(partial: Path, state_path: Path, settings: dict) -> tuple[int, int]:
-    """``(records done, bytes of them)`` of an earlier run with the same settings, else ``(0, 0)``."""
-    try:
-        state = json.loads(state_path.read_text())
-        if (state.get("format") == STATE_FORMAT and state.get("settings") == settings
-                and partial.stat().st_size >= state["bytes"]):
-            return int(state["records"]), int(state["bytes"])
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
-    return 0, 0
+from .data import check_records_output, iter_train_records
 
 
 def score_file(teacher, input_path, output, *, instructions: Optional[dict] = None, chunk_records: int = 1024,
@@ -77,16 +41,8 @@ def score_file(teacher, input_path, output, *, instructions: Optional[dict] = No
     instructions = dict(instructions or {})
     if chunk_records < 1:
         raise ValueError(f"chunk_records must be >= 1, got {chunk_records}")
-    if output.suffix.lower() != ".jsonl":
-        raise ValueError(f"output must be a .jsonl file, got {str(output)!r}")
-    if output.is_dir():
-        raise ValueError(f"output {str(output)!r} is a directory, expected a .jsonl file path")
-    if output.exists() and output.resolve() == input_path.resolve():
-        raise ValueError(f"output {str(output)!r} is the input: write the scored records to another file")
-    if not output.parent.is_dir():
-        raise ValueError(f"the directory of output {str(output)!r} does not exist")
-    check_writable_dir(output.parent, "output")
-    count = sum(1 for _ in _records(input_path))  # validates every line before the teacher loads
+    check_records_output(output, input_path)
+    count = sum(1 for _ in iter_train_records(input_path))  # validates every line before the teacher loads
     if count == 0:
         raise ValueError(f"{input_path}: no records")
     max_tokens = encoder_kwargs.pop("max_tokens_per_batch", None)
@@ -95,44 +51,20 @@ def score_file(teacher, input_path, output, *, instructions: Optional[dict] = No
                     teacher_sha256=model_fingerprint(teacher, encoder_kwargs.get("allow_pickle", False)),
                     dtype=str(encoder.model.dtype), max_length=encoder.max_seq_length,
                     similarity=encoder.similarity_fn_name, instructions=instructions)
-    partial, state_path = _partial_paths(output)
-    done, size = _resume_point(partial, state_path, settings)
-    if not done:  # a fresh start: no earlier progress record may ever describe the new partial file
-        state_path.unlink(missing_ok=True)
-        fsync_dir(output.parent)
-    resumed_at, seen = done, done
     encode = dict(prompt="", convert_to_tensor=True, show_progress_bar=False, max_tokens_per_batch=max_tokens)
     started, pairs = time.perf_counter(), 0
-    with open(partial, "r+b" if done else "wb") as out, \
-            tqdm(total=count, initial=done, desc="teacher scores", disable=not show_progress) as progress:
-        out.truncate(size)
-        out.seek(size)
 
-        def write(chunk):
-            nonlocal done, pairs
-            out.write("".join(_score_chunk(encoder, chunk, instructions, encode)).encode("utf-8"))
-            out.flush()
-            os.fsync(out.fileno())
-            done, pairs = done + len(chunk), pairs + sum(len(r["pos"]) + len(r["neg"]) for _, _, r in chunk)
-            atomic_write_text(state_path, json.dumps(dict(format=STATE_FORMAT, settings=settings, records=done,
-                                                          bytes=out.tell())))
-            progress.update(len(chunk))
+    def render(chunk: list) -> str:
+        nonlocal pairs
+        pairs += sum(len(r["pos"]) + len(r["neg"]) for _, _, r in chunk)
+        return "".join(_score_chunk(encoder, chunk, instructions, encode))
 
-        chunk = []
-        for i, item in enumerate(_records(input_path)):
-            if i >= done:
-                chunk.append(item)
-                seen = i + 1
-            if len(chunk) == chunk_records:
-                write(chunk)
-                chunk = []
-        if chunk:
-            write(chunk)
-    if seen != count or sha256_file(input_path) != settings["input_sha256"]:
-        raise ValueError(f"{input_path} changed while it was scored; run again to score it as it is now")
-    os.replace(partial, output)
-    fsync_dir(output.parent)
-    state_path.unlink()
+    def unchanged():
+        if sha256_file(input_path) != settings["input_sha256"]:
+            raise ValueError(f"{input_path} changed while it was scored; run again to score it as it is now")
+
+    resumed_at = write_resumable(output, settings, iter_train_records(input_path), count, render, chunk=chunk_records,
+                                 final_check=unchanged, desc="teacher scores", show_progress=show_progress)
     return dict(records=count, pairs=pairs, resumed_at=resumed_at, seconds=time.perf_counter() - started)
 
 

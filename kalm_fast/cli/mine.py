@@ -1,0 +1,49 @@
+"""``kalm-fast mine --model M --input train.jsonl --output mined.jsonl``: hard negatives from ranks 50-100 of a
+model's search, the KaLM-Embedding-V2 way (``kalm_fast.train.mining``; resumable: run it again after an
+interruption)."""
+from __future__ import annotations
+
+import argparse
+
+from ..distributed import torchrun_env
+from .args import add_record_tool_arguments, input_file, instructions_of, nonnegative_int, positive_int
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_record_tool_arguments(parser, "model that ranks the candidates (a previous stage's)")
+    parser.add_argument("--corpus", default=None,
+                        help="more candidates: .txt (one text per line) or .jsonl (text, title?); the records' own "
+                             "pos/neg texts are always candidates")
+    parser.add_argument("--negatives", type=positive_int, default=7, help="negatives per record (default 7)")
+    parser.add_argument("--range", type=nonnegative_int, nargs=2, default=[50, 100], metavar=("LO", "HI"),
+                        help="draw them from the candidates ranked [LO, HI), 0-based (default 50 100)")
+    parser.add_argument("--max-positive-rank", type=nonnegative_int, default=50,
+                        help="drop a record none of whose positives ranks among the first N (default 50; 0: keep "
+                             "every record)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the draws (default 0)")
+    parser.add_argument("--chunk-records", type=positive_int, default=4096,
+                        help="records per chunk: the unit of progress an interrupted run keeps (default 4096)")
+
+
+def run(args) -> int:
+    from ..train.mining import mine_file
+
+    if torchrun_env().world_size > 1:
+        raise ValueError("kalm-fast mine runs in one process (it writes one file); run it without torchrun")
+    lo, hi = args.range
+    if hi <= lo:
+        raise ValueError(f"--range {lo} {hi}: HI must be greater than LO")
+    corpus = input_file(args.corpus, "--corpus") if args.corpus is not None else None
+    result = mine_file(args.model, input_file(args.input, "--input"), args.output, corpus=corpus,
+                       num_negatives=args.negatives, rank_range=(lo, hi),
+                       max_positive_rank=args.max_positive_rank or None, seed=args.seed,
+                       instructions=instructions_of(args), chunk_records=args.chunk_records, device=args.device,
+                       dtype=args.dtype, max_length=args.max_length, allow_pickle=args.allow_pickle,
+                       max_tokens_per_batch=args.max_tokens_per_batch)
+    resumed = f" (resumed after record {result['resumed_at']})" if result["resumed_at"] else ""
+    print(f"mined {result['records']} records{resumed} against {result['pool']} candidates: {result['written']} "
+          f"written ({result['fewer_negatives']} with fewer than {args.negatives} negatives), "
+          f"{result['dropped_positive_rank']} dropped (no positive in the first {args.max_positive_rank}), "
+          f"{result['dropped_no_candidates']} dropped (no candidate in ranks {lo}-{hi}), in {result['seconds']:.2f} s "
+          f"-> {args.output}")
+    return 0

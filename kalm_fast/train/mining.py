@@ -1,0 +1,159 @@
+"""Hard-negative mining the KaLM-Embedding-V2 way (what ``kalm-fast mine`` runs).
+
+Each record's query, formatted as the trainer formats it, is searched with a model (cosine similarity of its
+normalized embeddings, through ``Encoder``) against a candidate pool: every distinct ``pos`` / ``neg`` text of the
+input, plus the texts of ``corpus`` when given (.txt: one text per line; .jsonl: ``text`` and optional ``title``,
+joined as everywhere in kalm_fast). The record's ``neg`` becomes ``num_negatives`` texts drawn (seeded by ``seed``
+and the record's line) from the candidates at ranks ``rank_range = (lo, hi)`` (0-based, ``ranked[lo:hi]``;
+KaLM-Embedding-V2 mines ranks 50 to 100 of a previous model) that are neither one of its positives nor its query,
+fewer where fewer are there. A record none of whose positives ranks among the first ``max_positive_rank`` is
+dropped as likely mislabelled (KaLM: 50; None keeps all), as is one with no candidate left in the range. Every other
+key of a record is kept, its ``task`` written in when it had none, and ``neg_scores`` removed (it scored the old
+negatives). The output is written a chunk of records at a time and continues after an interruption
+(``kalm_fast.files.write_resumable``); the pool's embeddings are kept beside it until the run completes, so a
+resumed run does not encode the pool again.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from ..files import (
+    atomic_write,
+    check_unicode,
+    parse_json_line,
+    read_lines,
+    sha256_file,
+    write_resumable,
+)
+from ..models.loading import model_fingerprint
+from ..prompts import format_query, join_title
+from .data import check_records_output, iter_train_records
+from .evaluate import search
+
+SEARCH_SCORES = 1 << 27  # at most this many query-candidate scores at once (512 MiB of float32)
+
+
+def read_corpus(path: Path) -> list:
+    """The texts of a .txt (one per non-blank line) or .jsonl (``text``, optional ``title``) corpus."""
+    texts = []
+    for line_no, line in read_lines(path):
+        if not line.strip():
+            continue
+        if path.suffix.lower() == ".txt":
+            texts.append(line)
+            continue
+        obj = parse_json_line(path, line_no, line)
+        if not isinstance(obj, dict) or not isinstance(obj.get("text"), str) or not isinstance(obj.get("title", ""),
+                                                                                              str):
+            raise ValueError(f"{path}:{line_no}: expected an object with a 'text' string (and optionally 'title')")
+        texts.append(check_unicode(path, line_no, "text", join_title(obj.get("title"), obj["text"])))
+    return texts
+
+
+def _pool_embeddings(encoder, texts: list, cache: Path, settings: dict, encode: dict) -> torch.Tensor:
+    """``[N, D]`` normalized embeddings of the pool, read from ``cache`` when it holds those of ``settings``."""
+    key = json.dumps(settings, sort_keys=True)
+    try:
+        with safe_open(str(cache), framework="pt", device="cpu") as f:
+            if f.metadata().get("settings") == key:
+                return f.get_tensor("embeddings").to(encoder.device)
+    except Exception:  # no cache, or a damaged one: encode again
+        pass
+    emb = encoder.encode(texts, normalize_embeddings=True, **encode)
+    atomic_write(cache, lambda tmp: save_file({"embeddings": emb.float().cpu().contiguous()}, str(tmp),
+                                              metadata={"settings": key}))
+    return emb
+
+
+def mine_file(model, input_path, output, *, corpus=None, num_negatives: int = 7, rank_range: tuple = (50, 100),
+              max_positive_rank: Optional[int] = 50, seed: int = 0, instructions: Optional[dict] = None,
+              chunk_records: int = 4096, show_progress: bool = True, **encoder_kwargs) -> dict:
+    """Mine hard negatives for the training JSONL ``input_path`` with ``model`` (a model directory, None for the
+    embedded MiniLM) and write ``output`` (JSONL). ``encoder_kwargs`` go to ``Encoder`` (``device``, ``dtype``,
+    ``max_length``, ``allow_pickle``), except ``max_tokens_per_batch``, which goes to ``encode``.
+
+    Returns ``{"records", "written", "dropped_positive_rank", "dropped_no_candidates", "fewer_negatives",
+    "pool", "resumed_at", "seconds"}``: the counts are of the records this run mined (after ``resumed_at``).
+    """
+    from ..encode import Encoder
+
+    input_path, output = Path(input_path), Path(output)
+    corpus = Path(corpus) if corpus is not None else None
+    instructions = dict(instructions or {})
+    lo, hi = rank_range
+    for name, value, low in (("num_negatives", num_negatives, 1), ("chunk_records", chunk_records, 1),
+                             ("rank_range[0]", lo, 0), ("rank_range[1]", hi, lo + 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    if max_positive_rank is not None and (isinstance(max_positive_rank, bool) or not isinstance(max_positive_rank, int)
+                                          or max_positive_rank < 1):
+        raise ValueError(f"max_positive_rank must be an integer >= 1 or None, got {max_positive_rank!r}")
+    check_records_output(output, input_path)
+    if corpus is not None and corpus.suffix.lower() not in (".txt", ".jsonl"):
+        raise ValueError(f"corpus must be a .txt or .jsonl file, got {str(corpus)!r}")
+    pool = {}  # text -> id, in order of first appearance: the records' texts, then the corpus's
+    count = 0
+    for _, _, record in iter_train_records(input_path):  # validates every line before the model loads
+        count += 1
+        for text in record["pos"] + record["neg"]:
+            pool.setdefault(text, len(pool))
+    if count == 0:
+        raise ValueError(f"{input_path}: no records")
+    for text in read_corpus(corpus) if corpus is not None else []:
+        pool.setdefault(text, len(pool))
+    texts = list(pool)
+    max_tokens = encoder_kwargs.pop("max_tokens_per_batch", None)
+    encoder = Encoder(model, **encoder_kwargs)
+    model_settings = dict(model_sha256=model_fingerprint(model, encoder_kwargs.get("allow_pickle", False)),
+                          dtype=str(encoder.model.dtype), max_length=encoder.max_seq_length)
+    pool_sha = hashlib.sha256("\0".join(texts).encode("utf-8", "surrogatepass")).hexdigest()
+    settings = dict(model_settings, input_sha256=sha256_file(input_path), records=count, pool_sha256=pool_sha,
+                    num_negatives=num_negatives, rank_range=[lo, hi], max_positive_rank=max_positive_rank, seed=seed,
+                    instructions=instructions)
+    encode = dict(prompt="", convert_to_tensor=True, show_progress_bar=False, max_tokens_per_batch=max_tokens)
+    started = time.perf_counter()
+    cache = output.with_name(f".{output.name}.pool.safetensors")
+    pool_emb = _pool_embeddings(encoder, texts, cache, dict(model_settings, pool_sha256=pool_sha), encode)
+    k = min(max(hi, max_positive_rank or 0), len(texts))
+    counts = dict(written=0, dropped_positive_rank=0, dropped_no_candidates=0, fewer_negatives=0)
+
+    def render(chunk: list) -> str:
+        queries = [format_query(r["query"], r["instruction"] or instructions.get(r["task"])) for _, _, r in chunk]
+        q = encoder.encode(queries, normalize_embeddings=True, **encode)
+        ranked = search(q, pool_emb, k, chunk=max(1, SEARCH_SCORES // len(texts))).tolist()
+        lines = []
+        for (line_no, raw, record), row in zip(chunk, ranked):
+            positives = {pool[t] for t in record["pos"]}
+            if max_positive_rank is not None and not positives.intersection(row[:max_positive_rank]):
+                counts["dropped_positive_rank"] += 1
+                continue
+            candidates = [i for i in row[lo:hi] if i not in positives and texts[i] != record["query"]]
+            if not candidates:
+                counts["dropped_no_candidates"] += 1
+                continue
+            chosen = random.Random(f"{seed}:{line_no}").sample(candidates, min(num_negatives, len(candidates)))
+            counts["fewer_negatives"] += len(chosen) < num_negatives
+            raw["neg"] = [texts[i] for i in chosen]
+            raw.pop("neg_scores", None)
+            lines.append(json.dumps(raw, ensure_ascii=False) + "\n")
+        counts["written"] += len(lines)
+        return "".join(lines)
+
+    def unchanged():
+        if sha256_file(input_path) != settings["input_sha256"]:
+            raise ValueError(f"{input_path} changed while it was mined; run again to mine it as it is now")
+
+    resumed_at = write_resumable(output, settings, iter_train_records(input_path), count, render, chunk=chunk_records,
+                                 final_check=unchanged, desc="mining", show_progress=show_progress)
+    cache.unlink(missing_ok=True)
+    return dict(records=count, **counts, pool=len(texts), resumed_at=resumed_at,
+                seconds=time.perf_counter() - started)
