@@ -213,10 +213,11 @@ def write_resumable(output, settings: dict, items: Iterable, count: int, render:
                     show_progress: bool = True) -> int:
     """Write ``render(c)`` for each chunk ``c`` of ``chunk`` items of ``items`` (``count`` of them, from the first)
     to ``output``, as ``.NAME.partial`` beside it: each chunk is fsynced, then its progress recorded in
-    ``.NAME.partial.json`` (with ``settings``, a JSON-able dict of everything the output depends on). When all
-    ``count`` items are written, ``final_check()`` (which may raise) runs and the partial file is renamed to
-    ``output``. A run with the same settings continues after the last recorded chunk (the items before it are
-    skipped unrendered); other settings start over. Returns how many items an earlier run had finished."""
+    ``.NAME.partial.json`` (with ``settings``, a JSON-able dict of everything the output depends on). When the
+    items are written, ``final_check()`` (which may raise) runs and the partial file is renamed to ``output``; with
+    another number of items, a ``ValueError``. A run with the same settings continues after the last
+    recorded chunk (the items before it are skipped unrendered); other settings start over. Returns how many items
+    an earlier run had finished."""
     from tqdm.auto import tqdm
 
     output = Path(output)
@@ -226,7 +227,7 @@ def write_resumable(output, settings: dict, items: Iterable, count: int, render:
     if not done:  # a fresh start: no earlier progress record may ever describe the new partial file
         state_path.unlink(missing_ok=True)
         fsync_dir(output.parent)
-    resumed_at, seen = done, done
+    resumed_at, seen = done, 0
     with open(partial, "r+b" if done else "wb") as out, \
             tqdm(total=count, initial=done, desc=desc, disable=not show_progress) as progress:
         out.truncate(size)
@@ -243,18 +244,17 @@ def write_resumable(output, settings: dict, items: Iterable, count: int, render:
             progress.update(len(batch))
 
         batch = []
-        for i, item in enumerate(items):
-            if i >= done:
+        for seen, item in enumerate(items, start=1):
+            if seen > done:
                 batch.append(item)
-                seen = i + 1
             if len(batch) == chunk:
                 write(batch)
                 batch = []
         if batch:
             write(batch)
+    final_check()  # first: the caller's own words for an input that changed
     if seen != count:
         raise ValueError(f"expected {count} items, got {seen}: the input changed during the run; run again")
-    final_check()
     os.replace(partial, output)
     fsync_dir(output.parent)
     state_path.unlink()

@@ -10,6 +10,7 @@ from train_utils import make_records, make_tiny_model
 from kalm_fast import Encoder, files
 from kalm_fast.cli import main
 from kalm_fast.prompts import format_query
+from kalm_fast.train import mining
 from kalm_fast.train.data import TrainData, write_jsonl
 from kalm_fast.train.mining import mine_file
 
@@ -61,7 +62,10 @@ def _expected(model, rows, corpus_texts, *, num_negatives, lo, hi, max_positive_
 
 
 @pytest.mark.parametrize("max_positive_rank", [3, 12, None])  # 12: past the range, a longer search
-def test_mined_negatives_are_the_seeded_draws_from_the_ranks_asked_for(model, tmp_path, max_positive_rank):
+def test_mined_negatives_are_the_seeded_draws_from_the_ranks_asked_for(model, tmp_path, monkeypatch,
+                                                                      max_positive_rank):
+    monkeypatch.setattr(mining, "SEARCH_SCORES", 1000)  # several queries' searches, several pool blocks
+    monkeypatch.setattr(mining, "POOL_BLOCK", 50)
     write_jsonl(tmp_path / "train.jsonl", _rows())
     corpus = _corpus(tmp_path / "corpus.jsonl")
     options = dict(num_negatives=3, rank_range=(2, 9), max_positive_rank=max_positive_rank, seed=5,
@@ -93,10 +97,12 @@ def test_too_few_candidates_give_fewer_negatives_or_drop_the_record(model, tmp_p
                        max_positive_rank=None, show_progress=False)
     got = [json.loads(line) for line in open(tmp_path / "a.jsonl")]
     assert result["fewer_negatives"] == len(got) == 6 and all(1 <= len(r["neg"]) <= 3 for r in got)
-    pool = result["pool"]
-    result = mine_file(model, tmp_path / "train.jsonl", tmp_path / "b.jsonl", rank_range=(pool, pool + 5),
-                       max_positive_rank=None, show_progress=False)
-    assert result["dropped_no_candidates"] == 6 and (tmp_path / "b.jsonl").read_text() == ""
+    # the one candidate of rank 0 is a kept record's positive: none left
+    result = mine_file(model, tmp_path / "train.jsonl", tmp_path / "b.jsonl", rank_range=(0, 1),
+                       max_positive_rank=1, show_progress=False)
+    assert result["dropped_no_candidates"] > 0 and result["written"] == 0
+    assert result["dropped_no_candidates"] + result["dropped_positive_rank"] == 6
+    assert (tmp_path / "b.jsonl").read_text() == ""
 
 
 def test_the_positive_rank_filter_keeps_exactly_the_records_with_a_positive_in_the_first_n(model, tmp_path):
@@ -130,6 +136,60 @@ def test_the_query_itself_is_never_its_negative(model, tmp_path):
     assert len(mined[5]["neg"]) == 4  # the 5 best but the query's own text (ranked first, cosine 1)
 
 
+def test_no_positive_of_any_record_of_the_same_query_is_a_negative(model, tmp_path):
+    """FlagEmbedding-style data repeats a query with each of its positives; none of them may become its negative."""
+    rows = _rows()[:10]
+    for i in (1, 2, 3):
+        rows[i] = dict(rows[0], pos=[rows[i]["pos"][0]], neg=rows[i]["neg"])
+    write_jsonl(tmp_path / "train.jsonl", rows)
+    mine_file(model, tmp_path / "train.jsonl", tmp_path / "m.jsonl", num_negatives=20, rank_range=(0, 25),
+              max_positive_rank=None, show_progress=False)
+    mined = [json.loads(line) for line in open(tmp_path / "m.jsonl")]
+    positives = {t for r in rows[:4] for t in r["pos"]}
+    assert all(not positives & set(r["neg"]) for r in mined[:4]) and len(mined[0]["neg"]) > 10
+    assert any(positives & set(r["neg"]) for r in mined[4:])  # other queries may draw them
+
+
+def test_blank_corpus_texts_are_no_candidates(model, tmp_path):
+    write_jsonl(tmp_path / "train.jsonl", _rows()[:4])
+    (tmp_path / "c.jsonl").write_text('{"text": ""}\n{"text": "   "}\n{"text": "a real text"}\n')
+    result = mine_file(model, tmp_path / "train.jsonl", tmp_path / "m.jsonl", corpus=tmp_path / "c.jsonl",
+                       rank_range=(0, 30), max_positive_rank=None, show_progress=False)
+    assert result["pool"] == len({t for r in _rows()[:4] for t in r["pos"] + r["neg"]}) + 1
+    with pytest.warns(UserWarning, match="meta$"):
+        assert TrainData(tmp_path / "m.jsonl", min_negatives=1)  # no blank negative
+
+
+def test_an_input_that_changes_while_it_is_mined_gives_an_error_and_no_output(model, tmp_path, monkeypatch):
+    rows = _rows()
+    write_jsonl(tmp_path / "train.jsonl", rows)
+    real = mining._pool_embeddings
+
+    def edit_the_input(*args):  # after the scan: a new positive the pool does not hold
+        write_jsonl(tmp_path / "train.jsonl", [dict(rows[0], query="new", pos=["a brand new positive"])] + rows[1:])
+        return real(*args)
+
+    monkeypatch.setattr(mining, "_pool_embeddings", edit_the_input)
+    with pytest.raises(ValueError, match=r"train.jsonl changed while it was mined; run again"):
+        mine_file(model, tmp_path / "train.jsonl", tmp_path / "m.jsonl", rank_range=(1, 8), max_positive_rank=None,
+                  show_progress=False)
+    assert not (tmp_path / "m.jsonl").exists()
+
+
+def test_cached_pool_blocks_of_another_model_are_not_used(model, tmp_path, monkeypatch):
+    write_jsonl(tmp_path / "train.jsonl", _rows())
+    other = make_tiny_model(tmp_path / "other", seed=9)
+    options = dict(rank_range=(1, 8), max_positive_rank=None, show_progress=False)
+    mine_file(other, tmp_path / "train.jsonl", tmp_path / "fresh.jsonl", **options)
+    monkeypatch.setattr(mining, "write_resumable", lambda *a, **k: (_ for _ in ()).throw(Interrupted))
+    with pytest.raises(Interrupted):  # leaves the pool of `model` cached beside m.jsonl
+        mine_file(model, tmp_path / "train.jsonl", tmp_path / "m.jsonl", **options)
+    monkeypatch.undo()
+    assert (tmp_path / ".m.jsonl.pool/block-00000.safetensors").is_file()
+    mine_file(other, tmp_path / "train.jsonl", tmp_path / "m.jsonl", **options)
+    assert (tmp_path / "m.jsonl").read_bytes() == (tmp_path / "fresh.jsonl").read_bytes()
+
+
 class Interrupted(Exception):
     pass
 
@@ -151,7 +211,7 @@ def test_an_interrupted_run_continues_without_encoding_the_pool_again(model, tmp
     with pytest.raises(Interrupted):
         mine_file(model, tmp_path / "train.jsonl", tmp_path / "cut.jsonl", **options)
     monkeypatch.setattr(files, "atomic_write_text", real_record)
-    assert (tmp_path / ".cut.jsonl.pool.safetensors").is_file() and not (tmp_path / "cut.jsonl").exists()
+    assert (tmp_path / ".cut.jsonl.pool/block-00000.safetensors").is_file() and not (tmp_path / "cut.jsonl").exists()
     encoded = []
     real_encode = Encoder.encode
     monkeypatch.setattr(Encoder, "encode", lambda self, texts, **kw: encoded.append(len(texts)) or
@@ -171,6 +231,7 @@ def test_an_interrupted_run_continues_without_encoding_the_pool_again(model, tmp
     (dict(output="o.txt"), "output must be a .jsonl file"),
     (dict(output="train.jsonl"), "is the input: write the rewritten records to another file"),
     (dict(corpus="bad.jsonl"), r"bad.jsonl:2: expected an object with a 'text' string"),
+    (dict(rank_range=(1000, 1100)), r"rank_range 1000-1100 starts past the \d+ candidates \(the records' texts\)"),
 ])
 def test_bad_arguments_are_refused_before_the_model_loads(model, tmp_path, monkeypatch, kwargs, message):
     write_jsonl(tmp_path / "train.jsonl", _rows()[:3])
@@ -191,7 +252,8 @@ def test_cli(model, tmp_path, capsys):
             str(tmp_path / "m.jsonl"), "--corpus", str(tmp_path / "corpus.txt"), "--negatives", "2", "--range", "1",
             "6", "--max-positive-rank", "0", "--seed", "3", "--instruction", "beta=Match"]
     assert main(argv) == 0
-    assert capsys.readouterr().out.startswith("mined 30 records against ")
+    out = capsys.readouterr().out
+    assert out.startswith("mined 30 of 30 records against ") and "no positive in the first" not in out
     mine_file(model, tmp_path / "train.jsonl", tmp_path / "api.jsonl", corpus=tmp_path / "corpus.txt",
               num_negatives=2, rank_range=(1, 6), max_positive_rank=None, seed=3, instructions={"beta": "Match"},
               show_progress=False)

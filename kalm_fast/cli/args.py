@@ -55,8 +55,8 @@ def task_instruction(text: str) -> tuple[str, str]:
 
 
 def add_record_tool_arguments(parser: argparse.ArgumentParser, what: str) -> None:
-    """The arguments ``kalm-fast score`` and ``mine`` share: the model that reads the records, its placement, the
-    query instructions and the chunk of records an interrupted run keeps."""
+    """The arguments ``kalm-fast score`` and ``mine`` share: the model that reads the records, the files, the query
+    instructions and the model's placement."""
     parser.add_argument("--model", required=True, help=f"the {what}: a local model directory")
     parser.add_argument("--input", required=True, help="training records (.jsonl: query, pos, neg, task, ...)")
     parser.add_argument("--output", required=True, help="the rewritten records (.jsonl)")

@@ -40,10 +40,12 @@ def run(args) -> int:
                        instructions=instructions_of(args), chunk_records=args.chunk_records, device=args.device,
                        dtype=args.dtype, max_length=args.max_length, allow_pickle=args.allow_pickle,
                        max_tokens_per_batch=args.max_tokens_per_batch)
-    resumed = f" (resumed after record {result['resumed_at']})" if result["resumed_at"] else ""
-    print(f"mined {result['records']} records{resumed} against {result['pool']} candidates: {result['written']} "
-          f"written ({result['fewer_negatives']} with fewer than {args.negatives} negatives), "
-          f"{result['dropped_positive_rank']} dropped (no positive in the first {args.max_positive_rank}), "
-          f"{result['dropped_no_candidates']} dropped (no candidate in ranks {lo}-{hi}), in {result['seconds']:.2f} s "
-          f"-> {args.output}")
+    mined = result["records"] - result["resumed_at"]
+    resumed = f" (the {result['resumed_at']} before them were mined by an earlier run)" if result["resumed_at"] else ""
+    rank_filter = (f"{result['dropped_positive_rank']} dropped (no positive in the first {args.max_positive_rank}), "
+                   if args.max_positive_rank else "")
+    print(f"mined {mined} of {result['records']} records{resumed} against {result['pool']} candidates: "
+          f"{result['written']} written ({result['fewer_negatives']} with fewer than {args.negatives} negatives), "
+          f"{rank_filter}{result['dropped_no_candidates']} dropped (no candidate in ranks {lo}-{hi}), in "
+          f"{result['seconds']:.2f} s -> {args.output}")
     return 0

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import shutil
 import time
 from pathlib import Path
 from typing import Optional
@@ -25,6 +26,7 @@ from typing import Optional
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from tqdm.auto import tqdm
 
 from ..files import (
     atomic_write,
@@ -40,10 +42,12 @@ from .data import check_records_output, iter_train_records
 from .evaluate import search
 
 SEARCH_SCORES = 1 << 27  # at most this many query-candidate scores at once (512 MiB of float32)
+POOL_BLOCK = 1 << 16  # pool texts encoded (and cached) at a time
+FORMAT = "kalm_fast.mine/1"
 
 
 def read_corpus(path: Path) -> list:
-    """The texts of a .txt (one per non-blank line) or .jsonl (``text``, optional ``title``) corpus."""
+    """The non-blank texts of a .txt (one per line) or .jsonl (``text``, optional ``title``) corpus."""
     texts = []
     for line_no, line in read_lines(path):
         if not line.strip():
@@ -55,23 +59,45 @@ def read_corpus(path: Path) -> list:
         if not isinstance(obj, dict) or not isinstance(obj.get("text"), str) or not isinstance(obj.get("title", ""),
                                                                                               str):
             raise ValueError(f"{path}:{line_no}: expected an object with a 'text' string (and optionally 'title')")
-        texts.append(check_unicode(path, line_no, "text", join_title(obj.get("title"), obj["text"])))
+        text = check_unicode(path, line_no, "text", join_title(obj.get("title"), obj["text"]))
+        if text.strip():
+            texts.append(text)
     return texts
 
 
-def _pool_embeddings(encoder, texts: list, cache: Path, settings: dict, encode: dict) -> torch.Tensor:
-    """``[N, D]`` normalized embeddings of the pool, read from ``cache`` when it holds those of ``settings``."""
+def _texts_sha256(texts: list) -> str:
+    h = hashlib.sha256()
+    for text in texts:
+        data = text.encode("utf-8")
+        h.update(len(data).to_bytes(8, "little") + data)
+    return h.hexdigest()
+
+
+def _pool_embeddings(encoder, texts: list, cache: Path, settings: dict, encode: dict,
+                     show_progress: bool) -> torch.Tensor:
+    """``[N, D]`` float32 normalized embeddings of the pool on the model's device, ``POOL_BLOCK`` texts at a time;
+    each block is kept in the directory ``cache`` (with ``settings``), where a resumed run finds it."""
     key = json.dumps(settings, sort_keys=True)
-    try:
-        with safe_open(str(cache), framework="pt", device="cpu") as f:
-            if f.metadata().get("settings") == key:
-                return f.get_tensor("embeddings").to(encoder.device)
-    except Exception:  # no cache, or a damaged one: encode again
-        pass
-    emb = encoder.encode(texts, normalize_embeddings=True, **encode)
-    atomic_write(cache, lambda tmp: save_file({"embeddings": emb.float().cpu().contiguous()}, str(tmp),
-                                              metadata={"settings": key}))
-    return emb
+    cache.mkdir(exist_ok=True)
+    out = None
+    for start in tqdm(range(0, len(texts), POOL_BLOCK), desc="mining: candidates", disable=not show_progress,
+                      unit="block"):
+        block = texts[start:start + POOL_BLOCK]
+        path = cache / f"block-{start // POOL_BLOCK:05d}.safetensors"
+        emb = None
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                if f.metadata().get("settings") == key and f.get_slice("embeddings").get_shape()[0] == len(block):
+                    emb = f.get_tensor("embeddings")
+        except Exception:  # no block yet, or a damaged one: encode it again
+            pass
+        if emb is None:
+            emb = encoder.encode(block, normalize_embeddings=True, **encode).float().cpu().contiguous()
+            atomic_write(path, lambda tmp: save_file({"embeddings": emb}, str(tmp), metadata={"settings": key}))
+        if out is None:
+            out = torch.empty(len(texts), emb.shape[1], dtype=torch.float32, device=encoder.device)
+        out[start:start + len(block)] = emb.to(encoder.device)
+    return out
 
 
 def mine_file(model, input_path, output, *, corpus=None, num_negatives: int = 7, rank_range: tuple = (50, 100),
@@ -100,29 +126,33 @@ def mine_file(model, input_path, output, *, corpus=None, num_negatives: int = 7,
     check_records_output(output, input_path)
     if corpus is not None and corpus.suffix.lower() not in (".txt", ".jsonl"):
         raise ValueError(f"corpus must be a .txt or .jsonl file, got {str(corpus)!r}")
-    pool = {}  # text -> id, in order of first appearance: the records' texts, then the corpus's
+    input_sha256 = sha256_file(input_path)  # before the scan: a later change fails the final check
+    pool, positives_of = {}, {}  # text -> id (records' texts first, then the corpus's); query -> its positives' ids
     count = 0
     for _, _, record in iter_train_records(input_path):  # validates every line before the model loads
         count += 1
         for text in record["pos"] + record["neg"]:
             pool.setdefault(text, len(pool))
+        positives_of.setdefault(record["query"], set()).update(pool[t] for t in record["pos"])
     if count == 0:
         raise ValueError(f"{input_path}: no records")
     for text in read_corpus(corpus) if corpus is not None else []:
         pool.setdefault(text, len(pool))
     texts = list(pool)
+    if lo >= len(texts):
+        raise ValueError(f"rank_range {lo}-{hi} starts past the {len(texts)} candidates (the records' texts"
+                         f"{' and the corpus' if corpus is not None else ''}): lower it or give a larger corpus")
     max_tokens = encoder_kwargs.pop("max_tokens_per_batch", None)
     encoder = Encoder(model, **encoder_kwargs)
-    model_settings = dict(model_sha256=model_fingerprint(model, encoder_kwargs.get("allow_pickle", False)),
-                          dtype=str(encoder.model.dtype), max_length=encoder.max_seq_length)
-    pool_sha = hashlib.sha256("\0".join(texts).encode("utf-8", "surrogatepass")).hexdigest()
-    settings = dict(model_settings, input_sha256=sha256_file(input_path), records=count, pool_sha256=pool_sha,
-                    num_negatives=num_negatives, rank_range=[lo, hi], max_positive_rank=max_positive_rank, seed=seed,
-                    instructions=instructions)
+    pool_settings = dict(format=FORMAT, dtype=str(encoder.model.dtype), max_length=encoder.max_seq_length,
+                         model_sha256=model_fingerprint(model, encoder_kwargs.get("allow_pickle", False)),
+                         pool_sha256=_texts_sha256(texts))
+    settings = dict(pool_settings, input_sha256=input_sha256, records=count, num_negatives=num_negatives,
+                    rank_range=[lo, hi], max_positive_rank=max_positive_rank, seed=seed, instructions=instructions)
     encode = dict(prompt="", convert_to_tensor=True, show_progress_bar=False, max_tokens_per_batch=max_tokens)
     started = time.perf_counter()
-    cache = output.with_name(f".{output.name}.pool.safetensors")
-    pool_emb = _pool_embeddings(encoder, texts, cache, dict(model_settings, pool_sha256=pool_sha), encode)
+    cache = output.with_name(f".{output.name}.pool")
+    pool_emb = _pool_embeddings(encoder, texts, cache, pool_settings, encode, show_progress)
     k = min(max(hi, max_positive_rank or 0), len(texts))
     counts = dict(written=0, dropped_positive_rank=0, dropped_no_candidates=0, fewer_negatives=0)
 
@@ -132,11 +162,15 @@ def mine_file(model, input_path, output, *, corpus=None, num_negatives: int = 7,
         ranked = search(q, pool_emb, k, chunk=max(1, SEARCH_SCORES // len(texts))).tolist()
         lines = []
         for (line_no, raw, record), row in zip(chunk, ranked):
-            positives = {pool[t] for t in record["pos"]}
-            if max_positive_rank is not None and not positives.intersection(row[:max_positive_rank]):
+            own = {pool.get(t) for t in record["pos"]}
+            if None in own or record["query"] not in positives_of:
+                raise ValueError(f"{input_path} changed while it was mined; run again to mine it as it is now")
+            if max_positive_rank is not None and not own.intersection(row[:max_positive_rank]):
                 counts["dropped_positive_rank"] += 1
                 continue
-            candidates = [i for i in row[lo:hi] if i not in positives and texts[i] != record["query"]]
+            # neither a positive of any record of this query nor the query's own text
+            excluded = positives_of[record["query"]]
+            candidates = [i for i in row[lo:hi] if i not in excluded and texts[i] != record["query"]]
             if not candidates:
                 counts["dropped_no_candidates"] += 1
                 continue
@@ -149,11 +183,11 @@ def mine_file(model, input_path, output, *, corpus=None, num_negatives: int = 7,
         return "".join(lines)
 
     def unchanged():
-        if sha256_file(input_path) != settings["input_sha256"]:
+        if sha256_file(input_path) != input_sha256:
             raise ValueError(f"{input_path} changed while it was mined; run again to mine it as it is now")
 
     resumed_at = write_resumable(output, settings, iter_train_records(input_path), count, render, chunk=chunk_records,
-                                 final_check=unchanged, desc="mining", show_progress=show_progress)
-    cache.unlink(missing_ok=True)
+                                 final_check=unchanged, desc="mining: queries", show_progress=show_progress)
+    shutil.rmtree(cache, ignore_errors=True)
     return dict(records=count, **counts, pool=len(texts), resumed_at=resumed_at,
                 seconds=time.perf_counter() - started)

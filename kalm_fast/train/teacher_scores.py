@@ -42,12 +42,13 @@ def score_file(teacher, input_path, output, *, instructions: Optional[dict] = No
     if chunk_records < 1:
         raise ValueError(f"chunk_records must be >= 1, got {chunk_records}")
     check_records_output(output, input_path)
+    input_sha256 = sha256_file(input_path)  # before the scan: a later change fails the final check
     count = sum(1 for _ in iter_train_records(input_path))  # validates every line before the teacher loads
     if count == 0:
         raise ValueError(f"{input_path}: no records")
     max_tokens = encoder_kwargs.pop("max_tokens_per_batch", None)
     encoder = Encoder(teacher, **encoder_kwargs)
-    settings = dict(input_sha256=sha256_file(input_path), records=count,
+    settings = dict(input_sha256=input_sha256, records=count,
                     teacher_sha256=model_fingerprint(teacher, encoder_kwargs.get("allow_pickle", False)),
                     dtype=str(encoder.model.dtype), max_length=encoder.max_seq_length,
                     similarity=encoder.similarity_fn_name, instructions=instructions)
