@@ -260,3 +260,14 @@ def test_cli(model, tmp_path, capsys):
     assert (tmp_path / "m.jsonl").read_bytes() == (tmp_path / "api.jsonl").read_bytes()
     assert main(argv[:-6] + ["--range", "6", "6"]) == 2
     assert capsys.readouterr().err.strip() == "kalm-fast mine: error: --range 6 6: HI must be greater than LO"
+
+
+@pytest.mark.parametrize("command", ["mine", "score"])
+def test_the_record_tools_refuse_torchrun(model, tmp_path, capsys, monkeypatch, command):
+    """One process writes one file: several torchrun ranks would race on it."""
+    write_jsonl(tmp_path / "train.jsonl", _rows()[:2])
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main([command, "--model", str(model), "--input", str(tmp_path / "train.jsonl"), "--output",
+                 str(tmp_path / "o.jsonl")]) == 2
+    assert capsys.readouterr().err.strip() == (f"kalm-fast {command}: error: kalm-fast {command} runs in one process "
+                                               "(it writes one file); run it without torchrun")
