@@ -39,7 +39,7 @@ import yaml
 
 from ..ops.focal_infonce import check_options
 from .evaluate import DEFAULT_KS
-from .losses import check_distill_options
+from .losses import DISTILL_TEMPERATURE, check_distill_options
 
 EVAL_METRICS = tuple(f"{name}@{k}" for name in ("ndcg", "recall", "mrr") for k in DEFAULT_KS)
 DTYPE_NAMES = ("float32", "fp32", "float16", "fp16", "bfloat16", "bf16")
@@ -150,7 +150,7 @@ class TrainStage:
     matryoshka_dims: Optional[list[int]] = None
     matryoshka_weights: Optional[list[float]] = None
     distill_weight: float = 0.0       # > 0: loss (1 - w) * focal-InfoNCE + w * KL(teacher || student) on pos/neg_scores
-    distill_temperature: float = 0.05  # the student's softmax temperature in the distillation term
+    distill_temperature: float = DISTILL_TEMPERATURE  # the student's softmax temperature in the KL term
     teacher_temperature: Optional[float] = None  # the teacher scores' (None: distill_temperature)
     gather: bool = True               # cross-rank negatives when distributed
     save_every: Optional[int] = None  # steps between resumable checkpoints (None: only the final model)
@@ -203,7 +203,8 @@ class TrainStage:
         if self.distill_weight and self.hard_negatives == 0:
             raise ValueError("'distill_weight' > 0 distills the teacher's scores of each query's positive and hard "
                              "negatives: it needs hard_negatives >= 1 (with none, the KL term is always 0)")
-        if not self.distill_weight and (self.distill_temperature != 0.05 or self.teacher_temperature is not None):
+        if not self.distill_weight and (self.distill_temperature != DISTILL_TEMPERATURE
+                                        or self.teacher_temperature is not None):
             warnings.warn(f"stage {self.name!r}: distill_temperature / teacher_temperature are set but "
                           "distill_weight is 0, so nothing distills (set distill_weight > 0 to use them)", stacklevel=2)
         if self.distill_weight == 1 and self.num_synthetic:

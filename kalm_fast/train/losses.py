@@ -11,6 +11,8 @@ from torch import nn
 from .._constants import NORM_EPS
 from ..ops.focal_infonce import check_options, focal_infonce_with_stats
 
+DISTILL_TEMPERATURE = 0.05  # KaLM-Embedding V2.5's distillation temperature
+
 
 def check_distill_options(*, distill_weight: float, distill_temperature: float,
                           teacher_temperature: Optional[float]) -> None:
@@ -30,7 +32,7 @@ def check_distill_options(*, distill_weight: float, distill_temperature: float,
 
 
 def teacher_distillation(q: torch.Tensor, docs: torch.Tensor, teacher_scores: torch.Tensor, *,
-                         temperature: float = 0.05, teacher_temperature: Optional[float] = None,
+                         temperature: float = DISTILL_TEMPERATURE, teacher_temperature: Optional[float] = None,
                          similarity: str = "cos") -> torch.Tensor:
     """KL(teacher || student) over each query's own candidates, averaged over the queries: a float32 scalar.
 
@@ -74,7 +76,7 @@ class FocalInfoNCELoss(nn.Module):
                  detach_focal_weight: bool = False, gather: bool = False,
                  matryoshka_dims: Optional[Sequence[int]] = None,
                  matryoshka_weights: Optional[Sequence[float]] = None, backend: str = "auto",
-                 distill_weight: float = 0.0, distill_temperature: float = 0.05,
+                 distill_weight: float = 0.0, distill_temperature: float = DISTILL_TEMPERATURE,
                  teacher_temperature: Optional[float] = None):
         super().__init__()
         check_options(temperature=temperature, gamma=gamma, similarity=similarity, num_synthetic=num_synthetic,
