@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
-from ..files import check_unicode, check_writable_dir, decode_line, parse_json_line, read_lines
+from ..files import check_unicode, check_writable_dir, decode_line, parse_json_line, read_lines, sha256_file
 from ..prompts import format_query, join_title
 
 RECORD_KEYS = ("query", "pos", "neg", "task", "instruction", "prompt")
@@ -239,6 +239,36 @@ def check_records_output(output: Path, input_path: Path) -> None:
     if not output.parent.is_dir():
         raise ValueError(f"the directory of output {str(output)!r} does not exist")
     check_writable_dir(output.parent, "output")
+
+
+def load_record_model(model, encoder_kwargs: dict) -> tuple:
+    """``(encoder, settings, encode kwargs)`` of the model a tool that rewrites records runs: ``Encoder(model,
+    **encoder_kwargs)`` (``max_tokens_per_batch`` goes to ``encode`` instead), what its embeddings depend on (the
+    model's files, dtype, max length), and the ``encode`` arguments (tensors, no model prompt, no progress bar)."""
+    from ..encode import Encoder
+    from ..models.loading import model_fingerprint
+
+    encoder_kwargs = dict(encoder_kwargs)
+    max_tokens = encoder_kwargs.pop("max_tokens_per_batch", None)
+    encoder = Encoder(model, **encoder_kwargs)
+    settings = dict(model_sha256=model_fingerprint(model, encoder_kwargs.get("allow_pickle", False)),
+                    dtype=str(encoder.model.dtype), max_length=encoder.max_seq_length)
+    encode = dict(prompt="", convert_to_tensor=True, show_progress_bar=False, max_tokens_per_batch=max_tokens)
+    return encoder, settings, encode
+
+
+def input_changed(input_path: Path, done: str, redo: str) -> ValueError:
+    """The error of a tool that found ``input_path`` changed while it ``done`` it ("scored"; ``redo``: "score")."""
+    return ValueError(f"{input_path} changed while it was {done}; run again to {redo} it as it is now")
+
+
+def unchanged_check(input_path: Path, sha256: str, done: str, redo: str):
+    """The final check of a tool that rewrote ``input_path``: ``input_changed`` if the file no longer has
+    ``sha256``."""
+    def check():
+        if sha256_file(input_path) != sha256:
+            raise input_changed(input_path, done, redo)
+    return check
 
 
 def iter_jsonl(path) -> Iterator[tuple]:

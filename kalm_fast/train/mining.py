@@ -36,9 +36,8 @@ from ..files import (
     sha256_file,
     write_resumable,
 )
-from ..models.loading import model_fingerprint
 from ..prompts import format_query, join_title
-from .data import check_records_output, iter_train_records
+from .data import check_records_output, input_changed, iter_train_records, load_record_model, unchanged_check
 from .evaluate import search
 
 SEARCH_SCORES = 1 << 27  # at most this many query-candidate scores at once (512 MiB of float32)
@@ -110,8 +109,6 @@ def mine_file(model, input_path, output, *, corpus=None, num_negatives: int = 7,
     Returns ``{"records", "written", "dropped_positive_rank", "dropped_no_candidates", "fewer_negatives",
     "pool", "resumed_at", "seconds"}``: the counts are of the records this run mined (after ``resumed_at``).
     """
-    from ..encode import Encoder
-
     input_path, output = Path(input_path), Path(output)
     corpus = Path(corpus) if corpus is not None else None
     instructions = dict(instructions or {})
@@ -142,14 +139,10 @@ def mine_file(model, input_path, output, *, corpus=None, num_negatives: int = 7,
     if lo >= len(texts):
         raise ValueError(f"rank_range {lo}-{hi} starts past the {len(texts)} candidates (the records' texts"
                          f"{' and the corpus' if corpus is not None else ''}): lower it or give a larger corpus")
-    max_tokens = encoder_kwargs.pop("max_tokens_per_batch", None)
-    encoder = Encoder(model, **encoder_kwargs)
-    pool_settings = dict(format=FORMAT, dtype=str(encoder.model.dtype), max_length=encoder.max_seq_length,
-                         model_sha256=model_fingerprint(model, encoder_kwargs.get("allow_pickle", False)),
-                         pool_sha256=_texts_sha256(texts))
+    encoder, model_settings, encode = load_record_model(model, encoder_kwargs)
+    pool_settings = dict(model_settings, format=FORMAT, pool_sha256=_texts_sha256(texts))
     settings = dict(pool_settings, input_sha256=input_sha256, records=count, num_negatives=num_negatives,
                     rank_range=[lo, hi], max_positive_rank=max_positive_rank, seed=seed, instructions=instructions)
-    encode = dict(prompt="", convert_to_tensor=True, show_progress_bar=False, max_tokens_per_batch=max_tokens)
     started = time.perf_counter()
     cache = output.with_name(f".{output.name}.pool")
     pool_emb = _pool_embeddings(encoder, texts, cache, pool_settings, encode, show_progress)
@@ -164,7 +157,7 @@ def mine_file(model, input_path, output, *, corpus=None, num_negatives: int = 7,
         for (line_no, raw, record), row in zip(chunk, ranked):
             own = {pool.get(t) for t in record["pos"]}
             if None in own or record["query"] not in positives_of:
-                raise ValueError(f"{input_path} changed while it was mined; run again to mine it as it is now")
+                raise input_changed(input_path, "mined", "mine")
             if max_positive_rank is not None and not own.intersection(row[:max_positive_rank]):
                 counts["dropped_positive_rank"] += 1
                 continue
@@ -182,12 +175,9 @@ def mine_file(model, input_path, output, *, corpus=None, num_negatives: int = 7,
         counts["written"] += len(lines)
         return "".join(lines)
 
-    def unchanged():
-        if sha256_file(input_path) != input_sha256:
-            raise ValueError(f"{input_path} changed while it was mined; run again to mine it as it is now")
-
     resumed_at = write_resumable(output, settings, iter_train_records(input_path), count, render, chunk=chunk_records,
-                                 final_check=unchanged, desc="mining: queries", show_progress=show_progress)
+                                 final_check=unchanged_check(input_path, input_sha256, "mined", "mine"),
+                                 desc="mining: queries", show_progress=show_progress)
     shutil.rmtree(cache, ignore_errors=True)
     return dict(records=count, **counts, pool=len(texts), resumed_at=resumed_at,
                 seconds=time.perf_counter() - started)

@@ -21,9 +21,8 @@ from typing import Optional
 import torch
 
 from ..files import sha256_file, write_resumable
-from ..models.loading import model_fingerprint
 from ..prompts import format_query
-from .data import check_records_output, iter_train_records
+from .data import check_records_output, iter_train_records, load_record_model, unchanged_check
 
 
 def score_file(teacher, input_path, output, *, instructions: Optional[dict] = None, chunk_records: int = 1024,
@@ -35,8 +34,6 @@ def score_file(teacher, input_path, output, *, instructions: Optional[dict] = No
     Returns ``{"records", "pairs", "resumed_at", "seconds"}`` (``pairs`` scored by this run; ``resumed_at``: records
     an earlier run had finished).
     """
-    from ..encode import Encoder
-
     input_path, output = Path(input_path), Path(output)
     instructions = dict(instructions or {})
     if chunk_records < 1:
@@ -46,13 +43,9 @@ def score_file(teacher, input_path, output, *, instructions: Optional[dict] = No
     count = sum(1 for _ in iter_train_records(input_path))  # validates every line before the teacher loads
     if count == 0:
         raise ValueError(f"{input_path}: no records")
-    max_tokens = encoder_kwargs.pop("max_tokens_per_batch", None)
-    encoder = Encoder(teacher, **encoder_kwargs)
-    settings = dict(input_sha256=input_sha256, records=count,
-                    teacher_sha256=model_fingerprint(teacher, encoder_kwargs.get("allow_pickle", False)),
-                    dtype=str(encoder.model.dtype), max_length=encoder.max_seq_length,
-                    similarity=encoder.similarity_fn_name, instructions=instructions)
-    encode = dict(prompt="", convert_to_tensor=True, show_progress_bar=False, max_tokens_per_batch=max_tokens)
+    encoder, model_settings, encode = load_record_model(teacher, encoder_kwargs)
+    settings = dict(model_settings, input_sha256=input_sha256, records=count, similarity=encoder.similarity_fn_name,
+                    instructions=instructions)
     started, pairs = time.perf_counter(), 0
 
     def render(chunk: list) -> str:
@@ -60,12 +53,9 @@ def score_file(teacher, input_path, output, *, instructions: Optional[dict] = No
         pairs += sum(len(r["pos"]) + len(r["neg"]) for _, _, r in chunk)
         return "".join(_score_chunk(encoder, chunk, instructions, encode))
 
-    def unchanged():
-        if sha256_file(input_path) != settings["input_sha256"]:
-            raise ValueError(f"{input_path} changed while it was scored; run again to score it as it is now")
-
     resumed_at = write_resumable(output, settings, iter_train_records(input_path), count, render, chunk=chunk_records,
-                                 final_check=unchanged, desc="teacher scores", show_progress=show_progress)
+                                 final_check=unchanged_check(input_path, input_sha256, "scored", "score"),
+                                 desc="teacher scores", show_progress=show_progress)
     return dict(records=count, pairs=pairs, resumed_at=resumed_at, seconds=time.perf_counter() - started)
 
 
