@@ -12,7 +12,7 @@ from train_utils import make_records, make_tiny_model, max_abs_diff
 import kalm_fast.train.ablation as ablation_mod
 import kalm_fast.train.trainer as trainer_mod
 from kalm_fast.train.ablation import Ablation, ablate, format_table, paired_bootstrap_ci, plot_results
-from kalm_fast.train.config import config_from_dict
+from kalm_fast.train.config import TrainStage, config_from_dict
 from kalm_fast.train.data import write_jsonl
 
 VARIANT_ORDER = ["start", "plain", "focal", "mixing", "focal_mixing", "soup"]
@@ -205,6 +205,18 @@ def test_paired_bootstrap_ci():
     assert paired_bootstrap_ci(noise, seed=3) != paired_bootstrap_ci(noise, seed=4)
     with pytest.raises(ValueError, match="non-empty 1-D"):
         paired_bootstrap_ci([])
+
+
+def test_row_labels_name_what_each_variant_runs():
+    """The mixing row names the list-wise variant when the stage uses it; a distilling stage says so on the plain
+    row (every variant distills)."""
+    def labels(**stage):
+        return ablation_mod._labels(TrainStage(name="ft", data=["x.jsonl"], steps=3, **stage))
+
+    assert labels(num_synthetic=2)["mixing"] == "+ mixing (2 synthetic/query)"
+    assert labels(num_synthetic=3, mix_mode="list")["mixing"] == "+ mixing (3 synthetic/query, list-wise)"
+    assert labels(gamma=0.5)["plain"] == "plain InfoNCE (γ=0, no mixing)"
+    assert labels(distill_weight=0.7)["plain"] == "plain InfoNCE (γ=0, no mixing), + distillation (w=0.7) in every run"
 
 
 def _fake_results():

@@ -14,7 +14,7 @@ from kalm_fast.ops.focal_infonce import focal_infonce_with_stats, focal_weighted
 from kalm_fast.ops.focal_infonce import reference as ref
 from kalm_fast.ops.focal_infonce._torch import TorchEngine
 from kalm_fast.ops.focal_infonce.mixing import synthetic_negatives
-from kalm_fast.ops.focal_infonce.reference import mixing_draws
+from kalm_fast.ops.focal_infonce.reference import list_mixing_draws, mixing_draws
 
 OP = "focal_infonce"
 BACKENDS = backend_params(OP, ("torch", "triton"))
@@ -88,6 +88,7 @@ def _margin_drops(q, docs, options, seed):
         s, pos = torch.einsum("bd,bgd->bg", qs, ds), torch.zeros_like(rows)
     syn = synthetic_negatives(q, docs, num_synthetic=options.get("num_synthetic", 0),
                               mix_top_k=options.get("mix_top_k"), mix_alpha=options.get("mix_alpha", 2.0),
+                              mix_mode=options.get("mix_mode", "pair"),
                               similarity="cos" if cos else "dot", generator=torch.Generator().manual_seed(seed))
     if syn is not None:
         s = torch.cat([s, torch.einsum("bd,bsd->bs", qs, sim(syn))], dim=1)
@@ -189,6 +190,9 @@ CASES = [  # b, m, d, options
     (7, 4, 24, dict(num_synthetic=3, mix_alpha=0.5)),
     (7, 4, 24, dict(num_synthetic=2, mix_top_k=2, false_negative_margin=0.1, in_batch_negatives=False)),
     (5, 3, 16, dict(num_synthetic=2, similarity="dot", temperature=1.0, reduction="sum", gamma=2.0)),
+    (7, 4, 24, dict(num_synthetic=3, mix_mode="list", mix_alpha=0.5)),
+    (6, 5, 16, dict(num_synthetic=2, mix_mode="list", mix_top_k=3, similarity="dot", temperature=1.0,
+                    in_batch_negatives=False, false_negative_margin=0.1)),
     (5, 3, 16, dict(reduction="none")),
 ]
 
@@ -704,12 +708,47 @@ def test_synthetic_negatives_mix_the_top_k():
     assert (syn[..., 1] > 0).all() and (syn[..., 2] > 0).all()  # both top-2 always contribute
 
 
+def test_list_mixing_draws_are_dirichlet():
+    """g ~ Dirichlet(alpha, ..., alpha) over K: rows on the simplex, mean 1/K, variance (K - 1) / (K^2 (K alpha + 1))
+    (within 6 standard errors of 200k rows, a fixed seed), reproducible from the generator state."""
+    k, alpha = 4, 0.7
+    g = list_mixing_draws(500, 400, k, alpha, torch.Generator().manual_seed(0))
+    assert g.shape == (500, 400, k) and g.dtype == torch.float32 and (g > 0).all()
+    torch.testing.assert_close(g.sum(-1), torch.ones(500, 400))
+    assert torch.equal(g, list_mixing_draws(500, 400, k, alpha, torch.Generator().manual_seed(0)))
+    x = g[..., 0].double().flatten()
+    var = (k - 1) / (k**2 * (k * alpha + 1))
+    assert abs(x.mean() - 1 / k) < 6 * (var / x.numel()) ** 0.5
+    assert abs(x.var() - var) < 6 * ((x - x.mean()) ** 2).std() / x.numel() ** 0.5
+
+
+@pytest.mark.parametrize("similarity", ["cos", "dot"])
+def test_list_mixing_weighs_the_top_k_by_draw_and_similarity(similarity):
+    """Orthonormal hard negatives e1..e4, q most similar to e1, then e2, e3, e4 last, mix_top_k 3: each
+    synthetic negative is normalize(sum_k w_k e_k) over e1..e3 with w_k = g_k exp(s(q, e_k)) / sum, g from
+    ``list_mixing_draws`` (the same generator state); e4 and the positive e0 never take part."""
+    q = torch.tensor([1.0, 0.9, 0.5, 0.3, -0.4]).repeat(30, 1)
+    docs = torch.eye(5).repeat(30, 1, 1)
+    syn = synthetic_negatives(q, docs, num_synthetic=8, mix_top_k=3, mix_mode="list", similarity=similarity,
+                              generator=torch.Generator().manual_seed(4))
+    g = list_mixing_draws(30, 8, 3, 2.0, torch.Generator().manual_seed(4))
+    sims = (F.normalize(q[0], dim=0) if similarity == "cos" else q[0])[1:4]
+    w = g * torch.exp(sims)
+    assert (syn[..., 0] == 0).all() and (syn[..., 4] == 0).all()
+    torch.testing.assert_close(syn[..., 1:4] / syn[..., 1:4].sum(-1, keepdim=True), w / w.sum(-1, keepdim=True))
+    torch.testing.assert_close(syn.norm(dim=-1), torch.ones(30, 8))
+    # the reference's loop builds the same negatives
+    torch.testing.assert_close(ref.synthetic_negatives(q, docs, 8, 3, 2.0, similarity,
+                                                       torch.Generator().manual_seed(4), "list"), syn)
+
+
+@pytest.mark.parametrize("mix_mode", ["pair", "list"])
 @pytest.mark.parametrize("backend", ["reference"] + BACKENDS)
-def test_mixing_never_lowers_the_loss(backend):
+def test_mixing_never_lowers_the_loss(backend, mix_mode):
     q, docs = _inputs(6, 4, 16)
     base = focal_infonce(q, docs, temperature=0.05, reduction="none", backend=backend)
     mixed = focal_infonce(q, docs, temperature=0.05, reduction="none", num_synthetic=4, backend=backend,
-                          generator=torch.Generator().manual_seed(0))
+                          mix_mode=mix_mode, generator=torch.Generator().manual_seed(0))
     assert (mixed >= base - 1e-6).all() and (mixed > base).any()
 
 
@@ -744,6 +783,7 @@ def test_same_generator_same_loss_on_every_backend(backend):
     (dict(mix_top_k=0), ValueError, "mix_top_k must be >= 1"),
     (dict(mix_top_k=2.5), TypeError, "mix_top_k must be a finite int"),
     (dict(mix_alpha=0.0), ValueError, "mix_alpha must be > 0"),
+    (dict(mix_mode="listwise"), ValueError, "mix_mode must be 'pair' or 'list', got 'listwise'"),
     (dict(generator=0), TypeError, "generator must be a torch.Generator"),
     (dict(false_negative_margin=float("nan")), TypeError, "false_negative_margin must be a finite number"),
     (dict(backend="cudnn"), ValueError, "backend must be one of"),

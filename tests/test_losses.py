@@ -129,6 +129,7 @@ def test_bad_tensors_are_reported_by_the_op():
     (dict(temperature=0.0), ValueError, "temperature must be > 0"),
     (dict(similarity="l2"), ValueError, "similarity must be"),
     (dict(num_synthetic=-2), ValueError, "num_synthetic must be >= 0"),
+    (dict(mix_mode="mixup"), ValueError, "mix_mode must be 'pair' or 'list'"),
     (dict(gamma="0.5"), TypeError, "gamma must be a finite number"),
     (dict(backend="fast"), ValueError, "backend must be one of"),
 ])

@@ -204,6 +204,7 @@ def test_example_configs_load():
     (dict(task_weights={"t": -1}), "'task_weights' must be weights >= 0"),
     (dict(in_batch_negatives="yes"), "'in_batch_negatives' must be true or false, got 'yes'"),
     (dict(num_synthetic=2, hard_negatives=1), "it needs hard_negatives >= 2 and mix_top_k >= 2 (got 1 and None)"),
+    (dict(mix_mode="listwise"), "mix_mode must be 'pair' or 'list', got 'listwise'"),
     (dict(matryoshka_dims=[16, 0]), "'matryoshka_dims' must be a non-empty list of ints >= 1"),
     (dict(matryoshka_dims=[16], matryoshka_weights=[1, 1]), "'matryoshka_weights' must be one weight >= 0 per"),
     (dict(save_every=0), "'save_every' must be >= 1 (or null), got 0"),

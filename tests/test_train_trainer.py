@@ -214,7 +214,8 @@ def test_the_stage_settings_reach_the_loss_the_optimizer_the_clipping_and_the_sc
     monkeypatch.setattr(torch.optim, "AdamW", AdamW)
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip)
     loss_settings = dict(temperature=0.07, gamma=0.3, similarity="dot", in_batch_negatives=False, num_synthetic=2,
-                         mix_top_k=2, mix_alpha=1.5, false_negative_margin=0.2, detach_focal_weight=True)
+                         mix_top_k=2, mix_alpha=1.5, mix_mode="list", false_negative_margin=0.2,
+                         detach_focal_weight=True)
     cfg = _config(inputs, tmp_path / "run", steps=4, hard_negatives=3, gradcache_chunk=None, save_every=None,
                   lr=2e-3, warmup_ratio=0.75, schedule="linear", weight_decay=0.05, max_grad_norm=0.7,
                   matryoshka_dims=[32, 16], matryoshka_weights=[1.0, 0.5], **loss_settings)

@@ -126,8 +126,10 @@ def _variant_stages(stage: TrainStage, seeds: list) -> list:
 def _labels(stage: TrainStage) -> dict:
     """Row labels of the table; a distilling stage's runs all distill, which the plain row says."""
     distills = f", + distillation (w={stage.distill_weight:g}) in every run" if stage.distill_weight else ""
+    list_wise = ", list-wise" if stage.mix_mode == "list" else ""
     return {START: "start (no fine-tuning)", "plain": f"plain InfoNCE (γ=0, no mixing){distills}",
-            "focal": f"+ focal (γ={stage.gamma:g})", "mixing": f"+ mixing ({stage.num_synthetic} synthetic/query)",
+            "focal": f"+ focal (γ={stage.gamma:g})",
+            "mixing": f"+ mixing ({stage.num_synthetic} synthetic/query{list_wise})",
             "focal_mixing": "+ focal + mixing", SOUP: "greedy soup of the 4 (chosen on validation)"}
 
 

@@ -145,6 +145,7 @@ class TrainStage:
     num_synthetic: int = 0
     mix_top_k: Optional[int] = None
     mix_alpha: float = 2.0
+    mix_mode: str = "pair"            # "pair": two of the top-K hard negatives; "list": all K, similarity-weighted
     false_negative_margin: Optional[float] = None
     detach_focal_weight: bool = False
     matryoshka_dims: Optional[list[int]] = None
@@ -190,9 +191,9 @@ class TrainStage:
         _require(all(w >= 0 for w in self.task_weights.values()), "task_weights", "weights >= 0", self.task_weights)
         check_options(temperature=self.temperature, gamma=self.gamma, similarity=self.similarity,
                       num_synthetic=self.num_synthetic, mix_top_k=self.mix_top_k, mix_alpha=self.mix_alpha,
-                      false_negative_margin=self.false_negative_margin)
+                      false_negative_margin=self.false_negative_margin, mix_mode=self.mix_mode)
         if self.num_synthetic and (self.hard_negatives < 2 or (self.mix_top_k or 2) < 2):
-            raise ValueError("'num_synthetic' mixes pairs of a query's hard negatives: it needs hard_negatives >= 2 "
+            raise ValueError("'num_synthetic' mixes a query's top hard negatives: it needs hard_negatives >= 2 "
                              f"and mix_top_k >= 2 (got {self.hard_negatives} and {self.mix_top_k})")
         if self.hard_negatives == 0 and (not self.in_batch_negatives or self.batch_size == 1):
             raise ValueError(f"'hard_negatives' 0 with in_batch_negatives {self.in_batch_negatives} and batch_size "

@@ -72,7 +72,7 @@ class FocalInfoNCELoss(nn.Module):
 
     def __init__(self, temperature: float = 0.01, gamma: float = 0.5, similarity: str = "cos",
                  in_batch_negatives: bool = True, num_synthetic: int = 0, mix_top_k: Optional[int] = None,
-                 mix_alpha: float = 2.0, false_negative_margin: Optional[float] = None,
+                 mix_alpha: float = 2.0, mix_mode: str = "pair", false_negative_margin: Optional[float] = None,
                  detach_focal_weight: bool = False, gather: bool = False,
                  matryoshka_dims: Optional[Sequence[int]] = None,
                  matryoshka_weights: Optional[Sequence[float]] = None, backend: str = "auto",
@@ -81,7 +81,7 @@ class FocalInfoNCELoss(nn.Module):
         super().__init__()
         check_options(temperature=temperature, gamma=gamma, similarity=similarity, num_synthetic=num_synthetic,
                       mix_top_k=mix_top_k, mix_alpha=mix_alpha, false_negative_margin=false_negative_margin,
-                      backend=backend)
+                      mix_mode=mix_mode, backend=backend)
         check_distill_options(distill_weight=distill_weight, distill_temperature=distill_temperature,
                               teacher_temperature=teacher_temperature)
         if matryoshka_dims is not None:
@@ -100,7 +100,7 @@ class FocalInfoNCELoss(nn.Module):
         self.matryoshka_weights = matryoshka_weights
         self.options = dict(temperature=temperature, gamma=gamma, similarity=similarity,
                             in_batch_negatives=in_batch_negatives, num_synthetic=num_synthetic, mix_top_k=mix_top_k,
-                            mix_alpha=mix_alpha, false_negative_margin=false_negative_margin,
+                            mix_alpha=mix_alpha, mix_mode=mix_mode, false_negative_margin=false_negative_margin,
                             detach_focal_weight=detach_focal_weight, gather=gather, backend=backend)
         self.distill = dict(weight=float(distill_weight), temperature=distill_temperature,
                             teacher_temperature=teacher_temperature)

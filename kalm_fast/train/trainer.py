@@ -623,7 +623,8 @@ class Trainer:
         loss_fn = FocalInfoNCELoss(
             temperature=stage.temperature, gamma=stage.gamma, similarity=stage.similarity,
             in_batch_negatives=stage.in_batch_negatives, num_synthetic=stage.num_synthetic,
-            mix_top_k=stage.mix_top_k, mix_alpha=stage.mix_alpha, false_negative_margin=stage.false_negative_margin,
+            mix_top_k=stage.mix_top_k, mix_alpha=stage.mix_alpha, mix_mode=stage.mix_mode,
+            false_negative_margin=stage.false_negative_margin,
             detach_focal_weight=stage.detach_focal_weight, gather=stage.gather and info.enabled,
             matryoshka_dims=stage.matryoshka_dims, matryoshka_weights=stage.matryoshka_weights,
             distill_weight=stage.distill_weight, distill_temperature=stage.distill_temperature,

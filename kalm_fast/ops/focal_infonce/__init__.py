@@ -69,7 +69,7 @@ def _check_number(name, value, *, low=None, low_inclusive=False, integer=False):
 
 
 def check_options(*, temperature, gamma, similarity, num_synthetic, mix_top_k, mix_alpha, false_negative_margin,
-                  reduction="mean", backend="auto"):
+                  mix_mode="pair", reduction="mean", backend="auto"):
     """Raises ValueError/TypeError naming the first bad scalar option of ``focal_infonce``."""
     _check_number("temperature", temperature, low=0)
     _check_number("gamma", gamma, low=0, low_inclusive=True)
@@ -81,6 +81,8 @@ def check_options(*, temperature, gamma, similarity, num_synthetic, mix_top_k, m
     if mix_top_k is not None:
         _check_number("mix_top_k", mix_top_k, low=1, low_inclusive=True, integer=True)
     _check_number("mix_alpha", mix_alpha, low=0)
+    if mix_mode not in ("pair", "list"):
+        raise ValueError(f"mix_mode must be 'pair' or 'list', got {mix_mode!r}")
     if false_negative_margin is not None:
         _check_number("false_negative_margin", false_negative_margin)
     if backend not in _registry.BACKEND_NAMES:
@@ -117,7 +119,7 @@ def focal_weighted(log_p: torch.Tensor, gamma: float, detach_focal_weight: bool,
 
 def focal_infonce_with_stats(q: torch.Tensor, docs: torch.Tensor, *, temperature: float = 0.01, gamma: float = 0.5,
                              similarity: str = "cos", in_batch_negatives: bool = True, num_synthetic: int = 0,
-                             mix_top_k: Optional[int] = None, mix_alpha: float = 2.0,
+                             mix_top_k: Optional[int] = None, mix_alpha: float = 2.0, mix_mode: str = "pair",
                              generator: Optional[torch.Generator] = None,
                              false_negative_margin: Optional[float] = None, detach_focal_weight: bool = False,
                              gather: bool = False, reduction: str = "mean",
@@ -125,13 +127,14 @@ def focal_infonce_with_stats(q: torch.Tensor, docs: torch.Tensor, *, temperature
     """``focal_infonce`` plus the per-query rows ``log_p``, ``pos_sim``, ``hardest_neg_sim`` (float32 ``[B]``)."""
     check_options(temperature=temperature, gamma=gamma, similarity=similarity, num_synthetic=num_synthetic,
                   mix_top_k=mix_top_k, mix_alpha=mix_alpha, false_negative_margin=false_negative_margin,
-                  reduction=reduction, backend=backend)
+                  mix_mode=mix_mode, reduction=reduction, backend=backend)
     _check_args(q, docs, generator)
     _, fn = _registry.select(OP, backend, q.device, q.dtype)
     # scores are divided by a small temperature: never let an enclosing autocast run them in 16 bits
     with torch.autocast(q.device.type, enabled=False):
         synthetic = synthetic_negatives(q, docs, num_synthetic=num_synthetic, mix_top_k=mix_top_k,
-                                        mix_alpha=mix_alpha, similarity=similarity, generator=generator)
+                                        mix_alpha=mix_alpha, mix_mode=mix_mode, similarity=similarity,
+                                        generator=generator)
         if gather and in_batch_negatives:
             docs = gather_local_first(docs)
         margin = None if false_negative_margin is None else float(false_negative_margin)
@@ -143,9 +146,10 @@ def focal_infonce_with_stats(q: torch.Tensor, docs: torch.Tensor, *, temperature
 
 def focal_infonce(q: torch.Tensor, docs: torch.Tensor, *, temperature: float = 0.01, gamma: float = 0.5,
                   similarity: str = "cos", in_batch_negatives: bool = True, num_synthetic: int = 0,
-                  mix_top_k: Optional[int] = None, mix_alpha: float = 2.0, generator: Optional[torch.Generator] = None,
-                  false_negative_margin: Optional[float] = None, detach_focal_weight: bool = False,
-                  gather: bool = False, reduction: str = "mean", backend: str = "auto") -> torch.Tensor:
+                  mix_top_k: Optional[int] = None, mix_alpha: float = 2.0, mix_mode: str = "pair",
+                  generator: Optional[torch.Generator] = None, false_negative_margin: Optional[float] = None,
+                  detach_focal_weight: bool = False, gather: bool = False, reduction: str = "mean",
+                  backend: str = "auto") -> torch.Tensor:
     """Focal-InfoNCE of ``q [B, D]`` against ``docs [B, 1+M, D]`` (positive first, then M hard negatives).
 
     ``loss_i = -(1 - p_i) ** gamma * log p_i`` where ``p_i`` is the softmax probability (at ``temperature``) of
@@ -157,6 +161,6 @@ def focal_infonce(q: torch.Tensor, docs: torch.Tensor, *, temperature: float = 0
     """
     return focal_infonce_with_stats(
         q, docs, temperature=temperature, gamma=gamma, similarity=similarity, in_batch_negatives=in_batch_negatives,
-        num_synthetic=num_synthetic, mix_top_k=mix_top_k, mix_alpha=mix_alpha, generator=generator,
+        num_synthetic=num_synthetic, mix_top_k=mix_top_k, mix_alpha=mix_alpha, mix_mode=mix_mode, generator=generator,
         false_negative_margin=false_negative_margin, detach_focal_weight=detach_focal_weight, gather=gather,
         reduction=reduction, backend=backend).loss

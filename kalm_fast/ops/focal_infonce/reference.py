@@ -13,7 +13,11 @@ Inputs: ``q [B, D]`` query embeddings; ``docs [B, 1+M, D]``: ``docs[i, 0]`` is t
    ``s(q_i, .)``, keep the top ``K = min(mix_top_k or M, M)``. If ``K >= 2``, for each of the S synthetic negatives
    draw two distinct indices a, b uniformly from those K and ``lambda ~ Beta(mix_alpha, mix_alpha)``
    (``mixing_draws``, from ``generator``), and form ``h = normalize(lambda * n_a + (1 - lambda) * n_b)`` (from the
-   normalized vectors when ``"cos"``). Synthetic negatives carry no gradient; they join ``C_i`` for query i only.
+   normalized vectors when ``"cos"``). That is ``mix_mode="pair"``; with ``mix_mode="list"`` each synthetic
+   negative mixes all K: ``h = normalize(sum_k w_k n_k)``, ``w_k = g_k exp(s_k) / sum_j g_j exp(s_j)`` with
+   ``s_k = s(q_i, n_k)`` and ``g ~ Dirichlet(mix_alpha, ..., mix_alpha)`` over the K (``list_mixing_draws``; the
+   pair mode's Beta is the Dirichlet of two): a random convex combination leaning towards the negatives most
+   similar to the query. Synthetic negatives carry no gradient; they join ``C_i`` for query i only.
 4. False-negative masking (``false_negative_margin = m``, off when None): drop from ``C_i`` every candidate other
    than the positive with ``s(q_i, c) > s(q_i, docs[i, 0]) + m``.
 5. ``z_ic = s(q_i, c) / temperature``; ``log p_i = z_i,pos - logsumexp_{c in C_i} z_ic``.
@@ -93,32 +97,51 @@ def mixing_draws(batch: int, num_synthetic: int, top_k: int, alpha: float,
     return a.to(device), b.to(device), lam.to(device)
 
 
+def list_mixing_draws(batch: int, num_synthetic: int, top_k: int, alpha: float,
+                      generator: Optional[torch.Generator] = None, device=None) -> torch.Tensor:
+    """The random part of list-wise mixing: ``g [batch, num_synthetic, top_k]`` float32, each row drawn from
+    ``Dirichlet(alpha, ..., alpha)`` (normalized Gamma(alpha) draws, from ``generator`` on its device, then moved
+    to ``device``)."""
+    gen_device = generator.device if generator is not None else torch.device("cpu")
+    conc = torch.full((batch, num_synthetic, top_k), float(alpha), dtype=torch.float32, device=gen_device)
+    g = torch._standard_gamma(conc, generator=generator)  # > 0: torch clamps tiny draws to the smallest float
+    return (g / g.sum(dim=-1, keepdim=True)).to(device)
+
+
 @torch.no_grad()
-def synthetic_negatives(q, docs, num_synthetic, mix_top_k, mix_alpha, similarity, generator):
-    """Step 3 with a loop over queries; the random draws come from ``mixing_draws``."""
+def synthetic_negatives(q, docs, num_synthetic, mix_top_k, mix_alpha, similarity, generator, mix_mode="pair"):
+    """Step 3 with a loop over queries; the random draws come from ``mixing_draws`` / ``list_mixing_draws``."""
     top_k = mixing_top_k(docs.shape[1] - 1, mix_top_k)
     if num_synthetic == 0 or top_k < 2:
         return None
-    a, b, lam = mixing_draws(q.shape[0], num_synthetic, top_k, mix_alpha, generator, q.device)
+    if mix_mode == "list":
+        g = list_mixing_draws(q.shape[0], num_synthetic, top_k, mix_alpha, generator, q.device)
+    else:
+        a, b, lam = mixing_draws(q.shape[0], num_synthetic, top_k, mix_alpha, generator, q.device)
     out = []
     for i in range(q.shape[0]):
         qi, negs = _sim(q[i], similarity), _sim(docs[i, 1:], similarity)
         order = torch.argsort(negs @ qi, descending=True)[:top_k]
         rows = []
         for s in range(num_synthetic):
-            n_a, n_b = negs[order[a[i, s]]], negs[order[b[i, s]]]
-            rows.append(F.normalize(lam[i, s] * n_a + (1 - lam[i, s]) * n_b, dim=0, eps=NORM_EPS))
+            if mix_mode == "list":
+                sims = negs[order] @ qi
+                w = g[i, s] * torch.exp(sims - sims.max())  # exp(s_k), shifted: the ratios are the same
+                h = (w / w.sum()) @ negs[order]
+            else:
+                h = lam[i, s] * negs[order[a[i, s]]] + (1 - lam[i, s]) * negs[order[b[i, s]]]
+            rows.append(F.normalize(h, dim=0, eps=NORM_EPS))
         out.append(torch.stack(rows))
     return torch.stack(out)
 
 
 def focal_infonce(q: torch.Tensor, docs: torch.Tensor, *, temperature: float = 0.01, gamma: float = 0.5,
                   similarity: str = "cos", in_batch_negatives: bool = True, num_synthetic: int = 0,
-                  mix_top_k: Optional[int] = None, mix_alpha: float = 2.0,
+                  mix_top_k: Optional[int] = None, mix_alpha: float = 2.0, mix_mode: str = "pair",
                   generator: Optional[torch.Generator] = None, false_negative_margin: Optional[float] = None,
                   detach_focal_weight: bool = False, reduction: str = "mean") -> torch.Tensor:
     """``loss_i = -(1 - p_i) ** gamma * log p_i`` over ``q [B, D]``, ``docs [B, 1+M, D]``; float32 result."""
-    synthetic = synthetic_negatives(q, docs, num_synthetic, mix_top_k, mix_alpha, similarity, generator)
+    synthetic = synthetic_negatives(q, docs, num_synthetic, mix_top_k, mix_alpha, similarity, generator, mix_mode)
     log_p, _, _ = log_p_rows(q, docs, synthetic, temperature, similarity, in_batch_negatives, false_negative_margin)
     one_minus_p = -torch.expm1(log_p)
     # clamp: at p == 1 the weight's derivative is 0 * inf; its limit is 0, which the clamp gives
