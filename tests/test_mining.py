@@ -36,29 +36,35 @@ def _corpus(path):
     return path
 
 
-def _expected(model, rows, corpus_texts, *, num_negatives, lo, hi, max_positive_rank, seed, instructions):
-    """The mined records by brute force: every score, a full sort."""
+def _expected(model, rows, corpus_texts, *, num_negatives, lo, hi, max_positive_rank, seed, instructions,
+              max_negative_ratio=None):
+    """The mined records by brute force: every score, a full sort; and how many candidates the ratio left out."""
     encoder = Encoder(model)
     pool = list(dict.fromkeys([t for r in rows for t in r["pos"] + r["neg"]] + corpus_texts))
     emb = encoder.encode(pool, normalize_embeddings=True, convert_to_tensor=True, prompt="")
-    out, line_no = [], 0
+    out, line_no, ratio_filtered = [], 0, 0
     for r in rows:
         line_no += 1
         task = r.get("task", "train")
         query = format_query(r["query"], r.get("instruction") or instructions.get(task))
         q = encoder.encode(query, normalize_embeddings=True, convert_to_tensor=True, prompt="")
-        order = torch.argsort(emb @ q, descending=True).tolist()
+        scores = emb @ q
+        order = torch.argsort(scores, descending=True).tolist()
         positives = {pool.index(t) for t in r["pos"]}
         if max_positive_rank is not None and not positives & set(order[:max_positive_rank]):
             continue
         candidates = [i for i in order[lo:hi] if i not in positives and pool[i] != r["query"]]
+        if max_negative_ratio is not None:
+            limit = max_negative_ratio * min(scores[p] for p in positives)
+            ratio_filtered += sum(scores[i] > limit for i in candidates)
+            candidates = [i for i in candidates if scores[i] <= limit]
         if not candidates:
             continue
         chosen = random.Random(f"{seed}:{line_no}").sample(candidates, min(num_negatives, len(candidates)))
         record = {k: v for k, v in r.items() if k != "neg_scores"}
         record.update(task=task, neg=[pool[i] for i in chosen])
         out.append(record)
-    return out
+    return (out, ratio_filtered) if max_negative_ratio is not None else out
 
 
 @pytest.mark.parametrize("max_positive_rank", [3, 12, None])  # 12: past the range, a longer search
@@ -89,6 +95,24 @@ def test_mined_negatives_are_the_seeded_draws_from_the_ranks_asked_for(model, tm
     with pytest.warns(UserWarning, match="not used by kalm_fast's contrastive training: meta$"):
         data = TrainData(tmp_path / "mined.jsonl", min_negatives=3)  # what a fine-tuning stage reads
     assert len(data) == len(got)
+
+
+def test_the_negative_ratio_leaves_out_candidates_scoring_near_the_lowest_positive(model, tmp_path):
+    """max_negative_ratio r: a candidate scoring above r x the lowest score of the record's positives is never
+    drawn (brute force: every score); at the ratio chosen some candidates go and some stay."""
+    write_jsonl(tmp_path / "train.jsonl", _rows())
+    options = dict(num_negatives=3, max_positive_rank=None, seed=1, instructions={})
+    results = {}
+    for ratio in (1.0, 0.99, 0.98):  # the tiny model scores everything alike: positives 0.95-1.02 x the others
+        result = mine_file(model, tmp_path / "train.jsonl", tmp_path / f"m{ratio}.jsonl", max_negative_ratio=ratio,
+                           rank_range=(2, 12), show_progress=False, **options)
+        want, filtered = _expected(model, _rows(), [], lo=2, hi=12, max_negative_ratio=ratio, **options)
+        assert [json.loads(line) for line in open(tmp_path / f"m{ratio}.jsonl")] == want
+        assert result["ratio_filtered"] == filtered and result["written"] == len(want)
+        results[ratio] = (int(filtered), len(want))
+    assert 0 < results[1.0][0] < results[0.99][0] < results[0.98][0] and min(n for _, n in results.values()) > 0
+    assert mine_file(model, tmp_path / "train.jsonl", tmp_path / "off.jsonl", rank_range=(2, 12), show_progress=False,
+                     **options)["ratio_filtered"] == 0
 
 
 def test_too_few_candidates_give_fewer_negatives_or_drop_the_record(model, tmp_path):
@@ -227,6 +251,8 @@ def test_an_interrupted_run_continues_without_encoding_the_pool_again(model, tmp
     (dict(rank_range=(5, 5)), r"rank_range\[1\] must be an integer >= 6, got 5"),
     (dict(rank_range=(-1, 5)), r"rank_range\[0\] must be an integer >= 0, got -1"),
     (dict(max_positive_rank=0), "max_positive_rank must be an integer >= 1 or None, got 0"),
+    (dict(max_negative_ratio=0), r"max_negative_ratio must be a number in \(0, 1\] or None, got 0"),
+    (dict(max_negative_ratio=1.5), r"max_negative_ratio must be a number in \(0, 1\] or None, got 1.5"),
     (dict(corpus="c.csv"), "corpus must be a .txt or .jsonl file"),
     (dict(output="o.txt"), "output must be a .jsonl file"),
     (dict(output="train.jsonl"), "is the input: write the rewritten records to another file"),
@@ -260,6 +286,11 @@ def test_cli(model, tmp_path, capsys):
     assert (tmp_path / "m.jsonl").read_bytes() == (tmp_path / "api.jsonl").read_bytes()
     assert main(argv[:-6] + ["--range", "6", "6"]) == 2
     assert capsys.readouterr().err.strip() == "kalm-fast mine: error: --range 6 6: HI must be greater than LO"
+    argv[6] = str(tmp_path / "ratio.jsonl")
+    assert main(argv + ["--max-negative-ratio", "0.99"]) == 0
+    assert "candidates above 0.99 x the positive's score left out" in capsys.readouterr().out
+    assert main(argv + ["--max-negative-ratio", "1.5"]) == 2
+    assert "max_negative_ratio must be a number in (0, 1] or None, got 1.5" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("command", ["mine", "score"])

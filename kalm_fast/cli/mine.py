@@ -20,6 +20,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-positive-rank", type=nonnegative_int, default=50,
                         help="drop a record none of whose positives ranks among the first N (default 50; 0: keep "
                              "every record)")
+    parser.add_argument("--max-negative-ratio", type=float, default=None, metavar="R",
+                        help="leave out a candidate scoring above R times the record's lowest positive score "
+                             "(likely a false negative; NV-Retriever uses 0.95; default: off)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the draws (default 0)")
     parser.add_argument("--chunk-records", type=positive_int, default=4096,
                         help="records per chunk: the unit of progress an interrupted run keeps (default 4096)")
@@ -36,7 +39,8 @@ def run(args) -> int:
     corpus = input_file(args.corpus, "--corpus") if args.corpus is not None else None
     result = mine_file(args.model, input_file(args.input, "--input"), args.output, corpus=corpus,
                        num_negatives=args.negatives, rank_range=(lo, hi),
-                       max_positive_rank=args.max_positive_rank or None, seed=args.seed,
+                       max_positive_rank=args.max_positive_rank or None,
+                       max_negative_ratio=args.max_negative_ratio, seed=args.seed,
                        instructions=instructions_of(args), chunk_records=args.chunk_records, device=args.device,
                        dtype=args.dtype, max_length=args.max_length, allow_pickle=args.allow_pickle,
                        max_tokens_per_batch=args.max_tokens_per_batch)
@@ -44,8 +48,10 @@ def run(args) -> int:
     resumed = f" (the {result['resumed_at']} before them were mined by an earlier run)" if result["resumed_at"] else ""
     rank_filter = (f"{result['dropped_positive_rank']} dropped (no positive in the first {args.max_positive_rank}), "
                    if args.max_positive_rank else "")
+    ratio_filter = (f" ({result['ratio_filtered']} candidates above {args.max_negative_ratio:g} x the positive's "
+                    "score left out)" if args.max_negative_ratio is not None else "")
     print(f"mined {mined} of {result['records']} records{resumed} against {result['pool']} candidates: "
           f"{result['written']} written ({result['fewer_negatives']} with fewer than {args.negatives} negatives), "
-          f"{rank_filter}{result['dropped_no_candidates']} dropped (no candidate in ranks {lo}-{hi}), in "
-          f"{result['seconds']:.2f} s -> {args.output}")
+          f"{rank_filter}{result['dropped_no_candidates']} dropped (no candidate in ranks {lo}-{hi}){ratio_filter}, "
+          f"in {result['seconds']:.2f} s -> {args.output}")
     return 0

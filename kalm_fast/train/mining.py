@@ -6,9 +6,11 @@ input, plus the texts of ``corpus`` when given (.txt: one text per line; .jsonl:
 joined as everywhere in kalm_fast). The record's ``neg`` becomes ``num_negatives`` texts drawn (seeded by ``seed``
 and the record's line) from the candidates at ranks ``rank_range = (lo, hi)`` (0-based, ``ranked[lo:hi]``;
 KaLM-Embedding-V2 mines ranks 50 to 100 of a previous model) that are neither one of its positives nor its query,
-fewer where fewer are there. A record none of whose positives ranks among the first ``max_positive_rank`` is
-dropped as likely mislabelled (KaLM: 50; None keeps all), as is one with no candidate left in the range. Every other
-key of a record is kept, its ``task`` written in when it had none, and ``neg_scores`` removed (it scored the old
+fewer where fewer are there. With ``max_negative_ratio = r`` a candidate is also left out when its score exceeds
+``r`` times the lowest score of the record's positives (NV-Retriever's positive-aware filter, "TopK-PercPos", uses
+0.95): likely an unlabelled positive or a near-duplicate of one. A record none of whose positives ranks among the
+first ``max_positive_rank`` is dropped as likely mislabelled (KaLM: 50; None keeps all), as is one with no candidate
+left in the range. Every other key of a record is kept, its ``task`` written in when it had none, and ``neg_scores`` removed (it scored the old
 negatives). The output is written a chunk of records at a time and continues after an interruption
 (``kalm_fast.files.write_resumable``); the pool's embeddings are kept beside it until the run completes, so a
 resumed run does not encode the pool again.
@@ -100,14 +102,16 @@ def _pool_embeddings(encoder, texts: list, cache: Path, settings: dict, encode: 
 
 
 def mine_file(model, input_path, output, *, corpus=None, num_negatives: int = 7, rank_range: tuple = (50, 100),
-              max_positive_rank: Optional[int] = 50, seed: int = 0, instructions: Optional[dict] = None,
+              max_positive_rank: Optional[int] = 50, max_negative_ratio: Optional[float] = None, seed: int = 0,
+              instructions: Optional[dict] = None,
               chunk_records: int = 4096, show_progress: bool = True, **encoder_kwargs) -> dict:
     """Mine hard negatives for the training JSONL ``input_path`` with ``model`` (a model directory, None for the
     embedded MiniLM) and write ``output`` (JSONL). ``encoder_kwargs`` go to ``Encoder`` (``device``, ``dtype``,
     ``max_length``, ``allow_pickle``), except ``max_tokens_per_batch``, which goes to ``encode``.
 
     Returns ``{"records", "written", "dropped_positive_rank", "dropped_no_candidates", "fewer_negatives",
-    "pool", "resumed_at", "seconds"}``: the counts are of the records this run mined (after ``resumed_at``).
+    "ratio_filtered", "pool", "resumed_at", "seconds"}``: the counts are of the records this run mined (after
+    ``resumed_at``); ``ratio_filtered`` counts the candidates ``max_negative_ratio`` left out.
     """
     input_path, output = Path(input_path), Path(output)
     corpus = Path(corpus) if corpus is not None else None
@@ -120,6 +124,10 @@ def mine_file(model, input_path, output, *, corpus=None, num_negatives: int = 7,
     if max_positive_rank is not None and (isinstance(max_positive_rank, bool) or not isinstance(max_positive_rank, int)
                                           or max_positive_rank < 1):
         raise ValueError(f"max_positive_rank must be an integer >= 1 or None, got {max_positive_rank!r}")
+    if max_negative_ratio is not None and (isinstance(max_negative_ratio, bool)
+                                           or not isinstance(max_negative_ratio, (int, float))
+                                           or not 0 < max_negative_ratio <= 1):
+        raise ValueError(f"max_negative_ratio must be a number in (0, 1] or None, got {max_negative_ratio!r}")
     check_records_output(output, input_path)
     if corpus is not None and corpus.suffix.lower() not in (".txt", ".jsonl"):
         raise ValueError(f"corpus must be a .txt or .jsonl file, got {str(corpus)!r}")
@@ -142,19 +150,20 @@ def mine_file(model, input_path, output, *, corpus=None, num_negatives: int = 7,
     encoder, model_settings, encode = load_record_model(model, encoder_kwargs)
     pool_settings = dict(model_settings, format=FORMAT, pool_sha256=_texts_sha256(texts))
     settings = dict(pool_settings, input_sha256=input_sha256, records=count, num_negatives=num_negatives,
-                    rank_range=[lo, hi], max_positive_rank=max_positive_rank, seed=seed, instructions=instructions)
+                    rank_range=[lo, hi], max_positive_rank=max_positive_rank, max_negative_ratio=max_negative_ratio,
+                    seed=seed, instructions=instructions)
     started = time.perf_counter()
     cache = output.with_name(f".{output.name}.pool")
     pool_emb = _pool_embeddings(encoder, texts, cache, pool_settings, encode, show_progress)
     k = min(max(hi, max_positive_rank or 0), len(texts))
-    counts = dict(written=0, dropped_positive_rank=0, dropped_no_candidates=0, fewer_negatives=0)
+    counts = dict(written=0, dropped_positive_rank=0, dropped_no_candidates=0, fewer_negatives=0, ratio_filtered=0)
 
     def render(chunk: list) -> str:
         queries = [format_query(r["query"], r["instruction"] or instructions.get(r["task"])) for _, _, r in chunk]
-        q = encoder.encode(queries, normalize_embeddings=True, **encode)
+        q = encoder.encode(queries, normalize_embeddings=True, **encode).float()
         ranked = search(q, pool_emb, k, chunk=max(1, SEARCH_SCORES // len(texts))).tolist()
         lines = []
-        for (line_no, raw, record), row in zip(chunk, ranked):
+        for (line_no, raw, record), row, q_row in zip(chunk, ranked, q):
             own = {pool.get(t) for t in record["pos"]}
             if None in own or record["query"] not in positives_of:
                 raise input_changed(input_path, "mined", "mine")
@@ -164,6 +173,12 @@ def mine_file(model, input_path, output, *, corpus=None, num_negatives: int = 7,
             # neither a positive of any record of this query nor the query's own text
             excluded = positives_of[record["query"]]
             candidates = [i for i in row[lo:hi] if i not in excluded and texts[i] != record["query"]]
+            if max_negative_ratio is not None and candidates:
+                limit = max_negative_ratio * float((pool_emb[sorted(own)] @ q_row).min())
+                scores = (pool_emb[candidates] @ q_row).tolist()
+                kept = [i for i, s in zip(candidates, scores) if s <= limit]
+                counts["ratio_filtered"] += len(candidates) - len(kept)
+                candidates = kept
             if not candidates:
                 counts["dropped_no_candidates"] += 1
                 continue
