@@ -10,10 +10,10 @@ fewer where fewer are there. With ``max_negative_ratio = r`` a candidate is also
 ``r`` times the lowest score of the record's positives (NV-Retriever's positive-aware filter, "TopK-PercPos", uses
 0.95): likely an unlabelled positive or a near-duplicate of one. A record none of whose positives ranks among the
 first ``max_positive_rank`` is dropped as likely mislabelled (KaLM: 50; None keeps all), as is one with no candidate
-left in the range. Every other key of a record is kept, its ``task`` written in when it had none, and ``neg_scores`` removed (it scored the old
-negatives). The output is written a chunk of records at a time and continues after an interruption
-(``kalm_fast.files.write_resumable``); the pool's embeddings are kept beside it until the run completes, so a
-resumed run does not encode the pool again.
+left in the range. Every other key of a record is kept, its ``task`` written in when it had none, and ``neg_scores``
+removed (it scored the old negatives). The output is written a chunk of records at a time and continues after an
+interruption (``kalm_fast.files.write_resumable``); the pool's embeddings are kept beside it until the run completes,
+so a resumed run does not encode the pool again.
 """
 from __future__ import annotations
 
