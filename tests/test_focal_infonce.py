@@ -10,7 +10,7 @@ from conftest import DEVICE, backend_params, tolerance
 
 from kalm_fast import _registry
 from kalm_fast.ops import focal_infonce
-from kalm_fast.ops.focal_infonce import focal_infonce_with_stats, focal_weighted, logp
+from kalm_fast.ops.focal_infonce import focal_infonce_with_stats, focal_weighted, logp, mixing
 from kalm_fast.ops.focal_infonce import reference as ref
 from kalm_fast.ops.focal_infonce._torch import TorchEngine
 from kalm_fast.ops.focal_infonce.mixing import synthetic_negatives
@@ -28,7 +28,8 @@ def _backend_fn(name):
 @pytest.fixture(autouse=True)
 def small_torch_tiles(monkeypatch):
     """Tiny tiles and backward chunks so that the small shapes below cross several query and candidate tiles, and
-    the backward's candidate chunks (in steps of 16 columns, the interpreter's tile)."""
+    the backward's candidate chunks (in steps of 16 columns, the interpreter's tile); mixing in chunks of 3 queries."""
+    monkeypatch.setattr(mixing, "_CHUNK", 3)
     monkeypatch.setattr(logp, "TILE_Q", 4)
     monkeypatch.setattr(logp, "TILE_C", 7)
     monkeypatch.setattr(logp, "MIN_CHUNK_BYTES", 0)
@@ -709,13 +710,14 @@ def test_synthetic_negatives_mix_the_top_k():
 
 
 def test_list_mixing_draws_are_dirichlet():
-    """g ~ Dirichlet(alpha, ..., alpha) over K: rows on the simplex, mean 1/K, variance (K - 1) / (K^2 (K alpha + 1))
-    (within 6 standard errors of 200k rows, a fixed seed), reproducible from the generator state."""
+    """Gamma(alpha) draws, each >= the smallest normal float; normalized, Dirichlet(alpha, ..., alpha) over K: mean
+    1/K, variance (K - 1) / (K^2 (K alpha + 1)) (within 6 standard errors of 200k rows, a fixed seed), reproducible
+    from the generator state."""
     k, alpha = 4, 0.7
     g = list_mixing_draws(500, 400, k, alpha, torch.Generator().manual_seed(0))
-    assert g.shape == (500, 400, k) and g.dtype == torch.float32 and (g > 0).all()
-    torch.testing.assert_close(g.sum(-1), torch.ones(500, 400))
+    assert g.shape == (500, 400, k) and g.dtype == torch.float32 and (g >= torch.finfo(torch.float32).tiny).all()
     assert torch.equal(g, list_mixing_draws(500, 400, k, alpha, torch.Generator().manual_seed(0)))
+    g = g / g.sum(-1, keepdim=True)
     x = g[..., 0].double().flatten()
     var = (k - 1) / (k**2 * (k * alpha + 1))
     assert abs(x.mean() - 1 / k) < 6 * (var / x.numel()) ** 0.5
@@ -740,6 +742,26 @@ def test_list_mixing_weighs_the_top_k_by_draw_and_similarity(similarity):
     # the reference's loop builds the same negatives
     torch.testing.assert_close(ref.synthetic_negatives(q, docs, 8, 3, 2.0, similarity,
                                                        torch.Generator().manual_seed(4), "list"), syn)
+
+
+def test_list_mixing_with_large_dot_scores_is_finite_and_exact():
+    """Dot similarity of long vectors (scores in the thousands): the weights g_k exp(s_k) are formed from scores
+    shifted by the largest; float64 computes them unshifted. Tiny alpha (most draws clamped near 0) too."""
+    q, docs = _inputs(7, 5, 16, seed=3)
+    q, docs = 30 * q / q.norm(dim=-1, keepdim=True), 30 * docs / docs.norm(dim=-1, keepdim=True)
+    for alpha in (2.0, 1e-3):
+        syn = synthetic_negatives(q, docs, num_synthetic=4, mix_alpha=alpha, mix_mode="list", similarity="dot",
+                                  generator=torch.Generator().manual_seed(1))
+        g = list_mixing_draws(7, 4, 5, alpha, torch.Generator().manual_seed(1)).double()
+        negs = docs[:, 1:].double()
+        s = torch.einsum("bmd,bd->bm", negs, q.double())
+        order = s.argsort(dim=1, descending=True)
+        s, negs = s.gather(1, order), negs[torch.arange(7)[:, None], order]
+        assert s.max() > 500  # exp(s) overflows float32, and float64's range ends near exp(709)
+        log_w = g.log() + s.unsqueeze(1)  # unshifted: softmax in float64
+        want = F.normalize(torch.bmm(torch.softmax(log_w, dim=-1), negs), dim=-1)
+        assert syn.isfinite().all()
+        torch.testing.assert_close(syn.double(), want, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("mix_mode", ["pair", "list"])

@@ -288,9 +288,11 @@ def test_cli(model, tmp_path, capsys):
     assert capsys.readouterr().err.strip() == "kalm-fast mine: error: --range 6 6: HI must be greater than LO"
     argv[6] = str(tmp_path / "ratio.jsonl")
     assert main(argv + ["--max-negative-ratio", "0.99"]) == 0
-    assert "candidates above 0.99 x the positive's score left out" in capsys.readouterr().out
-    assert main(argv + ["--max-negative-ratio", "1.5"]) == 2
-    assert "max_negative_ratio must be a number in (0, 1] or None, got 1.5" in capsys.readouterr().err
+    assert "candidates above 0.99 x the lowest positive score left out" in capsys.readouterr().out
+    for bad, why in (("1.5", "must be in (0, 1], got 1.5"), ("nan", "must be in (0, 1], got nan"),
+                     ("most", "expected a number in (0, 1], got 'most'")):
+        assert main(argv + ["--max-negative-ratio", bad]) == 2
+        assert capsys.readouterr().err.strip() == f"kalm-fast mine: error: argument --max-negative-ratio: {why}"
 
 
 @pytest.mark.parametrize("command", ["mine", "score"])

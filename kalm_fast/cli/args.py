@@ -26,6 +26,17 @@ positive_int = int_at_least(1)
 nonnegative_int = int_at_least(0)
 
 
+def fraction(text: str) -> float:
+    """An argparse type: a number in (0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
+    if not 0 < value <= 1:  # NaN fails too
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
 def device(text: str) -> str:
     try:
         check_device(text)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 
 from ..distributed import torchrun_env
-from .args import add_record_tool_arguments, input_file, instructions_of, nonnegative_int, positive_int
+from .args import add_record_tool_arguments, fraction, input_file, instructions_of, nonnegative_int, positive_int
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -20,8 +20,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-positive-rank", type=nonnegative_int, default=50,
                         help="drop a record none of whose positives ranks among the first N (default 50; 0: keep "
                              "every record)")
-    parser.add_argument("--max-negative-ratio", type=float, default=None, metavar="R",
-                        help="leave out a candidate scoring above R times the record's lowest positive score "
+    parser.add_argument("--max-negative-ratio", type=fraction, default=None, metavar="R",
+                        help="leave out a candidate scoring above R times the lowest score of the record's positives "
                              "(likely a false negative; NV-Retriever uses 0.95; default: off)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the draws (default 0)")
     parser.add_argument("--chunk-records", type=positive_int, default=4096,
@@ -48,8 +48,8 @@ def run(args) -> int:
     resumed = f" (the {result['resumed_at']} before them were mined by an earlier run)" if result["resumed_at"] else ""
     rank_filter = (f"{result['dropped_positive_rank']} dropped (no positive in the first {args.max_positive_rank}), "
                    if args.max_positive_rank else "")
-    ratio_filter = (f" ({result['ratio_filtered']} candidates above {args.max_negative_ratio:g} x the positive's "
-                    "score left out)" if args.max_negative_ratio is not None else "")
+    ratio_filter = (f" ({result['ratio_filtered']} candidates above {args.max_negative_ratio:g} x the lowest "
+                    "positive score left out)" if args.max_negative_ratio is not None else "")
     print(f"mined {mined} of {result['records']} records{resumed} against {result['pool']} candidates: "
           f"{result['written']} written ({result['fewer_negatives']} with fewer than {args.negatives} negatives), "
           f"{rank_filter}{result['dropped_no_candidates']} dropped (no candidate in ranks {lo}-{hi}){ratio_filter}, "

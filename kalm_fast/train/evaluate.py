@@ -43,14 +43,16 @@ def rank_metrics(ranked: Sequence[Sequence[str]], relevant: Sequence[dict], ks: 
     return {name: sum(values) / len(values) for name, values in query_metrics(ranked, relevant, ks).items()}
 
 
-def search(query_emb: torch.Tensor, doc_emb: torch.Tensor, k: int, *, chunk: int = 1024) -> torch.Tensor:
-    """Indices ``[Q, min(k, N)]`` of the highest dot products, best first, in chunks of queries."""
+def search(query_emb: torch.Tensor, doc_emb: torch.Tensor, k: int, *, chunk: int = 1024, with_scores: bool = False):
+    """Indices ``[Q, min(k, N)]`` of the highest dot products, best first, in chunks of queries; with
+    ``with_scores``, ``(indices, scores)`` (float32, the same shape)."""
     k = min(k, doc_emb.shape[0])
-    out = []
+    indices, values = [], []
     for start in range(0, query_emb.shape[0], chunk):
-        scores = query_emb[start:start + chunk].float() @ doc_emb.float().T
-        out.append(scores.topk(k, dim=1).indices)
-    return torch.cat(out)
+        top = (query_emb[start:start + chunk].float() @ doc_emb.float().T).topk(k, dim=1)
+        indices.append(top.indices)
+        values.append(top.values)
+    return (torch.cat(indices), torch.cat(values)) if with_scores else torch.cat(indices)
 
 
 def evaluate_embeddings(query_emb: torch.Tensor, doc_emb: torch.Tensor, eval_set: EvalSet,

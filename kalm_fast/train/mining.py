@@ -8,12 +8,13 @@ and the record's line) from the candidates at ranks ``rank_range = (lo, hi)`` (0
 KaLM-Embedding-V2 mines ranks 50 to 100 of a previous model) that are neither one of its positives nor its query,
 fewer where fewer are there. With ``max_negative_ratio = r`` a candidate is also left out when its score exceeds
 ``r`` times the lowest score of the record's positives (NV-Retriever's positive-aware filter, "TopK-PercPos", uses
-0.95): likely an unlabelled positive or a near-duplicate of one. A record none of whose positives ranks among the
-first ``max_positive_rank`` is dropped as likely mislabelled (KaLM: 50; None keeps all), as is one with no candidate
-left in the range. Every other key of a record is kept, its ``task`` written in when it had none, and ``neg_scores``
-removed (it scored the old negatives). The output is written a chunk of records at a time and continues after an
-interruption (``kalm_fast.files.write_resumable``); the pool's embeddings are kept beside it until the run completes,
-so a resumed run does not encode the pool again.
+0.95; meant for positive scores: below 0 the limit lies above the positive's score): likely an unlabelled positive
+or a near-duplicate of one. A record none of whose positives ranks among the first ``max_positive_rank`` is dropped
+as likely mislabelled (KaLM: 50; None keeps all), as is one with no candidate left in the range. Every other key of
+a record is kept, its ``task`` written in when it had none, and ``neg_scores`` removed (it scored the old negatives).
+The output is written a chunk of records at a time and continues after an interruption
+(``kalm_fast.files.write_resumable``); the pool's embeddings are kept beside it until the run completes, so a
+resumed run does not encode the pool again.
 """
 from __future__ import annotations
 
@@ -101,6 +102,14 @@ def _pool_embeddings(encoder, texts: list, cache: Path, settings: dict, encode: 
     return out
 
 
+def _lowest_positive_scores(q: torch.Tensor, pool_emb: torch.Tensor, owns: list) -> torch.Tensor:
+    """``[n]``: for each query ``q[j]`` the lowest score among its record's positives, the pool ids ``owns[j]``."""
+    owner = torch.tensor([j for j, own in enumerate(owns) for _ in own], device=q.device)
+    ids = torch.tensor([i for own in owns for i in own], device=q.device)
+    scores = (pool_emb[ids] * q[owner]).sum(dim=-1)
+    return torch.full((len(owns),), float("inf"), device=q.device).scatter_reduce(0, owner, scores, "amin")
+
+
 def mine_file(model, input_path, output, *, corpus=None, num_negatives: int = 7, rank_range: tuple = (50, 100),
               max_positive_rank: Optional[int] = 50, max_negative_ratio: Optional[float] = None, seed: int = 0,
               instructions: Optional[dict] = None,
@@ -150,8 +159,9 @@ def mine_file(model, input_path, output, *, corpus=None, num_negatives: int = 7,
     encoder, model_settings, encode = load_record_model(model, encoder_kwargs)
     pool_settings = dict(model_settings, format=FORMAT, pool_sha256=_texts_sha256(texts))
     settings = dict(pool_settings, input_sha256=input_sha256, records=count, num_negatives=num_negatives,
-                    rank_range=[lo, hi], max_positive_rank=max_positive_rank, max_negative_ratio=max_negative_ratio,
-                    seed=seed, instructions=instructions)
+                    rank_range=[lo, hi], max_positive_rank=max_positive_rank, seed=seed, instructions=instructions)
+    if max_negative_ratio is not None:  # only when set: a run started before the option existed still resumes
+        settings["max_negative_ratio"] = max_negative_ratio
     started = time.perf_counter()
     cache = output.with_name(f".{output.name}.pool")
     pool_emb = _pool_embeddings(encoder, texts, cache, pool_settings, encode, show_progress)
@@ -160,25 +170,27 @@ def mine_file(model, input_path, output, *, corpus=None, num_negatives: int = 7,
 
     def render(chunk: list) -> str:
         queries = [format_query(r["query"], r["instruction"] or instructions.get(r["task"])) for _, _, r in chunk]
+        owns = [{pool.get(t) for t in r["pos"]} for _, _, r in chunk]
+        if any(None in own or r["query"] not in positives_of for own, (_, _, r) in zip(owns, chunk)):
+            raise input_changed(input_path, "mined", "mine")
         q = encoder.encode(queries, normalize_embeddings=True, **encode).float()
-        ranked = search(q, pool_emb, k, chunk=max(1, SEARCH_SCORES // len(texts))).tolist()
+        top, top_scores = search(q, pool_emb, k, chunk=max(1, SEARCH_SCORES // len(texts)), with_scores=True)
+        ranked = top.tolist()
+        if max_negative_ratio is not None:
+            limits = (max_negative_ratio * _lowest_positive_scores(q, pool_emb, owns)).tolist()
+            range_scores = top_scores[:, lo:hi].tolist()
         lines = []
-        for (line_no, raw, record), row, q_row in zip(chunk, ranked, q):
-            own = {pool.get(t) for t in record["pos"]}
-            if None in own or record["query"] not in positives_of:
-                raise input_changed(input_path, "mined", "mine")
+        for j, ((line_no, raw, record), row, own) in enumerate(zip(chunk, ranked, owns)):
             if max_positive_rank is not None and not own.intersection(row[:max_positive_rank]):
                 counts["dropped_positive_rank"] += 1
                 continue
             # neither a positive of any record of this query nor the query's own text
             excluded = positives_of[record["query"]]
             candidates = [i for i in row[lo:hi] if i not in excluded and texts[i] != record["query"]]
-            if max_negative_ratio is not None and candidates:
-                limit = max_negative_ratio * float((pool_emb[sorted(own)] @ q_row).min())
-                scores = (pool_emb[candidates] @ q_row).tolist()
-                kept = [i for i, s in zip(candidates, scores) if s <= limit]
-                counts["ratio_filtered"] += len(candidates) - len(kept)
-                candidates = kept
+            if max_negative_ratio is not None:
+                too_close = {i for i, s in zip(row[lo:hi], range_scores[j]) if s > limits[j]}
+                counts["ratio_filtered"] += sum(i in too_close for i in candidates)
+                candidates = [i for i in candidates if i not in too_close]
             if not candidates:
                 counts["dropped_no_candidates"] += 1
                 continue

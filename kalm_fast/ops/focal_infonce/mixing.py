@@ -29,30 +29,48 @@ def synthetic_negatives(q: torch.Tensor, docs: torch.Tensor, *, num_synthetic: i
     ``"list"`` gives ``h = normalize(sum_k w_k n_k)``, ``w ~ g * exp(s(q_i, n_k))`` with ``g ~ Dirichlet``.
     None when ``num_synthetic == 0`` or K < 2 (not enough hard negatives to mix).
     """
+    if mix_mode not in ("pair", "list"):
+        raise ValueError(f"mix_mode must be 'pair' or 'list', got {mix_mode!r}")
     batch = q.shape[0]
     top_k = mixing_top_k(docs.shape[1] - 1, mix_top_k)
     if num_synthetic == 0 or top_k < 2:
         return None
-    if mix_mode == "list":
-        g = list_mixing_draws(batch, num_synthetic, top_k, mix_alpha, generator, q.device)  # [B, S, K]
-    else:
-        a, b, lam = mixing_draws(batch, num_synthetic, top_k, mix_alpha, generator, q.device)  # [B, S] each
-        lam = lam.unsqueeze(-1)
-    out = torch.empty(batch, num_synthetic, q.shape[1], dtype=torch.float32, device=q.device)
+    ranked, top_scores = [], []
     for i0 in range(0, batch, _CHUNK):
-        i1 = min(i0 + _CHUNK, batch)
-        qc, negs = q[i0:i1].float(), docs[i0:i1, 1:].float()
+        qc = q[i0:i0 + _CHUNK].float()
+        negs = docs[i0:i0 + qc.shape[0], 1:].float()
         if similarity == "cos":
             qc, negs = F.normalize(qc, dim=-1, eps=NORM_EPS), F.normalize(negs, dim=-1, eps=NORM_EPS)
         scores = torch.bmm(negs, qc.unsqueeze(-1)).squeeze(-1)  # [chunk, M]
-        top = torch.topk(scores, top_k, dim=1)  # [chunk, K], hardest first
-        rows = torch.arange(i1 - i0, device=q.device).unsqueeze(1)
-        if mix_mode == "list":
-            w = g[i0:i1] * torch.exp(top.values - top.values[:, :1]).unsqueeze(1)  # exp(s_k), shifted by the max
-            h = torch.bmm(w / w.sum(dim=-1, keepdim=True), negs[rows, top.indices])  # [chunk, S, D]
-        else:
-            n_a = negs[rows, top.indices.gather(1, a[i0:i1])]  # [chunk, S, D]
-            n_b = negs[rows, top.indices.gather(1, b[i0:i1])]
-            h = lam[i0:i1] * n_a + (1 - lam[i0:i1]) * n_b
-        out[i0:i1] = F.normalize(h, dim=-1, eps=NORM_EPS)
+        top = torch.topk(scores, top_k, dim=1)
+        ranked.append(top.indices)
+        top_scores.append(top.values)
+    ranked = torch.cat(ranked)  # [B, K], hardest first
+    if mix_mode == "list":
+        return _list_mix(docs, ranked, torch.cat(top_scores), num_synthetic, mix_alpha, similarity, generator)
+    a, b, lam = mixing_draws(batch, num_synthetic, top_k, mix_alpha, generator, q.device)
+    rows = torch.arange(batch, device=q.device).unsqueeze(1)
+    n_a = docs[rows, 1 + ranked.gather(1, a)].float()  # [B, S, D]
+    n_b = docs[rows, 1 + ranked.gather(1, b)].float()
+    if similarity == "cos":
+        n_a, n_b = F.normalize(n_a, dim=-1, eps=NORM_EPS), F.normalize(n_b, dim=-1, eps=NORM_EPS)
+    lam = lam.unsqueeze(-1)
+    return F.normalize(lam * n_a + (1 - lam) * n_b, dim=-1, eps=NORM_EPS)
+
+
+def _list_mix(docs, ranked, top_scores, num_synthetic, mix_alpha, similarity, generator) -> torch.Tensor:
+    """List-wise mixing of each query's top K (``ranked [B, K]``, their scores ``top_scores [B, K]``, hardest first):
+    ``normalize(sum_k w_k n_k)``, ``w_k ~ g_k exp(s_k)``, a chunk of queries at a time."""
+    batch, top_k = ranked.shape
+    g = list_mixing_draws(batch, num_synthetic, top_k, mix_alpha, generator, docs.device)  # [B, S, K], >= tiny
+    out = torch.empty(batch, num_synthetic, docs.shape[-1], dtype=torch.float32, device=docs.device)
+    for i0 in range(0, batch, _CHUNK):
+        i1 = min(i0 + _CHUNK, batch)
+        rows = torch.arange(i0, i1, device=docs.device).unsqueeze(1)
+        negs = docs[rows, 1 + ranked[i0:i1]].float()  # [chunk, K, D]
+        if similarity == "cos":
+            negs = F.normalize(negs, dim=-1, eps=NORM_EPS)
+        # exp(s_k) shifted by each row's largest score: the hardest negative's weight is g_0 > 0, so the sum is too
+        w = g[i0:i1] * torch.exp(top_scores[i0:i1] - top_scores[i0:i1, :1]).unsqueeze(1)
+        out[i0:i1] = F.normalize(torch.bmm(w / w.sum(dim=-1, keepdim=True), negs), dim=-1, eps=NORM_EPS)
     return out

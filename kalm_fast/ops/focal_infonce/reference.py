@@ -15,9 +15,10 @@ Inputs: ``q [B, D]`` query embeddings; ``docs [B, 1+M, D]``: ``docs[i, 0]`` is t
    (``mixing_draws``, from ``generator``), and form ``h = normalize(lambda * n_a + (1 - lambda) * n_b)`` (from the
    normalized vectors when ``"cos"``). That is ``mix_mode="pair"``; with ``mix_mode="list"`` each synthetic
    negative mixes all K: ``h = normalize(sum_k w_k n_k)``, ``w_k = g_k exp(s_k) / sum_j g_j exp(s_j)`` with
-   ``s_k = s(q_i, n_k)`` and ``g ~ Dirichlet(mix_alpha, ..., mix_alpha)`` over the K (``list_mixing_draws``; the
-   pair mode's Beta is the Dirichlet of two): a random convex combination leaning towards the negatives most
-   similar to the query. Synthetic negatives carry no gradient; they join ``C_i`` for query i only.
+   ``s_k = s(q_i, n_k)`` and K independent ``g_k ~ Gamma(mix_alpha)`` (``list_mixing_draws``), i.e. weights
+   ``g / sum g ~ Dirichlet(mix_alpha, ..., mix_alpha)`` tilted by ``exp(s_k)`` (the pair mode's Beta is the
+   Dirichlet of two): a random convex combination leaning towards the negatives most similar to the query.
+   Synthetic negatives carry no gradient; they join ``C_i`` for query i only.
 4. False-negative masking (``false_negative_margin = m``, off when None): drop from ``C_i`` every candidate other
    than the positive with ``s(q_i, c) > s(q_i, docs[i, 0]) + m``.
 5. ``z_ic = s(q_i, c) / temperature``; ``log p_i = z_i,pos - logsumexp_{c in C_i} z_ic``.
@@ -99,13 +100,13 @@ def mixing_draws(batch: int, num_synthetic: int, top_k: int, alpha: float,
 
 def list_mixing_draws(batch: int, num_synthetic: int, top_k: int, alpha: float,
                       generator: Optional[torch.Generator] = None, device=None) -> torch.Tensor:
-    """The random part of list-wise mixing: ``g [batch, num_synthetic, top_k]`` float32, each row drawn from
-    ``Dirichlet(alpha, ..., alpha)`` (normalized Gamma(alpha) draws, from ``generator`` on its device, then moved
-    to ``device``)."""
+    """The random part of list-wise mixing: ``g [batch, num_synthetic, top_k]`` float32 Gamma(alpha) draws (from
+    ``generator`` on its device, then moved to ``device``); each row divided by its sum is a ``Dirichlet(alpha, ...,
+    alpha)`` draw. Left unnormalized: the mixing weights ``g_k exp(s_k)`` are normalized once, and every draw is
+    at least the smallest normal float (torch clamps), so their sum never underflows to 0."""
     gen_device = generator.device if generator is not None else torch.device("cpu")
     conc = torch.full((batch, num_synthetic, top_k), float(alpha), dtype=torch.float32, device=gen_device)
-    g = torch._standard_gamma(conc, generator=generator)  # > 0: torch clamps tiny draws to the smallest float
-    return (g / g.sum(dim=-1, keepdim=True)).to(device)
+    return torch._standard_gamma(conc, generator=generator).to(device)
 
 
 @torch.no_grad()
