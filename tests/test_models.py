@@ -40,6 +40,10 @@ def _tiny_config(kind):
                                              max_position_embeddings=128)
     if kind == "gemma":
         return transformers.GemmaConfig(**common, num_key_value_heads=1, head_dim=16, pad_token_id=0)
+    if kind == "gemma3":  # a causal checkpoint, as Gemma 3 LLMs are; one local (sliding) and one global layer
+        return transformers.Gemma3TextConfig(**common, num_key_value_heads=1, head_dim=16, pad_token_id=0,
+                                             query_pre_attn_scalar=16, sliding_window=256,
+                                             layer_types=["sliding_attention", "full_attention"])
     if kind in ("mpnet", "deberta-v2", "roformer"):
         return transformers.AutoConfig.for_model(kind, **common)
     raise ValueError(kind)
@@ -204,6 +208,42 @@ def test_gemma_is_bidirectional_and_matches_eager_reference(tmp_path, tokenizer)
     with torch.no_grad():
         got = model(model.pack(ids))
     torch.testing.assert_close(got, _eager_reference(directory, TEXTS, ids), atol=2e-5, rtol=2e-5)
+
+
+def test_gemma3_matches_transformers_own_bidirectional_gemma3(tmp_path, tokenizer):
+    """Gemma 3 keeps its layer types, so its sliding layer keeps the local RoPE base (the global one elsewhere). The
+    reference is transformers' own bidirectional Gemma 3 (``use_bidirectional_attention``: |i - j| < 256, the window,
+    longer than any text here), one text at a time; a saved model loads as that in transformers."""
+    from transformers import AutoModel
+
+    directory = _save_tiny("gemma3", tmp_path / "m", tokenizer)
+    model = EmbeddingModel.from_pretrained(directory, device="cpu", max_length=64)
+    ids = model.token_ids(TEXTS)
+    with torch.no_grad():
+        got = model(model.pack(ids))
+    for path in (directory, None):
+        if path is None:
+            model.save_pretrained(tmp_path / "saved")
+            path = tmp_path / "saved"
+        ref = AutoModel.from_pretrained(str(path), attn_implementation="eager", use_bidirectional_attention=True)
+        assert ref.config.sliding_window == 256 and ref.config.layer_types == ["sliding_attention", "full_attention"]
+        with torch.no_grad():
+            want = [ref.eval()(input_ids=torch.tensor([x])).last_hidden_state[0].mean(0) if x else torch.zeros(64)
+                    for x in ids]
+        torch.testing.assert_close(got, torch.stack(want), atol=2e-5, rtol=2e-5)
+    causal = _eager_reference(directory, TEXTS, ids, causal=True)
+    assert (got - causal).abs().max() > 1e-2  # the causal model really is different
+
+
+def test_gemma3_windows_shorter_than_max_length_and_soft_capping_are_refused(tmp_path, tokenizer):
+    directory = _save_tiny("gemma3", tmp_path, tokenizer)
+    config = json.loads((directory / "config.json").read_text())
+    (directory / "config.json").write_text(json.dumps(dict(config, sliding_window=32)))
+    with pytest.raises(ValueError, match=r"sliding_window=32 is shorter than max_length=64"):
+        EmbeddingModel.from_pretrained(directory, device="cpu", max_length=64)
+    (directory / "config.json").write_text(json.dumps(dict(config, attn_logit_softcapping=50.0)))
+    with pytest.raises(ValueError, match=r"caps its attention logits \(attn_logit_softcapping=50.0\)"):
+        EmbeddingModel.from_pretrained(directory, device="cpu", max_length=64)
 
 
 def test_albert_gradient_checkpointing_is_refused_by_name(tmp_path, tokenizer):

@@ -441,3 +441,27 @@ def test_save_pretrained_layout_loads_in_sentence_transformers_as_saved(tmp_path
     assert isinstance(ref[-1], Normalize) and ref[1].include_prompt is False
     again = Encoder(tmp_path / "out", device="cpu")
     _assert_same(again.encode_query(TEXTS), ref.encode_query(TEXTS), "save_pretrained")
+
+
+def test_a_gemma3_saved_by_kalm_fast_loads_bidirectionally_in_sentence_transformers(tmp_path):
+    """A Gemma 3 LLM checkpoint (causal, with local and global layers) that kalm_fast runs bidirectionally is saved
+    with ``use_bidirectional_attention`` on: sentence-transformers then gives the same embeddings, and not the causal
+    model's."""
+    from transformers import AutoModel, AutoTokenizer, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    config = Gemma3TextConfig(vocab_size=8192, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=1, head_dim=16, query_pre_attn_scalar=16,
+                              max_position_embeddings=128, sliding_window=256, pad_token_id=0,
+                              layer_types=["sliding_attention", "full_attention"])
+    model = AutoModel.from_config(config)
+    for p in model.parameters():
+        p.data.normal_(0, 0.2)
+    model.save_pretrained(str(tmp_path / "llm"))
+    AutoTokenizer.from_pretrained(str(BPE_TOKENIZER)).save_pretrained(str(tmp_path / "llm"))
+    Encoder(tmp_path / "llm", device="cpu", max_length=64).model.save_pretrained(tmp_path / "out")
+    enc, ref = Encoder(tmp_path / "out", device="cpu"), SentenceTransformer(str(tmp_path / "out"), device="cpu")
+    assert ref[0].auto_model.config.use_bidirectional_attention
+    _assert_same(enc.encode(TEXTS), ref.encode(TEXTS), "gemma3 saved by kalm_fast")
+    causal = SentenceTransformer(str(tmp_path / "llm"), device="cpu").encode(TEXTS)
+    assert np.abs(enc.encode(TEXTS) - causal).max() > 1e-2

@@ -62,6 +62,28 @@ def test_gradcache_equals_full_batch(model, batch, chunk, options):
     assert max(float(g.abs().max()) for g in ref.values()) > 1e-3  # the gradients are not trivially zero
 
 
+def test_gradcache_equals_full_batch_for_a_gemma3_decoder(tmp_path, batch):
+    """Training runs Gemma 3 through transformers' own modules (local and global layers, q/k norms) with kalm_fast's
+    attention: GradCache equals the full-batch step there too, and the step moves every layer."""
+    from conftest import BPE_TOKENIZER
+    from transformers import AutoTokenizer, Gemma3TextConfig, Gemma3TextModel
+
+    torch.manual_seed(0)
+    Gemma3TextModel(Gemma3TextConfig(vocab_size=8192, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=1, head_dim=16,
+                                     query_pre_attn_scalar=16, max_position_embeddings=128, sliding_window=256,
+                                     pad_token_id=0, layer_types=["sliding_attention", "full_attention"])
+                    ).save_pretrained(str(tmp_path))
+    AutoTokenizer.from_pretrained(str(BPE_TOKENIZER)).save_pretrained(str(tmp_path))
+    model = EmbeddingModel.from_pretrained(tmp_path, max_length=32).train()
+    loss_fn = FocalInfoNCELoss(temperature=0.05, num_synthetic=2, mix_mode="list")
+    ref_loss, _, ref = _step(model, batch, loss_fn, None)
+    loss, _, got = _step(model, batch, loss_fn, 3)
+    torch.testing.assert_close(loss, ref_loss, atol=1e-6, rtol=1e-5)
+    _assert_grads_close(got, ref)
+    assert {n.split("layers.")[1].split(".")[0] for n in ref if "layers." in n} == {"0", "1"}
+
+
 def test_gradcache_replays_dropout(tmp_path, batch):
     """With dropout on, GradCache equals a step that embeds the same mini-batches with the graph kept."""
     path = make_tiny_model(tmp_path, dropout=0.3)

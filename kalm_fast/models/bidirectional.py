@@ -26,9 +26,12 @@ from ..ops.attention.padding import unpad_layout
 NAME = "kalm_fast"
 # What is tested against transformers' own forward: other families may keep their own attention (MPNet, DeBERTa,
 # RoFormer: then texts packed in one row would attend to each other), count positions differently, or need
-# attention kalm_fast does not have (ModernBERT's and Gemma 2's local windows), so they are refused.
+# attention kalm_fast does not have (ModernBERT's local windows, Gemma 2's logit soft-capping), so they are refused.
 SUPPORTED_MODEL_TYPES = ("bert", "roberta", "xlm-roberta", "camembert", "distilbert", "electra", "albert",
-                         "qwen2", "qwen3", "llama", "mistral", "gemma")
+                         "qwen2", "qwen3", "llama", "mistral", "gemma", "gemma3_text")
+# Families whose layer types also pick each layer's rotary embedding (Gemma 3: local and global RoPE bases): their
+# layer types and window stay as they are, and transformers' own bidirectional switch is turned on.
+_ROTARY_BY_LAYER_TYPE = ("gemma3_text",)
 
 
 def kalm_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
@@ -113,13 +116,18 @@ def make_bidirectional(model, backend: str = "auto", max_length: int = 512):
     """Switch a transformers model (decoder LLM or BERT-like encoder) to kalm_fast bidirectional attention.
 
     A sliding window at least ``max_length`` long never masks anything for inputs of at most ``max_length``
-    tokens, so it is dropped; a shorter one is refused (not supported by the bidirectional path).
+    tokens, so it is dropped (Gemma 3: kept, unused, with ``use_bidirectional_attention`` on, so that a saved model
+    loads bidirectionally in transformers too); a shorter one is refused (not supported by the bidirectional path),
+    as is attention-logit soft-capping.
     """
     install()
     config = model.config
     if config.model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(f"model_type {config.model_type!r} is not supported by kalm_fast (its bidirectional packed "
                          f"attention is tested for {', '.join(SUPPORTED_MODEL_TYPES)})")
+    if getattr(config, "attn_logit_softcapping", None) is not None:
+        raise ValueError(f"the {config.model_type} model caps its attention logits (attn_logit_softcapping="
+                         f"{config.attn_logit_softcapping}); kalm_fast's attention has no soft-capping")
     window = getattr(config, "sliding_window", None)
     layer_types = getattr(config, "layer_types", None)
     slides = getattr(config, "use_sliding_window", True) and (layer_types is None
@@ -128,10 +136,14 @@ def make_bidirectional(model, backend: str = "auto", max_length: int = 512):
         if window < max_length:
             raise ValueError(f"sliding_window={window} is shorter than max_length={max_length}; "
                              "kalm_fast's bidirectional attention supports full attention only")
-    if window is not None:
-        config.sliding_window = None
-    if hasattr(config, "layer_types"):
-        config.layer_types = ["full_attention"] * len(config.layer_types)
+    if config.model_type in _ROTARY_BY_LAYER_TYPE:
+        # as transformers' from_pretrained(..., use_bidirectional_attention=True): the window becomes |i - j| < it
+        config.use_bidirectional_attention = True
+    else:
+        if window is not None:
+            config.sliding_window = None
+        if hasattr(config, "layer_types"):
+            config.layer_types = ["full_attention"] * len(config.layer_types)
     config.is_causal = False
     config.kalm_attn_backend = backend
     model.set_attn_implementation(NAME)
