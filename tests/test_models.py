@@ -67,7 +67,7 @@ def _save_tiny(kind, directory, tokenizer, seed=0):
     return directory
 
 
-@pytest.fixture(scope="module", params=["qwen2", "llama", "qwen3", "mistral"])
+@pytest.fixture(scope="module", params=["qwen2", "llama", "qwen3", "mistral", "gemma3"])
 def decoder_dir(request, tmp_path_factory, tokenizer):
     return _save_tiny(request.param, tmp_path_factory.mktemp(request.param), tokenizer)
 
