@@ -25,7 +25,8 @@ PINS ?=
 LATEST := .venv-latest
 LATEST_PIP := $(LATEST)/bin/python -m pip --disable-pip-version-check -q
 LATEST_TESTS := tests/test_models.py tests/test_decoder_packed.py tests/test_train_gradcache.py tests/test_sentence_transformers.py \
-	tests/test_mteb.py tests/test_mining.py tests/test_teacher_scores.py tests/test_decoder_kernels.py tests/test_mean_pool.py tests/test_focal_infonce.py \
+	tests/test_mteb.py tests/test_mining.py tests/test_teacher_scores.py tests/test_pipeline.py tests/test_decoder_kernels.py \
+	tests/test_mean_pool.py tests/test_focal_infonce.py \
 	tests/test_attention.py tests/test_kernel_build.py
 
 test-latest:

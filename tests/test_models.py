@@ -42,7 +42,7 @@ def _tiny_config(kind):
         return transformers.GemmaConfig(**common, num_key_value_heads=1, head_dim=16, pad_token_id=0)
     if kind == "gemma3":  # a causal checkpoint, as Gemma 3 LLMs are; one local (sliding) and one global layer
         return transformers.Gemma3TextConfig(**common, num_key_value_heads=1, head_dim=16, pad_token_id=0,
-                                             query_pre_attn_scalar=16, sliding_window=256,
+                                             query_pre_attn_scalar=24, sliding_window=256,
                                              layer_types=["sliding_attention", "full_attention"])
     if kind in ("mpnet", "deberta-v2", "roformer"):
         return transformers.AutoConfig.for_model(kind, **common)
@@ -129,11 +129,12 @@ def test_packed_equals_padded_forward_and_backward(decoder_dir):
     assert grads[0].abs().sum() > 0
 
 
-@pytest.mark.parametrize("kind", ["qwen2", "roberta", "distilbert", "albert"])
+@pytest.mark.parametrize("kind", ["qwen2", "roberta", "distilbert", "albert", "gemma3"])
 def test_padded_batch_unpads_once_per_forward(tmp_path, tokenizer, monkeypatch, kind):
     """A padded batch through a model made bidirectional (``make_bidirectional``, transformers' own forward): every
     layer reuses one unpadding of the mask (one synchronization per forward, and the Varlen's cached kernel work
-    lists), and the result is the packed batch's."""
+    lists; Gemma 3's global and local layers get a mask object each, so two), and the result is the packed
+    batch's."""
     from kalm_fast.models import bidirectional
 
     model = EmbeddingModel.from_pretrained(_save_tiny(kind, tmp_path, tokenizer), device="cpu")
@@ -144,7 +145,7 @@ def test_padded_batch_unpads_once_per_forward(tmp_path, tokenizer, monkeypatch, 
     with torch.no_grad():
         want = model(model.tokenize(texts))
         hidden = [model.model(**batch).last_hidden_state for _ in range(2)]
-    assert len(calls) == 2  # one per forward, not one per layer
+    assert len(calls) == 2 * (1 + (kind == "gemma3"))  # one per forward (and mask object), not one per layer
     mask = batch["attention_mask"][..., None].float()
     for h in hidden:
         torch.testing.assert_close((h * mask).sum(1) / mask.sum(1), want, atol=2e-5, rtol=2e-5)
@@ -235,12 +236,29 @@ def test_gemma3_matches_transformers_own_bidirectional_gemma3(tmp_path, tokenize
     assert (got - causal).abs().max() > 1e-2  # the causal model really is different
 
 
-def test_gemma3_windows_shorter_than_max_length_and_soft_capping_are_refused(tmp_path, tokenizer):
-    directory = _save_tiny("gemma3", tmp_path, tokenizer)
+def test_gemma3_windows_texts_past_them_soft_capping_and_old_transformers(tmp_path, tokenizer, monkeypatch):
+    """A window shorter than the max length cuts texts there (saved so too); a text made longer by hand is an error,
+    not local layers run wrong; soft-capped logits and a transformers that halves the saved window are refused."""
+    import transformers
+
+    directory = _save_tiny("gemma3", tmp_path / "m", tokenizer)
     config = json.loads((directory / "config.json").read_text())
-    (directory / "config.json").write_text(json.dumps(dict(config, sliding_window=32)))
-    with pytest.raises(ValueError, match=r"sliding_window=32 is shorter than max_length=64"):
-        EmbeddingModel.from_pretrained(directory, device="cpu", max_length=64)
+    (directory / "config.json").write_text(json.dumps(dict(config, sliding_window=8)))
+    with pytest.warns(UserWarning, match="texts are cut at 8 tokens"):
+        model = EmbeddingModel.from_pretrained(directory, device="cpu")
+    assert model.max_length == model.model_max_length == 8
+    model.save_pretrained(tmp_path / "saved")
+    assert json.loads((tmp_path / "saved/sentence_bert_config.json").read_text())["max_seq_length"] == 8
+    assert EmbeddingModel.from_pretrained(tmp_path / "saved", device="cpu").max_length == 8  # no warning: it fits
+    model.max_length = 20
+    with pytest.raises(ValueError, match=r"a text of \d+ tokens is longer than the model's sliding window \(8\)"):
+        model.embed(["x " * 40])
+    with pytest.raises(ValueError, match=r"a text of \d+ tokens is longer than the model's sliding window \(8\)"):
+        model.model(**_padded(model, ["x " * 40, "y"]))
+    monkeypatch.setattr(transformers, "__version__", "5.15.0")
+    with pytest.raises(ValueError, match=r"gemma3_text model needs transformers >= 5.16 \(found 5.15.0"):
+        EmbeddingModel.from_pretrained(directory, device="cpu")
+    monkeypatch.undo()
     (directory / "config.json").write_text(json.dumps(dict(config, attn_logit_softcapping=50.0)))
     with pytest.raises(ValueError, match=r"caps its attention logits \(attn_logit_softcapping=50.0\)"):
         EmbeddingModel.from_pretrained(directory, device="cpu", max_length=64)
@@ -266,9 +284,12 @@ def test_albert_gradient_checkpointing_is_refused_by_name(tmp_path, tokenizer):
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("sliding_layers, refused", [(0, False), (2, True)])
-def test_a_sliding_window_only_matters_where_a_layer_slides(tmp_path, tokenizer, sliding_layers, refused):
-    """Qwen2's window applies to the layers past ``max_window_layers``: with none of them, nothing is refused."""
+@pytest.mark.parametrize("sliding_layers, capped", [(0, False), (2, True)])
+def test_a_sliding_window_only_matters_where_a_layer_slides(tmp_path, tokenizer, sliding_layers, capped):
+    """Qwen2's window applies to the layers past ``max_window_layers``: with none of them, the max length stands;
+    else texts are cut at the window, with a warning (full attention is exact only up to it), and a model built
+    for longer texts is refused."""
+    from kalm_fast.models.bidirectional import make_bidirectional
     from transformers import AutoModel, Qwen2Config
 
     config = Qwen2Config(vocab_size=30522, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
@@ -277,11 +298,21 @@ def test_a_sliding_window_only_matters_where_a_layer_slides(tmp_path, tokenizer,
     assert config.layer_types.count("sliding_attention") == sliding_layers
     AutoModel.from_config(config).save_pretrained(str(tmp_path))
     tokenizer.save_pretrained(str(tmp_path))
-    if refused:
-        with pytest.raises(ValueError, match="sliding_window=16 is shorter than max_length=64"):
-            EmbeddingModel.from_pretrained(tmp_path, device="cpu", max_length=64)
+    if capped:
+        with pytest.warns(UserWarning, match="texts are cut at 16 tokens, the sliding window.*max length 64 asked"):
+            assert EmbeddingModel.from_pretrained(tmp_path, device="cpu", max_length=64).max_length == 16
+        with pytest.raises(ValueError, match="sliding_window=16 is shorter than max_length=64: .* max_length <= 16"):
+            make_bidirectional(AutoModel.from_pretrained(str(tmp_path)), max_length=64)
     else:
         assert EmbeddingModel.from_pretrained(tmp_path, device="cpu", max_length=64).max_length == 64
+
+
+def test_multimodal_gemma3_is_refused_before_its_weights_load(tmp_path, monkeypatch):
+    """model_type "gemma3" (the vision tower and the language model): a clear error naming what to load instead."""
+    (tmp_path / "config.json").write_text(json.dumps(dict(model_type="gemma3", text_config=dict(hidden_size=64))))
+    monkeypatch.setattr("kalm_fast.models.loading.check_weight_files", lambda *a: pytest.fail("weights were read"))
+    with pytest.raises(ValueError, match="model_type 'gemma3' is Gemma 3 with its vision tower; .* 'gemma3_text'"):
+        EmbeddingModel.from_pretrained(tmp_path, device="cpu")
 
 
 @pytest.mark.parametrize("kind", ["mpnet", "deberta-v2", "roformer"])

@@ -2,6 +2,7 @@
 with in-batch negatives, mine hard negatives with that model, add a teacher's scores, fine-tune twice (focal loss,
 list-wise mixing, distillation) and soup the two, then evaluate. Each step reads what the previous one wrote."""
 import json
+import math
 
 import yaml
 from train_utils import make_records, make_tiny_model
@@ -40,13 +41,13 @@ def test_pretrain_mine_score_finetune_soup_eval(tmp_path, capsys):
                 tmp_path / "mined.jsonl", "--corpus", tmp_path / "pool.jsonl", "--range", 2, 20, "--negatives", 3,
                 "--max-positive-rank", 0, "--max-negative-ratio", 1.0], capsys)
     mined = [json.loads(line) for line in open(tmp_path / "mined.jsonl")]
-    assert out.startswith("mined 48 of 48 records") and mined and all(len(r["neg"]) == 3 for r in mined)
+    assert out.startswith("mined 48 of 48 records") and len(mined) > 24 and all(1 <= len(r["neg"]) <= 3 for r in mined)
 
     _run(["score", "--model", teacher, "--input", tmp_path / "mined.jsonl", "--output", tmp_path / "scored.jsonl"],
          capsys)
     scored = [json.loads(line) for line in open(tmp_path / "scored.jsonl")]
     assert [(r["query"], r["neg"]) for r in scored] == [(r["query"], r["neg"]) for r in mined]
-    assert all(len(r["pos_scores"]) == len(r["pos"]) and len(r["neg_scores"]) == 3 for r in scored)
+    assert all(len(r["pos_scores"]) == len(r["pos"]) and len(r["neg_scores"]) == len(r["neg"]) for r in scored)
 
     finetune = dict(data=[str(tmp_path / "scored.jsonl")], hard_negatives=3, gamma=0.5, num_synthetic=2,
                     mix_mode="list", distill_weight=0.7, init="base", **stage)
@@ -55,7 +56,7 @@ def test_pretrain_mine_score_finetune_soup_eval(tmp_path, capsys):
     _run(["train", config("ft", pretrained, stages)], capsys)
     metrics = [json.loads(line) for line in open(tmp_path / "ft/metrics.jsonl")]
     steps = [m for m in metrics if m.get("stage") in ("ft_a", "ft_b") and "distill_kl" in m]
-    assert steps and all(m["loss"] == m["loss"] for m in steps)  # logged, finite (not NaN)
+    assert steps and all(math.isfinite(m["loss"]) and math.isfinite(m["distill_kl"]) for m in steps)
 
     out = _run(["eval", "--model", tmp_path / "ft/soup/final", "--queries", tmp_path / "queries.jsonl", "--corpus",
                 tmp_path / "corpus.jsonl", "--max-length", 32, "--output", tmp_path / "eval.json"], capsys)

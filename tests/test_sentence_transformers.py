@@ -451,7 +451,7 @@ def test_a_gemma3_saved_by_kalm_fast_loads_bidirectionally_in_sentence_transform
 
     torch.manual_seed(0)
     config = Gemma3TextConfig(vocab_size=8192, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                              num_attention_heads=4, num_key_value_heads=1, head_dim=16, query_pre_attn_scalar=16,
+                              num_attention_heads=4, num_key_value_heads=1, head_dim=16, query_pre_attn_scalar=24,
                               max_position_embeddings=128, sliding_window=256, pad_token_id=0,
                               layer_types=["sliding_attention", "full_attention"])
     model = AutoModel.from_config(config)

@@ -32,6 +32,35 @@ SUPPORTED_MODEL_TYPES = ("bert", "roberta", "xlm-roberta", "camembert", "distilb
 # Families whose layer types also pick each layer's rotary embedding (Gemma 3: local and global RoPE bases): their
 # layer types and window stay as they are, and transformers' own bidirectional switch is turned on.
 _ROTARY_BY_LAYER_TYPE = ("gemma3_text",)
+_GEMMA3_TRANSFORMERS = "5.16"  # older versions save a bidirectional Gemma 3's window halved (each save halves it)
+
+
+def check_model_type(model_type, where) -> None:
+    """A ValueError naming ``where`` (a config file) when kalm_fast does not run ``model_type``, before any weights
+    load."""
+    if model_type == "gemma3":
+        raise ValueError(f"{where}: model_type 'gemma3' is Gemma 3 with its vision tower; kalm_fast runs the text "
+                         "model only: save its language model (transformers' Gemma3TextModel, model_type "
+                         "'gemma3_text') and load that")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(f"{where}: model_type {model_type!r} is not supported by kalm_fast (its bidirectional packed "
+                         f"attention is tested for {', '.join(SUPPORTED_MODEL_TYPES)})")
+    if model_type in _ROTARY_BY_LAYER_TYPE:
+        import transformers
+        from packaging.version import Version
+
+        if Version(transformers.__version__) < Version(_GEMMA3_TRANSFORMERS):
+            raise ValueError(f"{where}: a {model_type} model needs transformers >= {_GEMMA3_TRANSFORMERS} (found "
+                             f"{transformers.__version__}, which would halve its sliding window on every save)")
+
+
+def local_window(config):
+    """The sliding window of ``config``'s local layers, None when no layer slides."""
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    slides = getattr(config, "use_sliding_window", True) and (layer_types is None
+                                                             or "sliding_attention" in layer_types)
+    return window if slides else None
 
 
 def kalm_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
@@ -47,36 +76,50 @@ def kalm_attention_forward(module, query, key, value, attention_mask, dropout=0.
     if torch.is_autocast_enabled(q.device.type):
         dtype = torch.get_autocast_dtype(q.device.type)
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    window = kwargs.get("sliding_window")  # a local layer's: full attention is exact for texts no longer than it
     varlen = kwargs.get("kalm_varlen")
     if varlen is None and kwargs.get("cu_seq_lens_q") is not None:
         varlen = kwargs["cu_seq_lens_q"]
     if varlen is not None:
         if q.shape[0] != 1:
             raise ValueError(f"packed attention needs a batch of one row [1, T], got query shape {tuple(query.shape)}")
+        _check_window(window, varlen.max_seqlen if isinstance(varlen, ops.Varlen) else kwargs.get("max_length_q"))
         out = ops.flash_attention(q[0], k[0], v[0], cu_seqlens=varlen, softmax_scale=scaling, backend=backend)
         return out.unsqueeze(0), None
     if attention_mask is None:
+        _check_window(window, q.shape[1])
         return ops.flash_attention(q, k, v, softmax_scale=scaling, backend=backend), None
     if attention_mask.shape != q.shape[:2]:
         raise ValueError(f"kalm_fast attention takes a [B, L] = {list(q.shape[:2])} key padding mask, got shape "
                          f"{list(attention_mask.shape)}")
     indices, varlen = _forward_layout(attention_mask.bool())
+    _check_window(window, varlen.max_seqlen)
     packed = ops.flash_attention(*(x.flatten(0, 1)[indices] for x in (q, k, v)), cu_seqlens=varlen,
                                  softmax_scale=scaling, backend=backend)
     return ops.pad(packed, indices, q.shape[0], q.shape[1]), None
 
 
-_last_layout = (None, None)  # (weak reference to the padding mask of the latest forward, its unpad_layout)
+def _check_window(window, longest) -> None:
+    """A ValueError when a text of ``longest`` tokens would reach past a local layer's ``window``
+    (``make_bidirectional`` admits only windows of at least ``max_length``; this catches longer inputs made by hand)."""
+    if window is not None and longest is not None and longest > window:
+        raise ValueError(f"a text of {longest} tokens is longer than the model's sliding window ({window}): "
+                         "kalm_fast runs local layers as full attention, exact only up to the window; "
+                         f"keep max_length <= {window}")
+
+
+_last_layouts = []  # (weak reference to a padding mask of the latest forward, its unpad_layout), the latest two
 
 
 def _forward_layout(mask: torch.Tensor):
     """``unpad_layout(mask)``, computed once for every layer of a forward: ``kalm_mask`` makes a new mask object per
-    forward and the model hands that same object to each layer."""
-    global _last_layout
-    ref, layout = _last_layout
-    if ref is None or ref() is not mask:
-        layout = unpad_layout(mask)
-        _last_layout = (weakref.ref(mask), layout)
+    forward (one per layer type: full and sliding) and the model hands the same objects to each layer."""
+    global _last_layouts
+    for ref, layout in _last_layouts:
+        if ref() is mask:
+            return layout
+    layout = unpad_layout(mask)
+    _last_layouts = [(weakref.ref(mask), layout)] + _last_layouts[:1]
     return layout
 
 
@@ -122,25 +165,19 @@ def make_bidirectional(model, backend: str = "auto", max_length: int = 512):
     """
     install()
     config = model.config
-    if config.model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(f"model_type {config.model_type!r} is not supported by kalm_fast (its bidirectional packed "
-                         f"attention is tested for {', '.join(SUPPORTED_MODEL_TYPES)})")
+    check_model_type(config.model_type, f"the {type(model).__name__}")
     if getattr(config, "attn_logit_softcapping", None) is not None:
         raise ValueError(f"the {config.model_type} model caps its attention logits (attn_logit_softcapping="
                          f"{config.attn_logit_softcapping}); kalm_fast's attention has no soft-capping")
-    window = getattr(config, "sliding_window", None)
-    layer_types = getattr(config, "layer_types", None)
-    slides = getattr(config, "use_sliding_window", True) and (layer_types is None
-                                                             or "sliding_attention" in layer_types)
-    if window is not None and slides:
-        if window < max_length:
-            raise ValueError(f"sliding_window={window} is shorter than max_length={max_length}; "
-                             "kalm_fast's bidirectional attention supports full attention only")
+    window = local_window(config)
+    if window is not None and window < max_length:
+        raise ValueError(f"sliding_window={window} is shorter than max_length={max_length}: kalm_fast runs local "
+                         f"layers as full attention, exact only up to the window; pass max_length <= {window}")
     if config.model_type in _ROTARY_BY_LAYER_TYPE:
         # as transformers' from_pretrained(..., use_bidirectional_attention=True): the window becomes |i - j| < it
         config.use_bidirectional_attention = True
     else:
-        if window is not None:
+        if getattr(config, "sliding_window", None) is not None:
             config.sliding_window = None
         if hasattr(config, "layer_types"):
             config.layer_types = ["full_attention"] * len(config.layer_types)

@@ -18,7 +18,7 @@ from .._registry import BACKEND_NAMES
 from ..distributed import check_device
 from ..ops import Varlen, mean_pool
 from . import bert_packed, decoder_packed, fused_decoder
-from .bidirectional import make_bidirectional
+from .bidirectional import local_window, make_bidirectional
 from .loading import (
     load_tokenizer,
     load_transformer,
@@ -125,7 +125,8 @@ class EmbeddingModel(nn.Module):
         ``dtype``: of the weights; None is float32, ``"auto"`` the checkpoint's own (as transformers 5 loads it).
 
         The model's own max length is sentence-transformers' (its saved ``max_seq_length``, else the tokenizer's
-        ``model_max_length`` capped by the position embeddings); ``max_length`` caps it further.
+        ``model_max_length`` capped by the position embeddings and a local layers' sliding window, with a warning);
+        ``max_length`` caps it further.
         """
         if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int)
                                        or max_length < 1):
@@ -146,6 +147,12 @@ class EmbeddingModel(nn.Module):
         own = info.max_seq_length or min(x for x in (tokenizer.model_max_length, positions) if x)
         positions = positions - _position_offset(config) if positions else None
         own = min(x for x in (own, positions) if x)
+        window = local_window(config)
+        if window is not None and min(x for x in (max_length, own) if x) > window:
+            warnings.warn(f"texts are cut at {window} tokens, the sliding window of the model's local layers: "
+                          f"kalm_fast runs them as full attention, exact only up to the window (max length "
+                          f"{min(x for x in (max_length, own) if x)} asked)", stacklevel=2)
+            own = window
         embedder = cls(model, tokenizer, max_length=min(x for x in (max_length, own) if x), prompts=info.prompts,
                        normalize=info.normalize, attn_backend=attn_backend,
                        default_prompt_name=info.default_prompt_name, include_prompt=info.include_prompt,

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..files import sha256_file
+from .bidirectional import check_model_type
 
 
 @dataclass
@@ -243,6 +244,7 @@ def build_config(model_dir: Path):
     if model_type not in CONFIG_MAPPING:
         raise ValueError(f"{config_file}: model_type {model_type!r} has no built-in transformers implementation; "
                          "kalm_fast never runs code from a model directory (trust_remote_code is not supported)")
+    check_model_type(model_type, config_file)
     return CONFIG_MAPPING[model_type].from_dict(data)
 
 
