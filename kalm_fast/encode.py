@@ -184,7 +184,7 @@ class Encoder:
 
     def get_embedding_dimension(self) -> int:
         """The dimension of ``encode``'s results: ``truncate_dim`` if set, else the model's."""
-        return self.truncate_dim or self.model.hidden_size
+        return self.truncate_dim or self.model.embedding_size
 
     get_sentence_embedding_dimension = get_embedding_dimension
 
@@ -198,8 +198,8 @@ class Encoder:
         return self
 
     def _check_dim(self, dim, name: str) -> int:
-        if isinstance(dim, bool) or not isinstance(dim, int) or not 1 <= dim <= self.model.hidden_size:
-            raise ValueError(f"{name} must be an int in [1, {self.model.hidden_size}], got {dim!r}")
+        if isinstance(dim, bool) or not isinstance(dim, int) or not 1 <= dim <= self.model.embedding_size:
+            raise ValueError(f"{name} must be an int in [1, {self.model.embedding_size}], got {dim!r}")
         return dim
 
     def _resolve_prompt(self, prompt: Optional[str], prompt_name: Optional[str]) -> str:
@@ -266,7 +266,7 @@ class Encoder:
                 raise ValueError("precision applies to sentence embeddings; token_embeddings come in float32")
             tokens = self.model.embed_tokens(texts, **batching)
             return tokens[0] if single else tokens
-        H = self.model.hidden_size
+        H = self.model.embedding_size
         dim = H if truncate_dim is None and self.truncate_dim is None else self._check_dim(
             truncate_dim if truncate_dim is not None else self.truncate_dim, "truncate_dim")
         skip = self.model.prompt_length(prefix) if prefix and not self.model.include_prompt else 0

@@ -194,6 +194,18 @@ def _reorder_normalize(tmp, decoder_hf):
     return tmp
 
 
+def _dense_residual(tmp, decoder_hf):
+    _st6_with(tmp, decoder_hf, Dense(64, 8))
+    _edit_json(tmp / "2_Dense" / "config.json", use_residual=True)
+    return tmp
+
+
+def _dense_pickled(tmp, decoder_hf):
+    _st6_with(tmp, decoder_hf, Dense(64, 8))
+    (tmp / "2_Dense" / "model.safetensors").rename(tmp / "2_Dense" / "pytorch_model.bin")
+    return tmp
+
+
 UNSUPPORTED = {  # layout -> (builder, the message naming the file and the key)
     "cls-pooling": (lambda t, d: _st6_with(t, d, pooling_mode="cls"), r"1_Pooling/config.json: pooling_mode 'cls'"),
     "lasttoken-pooling": (lambda t, d: _st6_with(t, d, pooling_mode="lasttoken"), r"pooling_mode 'lasttoken'"),
@@ -202,7 +214,12 @@ UNSUPPORTED = {  # layout -> (builder, the message naming the file and the key)
                            r"1_Pooling/config.json: pooling_mode_cls_token is true"),
     "legacy-max-pooling": (lambda t, d: _st5(t, d, "1_Pooling/config.json", pooling_mode_max_tokens=True),
                            r"pooling_mode_max_tokens is true"),
-    "dense-module": (lambda t, d: _st6_with(t, d, Dense(64, 8)), r"modules.json: module 2 has type '.*Dense'"),
+    "dense-activation": (lambda t, d: _st6_with(t, d, Dense(64, 8, activation_function=torch.nn.Softplus())),
+                         r"2_Dense/config.json: activation_function 'torch.nn.modules.activation.Softplus'"),
+    "dense-residual": (_dense_residual, r"2_Dense/config.json: use_residual True is not supported"),
+    "dense-pickled": (_dense_pickled, r"2_Dense has no model.safetensors"),
+    "dense-after-normalize": (lambda t, d: _st6_with(t, d, Normalize(), Dense(64, 8)),
+                              r"modules.json: module 3 has type '.*Dense'"),
     "normalize-before-pooling": (_reorder_normalize, r"modules.json: module 1 has type '.*Normalize'"),
     "custom-module": (_custom_module, r"modules.json: module 2 has type 'my_pkg.Pooling'"),
     "similarity-maxsim": (lambda t, d: _st5(t, d, "config_sentence_transformers.json", similarity_fn_name="maxsim"),
@@ -465,3 +482,51 @@ def test_a_gemma3_saved_by_kalm_fast_loads_bidirectionally_in_sentence_transform
     _assert_same(enc.encode(TEXTS), ref.encode(TEXTS), "gemma3 saved by kalm_fast")
     causal = SentenceTransformer(str(tmp_path / "llm"), device="cpu").encode(TEXTS)
     assert np.abs(enc.encode(TEXTS) - causal).max() > 1e-2
+
+
+def _dense_model(tmp, decoder_hf, seed=0):
+    """sentence-transformers' own save of a decoder with two Dense modules (tanh 64 -> 32 with bias, identity
+    32 -> 24 without) and Normalize, as distiluse-style and EmbeddingGemma-style models are laid out."""
+    torch.manual_seed(seed)
+    return _st6_with(tmp, decoder_hf, Dense(64, 32), Dense(32, 24, bias=False, activation_function=torch.nn.Identity()),
+                     Normalize())
+
+
+def test_dense_modules_as_sentence_transformers(tmp_path, decoder_hf):
+    """Dense modules run after pooling, before Normalize and truncation: the same embeddings, dimension, truncation
+    and normalization as sentence-transformers; saved back, sentence-transformers loads the same model."""
+    from kalm_fast.train.trainer import embedding_size
+
+    directory = _dense_model(tmp_path / "m", decoder_hf)
+    enc, ref = Encoder(directory, device="cpu"), SentenceTransformer(str(directory), device="cpu")
+    assert enc.get_embedding_dimension() == ref.get_embedding_dimension() == 24 == embedding_size(directory)
+    _assert_same(enc.encode(TEXTS), ref.encode(TEXTS), "dense")
+    _assert_same(enc.encode(TEXTS, truncate_dim=16), ref.encode(TEXTS, truncate_dim=16), "dense, truncated")
+    _assert_same(enc.encode(TEXTS, truncate_dim=16, normalize_embeddings=True),
+                 ref.encode(TEXTS, truncate_dim=16, normalize_embeddings=True), "dense, truncated, normalized")
+    enc.model.save_pretrained(tmp_path / "out")
+    again = SentenceTransformer(str(tmp_path / "out"), device="cpu")
+    assert [type(m).__name__ for m in again] == ["Transformer", "Pooling", "Dense", "Dense", "Normalize"]
+    _assert_same(Encoder(tmp_path / "out", device="cpu").encode(TEXTS), again.encode(TEXTS), "dense, saved")
+    _assert_same(again.encode(TEXTS), ref.encode(TEXTS), "dense, saved by kalm_fast")
+
+
+def test_dense_modules_train_and_soup(tmp_path, decoder_hf):
+    """The Dense weights are trained with the model (gradients reach them) and averaged by the soup."""
+    from safetensors.torch import load_file
+
+    from kalm_fast import model_soup
+    from kalm_fast.models import EmbeddingModel
+
+    a, b = _dense_model(tmp_path / "a", decoder_hf, seed=1), _dense_model(tmp_path / "b", decoder_hf, seed=2)
+    model = EmbeddingModel.from_pretrained(a, device="cpu").train()
+    model(model.tokenize(TEXTS)).square().sum().backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if n.startswith("dense.")}
+    assert set(grads) == {"dense.0.linear.weight", "dense.0.linear.bias", "dense.1.linear.weight"}
+    assert all(g is not None and g.abs().max() > 0 for g in grads.values())
+    model_soup([a, b], weights=[0.25, 0.75], output=tmp_path / "soup")
+    for sub in ("2_Dense", "3_Dense"):
+        wa, wb, got = (load_file(str(d / sub / "model.safetensors")) for d in (a, b, tmp_path / "soup"))
+        assert set(got) == set(wa)
+        for key in wa:
+            torch.testing.assert_close(got[key], 0.25 * wa[key] + 0.75 * wb[key])

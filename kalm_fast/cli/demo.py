@@ -47,7 +47,7 @@ def run(args) -> int:
     except (ValueError, OSError) as exc:
         raise ValueError(f"cannot load --model: {exc}") from None
     model = encoder.model
-    print(f"model: {model.config.model_type} ({model.hidden_size} dims, max {model.max_length} tokens) on "
+    print(f"model: {model.config.model_type} ({model.embedding_size} dims, max {model.max_length} tokens) on "
           f"{encoder.device} {str(model.dtype).replace('torch.', '')}, {torch.get_num_threads()} threads")
     tokens = sum(len(x) for x in model.token_ids(corpus))
     encoder.encode(corpus)  # warm-up: first-touch allocations and GEMM setup are not throughput

@@ -148,7 +148,7 @@ def _load_encoder(args, device=None):
 def _loaded(args, device=None):
     """The encoder, after checking the arguments that depend on the model."""
     encoder = _load_encoder(args, device)
-    dim = encoder.model.hidden_size  # as Encoder.encode(truncate_dim=...): up to the model's width, not its saved cut
+    dim = encoder.model.embedding_size  # as Encoder.encode(truncate_dim=...): the model's width, not its saved cut
     if args.truncate_dim is not None and args.truncate_dim > dim:
         raise ValueError(f"--truncate-dim {args.truncate_dim} exceeds the model's {dim} dimensions")
     if args.prompt_name is not None and args.prompt_name not in encoder.prompts:

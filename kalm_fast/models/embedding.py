@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -20,6 +22,8 @@ from ..ops import Varlen, mean_pool
 from . import bert_packed, decoder_packed, fused_decoder
 from .bidirectional import local_window, make_bidirectional
 from .loading import (
+    DENSE_ACTIVATIONS,
+    DenseModule,
     load_tokenizer,
     load_transformer,
     lowercase_inputs,
@@ -74,6 +78,34 @@ def check_texts(texts, name: str = "texts") -> list:
     return texts
 
 
+class DenseLayer(nn.Module):
+    """sentence-transformers' Dense module: ``activation(x @ weight.T + bias)``, ``[N, in] -> [N, out]``; its state
+    dict has the keys of that module's file (``linear.weight``, ``linear.bias``)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, activation: str = "Tanh"):
+        super().__init__()
+        self.linear = nn.Linear(in_features, out_features, bias=bias)
+        self.activation_name = activation
+        self.activation = getattr(nn, activation)()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.activation(self.linear(x))
+
+
+def _load_dense(spec: DenseModule, dtype) -> DenseLayer:
+    """The ``DenseLayer`` of a checked ``DenseModule`` with its weights, in ``dtype``."""
+    layer = DenseLayer(spec.in_features, spec.out_features, spec.bias, spec.activation)
+    path = spec.path / "model.safetensors"
+    state = load_file(str(path))
+    want = set(layer.state_dict())
+    if set(state) != want or any(state[k].shape != v.shape for k, v in layer.state_dict().items()):
+        shapes = {k: tuple(t.shape) for k, t in state.items()}
+        raise ValueError(f"{path}: expected the tensors {sorted(want)} of a Dense module [{spec.out_features}, "
+                         f"{spec.in_features}], got {shapes}")
+    layer.load_state_dict(state)
+    return layer.to(dtype)
+
+
 class EmbeddingModel(nn.Module):
     """Text -> ``[N, H]`` mean-pooled embeddings, differentiable: the module that is trained and that encodes.
 
@@ -90,12 +122,19 @@ class EmbeddingModel(nn.Module):
     def __init__(self, model: nn.Module, tokenizer, *, max_length: int = 512, prompts: Optional[dict] = None,
                  normalize: bool = False, attn_backend: str = "auto", default_prompt_name: Optional[str] = None,
                  include_prompt: bool = True, similarity_fn_name: Optional[str] = None,
-                 truncate_dim: Optional[int] = None):
+                 truncate_dim: Optional[int] = None, dense: Sequence[DenseLayer] = ()):
         super().__init__()
         self.model = model
         self.tokenizer = tokenizer
         self.config = model.config
         self.hidden_size = int(model.config.hidden_size)
+        # sentence-transformers Dense modules after pooling; the embedding size is the last one's
+        self.dense = nn.Sequential(*dense)
+        sizes = [self.hidden_size] + [layer.linear.out_features for layer in self.dense]
+        for layer, size in zip(self.dense, sizes):
+            if layer.linear.in_features != size:
+                raise ValueError(f"a Dense module takes {layer.linear.in_features} features, but gets {size}")
+        self.embedding_size = sizes[-1]
         self.max_length = int(max_length)
         # The sentence-transformers side of the model, read from and saved to its files (``loading``): prompts, whether
         # its modules end in Normalize, whether pooling counts the prompt's tokens, and its saved defaults.
@@ -156,7 +195,8 @@ class EmbeddingModel(nn.Module):
         embedder = cls(model, tokenizer, max_length=min(x for x in (max_length, own) if x), prompts=info.prompts,
                        normalize=info.normalize, attn_backend=attn_backend,
                        default_prompt_name=info.default_prompt_name, include_prompt=info.include_prompt,
-                       similarity_fn_name=info.similarity_fn_name, truncate_dim=info.truncate_dim)
+                       similarity_fn_name=info.similarity_fn_name, truncate_dim=info.truncate_dim,
+                       dense=[_load_dense(spec, model.dtype) for spec in info.dense])
         embedder.model_max_length = own
         return embedder.to(device).eval()
 
@@ -223,12 +263,20 @@ class EmbeddingModel(nn.Module):
 
     def forward(self, batch, *, dim: Optional[int] = None, normalize: bool = False,
                 prompt_length: int = 0) -> torch.Tensor:
-        """``[N, dim or H]`` mean-pooled embeddings of a ``PackedBatch`` (or a padded dict), in the model's dtype;
-        ``dim`` truncates (Matryoshka) and ``normalize`` L2-normalizes after truncation. The first ``prompt_length``
-        tokens of each text are left out of the mean (sentence-transformers' ``include_prompt: false``)."""
+        """``[N, dim or E]`` embeddings of a ``PackedBatch`` (or a padded dict), in the model's dtype: mean-pooled,
+        through the Dense modules if any (E = ``embedding_size``); ``dim`` truncates (Matryoshka) and ``normalize``
+        L2-normalizes after truncation. The first ``prompt_length`` tokens of each text are left out of the mean
+        (sentence-transformers' ``include_prompt: false``)."""
         if not isinstance(batch, PackedBatch):
             batch = pack_padded(batch["input_ids"], batch["attention_mask"], position_offset=self.position_offset,
                                 pad_id=self.position_pad_id)
+        if not len(self.dense):
+            return self._pool(batch, dim, normalize, prompt_length)
+        out = self.dense(self._pool(batch, None, False, prompt_length))[:, :dim]  # pool in full, Dense, truncate
+        return F.normalize(out, dim=-1) if normalize else out
+
+    def _pool(self, batch: PackedBatch, dim: Optional[int], normalize: bool, prompt_length: int) -> torch.Tensor:
+        """``forward`` without the Dense modules: ``[N, dim or H]``."""
         if batch.input_ids.numel() == 0:  # only empty texts: zero vectors
             return torch.zeros(batch.num_seqs, dim or self.hidden_size, dtype=self.dtype, device=self.device)
         hidden = self.token_embeddings(batch)
@@ -265,7 +313,7 @@ class EmbeddingModel(nn.Module):
         """float32 ``[len(texts), dim or H]`` embeddings on the model's device, in the order of ``texts`` (batching as
         ``_batched``; ``dim``, ``normalize`` and ``prompt_length`` as ``forward``)."""
         texts = check_texts(texts)
-        out = torch.empty(len(texts), dim or self.hidden_size, dtype=torch.float32, device=self.device)
+        out = torch.empty(len(texts), dim or self.embedding_size, dtype=torch.float32, device=self.device)
         if not texts:
             return out
         order, embs = self._batched(self.token_ids(texts), lambda batch: self(batch, dim=dim, normalize=normalize,
@@ -318,9 +366,22 @@ class EmbeddingModel(nn.Module):
         self.tokenizer.save_pretrained(str(directory))
         modules = [dict(idx=0, name="0", path="", type="sentence_transformers.models.Transformer"),
                    dict(idx=1, name="1", path="1_Pooling", type="sentence_transformers.models.Pooling")]
+        for layer in self.dense:
+            name = str(len(modules))
+            (directory / f"{name}_Dense").mkdir(exist_ok=True)
+            modules.append(dict(idx=len(modules), name=name, path=f"{name}_Dense",
+                                type="sentence_transformers.models.Dense"))
+            activation = next(k for k, v in DENSE_ACTIVATIONS.items() if v == layer.activation_name)
+            with open(directory / f"{name}_Dense" / "config.json", "w", encoding="utf-8") as f:
+                json.dump(dict(in_features=layer.linear.in_features, out_features=layer.linear.out_features,
+                               bias=layer.linear.bias is not None, activation_function=activation), f, indent=2)
+            save_file({k: v.detach().contiguous() for k, v in layer.state_dict().items()},
+                      str(directory / f"{name}_Dense" / "model.safetensors"))
         if self.normalize:
-            modules.append(dict(idx=2, name="2", path="2_Normalize", type="sentence_transformers.models.Normalize"))
-            (directory / "2_Normalize").mkdir(exist_ok=True)
+            name = str(len(modules))
+            modules.append(dict(idx=len(modules), name=name, path=f"{name}_Normalize",
+                                type="sentence_transformers.models.Normalize"))
+            (directory / f"{name}_Normalize").mkdir(exist_ok=True)
         pooling = dict(word_embedding_dimension=self.hidden_size, pooling_mode_cls_token=False,
                        pooling_mode_mean_tokens=True, pooling_mode_max_tokens=False,
                        pooling_mode_mean_sqrt_len_tokens=False, pooling_mode_weightedmean_tokens=False,

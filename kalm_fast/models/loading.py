@@ -7,7 +7,6 @@ KaLM-Embedding-V2 checkpoints) is dropped and the model is built from transforme
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import os
 from dataclasses import dataclass, field
@@ -16,6 +15,18 @@ from typing import Optional
 
 from ..files import sha256_file
 from .bidirectional import check_model_type
+
+
+@dataclass
+class DenseModule:
+    """A sentence-transformers ``Dense`` module after pooling: ``activation(x @ weight.T + bias)``; its weights are in
+    ``path`` (``model.safetensors``: ``linear.weight`` ``[out, in]``, ``linear.bias``)."""
+
+    path: Path
+    in_features: int
+    out_features: int
+    bias: bool
+    activation: str  # a name of DENSE_ACTIVATIONS
 
 
 @dataclass
@@ -32,9 +43,13 @@ class SentenceTransformerInfo:
     default_prompt_name: Optional[str] = None
     similarity_fn_name: Optional[str] = None
     truncate_dim: Optional[int] = None
+    dense: list = field(default_factory=list)  # DenseModule after pooling, in order
 
 
 SIMILARITY_FN_NAMES = ("cosine", "dot", "euclidean", "manhattan")
+# The activations of a Dense module kalm_fast runs (sentence-transformers saves the class's full name).
+DENSE_ACTIVATIONS = {"torch.nn.modules.linear.Identity": "Identity", "torch.nn.modules.activation.Tanh": "Tanh",
+                     "torch.nn.modules.activation.ReLU": "ReLU", "torch.nn.modules.activation.GELU": "GELU"}
 # The Transformer module's config file: sentence_bert_config.json, or a legacy per-family name (2.x).
 _TRANSFORMER_CONFIGS = ("sentence_bert_config.json", "sentence_roberta_config.json", "sentence_distilbert_config.json",
                         "sentence_camembert_config.json", "sentence_albert_config.json",
@@ -103,8 +118,8 @@ def _read_json(path: Path) -> dict:
 def read_sentence_transformer_info(model_dir: Path) -> SentenceTransformerInfo:
     """Modules, pooling, max length, prompts and defaults of a sentence-transformers 2.x-6.x directory.
 
-    Anything kalm_fast cannot run the way sentence-transformers would (another pooling, Dense or other modules,
-    token-level outputs, ...) is a ``ValueError`` naming the file and the key.
+    Anything kalm_fast cannot run the way sentence-transformers would (another pooling, other modules, a Dense module
+    with another activation or a residual, token-level outputs, ...) is a ``ValueError`` naming the file and the key.
     """
     info = SentenceTransformerInfo(transformer_dir=model_dir)
     if (model_dir / "modules.json").is_file():
@@ -118,30 +133,66 @@ def read_sentence_transformer_info(model_dir: Path) -> SentenceTransformerInfo:
     return info
 
 
+_MODULES = "a Transformer, a mean Pooling, optional Dense modules and an optional Normalize, in that order"
+
+
 def _read_modules(model_dir: Path, info: SentenceTransformerInfo) -> None:
-    """modules.json must list a Transformer, a mean Pooling and an optional Normalize, in that order."""
+    """modules.json must list a Transformer, a mean Pooling, any Dense modules and an optional Normalize, in that
+    order."""
     path = model_dir / "modules.json"
     modules = _read_json(path)
     if not isinstance(modules, list) or not all(isinstance(m, dict) for m in modules):
         raise ValueError(f"{path}: expected a list of modules, each with a type and a path; got {modules!r:.200}")
     modules = sorted(modules, key=lambda m: m.get("idx", 0))
-    for i, (module, want) in enumerate(itertools.zip_longest(modules, ("Transformer", "Pooling", "Normalize"))):
-        if module is None:
-            if want != "Normalize":
-                raise ValueError(f"{path}: no {want} module; kalm_fast runs a Transformer, a mean Pooling and an "
-                                 "optional Normalize, in that order")
-            break
+    for i, module in enumerate(modules):
         kind = str(module.get("type", ""))
-        if not kind.startswith("sentence_transformers.") or kind.rsplit(".", 1)[-1] != want:
-            raise ValueError(f"{path}: module {i} has type {kind!r} (path {module.get('path')!r}); kalm_fast runs a "
-                             "Transformer, a mean Pooling and an optional Normalize, in that order (no Dense, "
-                             "LayerNorm, Router or custom modules)")
-        if want == "Transformer":
-            info.transformer_dir = model_dir / module.get("path", "")
-        elif want == "Pooling":
-            _read_pooling(model_dir / module.get("path", "") / "config.json", info)
+        name = kind.rsplit(".", 1)[-1] if kind.startswith("sentence_transformers.") else None
+        # nothing after Normalize
+        allowed = ("Transformer",) if i == 0 else ("Pooling",) if i == 1 else () if info.normalize else ("Dense",
+                                                                                                         "Normalize")
+        if name not in allowed:
+            raise ValueError(f"{path}: module {i} has type {kind!r} (path {module.get('path')!r}); kalm_fast runs "
+                             f"{_MODULES} (no LayerNorm, Router or custom modules)")
+        module_dir = model_dir / module.get("path", "")
+        if name == "Transformer":
+            info.transformer_dir = module_dir
+        elif name == "Pooling":
+            _read_pooling(module_dir / "config.json", info)
+        elif name == "Dense":
+            info.dense.append(_read_dense(module_dir, info.dense[-1].out_features if info.dense else None))
         else:
             info.normalize = True
+    if len(modules) < 2:
+        raise ValueError(f"{path}: no {('Transformer', 'Pooling')[len(modules)]} module; kalm_fast runs {_MODULES}")
+
+
+def _read_dense(module_dir: Path, in_features: Optional[int]) -> DenseModule:
+    """A Dense module's config (and that its weights are safetensors), checked against what kalm_fast runs."""
+    path = module_dir / "config.json"
+    if not path.is_file():
+        raise ValueError(f"{path} is missing: a Dense module of modules.json has no config")
+    config = _read_json(path)
+    dims = [config.get(k) for k in ("in_features", "out_features")]
+    if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in dims):
+        raise ValueError(f"{path}: in_features and out_features must be positive ints, got {dims}")
+    if in_features is not None and dims[0] != in_features:
+        raise ValueError(f"{path}: in_features {dims[0]} does not match the previous Dense module's out_features "
+                         f"{in_features}")
+    activation = config.get("activation_function", "torch.nn.modules.activation.Tanh")
+    if activation not in DENSE_ACTIVATIONS:
+        raise ValueError(f"{path}: activation_function {activation!r} is not supported; kalm_fast runs "
+                         f"{', '.join(DENSE_ACTIVATIONS.values())}")
+    for key, default in (("module_input_name", "sentence_embedding"), ("module_output_name", None),
+                         ("use_residual", False)):
+        if config.get(key, default) not in (default, "sentence_embedding"):
+            raise ValueError(f"{path}: {key} {config[key]!r} is not supported; kalm_fast runs a Dense module on the "
+                             "sentence embedding, without a residual")
+    weights = module_dir / "model.safetensors"
+    if not weights.is_file():
+        raise ValueError(f"{module_dir} has no model.safetensors (a Dense module's weights; pickled "
+                         "pytorch_model.bin is not loaded: save the model again with sentence-transformers >= 3)")
+    _check_safetensors(weights)
+    return DenseModule(module_dir, dims[0], dims[1], bool(config.get("bias", True)), DENSE_ACTIVATIONS[activation])
 
 
 def _read_pooling(path: Path, info: SentenceTransformerInfo) -> None:

@@ -163,17 +163,32 @@ def _write_streaming(path: Path, names: list, ckpts: list, weights: list, shard:
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".pkl", ".h5", ".msgpack", ".onnx")
 
 
+def _module_dirs(src: Path) -> list:
+    """The sentence-transformers module subdirectories that modules.json of ``src`` names (Pooling, Dense, ...)."""
+    modules = src / "modules.json"
+    if not modules.is_file():
+        return []
+    return [m["path"] for m in json.loads(modules.read_text()) if m.get("path") and (src / m["path"]).is_dir()]
+
+
 def _copy_side_files(src: Path, dst: Path):
-    """Config and tokenizer files of a model directory (not its weights), plus sentence-transformers module dirs."""
+    """Config and tokenizer files of a model directory and of its sentence-transformers module dirs (not weights)."""
     for item in src.iterdir():
         if item.is_file() and not item.name.endswith(WEIGHT_SUFFIXES) and item.name != INDEX_NAME:
             shutil.copy2(item, dst / item.name)
-    modules = src / "modules.json"
-    if modules.is_file():
-        for module in json.loads(modules.read_text()):
-            sub = module.get("path")
-            if sub and (src / sub).is_dir():
-                shutil.copytree(src / sub, dst / sub, dirs_exist_ok=True)
+    for sub in _module_dirs(src):
+        shutil.copytree(src / sub, dst / sub, dirs_exist_ok=True,
+                        ignore=shutil.ignore_patterns(*(f"*{suffix}" for suffix in WEIGHT_SUFFIXES)))
+
+
+def _soup_module_weights(ckpts: list, weights: list, out: Path):
+    """Average the weights of each module dir (a Dense module's ``model.safetensors``) as the model's are."""
+    for sub in _module_dirs(ckpts[0].path):
+        if (ckpts[0].path / sub / "model.safetensors").is_file():
+            files = [_Checkpoint(c.path / sub / "model.safetensors") for c in ckpts]
+            _check_compatible(files)
+            _write_streaming(out / sub / "model.safetensors", sorted(files[0].tensors), files, weights, None,
+                             files[0].metadata[files[0].shards[0]])
 
 
 def model_soup(checkpoints: Sequence, *, weights: Optional[Sequence[float]] = None, output) -> Path:
@@ -212,6 +227,7 @@ def model_soup(checkpoints: Sequence, *, weights: Optional[Sequence[float]] = No
         if (first.path / INDEX_NAME).is_file():
             shutil.copy2(first.path / INDEX_NAME, tmp / INDEX_NAME)
         _copy_side_files(first.path, tmp)
+        _soup_module_weights(ckpts, weights, tmp)
         if output.exists():
             output.rmdir()
         publish_dir(tmp, output)

@@ -185,8 +185,10 @@ def _model_config(model_dir):
 
 
 def embedding_size(model_dir) -> int:
-    """The embedding size (hidden size) of a model directory, read from its config without loading weights."""
-    return int(_model_config(model_dir).hidden_size)
+    """The embedding size of a model directory (its last Dense module's, else the hidden size), read from its
+    configs without loading weights."""
+    info = read_sentence_transformer_info(resolve_model_dir(model_dir))
+    return info.dense[-1].out_features if info.dense else int(build_config(info.transformer_dir).hidden_size)
 
 
 def check_model_checkpointing(model_dir) -> None:
