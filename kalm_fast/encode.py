@@ -230,9 +230,10 @@ class Encoder:
 
         Returns ``[N, dim]`` (numpy float32 by default; a tensor with ``convert_to_tensor``; a list of ``[dim]``
         tensors with neither), or ``[dim]`` for one string. In sentence-transformers' order: mean pooling (without
-        the prompt's tokens when the model's pooling has ``include_prompt: false``), the model's Normalize module if it
-        has one, truncation to ``truncate_dim`` (the argument, else the model's), ``normalize_embeddings``, then
-        ``precision`` ("int8" / "uint8" / "binary" / "ubinary" as ``quantize_embeddings``).
+        the prompt's tokens when the model's pooling has ``include_prompt: false``), the model's Dense and Normalize
+        modules if it has them, truncation to ``truncate_dim`` (the argument, else the model's),
+        ``normalize_embeddings``, then ``precision`` ("int8" / "uint8" / "binary" / "ubinary" as
+        ``quantize_embeddings``).
         ``output_value="token_embeddings"`` gives each text's ``[tokens, H]`` float32 hidden states instead.
         ``batch_size`` caps the texts per batch and ``max_tokens_per_batch`` the packed tokens (results do not
         depend on either); ``device`` moves the model there first. ``sentences`` is the former name of ``inputs``.

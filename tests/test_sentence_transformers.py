@@ -195,8 +195,17 @@ def _reorder_normalize(tmp, decoder_hf):
 
 
 def _dense_residual(tmp, decoder_hf):
+    return _dense_edited(tmp, decoder_hf, use_residual=True)
+
+
+def _dense_edited(tmp, decoder_hf, _replace=False, **changes):
+    """A Dense module whose config gets ``changes`` (``_replace=None``: the config becomes a list)."""
     _st6_with(tmp, decoder_hf, Dense(64, 8))
-    _edit_json(tmp / "2_Dense" / "config.json", use_residual=True)
+    path = tmp / "2_Dense" / "config.json"
+    if _replace is None:
+        path.write_text("[]")
+    else:
+        _edit_json(path, **changes)
     return tmp
 
 
@@ -217,7 +226,12 @@ UNSUPPORTED = {  # layout -> (builder, the message naming the file and the key)
     "dense-activation": (lambda t, d: _st6_with(t, d, Dense(64, 8, activation_function=torch.nn.Softplus())),
                          r"2_Dense/config.json: activation_function 'torch.nn.modules.activation.Softplus'"),
     "dense-residual": (_dense_residual, r"2_Dense/config.json: use_residual True is not supported"),
-    "dense-pickled": (_dense_pickled, r"2_Dense has no model.safetensors"),
+    "dense-pickled": (_dense_pickled, r"2_Dense/pytorch_model.bin: a Dense module's weights are pickled"),
+    "dense-input": (lambda t, d: _dense_edited(t, d, module_input_name="token_embeddings"),
+                    r"2_Dense/config.json: module_input_name 'token_embeddings' is not supported"),
+    "dense-in-features": (lambda t, d: _dense_edited(t, d, in_features=48),
+                          r"2_Dense/config.json: in_features 48 does not match the Pooling's word_embedding_dimension"),
+    "dense-config-list": (lambda t, d: _dense_edited(t, d, None), r"2_Dense/config.json: expected a JSON object"),
     "dense-after-normalize": (lambda t, d: _st6_with(t, d, Normalize(), Dense(64, 8)),
                               r"modules.json: module 3 has type '.*Dense'"),
     "normalize-before-pooling": (_reorder_normalize, r"modules.json: module 1 has type '.*Normalize'"),
@@ -530,3 +544,54 @@ def test_dense_modules_train_and_soup(tmp_path, decoder_hf):
         assert set(got) == set(wa)
         for key in wa:
             torch.testing.assert_close(got[key], 0.25 * wa[key] + 0.75 * wb[key])
+
+
+@pytest.mark.parametrize("variant", ["no-normalize", "tanh-by-default", "gelu", "pickled", "include-prompt-false"])
+def test_dense_module_variants_as_sentence_transformers(tmp_path, decoder_hf, variant):
+    """Without Normalize; a 2.x config with no activation_function (sentence-transformers' default, Tanh); GELU;
+    weights pickled by sentence-transformers < 3.1 (refused unless allow_pickle, as the model's own); a pooling that
+    leaves the prompt out."""
+    torch.manual_seed(3)
+    dense = Dense(64, 16, activation_function=torch.nn.GELU() if variant == "gelu" else torch.nn.Tanh())
+    pooling = dict(include_prompt=False) if variant == "include-prompt-false" else {}
+    modules = [Transformer(str(decoder_hf)), Pooling(64, **pooling), dense]
+    model = SentenceTransformer(modules=modules + ([] if variant == "no-normalize" else [Normalize()]), device="cpu",
+                                prompts={"query": QUERY})
+    model.save(str(tmp_path / "m"), safe_serialization=variant != "pickled")
+    if variant == "tanh-by-default":
+        config = json.loads((tmp_path / "m/2_Dense/config.json").read_text())
+        del config["activation_function"]
+        (tmp_path / "m/2_Dense/config.json").write_text(json.dumps(config))
+    ref = SentenceTransformer(str(tmp_path / "m"), device="cpu")
+    if variant == "pickled":
+        with pytest.raises(ValueError, match="pickled"):
+            Encoder(tmp_path / "m", device="cpu")
+    enc = Encoder(tmp_path / "m", device="cpu", allow_pickle=variant == "pickled")
+    _assert_same(enc.encode(TEXTS, prompt_name="query"), ref.encode(TEXTS, prompt_name="query"), variant)
+    enc.model.save_pretrained(tmp_path / "out")
+    saved, theirs = (json.loads((d / "2_Dense/config.json").read_text()) for d in (tmp_path / "out", tmp_path / "m"))
+    assert saved == dict(in_features=64, out_features=16, bias=True, activation_function=theirs.get(
+        "activation_function", "torch.nn.modules.activation.Tanh"))
+
+
+def test_dense_in_bf16_as_sentence_transformers_in_bf16(tmp_path, decoder_hf):
+    """The Dense modules run in the model's dtype, as sentence-transformers casts them."""
+    directory = _dense_model(tmp_path / "m", decoder_hf)
+    got = Encoder(directory, device="cpu", dtype="bfloat16").encode(TEXTS)
+    want = SentenceTransformer(str(directory), device="cpu", model_kwargs={"dtype": torch.bfloat16}).encode(TEXTS)
+    cos = (got * want).sum(-1) / np.linalg.norm(got, axis=-1) / np.linalg.norm(want, axis=-1)
+    assert cos.min() > 0.999
+
+
+def test_the_soup_refuses_checkpoints_with_other_modules(tmp_path, decoder_hf):
+    from kalm_fast import model_soup
+
+    a = _dense_model(tmp_path / "a", decoder_hf)
+    plain = _st6_with(tmp_path / "plain", decoder_hf, Normalize())
+    with pytest.raises(ValueError, match="differ in 2_Dense/config.json|differ in modules.json"):
+        model_soup([plain, a], output=tmp_path / "soup")
+    b = _dense_model(tmp_path / "b", decoder_hf, seed=5)
+    (b / "2_Dense/pytorch_model.bin").write_bytes(b"")
+    with pytest.raises(ValueError, match="2_Dense/pytorch_model.bin: module weights the soup cannot average"):
+        model_soup([a, b], output=tmp_path / "soup")
+    assert not (tmp_path / "soup").exists()

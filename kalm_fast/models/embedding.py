@@ -92,11 +92,19 @@ class DenseLayer(nn.Module):
         return self.activation(self.linear(x))
 
 
-def _load_dense(spec: DenseModule, dtype) -> DenseLayer:
-    """The ``DenseLayer`` of a checked ``DenseModule`` with its weights, in ``dtype``."""
+def _load_dense(spec: DenseModule, dtype, allow_pickle: bool) -> DenseLayer:
+    """The ``DenseLayer`` of a checked ``DenseModule`` with its weights, in ``dtype``; pickled weights (written by
+    sentence-transformers < 3.1) only with ``allow_pickle``."""
     layer = DenseLayer(spec.in_features, spec.out_features, spec.bias, spec.activation)
-    path = spec.path / "model.safetensors"
-    state = load_file(str(path))
+    path = spec.weights
+    if path.suffix == ".safetensors":
+        state = load_file(str(path))
+    elif allow_pickle:
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    else:
+        raise ValueError(f"{path}: a Dense module's weights are pickled (sentence-transformers < 3.1 wrote them so), "
+                         "which can run code when loaded; save the model with sentence-transformers >= 3.1 or pass "
+                         "allow_pickle=True if you trust the files")
     want = set(layer.state_dict())
     if set(state) != want or any(state[k].shape != v.shape for k, v in layer.state_dict().items()):
         shapes = {k: tuple(t.shape) for k, t in state.items()}
@@ -107,7 +115,8 @@ def _load_dense(spec: DenseModule, dtype) -> DenseLayer:
 
 
 class EmbeddingModel(nn.Module):
-    """Text -> ``[N, H]`` mean-pooled embeddings, differentiable: the module that is trained and that encodes.
+    """Text -> ``[N, E]`` mean-pooled embeddings (through the model's Dense modules, if any), differentiable: the
+    module that is trained and that encodes.
 
     ``tokenize(texts)`` returns a ``PackedBatch`` (``models.packing``); ``forward(batch)`` runs the transformer on it
     with bidirectional attention (``ops.flash_attention``, varlen) and pools with ``ops.mean_pool``. A padded batch
@@ -196,7 +205,7 @@ class EmbeddingModel(nn.Module):
                        normalize=info.normalize, attn_backend=attn_backend,
                        default_prompt_name=info.default_prompt_name, include_prompt=info.include_prompt,
                        similarity_fn_name=info.similarity_fn_name, truncate_dim=info.truncate_dim,
-                       dense=[_load_dense(spec, model.dtype) for spec in info.dense])
+                       dense=[_load_dense(spec, model.dtype, allow_pickle) for spec in info.dense])
         embedder.model_max_length = own
         return embedder.to(device).eval()
 
@@ -310,7 +319,7 @@ class EmbeddingModel(nn.Module):
     def embed(self, texts: Sequence[str], *, max_tokens: Optional[int] = None, max_sequences: Optional[int] = None,
               dim: Optional[int] = None, normalize: bool = False, prompt_length: int = 0,
               show_progress: bool = False) -> torch.Tensor:
-        """float32 ``[len(texts), dim or H]`` embeddings on the model's device, in the order of ``texts`` (batching as
+        """float32 ``[len(texts), dim or E]`` embeddings on the model's device, in the order of ``texts`` (batching as
         ``_batched``; ``dim``, ``normalize`` and ``prompt_length`` as ``forward``)."""
         texts = check_texts(texts)
         out = torch.empty(len(texts), dim or self.embedding_size, dtype=torch.float32, device=self.device)
@@ -348,7 +357,8 @@ class EmbeddingModel(nn.Module):
 
     def save_pretrained(self, directory, *, max_seq_length: Optional[int] = None) -> None:
         """Safetensors weights, config, tokenizer and the sentence-transformers files, in the layout that
-        sentence-transformers 2.x to 6.x all load (decoders with ``is_causal: false``, so bidirectionally there too).
+        sentence-transformers 2.x to 6.x all load (decoders with ``is_causal: false``, so bidirectionally there too;
+        Dense modules' weights as safetensors, which sentence-transformers reads from 3.1 on).
         ``max_seq_length``: the one saved (default: the model's own, ``model_max_length``)."""
         if not isinstance(directory, (str, os.PathLike)):
             raise TypeError(f"directory must be a path (str or os.PathLike), got {type(directory).__name__}")
@@ -371,7 +381,7 @@ class EmbeddingModel(nn.Module):
             (directory / f"{name}_Dense").mkdir(exist_ok=True)
             modules.append(dict(idx=len(modules), name=name, path=f"{name}_Dense",
                                 type="sentence_transformers.models.Dense"))
-            activation = next(k for k, v in DENSE_ACTIVATIONS.items() if v == layer.activation_name)
+            activation = DENSE_ACTIVATIONS[layer.activation_name]
             with open(directory / f"{name}_Dense" / "config.json", "w", encoding="utf-8") as f:
                 json.dump(dict(in_features=layer.linear.in_features, out_features=layer.linear.out_features,
                                bias=layer.linear.bias is not None, activation_function=activation), f, indent=2)

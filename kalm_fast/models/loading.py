@@ -19,10 +19,11 @@ from .bidirectional import check_model_type
 
 @dataclass
 class DenseModule:
-    """A sentence-transformers ``Dense`` module after pooling: ``activation(x @ weight.T + bias)``; its weights are in
-    ``path`` (``model.safetensors``: ``linear.weight`` ``[out, in]``, ``linear.bias``)."""
+    """A sentence-transformers ``Dense`` module after pooling: ``activation(x @ weight.T + bias)``; its weights are
+    ``weights`` (``model.safetensors``, or a pickled ``pytorch_model.bin`` of sentence-transformers < 3.1:
+    ``linear.weight`` ``[out, in]``, ``linear.bias``)."""
 
-    path: Path
+    weights: Path
     in_features: int
     out_features: int
     bias: bool
@@ -44,12 +45,15 @@ class SentenceTransformerInfo:
     similarity_fn_name: Optional[str] = None
     truncate_dim: Optional[int] = None
     dense: list = field(default_factory=list)  # DenseModule after pooling, in order
+    pooling_dim: Optional[int] = None  # the Pooling config's word_embedding_dimension, when it has one
 
 
 SIMILARITY_FN_NAMES = ("cosine", "dot", "euclidean", "manhattan")
-# The activations of a Dense module kalm_fast runs (sentence-transformers saves the class's full name).
-DENSE_ACTIVATIONS = {"torch.nn.modules.linear.Identity": "Identity", "torch.nn.modules.activation.Tanh": "Tanh",
-                     "torch.nn.modules.activation.ReLU": "ReLU", "torch.nn.modules.activation.GELU": "GELU"}
+# The activations of a Dense module kalm_fast runs: parameterless torch.nn classes, by the full name
+# sentence-transformers saves (any "torch.nn....Name" spelling loads).
+DENSE_ACTIVATIONS = {"Identity": "torch.nn.modules.linear.Identity", "Tanh": "torch.nn.modules.activation.Tanh",
+                     "ReLU": "torch.nn.modules.activation.ReLU", "GELU": "torch.nn.modules.activation.GELU",
+                     "Sigmoid": "torch.nn.modules.activation.Sigmoid", "SiLU": "torch.nn.modules.activation.SiLU"}
 # The Transformer module's config file: sentence_bert_config.json, or a legacy per-family name (2.x).
 _TRANSFORMER_CONFIGS = ("sentence_bert_config.json", "sentence_roberta_config.json", "sentence_distilbert_config.json",
                         "sentence_camembert_config.json", "sentence_albert_config.json",
@@ -159,40 +163,47 @@ def _read_modules(model_dir: Path, info: SentenceTransformerInfo) -> None:
         elif name == "Pooling":
             _read_pooling(module_dir / "config.json", info)
         elif name == "Dense":
-            info.dense.append(_read_dense(module_dir, info.dense[-1].out_features if info.dense else None))
+            info.dense.append(_read_dense(module_dir, info.dense[-1].out_features if info.dense else info.pooling_dim,
+                                          "the previous Dense module's out_features" if info.dense else
+                                          "the Pooling's word_embedding_dimension"))
         else:
             info.normalize = True
     if len(modules) < 2:
         raise ValueError(f"{path}: no {('Transformer', 'Pooling')[len(modules)]} module; kalm_fast runs {_MODULES}")
 
 
-def _read_dense(module_dir: Path, in_features: Optional[int]) -> DenseModule:
-    """A Dense module's config (and that its weights are safetensors), checked against what kalm_fast runs."""
+def _read_dense(module_dir: Path, in_features: Optional[int], in_what: str) -> DenseModule:
+    """A Dense module's config and weight file, checked against what kalm_fast runs; ``in_features`` (named by
+    ``in_what``) is what it gets, when known."""
     path = module_dir / "config.json"
     if not path.is_file():
         raise ValueError(f"{path} is missing: a Dense module of modules.json has no config")
     config = _read_json(path)
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: expected a JSON object (a Dense module's config), got {type(config).__name__}")
     dims = [config.get(k) for k in ("in_features", "out_features")]
     if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in dims):
         raise ValueError(f"{path}: in_features and out_features must be positive ints, got {dims}")
     if in_features is not None and dims[0] != in_features:
-        raise ValueError(f"{path}: in_features {dims[0]} does not match the previous Dense module's out_features "
-                         f"{in_features}")
-    activation = config.get("activation_function", "torch.nn.modules.activation.Tanh")
-    if activation not in DENSE_ACTIVATIONS:
-        raise ValueError(f"{path}: activation_function {activation!r} is not supported; kalm_fast runs "
-                         f"{', '.join(DENSE_ACTIVATIONS.values())}")
-    for key, default in (("module_input_name", "sentence_embedding"), ("module_output_name", None),
-                         ("use_residual", False)):
-        if config.get(key, default) not in (default, "sentence_embedding"):
+        raise ValueError(f"{path}: in_features {dims[0]} does not match {in_what} {in_features}")
+    activation = config.get("activation_function", "torch.nn.modules.activation.Tanh")  # sentence-transformers' default
+    name = activation.rsplit(".", 1)[-1] if isinstance(activation, str) and activation.startswith("torch.nn.") else None
+    if name not in DENSE_ACTIVATIONS:
+        raise ValueError(f"{path}: activation_function {activation!r} is not supported; kalm_fast runs torch.nn's "
+                         f"{', '.join(DENSE_ACTIVATIONS)}")
+    for key, allowed in (("module_input_name", ("sentence_embedding",)),
+                         ("module_output_name", (None, "sentence_embedding")), ("use_residual", (False,))):
+        if config.get(key, allowed[0]) not in allowed:
             raise ValueError(f"{path}: {key} {config[key]!r} is not supported; kalm_fast runs a Dense module on the "
                              "sentence embedding, without a residual")
     weights = module_dir / "model.safetensors"
-    if not weights.is_file():
-        raise ValueError(f"{module_dir} has no model.safetensors (a Dense module's weights; pickled "
-                         "pytorch_model.bin is not loaded: save the model again with sentence-transformers >= 3)")
-    _check_safetensors(weights)
-    return DenseModule(module_dir, dims[0], dims[1], bool(config.get("bias", True)), DENSE_ACTIVATIONS[activation])
+    if weights.is_file():
+        _check_safetensors(weights)
+    elif (module_dir / "pytorch_model.bin").is_file():
+        weights = module_dir / "pytorch_model.bin"
+    else:
+        raise ValueError(f"{module_dir} has no model.safetensors (a Dense module's weights)")
+    return DenseModule(weights, dims[0], dims[1], bool(config.get("bias", True)), name)
 
 
 def _read_pooling(path: Path, info: SentenceTransformerInfo) -> None:
@@ -214,6 +225,8 @@ def _read_pooling(path: Path, info: SentenceTransformerInfo) -> None:
     if not isinstance(include_prompt, bool):
         raise ValueError(f"{path}: include_prompt must be true or false, got {include_prompt!r}")
     info.include_prompt = include_prompt
+    dim = config.get("word_embedding_dimension", config.get("embedding_dimension"))
+    info.pooling_dim = dim if isinstance(dim, int) and not isinstance(dim, bool) else None
 
 
 def _read_transformer_config(path: Path, info: SentenceTransformerInfo) -> None:

@@ -181,6 +181,29 @@ def _copy_side_files(src: Path, dst: Path):
                         ignore=shutil.ignore_patterns(*(f"*{suffix}" for suffix in WEIGHT_SUFFIXES)))
 
 
+def _check_same_modules(ckpts: list) -> None:
+    """Every checkpoint directory has the first's sentence-transformers modules (modules.json, each module's config)
+    and its module weights only as safetensors (the soup averages those; pickled ones it would drop)."""
+    def layout(root: Path) -> dict:
+        modules = root / "modules.json"
+        found = {"modules.json": json.loads(modules.read_text()) if modules.is_file() else None}
+        for sub in _module_dirs(root):
+            config = root / sub / "config.json"
+            found[f"{sub}/config.json"] = json.loads(config.read_text()) if config.is_file() else None
+            for item in sorted((root / sub).iterdir()):
+                if item.name.endswith(WEIGHT_SUFFIXES) and item.name != "model.safetensors":
+                    raise ValueError(f"{item}: module weights the soup cannot average (only model.safetensors)")
+        return found
+
+    first = layout(ckpts[0].path)
+    for ckpt in ckpts[1:]:
+        other = layout(ckpt.path)
+        for name in sorted(set(first) | set(other)):
+            if first.get(name) != other.get(name):
+                raise ValueError(f"checkpoints {ckpts[0].path} and {ckpt.path} differ in {name}: a soup averages "
+                                 "models with the same sentence-transformers modules")
+
+
 def _soup_module_weights(ckpts: list, weights: list, out: Path):
     """Average the weights of each module dir (a Dense module's ``model.safetensors``) as the model's are."""
     for sub in _module_dirs(ckpts[0].path):
@@ -201,6 +224,8 @@ def model_soup(checkpoints: Sequence, *, weights: Optional[Sequence[float]] = No
     if len(kinds) > 1:
         raise ValueError("checkpoints must be all .safetensors files or all model directories, not a mix")
     _check_compatible(ckpts)
+    if ckpts[0].is_dir:
+        _check_same_modules(ckpts)
     output = Path(output)
     if output.resolve() in {c.path.resolve() for c in ckpts}:
         raise ValueError(f"output {output} is one of the checkpoints; choose a new path")
