@@ -182,26 +182,24 @@ def _copy_side_files(src: Path, dst: Path):
 
 
 def _check_same_modules(ckpts: list) -> None:
-    """Every checkpoint directory has the first's sentence-transformers modules (modules.json, each module's config)
-    and its module weights only as safetensors (the soup averages those; pickled ones it would drop)."""
-    def layout(root: Path) -> dict:
-        modules = root / "modules.json"
-        found = {"modules.json": json.loads(modules.read_text()) if modules.is_file() else None}
+    """Every checkpoint directory has the first's weighted sentence-transformers modules (its Dense modules: path and
+    config), with their weights only as safetensors (the soup averages those; pickled ones it would drop)."""
+    def weighted_modules(root: Path) -> list:
+        found = []
         for sub in _module_dirs(root):
-            config = root / sub / "config.json"
-            found[f"{sub}/config.json"] = json.loads(config.read_text()) if config.is_file() else None
             for item in sorted((root / sub).iterdir()):
                 if item.name.endswith(WEIGHT_SUFFIXES) and item.name != "model.safetensors":
                     raise ValueError(f"{item}: module weights the soup cannot average (only model.safetensors)")
+            if (root / sub / "model.safetensors").is_file():
+                config = root / sub / "config.json"
+                found.append((sub, json.loads(config.read_text()) if config.is_file() else None))
         return found
 
-    first = layout(ckpts[0].path)
+    first = weighted_modules(ckpts[0].path)
     for ckpt in ckpts[1:]:
-        other = layout(ckpt.path)
-        for name in sorted(set(first) | set(other)):
-            if first.get(name) != other.get(name):
-                raise ValueError(f"checkpoints {ckpts[0].path} and {ckpt.path} differ in {name}: a soup averages "
-                                 "models with the same sentence-transformers modules")
+        if weighted_modules(ckpt.path) != first:
+            raise ValueError(f"checkpoints {ckpts[0].path} and {ckpt.path} have other modules with weights (Dense: "
+                             f"{[sub for sub, _ in first]} in the first): a soup averages models with the same ones")
 
 
 def _soup_module_weights(ckpts: list, weights: list, out: Path):
