@@ -195,13 +195,13 @@ class EmbeddingModel(nn.Module):
         own = info.max_seq_length or min(x for x in (tokenizer.model_max_length, positions) if x)
         positions = positions - _position_offset(config) if positions else None
         own = min(x for x in (own, positions) if x)
-        window = local_window(config)
-        if window is not None and min(x for x in (max_length, own) if x) > window:
+        asked, window = min(x for x in (max_length, own) if x), local_window(config)
+        if window is not None and asked > window:
             warnings.warn(f"texts are cut at {window} tokens, the sliding window of the model's local layers: "
                           f"kalm_fast runs them as full attention, exact only up to the window (max length "
-                          f"{min(x for x in (max_length, own) if x)} asked)", stacklevel=2)
-            own = window
-        embedder = cls(model, tokenizer, max_length=min(x for x in (max_length, own) if x), prompts=info.prompts,
+                          f"{asked} asked)", stacklevel=2)
+            own = asked = window
+        embedder = cls(model, tokenizer, max_length=asked, prompts=info.prompts,
                        normalize=info.normalize, attn_backend=attn_backend,
                        default_prompt_name=info.default_prompt_name, include_prompt=info.include_prompt,
                        similarity_fn_name=info.similarity_fn_name, truncate_dim=info.truncate_dim,
