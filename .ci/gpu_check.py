@@ -18,8 +18,9 @@ that no longer fits is skipped and reported. Stages, in order:
   top ops of each by GPU time, ``--profile``), pooling against a device copy, the loss at B=32k against one matmul
   and cross-entropy, a GradCache training step against sentence-transformers' CachedMultipleNegativesRankingLoss
   step (and each step's top ops);
-- on request only (``--only build bench-attention-variants bench-encode-budgets bench-train-step-1024``): the triton
-  attention's variants, ``benchmarks.attention --preset variants``; the encode at token budgets 16k / 32k / 64k; the
+- on request only (``--only build bench-attention-variants bench-encode-budgets bench-train-step-1024``; also
+  ``bench-attention-window``): the triton attention's variants, ``benchmarks.attention --preset variants``; local
+  attention, ``--preset window --window 1024``; the encode at token budgets 16k / 32k / 64k; the
   training step at B = 1024 against sentence-transformers', and the largest B of each in the same memory;
 - ``pack``: ``OUT/summary.md`` (read it first), ``OUT/summary.json`` and ``OUT/gpu-check.tar.gz`` (every log, JUnit
   XML and benchmark JSON/MD; the benchmark files are named ``<name>-<device>.*`` for ``benchmarks/results/``).
@@ -101,6 +102,9 @@ def stages(dry: bool, workers: int) -> list:
         # the encode at three token budgets (the default, DEFAULT_TOKENS["cuda"], is 32768)
         Stage("bench-attention-variants", 240, [py, "-m", "benchmarks.attention", "--preset",
                                                 "dry" if dry else "variants"], required=False, on_request=True),
+        # local attention (Gemma 3's bidirectional window) against SDPA with the band as a mask
+        Stage("bench-attention-window", 150, [py, "-m", "benchmarks.attention", "--preset", "dry" if dry else "window",
+                                              "--window", "16" if dry else "1024"], required=False, on_request=True),
         Stage("bench-encode-budgets", 200, [*encode, "--report", "encode-budgets", "--token-budgets",
                                             "256,512" if dry else "16384,32768,65536"],
               required=False, on_request=True, env=PARALLEL_TOKENIZERS),

@@ -11,6 +11,11 @@
     python -m benchmarks.attention --preset quick        # a couple of shapes
     python -m benchmarks.attention --preset gpu-check    # the Hopper targets: D=128, L 2k-16k, + fp32 and KaLM shape
     python -m benchmarks.attention --preset variants     # the triton backend's variants on a GPU (below)
+    python -m benchmarks.attention --preset window --window 1024   # local attention, |i - j| < 1024 (Gemma 3)
+
+``--window W`` times the kernel sweep with a local band, ``window=(W - 1, W - 1)`` (Gemma 3's bidirectional local
+layers), against SDPA with the band as a boolean mask (and flash-attn's ``window_size``); FLOPs count the visible
+pairs only. The packed long-tailed batch is then left out (its texts are shorter than any local window).
 
 The ``variants`` preset (bf16 on a GPU; reports ``attention_variants-*`` and ``attention_packed_variants-*``) adds
 the triton backend under each of its environment settings: ``triton tma`` (``KALM_ATTENTION_TMA=1``: the forward
@@ -47,8 +52,8 @@ except Exception:  # noqa: BLE001
 
 
 def _ours(backend):
-    def run(q, k, v, varlen, max_len, causal):
-        return flash_attention(q, k, v, cu_seqlens=varlen, causal=causal, backend=backend)
+    def run(q, k, v, varlen, max_len, causal, window):
+        return flash_attention(q, k, v, cu_seqlens=varlen, causal=causal, window=window, backend=backend)
     return run
 
 
@@ -61,16 +66,36 @@ def _variant(name):
     return mock.patch.dict(os.environ, VARIANT_ENV.get(name, {}))
 
 
-def _sdpa_equal(q, k, v, varlen, max_len, causal):
-    """Equal-length packed [B*L, H, D] viewed as [B, H, L, D] (the transposes are part of the cost)."""
+@functools.lru_cache(maxsize=4)
+def _band(length, left, right, device):
+    """The bool mask [L, L] of a local window (key j visible from query i when i - left <= j <= i + right)."""
+    offset = torch.arange(length, device=device)[None, :] - torch.arange(length, device=device)[:, None]
+    return (offset >= -left) & (offset <= right)
+
+
+def _sdpa_equal(q, k, v, varlen, max_len, causal, window):
+    """Equal-length packed [B*L, H, D] viewed as [B, H, L, D] (the transposes are part of the cost); a window as a
+    bool mask (built once per shape, outside the timing's first call)."""
     B = varlen.num_seqs
     to = lambda x: x.view(B, max_len, x.shape[1], x.shape[2]).transpose(1, 2)  # noqa: E731
-    out = F.scaled_dot_product_attention(to(q), to(k), to(v), is_causal=causal, enable_gqa=q.shape[1] != k.shape[1])
+    mask = None if window is None else _band(max_len, window[0], 0 if causal else window[1], q.device)
+    out = F.scaled_dot_product_attention(to(q), to(k), to(v), attn_mask=mask, is_causal=causal and mask is None,
+                                         enable_gqa=q.shape[1] != k.shape[1])
     return out.transpose(1, 2).reshape(q.shape)
 
 
-def _flash_attn(q, k, v, varlen, max_len, causal):
-    return flash_attn_varlen_func(q, k, v, varlen.cu_seqlens, varlen.cu_seqlens, max_len, max_len, causal=causal)
+def _flash_attn(q, k, v, varlen, max_len, causal, window):
+    return flash_attn_varlen_func(q, k, v, varlen.cu_seqlens, varlen.cu_seqlens, max_len, max_len, causal=causal,
+                                  window_size=(-1, -1) if window is None else window)
+
+
+def _visible_pairs(length, causal, window) -> int:
+    """(query, key) pairs a sequence of ``length`` attends over."""
+    if window is None:
+        return length * length // 2 if causal else length * length
+    i = torch.arange(length, dtype=torch.int64)
+    right = 0 if causal else window[1]
+    return int(((i + right).clamp(max=length - 1) - (i - window[0]).clamp(min=0) + 1).sum())
 
 
 def _impls(device, dtype, max_len, with_reference=True, variants=False):
@@ -94,19 +119,20 @@ def _impls(device, dtype, max_len, with_reference=True, variants=False):
     return impls
 
 
-def _timed(fn, q, k, v, cu, max_len, causal, repeats):
+def _timed(fn, q, k, v, cu, max_len, causal, window, repeats):
     """(forward ms, forward+backward ms)."""
     grad = torch.randn_like(q)
-    fwd = time_fn(lambda: fn(q, k, v, cu, max_len, causal), repeats=repeats)["median_ms"]
+    fwd = time_fn(lambda: fn(q, k, v, cu, max_len, causal, window), repeats=repeats)["median_ms"]
 
     def step():
-        out = fn(q, k, v, cu, max_len, causal)
+        out = fn(q, k, v, cu, max_len, causal, window)
         torch.autograd.grad(out, (q, k, v), grad)
 
     return fwd, time_fn(step, repeats=repeats)["median_ms"]
 
 
-def kernel_sweep(device, dtype, seqlens, head_dims, causal, tokens, repeats, with_reference=True, variants=False):
+def kernel_sweep(device, dtype, seqlens, head_dims, causal, tokens, repeats, with_reference=True, variants=False,
+                 window=None):
     rows = []
     for d in head_dims:
         heads = 2048 // d
@@ -116,11 +142,11 @@ def kernel_sweep(device, dtype, seqlens, head_dims, causal, tokens, repeats, wit
             q, k, v = (torch.randn(B * L, heads, d, device=device, dtype=dtype, generator=g).requires_grad_()
                        for _ in range(3))
             varlen = Varlen.from_lengths([L] * B, device)
-            flops = 4 * L * L * d * heads * B * (0.5 if causal else 1.0)
+            flops = 4 * _visible_pairs(L, causal, window) * d * heads * B
             for name, fn in _impls(device, dtype, L, with_reference, variants).items():
                 try:
                     with _variant(name):
-                        fwd, both = _timed(fn, q, k, v, varlen, L, causal, repeats)
+                        fwd, both = _timed(fn, q, k, v, varlen, L, causal, window, repeats)
                 except (RuntimeError, torch.cuda.OutOfMemoryError) as exc:  # e.g. the reference out of memory
                     print(f"skip {name} L={L} D={d}: {type(exc).__name__}: {str(exc)[:120]}")
                     continue
@@ -128,7 +154,7 @@ def kernel_sweep(device, dtype, seqlens, head_dims, causal, tokens, repeats, wit
                 dt = str(dtype).split(".")[-1]
                 for mode, ms, f in (("fwd", fwd, flops), ("bwd", bwd, 2.5 * flops), ("fwd+bwd", both, 3.5 * flops)):
                     rows.append(progress({"impl": name, "mode": mode, "seqlen": L, "batch": B, "heads": heads,
-                                          "head_dim": d, "causal": causal, "dtype": dt, "ms": ms,
+                                          "head_dim": d, "causal": causal, "window": window, "dtype": dt, "ms": ms,
                                           "TFLOP/s": f / (ms * 1e-3) / 1e12, "series": f"{name} {mode} D={d} {dt}"}))
     return rows
 
@@ -220,6 +246,9 @@ PRESETS = {
     # the triton variants (see the module docstring) on the Hopper target shapes and the KaLM shape
     "variants": dict(sweeps=[("bfloat16", [4096, 16384], [64, 128], 32768)], total=65536, repeats=10, reference=False,
                      variants=True),
+    # local attention (with --window): the Hopper target lengths at head dims 128 and 256 (Gemma 3's)
+    "window": dict(sweeps=[("bfloat16", [4096, 16384], [128, 256], 32768)], total=65536, repeats=10,
+                   reference=False),
     "dry": dict(sweeps=[("float32", [64], [128], 64)], total=512, repeats=1, reference=True),  # plumbing only
 }
 
@@ -228,27 +257,35 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default=None, help="default: gpu or cpu")
     parser.add_argument("--causal", action="store_true", help="causal kernel sweep (default bidirectional)")
+    parser.add_argument("--window", type=int, default=None, metavar="W",
+                        help="local attention, |i - j| < W (window=(W - 1, W - 1)); leaves the packed batch out")
     args = parser.parse_args(argv)
+    if args.window is not None and args.window < 1:
+        parser.error(f"--window must be a positive int, got {args.window}")
+    window = None if args.window is None else (args.window - 1, args.window - 1)
     gpu = torch.cuda.is_available()
     device = "cuda" if gpu else "cpu"
     preset = PRESETS[args.preset or ("gpu" if gpu else "cpu")]
     variants = preset.get("variants", False)
-    suffix = "_variants" if variants else ""
-    # the packed KaLM batch first (the shortest part, a target of its own), then the kernel sweeps
-    rows = realistic_batch(device, torch.bfloat16 if gpu else torch.float32, preset["total"], preset["repeats"],
-                           variants)
-    write_report(f"attention_packed{suffix}", rows,
-                 columns=["impl", "sequences", "tokens", "padded tokens", "ms", "tokens/s", "x padded sdpa", "note"],
-                 meta=dict(lengths="85% 20-60, 10% 60-200, 5% 512; Hq=14 Hkv=2 D=64"))
+    suffix = "_variants" if variants else "_window" if window else ""
+    if window is None:  # the packed KaLM batch first (the shortest part, a target of its own), then the kernel sweeps
+        rows = realistic_batch(device, torch.bfloat16 if gpu else torch.float32, preset["total"], preset["repeats"],
+                               variants)
+        write_report(f"attention_packed{suffix}", rows,
+                     columns=["impl", "sequences", "tokens", "padded tokens", "ms", "tokens/s", "x padded sdpa",
+                              "note"],
+                     meta=dict(lengths="85% 20-60, 10% 60-200, 5% 512; Hq=14 Hkv=2 D=64"))
     rows = []
     for dtype, seqlens, dims, tokens in preset["sweeps"]:
         dtype = getattr(torch, dtype or ("bfloat16" if gpu else "float32"))
         rows += kernel_sweep(device, dtype, seqlens, dims, args.causal, tokens, preset["repeats"], preset["reference"],
-                             preset.get("variants", False))
+                             preset.get("variants", False), window)
+    title = f"attention {'causal' if args.causal else 'bidirectional'}" + (f", |i - j| < {args.window}" if window
+                                                                           else "")
     write_report(f"attention{suffix}", rows,
-                 columns=["impl", "mode", "seqlen", "batch", "heads", "head_dim", "causal", "dtype", "ms", "TFLOP/s"],
-                 plot=dict(x="seqlen", y="TFLOP/s", series="series", logx=True,
-                           title=f"attention {'causal' if args.causal else 'bidirectional'}"))
+                 columns=["impl", "mode", "seqlen", "batch", "heads", "head_dim", "causal", "window", "dtype", "ms",
+                          "TFLOP/s"],
+                 plot=dict(x="seqlen", y="TFLOP/s", series="series", logx=True, title=title))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""flash_attention backends against the reference: packed and padded, GQA, causal, forward, lse and dq/dk/dv.
+"""flash_attention backends against the reference: packed and padded, GQA, causal, local windows, forward, lse and
+dq/dk/dv.
 
 On CPU the triton backend runs under TRITON_INTERPRET=1 (set by the test suite) with fp32/fp16 inputs; bf16 and the
 forward-only ``cuda`` backend are checked on a GPU (``make gpu-check``).
@@ -71,6 +72,74 @@ def test_packed_matches_reference(backend, lengths, hq, hkv, d, causal, dtype):
     expected = _run("reference", q, k, v, **kw)
     actual = _run(backend, q, k, v, **kw)
     _assert_close(actual, expected, backend, dtype)
+
+
+WINDOW_CASES = [
+    # lengths, Hq, Hkv, D, causal, window, dtype: bands narrower than a tile, wider than some sequences, one-sided,
+    # with the causal mask, empty (each token sees itself), and wider than every sequence (no mask at all)
+    ([0, 1, 17, 64, 129], 14, 2, 64, False, (3, 3), torch.float32),
+    ([129, 5, 70], 4, 1, 32, False, (40, 7), torch.float16),
+    ([70, 1, 129], 2, 2, 64, True, (20, 5), torch.float32),
+    ([33, 129], 4, 2, 32, False, (0, 0), torch.float16),
+    ([129, 17, 0], 2, 1, 80, False, (0, 60), torch.float32),
+    ([17, 64, 1], 4, 2, 32, False, (500, 500), torch.float32),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("lengths,hq,hkv,d,causal,window,dtype", WINDOW_CASES)
+def test_window_matches_reference(backend, lengths, hq, hkv, d, causal, window, dtype):
+    """Local attention (``window=(left, right)``): forward, lse and gradients, packed, against the oracle's band."""
+    cu = _cu(lengths)
+    q, k, v = _inputs((int(cu[-1]), hq, d), hkv, dtype)
+    kw = dict(cu_seqlens=cu, causal=causal, window=window)
+    expected = _run("reference", q, k, v, **kw)
+    _assert_close(_run(backend, q, k, v, **kw), expected, backend, dtype)
+    if max(lengths) > window[0] + window[1] + 1:  # the window is not a no-op here
+        unbanded = _run("reference", q, k, v, cu_seqlens=cu, causal=causal)
+        assert (expected[0] - unbanded[0]).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("causal", [False, True])
+def test_window_padded_matches_reference(backend, causal):
+    """Padded input with a window: padding query rows still give zeros (none attends to nothing by accident) and no
+    NaN reaches the gradients."""
+    q, k, v = _inputs((3, 45, 4, 32), 2, torch.float32)
+    for mask in (_mask([45, 20, 0], 45), _mask([5, 45, 1], 45, left=True), None):
+        kw = dict(key_padding_mask=mask, causal=causal, window=(6, 2))
+        actual = _run(backend, q, k, v, **kw)
+        _assert_close(actual, _run("reference", q, k, v, **kw), backend, torch.float32)
+        assert not any(torch.isnan(t).any() for t in actual[2:])
+        if mask is not None:
+            assert actual[0][~mask.bool()].abs().max() == 0
+
+
+def test_window_reference_is_the_band():
+    """The oracle's band by hand: one head, D = 1, keys 0..4 with value = position, all scores equal (q = 0):
+    query i averages the values of keys max(0, i - 1) .. min(4, i + 2)."""
+    q = torch.zeros(5, 1, 1)
+    k = torch.ones(5, 1, 1)
+    v = torch.arange(5.0).view(5, 1, 1)
+    out = flash_attention_reference(q, k, v, _cu([5]).cpu(), None, None, False, (1, 2))
+    want = [sum(range(max(0, i - 1), min(4, i + 2) + 1)) / (min(4, i + 2) - max(0, i - 1) + 1) for i in range(5)]
+    torch.testing.assert_close(out[:, 0, 0], torch.tensor(want))
+    causal = flash_attention_reference(q, k, v, _cu([5]).cpu(), None, None, True, (1, 2))
+    torch.testing.assert_close(causal[:, 0, 0], torch.tensor([0.0, 0.5, 1.5, 2.5, 3.5]))
+
+
+@pytest.mark.parametrize("window,text", [((1,), "pair of ints"), ((-1, 2), "pair of ints"), ((1.5, 2), "pair of ints"),
+                                         ((True, 2), "pair of ints"), (3, "pair of ints")])
+def test_window_is_checked(window, text):
+    q, k, v = _inputs((5, 2, 32), 1, torch.float32)
+    with pytest.raises(ValueError, match=f"window must be a {text}"):
+        flash_attention(q, k, v, cu_seqlens=_cu([5]), window=window)
+
+
+def test_cuda_backend_refuses_a_window():
+    q, k, v = _inputs((5, 2, 32), 1, torch.float16)
+    with pytest.raises(ValueError, match="backend 'cuda' of flash_attention has no window"):
+        flash_attention(q, k, v, cu_seqlens=_cu([5]), window=(2, 2), backend="cuda")
 
 
 @pytest.mark.parametrize("backend", backend_params(OP, ("triton",)))
@@ -317,7 +386,7 @@ def test_triton_fp32_dots_are_ieee():
 
     for dtype, precision in ((torch.float32, "ieee"), (torch.float16, "tf32"), (torch.bfloat16, "tf32")):
         q = torch.empty(4, 2, 64, dtype=dtype)
-        assert _common(q, q, False, 4)[0]["PRECISION"] == precision
+        assert _common(q, q, False, None, 4)[0]["PRECISION"] == precision
 
 
 @pytest.mark.parametrize("backend", backend_params(OP, ("triton",)))
@@ -350,7 +419,7 @@ def test_reference_matches_naive_formula():
     """The oracle itself against softmax(QK^T)V written out for one sequence (GQA 4:2, causal)."""
     q, k, v = _inputs((7, 4, 16), 2, torch.float64)
     cu = _cu([7])
-    out, lse = flash_attention_reference(q, k, v, cu, 7, None, True, 0.25, True)
+    out, lse = flash_attention_reference(q, k, v, cu, 7, None, True, softmax_scale=0.25, return_lse=True)
     kk, vv = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
     for h in range(4):
         s = q[:, h] @ kk[:, h].T / 4.0 + torch.full((7, 7), -math.inf, dtype=torch.float64, device=DEVICE).triu(1)
@@ -458,9 +527,12 @@ TMA, ATOMIC_DQ = "KALM_ATTENTION_TMA=1", "KALM_ATTENTION_DQ=atomic"
 CONFIG_CASES = [("fwd", None), ("fwd", TMA), ("dkdv", None), ("dkdv", ATOMIC_DQ), ("dq", None), ("dq", TMA)]
 
 
+BANDS = ((False, None), (True, None), (False, (20, 37)))  # (causal, window): none, causal, a local window
+
+
 def _config_runs(kernel, d, setting):
-    """``[(dtype, causal values, [(BLOCK_M, BLOCK_N, warps, stages)])]``: on a GPU its arch's configs, bf16 (causal
-    and not) and fp32 (not causal, head dims <= 128; fp32 never loads through TMA descriptors); in the interpreter,
+    """``[(dtype, [((causal, window), [(BLOCK_M, BLOCK_N, warps, stages)])])]``: on a GPU its arch's configs, bf16
+    (every band) and fp32 (none, head dims <= 128; fp32 never loads through TMA descriptors); in the interpreter,
     which ignores warps and stages, every tile shape of any arch and width, on fp32 (fp16 for TMA)."""
     import triton
 
@@ -469,13 +541,15 @@ def _config_runs(kernel, d, setting):
     block_d, atomic = max(16, triton.next_power_of_2(d)), setting == ATOMIC_DQ
     if DEVICE == "cuda":
         arch = tri.arch_class(DEVICE)
-        runs = [(torch.bfloat16, (False, True), tri.gpu_configs(kernel, arch, "half", block_d, atomic))]
+        runs = [(torch.bfloat16, [(band, tri.gpu_configs(kernel, arch, "half", block_d, atomic, band != BANDS[0]))
+                                  for band in BANDS])]
         if setting != TMA and d <= 128:
-            runs.append((torch.float32, (False,), tri.gpu_configs(kernel, arch, "fp32", block_d, atomic)))
+            runs.append((torch.float32, [(BANDS[0], tri.gpu_configs(kernel, arch, "fp32", block_d, atomic))]))
         return runs
     shapes = sorted({c[:2] for arch in ("sm80", "sm90") for width in ("half", "fp32")
                      for c in tri.gpu_configs(kernel, arch, width, block_d, atomic)})
-    return [(torch.float16 if setting == TMA else torch.float32, (False, True), [(m, n, 4, 1) for m, n in shapes])]
+    return [(torch.float16 if setting == TMA else torch.float32, [(band, [(m, n, 4, 1) for m, n in shapes])
+                                                                  for band in BANDS])]
 
 
 @pytest.mark.parametrize("backend", backend_params(OP, ("triton",)))
@@ -495,17 +569,19 @@ def test_triton_every_config_matches_reference(backend, kernel, setting, d, monk
     hq, hkv = (14, 2) if DEVICE == "cuda" else (2, 1)
     cu = _cu([0, 1, 37, 150])
     checked = 0
-    for dtype, causals, configs in _config_runs(kernel, d, setting):
+    for dtype, bands in _config_runs(kernel, d, setting):
         q, k, v = _inputs((int(cu[-1]), hq, d), hkv, dtype)
-        for causal in causals:
-            expected = run("reference", q, k, v, cu_seqlens=cu, causal=causal)
+        for (causal, window), configs in bands:
+            kw = dict(cu_seqlens=cu, causal=causal, window=window)
+            expected = run("reference", q, k, v, **kw)
             for bm, bn, warps, stages in configs:
                 config = triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
                 monkeypatch.setattr(tuned, "configs", [config])
                 try:
-                    _assert_close(run(backend, q, k, v, cu_seqlens=cu, causal=causal), expected, backend, dtype)
+                    _assert_close(run(backend, q, k, v, **kw), expected, backend, dtype)
                 except AssertionError as e:
-                    raise AssertionError(f"{kernel} config {config}, {dtype}, causal={causal}: {e}") from None
+                    raise AssertionError(f"{kernel} config {config}, {dtype}, causal={causal}, window={window}: "
+                                         f"{e}") from None
                 assert tuned.best_config is config
                 checked += 1
     assert checked >= 2
@@ -516,12 +592,12 @@ def test_triton_every_config_matches_reference(backend, kernel, setting, d, monk
 
 @pytest.mark.parametrize("backend", backend_params(OP, ("triton",), torch.bfloat16, gpu_only=True))
 @pytest.mark.parametrize("d", [64, 128, 256])
-@pytest.mark.parametrize("causal", [False, True])
-def test_triton_bf16_gpu(backend, d, causal):
+@pytest.mark.parametrize("causal,window", BANDS)
+def test_triton_bf16_gpu(backend, d, causal, window):
     lengths = [0, 1, 17, 300, 129, 1024]
     cu = _cu(lengths)
     q, k, v = _inputs((int(cu[-1]), 14, d), 2, torch.bfloat16)
-    kw = dict(cu_seqlens=cu, causal=causal)
+    kw = dict(cu_seqlens=cu, causal=causal, window=window)
     _assert_close(_run(backend, q, k, v, **kw), _run("reference", q, k, v, **kw), backend, torch.bfloat16)
 
 

@@ -151,7 +151,8 @@ if PROBE:  # only inside test_a_skipped_gpu_test_fails_under_gpu_check
 def test_an_on_request_stage_runs_only_when_named(tmp_path):
     module = _load_script()
     on_request = [s.name for s in module.stages(dry=True, workers=1) if s.on_request]
-    assert on_request == ["bench-attention-variants", "bench-encode-budgets", "bench-train-step-1024"]
+    assert on_request == ["bench-attention-variants", "bench-attention-window", "bench-encode-budgets",
+                          "bench-train-step-1024"]
     out = tmp_path / "out"
     env = {k: v for k, v in os.environ.items() if k not in ("OUT", "KALM_BENCH_OUT")}
     proc = subprocess.run([sys.executable, str(SCRIPT), "--dry", "--out", str(out), "--budget", "600", "--only",

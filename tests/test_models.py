@@ -1,6 +1,7 @@
 """kalm_fast.models: bidirectional decoders via transformers' registries, packed == padded, safe loading."""
 import json
 import shutil
+import warnings
 
 import pytest
 import torch
@@ -12,6 +13,9 @@ from kalm_fast.ops.attention.padding import unpad_layout
 
 TEXTS = ["hello", "a somewhat longer sentence with more tokens in it, and a comma", "", "日本語",
          "short one", "x " * 40]
+
+
+GEMMA3_WINDOW = 12
 
 
 def _tiny_config(kind):
@@ -40,9 +44,10 @@ def _tiny_config(kind):
                                              max_position_embeddings=128)
     if kind == "gemma":
         return transformers.GemmaConfig(**common, num_key_value_heads=1, head_dim=16, pad_token_id=0)
-    if kind == "gemma3":  # a causal checkpoint, as Gemma 3 LLMs are; one local (sliding) and one global layer
+    if kind == "gemma3":  # a causal checkpoint, as Gemma 3 LLMs are; one local (sliding) and one global layer, whose
+        # window (|i - j| < 12 once bidirectional) is shorter than the longer TEXTS
         return transformers.Gemma3TextConfig(**common, num_key_value_heads=1, head_dim=16, pad_token_id=0,
-                                             query_pre_attn_scalar=24, sliding_window=256,
+                                             query_pre_attn_scalar=24, sliding_window=GEMMA3_WINDOW,
                                              layer_types=["sliding_attention", "full_attention"])
     if kind in ("mpnet", "deberta-v2", "roformer"):
         return transformers.AutoConfig.for_model(kind, **common)
@@ -73,10 +78,13 @@ def decoder_dir(request, tmp_path_factory, tokenizer):
 
 
 def _eager_reference(model_dir, texts, ids, causal=False):
-    """The same transformers model in eager mode, one text at a time, with a full (non-causal) float mask."""
-    from transformers import AutoModel
+    """The same transformers model in eager mode, one text at a time, with a full (non-causal) float mask; Gemma 3
+    as transformers' own bidirectional model (``use_bidirectional_attention``: local layers see |i - j| < window)."""
+    from transformers import AutoConfig, AutoModel
 
-    ref = AutoModel.from_pretrained(str(model_dir), attn_implementation="eager").eval()
+    gemma3 = AutoConfig.from_pretrained(str(model_dir)).model_type == "gemma3_text"
+    extra = dict(use_bidirectional_attention=True) if gemma3 and not causal else {}
+    ref = AutoModel.from_pretrained(str(model_dir), attn_implementation="eager", **extra).eval()
     out = []
     with torch.no_grad():
         for x in ids:
@@ -84,7 +92,7 @@ def _eager_reference(model_dir, texts, ids, causal=False):
                 out.append(torch.zeros(ref.config.hidden_size))
                 continue
             x = torch.tensor(x)[None]
-            mask = None if causal else torch.zeros(1, 1, x.shape[1], x.shape[1])
+            mask = None if causal or extra else torch.zeros(1, 1, x.shape[1], x.shape[1])
             h = ref(input_ids=x, attention_mask=mask).last_hidden_state[0]
             out.append(h.mean(0))
     return torch.stack(out)
@@ -212,49 +220,58 @@ def test_gemma_is_bidirectional_and_matches_eager_reference(tmp_path, tokenizer)
 
 
 def test_gemma3_matches_transformers_own_bidirectional_gemma3(tmp_path, tokenizer):
-    """Gemma 3 keeps its layer types, so its sliding layer keeps the local RoPE base (the global one elsewhere). The
-    reference is transformers' own bidirectional Gemma 3 (``use_bidirectional_attention``: |i - j| < 256, the window,
-    longer than any text here), one text at a time; a saved model loads as that in transformers."""
+    """Gemma 3 keeps its layer types, so its sliding layer keeps the local RoPE base (the global one elsewhere), and
+    its local layer attends within the window. The reference is transformers' own bidirectional Gemma 3
+    (``use_bidirectional_attention``: |i - j| < 12, the window, shorter than the longer texts), one text at a time; a
+    saved model loads as that in transformers."""
     from transformers import AutoModel
 
     directory = _save_tiny("gemma3", tmp_path / "m", tokenizer)
     model = EmbeddingModel.from_pretrained(directory, device="cpu", max_length=64)
     ids = model.token_ids(TEXTS)
+    assert max(len(x) for x in ids) > 2 * GEMMA3_WINDOW
     with torch.no_grad():
         got = model(model.pack(ids))
     for path in (directory, None):
-        if path is None:
+        if path is None:  # saved with use_bidirectional_attention, not is_causal: false (which widens the window)
             model.save_pretrained(tmp_path / "saved")
             path = tmp_path / "saved"
+            saved = json.loads((path / "config.json").read_text())
+            assert saved["use_bidirectional_attention"] and "is_causal" not in saved
         ref = AutoModel.from_pretrained(str(path), attn_implementation="eager", use_bidirectional_attention=True)
-        assert ref.config.sliding_window == 256 and ref.config.layer_types == ["sliding_attention", "full_attention"]
+        assert ref.config.sliding_window == GEMMA3_WINDOW
+        assert ref.config.layer_types == ["sliding_attention", "full_attention"]
         with torch.no_grad():
             want = [ref.eval()(input_ids=torch.tensor([x])).last_hidden_state[0].mean(0) if x else torch.zeros(64)
                     for x in ids]
         torch.testing.assert_close(got, torch.stack(want), atol=2e-5, rtol=2e-5)
     causal = _eager_reference(directory, TEXTS, ids, causal=True)
     assert (got - causal).abs().max() > 1e-2  # the causal model really is different
+    model.model.config.sliding_window = 10 ** 6  # the local layers' window dropped: full attention differs
+    for layer in model.model.layers:
+        layer.self_attn.sliding_window = None
+    with torch.no_grad():
+        assert (model(model.pack(ids)) - got).abs().max() > 1e-3
 
 
-def test_gemma3_windows_texts_past_them_soft_capping_and_old_transformers(tmp_path, tokenizer, monkeypatch):
-    """A window shorter than the max length cuts texts there (saved so too); a text made longer by hand is an error,
-    not local layers run wrong; soft-capped logits and a transformers that halves the saved window are refused."""
+def test_gemma3_windows_soft_capping_and_old_transformers(tmp_path, tokenizer, monkeypatch):
+    """Texts longer than the local window are not cut (its layers run with it: padded and packed agree, the
+    saved max length stays); soft-capped logits and a transformers that halves the saved window are refused."""
     import transformers
 
     directory = _save_tiny("gemma3", tmp_path / "m", tokenizer)
     config = json.loads((directory / "config.json").read_text())
-    (directory / "config.json").write_text(json.dumps(dict(config, sliding_window=8)))
-    with pytest.warns(UserWarning, match="texts are cut at 8 tokens"):
-        model = EmbeddingModel.from_pretrained(directory, device="cpu")
-    assert model.max_length == model.model_max_length == 8
+    (directory / "config.json").write_text(json.dumps(dict(config, sliding_window=4)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model = EmbeddingModel.from_pretrained(directory, device="cpu", max_length=100)
+    assert model.max_length == 100
+    texts = ["x " * 40, "y", "a somewhat longer sentence with more tokens in it"]
+    with torch.no_grad():
+        torch.testing.assert_close(model(_padded(model, texts)), model(model.tokenize(texts)), atol=2e-5, rtol=2e-5)
     model.save_pretrained(tmp_path / "saved")
-    assert json.loads((tmp_path / "saved/sentence_bert_config.json").read_text())["max_seq_length"] == 8
-    assert EmbeddingModel.from_pretrained(tmp_path / "saved", device="cpu").max_length == 8  # no warning: it fits
-    model.max_length = 20
-    with pytest.raises(ValueError, match=r"a text of \d+ tokens is longer than the model's sliding window \(8\)"):
-        model.embed(["x " * 40])
-    with pytest.raises(ValueError, match=r"a text of \d+ tokens is longer than the model's sliding window \(8\)"):
-        model.model(**_padded(model, ["x " * 40, "y"]))
+    assert json.loads((tmp_path / "saved/sentence_bert_config.json").read_text())["max_seq_length"] == 128  # own
+    assert transformers.AutoConfig.from_pretrained(str(tmp_path / "saved")).sliding_window == 4
     monkeypatch.setattr(transformers, "__version__", "5.15.0")
     with pytest.raises(ValueError, match=r"gemma3_text model needs transformers >= 5.16 \(found 5.15.0"):
         EmbeddingModel.from_pretrained(directory, device="cpu")

@@ -421,7 +421,8 @@ def test_host_plan_attention_tiles_cover_the_reference(lengths, hq, hkv, d, caus
     cu = torch.tensor([0] + list(itertools.accumulate(lengths)), dtype=torch.int32)
     q, k, v = torch.randn(T, hq, d), torch.randn(T, hkv, d), torch.randn(T, hkv, d)
     out, lse = _walk_attention_plan(q, k, v, cu, max(lengths), causal, d ** -0.5)
-    ref_out, ref_lse = flash_attention_reference(q, k, v, cu, max(lengths), None, causal, d ** -0.5, True)
+    ref_out, ref_lse = flash_attention_reference(q, k, v, cu, max(lengths), None, causal,
+                                               softmax_scale=d ** -0.5, return_lse=True)
     torch.testing.assert_close(out, ref_out.float(), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(lse, ref_lse.float(), atol=1e-5, rtol=1e-5)
 
@@ -443,7 +444,7 @@ def test_attention_args():
 def test_attention_is_forward_only():
     q = torch.randn(4, 2, 64, dtype=torch.float16, requires_grad=True)
     with pytest.raises(RuntimeError, match="forward-only.*backend='triton'"):
-        cat.flash_attention_cuda(q, q, q, None, None, False, 0.125, False)
+        cat.flash_attention_cuda(q, q, q, None, None, False, None, 0.125, False)
 
 
 def test_aligned_copies_only_when_needed():

@@ -14,13 +14,13 @@ def test_hand_computed_two_tokens():
     k = torch.tensor([[[1.0]], [[2.0]]])
     v = torch.tensor([[[10.0]], [[20.0]]])
     cu = torch.tensor([0, 2], dtype=torch.int32)
-    out, lse = flash_attention_reference(q, k, v, cu, 2, None, False, 1.0, True)
+    out, lse = flash_attention_reference(q, k, v, cu, 2, None, False, softmax_scale=1.0, return_lse=True)
     p0 = math.exp(1) / (math.exp(1) + math.exp(2))
     p1 = math.exp(2) / (math.exp(2) + math.exp(4))
     torch.testing.assert_close(out[:, 0, 0], torch.tensor([10 * p0 + 20 * (1 - p0), 10 * p1 + 20 * (1 - p1)]))
     torch.testing.assert_close(lse[0], torch.tensor([math.log(math.exp(1) + math.exp(2)),
                                                      math.log(math.exp(2) + math.exp(4))]))
-    causal = flash_attention_reference(q, k, v, cu, 2, None, True, 1.0, False)
+    causal = flash_attention_reference(q, k, v, cu, 2, None, True, softmax_scale=1.0)
     assert causal[0, 0, 0].item() == 10.0  # the first token sees only itself
 
 
@@ -32,7 +32,7 @@ def test_padded_matches_sdpa(causal, hq, hkv):
     q, k, v = (torch.randn(B, L, h, D, generator=g) for h in (hq, hkv, hkv))  # the oracle computes in fp32
     lengths = torch.tensor([9, 4, 1])
     mask = torch.arange(L)[None] < lengths[:, None]
-    out = flash_attention_reference(q, k, v, None, None, mask, causal, None, False)
+    out = flash_attention_reference(q, k, v, None, None, mask, causal)
     allowed = mask[:, None, None, :] & mask[:, None, :, None]
     if causal:
         allowed = allowed & torch.ones(L, L, dtype=torch.bool).tril()

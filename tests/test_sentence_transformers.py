@@ -476,14 +476,14 @@ def test_save_pretrained_layout_loads_in_sentence_transformers_as_saved(tmp_path
 
 def test_a_gemma3_saved_by_kalm_fast_loads_bidirectionally_in_sentence_transformers(tmp_path):
     """A Gemma 3 LLM checkpoint (causal, with local and global layers) that kalm_fast runs bidirectionally is saved
-    with ``use_bidirectional_attention`` on: sentence-transformers then gives the same embeddings, and not the causal
-    model's."""
+    with ``use_bidirectional_attention`` on: sentence-transformers then gives the same embeddings (its local layer's
+    window, |i - j| < 8, shorter than the longer texts), and not the causal model's."""
     from transformers import AutoModel, AutoTokenizer, Gemma3TextConfig
 
     torch.manual_seed(0)
     config = Gemma3TextConfig(vocab_size=8192, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                               num_attention_heads=4, num_key_value_heads=1, head_dim=16, query_pre_attn_scalar=24,
-                              max_position_embeddings=128, sliding_window=256, pad_token_id=0,
+                              max_position_embeddings=128, sliding_window=8, pad_token_id=0,
                               layer_types=["sliding_attention", "full_attention"])
     model = AutoModel.from_config(config)
     for p in model.parameters():

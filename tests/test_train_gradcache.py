@@ -71,7 +71,7 @@ def test_gradcache_equals_full_batch_for_a_gemma3_decoder(tmp_path, batch):
     torch.manual_seed(0)
     Gemma3TextModel(Gemma3TextConfig(vocab_size=8192, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                                      num_attention_heads=4, num_key_value_heads=1, head_dim=16,
-                                     query_pre_attn_scalar=24, max_position_embeddings=128, sliding_window=256,
+                                     query_pre_attn_scalar=24, max_position_embeddings=128, sliding_window=8,
                                      pad_token_id=0, layer_types=["sliding_attention", "full_attention"])
                     ).save_pretrained(str(tmp_path))
     AutoTokenizer.from_pretrained(str(BPE_TOKENIZER)).save_pretrained(str(tmp_path))

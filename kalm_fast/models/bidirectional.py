@@ -26,11 +26,13 @@ from ..ops.attention.padding import unpad_layout
 NAME = "kalm_fast"
 # What is tested against transformers' own forward: other families may keep their own attention (MPNet, DeBERTa,
 # RoFormer: then texts packed in one row would attend to each other), count positions differently, or need
-# attention kalm_fast does not have (ModernBERT's local windows, Gemma 2's logit soft-capping), so they are refused.
+# attention kalm_fast does not run for them (ModernBERT's local layers, Gemma 2's logit soft-capping), so they are
+# refused.
 SUPPORTED_MODEL_TYPES = ("bert", "roberta", "xlm-roberta", "camembert", "distilbert", "electra", "albert",
                          "qwen2", "qwen3", "llama", "mistral", "gemma", "gemma3_text")
 # Families whose layer types also pick each layer's rotary embedding (Gemma 3: local and global RoPE bases): their
-# layer types and window stay as they are, and transformers' own bidirectional switch is turned on.
+# layer types and window stay as they are, and transformers' own bidirectional switch is turned on; their local
+# layers run with the window as transformers' bidirectional Gemma 3 does (|i - j| < window).
 _ROTARY_BY_LAYER_TYPE = ("gemma3_text",)
 _GEMMA3_TRANSFORMERS = "5.16"  # older versions save a bidirectional Gemma 3's window halved (each save halves it)
 
@@ -54,13 +56,22 @@ def check_model_type(model_type, where) -> None:
                              f"{transformers.__version__}, which would halve its sliding window on every save)")
 
 
-def local_window(config):
-    """The sliding window of ``config``'s local layers, None when no layer slides."""
+def dropped_window(config):
+    """The sliding window of ``config``'s local layers that kalm_fast runs as full attention (exact only for texts
+    no longer than it), None when no layer slides or the family's windows are run as such (Gemma 3)."""
     window = getattr(config, "sliding_window", None)
     layer_types = getattr(config, "layer_types", None)
     slides = getattr(config, "use_sliding_window", True) and (layer_types is None
                                                              or "sliding_attention" in layer_types)
-    return window if slides else None
+    return window if slides and config.model_type not in _ROTARY_BY_LAYER_TYPE else None
+
+
+def runtime_only_keys(config) -> tuple:
+    """The config attributes ``make_bidirectional`` sets for kalm_fast's own run, which a saved config leaves out:
+    the attention backend, and Gemma 3's ``is_causal`` (its ``use_bidirectional_attention`` already makes
+    transformers run it bidirectionally with local layers at |i - j| < window; ``is_causal: false`` would widen
+    them to |i - j| <= window there)."""
+    return ("kalm_attn_backend",) + (("is_causal",) if config.model_type in _ROTARY_BY_LAYER_TYPE else ())
 
 
 def kalm_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
@@ -76,7 +87,10 @@ def kalm_attention_forward(module, query, key, value, attention_mask, dropout=0.
     if torch.is_autocast_enabled(q.device.type):
         dtype = torch.get_autocast_dtype(q.device.type)
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
-    window = kwargs.get("sliding_window")  # a local layer's: full attention is exact for texts no longer than it
+    window = kwargs.get("sliding_window")  # a local layer's
+    band = None
+    if window is not None and getattr(module.config, "use_bidirectional_attention", False):
+        band, window = (window - 1, window - 1), None  # Gemma 3 bidirectional: key j visible when |i - j| < window
     varlen = kwargs.get("kalm_varlen")
     if varlen is None and kwargs.get("cu_seq_lens_q") is not None:
         varlen = kwargs["cu_seq_lens_q"]
@@ -84,24 +98,26 @@ def kalm_attention_forward(module, query, key, value, attention_mask, dropout=0.
         if q.shape[0] != 1:
             raise ValueError(f"packed attention needs a batch of one row [1, T], got query shape {tuple(query.shape)}")
         _check_window(window, varlen.max_seqlen if isinstance(varlen, ops.Varlen) else kwargs.get("max_length_q"))
-        out = ops.flash_attention(q[0], k[0], v[0], cu_seqlens=varlen, softmax_scale=scaling, backend=backend)
+        out = ops.flash_attention(q[0], k[0], v[0], cu_seqlens=varlen, window=band, softmax_scale=scaling,
+                                  backend=backend)
         return out.unsqueeze(0), None
     if attention_mask is None:
         _check_window(window, q.shape[1])
-        return ops.flash_attention(q, k, v, softmax_scale=scaling, backend=backend), None
+        return ops.flash_attention(q, k, v, window=band, softmax_scale=scaling, backend=backend), None
     if attention_mask.shape != q.shape[:2]:
         raise ValueError(f"kalm_fast attention takes a [B, L] = {list(q.shape[:2])} key padding mask, got shape "
                          f"{list(attention_mask.shape)}")
     indices, varlen = _forward_layout(attention_mask.bool())
     _check_window(window, varlen.max_seqlen)
-    packed = ops.flash_attention(*(x.flatten(0, 1)[indices] for x in (q, k, v)), cu_seqlens=varlen,
+    packed = ops.flash_attention(*(x.flatten(0, 1)[indices] for x in (q, k, v)), cu_seqlens=varlen, window=band,
                                  softmax_scale=scaling, backend=backend)
     return ops.pad(packed, indices, q.shape[0], q.shape[1]), None
 
 
 def _check_window(window, longest) -> None:
-    """A ValueError when a text of ``longest`` tokens would reach past a local layer's ``window``
-    (``make_bidirectional`` admits only windows of at least ``max_length``; this catches longer inputs made by hand)."""
+    """A ValueError when a text of ``longest`` tokens would reach past the ``window`` of a local layer run as full
+    attention (``make_bidirectional`` admits only windows of at least ``max_length``; this catches longer inputs made
+    by hand)."""
     if window is not None and longest is not None and longest > window:
         raise ValueError(f"a text of {longest} tokens is longer than the model's sliding window ({window}): "
                          "kalm_fast runs local layers as full attention, exact only up to the window; "
@@ -158,10 +174,10 @@ def install() -> None:
 def make_bidirectional(model, backend: str = "auto", max_length: int = 512):
     """Switch a transformers model (decoder LLM or BERT-like encoder) to kalm_fast bidirectional attention.
 
-    A sliding window at least ``max_length`` long never masks anything for inputs of at most ``max_length``
-    tokens, so it is dropped (Gemma 3: kept, unused, with ``use_bidirectional_attention`` on, so that a saved model
-    loads bidirectionally in transformers too); a shorter one is refused (not supported by the bidirectional path),
-    as is attention-logit soft-capping.
+    Gemma 3 keeps its sliding windows: its local layers attend to ``|i - j| < window`` (``use_bidirectional_attention``
+    on, as transformers runs it, so that a saved model loads bidirectionally in transformers too). Other families'
+    windows are dropped: one at least ``max_length`` long never masks anything for inputs of at most ``max_length``
+    tokens; a shorter one is refused, as is attention-logit soft-capping.
     """
     install()
     config = model.config
@@ -169,7 +185,7 @@ def make_bidirectional(model, backend: str = "auto", max_length: int = 512):
     if getattr(config, "attn_logit_softcapping", None) is not None:
         raise ValueError(f"the {config.model_type} model caps its attention logits (attn_logit_softcapping="
                          f"{config.attn_logit_softcapping}); kalm_fast's attention has no soft-capping")
-    window = local_window(config)
+    window = dropped_window(config)
     if window is not None and window < max_length:
         raise ValueError(f"sliding_window={window} is shorter than max_length={max_length}: kalm_fast runs local "
                          f"layers as full attention, exact only up to the window; pass max_length <= {window}")

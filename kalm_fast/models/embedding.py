@@ -20,7 +20,7 @@ from .._registry import BACKEND_NAMES
 from ..distributed import check_device
 from ..ops import Varlen, mean_pool
 from . import bert_packed, decoder_packed, fused_decoder
-from .bidirectional import local_window, make_bidirectional
+from .bidirectional import dropped_window, make_bidirectional, runtime_only_keys
 from .loading import (
     DENSE_ACTIVATIONS,
     DenseModule,
@@ -195,7 +195,7 @@ class EmbeddingModel(nn.Module):
         own = info.max_seq_length or min(x for x in (tokenizer.model_max_length, positions) if x)
         positions = positions - _position_offset(config) if positions else None
         own = min(x for x in (own, positions) if x)
-        asked, window = min(x for x in (max_length, own) if x), local_window(config)
+        asked, window = min(x for x in (max_length, own) if x), dropped_window(config)
         if window is not None and asked > window:
             warnings.warn(f"texts are cut at {window} tokens, the sliding window of the model's local layers: "
                           f"kalm_fast runs them as full attention, exact only up to the window (max length "
@@ -357,7 +357,8 @@ class EmbeddingModel(nn.Module):
 
     def save_pretrained(self, directory, *, max_seq_length: Optional[int] = None) -> None:
         """Safetensors weights, config, tokenizer and the sentence-transformers files, in the layout that
-        sentence-transformers 2.x to 6.x all load (decoders with ``is_causal: false``, so bidirectionally there too;
+        sentence-transformers 2.x to 6.x all load (decoders with ``is_causal: false``, Gemma 3 with
+        ``use_bidirectional_attention``, so bidirectionally there too;
         Dense modules' weights as safetensors, which sentence-transformers reads from 3.1 on).
         ``max_seq_length``: the one saved (default: the model's own, ``model_max_length``)."""
         if not isinstance(directory, (str, os.PathLike)):
@@ -367,12 +368,12 @@ class EmbeddingModel(nn.Module):
             raise ValueError(f"{str(directory)!r} is an existing file; save writes a model directory (give a new "
                              "path or an existing directory)")
         directory.mkdir(parents=True, exist_ok=True)
-        backend = self.config.__dict__.pop("kalm_attn_backend", None)
+        runtime = {key: self.config.__dict__.pop(key) for key in runtime_only_keys(self.config)
+                   if key in self.config.__dict__}
         try:
             self.model.save_pretrained(str(directory))
         finally:
-            if backend is not None:
-                self.config.kalm_attn_backend = backend
+            self.config.__dict__.update(runtime)
         self.tokenizer.save_pretrained(str(directory))
         modules = [dict(idx=0, name="0", path="", type="sentence_transformers.models.Transformer"),
                    dict(idx=1, name="1", path="1_Pooling", type="sentence_transformers.models.Pooling")]

@@ -1,13 +1,15 @@
 """``flash_attention``: bidirectional (or causal) attention over packed or padded sequences with GQA; ``pad``/``unpad``.
 
-Backends (one contract, ``fn(q, k, v, varlen, key_padding_mask, causal, softmax_scale, return_lse)`` with checked
-arguments: packed q/k/v with a ``Varlen``, or padded q/k/v with a bool ``key_padding_mask`` or None):
+Backends (one contract, ``fn(q, k, v, varlen, key_padding_mask, causal, window, softmax_scale, return_lse)`` with
+checked arguments: packed q/k/v with a ``Varlen``, or padded q/k/v with a bool ``key_padding_mask`` or None;
+``window`` a pair of ints ``(left, right)`` or None):
 
 - ``reference`` (``reference.py``): materializes every score matrix, the oracle;
 - ``torch`` (``_torch.py``): ``scaled_dot_product_attention`` per length bucket; the CPU path of the encoder;
 - ``triton`` (``_triton.py``): fused forward and backward kernels over the packed layout (CUDA; CPU only under
   ``TRITON_INTERPRET=1``);
-- ``cuda`` (``_cuda.py``): csrc/attention.cu, forward only (inference), fp16/bf16, head dims 64 and 128.
+- ``cuda`` (``_cuda.py``): csrc/attention.cu, forward only (inference), fp16/bf16, head dims 64 and 128, no
+  ``window``.
 
 Padded input reaches packed-only backends through ``padding.padded_via_packed``. The log-sum-exp
 (``return_lse=True``) is returned for inspection and is not differentiable; it is ``+inf`` on rows that attend to no
@@ -16,7 +18,7 @@ key (padded query rows).
 from __future__ import annotations
 
 import math
-from typing import Optional, Union
+from typing import Optional, Tuple, Union
 
 import torch
 
@@ -35,7 +37,7 @@ _registry.register(OP, [
     _registry.Backend("torch", f"{__name__}._torch:flash_attention_torch", ("cpu", "cuda"), FLOAT_DTYPES),
     _registry.Backend("triton", f"{__name__}._triton:flash_attention_triton", _registry.TRITON_DEVICES, FLOAT_DTYPES,
                       available=_registry.triton_unavailable, hint=_registry.TRITON_HINT),
-    # forward only and not verified on hardware yet: `auto` does not pick it
+    # forward only, no window, and not verified on hardware yet: `auto` does not pick it
     _registry.Backend("cuda", f"{__name__}._cuda:flash_attention_cuda", ("cuda",), (torch.float16, torch.bfloat16),
                       available=cuda_unavailable),
 ], auto={"cuda": ("triton", "torch"), "cpu": ("torch",)})
@@ -44,7 +46,8 @@ _registry.register(OP, [
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                     cu_seqlens: Union[torch.Tensor, Varlen, None] = None, max_seqlen: Optional[int] = None,
                     key_padding_mask: Optional[torch.Tensor] = None, causal: bool = False,
-                    softmax_scale: Optional[float] = None, return_lse: bool = False, backend: str = "auto"):
+                    window: Optional[Tuple[int, int]] = None, softmax_scale: Optional[float] = None,
+                    return_lse: bool = False, backend: str = "auto"):
     """``softmax(scale * Q K^T + mask) V`` per sequence and head, fp32 accumulation, result in ``q.dtype``.
 
     packed: ``q [T, Hq, D]``, ``k, v [T, Hkv, D]``, ``cu_seqlens`` int32 ``[N+1]`` (checked on every call: one
@@ -53,6 +56,8 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     padded: ``q [B, L, Hq, D]``, ``k, v [B, L, Hkv, D]``, ``key_padding_mask [B, L]`` or None -> ``[B, L, Hq, D]``
     (lse ``[B, Hq, L]``); padded query rows give 0.
     Query head ``h`` reads key/value head ``h // (Hq // Hkv)``. Bidirectional unless ``causal``.
+    ``window=(left, right)`` (local attention, e.g. Gemma 3's sliding layers: ``(w - 1, w - 1)`` for ``|i - j| < w``):
+    query ``i`` of a sequence sees only its keys ``i - left <= j <= i + right`` (and ``j <= i`` if ``causal``).
     Differentiable w.r.t. q, k, v.
     """
     check_tensor("q", q, ndim=(3, 4), dtypes=FLOAT_DTYPES)
@@ -94,10 +99,24 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
             key_padding_mask = key_padding_mask.bool()
     check_same_device(q=q, k=k, v=v, cu_seqlens=None if varlen is None else varlen.cu_seqlens,
                       key_padding_mask=key_padding_mask)
+    window = _check_window(window, backend)
     if softmax_scale is None:
         softmax_scale = d ** -0.5
     if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)) \
             or not math.isfinite(softmax_scale) or softmax_scale <= 0:
         raise ValueError(f"softmax_scale must be a positive finite float, got {softmax_scale!r}")
     _, fn = _registry.select(OP, "torch" if backend == "auto" and d % 8 else backend, q.device, q.dtype)
-    return fn(q, k, v, varlen, key_padding_mask, bool(causal), float(softmax_scale), bool(return_lse))
+    return fn(q, k, v, varlen, key_padding_mask, bool(causal), window, float(softmax_scale), bool(return_lse))
+
+
+def _check_window(window, backend: str):
+    """``window`` as a tuple of two ints >= 0, or None; a ValueError naming it otherwise."""
+    if window is None:
+        return None
+    if not isinstance(window, (tuple, list)) or len(window) != 2 or any(
+            isinstance(w, bool) or not isinstance(w, int) or w < 0 for w in window):
+        raise ValueError(f"window must be a pair of ints (left, right) >= 0, or None, got {window!r}")
+    if backend == "cuda":
+        raise ValueError("backend 'cuda' of flash_attention has no window (local attention): use 'triton', 'torch' "
+                         "or 'auto'")
+    return int(window[0]), int(window[1])

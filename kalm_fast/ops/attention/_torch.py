@@ -3,6 +3,7 @@
 The CPU path of the encoder. Sequences of similar length are padded to a bucket ``[n, Lb, H, D]`` (a zero-copy
 view when they are equal and adjacent, as in a length-sorted encode batch), attended with a key mask, and their
 real rows written back into ``[T, Hq, D]``. The buckets come from the ``Varlen``'s host lengths: no synchronization.
+A ``window`` becomes a band mask ``[Lb, Lb]`` (with the causal mask folded in).
 """
 from __future__ import annotations
 
@@ -17,30 +18,44 @@ from .padding import padded_via_packed
 BUCKET_RATIO = 0.8  # a bucket holds sequences at least this fraction of its longest one
 
 
-def _sdpa(q, k, v, key_mask, causal, scale, need_lse):
-    """q [n, Hq, Lq, D], k/v [n, Hkv, L, D], key_mask [n, 1, 1, L] bool or None -> (out [n, Hq, Lq, D], lse or None)."""
+def _sdpa(q, k, v, allowed, causal, scale, need_lse):
+    """q [n, Hq, Lq, D], k/v [n, Hkv, L, D], allowed: a bool mask broadcast to [n, 1, Lq, L] or None
+    -> (out [n, Hq, Lq, D], lse or None)."""
     if need_lse and q.device.type == "cpu":
-        bias = None if key_mask is None else \
-            torch.zeros(key_mask.shape, dtype=q.dtype).masked_fill(~key_mask, -math.inf)
+        bias = None if allowed is None else \
+            torch.zeros(allowed.shape, dtype=q.dtype).masked_fill(~allowed, -math.inf)
         group = q.shape[1] // k.shape[1]
         if group > 1:
             k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q, k, v, 0.0, causal, attn_mask=bias, scale=scale)
         return out, lse.detach()
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, is_causal=causal, scale=scale,
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, is_causal=causal, scale=scale,
                                          enable_gqa=q.shape[1] != k.shape[1])
     if not need_lse:
         return out, None
     with torch.no_grad():  # off CPU SDPA keeps its lse private: recompute it (materializes the scores)
         group = q.shape[1] // k.shape[1]
         scores = scale * q.float() @ k.float().repeat_interleave(group, 1).transpose(-1, -2)
-        if key_mask is not None:
-            scores = scores.masked_fill(~key_mask, -math.inf)
+        if allowed is not None:
+            scores = scores.masked_fill(~allowed, -math.inf)
         if causal:
             scores = scores.masked_fill(torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device).triu(1),
                                         -math.inf)
         return out, torch.logsumexp(scores, -1)
+
+
+def _allowed(key_mask, length, causal, window, device):
+    """(the bool mask for ``_sdpa`` or None, its causal flag) of a bucket padded to ``length`` with ``key_mask``
+    ``[n, 1, 1, length]`` or None; a ``window`` is a band (causal folded in), which padding query rows (dropped
+    later) ignore so that none of them attends to nothing."""
+    if window is None:
+        return key_mask, causal
+    offset = torch.arange(length, device=device)[None, :] - torch.arange(length, device=device)[:, None]  # j - i
+    band = (offset >= -window[0]) & (offset <= (0 if causal else window[1]))                             # [L, L]
+    if key_mask is None:
+        return band, False
+    return key_mask & (band | ~key_mask.transpose(-1, -2)), False
 
 
 def _buckets(lengths) -> list:
@@ -57,11 +72,11 @@ def _buckets(lengths) -> list:
     return [(ids, lengths[ids[0]]) for ids in groups]
 
 
-def _packed(q, k, v, varlen, causal, scale, return_lse):
-    return _nan_rows(q, _buckets_attention(q, k, v, varlen, causal, scale, return_lse), return_lse)
+def _packed(q, k, v, varlen, causal, window, scale, return_lse):
+    return _nan_rows(q, _buckets_attention(q, k, v, varlen, causal, window, scale, return_lse), return_lse)
 
 
-def _buckets_attention(q, k, v, varlen, causal, scale, return_lse):
+def _buckets_attention(q, k, v, varlen, causal, window, scale, return_lse):
     T, hq, d = q.shape
     lengths = varlen.lengths
     starts = [0]
@@ -86,7 +101,9 @@ def _buckets_attention(q, k, v, varlen, causal, scale, return_lse):
             qb, kb, vb = (x.index_select(0, index).view(n, longest, x.shape[1], d) for x in (q, k, v))
             all_valid = all(lengths[i] == longest for i in ids)
             key_mask = None if all_valid else valid.view(n, 1, 1, longest)
-        ob, lb = _sdpa(qb.transpose(1, 2), kb.transpose(1, 2), vb.transpose(1, 2), key_mask, causal, scale, return_lse)
+        allowed, bucket_causal = _allowed(key_mask, longest, causal, window, q.device)
+        ob, lb = _sdpa(qb.transpose(1, 2), kb.transpose(1, 2), vb.transpose(1, 2), allowed, bucket_causal, scale,
+                       return_lse)
         ob = ob.transpose(1, 2).reshape(n * longest, hq, d)                                # [n * Lb, Hq, D]
         lb = lb.transpose(1, 2).reshape(n * longest, hq) if return_lse else None
         if not run:
@@ -126,12 +143,13 @@ def _nan_rows(q, result, return_lse):
     return (out, result[1].masked_fill(bad[..., 0].transpose(-1, -2), float("nan"))) if return_lse else out
 
 
-def flash_attention_torch(q, k, v, varlen, key_padding_mask, causal, scale, return_lse):
+def flash_attention_torch(q, k, v, varlen, key_padding_mask, causal, window, scale, return_lse):
     """The backend contract of ``kalm_fast.ops.flash_attention``."""
     if q.dim() == 3:
-        return _packed(q, k, v, varlen, causal, scale, return_lse)
+        return _packed(q, k, v, varlen, causal, window, scale, return_lse)
     if key_padding_mask is None:
-        ob, lse = _sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None, causal, scale, return_lse)
+        allowed, causal = _allowed(None, q.shape[1], causal, window, q.device)
+        ob, lse = _sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), allowed, causal, scale, return_lse)
         out = ob.transpose(1, 2)
         return _nan_rows(q, (out, lse.float()) if return_lse else out, return_lse)
-    return padded_via_packed(_packed, q, k, v, key_padding_mask, causal, scale, return_lse)
+    return padded_via_packed(_packed, q, k, v, key_padding_mask, causal, window, scale, return_lse)

@@ -18,7 +18,10 @@ folded rows of its whole group (no atomics). dQ, by ``KALM_ATTENTION_DQ`` (read 
 ``separate`` (default): one more program per folded query tile, which recomputes the scores and dP (7 GEMMs per
 tile pair in all, deterministic); ``atomic``: the dK/dV programs also add each tile pair's ``dS K`` into an fp32
 dQ buffer with atomic adds (5 GEMMs, Q/dO and K/V read once; the order of the adds, hence the last bits, varies).
-Tiles entirely outside the causal mask are skipped; forward and dQ mask only the boundary/diagonal tiles.
+Causal attention and local windows (``window=(left, right)``) are one band, ``tok - left <= key <= tok + right``
+(causal: right 0), passed as two ints with BANDED on (no band: BANDED off, nothing masked but the sequence end).
+Tiles entirely outside the band are skipped; forward and dQ mask only the tiles that cross its edges or the sequence
+end, dK/dV every tile under BANDED.
 ``seqlen_bucket`` (max_seqlen rounded up to a power of two) is only an autotuning key. Offsets are int32: tensors
 stay below 2**31 elements (checked here). No other argument checking (see ``kalm_fast.ops.attention``).
 Not used: Triton 3.6's automatic warp specialization (``tl.range(..., warp_specialize=True)`` on the key loop)
@@ -130,11 +133,11 @@ def _work_item(WORK, HEIGHT: tl.constexpr, RELOAD: tl.constexpr = False):
 
 
 @triton.jit
-def _fwd_tiles(acc, l_i, m_i, q, k_src, v_src, stride_kt, stride_vt, lo, hi, tok, seqlen, qk_scale,
-               offs_n, offs_d, d_ok, IS_CAUSAL: tl.constexpr, MASKED: tl.constexpr, BLOCK_N: tl.constexpr,
+def _fwd_tiles(acc, l_i, m_i, q, k_src, v_src, stride_kt, stride_vt, lo, hi, tok, seqlen, window_left, window_right,
+               qk_scale, offs_n, offs_d, d_ok, BANDED: tl.constexpr, MASKED: tl.constexpr, BLOCK_N: tl.constexpr,
                PRECISION: tl.constexpr, USE_TMA: tl.constexpr):
     """Online softmax of one query tile (``tok``: token of each row) over key tiles [lo, hi); MASKED tiles may
-    cross the sequence end or the causal diagonal. K/V come from ``k_src``/``v_src``: the sequence's first
+    cross the sequence end or the band's edges. K/V come from ``k_src``/``v_src``: the sequence's first
     row (pointers) or, with USE_TMA, tensor descriptors of its ``[seqlen, HEAD_DIM]`` rows."""
     for n0 in range(lo, hi, BLOCK_N):
         cols = n0 + offs_n
@@ -147,10 +150,8 @@ def _fwd_tiles(acc, l_i, m_i, q, k_src, v_src, stride_kt, stride_vt, lo, hi, tok
             k_t = tl.load(k_src + cols[None, :] * stride_kt + offs_d[:, None], mask=tl.trans(kv_ok), other=0.0)
         s = tl.dot(q, k_t, input_precision=PRECISION) * qk_scale
         if MASKED:
-            ok = (cols < seqlen)[None, :]
-            if IS_CAUSAL:
-                ok = ok & (cols[None, :] <= tok[:, None])
-            s = tl.where(ok, s, float("-inf"))
+            s = tl.where(_visible(tok[:, None], cols[None, :], seqlen, window_left, window_right, BANDED), s,
+                         float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet stays at 0
         alpha = tl.exp2(m_i - m_use)
@@ -166,17 +167,34 @@ def _fwd_tiles(acc, l_i, m_i, q, k_src, v_src, stride_kt, stride_vt, lo, hi, tok
 
 
 @triton.jit
-def _key_range(m0, seqlen, GROUP: tl.constexpr, IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
-               BLOCK_N: tl.constexpr):
-    """Key tiles of the query tile starting at folded row ``m0``: ``[0, full)`` need no mask, ``[full, hi)`` do;
-    under ``IS_CAUSAL`` the tiles past ``hi`` are fully masked and skipped."""
-    if IS_CAUSAL:
-        hi = tl.minimum(seqlen, (m0 + BLOCK_M - 1) // GROUP + 1)
-        full = tl.minimum(seqlen, m0 // GROUP + 1) // BLOCK_N * BLOCK_N
+def _visible(tok, cols, seqlen, window_left, window_right, BANDED: tl.constexpr):
+    """Whether key ``cols`` of the sequence is visible from token ``tok`` (broadcast): inside the sequence and,
+    under BANDED, ``tok - window_left <= cols <= tok + window_right``."""
+    ok = cols < seqlen
+    if BANDED:
+        ok = ok & (cols >= tok - window_left) & (cols <= tok + window_right)
+    return ok
+
+
+@triton.jit
+def _key_range(m0, seqlen, window_left, window_right, GROUP: tl.constexpr, BANDED: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Key tiles of the query tile starting at folded row ``m0`` (tokens ``t0 .. t1``): ``[lo, full_lo)`` and
+    ``[full_hi, hi)`` need a mask, ``[full_lo, full_hi)`` do not; the tiles outside ``[lo, hi)`` lie outside the band
+    for every row and are skipped. Without BANDED: ``lo = full_lo = 0``, ``hi = seqlen``."""
+    if BANDED:
+        t0 = m0 // GROUP
+        t1 = tl.minimum((m0 + BLOCK_M - 1) // GROUP, seqlen - 1)
+        lo = tl.maximum(t0 - window_left, 0) // BLOCK_N * BLOCK_N
+        hi = tl.minimum(seqlen, t1 + window_right + 1)
+        full_lo = tl.minimum(tl.cdiv(tl.maximum(t1 - window_left, 0), BLOCK_N) * BLOCK_N, hi)
+        full_hi = tl.maximum(tl.minimum(seqlen, t0 + window_right + 1) // BLOCK_N * BLOCK_N, full_lo)
     else:
+        lo = 0
+        full_lo = 0
         hi = seqlen
-        full = seqlen // BLOCK_N * BLOCK_N
-    return full, hi
+        full_hi = seqlen // BLOCK_N * BLOCK_N
+    return lo, full_lo, full_hi, hi
 
 
 @triton.jit
@@ -196,9 +214,9 @@ def _kv_sources(K, V, start, seqlen, kv_head, stride_kt, stride_kh, stride_vt, s
 
 
 @triton.jit
-def _attn_fwd(Q, K, V, O, LSE, WORK, CU_SEQLENS, qk_scale, seqlen_bucket,
+def _attn_fwd(Q, K, V, O, LSE, WORK, CU_SEQLENS, qk_scale, window_left, window_right, seqlen_bucket,
               stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_lh,
-              GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, IS_CAUSAL: tl.constexpr,
+              GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BANDED: tl.constexpr,
               USE_TMA: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """O, LSE for the folded query tile of work item program_id(0), KV head program_id(1)."""
     seq, m0 = _work_item(WORK, BLOCK_M)
@@ -218,11 +236,17 @@ def _attn_fwd(Q, K, V, O, LSE, WORK, CU_SEQLENS, qk_scale, seqlen_bucket,
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    full, hi = _key_range(m0, seqlen, GROUP, IS_CAUSAL, BLOCK_M, BLOCK_N)
-    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_src, v_src, stride_kt, stride_vt, 0, full, tok, seqlen,
-                               qk_scale, offs_n, offs_d, d_ok, IS_CAUSAL, False, BLOCK_N, PRECISION, USE_TMA)
-    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_src, v_src, stride_kt, stride_vt, full, hi, tok, seqlen,
-                               qk_scale, offs_n, offs_d, d_ok, IS_CAUSAL, True, BLOCK_N, PRECISION, USE_TMA)
+    lo, full_lo, full_hi, hi = _key_range(m0, seqlen, window_left, window_right, GROUP, BANDED, BLOCK_M, BLOCK_N)
+    if BANDED:
+        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_src, v_src, stride_kt, stride_vt, lo, full_lo, tok, seqlen,
+                                   window_left, window_right, qk_scale, offs_n, offs_d, d_ok, BANDED, True, BLOCK_N,
+                                   PRECISION, USE_TMA)
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_src, v_src, stride_kt, stride_vt, full_lo, full_hi, tok, seqlen,
+                               window_left, window_right, qk_scale, offs_n, offs_d, d_ok, BANDED, False, BLOCK_N,
+                               PRECISION, USE_TMA)
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_src, v_src, stride_kt, stride_vt, full_hi, hi, tok, seqlen,
+                               window_left, window_right, qk_scale, offs_n, offs_d, d_ok, BANDED, True, BLOCK_N,
+                               PRECISION, USE_TMA)
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) / _LOG2E)
@@ -254,11 +278,13 @@ def _bwd_delta(O, DO, DELTA, T, stride_ot, stride_oh, stride_dot, stride_doh, st
 
 @triton.jit
 def _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, DQ_ACC, start, kv_head, stride_qt, stride_qh, stride_dot, stride_doh,
-                stride_lh, stride_dqt, stride_dqh, lo, hi, cols, qk_scale, offs_m, offs_d, d_ok, GROUP: tl.constexpr,
-                IS_CAUSAL: tl.constexpr, ATOMIC_DQ: tl.constexpr, BLOCK_M: tl.constexpr, PRECISION: tl.constexpr):
+                stride_lh, stride_dqt, stride_dqh, lo, hi, cols, window_left, window_right, qk_scale, offs_m, offs_d,
+                d_ok, GROUP: tl.constexpr, BANDED: tl.constexpr, ATOMIC_DQ: tl.constexpr, BLOCK_M: tl.constexpr,
+                PRECISION: tl.constexpr):
     """Accumulate dK, dV of one key tile over the folded query rows [lo, hi) of its head group (row r: token
     r // GROUP, head kv_head * GROUP + r % GROUP); with ATOMIC_DQ also add each row tile's ``dS K`` to DQ_ACC.
-    Rows past the sequence load lse = +inf: probability 0; keys past it are zero rows of ``k``: no dQ share."""
+    Rows past ``hi`` (the sequence end or the band's) load lse = +inf: probability 0; keys past the sequence are
+    zero rows of ``k``: no dQ share."""
     for m0 in range(lo, hi, BLOCK_M):
         r = m0 + offs_m
         tok = r // GROUP
@@ -269,8 +295,9 @@ def _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, DQ_ACC, start, kv_head, stride_
         q_t = tl.load(Q + q_off[None, :] + offs_d[:, None], mask=tl.trans(ld), other=0.0)
         lse = tl.load(LSE + head * stride_lh + start + tok, mask=row_ok, other=float("inf")) * _LOG2E
         p_t = tl.exp2(tl.dot(k, q_t, input_precision=PRECISION) * qk_scale - lse[None, :])  # [BLOCK_N, BLOCK_M]
-        if IS_CAUSAL:
-            p_t = tl.where(tok[None, :] >= cols[:, None], p_t, 0.0)
+        if BANDED:
+            in_band = (cols[:, None] >= tok[None, :] - window_left) & (cols[:, None] <= tok[None, :] + window_right)
+            p_t = tl.where(in_band, p_t, 0.0)
         do = tl.load(DO + ((start + tok) * stride_dot + head * stride_doh)[:, None] + offs_d[None, :], mask=ld,
                      other=0.0)
         dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PRECISION)
@@ -286,10 +313,11 @@ def _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, DQ_ACC, start, kv_head, stride_
 
 
 @triton.jit
-def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, WORK, CU_SEQLENS, qk_scale, sm_scale, seqlen_bucket,
+def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, WORK, CU_SEQLENS, qk_scale, sm_scale, window_left,
+                   window_right, seqlen_bucket,
                    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
                    stride_lh, stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_dqt, stride_dqh,
-                   GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, IS_CAUSAL: tl.constexpr,
+                   GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BANDED: tl.constexpr,
                    ATOMIC_DQ: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """dK, dV of the key tile of work item program_id(0), KV head program_id(1), summed over the group; with
     ATOMIC_DQ also its share of dQ (unscaled, fp32) added into DQ_ACC."""
@@ -307,11 +335,13 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, WORK, CU_SEQLENS, qk
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     lo = 0
-    if IS_CAUSAL:  # rows of tokens before n0 see none of these keys
-        lo = n0 * GROUP // BLOCK_M * BLOCK_M
+    hi = seqlen * GROUP
+    if BANDED:  # only tokens in [n0 - window_right, last key + window_left] see these keys
+        lo = tl.maximum(n0 - window_right, 0) * GROUP // BLOCK_M * BLOCK_M
+        hi = tl.minimum(seqlen, tl.minimum(n0 + BLOCK_N, seqlen) + window_left) * GROUP
     dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, DQ_ACC, start, kv_head, stride_qt, stride_qh, stride_dot,
-                         stride_doh, stride_lh, stride_dqt, stride_dqh, lo, seqlen * GROUP, cols, qk_scale, offs_m,
-                         offs_d, d_ok, GROUP, IS_CAUSAL, ATOMIC_DQ, BLOCK_M, PRECISION)
+                         stride_doh, stride_lh, stride_dqt, stride_dqh, lo, hi, cols, window_left, window_right,
+                         qk_scale, offs_m, offs_d, d_ok, GROUP, BANDED, ATOMIC_DQ, BLOCK_M, PRECISION)
     tl.store(DK + (start + cols)[:, None] * stride_dkt + kv_head * stride_dkh + offs_d[None, :],
              (dk * sm_scale).to(DK.dtype.element_ty), mask=ld)
     tl.store(DV + (start + cols)[:, None] * stride_dvt + kv_head * stride_dvh + offs_d[None, :],
@@ -319,11 +349,11 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, WORK, CU_SEQLENS, qk
 
 
 @triton.jit
-def _dq_tiles(dq, q, do, lse, delta, k_src, v_src, stride_kt, stride_vt, lo, hi, tok, seqlen, qk_scale,
-              offs_n, offs_d, d_ok, IS_CAUSAL: tl.constexpr, MASKED: tl.constexpr, BLOCK_N: tl.constexpr,
-              PRECISION: tl.constexpr, USE_TMA: tl.constexpr):
+def _dq_tiles(dq, q, do, lse, delta, k_src, v_src, stride_kt, stride_vt, lo, hi, tok, seqlen, window_left,
+              window_right, qk_scale, offs_n, offs_d, d_ok, BANDED: tl.constexpr, MASKED: tl.constexpr,
+              BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, USE_TMA: tl.constexpr):
     """Accumulate dQ of one query tile (``tok``: token of each row) over key tiles [lo, hi); MASKED tiles may cross
-    the sequence end or the causal diagonal. K/V from ``_kv_sources``."""
+    the sequence end or the band's edges. K/V from ``_kv_sources``."""
     for n0 in range(lo, hi, BLOCK_N):
         cols = n0 + offs_n
         kv_ok = d_ok[None, :]
@@ -337,10 +367,7 @@ def _dq_tiles(dq, q, do, lse, delta, k_src, v_src, stride_kt, stride_vt, lo, hi,
             v_t = tl.load(v_src + cols[None, :] * stride_vt + offs_d[:, None], mask=tl.trans(kv_ok), other=0.0)
         p = tl.exp2(tl.dot(q, k_t, input_precision=PRECISION) * qk_scale - lse[:, None])
         if MASKED:
-            ok = (cols < seqlen)[None, :]
-            if IS_CAUSAL:
-                ok = ok & (cols[None, :] <= tok[:, None])
-            p = tl.where(ok, p, 0.0)
+            p = tl.where(_visible(tok[:, None], cols[None, :], seqlen, window_left, window_right, BANDED), p, 0.0)
         dp = tl.dot(do, v_t, input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k_t.dtype), tl.trans(k_t), dq, input_precision=PRECISION)
@@ -348,10 +375,10 @@ def _dq_tiles(dq, q, do, lse, delta, k_src, v_src, stride_kt, stride_vt, lo, hi,
 
 
 @triton.jit
-def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, WORK, CU_SEQLENS, qk_scale, sm_scale, seqlen_bucket,
-                 stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
-                 stride_lh, stride_dqt, stride_dqh,
-                 GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, IS_CAUSAL: tl.constexpr,
+def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, WORK, CU_SEQLENS, qk_scale, sm_scale, window_left, window_right,
+                 seqlen_bucket, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot,
+                 stride_doh, stride_lh, stride_dqt, stride_dqh,
+                 GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BANDED: tl.constexpr,
                  USE_TMA: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """dQ of the folded query tile of work item program_id(0), KV head program_id(1)."""
     seq, m0 = _work_item(WORK, BLOCK_M)
@@ -374,11 +401,17 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, WORK, CU_SEQLENS, qk_scale, sm_sca
     k_src, v_src = _kv_sources(K, V, start, seqlen, kv_head, stride_kt, stride_kh, stride_vt, stride_vh, HEAD_DIM,
                                USE_TMA, BLOCK_N, BLOCK_D)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    full, hi = _key_range(m0, seqlen, GROUP, IS_CAUSAL, BLOCK_M, BLOCK_N)
-    dq = _dq_tiles(dq, q, do, lse, delta, k_src, v_src, stride_kt, stride_vt, 0, full, tok, seqlen, qk_scale,
-                   offs_n, offs_d, d_ok, IS_CAUSAL, False, BLOCK_N, PRECISION, USE_TMA)
-    dq = _dq_tiles(dq, q, do, lse, delta, k_src, v_src, stride_kt, stride_vt, full, hi, tok, seqlen, qk_scale,
-                   offs_n, offs_d, d_ok, IS_CAUSAL, True, BLOCK_N, PRECISION, USE_TMA)
+    lo, full_lo, full_hi, hi = _key_range(m0, seqlen, window_left, window_right, GROUP, BANDED, BLOCK_M, BLOCK_N)
+    if BANDED:
+        dq = _dq_tiles(dq, q, do, lse, delta, k_src, v_src, stride_kt, stride_vt, lo, full_lo, tok, seqlen,
+                       window_left, window_right, qk_scale, offs_n, offs_d, d_ok, BANDED, True, BLOCK_N, PRECISION,
+                       USE_TMA)
+    dq = _dq_tiles(dq, q, do, lse, delta, k_src, v_src, stride_kt, stride_vt, full_lo, full_hi, tok, seqlen,
+                   window_left, window_right, qk_scale, offs_n, offs_d, d_ok, BANDED, False, BLOCK_N, PRECISION,
+                   USE_TMA)
+    dq = _dq_tiles(dq, q, do, lse, delta, k_src, v_src, stride_kt, stride_vt, full_hi, hi, tok, seqlen,
+                   window_left, window_right, qk_scale, offs_n, offs_d, d_ok, BANDED, True, BLOCK_N, PRECISION,
+                   USE_TMA)
     tl.store(DQ + ((start + tok) * stride_dqt + head * stride_dqh)[:, None] + offs_d[None, :],
              (dq * sm_scale).to(DQ.dtype.element_ty), mask=ld)
 
@@ -469,12 +502,20 @@ _DKDV_SKIPS = {
 }
 
 
-def gpu_configs(kernel: str, arch: str, width: str, block_d: int, atomic_dq: bool = False) -> list:
+# configs that spill with BANDED's masks (ptxas -v; half precision, where BANDED is compiled ahead of time):
+# (kernel, arch class, width, head-dim class, config)
+_BANDED_SKIPS = {("dq", "sm90", "half", 128, (128, 64, 8, 3)), ("dkdv", "sm80", "half", 256, (16, 64, 8, 2)),
+                 ("dkdv", "sm90", "half", 256, (16, 64, 8, 2))}
+
+
+def gpu_configs(kernel: str, arch: str, width: str, block_d: int, atomic_dq: bool = False,
+                banded: bool = False) -> list:
     """The (BLOCK_M, BLOCK_N, num_warps, num_stages) a GPU may run (also what tests/tools/aot_specs.py compiles);
-    ``atomic_dq``: of the dkdv kernel with ATOMIC_DQ."""
+    ``atomic_dq``: of the dkdv kernel with ATOMIC_DQ; ``banded``: with BANDED (causal or a window)."""
     hd = head_dim_class(block_d)
     skip = _DKDV_SKIPS[atomic_dq] if kernel == "dkdv" else set()
-    return [c for c in _TABLE[kernel][arch][width][hd] if (arch, width, hd, c) not in skip]
+    return [c for c in _TABLE[kernel][arch][width][hd] if (arch, width, hd, c) not in skip
+            and not (banded and (kernel, arch, width, hd, c) in _BANDED_SKIPS)]
 
 
 def _cfg(c):
@@ -494,12 +535,13 @@ def _pruner(kernel):
             return configs
         meta = {**named_args, **kwargs}
         width = "fp32" if meta["PRECISION"] == "ieee" else "half"
-        allowed = gpu_configs(kernel, arch_class(), width, meta["BLOCK_D"], meta.get("ATOMIC_DQ", False))
+        allowed = gpu_configs(kernel, arch_class(), width, meta["BLOCK_D"], meta.get("ATOMIC_DQ", False),
+                              meta["BANDED"])
         return [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in allowed]
     return prune
 
 
-_KEY = ["HEAD_DIM", "GROUP", "IS_CAUSAL", "seqlen_bucket"]
+_KEY = ["HEAD_DIM", "GROUP", "BANDED", "seqlen_bucket"]
 _attn_fwd_tuned = triton.autotune(_configs("fwd"), key=_KEY + ["USE_TMA"],
                                   prune_configs_by={"early_config_prune": _pruner("fwd")})(_attn_fwd)
 _attn_bwd_dkdv_tuned = triton.autotune(_configs("dkdv"), key=_KEY + ["ATOMIC_DQ"], reset_to_zero=["DQ_ACC"],
@@ -512,32 +554,37 @@ _attn_bwd_dq_tuned = triton.autotune(_configs("dq"), key=_KEY + ["USE_TMA"],
 # launchers
 
 
-def _common(q, k, causal, max_seqlen):
+NO_WINDOW = 2 ** 30  # a band edge that masks nothing (tokens + it stays within int32)
+
+
+def _common(q, k, causal, window, max_seqlen):
+    """(the kernels' constexprs, (window_left, window_right), seqlen_bucket) of a launch."""
     d = q.shape[-1]
-    return dict(GROUP=q.shape[1] // k.shape[1], HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)),
-                IS_CAUSAL=bool(causal), PRECISION="ieee" if q.dtype == torch.float32 else "tf32"), \
-        max(64, triton.next_power_of_2(max(max_seqlen, 1)))
+    left, right = (NO_WINDOW, NO_WINDOW) if window is None else (min(w, NO_WINDOW) for w in window)
+    meta = dict(GROUP=q.shape[1] // k.shape[1], HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)),
+                BANDED=bool(causal) or window is not None, PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+    return meta, (left, 0 if causal else right), max(64, triton.next_power_of_2(max(max_seqlen, 1)))
 
 
-def attention_forward(q, k, v, varlen, causal: bool, softmax_scale: float):
-    """q [T, Hq, D], k/v [T, Hkv, D] (last dim contiguous), ``varlen`` their ``Varlen`` -> (out [T, Hq, D] in
-    q.dtype, lse [Hq, T] fp32)."""
+def attention_forward(q, k, v, varlen, causal: bool, window, softmax_scale: float):
+    """q [T, Hq, D], k/v [T, Hkv, D] (last dim contiguous), ``varlen`` their ``Varlen``, ``window`` (left, right) or
+    None -> (out [T, Hq, D] in q.dtype, lse [Hq, T] fp32)."""
     T, hq, _ = q.shape
     hkv, group = k.shape[1], hq // k.shape[1]
     out = torch.empty_like(q)
     lse = torch.empty(hq, T, dtype=torch.float32, device=q.device)
     if T == 0:
         return out, lse
-    meta, bucket = _common(q, k, causal, varlen.max_seqlen)
+    meta, band, bucket = _common(q, k, causal, window, varlen.max_seqlen)
     work, items = tile_work(varlen, group, q.device)
     _attn_fwd_tuned[lambda m: (items[m["BLOCK_M"]], hkv)](
-        q, k, v, out, lse, work, varlen.cu_seqlens, softmax_scale * LOG2E, bucket, q.stride(0), q.stride(1),
+        q, k, v, out, lse, work, varlen.cu_seqlens, softmax_scale * LOG2E, *band, bucket, q.stride(0), q.stride(1),
         k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1), lse.stride(0),
         USE_TMA=use_tma(k, v), **meta, **LAUNCH_OPTIONS)
     return out, lse
 
 
-def attention_backward(dout, q, k, v, out, lse, varlen, causal: bool, softmax_scale: float):
+def attention_backward(dout, q, k, v, out, lse, varlen, causal: bool, window, softmax_scale: float):
     """Gradients (dq [T, Hq, D], dk/dv [T, Hkv, D]) from dout [T, Hq, D] and the saved out and lse [Hq, T]."""
     T, hq, d = q.shape
     hkv, group = k.shape[1], hq // k.shape[1]
@@ -547,7 +594,7 @@ def attention_backward(dout, q, k, v, out, lse, varlen, causal: bool, softmax_sc
     if T == 0:
         return dq.to(q.dtype), dk, dv
     delta = torch.empty_like(lse)
-    meta, bucket = _common(q, k, causal, varlen.max_seqlen)
+    meta, band, bucket = _common(q, k, causal, window, varlen.max_seqlen)
     block_t = delta_block(q.dtype, meta["BLOCK_D"])
     _bwd_delta[(triton.cdiv(T, block_t), hq)](out, dout, delta, T, out.stride(0), out.stride(1), dout.stride(0),
                                               dout.stride(1), delta.stride(0), HEAD_DIM=d, BLOCK_D=meta["BLOCK_D"],
@@ -557,14 +604,14 @@ def attention_backward(dout, q, k, v, out, lse, varlen, causal: bool, softmax_sc
     key_work, key_items = tile_work(varlen, 1, q.device)
     _attn_bwd_dkdv_tuned[lambda m: (key_items[m["BLOCK_N"]], hkv)](
         q, k, v, dout, lse, delta, dk, dv, dq, key_work, varlen.cu_seqlens, softmax_scale * LOG2E, softmax_scale,
-        bucket, *strides, dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), dq.stride(0), dq.stride(1),
+        *band, bucket, *strides, dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), dq.stride(0), dq.stride(1),
         ATOMIC_DQ=atomic, **meta, **LAUNCH_OPTIONS)
     if atomic:
         return dq.mul_(softmax_scale).to(q.dtype), dk, dv
     row_work, row_items = tile_work(varlen, group, q.device)
     _attn_bwd_dq_tuned[lambda m: (row_items[m["BLOCK_M"]], hkv)](
-        q, k, v, dout, lse, delta, dq, row_work, varlen.cu_seqlens, softmax_scale * LOG2E, softmax_scale, bucket,
-        *strides, dq.stride(0), dq.stride(1), USE_TMA=use_tma(k, v), **meta, **LAUNCH_OPTIONS)
+        q, k, v, dout, lse, delta, dq, row_work, varlen.cu_seqlens, softmax_scale * LOG2E, softmax_scale, *band,
+        bucket, *strides, dq.stride(0), dq.stride(1), USE_TMA=use_tma(k, v), **meta, **LAUNCH_OPTIONS)
     return dq, dk, dv
 
 
@@ -576,11 +623,11 @@ class _Attention(torch.autograd.Function):
     """Packed attention; saves q, k, v, out and the fp32 lse, recomputes the scores in backward."""
 
     @staticmethod
-    def forward(ctx, q, k, v, varlen, causal, scale):
+    def forward(ctx, q, k, v, varlen, causal, window, scale):
         q, k, v = _unit_last_stride(q), _unit_last_stride(k), _unit_last_stride(v)
-        out, lse = attention_forward(q, k, v, varlen, causal, scale)
+        out, lse = attention_forward(q, k, v, varlen, causal, window, scale)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.meta = (varlen, causal, scale)
+        ctx.meta = (varlen, causal, window, scale)
         ctx.mark_non_differentiable(lse)
         return out, lse
 
@@ -589,7 +636,7 @@ class _Attention(torch.autograd.Function):
         q, k, v, out, lse = ctx.saved_tensors
         with launch_device(dout):
             dq, dk, dv = attention_backward(_unit_last_stride(dout), q, k, v, out, lse, *ctx.meta)
-        return dq, dk, dv, None, None, None
+        return dq, dk, dv, None, None, None, None
 
 
 def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
@@ -603,12 +650,12 @@ def _index_span(t: torch.Tensor) -> int:
     return sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride())) + 1 if t.numel() else 0
 
 
-def _packed(q, k, v, varlen, causal, scale, return_lse):
-    out, lse = _Attention.apply(q, k, v, varlen, causal, scale)
+def _packed(q, k, v, varlen, causal, window, scale, return_lse):
+    out, lse = _Attention.apply(q, k, v, varlen, causal, window, scale)
     return (out, lse) if return_lse else out
 
 
-def flash_attention_triton(q, k, v, varlen, key_padding_mask, causal, scale, return_lse):
+def flash_attention_triton(q, k, v, varlen, key_padding_mask, causal, window, scale, return_lse):
     """The backend contract of ``kalm_fast.ops.flash_attention``; launches on ``q``'s device."""
     span = max(q.numel(), *(_index_span(t) for t in (q, k, v)))
     if span >= 2 ** 31:
@@ -616,5 +663,5 @@ def flash_attention_triton(q, k, v, varlen, key_padding_mask, causal, scale, ret
                          "split the batch")
     with launch_device(q):
         if q.dim() == 3:
-            return _packed(q, k, v, varlen, causal, scale, return_lse)
-        return padded_via_packed(_packed, q, k, v, key_padding_mask, causal, scale, return_lse)
+            return _packed(q, k, v, varlen, causal, window, scale, return_lse)
+        return padded_via_packed(_packed, q, k, v, key_padding_mask, causal, window, scale, return_lse)
