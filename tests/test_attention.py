@@ -83,6 +83,11 @@ WINDOW_CASES = [
     ([33, 129], 4, 2, 32, False, (0, 0), torch.float16),
     ([129, 17, 0], 2, 1, 80, False, (0, 60), torch.float32),
     ([17, 64, 1], 4, 2, 32, False, (500, 500), torch.float32),
+    # one-sided edges of one key, GQA 3:1 and 7:1 (folded rows of a token straddle the tiles): the first visible key
+    # falls on the last column of a key tile, or a key's first query on the last rows of a query tile
+    ([0, 1, 17, 64, 129], 3, 1, 32, False, (1, 0), torch.float32),
+    ([129, 33], 7, 1, 64, False, (0, 1), torch.float16),
+    ([70, 129, 2], 6, 2, 32, True, (31, 33), torch.float32),
 ]
 
 
@@ -134,6 +139,19 @@ def test_window_is_checked(window, text):
     q, k, v = _inputs((5, 2, 32), 1, torch.float32)
     with pytest.raises(ValueError, match=f"window must be a {text}"):
         flash_attention(q, k, v, cu_seqlens=_cu([5]), window=window)
+
+
+def test_window_needs_one_run_of_real_tokens_per_padded_row():
+    """A padding mask with holes is refused with a window (distances would differ between the padded and the packed
+    layout); left and right padding are one run."""
+    q, k, v = _inputs((2, 6, 2, 16), 1, torch.float32)
+    holes = torch.tensor([[1, 1, 0, 0, 1, 1], [1, 1, 1, 0, 0, 0]], device=DEVICE)
+    with pytest.raises(ValueError, match="key_padding_mask must mark one run of real tokens per row"):
+        flash_attention(q, k, v, key_padding_mask=holes, window=(1, 1))
+    flash_attention(q, k, v, key_padding_mask=holes)  # without a window the holes are fine
+    runs = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]], device=DEVICE)  # left and right padding
+    kw = dict(key_padding_mask=runs, window=(1, 1))
+    _assert_close(_run("torch", q, k, v, **kw), _run("reference", q, k, v, **kw), "torch", torch.float32)
 
 
 def test_cuda_backend_refuses_a_window():
@@ -527,7 +545,8 @@ TMA, ATOMIC_DQ = "KALM_ATTENTION_TMA=1", "KALM_ATTENTION_DQ=atomic"
 CONFIG_CASES = [("fwd", None), ("fwd", TMA), ("dkdv", None), ("dkdv", ATOMIC_DQ), ("dq", None), ("dq", TMA)]
 
 
-BANDS = ((False, None), (True, None), (False, (20, 37)))  # (causal, window): none, causal, a local window
+# (causal, window): none, causal, a local window whose edges fall on a tile's last key / a row tile's last token
+BANDS = ((False, None), (True, None), (False, (17, 33)))
 
 
 def _config_runs(kernel, d, setting):

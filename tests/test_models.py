@@ -281,6 +281,39 @@ def test_gemma3_windows_soft_capping_and_old_transformers(tmp_path, tokenizer, m
         EmbeddingModel.from_pretrained(directory, device="cpu", max_length=64)
 
 
+def test_the_attention_function_bands_gemma3_and_guards_dropped_windows():
+    """transformers hands a local layer's window to the attention function: Gemma 3's becomes the band |i - j| < w;
+    another family's (dropped, run as full attention) is a ValueError for a text longer than it, packed or not."""
+    from types import SimpleNamespace
+
+    from kalm_fast import ops
+    from kalm_fast.models.bidirectional import kalm_attention_forward
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, h, 10, 16, generator=g) for h in (4, 2, 2))  # [B, H, L, D]
+    gemma3 = SimpleNamespace(config=SimpleNamespace(model_type="gemma3_text"))
+    out, _ = kalm_attention_forward(gemma3, q, k, v, None, scaling=0.25, sliding_window=3)
+    want = ops.flash_attention(*(x.transpose(1, 2) for x in (q, k, v)), window=(2, 2), softmax_scale=0.25)
+    torch.testing.assert_close(out, want)
+    mistral = SimpleNamespace(config=SimpleNamespace(model_type="mistral"))
+    kalm_attention_forward(mistral, q, k, v, None, scaling=0.25, sliding_window=10)  # fits: full attention
+    message = r"a text of 10 tokens is longer than the model's sliding window \(8\)"
+    with pytest.raises(ValueError, match=message):
+        kalm_attention_forward(mistral, q, k, v, None, scaling=0.25, sliding_window=8)
+    with pytest.raises(ValueError, match=message):
+        kalm_attention_forward(mistral, q, k, v, None, scaling=0.25, sliding_window=8,
+                               kalm_varlen=ops.Varlen.from_lengths([10]))
+
+
+def test_gemma3_refuses_the_windowless_cuda_attention(tmp_path, tokenizer):
+    from kalm_fast.models.bidirectional import make_bidirectional
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(str(_save_tiny("gemma3", tmp_path, tokenizer)))
+    with pytest.raises(ValueError, match="attn_backend 'cuda' has no local window"):
+        make_bidirectional(model, backend="cuda", max_length=64)
+
+
 def test_albert_gradient_checkpointing_is_refused_by_name(tmp_path, tokenizer):
     """By the model, and by the trainer before it writes anything."""
     from train_utils import make_records

@@ -56,14 +56,19 @@ def check_model_type(model_type, where) -> None:
                              f"{transformers.__version__}, which would halve its sliding window on every save)")
 
 
+def local_layers(config) -> bool:
+    """Whether some layer of ``config`` slides (has a local window)."""
+    layer_types = getattr(config, "layer_types", None)
+    return (getattr(config, "sliding_window", None) is not None and getattr(config, "use_sliding_window", True)
+            and (layer_types is None or "sliding_attention" in layer_types))
+
+
 def dropped_window(config):
     """The sliding window of ``config``'s local layers that kalm_fast runs as full attention (exact only for texts
     no longer than it), None when no layer slides or the family's windows are run as such (Gemma 3)."""
-    window = getattr(config, "sliding_window", None)
-    layer_types = getattr(config, "layer_types", None)
-    slides = getattr(config, "use_sliding_window", True) and (layer_types is None
-                                                             or "sliding_attention" in layer_types)
-    return window if slides and config.model_type not in _ROTARY_BY_LAYER_TYPE else None
+    if not local_layers(config) or config.model_type in _ROTARY_BY_LAYER_TYPE:
+        return None
+    return config.sliding_window
 
 
 def runtime_only_keys(config) -> tuple:
@@ -89,7 +94,7 @@ def kalm_attention_forward(module, query, key, value, attention_mask, dropout=0.
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     window = kwargs.get("sliding_window")  # a local layer's
     band = None
-    if window is not None and getattr(module.config, "use_bidirectional_attention", False):
+    if window is not None and module.config.model_type in _ROTARY_BY_LAYER_TYPE:
         band, window = (window - 1, window - 1), None  # Gemma 3 bidirectional: key j visible when |i - j| < window
     varlen = kwargs.get("kalm_varlen")
     if varlen is None and kwargs.get("cu_seq_lens_q") is not None:
@@ -197,6 +202,9 @@ def make_bidirectional(model, backend: str = "auto", max_length: int = 512):
             config.sliding_window = None
         if hasattr(config, "layer_types"):
             config.layer_types = ["full_attention"] * len(config.layer_types)
+    if backend == "cuda" and config.model_type in _ROTARY_BY_LAYER_TYPE and local_layers(config):
+        raise ValueError(f"attn_backend 'cuda' has no local window, which the {config.model_type} model's sliding "
+                         "layers need: use 'triton' or 'auto'")
     config.is_causal = False
     config.kalm_attn_backend = backend
     model.set_attn_implementation(NAME)

@@ -79,6 +79,7 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     if d % 8 and backend in ("triton", "cuda"):
         raise ValueError(f"head dim D={d}: backend {backend!r} needs a multiple of 8 (16-byte rows); backends "
                          "'torch' and 'reference' take any, and 'auto' picks 'torch' for it")
+    window = _check_window(window, backend)
     varlen = None
     if q.dim() == 3:
         if cu_seqlens is None:
@@ -97,9 +98,10 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
         if key_padding_mask is not None:
             check_mask("key_padding_mask", key_padding_mask, q.shape[:2])
             key_padding_mask = key_padding_mask.bool()
+            if window is not None:
+                _check_one_run(key_padding_mask)
     check_same_device(q=q, k=k, v=v, cu_seqlens=None if varlen is None else varlen.cu_seqlens,
                       key_padding_mask=key_padding_mask)
-    window = _check_window(window, backend)
     if softmax_scale is None:
         softmax_scale = d ** -0.5
     if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)) \
@@ -107,6 +109,15 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
         raise ValueError(f"softmax_scale must be a positive finite float, got {softmax_scale!r}")
     _, fn = _registry.select(OP, "torch" if backend == "auto" and d % 8 else backend, q.device, q.dtype)
     return fn(q, k, v, varlen, key_padding_mask, bool(causal), window, float(softmax_scale), bool(return_lse))
+
+
+def _check_one_run(key_padding_mask: torch.Tensor) -> None:
+    """With a window the distance between tokens is their distance in the row, which packing keeps only when every
+    row's real tokens are one run (right or left padding): a ValueError otherwise (one device-to-host copy)."""
+    starts = key_padding_mask[:, :1].int() + (key_padding_mask[:, 1:] & ~key_padding_mask[:, :-1]).sum(1, keepdim=True)
+    if bool((starts > 1).any()):
+        raise ValueError("key_padding_mask must mark one run of real tokens per row (right or left padding) when a "
+                         "window is given: token distances inside a window are counted in that run")
 
 
 def _check_window(window, backend: str):
