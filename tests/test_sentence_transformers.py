@@ -112,8 +112,28 @@ def _st2_minilm(tmp):
     return tmp
 
 
+BGE_QUERY = "Represent this sentence for searching relevant passages: "
+
+
+def _st6_minilm_cls(tmp):
+    """A BGE-style model as sentence-transformers 6 saves it: CLS pooling, Normalize, a query prompt."""
+    modules = [Transformer(str(default_model_dir()), max_seq_length=128), Pooling(384, pooling_mode="cls"),
+               Normalize()]
+    SentenceTransformer(modules=modules, device="cpu", prompts={"query": BGE_QUERY}).save(str(tmp))
+    return tmp
+
+
+def _st2_minilm_cls(tmp):
+    """The 2.x layout by hand with CLS pooling (``pooling_mode_cls_token``, the mean off)."""
+    _st2_minilm(tmp)
+    _edit_json(tmp / "1_Pooling" / "config.json", pooling_mode_cls_token=True, pooling_mode_mean_tokens=False)
+    return tmp
+
+
 LAYOUTS = {
     "st2-minilm-0_Transformer": lambda tmp, dec: _st2_minilm(tmp),
+    "st2-minilm-cls": lambda tmp, dec: _st2_minilm_cls(tmp),
+    "st6-minilm-cls-saved": lambda tmp, dec: _st6_minilm_cls(tmp),
     "st5-decoder-by-hand": _st5_decoder,
     "st6-minilm-saved": lambda tmp, dec: _st6_minilm(tmp),
     "st6-decoder-saved": _st6_decoder,
@@ -216,11 +236,13 @@ def _dense_pickled(tmp, decoder_hf):
 
 
 UNSUPPORTED = {  # layout -> (builder, the message naming the file and the key)
-    "cls-pooling": (lambda t, d: _st6_with(t, d, pooling_mode="cls"), r"1_Pooling/config.json: pooling_mode 'cls'"),
+    "cls-pooling-without-prompt": (lambda t, d: _st6_with(t, d, pooling_mode="cls", include_prompt=False),
+                                   r"1_Pooling/config.json: CLS pooling with include_prompt false"),
     "lasttoken-pooling": (lambda t, d: _st6_with(t, d, pooling_mode="lasttoken"), r"pooling_mode 'lasttoken'"),
     "mean+max-pooling": (lambda t, d: _st6_with(t, d, pooling_mode=("mean", "max")), r"pooling_mode \["),
-    "legacy-cls-pooling": (lambda t, d: _st5(t, d, "1_Pooling/config.json", pooling_mode_cls_token=True),
-                           r"1_Pooling/config.json: pooling_mode_cls_token is true"),
+    "legacy-cls+mean-pooling": (lambda t, d: _st5(t, d, "1_Pooling/config.json", pooling_mode_cls_token=True),
+                                r"1_Pooling/config.json: pooling_mode_cls_token and pooling_mode_mean_tokens are "
+                                r"true"),
     "legacy-max-pooling": (lambda t, d: _st5(t, d, "1_Pooling/config.json", pooling_mode_max_tokens=True),
                            r"pooling_mode_max_tokens is true"),
     "dense-activation": (lambda t, d: _st6_with(t, d, Dense(64, 8, activation_function=torch.nn.Softplus())),
@@ -330,6 +352,38 @@ def test_defaults_and_model_settings_as_sentence_transformers(tmp_path, decoder_
     assert ref_again[1].include_prompt is False
     _assert_same(again.encode(TEXTS), ref_again.encode(TEXTS), "saved by Encoder.save")
     _assert_same(again.encode(TEXTS), enc.encode(TEXTS), "reloaded")
+
+
+def test_cls_pooling_as_sentence_transformers_and_saved_back(tmp_path, decoder_hf):
+    """A BGE-style model (CLS pooling): queries with their prompt, truncation, a save by kalm_fast that
+    sentence-transformers loads as CLS again; a soup refuses to average it with a mean-pooled model; a decoder's
+    empty text (no first token) is a zero vector."""
+    from kalm_fast import model_soup
+    from kalm_fast.models import EmbeddingModel
+
+    d = _st6_minilm_cls(tmp_path / "bge")
+    enc, ref = Encoder(d, device="cpu"), SentenceTransformer(str(d), device="cpu")
+    assert enc.model.pooling == "cls"
+    _assert_same(enc.encode_query(TEXTS), ref.encode_query(TEXTS), "cls queries")
+    _assert_same(enc.encode(TEXTS, truncate_dim=64), ref.encode(TEXTS, truncate_dim=64), "cls truncated")
+    mean = Encoder(_st2_minilm(tmp_path / "mean"), device="cpu")
+    assert np.abs(enc.encode(TEXTS[:3]) - mean.encode(TEXTS[:3])).max() > 1e-2  # not the mean
+    mean.save(tmp_path / "mean_saved")
+    enc.save(tmp_path / "saved")
+    pooling = json.loads((tmp_path / "saved" / "1_Pooling" / "config.json").read_text())
+    assert pooling["pooling_mode_cls_token"] and not pooling["pooling_mode_mean_tokens"]
+    again = SentenceTransformer(str(tmp_path / "saved"), device="cpu")
+    _assert_same(Encoder(tmp_path / "saved", device="cpu").encode(TEXTS), again.encode(TEXTS), "cls saved")
+    with pytest.raises(ValueError, match="pool differently \\(cls and mean\\)"):
+        model_soup([tmp_path / "saved", tmp_path / "mean_saved"], output=tmp_path / "soup")
+    decoder = EmbeddingModel.from_pretrained(_st6_with(tmp_path / "dec", decoder_hf, pooling_mode="cls"), device="cpu")
+    with torch.no_grad():
+        out = decoder(decoder.tokenize(["", "x y", ""]))
+    assert out[0].abs().max() == 0 and out[2].abs().max() == 0 and out[1].abs().max() > 0
+    with pytest.raises(ValueError, match="prompt_length .* this model pools the CLS token"):
+        decoder(decoder.tokenize(["x y"]), prompt_length=1)
+    with pytest.raises(ValueError, match=r"pooling must be one of \('mean', 'cls'\), got 'max'"):
+        EmbeddingModel(decoder.model, decoder.tokenizer, pooling="max")
 
 
 def test_a_model_without_normalize_is_not_normalized_by_default(pair):

@@ -1,4 +1,5 @@
-"""``EmbeddingModel``: a Hugging Face encoder or decoder LLM run bidirectionally on packed tokens, mean-pooled."""
+"""``EmbeddingModel``: a Hugging Face encoder or decoder LLM run bidirectionally on packed tokens, mean-pooled (or
+CLS-pooled, as BGE-style encoders are)."""
 from __future__ import annotations
 
 import itertools
@@ -15,7 +16,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .._checks import check_int
-from .._cuda import free_memory
+from .._cuda import free_memory, to_device
 from .._registry import BACKEND_NAMES
 from ..distributed import check_device
 from ..ops import Varlen, mean_pool
@@ -23,6 +24,7 @@ from . import bert_packed, decoder_packed, fused_decoder
 from .bidirectional import dropped_window, make_bidirectional, runtime_only_keys
 from .loading import (
     DENSE_ACTIVATIONS,
+    POOLING_MODES,
     DenseModule,
     load_tokenizer,
     load_transformer,
@@ -45,6 +47,17 @@ def _cpu_has_bf16() -> bool:
 def _position_offset(config) -> int:
     """First absolute position id: RoBERTa-style models count from ``pad_token_id + 1``."""
     return config.pad_token_id + 1 if config.model_type in _ROBERTA_LIKE else 0
+
+
+def _first_tokens(hidden: torch.Tensor, varlen: Varlen, dim: Optional[int], normalize: bool) -> torch.Tensor:
+    """CLS pooling: the hidden state of each sequence's first token, ``[T, H]`` -> ``[N, dim or H]`` (a zero vector
+    for an empty sequence), truncated to ``dim`` then L2-normalized if asked. Differentiable; no synchronization."""
+    lengths = varlen.lengths
+    rows = [start if n else 0 for start, n in zip(itertools.accumulate([0, *lengths[:-1]]), lengths)]
+    out = hidden.index_select(0, to_device(torch.tensor(rows, dtype=torch.long), hidden.device))[:, :dim]
+    if 0 in lengths:
+        out = out.masked_fill(to_device(torch.tensor([n == 0 for n in lengths]), hidden.device)[:, None], 0.0)
+    return F.normalize(out, dim=-1) if normalize else out
 
 
 def check_gradient_checkpointing(model_class, model_type: str) -> None:
@@ -131,8 +144,11 @@ class EmbeddingModel(nn.Module):
     def __init__(self, model: nn.Module, tokenizer, *, max_length: int = 512, prompts: Optional[dict] = None,
                  normalize: bool = False, attn_backend: str = "auto", default_prompt_name: Optional[str] = None,
                  include_prompt: bool = True, similarity_fn_name: Optional[str] = None,
-                 truncate_dim: Optional[int] = None, dense: Sequence[DenseLayer] = ()):
+                 truncate_dim: Optional[int] = None, dense: Sequence[DenseLayer] = (), pooling: str = "mean"):
         super().__init__()
+        if pooling not in POOLING_MODES:
+            raise ValueError(f"pooling must be one of {POOLING_MODES}, got {pooling!r}")
+        self.pooling = pooling
         self.model = model
         self.tokenizer = tokenizer
         self.config = model.config
@@ -204,6 +220,7 @@ class EmbeddingModel(nn.Module):
         embedder = cls(model, tokenizer, max_length=asked, prompts=info.prompts,
                        normalize=info.normalize, attn_backend=attn_backend,
                        default_prompt_name=info.default_prompt_name, include_prompt=info.include_prompt,
+                       pooling=info.pooling,
                        similarity_fn_name=info.similarity_fn_name, truncate_dim=info.truncate_dim,
                        dense=[_load_dense(spec, model.dtype, allow_pickle) for spec in info.dense])
         embedder.model_max_length = own
@@ -272,10 +289,13 @@ class EmbeddingModel(nn.Module):
 
     def forward(self, batch, *, dim: Optional[int] = None, normalize: bool = False,
                 prompt_length: int = 0) -> torch.Tensor:
-        """``[N, dim or E]`` embeddings of a ``PackedBatch`` (or a padded dict), in the model's dtype: mean-pooled,
-        through the Dense modules if any (E = ``embedding_size``); ``dim`` truncates (Matryoshka) and ``normalize``
-        L2-normalizes after truncation. The first ``prompt_length`` tokens of each text are left out of the mean
-        (sentence-transformers' ``include_prompt: false``)."""
+        """``[N, dim or E]`` embeddings of a ``PackedBatch`` (or a padded dict), in the model's dtype: pooled (by
+        ``pooling``: the mean of the tokens, or the first token's hidden state), through the Dense modules if any
+        (E = ``embedding_size``); ``dim`` truncates (Matryoshka) and ``normalize`` L2-normalizes after truncation.
+        The first ``prompt_length`` tokens of each text are left out of the mean (sentence-transformers'
+        ``include_prompt: false``; not with CLS pooling)."""
+        if prompt_length and self.pooling == "cls":
+            raise ValueError("prompt_length (include_prompt false) is for mean pooling; this model pools the CLS token")
         if not isinstance(batch, PackedBatch):
             batch = pack_padded(batch["input_ids"], batch["attention_mask"], position_offset=self.position_offset,
                                 pad_id=self.position_pad_id)
@@ -289,6 +309,8 @@ class EmbeddingModel(nn.Module):
         if batch.input_ids.numel() == 0:  # only empty texts: zero vectors
             return torch.zeros(batch.num_seqs, dim or self.hidden_size, dtype=self.dtype, device=self.device)
         hidden = self.token_embeddings(batch)
+        if self.pooling == "cls":
+            return _first_tokens(hidden, batch.varlen, dim, normalize)
         if not prompt_length:
             return mean_pool(hidden, cu_seqlens=batch.varlen, dim=dim, normalize=normalize)
         # Each text is two segments of the packed tokens, its prompt's and the rest: pool the 2N segments (no copy of
@@ -393,8 +415,8 @@ class EmbeddingModel(nn.Module):
             modules.append(dict(idx=len(modules), name=name, path=f"{name}_Normalize",
                                 type="sentence_transformers.models.Normalize"))
             (directory / f"{name}_Normalize").mkdir(exist_ok=True)
-        pooling = dict(word_embedding_dimension=self.hidden_size, pooling_mode_cls_token=False,
-                       pooling_mode_mean_tokens=True, pooling_mode_max_tokens=False,
+        pooling = dict(word_embedding_dimension=self.hidden_size, pooling_mode_cls_token=self.pooling == "cls",
+                       pooling_mode_mean_tokens=self.pooling == "mean", pooling_mode_max_tokens=False,
                        pooling_mode_mean_sqrt_len_tokens=False, pooling_mode_weightedmean_tokens=False,
                        pooling_mode_lasttoken=False, include_prompt=self.include_prompt)
         (directory / "1_Pooling").mkdir(exist_ok=True)

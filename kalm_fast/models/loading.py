@@ -36,6 +36,7 @@ class SentenceTransformerInfo:
     (a plain Hugging Face directory: mean pooling, no Normalize)."""
 
     transformer_dir: Path
+    pooling: str = "mean"  # one of POOLING_MODES
     normalize: bool = False
     include_prompt: bool = True
     max_seq_length: Optional[int] = None
@@ -49,6 +50,7 @@ class SentenceTransformerInfo:
 
 
 SIMILARITY_FN_NAMES = ("cosine", "dot", "euclidean", "manhattan")
+POOLING_MODES = ("mean", "cls")  # the mean of the tokens, or the first token's hidden state (BGE-style models)
 # The activations of a Dense module kalm_fast runs: parameterless torch.nn classes, by the full name
 # sentence-transformers saves (any "torch.nn....Name" spelling loads).
 DENSE_ACTIVATIONS = {"Identity": "torch.nn.modules.linear.Identity", "Tanh": "torch.nn.modules.activation.Tanh",
@@ -137,12 +139,12 @@ def read_sentence_transformer_info(model_dir: Path) -> SentenceTransformerInfo:
     return info
 
 
-_MODULES = "a Transformer, a mean Pooling, optional Dense modules and an optional Normalize, in that order"
+_MODULES = "a Transformer, a mean or CLS Pooling, optional Dense modules and an optional Normalize, in that order"
 
 
 def _read_modules(model_dir: Path, info: SentenceTransformerInfo) -> None:
-    """modules.json must list a Transformer, a mean Pooling, any Dense modules and an optional Normalize, in that
-    order."""
+    """modules.json must list a Transformer, a mean or CLS Pooling, any Dense modules and an optional Normalize, in
+    that order."""
     path = model_dir / "modules.json"
     modules = _read_json(path)
     if not isinstance(modules, list) or not all(isinstance(m, dict) for m in modules):
@@ -213,17 +215,25 @@ def _read_pooling(path: Path, info: SentenceTransformerInfo) -> None:
     if "pooling_mode" in config:  # sentence-transformers 6
         modes = config["pooling_mode"]
         modes = [modes] if isinstance(modes, str) else list(modes)
-        if modes != ["mean"]:
+        if modes not in (["mean"], ["cls"]):
             raise ValueError(f"{path}: pooling_mode {config['pooling_mode']!r} is not supported; kalm_fast pools "
-                             "by mean")
+                             "by mean or by the CLS token (one of them)")
+        info.pooling = modes[0]
     else:  # 2.x-5.x; no mode at all means mean, as sentence-transformers reads it
-        other = [k for k in _LEGACY_POOLING_KEYS if config.get(k) and k != "pooling_mode_mean_tokens"]
-        if other:
-            raise ValueError(f"{path}: {other[0]} is true, which kalm_fast does not support; it pools by mean "
-                             "(pooling_mode_mean_tokens)")
+        on = [k for k in _LEGACY_POOLING_KEYS if config.get(k)]
+        if on not in ([], ["pooling_mode_mean_tokens"], ["pooling_mode_cls_token"]):
+            other = [k for k in on if k != "pooling_mode_mean_tokens"]
+            other = on if other == ["pooling_mode_cls_token"] else other  # CLS is fine, not with the mean
+            raise ValueError(f"{path}: {' and '.join(other)} {'is' if len(other) == 1 else 'are'} true, which "
+                             "kalm_fast does not support; it pools by mean (pooling_mode_mean_tokens) or by the CLS "
+                             "token (pooling_mode_cls_token), one of them")
+        info.pooling = "cls" if on == ["pooling_mode_cls_token"] else "mean"
     include_prompt = config.get("include_prompt", True)
     if not isinstance(include_prompt, bool):
         raise ValueError(f"{path}: include_prompt must be true or false, got {include_prompt!r}")
+    if info.pooling == "cls" and not include_prompt:
+        raise ValueError(f"{path}: CLS pooling with include_prompt false is not supported (sentence-transformers 6 "
+                         "pools the first token after the prompt, earlier versions the first token)")
     info.include_prompt = include_prompt
     dim = config.get("word_embedding_dimension", config.get("embedding_dimension"))
     info.pooling_dim = dim if isinstance(dim, int) and not isinstance(dim, bool) else None

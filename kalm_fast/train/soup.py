@@ -182,8 +182,10 @@ def _copy_side_files(src: Path, dst: Path):
 
 
 def _check_same_modules(ckpts: list) -> None:
-    """Every checkpoint directory has the first's weighted sentence-transformers modules (its Dense modules: path and
-    config), with their weights only as safetensors (the soup averages those; pickled ones it would drop)."""
+    """Every checkpoint directory has the first's pooling (mean or CLS, however its config spells it) and weighted
+    sentence-transformers modules (its Dense modules: path and config), with their weights only as safetensors (the
+    soup averages those; pickled ones it would drop)."""
+
     def weighted_modules(root: Path) -> list:
         found = []
         for sub in _module_dirs(root):
@@ -195,11 +197,28 @@ def _check_same_modules(ckpts: list) -> None:
                 found.append((sub, json.loads(config.read_text()) if config.is_file() else None))
         return found
 
+    pooling = _pooling(ckpts[0].path)
+    for ckpt in ckpts[1:]:
+        other = _pooling(ckpt.path)
+        if other != pooling and None not in (pooling, other):
+            raise ValueError(f"checkpoints {ckpts[0].path} and {ckpt.path} pool differently ({pooling} and {other}): "
+                             "a soup averages models that embed the same way")
     first = weighted_modules(ckpts[0].path)
     for ckpt in ckpts[1:]:
         if weighted_modules(ckpt.path) != first:
             raise ValueError(f"checkpoints {ckpts[0].path} and {ckpt.path} have other modules with weights (Dense: "
                              f"{[sub for sub, _ in first]} in the first): a soup averages models with the same ones")
+
+
+def _pooling(root: Path) -> Optional[str]:
+    """A model directory's pooling as kalm_fast reads it ("mean" or "cls"); None for a model kalm_fast does not run
+    (the soup still averages it)."""
+    from ..models.loading import read_sentence_transformer_info  # loads transformers: only for directories
+
+    try:
+        return read_sentence_transformer_info(root).pooling
+    except ValueError:
+        return None
 
 
 def _soup_module_weights(ckpts: list, weights: list, out: Path):
