@@ -337,8 +337,9 @@ def test_albert_gradient_checkpointing_is_refused_by_name(tmp_path, tokenizer):
 @pytest.mark.parametrize("sliding_layers, capped", [(0, False), (2, True)])
 def test_a_sliding_window_only_matters_where_a_layer_slides(tmp_path, tokenizer, sliding_layers, capped):
     """Qwen2's window applies to the layers past ``max_window_layers``: with none of them, the max length stands;
-    else texts are cut at the window, with a warning (full attention is exact only up to it), and a model built
-    for longer texts is refused."""
+    else texts are cut at the window, with a warning (full attention is exact only up to it), a model built for
+    longer texts is refused, and training through transformers' modules (which would build a sliding mask from the
+    dropped window) runs and refuses a longer text."""
     from kalm_fast.models.bidirectional import make_bidirectional
     from transformers import AutoModel, Qwen2Config
 
@@ -350,7 +351,14 @@ def test_a_sliding_window_only_matters_where_a_layer_slides(tmp_path, tokenizer,
     tokenizer.save_pretrained(str(tmp_path))
     if capped:
         with pytest.warns(UserWarning, match="texts are cut at 16 tokens, the sliding window.*max length 64 asked"):
-            assert EmbeddingModel.from_pretrained(tmp_path, device="cpu", max_length=64).max_length == 16
+            model = EmbeddingModel.from_pretrained(tmp_path, device="cpu", max_length=64)
+        assert model.max_length == 16
+        model.train()  # transformers' modules (training): full attention within the window, a longer text refused
+        model(model.tokenize(["hello world", "x " * 30])).sum().backward()
+        assert model.model.layers[1].self_attn.q_proj.weight.grad.abs().sum() > 0
+        model.max_length = 40
+        with pytest.raises(ValueError, match=r"a text of \d+ tokens is longer than the model's sliding window \(16\)"):
+            model(model.tokenize(["x " * 30]))
         with pytest.raises(ValueError, match="sliding_window=16 is shorter than max_length=64: .* max_length <= 16"):
             make_bidirectional(AutoModel.from_pretrained(str(tmp_path)), max_length=64)
     else:

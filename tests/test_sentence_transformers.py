@@ -237,8 +237,9 @@ def _dense_pickled(tmp, decoder_hf):
 
 UNSUPPORTED = {  # layout -> (builder, the message naming the file and the key)
     "cls-pooling-without-prompt": (lambda t, d: _st6_with(t, d, pooling_mode="cls", include_prompt=False),
-                                   r"1_Pooling/config.json: CLS pooling with include_prompt false"),
-    "lasttoken-pooling": (lambda t, d: _st6_with(t, d, pooling_mode="lasttoken"), r"pooling_mode 'lasttoken'"),
+                                   r"1_Pooling/config.json: cls pooling with include_prompt false"),
+    "lasttoken-pooling-without-prompt": (lambda t, d: _st6_with(t, d, pooling_mode="lasttoken", include_prompt=False),
+                                         r"1_Pooling/config.json: lasttoken pooling with include_prompt false"),
     "mean+max-pooling": (lambda t, d: _st6_with(t, d, pooling_mode=("mean", "max")), r"pooling_mode \["),
     "legacy-cls+mean-pooling": (lambda t, d: _st5(t, d, "1_Pooling/config.json", pooling_mode_cls_token=True),
                                 r"1_Pooling/config.json: pooling_mode_cls_token and pooling_mode_mean_tokens are "
@@ -380,10 +381,56 @@ def test_cls_pooling_as_sentence_transformers_and_saved_back(tmp_path, decoder_h
     with torch.no_grad():
         out = decoder(decoder.tokenize(["", "x y", ""]))
     assert out[0].abs().max() == 0 and out[2].abs().max() == 0 and out[1].abs().max() > 0
-    with pytest.raises(ValueError, match="prompt_length .* this model pools the CLS token"):
+    with pytest.raises(ValueError, match="prompt_length .* this model pools by cls"):
         decoder(decoder.tokenize(["x y"]), prompt_length=1)
-    with pytest.raises(ValueError, match=r"pooling must be one of \('mean', 'cls'\), got 'max'"):
+    with pytest.raises(ValueError, match=r"pooling must be one of \('mean', 'cls', 'lasttoken'\), got 'max'"):
         EmbeddingModel(decoder.model, decoder.tokenizer, pooling="max")
+
+
+def test_last_token_pooling_runs_a_decoder_causally_as_sentence_transformers(tmp_path):
+    """A Qwen3-Embedding-style model (a causal Qwen3 checkpoint, last-token pooling, Normalize, an instruction
+    prompt) runs causally, as sentence-transformers runs it: the same embeddings, packed or padded, in the packed
+    inference path and in transformers' modules (training); saved back without ``is_causal: false``. With its config
+    saying ``is_causal: false`` the same model runs bidirectionally, there as here."""
+    from transformers import AutoModel, AutoTokenizer, Qwen3Config
+
+    from kalm_fast.models import EmbeddingModel
+
+    torch.manual_seed(0)
+    llm = AutoModel.from_config(Qwen3Config(vocab_size=8192, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                            num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                            max_position_embeddings=128, pad_token_id=0))
+    for p in llm.parameters():
+        p.data.normal_(0, 0.2)
+    llm.save_pretrained(str(tmp_path / "llm"))
+    AutoTokenizer.from_pretrained(str(BPE_TOKENIZER)).save_pretrained(str(tmp_path / "llm"))
+    modules = [Transformer(str(tmp_path / "llm")), Pooling(64, pooling_mode="lasttoken"), Normalize()]
+    SentenceTransformer(modules=modules, device="cpu", prompts={"query": QUERY}).save(str(tmp_path / "q3e"))
+    texts = [t for t in TEXTS if t.strip()]  # a text with no token has no last token (zeros here)
+    enc, ref = Encoder(tmp_path / "q3e", device="cpu"), SentenceTransformer(str(tmp_path / "q3e"), device="cpu")
+    assert enc.model.causal and enc.model.pooling == "lasttoken"
+    _assert_same(enc.encode_query(texts), ref.encode_query(texts), "lasttoken queries")
+    _assert_same(enc.encode(texts), ref.encode(texts), "lasttoken documents")
+    model = EmbeddingModel.from_pretrained(tmp_path / "q3e", device="cpu")
+    with torch.no_grad():
+        packed = model(model.tokenize(texts[:4]))
+        ids = model.token_ids(texts[:4])
+        width = max(map(len, ids))
+        padded = model(dict(input_ids=torch.tensor([x + [0] * (width - len(x)) for x in ids]),
+                            attention_mask=torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids])))
+        torch.testing.assert_close(padded, packed, atol=2e-5, rtol=2e-5)
+        model.train()
+        torch.testing.assert_close(model(model.tokenize(texts[:4])), packed, atol=2e-5, rtol=2e-5)
+    enc.save(tmp_path / "saved")
+    assert "is_causal" not in json.loads((tmp_path / "saved" / "config.json").read_text())
+    _assert_same(Encoder(tmp_path / "saved", device="cpu").encode(texts),
+                 SentenceTransformer(str(tmp_path / "saved"), device="cpu").encode(texts), "lasttoken saved")
+    _edit_json(tmp_path / "q3e" / "config.json", is_causal=False)
+    bidirectional = Encoder(tmp_path / "q3e", device="cpu")
+    assert not bidirectional.model.causal
+    _assert_same(bidirectional.encode(texts), SentenceTransformer(str(tmp_path / "q3e"), device="cpu").encode(texts),
+                 "lasttoken, is_causal false")
+    assert np.abs(bidirectional.encode(texts) - enc.encode(texts)).max() > 1e-2
 
 
 def test_a_model_without_normalize_is_not_normalized_by_default(pair):

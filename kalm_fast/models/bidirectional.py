@@ -4,6 +4,8 @@
 ``AttentionInterface`` / ``AttentionMaskInterface``. ``make_bidirectional(model, backend)`` then switches a
 loaded model to them and sets ``config.is_causal = False``, which makes transformers build a bidirectional
 (padding-only) mask instead of a causal one for decoder LLMs (Qwen2/3, Llama, Mistral). No model code is copied.
+A last-token-pooled decoder (Qwen3-Embedding style) keeps its causal mask instead (``runs_causally``,
+``make_bidirectional(..., causal=True)``): kalm_fast's attention then runs causally.
 
 Two batch layouts reach the attention function:
 - packed input ``[1, T]`` with a ``kalm_varlen`` keyword argument (a checked ``kalm_fast.ops.Varlen``, what
@@ -35,6 +37,20 @@ SUPPORTED_MODEL_TYPES = ("bert", "roberta", "xlm-roberta", "camembert", "distilb
 # layers run with the window as transformers' bidirectional Gemma 3 does (|i - j| < window).
 _ROTARY_BY_LAYER_TYPE = ("gemma3_text",)
 _GEMMA3_TRANSFORMERS = "5.16"  # older versions save a bidirectional Gemma 3's window halved (each save halves it)
+
+
+# Decoder LLM families: the ones a last-token pooling runs causally (``runs_causally``).
+DECODER_MODEL_TYPES = ("qwen2", "qwen3", "llama", "mistral", "gemma", "gemma3_text")
+
+
+def runs_causally(config, pooling: str) -> bool:
+    """Whether a model runs with its causal mask: a decoder LLM pooled by its last token (Qwen3-Embedding,
+    gte-Qwen2: trained causally, as sentence-transformers runs them) unless its config says it is bidirectional
+    (``is_causal: false`` or ``use_bidirectional_attention: true``). Everything else runs bidirectionally, the KaLM
+    way."""
+    return (pooling == "lasttoken" and config.model_type in DECODER_MODEL_TYPES
+            and getattr(config, "is_causal", True) is not False
+            and not getattr(config, "use_bidirectional_attention", False))
 
 
 def check_model_type(model_type, where) -> None:
@@ -76,7 +92,8 @@ def runtime_only_keys(config) -> tuple:
     the attention backend, and Gemma 3's ``is_causal`` (its ``use_bidirectional_attention`` already makes
     transformers run it bidirectionally with local layers at |i - j| < window; ``is_causal: false`` would widen
     them to |i - j| <= window there)."""
-    return ("kalm_attn_backend",) + (("is_causal",) if config.model_type in _ROTARY_BY_LAYER_TYPE else ())
+    return ("kalm_attn_backend", "kalm_causal") + (("is_causal",) if config.model_type in _ROTARY_BY_LAYER_TYPE
+                                                   else ())
 
 
 def kalm_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
@@ -88,6 +105,7 @@ def kalm_attention_forward(module, query, key, value, attention_mask, dropout=0.
     (float32 cos/sin) promotes q and k to float32 there while v stays in the autocast dtype.
     """
     backend = getattr(module.config, "kalm_attn_backend", "auto")
+    causal = getattr(module.config, "kalm_causal", False)
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
     if torch.is_autocast_enabled(q.device.type):
         dtype = torch.get_autocast_dtype(q.device.type)
@@ -95,7 +113,7 @@ def kalm_attention_forward(module, query, key, value, attention_mask, dropout=0.
     window = kwargs.get("sliding_window")  # a local layer's
     band = None
     if window is not None and module.config.model_type in _ROTARY_BY_LAYER_TYPE:
-        band, window = (window - 1, window - 1), None  # Gemma 3 bidirectional: key j visible when |i - j| < window
+        band, window = (window - 1, window - 1), None  # Gemma 3: key j visible when |i - j| < window (and j <= i)
     varlen = kwargs.get("kalm_varlen")
     if varlen is None and kwargs.get("cu_seq_lens_q") is not None:
         varlen = kwargs["cu_seq_lens_q"]
@@ -103,19 +121,19 @@ def kalm_attention_forward(module, query, key, value, attention_mask, dropout=0.
         if q.shape[0] != 1:
             raise ValueError(f"packed attention needs a batch of one row [1, T], got query shape {tuple(query.shape)}")
         _check_window(window, varlen.max_seqlen if isinstance(varlen, ops.Varlen) else kwargs.get("max_length_q"))
-        out = ops.flash_attention(q[0], k[0], v[0], cu_seqlens=varlen, window=band, softmax_scale=scaling,
-                                  backend=backend)
+        out = ops.flash_attention(q[0], k[0], v[0], cu_seqlens=varlen, causal=causal, window=band,
+                                  softmax_scale=scaling, backend=backend)
         return out.unsqueeze(0), None
     if attention_mask is None:
         _check_window(window, q.shape[1])
-        return ops.flash_attention(q, k, v, window=band, softmax_scale=scaling, backend=backend), None
+        return ops.flash_attention(q, k, v, causal=causal, window=band, softmax_scale=scaling, backend=backend), None
     if attention_mask.shape != q.shape[:2]:
         raise ValueError(f"kalm_fast attention takes a [B, L] = {list(q.shape[:2])} key padding mask, got shape "
                          f"{list(attention_mask.shape)}")
     indices, varlen = _forward_layout(attention_mask.bool())
     _check_window(window, varlen.max_seqlen)
-    packed = ops.flash_attention(*(x.flatten(0, 1)[indices] for x in (q, k, v)), cu_seqlens=varlen, window=band,
-                                 softmax_scale=scaling, backend=backend)
+    packed = ops.flash_attention(*(x.flatten(0, 1)[indices] for x in (q, k, v)), cu_seqlens=varlen, causal=causal,
+                                 window=band, softmax_scale=scaling, backend=backend)
     return ops.pad(packed, indices, q.shape[0], q.shape[1]), None
 
 
@@ -148,12 +166,12 @@ def kalm_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_fun
               config=None, **kwargs):
     """transformers mask function: the 2-D padding mask ``[B, L]`` (bool) or None when nothing is padded.
 
-    Which mask function transformers composed (bidirectional, wrapped for packed position ids, ...) does not
-    matter: kalm_fast's attention is bidirectional within each sequence, which ``make_bidirectional`` records as
-    ``config.is_causal = False``."""
-    if getattr(config, "is_causal", True) is not False:
-        raise ValueError("kalm_fast attention is bidirectional only; call make_bidirectional(model) first "
-                         "(it sets config.is_causal = False)")
+    Which mask function transformers composed (bidirectional, causal, wrapped for packed position ids, ...) does not
+    matter: kalm_fast's attention masks within each sequence itself, bidirectionally or causally as
+    ``make_bidirectional`` recorded (``config.kalm_causal``)."""
+    if getattr(config, "kalm_causal", None) is None:
+        raise ValueError("kalm_fast attention needs make_bidirectional(model) first (it records whether the model "
+                         "runs bidirectionally or causally)")
     if attention_mask is None:
         return None
     attention_mask = attention_mask[:, -kv_length:].to(torch.bool)
@@ -176,8 +194,9 @@ def install() -> None:
     _installed = True
 
 
-def make_bidirectional(model, backend: str = "auto", max_length: int = 512):
-    """Switch a transformers model (decoder LLM or BERT-like encoder) to kalm_fast bidirectional attention.
+def make_bidirectional(model, backend: str = "auto", max_length: int = 512, causal: bool = False):
+    """Switch a transformers model (decoder LLM or BERT-like encoder) to kalm_fast bidirectional attention, or with
+    ``causal`` (a decoder only, see ``runs_causally``) to kalm_fast's attention with the causal mask kept.
 
     Gemma 3 keeps its sliding windows: its local layers attend to ``|i - j| < window`` (``use_bidirectional_attention``
     on, as transformers runs it, so that a saved model loads bidirectionally in transformers too). Other families'
@@ -194,18 +213,25 @@ def make_bidirectional(model, backend: str = "auto", max_length: int = 512):
     if window is not None and window < max_length:
         raise ValueError(f"sliding_window={window} is shorter than max_length={max_length}: kalm_fast runs local "
                          f"layers as full attention, exact only up to the window; pass max_length <= {window}")
+    if causal and config.model_type not in DECODER_MODEL_TYPES:
+        raise ValueError(f"causal attention is for decoder LLMs ({', '.join(DECODER_MODEL_TYPES)}), not "
+                         f"{config.model_type!r}")
     if config.model_type in _ROTARY_BY_LAYER_TYPE:
         # as transformers' from_pretrained(..., use_bidirectional_attention=True): the window becomes |i - j| < it
-        config.use_bidirectional_attention = True
+        config.use_bidirectional_attention = not causal
     else:
         if getattr(config, "sliding_window", None) is not None:
             config.sliding_window = None
         if hasattr(config, "layer_types"):
             config.layer_types = ["full_attention"] * len(config.layer_types)
+        if getattr(model, "has_sliding_layers", False):  # Qwen2/3 would build a sliding mask from the dropped window
+            model.has_sliding_layers = False
     if backend == "cuda" and config.model_type in _ROTARY_BY_LAYER_TYPE and local_layers(config):
         raise ValueError(f"attn_backend 'cuda' has no local window, which the {config.model_type} model's sliding "
                          "layers need: use 'triton' or 'auto'")
-    config.is_causal = False
+    if not causal:
+        config.is_causal = False
+    config.kalm_causal = causal
     config.kalm_attn_backend = backend
     model.set_attn_implementation(NAME)
     if config._attn_implementation != NAME:  # transformers keeps a model's own attention when it cannot switch

@@ -12,7 +12,8 @@ written once; ``addmm`` / ``F.linear`` is the fallback where oneDNN is missing. 
 are ``decoder_kernels``' Triton kernels, one pass each. RMSNorm is ``F.rms_norm``, RoPE is applied in place on Q
 and K. Attention is bidirectional: per run of equal-length sequences on CPU with the "auto" / "torch" backends
 (zero-copy views of K and V, the query heads of one key/value head stacked so that GQA needs no repeated K/V),
-otherwise ``ops.flash_attention`` (varlen) with the model's attention backend.
+otherwise ``ops.flash_attention`` (varlen) with the model's attention backend; causal (a last-token-pooled decoder,
+``bidirectional.runs_causally``) always through ``ops.flash_attention``.
 Used without autograd only; training goes through the transformers modules and the registered attention function.
 """
 from __future__ import annotations
@@ -42,7 +43,8 @@ def supports(model) -> bool:
     """True for a transformers Qwen2 / Qwen3 / Llama / Mistral base model with a SiLU-gated MLP whose rotary
     embedding turns every dimension of a head (not a partial rotary one).
 
-    The fast path is bidirectional whatever the config says: ``make_bidirectional`` must have run on the model."""
+    The fast path is bidirectional, or causal where ``make_bidirectional`` recorded it (``config.kalm_causal``):
+    ``make_bidirectional`` must have run on the model."""
     config = model.config
     if config.model_type not in FAMILIES or getattr(config, "hidden_act", None) != "silu":
         return False
@@ -148,7 +150,8 @@ class PackedDecoder:
         head_dim = model.layers[0].self_attn.head_dim
         q_heads, kv_heads = model.config.num_attention_heads, model.config.num_key_value_heads
         backend = getattr(model.config, "kalm_attn_backend", "auto")
-        per_run = batch.input_ids.device.type == "cpu" and backend in ("auto", "torch")
+        causal = getattr(model.config, "kalm_causal", False)  # a last-token-pooled decoder's (runs_causally)
+        per_run = batch.input_ids.device.type == "cpu" and backend in ("auto", "torch") and not causal
         runs = equal_length_runs(batch.varlen.lengths) if per_run else None
         x = model.embed_tokens(batch.input_ids)                                                # [T, H]
         cos, sin = model.rotary_emb(x, batch.position_ids[None])                               # [1, T, D]
@@ -176,7 +179,7 @@ class PackedDecoder:
             if per_run:
                 ctx = attention_per_run(q, k, v, runs, attn.scaling)
             else:
-                ctx = ops.flash_attention(q, k, v, cu_seqlens=batch.varlen, softmax_scale=attn.scaling,
+                ctx = ops.flash_attention(q, k, v, cu_seqlens=batch.varlen, causal=causal, softmax_scale=attn.scaling,
                                           backend=backend).flatten(1)
             x = _linear(ctx, *o_w, packed, add=x)
             norm = layer.post_attention_layernorm

@@ -1,5 +1,5 @@
 """``EmbeddingModel``: a Hugging Face encoder or decoder LLM run bidirectionally on packed tokens, mean-pooled (or
-CLS-pooled, as BGE-style encoders are)."""
+CLS-pooled, as BGE-style encoders are; or last-token-pooled and causal, as Qwen3-Embedding-style decoders are)."""
 from __future__ import annotations
 
 import itertools
@@ -21,7 +21,7 @@ from .._registry import BACKEND_NAMES
 from ..distributed import check_device
 from ..ops import Varlen, mean_pool
 from . import bert_packed, decoder_packed, fused_decoder
-from .bidirectional import dropped_window, make_bidirectional, runtime_only_keys
+from .bidirectional import dropped_window, make_bidirectional, runs_causally, runtime_only_keys
 from .loading import (
     DENSE_ACTIVATIONS,
     POOLING_MODES,
@@ -49,11 +49,13 @@ def _position_offset(config) -> int:
     return config.pad_token_id + 1 if config.model_type in _ROBERTA_LIKE else 0
 
 
-def _first_tokens(hidden: torch.Tensor, varlen: Varlen, dim: Optional[int], normalize: bool) -> torch.Tensor:
-    """CLS pooling: the hidden state of each sequence's first token, ``[T, H]`` -> ``[N, dim or H]`` (a zero vector
-    for an empty sequence), truncated to ``dim`` then L2-normalized if asked. Differentiable; no synchronization."""
+def _one_token(hidden: torch.Tensor, varlen: Varlen, last: bool, dim: Optional[int], normalize: bool) -> torch.Tensor:
+    """CLS / last-token pooling: the hidden state of each sequence's first (or ``last``) token, ``[T, H]`` ->
+    ``[N, dim or H]`` (a zero vector for an empty sequence), truncated to ``dim`` then L2-normalized if asked.
+    Differentiable; no synchronization."""
     lengths = varlen.lengths
-    rows = [start if n else 0 for start, n in zip(itertools.accumulate([0, *lengths[:-1]]), lengths)]
+    rows = [start + (n - 1 if last else 0) if n else 0
+            for start, n in zip(itertools.accumulate([0, *lengths[:-1]]), lengths)]
     out = hidden.index_select(0, to_device(torch.tensor(rows, dtype=torch.long), hidden.device))[:, :dim]
     if 0 in lengths:
         out = out.masked_fill(to_device(torch.tensor([n == 0 for n in lengths]), hidden.device)[:, None], 0.0)
@@ -174,7 +176,8 @@ class EmbeddingModel(nn.Module):
         self.position_offset = _position_offset(model.config)
         # RoBERTa-style positions skip the padding id wherever it stands (a text may hold the pad token itself)
         self.position_pad_id = model.config.pad_token_id if model.config.model_type in _ROBERTA_LIKE else None
-        make_bidirectional(model, attn_backend, self.max_length)
+        self.causal = runs_causally(model.config, pooling)
+        make_bidirectional(model, attn_backend, self.max_length, causal=self.causal)
         self._packed_bert = bert_packed.PackedBert(model) if bert_packed.supports(model) else None
         self._packed_decoder = decoder_packed.PackedDecoder(model) if decoder_packed.supports(model) else None
         if self._packed_decoder is not None:  # transformers' modules with fused ops under KALM_FUSED_DECODER=1
@@ -293,9 +296,10 @@ class EmbeddingModel(nn.Module):
         ``pooling``: the mean of the tokens, or the first token's hidden state), through the Dense modules if any
         (E = ``embedding_size``); ``dim`` truncates (Matryoshka) and ``normalize`` L2-normalizes after truncation.
         The first ``prompt_length`` tokens of each text are left out of the mean (sentence-transformers'
-        ``include_prompt: false``; not with CLS pooling)."""
-        if prompt_length and self.pooling == "cls":
-            raise ValueError("prompt_length (include_prompt false) is for mean pooling; this model pools the CLS token")
+        ``include_prompt: false``; mean pooling only)."""
+        if prompt_length and self.pooling != "mean":
+            raise ValueError(f"prompt_length (include_prompt false) is for mean pooling; this model pools by "
+                             f"{self.pooling}")
         if not isinstance(batch, PackedBatch):
             batch = pack_padded(batch["input_ids"], batch["attention_mask"], position_offset=self.position_offset,
                                 pad_id=self.position_pad_id)
@@ -309,8 +313,8 @@ class EmbeddingModel(nn.Module):
         if batch.input_ids.numel() == 0:  # only empty texts: zero vectors
             return torch.zeros(batch.num_seqs, dim or self.hidden_size, dtype=self.dtype, device=self.device)
         hidden = self.token_embeddings(batch)
-        if self.pooling == "cls":
-            return _first_tokens(hidden, batch.varlen, dim, normalize)
+        if self.pooling != "mean":
+            return _one_token(hidden, batch.varlen, self.pooling == "lasttoken", dim, normalize)
         if not prompt_length:
             return mean_pool(hidden, cu_seqlens=batch.varlen, dim=dim, normalize=normalize)
         # Each text is two segments of the packed tokens, its prompt's and the rest: pool the 2N segments (no copy of
@@ -418,7 +422,7 @@ class EmbeddingModel(nn.Module):
         pooling = dict(word_embedding_dimension=self.hidden_size, pooling_mode_cls_token=self.pooling == "cls",
                        pooling_mode_mean_tokens=self.pooling == "mean", pooling_mode_max_tokens=False,
                        pooling_mode_mean_sqrt_len_tokens=False, pooling_mode_weightedmean_tokens=False,
-                       pooling_mode_lasttoken=False, include_prompt=self.include_prompt)
+                       pooling_mode_lasttoken=self.pooling == "lasttoken", include_prompt=self.include_prompt)
         (directory / "1_Pooling").mkdir(exist_ok=True)
         model_config = dict(model_type="SentenceTransformer", prompts=self.prompts,
                             default_prompt_name=self.default_prompt_name,

@@ -50,7 +50,9 @@ class SentenceTransformerInfo:
 
 
 SIMILARITY_FN_NAMES = ("cosine", "dot", "euclidean", "manhattan")
-POOLING_MODES = ("mean", "cls")  # the mean of the tokens, or the first token's hidden state (BGE-style models)
+# the mean of the tokens, the first token's hidden state (BGE-style models) or the last one's (Qwen3-Embedding-style
+# decoders, which run causally: ``bidirectional.runs_causally``)
+POOLING_MODES = ("mean", "cls", "lasttoken")
 # The activations of a Dense module kalm_fast runs: parameterless torch.nn classes, by the full name
 # sentence-transformers saves (any "torch.nn....Name" spelling loads).
 DENSE_ACTIVATIONS = {"Identity": "torch.nn.modules.linear.Identity", "Tanh": "torch.nn.modules.activation.Tanh",
@@ -64,6 +66,8 @@ _TRANSFORMER_CONFIGS = ("sentence_bert_config.json", "sentence_roberta_config.js
 _LEGACY_POOLING_KEYS = ("pooling_mode_cls_token", "pooling_mode_max_tokens", "pooling_mode_mean_tokens",
                         "pooling_mode_mean_sqrt_len_tokens", "pooling_mode_weightedmean_tokens",
                         "pooling_mode_lasttoken")
+_LEGACY_POOLING_MODES = {"pooling_mode_mean_tokens": "mean", "pooling_mode_cls_token": "cls",
+                         "pooling_mode_lasttoken": "lasttoken"}
 # Loader arguments a Transformer config may carry that change nothing kalm_fast computes.
 _INERT_LOADER_ARGS = {"trust_remote_code", "torch_dtype", "dtype", "attn_implementation", "padding_side", "revision",
                       "cache_dir", "token", "local_files_only", "use_fast"}
@@ -139,12 +143,13 @@ def read_sentence_transformer_info(model_dir: Path) -> SentenceTransformerInfo:
     return info
 
 
-_MODULES = "a Transformer, a mean or CLS Pooling, optional Dense modules and an optional Normalize, in that order"
+_MODULES = ("a Transformer, a mean, CLS or last-token Pooling, optional Dense modules and an optional Normalize, in "
+            "that order")
 
 
 def _read_modules(model_dir: Path, info: SentenceTransformerInfo) -> None:
-    """modules.json must list a Transformer, a mean or CLS Pooling, any Dense modules and an optional Normalize, in
-    that order."""
+    """modules.json must list a Transformer, a mean, CLS or last-token Pooling, any Dense modules and an optional
+    Normalize, in that order."""
     path = model_dir / "modules.json"
     modules = _read_json(path)
     if not isinstance(modules, list) or not all(isinstance(m, dict) for m in modules):
@@ -215,25 +220,24 @@ def _read_pooling(path: Path, info: SentenceTransformerInfo) -> None:
     if "pooling_mode" in config:  # sentence-transformers 6
         modes = config["pooling_mode"]
         modes = [modes] if isinstance(modes, str) else list(modes)
-        if modes not in (["mean"], ["cls"]):
+        if len(modes) != 1 or modes[0] not in POOLING_MODES:
             raise ValueError(f"{path}: pooling_mode {config['pooling_mode']!r} is not supported; kalm_fast pools "
-                             "by mean or by the CLS token (one of them)")
+                             f"by one of {', '.join(POOLING_MODES)}")
         info.pooling = modes[0]
     else:  # 2.x-5.x; no mode at all means mean, as sentence-transformers reads it
         on = [k for k in _LEGACY_POOLING_KEYS if config.get(k)]
-        if on not in ([], ["pooling_mode_mean_tokens"], ["pooling_mode_cls_token"]):
+        if len(on) > 1 or (on and on[0] not in _LEGACY_POOLING_MODES):
             other = [k for k in on if k != "pooling_mode_mean_tokens"]
-            other = on if other == ["pooling_mode_cls_token"] else other  # CLS is fine, not with the mean
+            other = on if len(other) == 1 and other[0] in _LEGACY_POOLING_MODES else other  # fine, not with the mean
             raise ValueError(f"{path}: {' and '.join(other)} {'is' if len(other) == 1 else 'are'} true, which "
-                             "kalm_fast does not support; it pools by mean (pooling_mode_mean_tokens) or by the CLS "
-                             "token (pooling_mode_cls_token), one of them")
-        info.pooling = "cls" if on == ["pooling_mode_cls_token"] else "mean"
+                             f"kalm_fast does not support; it pools by one of {', '.join(_LEGACY_POOLING_MODES)}")
+        info.pooling = _LEGACY_POOLING_MODES[on[0]] if on else "mean"
     include_prompt = config.get("include_prompt", True)
     if not isinstance(include_prompt, bool):
         raise ValueError(f"{path}: include_prompt must be true or false, got {include_prompt!r}")
-    if info.pooling == "cls" and not include_prompt:
-        raise ValueError(f"{path}: CLS pooling with include_prompt false is not supported (sentence-transformers 6 "
-                         "pools the first token after the prompt, earlier versions the first token)")
+    if info.pooling != "mean" and not include_prompt:
+        raise ValueError(f"{path}: {info.pooling} pooling with include_prompt false is not supported (the versions "
+                         "of sentence-transformers disagree on which token it pools)")
     info.include_prompt = include_prompt
     dim = config.get("word_embedding_dimension", config.get("embedding_dimension"))
     info.pooling_dim = dim if isinstance(dim, int) and not isinstance(dim, bool) else None
