@@ -281,6 +281,29 @@ def test_gemma3_windows_soft_capping_and_old_transformers(tmp_path, tokenizer, m
         EmbeddingModel.from_pretrained(directory, device="cpu", max_length=64)
 
 
+def test_gemma3_with_is_causal_false_keeps_transformers_wider_window(tmp_path, tokenizer):
+    """A Gemma 3 config that itself says ``is_causal: false`` (as kalm_fast saved them before
+    ``use_bidirectional_attention`` alone) runs its local layers at |i - j| <= window in transformers: here too, and
+    a save keeps that key."""
+    from transformers import AutoModel
+
+    directory = _save_tiny("gemma3", tmp_path / "m", tokenizer)
+    config = json.loads((directory / "config.json").read_text())
+    (directory / "config.json").write_text(json.dumps(dict(config, sliding_window=4, is_causal=False)))
+    model = EmbeddingModel.from_pretrained(directory, device="cpu", max_length=64)
+    ids = [x for x in model.token_ids(TEXTS) if x]
+    with torch.no_grad():
+        got = model(model.pack(ids))
+        ref = AutoModel.from_pretrained(str(directory), attn_implementation="eager").eval()
+        want = torch.stack([ref(input_ids=torch.tensor([x])).last_hidden_state[0].mean(0) for x in ids])
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+        model.model.config.kalm_window_inclusive = False  # Gemma 3's own |i - j| < window differs
+        assert (model(model.pack(ids)) - got).abs().max() > 1e-3
+        model.model.config.kalm_window_inclusive = True
+    model.save_pretrained(tmp_path / "saved")
+    assert json.loads((tmp_path / "saved" / "config.json").read_text())["is_causal"] is False
+
+
 def test_the_attention_function_bands_gemma3_and_guards_dropped_windows():
     """transformers hands a local layer's window to the attention function: Gemma 3's becomes the band |i - j| < w;
     another family's (dropped, run as full attention) is a ValueError for a text longer than it, packed or not."""

@@ -193,6 +193,12 @@ def _st5(tmp, decoder_hf, file, **changes):
     return tmp
 
 
+def _legacy_cls_only(tmp, decoder_hf):
+    _st5_decoder(tmp, decoder_hf)
+    _write_json(tmp / "1_Pooling" / "config.json", dict(word_embedding_dimension=64, pooling_mode_cls_token=True))
+    return tmp
+
+
 def _custom_module(tmp, decoder_hf):
     _st5_decoder(tmp, decoder_hf)
     modules = _old_modules("Transformer", "Pooling") + [dict(idx=2, name="2", path="2_X", type="my_pkg.Pooling")]
@@ -241,6 +247,8 @@ UNSUPPORTED = {  # layout -> (builder, the message naming the file and the key)
     "lasttoken-pooling-without-prompt": (lambda t, d: _st6_with(t, d, pooling_mode="lasttoken", include_prompt=False),
                                          r"1_Pooling/config.json: lasttoken pooling with include_prompt false"),
     "mean+max-pooling": (lambda t, d: _st6_with(t, d, pooling_mode=("mean", "max")), r"pooling_mode \["),
+    "legacy-cls-without-the-mean-key": (_legacy_cls_only, r"1_Pooling/config.json: pooling_mode_cls_token is true but "
+                                                          r"pooling_mode_mean_tokens is missing"),
     "legacy-cls+mean-pooling": (lambda t, d: _st5(t, d, "1_Pooling/config.json", pooling_mode_cls_token=True),
                                 r"1_Pooling/config.json: pooling_mode_cls_token and pooling_mode_mean_tokens are "
                                 r"true"),
@@ -357,8 +365,8 @@ def test_defaults_and_model_settings_as_sentence_transformers(tmp_path, decoder_
 
 def test_cls_pooling_as_sentence_transformers_and_saved_back(tmp_path, decoder_hf):
     """A BGE-style model (CLS pooling): queries with their prompt, truncation, a save by kalm_fast that
-    sentence-transformers loads as CLS again; a soup refuses to average it with a mean-pooled model; a decoder's
-    empty text (no first token) is a zero vector."""
+    sentence-transformers loads as CLS again; a soup refuses to average it with a mean-pooled model; a decoder (no
+    [CLS] token) is refused."""
     from kalm_fast import model_soup
     from kalm_fast.models import EmbeddingModel
 
@@ -375,16 +383,14 @@ def test_cls_pooling_as_sentence_transformers_and_saved_back(tmp_path, decoder_h
     assert pooling["pooling_mode_cls_token"] and not pooling["pooling_mode_mean_tokens"]
     again = SentenceTransformer(str(tmp_path / "saved"), device="cpu")
     _assert_same(Encoder(tmp_path / "saved", device="cpu").encode(TEXTS), again.encode(TEXTS), "cls saved")
-    with pytest.raises(ValueError, match="pool differently \\(cls and mean\\)"):
+    with pytest.raises(ValueError, match=r"embed differently \(\('cls', 'bidirectional'\) and \('mean', "):
         model_soup([tmp_path / "saved", tmp_path / "mean_saved"], output=tmp_path / "soup")
-    decoder = EmbeddingModel.from_pretrained(_st6_with(tmp_path / "dec", decoder_hf, pooling_mode="cls"), device="cpu")
-    with torch.no_grad():
-        out = decoder(decoder.tokenize(["", "x y", ""]))
-    assert out[0].abs().max() == 0 and out[2].abs().max() == 0 and out[1].abs().max() > 0
+    with pytest.raises(ValueError, match="CLS pooling is for encoders .* a qwen2 decoder has none"):
+        EmbeddingModel.from_pretrained(_st6_with(tmp_path / "dec", decoder_hf, pooling_mode="cls"), device="cpu")
     with pytest.raises(ValueError, match="prompt_length .* this model pools by cls"):
-        decoder(decoder.tokenize(["x y"]), prompt_length=1)
+        enc.model(enc.model.tokenize(["x y"]), prompt_length=1)
     with pytest.raises(ValueError, match=r"pooling must be one of \('mean', 'cls', 'lasttoken'\), got 'max'"):
-        EmbeddingModel(decoder.model, decoder.tokenizer, pooling="max")
+        EmbeddingModel(enc.model.model, enc.model.tokenizer, pooling="max")
 
 
 def test_last_token_pooling_runs_a_decoder_causally_as_sentence_transformers(tmp_path):
@@ -419,6 +425,11 @@ def test_last_token_pooling_runs_a_decoder_causally_as_sentence_transformers(tmp
         padded = model(dict(input_ids=torch.tensor([x + [0] * (width - len(x)) for x in ids]),
                             attention_mask=torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids])))
         torch.testing.assert_close(padded, packed, atol=2e-5, rtol=2e-5)
+        # transformers' own padded forward (left padding, as Qwen3-Embedding's tokenizer pads): the attention
+        # function's padded branch, causal too
+        left = model.model(input_ids=torch.tensor([[0] * (width - len(x)) + x for x in ids]),
+                           attention_mask=torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids]))
+        torch.testing.assert_close(left.last_hidden_state[:, -1], packed, atol=2e-5, rtol=2e-5)
         model.train()
         torch.testing.assert_close(model(model.tokenize(texts[:4])), packed, atol=2e-5, rtol=2e-5)
     enc.save(tmp_path / "saved")
@@ -431,6 +442,14 @@ def test_last_token_pooling_runs_a_decoder_causally_as_sentence_transformers(tmp
     _assert_same(bidirectional.encode(texts), SentenceTransformer(str(tmp_path / "q3e"), device="cpu").encode(texts),
                  "lasttoken, is_causal false")
     assert np.abs(bidirectional.encode(texts) - enc.encode(texts)).max() > 1e-2
+    bidirectional.save(tmp_path / "bidirectional_saved")
+    from kalm_fast import model_soup
+
+    with pytest.raises(ValueError, match=r"embed differently \(\('lasttoken', 'causal'\) and \('lasttoken', "
+                                         r"'bidirectional'\)"):
+        model_soup([tmp_path / "saved", tmp_path / "bidirectional_saved"], output=tmp_path / "soup")
+    _edit_json(tmp_path / "q3e" / "config.json", is_causal=True, use_bidirectional_attention=True)
+    assert Encoder(tmp_path / "q3e", device="cpu").model.causal  # a key only Gemma reads
 
 
 def test_a_model_without_normalize_is_not_normalized_by_default(pair):

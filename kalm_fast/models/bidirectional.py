@@ -39,18 +39,20 @@ _ROTARY_BY_LAYER_TYPE = ("gemma3_text",)
 _GEMMA3_TRANSFORMERS = "5.16"  # older versions save a bidirectional Gemma 3's window halved (each save halves it)
 
 
-# Decoder LLM families: the ones a last-token pooling runs causally (``runs_causally``).
+# Decoder LLM families: the ones a last-token pooling runs causally (``runs_causally``); those of them whose
+# transformers config reads ``use_bidirectional_attention``.
 DECODER_MODEL_TYPES = ("qwen2", "qwen3", "llama", "mistral", "gemma", "gemma3_text")
+_USE_BIDIRECTIONAL = ("gemma", "gemma3_text")
 
 
 def runs_causally(config, pooling: str) -> bool:
-    """Whether a model runs with its causal mask: a decoder LLM pooled by its last token (Qwen3-Embedding,
-    gte-Qwen2: trained causally, as sentence-transformers runs them) unless its config says it is bidirectional
-    (``is_causal: false`` or ``use_bidirectional_attention: true``). Everything else runs bidirectionally, the KaLM
-    way."""
+    """Whether a model runs with its causal mask: a decoder LLM pooled by its last token (Qwen3-Embedding style, as
+    sentence-transformers runs it) unless its config says it is bidirectional (``is_causal: false``, or Gemma's
+    ``use_bidirectional_attention: true``, which only the Gemma families read). Everything else runs
+    bidirectionally, the KaLM way."""
     return (pooling == "lasttoken" and config.model_type in DECODER_MODEL_TYPES
             and getattr(config, "is_causal", True) is not False
-            and not getattr(config, "use_bidirectional_attention", False))
+            and not (config.model_type in _USE_BIDIRECTIONAL and getattr(config, "use_bidirectional_attention", False)))
 
 
 def check_model_type(model_type, where) -> None:
@@ -91,9 +93,11 @@ def runtime_only_keys(config) -> tuple:
     """The config attributes ``make_bidirectional`` sets for kalm_fast's own run, which a saved config leaves out:
     the attention backend, and Gemma 3's ``is_causal`` (its ``use_bidirectional_attention`` already makes
     transformers run it bidirectionally with local layers at |i - j| < window; ``is_causal: false`` would widen
-    them to |i - j| <= window there)."""
-    return ("kalm_attn_backend", "kalm_causal") + (("is_causal",) if config.model_type in _ROTARY_BY_LAYER_TYPE
-                                                   else ())
+    them to |i - j| <= window there), unless its own config said ``is_causal: false`` (``kalm_window_inclusive``)."""
+    keys = ("kalm_attn_backend", "kalm_causal", "kalm_window_inclusive")
+    if config.model_type in _ROTARY_BY_LAYER_TYPE and not getattr(config, "kalm_window_inclusive", False):
+        keys += ("is_causal",)
+    return keys
 
 
 def kalm_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
@@ -113,7 +117,10 @@ def kalm_attention_forward(module, query, key, value, attention_mask, dropout=0.
     window = kwargs.get("sliding_window")  # a local layer's
     band = None
     if window is not None and module.config.model_type in _ROTARY_BY_LAYER_TYPE:
-        band, window = (window - 1, window - 1), None  # Gemma 3: key j visible when |i - j| < window (and j <= i)
+        # Gemma 3: key j visible when |i - j| < window (and j <= i); with is_causal: false in its own config,
+        # transformers makes it |i - j| <= window
+        reach = window if getattr(module.config, "kalm_window_inclusive", False) else window - 1
+        band, window = (reach, reach), None
     varlen = kwargs.get("kalm_varlen")
     if varlen is None and kwargs.get("cu_seq_lens_q") is not None:
         varlen = kwargs["cu_seq_lens_q"]
@@ -218,6 +225,8 @@ def make_bidirectional(model, backend: str = "auto", max_length: int = 512, caus
                          f"{config.model_type!r}")
     if config.model_type in _ROTARY_BY_LAYER_TYPE:
         # as transformers' from_pretrained(..., use_bidirectional_attention=True): the window becomes |i - j| < it
+        # (|i - j| <= it where the config itself says is_causal: false, as transformers then runs it)
+        config.kalm_window_inclusive = getattr(config, "is_causal", True) is False
         config.use_bidirectional_attention = not causal
     else:
         if getattr(config, "sliding_window", None) is not None:

@@ -1,4 +1,5 @@
-"""Inference fast path for decoder LLMs made bidirectional (Qwen2, Qwen3, Llama, Mistral) on packed tokens.
+"""Inference fast path for decoder LLMs made bidirectional (Qwen2, Qwen3, Llama, Mistral; or kept causal for
+last-token pooling) on packed tokens.
 
 ``EmbeddingModel`` takes it on CPU, and on a GPU with ``KALM_PACKED_DECODER=all`` (``runs_on``; off there by
 default until a GPU run shows it faster than transformers' modules: ``python -m benchmarks.encode`` times both).

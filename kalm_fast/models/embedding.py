@@ -21,7 +21,7 @@ from .._registry import BACKEND_NAMES
 from ..distributed import check_device
 from ..ops import Varlen, mean_pool
 from . import bert_packed, decoder_packed, fused_decoder
-from .bidirectional import dropped_window, make_bidirectional, runs_causally, runtime_only_keys
+from .bidirectional import DECODER_MODEL_TYPES, dropped_window, make_bidirectional, runs_causally, runtime_only_keys
 from .loading import (
     DENSE_ACTIVATIONS,
     POOLING_MODES,
@@ -130,11 +130,12 @@ def _load_dense(spec: DenseModule, dtype, allow_pickle: bool) -> DenseLayer:
 
 
 class EmbeddingModel(nn.Module):
-    """Text -> ``[N, E]`` mean-pooled embeddings (through the model's Dense modules, if any), differentiable: the
-    module that is trained and that encodes.
+    """Text -> ``[N, E]`` pooled embeddings (through the model's Dense modules, if any), differentiable: the module
+    that is trained and that encodes.
 
     ``tokenize(texts)`` returns a ``PackedBatch`` (``models.packing``); ``forward(batch)`` runs the transformer on it
-    with bidirectional attention (``ops.flash_attention``, varlen) and pools with ``ops.mean_pool``. A padded batch
+    with bidirectional attention (``ops.flash_attention``, varlen; causal for a last-token-pooled decoder,
+    ``causal``) and pools with ``ops.mean_pool`` (or takes each text's first / last token: ``pooling``). A padded batch
     (a dict of ``input_ids [B, L]`` and ``attention_mask [B, L]``) is packed first. ``embed(texts)`` is the batching
     loop of inference (token budget, longest first, order restored) that ``Encoder``, evaluation and hard-negative
     mining share. In eval mode without autograd, BERT-family models take the packed fast path (``bert_packed``),
@@ -150,6 +151,9 @@ class EmbeddingModel(nn.Module):
         super().__init__()
         if pooling not in POOLING_MODES:
             raise ValueError(f"pooling must be one of {POOLING_MODES}, got {pooling!r}")
+        if pooling == "cls" and model.config.model_type in DECODER_MODEL_TYPES:
+            raise ValueError(f"CLS pooling is for encoders (a [CLS] token first); a {model.config.model_type} decoder "
+                             "has none (sentence-transformers would pool a padding token for an empty text)")
         self.pooling = pooling
         self.model = model
         self.tokenizer = tokenizer
@@ -383,8 +387,8 @@ class EmbeddingModel(nn.Module):
 
     def save_pretrained(self, directory, *, max_seq_length: Optional[int] = None) -> None:
         """Safetensors weights, config, tokenizer and the sentence-transformers files, in the layout that
-        sentence-transformers 2.x to 6.x all load (decoders with ``is_causal: false``, Gemma 3 with
-        ``use_bidirectional_attention``, so bidirectionally there too;
+        sentence-transformers 2.x to 6.x all load (bidirectional decoders with ``is_causal: false``, Gemma 3 with
+        ``use_bidirectional_attention``, so bidirectionally there too; causal last-token-pooled ones without it;
         Dense modules' weights as safetensors, which sentence-transformers reads from 3.1 on).
         ``max_seq_length``: the one saved (default: the model's own, ``model_max_length``)."""
         if not isinstance(directory, (str, os.PathLike)):

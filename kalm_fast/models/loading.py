@@ -219,8 +219,8 @@ def _read_pooling(path: Path, info: SentenceTransformerInfo) -> None:
     config = _read_json(path)
     if "pooling_mode" in config:  # sentence-transformers 6
         modes = config["pooling_mode"]
-        modes = [modes] if isinstance(modes, str) else list(modes)
-        if len(modes) != 1 or modes[0] not in POOLING_MODES:
+        modes = [modes] if isinstance(modes, str) else list(modes) if isinstance(modes, list) else None
+        if not modes or len(modes) != 1 or modes[0] not in POOLING_MODES:
             raise ValueError(f"{path}: pooling_mode {config['pooling_mode']!r} is not supported; kalm_fast pools "
                              f"by one of {', '.join(POOLING_MODES)}")
         info.pooling = modes[0]
@@ -232,6 +232,9 @@ def _read_pooling(path: Path, info: SentenceTransformerInfo) -> None:
             raise ValueError(f"{path}: {' and '.join(other)} {'is' if len(other) == 1 else 'are'} true, which "
                              f"kalm_fast does not support; it pools by one of {', '.join(_LEGACY_POOLING_MODES)}")
         info.pooling = _LEGACY_POOLING_MODES[on[0]] if on else "mean"
+        if info.pooling != "mean" and config.get("pooling_mode_mean_tokens") is not False:
+            raise ValueError(f"{path}: {on[0]} is true but pooling_mode_mean_tokens is missing: sentence-transformers "
+                             "<= 5 reads it as true (the mean concatenated), 6 as false; set it to false")
     include_prompt = config.get("include_prompt", True)
     if not isinstance(include_prompt, bool):
         raise ValueError(f"{path}: include_prompt must be true or false, got {include_prompt!r}")

@@ -197,12 +197,12 @@ def _check_same_modules(ckpts: list) -> None:
                 found.append((sub, json.loads(config.read_text()) if config.is_file() else None))
         return found
 
-    pooling = _pooling(ckpts[0].path)
+    kind = _embedding_kind(ckpts[0].path)
     for ckpt in ckpts[1:]:
-        other = _pooling(ckpt.path)
-        if other != pooling and None not in (pooling, other):
-            raise ValueError(f"checkpoints {ckpts[0].path} and {ckpt.path} pool differently ({pooling} and {other}): "
-                             "a soup averages models that embed the same way")
+        other = _embedding_kind(ckpt.path)
+        if other != kind and None not in (kind, other):
+            raise ValueError(f"checkpoints {ckpts[0].path} and {ckpt.path} embed differently ({kind} and {other}: "
+                             "pooling, attention): a soup averages models that embed the same way")
     first = weighted_modules(ckpts[0].path)
     for ckpt in ckpts[1:]:
         if weighted_modules(ckpt.path) != first:
@@ -210,15 +210,23 @@ def _check_same_modules(ckpts: list) -> None:
                              f"{[sub for sub, _ in first]} in the first): a soup averages models with the same ones")
 
 
-def _pooling(root: Path) -> Optional[str]:
-    """A model directory's pooling as kalm_fast reads it ("mean" or "cls"); None for a model kalm_fast does not run
-    (the soup still averages it)."""
-    from ..models.loading import read_sentence_transformer_info  # loads transformers: only for directories
+def _embedding_kind(root: Path) -> Optional[tuple]:
+    """A model directory's (pooling, "causal" or "bidirectional") as kalm_fast runs it; None for a model kalm_fast
+    does not run (the soup still averages it)."""
+    from types import SimpleNamespace
+
+    from ..models.bidirectional import runs_causally  # loads transformers: only for directories
+    from ..models.loading import read_sentence_transformer_info
 
     try:
-        return read_sentence_transformer_info(root).pooling
-    except ValueError:
+        info = read_sentence_transformer_info(root)
+        config = json.loads((info.transformer_dir / "config.json").read_text())
+    except (ValueError, OSError):
         return None
+    if not isinstance(config, dict):
+        return None
+    causal = runs_causally(SimpleNamespace(**{"model_type": None, **config}), info.pooling)
+    return info.pooling, "causal" if causal else "bidirectional"
 
 
 def _soup_module_weights(ckpts: list, weights: list, out: Path):
