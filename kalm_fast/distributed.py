@@ -59,9 +59,13 @@ def init_distributed(device=None) -> DistInfo:
 @contextlib.contextmanager
 def process_group():
     """Tears down the process group a command made, when it ends: leaving gloo's threads to die with the interpreter
-    can abort a rank ("terminate called without an active exception")."""
+    can abort a rank ("terminate called without an active exception"). On a normal end the ranks first meet at a
+    barrier, so that none tears its group down while another still talks to it (a failed rank's peers are stopped by
+    torchrun)."""
     try:
         yield
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
