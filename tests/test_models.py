@@ -16,6 +16,7 @@ TEXTS = ["hello", "a somewhat longer sentence with more tokens in it, and a comm
 
 
 GEMMA3_WINDOW = 12
+MODERNBERT_LOCAL = 8  # ModernBERT's local layers: |i - j| <= 4, far shorter than the longer TEXTS
 
 
 def _tiny_config(kind):
@@ -49,6 +50,10 @@ def _tiny_config(kind):
         return transformers.Gemma3TextConfig(**common, num_key_value_heads=1, head_dim=16, pad_token_id=0,
                                              query_pre_attn_scalar=24, sliding_window=GEMMA3_WINDOW,
                                              layer_types=["sliding_attention", "full_attention"])
+    if kind == "modernbert":  # a global layer, then a local one: |i - j| <= 4 (local_attention 8)
+        return transformers.ModernBertConfig(**common, local_attention=MODERNBERT_LOCAL, global_attn_every_n_layers=2,
+                                             pad_token_id=0, bos_token_id=1, eos_token_id=2, cls_token_id=1,
+                                             sep_token_id=2)
     if kind in ("mpnet", "deberta-v2", "roformer"):
         return transformers.AutoConfig.for_model(kind, **common)
     raise ValueError(kind)
@@ -121,28 +126,33 @@ def _padded(model, texts):
     return dict(input_ids=input_ids, attention_mask=mask)
 
 
-def test_packed_equals_padded_forward_and_backward(decoder_dir):
-    model = EmbeddingModel.from_pretrained(decoder_dir, device="cpu")
-    texts = [t for t in TEXTS if t]  # an empty text has no row in a padded batch of a decoder
-    grads = []
-    outs = []
+def _assert_packed_equals_padded(model, weight):
+    """The same embeddings, and the same gradient of ``weight``, from a packed and a padded batch of the non-empty
+    TEXTS (an empty text has no row in a padded batch of a decoder)."""
+    texts = [t for t in TEXTS if t]
+    outs, grads = [], []
     for batch in (model.tokenize(texts), _padded(model, texts)):
         model.zero_grad()
         emb = model(batch)
         (F.normalize(emb, dim=-1) @ torch.linspace(-1, 1, emb.shape[1])).square().sum().backward()
         outs.append(emb.detach())
-        grads.append(model.model.layers[0].self_attn.q_proj.weight.grad.clone())
+        grads.append(weight.grad.clone())
     torch.testing.assert_close(outs[0], outs[1], atol=2e-5, rtol=2e-5)
     torch.testing.assert_close(grads[0], grads[1], atol=1e-4, rtol=1e-4)
     assert grads[0].abs().sum() > 0
 
 
-@pytest.mark.parametrize("kind", ["qwen2", "roberta", "distilbert", "albert", "gemma3"])
+def test_packed_equals_padded_forward_and_backward(decoder_dir):
+    model = EmbeddingModel.from_pretrained(decoder_dir, device="cpu")
+    _assert_packed_equals_padded(model, model.model.layers[0].self_attn.q_proj.weight)
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "roberta", "distilbert", "albert", "gemma3", "modernbert"])
 def test_padded_batch_unpads_once_per_forward(tmp_path, tokenizer, monkeypatch, kind):
     """A padded batch through a model made bidirectional (``make_bidirectional``, transformers' own forward): every
     layer reuses one unpadding of the mask (one synchronization per forward, and the Varlen's cached kernel work
-    lists; Gemma 3's global and local layers get a mask object each, so two), and the result is the packed
-    batch's."""
+    lists; Gemma 3's and ModernBERT's global and local layers get a mask object each, so two), and the result is
+    the packed batch's."""
     from kalm_fast.models import bidirectional
 
     model = EmbeddingModel.from_pretrained(_save_tiny(kind, tmp_path, tokenizer), device="cpu")
@@ -153,7 +163,7 @@ def test_padded_batch_unpads_once_per_forward(tmp_path, tokenizer, monkeypatch, 
     with torch.no_grad():
         want = model(model.tokenize(texts))
         hidden = [model.model(**batch).last_hidden_state for _ in range(2)]
-    assert len(calls) == 2 * (1 + (kind == "gemma3"))  # one per forward (and mask object), not one per layer
+    assert len(calls) == 2 * (1 + (kind in ("gemma3", "modernbert")))  # one per forward and mask object
     mask = batch["attention_mask"][..., None].float()
     for h in hidden:
         torch.testing.assert_close((h * mask).sum(1) / mask.sum(1), want, atol=2e-5, rtol=2e-5)
@@ -173,10 +183,11 @@ def test_decoder_trains_under_bf16_autocast(decoder_dir):
     assert torch.isfinite(grad).all() and grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("kind", ["xlm-roberta", "roberta", "camembert", "distilbert", "electra", "albert"])
+@pytest.mark.parametrize("kind", ["xlm-roberta", "roberta", "camembert", "distilbert", "electra", "albert",
+                                  "modernbert"])
 def test_encoder_families_match_transformers(tmp_path, tokenizer, kind):
     """Each supported encoder family, packed, against transformers' own padded forward (RoBERTa-style position ids
-    start after the padding index)."""
+    start after the padding index; ModernBERT's local layers within their window)."""
     from transformers import AutoModel
 
     directory = _save_tiny(kind, tmp_path, tokenizer)
@@ -326,6 +337,69 @@ def test_the_attention_function_bands_gemma3_and_guards_dropped_windows():
     with pytest.raises(ValueError, match=message):
         kalm_attention_forward(mistral, q, k, v, None, scaling=0.25, sliding_window=8,
                                kalm_varlen=ops.Varlen.from_lengths([10]))
+
+
+def _modernbert_as_released(directory, tokenizer):
+    """A tiny ModernBERT as its checkpoints were released (transformers 4.48's layout): the masked-LM model's weights
+    (``model.`` prefix, and its head), a config with ``local_attention`` / ``global_rope_theta`` and no layer types."""
+    from transformers import ModernBertForMaskedLM
+
+    torch.manual_seed(0)
+    model = ModernBertForMaskedLM(_tiny_config("modernbert"))
+    for p in model.parameters():
+        p.data.normal_(0, 0.2)
+    model.save_pretrained(str(directory))
+    tokenizer.save_pretrained(str(directory))
+    config = json.loads((directory / "config.json").read_text())
+    for key in ("layer_types", "rope_parameters", "dtype", "transformers_version"):
+        config.pop(key, None)
+    config.update(global_rope_theta=160000.0, local_rope_theta=10000.0, torch_dtype="float32",
+                  transformers_version="4.48.0", architectures=["ModernBertForMaskedLM"])
+    (directory / "config.json").write_text(json.dumps(config))
+    return directory
+
+
+def test_modernbert_runs_its_local_layers_within_their_window(tmp_path, tokenizer, monkeypatch):
+    """ModernBERT (gte-modernbert, modernbert-embed): a global layer and a local one, whose window (|i - j| <= 4) is
+    far shorter than the longer texts, which are not cut. The same embeddings as transformers' own model one text at
+    a time, packed == padded forward and backward (training), the same after a save (which transformers loads with
+    the same window and layer types); the window really is used; a transformers without ModernBERT in its attention
+    registry, and the windowless cuda attention, are refused."""
+    import transformers
+    from transformers import AutoModel
+
+    from kalm_fast.models.bidirectional import make_bidirectional
+
+    directory = _modernbert_as_released(tmp_path / "m", tokenizer)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model = EmbeddingModel.from_pretrained(directory, device="cpu")
+    assert model.max_length == 128 and model.model.config.layer_types == ["full_attention", "sliding_attention"]
+    ids = [x for x in model.token_ids(TEXTS) if x]
+    assert max(len(x) for x in ids) > 4 * MODERNBERT_LOCAL
+    with torch.no_grad():
+        got = model(model.pack(ids))
+    model.save_pretrained(tmp_path / "saved")
+    for path in (directory, tmp_path / "saved"):
+        ref = AutoModel.from_pretrained(str(path), attn_implementation="sdpa").eval()
+        assert ref.config.sliding_window == MODERNBERT_LOCAL // 2
+        with torch.no_grad():
+            want = torch.stack([ref(input_ids=torch.tensor([x])).last_hidden_state[0].mean(0) for x in ids])
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(EmbeddingModel.from_pretrained(tmp_path / "saved", device="cpu")(model.pack(ids)),
+                                   got, atol=1e-6, rtol=1e-6)
+        model.model.layers[1].attn.sliding_window = None  # the local layer run as full attention differs
+        assert (model(model.pack(ids)) - got).abs().max() > 1e-3
+        model.model.layers[1].attn.sliding_window = MODERNBERT_LOCAL // 2 + 1
+
+    _assert_packed_equals_padded(model.train(), model.model.layers[1].attn.Wqkv.weight)
+
+    with pytest.raises(ValueError, match="attn_backend 'cuda' has no local window"):
+        make_bidirectional(AutoModel.from_pretrained(str(directory)), backend="cuda")
+    monkeypatch.setattr(transformers, "__version__", "5.6.2")
+    with pytest.raises(ValueError, match=r"modernbert model needs transformers >= 5.7 \(found 5.6.2, whose "):
+        EmbeddingModel.from_pretrained(directory, device="cpu")
 
 
 def test_gemma3_refuses_the_windowless_cuda_attention(tmp_path, tokenizer):
@@ -552,16 +626,19 @@ def test_equal_length_runs():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not (INTERPRET or DEVICE == "cuda"), reason="Triton on CPU needs TRITON_INTERPRET=1")
-def test_triton_attention_backend_matches_torch(tmp_path, tokenizer):
-    """The registered attention function drives the Triton kernels too (CPU interpreter here, the GPU there)."""
-    directory = _save_tiny("qwen3", tmp_path, tokenizer)  # head_dim 32, GQA 4:1
-    texts = TEXTS[:3]
+@pytest.mark.parametrize("kind", ["qwen3", "modernbert"])
+def test_triton_attention_backend_matches_torch(tmp_path, tokenizer, kind):
+    """The registered attention function drives the Triton kernels too (CPU interpreter here, the GPU there):
+    Qwen3 (head dim 32, GQA 4:1), ModernBERT (head dim 16, a local layer's band, texts longer than it)."""
+    directory = _save_tiny(kind, tmp_path, tokenizer)
+    texts = TEXTS[:3] + TEXTS[-1:]
     want = EmbeddingModel.from_pretrained(directory, device=DEVICE, attn_backend="torch")
     got = EmbeddingModel.from_pretrained(directory, device=DEVICE, attn_backend="triton")
     a, b = want(want.tokenize(texts)), got(got.tokenize(texts))
     torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
     b.square().sum().backward()
-    assert torch.isfinite(got.model.layers[0].self_attn.k_proj.weight.grad).all()
+    grads = [p.grad for p in got.model.layers[-1].parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads) and grads[0].abs().sum() > 0
 
 
 def _tiny_bert(directory, tokenizer):

@@ -618,6 +618,40 @@ def test_a_gemma3_saved_by_kalm_fast_loads_bidirectionally_in_sentence_transform
     assert np.abs(enc.encode(TEXTS) - causal).max() > 1e-2
 
 
+def test_a_modernbert_embedder_as_sentence_transformers(tmp_path):
+    """A gte-modernbert-style model (ModernBERT, CLS pooling, Normalize, a query prompt; its tokenizer adds [CLS]
+    and [SEP]) as sentence-transformers 6 saves it: the same embeddings, on texts longer than its local layers'
+    window (|i - j| <= 4), and again after a save by kalm_fast."""
+    from tokenizers.processors import TemplateProcessing
+    from transformers import AutoTokenizer, ModernBertConfig, ModernBertModel
+
+    tokenizer = AutoTokenizer.from_pretrained(str(BPE_TOKENIZER))
+    tokenizer.add_special_tokens({"cls_token": "[CLS]", "sep_token": "[SEP]"})
+    cls, sep = tokenizer.convert_tokens_to_ids(["[CLS]", "[SEP]"])
+    tokenizer.backend_tokenizer.post_processor = TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+    torch.manual_seed(0)
+    config = ModernBertConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                              num_attention_heads=4, max_position_embeddings=128, local_attention=8,
+                              global_attn_every_n_layers=2, pad_token_id=tokenizer.pad_token_id, bos_token_id=cls,
+                              eos_token_id=sep, cls_token_id=cls, sep_token_id=sep)
+    model = ModernBertModel(config)
+    for p in model.parameters():
+        p.data.normal_(0, 0.2)
+    model.save_pretrained(str(tmp_path / "hf"))
+    tokenizer.save_pretrained(str(tmp_path / "hf"))
+    modules = [Transformer(str(tmp_path / "hf"), max_seq_length=100), Pooling(64, pooling_mode="cls"), Normalize()]
+    SentenceTransformer(modules=modules, device="cpu", prompts={"query": BGE_QUERY}).save(str(tmp_path / "st"))
+    enc, ref = Encoder(tmp_path / "st", device="cpu"), SentenceTransformer(str(tmp_path / "st"), device="cpu")
+    assert max(len(x) for x in enc.model.token_ids(TEXTS)) > 40
+    _assert_same(enc.encode(TEXTS), ref.encode(TEXTS), "modernbert")
+    _assert_same(enc.encode_query(TEXTS), ref.encode_query(TEXTS), "modernbert queries")
+    enc.save(tmp_path / "saved")
+    again = SentenceTransformer(str(tmp_path / "saved"), device="cpu")
+    _assert_same(Encoder(tmp_path / "saved", device="cpu").encode(TEXTS), again.encode(TEXTS), "modernbert saved")
+    _assert_same(again.encode(TEXTS), ref.encode(TEXTS), "modernbert saved, in sentence-transformers")
+
+
 def _dense_model(tmp, decoder_hf, seed=0):
     """sentence-transformers' own save of a decoder with two Dense modules (tanh 64 -> 32 with bias, identity
     32 -> 24 without) and Normalize, as distiluse-style and EmbeddingGemma-style models are laid out."""

@@ -28,15 +28,19 @@ from ..ops.attention.padding import unpad_layout
 NAME = "kalm_fast"
 # What is tested against transformers' own forward: other families may keep their own attention (MPNet, DeBERTa,
 # RoFormer: then texts packed in one row would attend to each other), count positions differently, or need
-# attention kalm_fast does not run for them (ModernBERT's local layers, Gemma 2's logit soft-capping), so they are
-# refused.
+# attention kalm_fast does not run (Gemma 2's logit soft-capping), so they are refused.
 SUPPORTED_MODEL_TYPES = ("bert", "roberta", "xlm-roberta", "camembert", "distilbert", "electra", "albert",
-                         "qwen2", "qwen3", "llama", "mistral", "gemma", "gemma3_text")
-# Families whose layer types also pick each layer's rotary embedding (Gemma 3: local and global RoPE bases): their
-# layer types and window stay as they are, and transformers' own bidirectional switch is turned on; their local
-# layers run with the window as transformers' bidirectional Gemma 3 does (|i - j| < window).
-_ROTARY_BY_LAYER_TYPE = ("gemma3_text",)
-_GEMMA3_TRANSFORMERS = "5.16"  # older versions save a bidirectional Gemma 3's window halved (each save halves it)
+                         "modernbert", "qwen2", "qwen3", "llama", "mistral", "gemma", "gemma3_text")
+# Families whose local layers run with their window (a band of ``flash_attention``): transformers hands a local
+# layer's window w to the attention function, flash-attention style, for keys |i - j| < w (ModernBERT: w is half its
+# local_attention, plus one). Their layer types, which also pick each layer's RoPE base, stay as they are. Gemma 3
+# also gets transformers' own bidirectional switch (``use_bidirectional_attention``).
+_WINDOWED = ("gemma3_text", "modernbert")
+# The oldest transformers that runs each family right with kalm_fast, and why.
+_MIN_TRANSFORMERS = {
+    "gemma3_text": ("5.16", "which would halve its sliding window on every save"),
+    "modernbert": ("5.7", "whose ModernBERT cannot switch to another attention function"),
+}
 
 
 # Decoder LLM families: the ones a last-token pooling runs causally (``runs_causally``); those of them whose
@@ -65,13 +69,14 @@ def check_model_type(model_type, where) -> None:
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(f"{where}: model_type {model_type!r} is not supported by kalm_fast (its bidirectional packed "
                          f"attention is tested for {', '.join(SUPPORTED_MODEL_TYPES)})")
-    if model_type in _ROTARY_BY_LAYER_TYPE:
+    if model_type in _MIN_TRANSFORMERS:
         import transformers
         from packaging.version import Version
 
-        if Version(transformers.__version__) < Version(_GEMMA3_TRANSFORMERS):
-            raise ValueError(f"{where}: a {model_type} model needs transformers >= {_GEMMA3_TRANSFORMERS} (found "
-                             f"{transformers.__version__}, which would halve its sliding window on every save)")
+        oldest, why = _MIN_TRANSFORMERS[model_type]
+        if Version(transformers.__version__) < Version(oldest):
+            raise ValueError(f"{where}: a {model_type} model needs transformers >= {oldest} (found "
+                             f"{transformers.__version__}, {why})")
 
 
 def local_layers(config) -> bool:
@@ -83,8 +88,8 @@ def local_layers(config) -> bool:
 
 def dropped_window(config):
     """The sliding window of ``config``'s local layers that kalm_fast runs as full attention (exact only for texts
-    no longer than it), None when no layer slides or the family's windows are run as such (Gemma 3)."""
-    if not local_layers(config) or config.model_type in _ROTARY_BY_LAYER_TYPE:
+    no longer than it), None when no layer slides or the family's windows are run as such (Gemma 3, ModernBERT)."""
+    if not local_layers(config) or config.model_type in _WINDOWED:
         return None
     return config.sliding_window
 
@@ -95,7 +100,7 @@ def runtime_only_keys(config) -> tuple:
     transformers run it bidirectionally with local layers at |i - j| < window; ``is_causal: false`` would widen
     them to |i - j| <= window there), unless its own config said ``is_causal: false`` (``kalm_window_inclusive``)."""
     keys = ("kalm_attn_backend", "kalm_causal", "kalm_window_inclusive")
-    if config.model_type in _ROTARY_BY_LAYER_TYPE and not getattr(config, "kalm_window_inclusive", False):
+    if config.model_type == "gemma3_text" and not getattr(config, "kalm_window_inclusive", False):
         keys += ("is_causal",)
     return keys
 
@@ -116,9 +121,9 @@ def kalm_attention_forward(module, query, key, value, attention_mask, dropout=0.
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     window = kwargs.get("sliding_window")  # a local layer's
     band = None
-    if window is not None and module.config.model_type in _ROTARY_BY_LAYER_TYPE:
-        # Gemma 3: key j visible when |i - j| < window (and j <= i); with is_causal: false in its own config,
-        # transformers makes it |i - j| <= window
+    if window is not None and module.config.model_type in _WINDOWED:
+        # key j visible when |i - j| < window (and j <= i); with is_causal: false in its own config, transformers
+        # makes Gemma 3's |i - j| <= window
         reach = window if getattr(module.config, "kalm_window_inclusive", False) else window - 1
         band, window = (reach, reach), None
     varlen = kwargs.get("kalm_varlen")
@@ -205,10 +210,10 @@ def make_bidirectional(model, backend: str = "auto", max_length: int = 512, caus
     """Switch a transformers model (decoder LLM or BERT-like encoder) to kalm_fast bidirectional attention, or with
     ``causal`` (a decoder only, see ``runs_causally``) to kalm_fast's attention with the causal mask kept.
 
-    Gemma 3 keeps its sliding windows: its local layers attend to ``|i - j| < window`` (``use_bidirectional_attention``
-    on, as transformers runs it, so that a saved model loads bidirectionally in transformers too). Other families'
-    windows are dropped: one at least ``max_length`` long never masks anything for inputs of at most ``max_length``
-    tokens; a shorter one is refused, as is attention-logit soft-capping.
+    Gemma 3 and ModernBERT keep their sliding windows: their local layers attend to ``|i - j| < window`` (Gemma 3
+    with ``use_bidirectional_attention`` on, as transformers runs it, so that a saved model loads bidirectionally in
+    transformers too). Other families' windows are dropped: one at least ``max_length`` long never masks anything
+    for inputs of at most ``max_length`` tokens; a shorter one is refused, as is attention-logit soft-capping.
     """
     install()
     config = model.config
@@ -223,19 +228,19 @@ def make_bidirectional(model, backend: str = "auto", max_length: int = 512, caus
     if causal and config.model_type not in DECODER_MODEL_TYPES:
         raise ValueError(f"causal attention is for decoder LLMs ({', '.join(DECODER_MODEL_TYPES)}), not "
                          f"{config.model_type!r}")
-    if config.model_type in _ROTARY_BY_LAYER_TYPE:
+    if config.model_type == "gemma3_text":
         # as transformers' from_pretrained(..., use_bidirectional_attention=True): the window becomes |i - j| < it
         # (|i - j| <= it where the config itself says is_causal: false, as transformers then runs it)
         config.kalm_window_inclusive = getattr(config, "is_causal", True) is False
         config.use_bidirectional_attention = not causal
-    else:
+    elif config.model_type not in _WINDOWED:
         if getattr(config, "sliding_window", None) is not None:
             config.sliding_window = None
         if hasattr(config, "layer_types"):
             config.layer_types = ["full_attention"] * len(config.layer_types)
         if getattr(model, "has_sliding_layers", False):  # Qwen2/3 would build a sliding mask from the dropped window
             model.has_sliding_layers = False
-    if backend == "cuda" and config.model_type in _ROTARY_BY_LAYER_TYPE and local_layers(config):
+    if backend == "cuda" and config.model_type in _WINDOWED and local_layers(config):
         raise ValueError(f"attn_backend 'cuda' has no local window, which the {config.model_type} model's sliding "
                          "layers need: use 'triton' or 'auto'")
     if not causal:
