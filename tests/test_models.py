@@ -471,11 +471,61 @@ def test_multimodal_gemma3_is_refused_before_its_weights_load(tmp_path, monkeypa
 
 
 @pytest.mark.parametrize("kind", ["mpnet", "deberta-v2", "roformer"])
-def test_unsupported_families_are_refused(tmp_path, tokenizer, kind):
-    """Families whose attention or positions the packed path does not handle are refused, not run wrong."""
+def test_encoders_with_their_own_attention_run_padded_through_it(tmp_path, tokenizer, kind):
+    """MPNet (all-mpnet-base-v2), DeBERTa-v2 and RoFormer keep their own attention (relative position biases, rotary
+    inside it): their packed batches run padded through their own modules. The same embeddings as transformers'
+    forward one text at a time (MPNet's positions after its padding index included), packed == padded forward and
+    backward (training); a text longer than MPNet's positions is cut at them; another attention backend is
+    refused."""
+    from transformers import AutoModel
+
     directory = _save_tiny(kind, tmp_path, tokenizer)
-    with pytest.raises(ValueError, match=f"model_type '{kind}' is not supported"):
-        EmbeddingModel.from_pretrained(directory, device="cpu")
+    model = EmbeddingModel.from_pretrained(directory, device="cpu")
+    assert model.max_length == 128 - 2 * (kind == "mpnet")  # MPNet counts positions from pad_token_id + 1 = 2
+    ref = AutoModel.from_pretrained(str(directory)).eval()
+    ids = model.token_ids(TEXTS)
+    assert [] in ids and max(len(x) for x in ids) > 16
+    with torch.no_grad():
+        got = model(model.pack(ids))
+        want = [ref(input_ids=torch.tensor([x])).last_hidden_state[0].mean(0) if x else torch.zeros(64) for x in ids]
+    torch.testing.assert_close(got, torch.stack(want), atol=2e-5, rtol=2e-5)
+    assert len(model.token_ids(["x " * 300])[0]) == model.max_length
+    assert torch.isfinite(model.embed(["x " * 300, "y"])).all()  # the last position fits
+    first_layer = next(p for n, p in model.model.named_parameters() if ".0." in n and p.dim() == 2)
+    _assert_packed_equals_padded(model, first_layer)  # with autograd (in eval mode: these configs have dropout)
+    with pytest.raises(ValueError, match=f"the {kind} model runs its own attention .* attn_backend must be 'auto', "
+                                         "got 'triton'"):
+        EmbeddingModel.from_pretrained(directory, device="cpu", attn_backend="triton")
+
+
+def test_an_mpnet_model_trains(tmp_path, tokenizer):
+    """Fine-tuning all-mpnet-base-v2-style models (their own attention, padded): a training stage runs and saves a
+    model that loads again; gradient checkpointing, which transformers' MPNet lacks, is refused by name."""
+    from train_utils import make_records
+
+    from kalm_fast.train.config import config_from_dict
+    from kalm_fast.train.data import write_jsonl
+    from kalm_fast.train.trainer import Trainer
+
+    directory = _save_tiny("mpnet", tmp_path / "model", tokenizer)
+    write_jsonl(tmp_path / "train.jsonl", make_records(8))
+    raw = dict(model=str(directory), output_dir=str(tmp_path / "run"),
+               stages=[dict(name="s", data=[str(tmp_path / "train.jsonl")], steps=2, batch_size=4, hard_negatives=1)])
+    final = Trainer(config_from_dict(raw), show_progress=False).train()
+    trained = EmbeddingModel.from_pretrained(final, device="cpu")
+    with torch.no_grad():
+        before = EmbeddingModel.from_pretrained(directory, device="cpu")
+        assert (trained(trained.tokenize(TEXTS[:2])) - before(before.tokenize(TEXTS[:2]))).abs().max() > 1e-4
+    raw.update(gradient_checkpointing=True, output_dir=str(tmp_path / "run2"))
+    with pytest.raises(ValueError, match="gradient_checkpointing: transformers' MPNetModel .* does not support it"):
+        Trainer(config_from_dict(raw), show_progress=False).train()
+
+
+def test_unsupported_families_are_refused(tmp_path):
+    """Families kalm_fast has not tested are refused before their weights load, naming what is tested."""
+    (tmp_path / "config.json").write_text(json.dumps(dict(model_type="bart")))
+    with pytest.raises(ValueError, match="model_type 'bart' is not supported by kalm_fast \\(tested: bert, .*mpnet"):
+        EmbeddingModel.from_pretrained(tmp_path, device="cpu")
 
 
 def test_kalm_layout_loads_without_running_remote_code(tmp_path, tokenizer):

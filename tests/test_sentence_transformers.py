@@ -652,6 +652,30 @@ def test_a_modernbert_embedder_as_sentence_transformers(tmp_path):
     _assert_same(again.encode(TEXTS), ref.encode(TEXTS), "modernbert saved, in sentence-transformers")
 
 
+def test_an_mpnet_embedder_as_sentence_transformers(tmp_path):
+    """An all-mpnet-base-v2-style model (MPNet, which keeps its own attention: kalm_fast runs it padded through its
+    own modules; mean pooling, Normalize) as sentence-transformers 6 saves it: the same embeddings, also of texts cut
+    at its max length, and again after a save by kalm_fast."""
+    from transformers import AutoTokenizer, MPNetConfig, MPNetModel
+
+    torch.manual_seed(0)
+    config = MPNetConfig(vocab_size=8192, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=130, pad_token_id=0)
+    model = MPNetModel(config)
+    for p in model.parameters():
+        p.data.normal_(0, 0.2)
+    model.save_pretrained(str(tmp_path / "hf"))
+    AutoTokenizer.from_pretrained(str(BPE_TOKENIZER)).save_pretrained(str(tmp_path / "hf"))
+    modules = [Transformer(str(tmp_path / "hf"), max_seq_length=96), Pooling(64), Normalize()]
+    SentenceTransformer(modules=modules, device="cpu").save(str(tmp_path / "st"))
+    enc, ref = Encoder(tmp_path / "st", device="cpu"), SentenceTransformer(str(tmp_path / "st"), device="cpu")
+    assert enc.max_seq_length == 96 and max(len(x) for x in enc.model.token_ids(TEXTS)) == 96
+    _assert_same(enc.encode(TEXTS), ref.encode(TEXTS), "mpnet")
+    enc.save(tmp_path / "saved")
+    again = SentenceTransformer(str(tmp_path / "saved"), device="cpu")
+    _assert_same(Encoder(tmp_path / "saved", device="cpu").encode(TEXTS), again.encode(TEXTS), "mpnet saved")
+
+
 def _dense_model(tmp, decoder_hf, seed=0):
     """sentence-transformers' own save of a decoder with two Dense modules (tanh 64 -> 32 with bias, identity
     32 -> 24 without) and Normalize, as distiluse-style and EmbeddingGemma-style models are laid out."""

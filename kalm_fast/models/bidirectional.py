@@ -26,11 +26,14 @@ from .. import ops
 from ..ops.attention.padding import unpad_layout
 
 NAME = "kalm_fast"
-# What is tested against transformers' own forward: other families may keep their own attention (MPNet, DeBERTa,
-# RoFormer: then texts packed in one row would attend to each other), count positions differently, or need
-# attention kalm_fast does not run (Gemma 2's logit soft-capping), so they are refused.
+# What runs packed through kalm_fast's attention, tested against transformers' own forward.
 SUPPORTED_MODEL_TYPES = ("bert", "roberta", "xlm-roberta", "camembert", "distilbert", "electra", "albert",
                          "modernbert", "qwen2", "qwen3", "llama", "mistral", "gemma", "gemma3_text")
+# Encoders that keep their own attention (MPNet's and DeBERTa-v2's relative position biases, RoFormer's rotary
+# embedding inside its attention): texts packed in one row would attend to each other there, so ``EmbeddingModel``
+# runs them padded through their own modules (bidirectional already), also tested against transformers. Other
+# families are refused (e.g. Gemma 2, whose attention logits are soft-capped).
+OWN_ATTENTION_MODEL_TYPES = ("mpnet", "deberta-v2", "roformer")
 # Families whose local layers run with their window (a band of ``flash_attention``): transformers hands a local
 # layer's window w to the attention function, flash-attention style, for keys |i - j| < w (ModernBERT: w is half its
 # local_attention, plus one). Their layer types, which also pick each layer's RoPE base, stay as they are. Gemma 3
@@ -66,9 +69,9 @@ def check_model_type(model_type, where) -> None:
         raise ValueError(f"{where}: model_type 'gemma3' is Gemma 3 with its vision tower; kalm_fast runs the text "
                          "model only: save its language model (transformers' Gemma3TextModel, model_type "
                          "'gemma3_text') and load that")
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(f"{where}: model_type {model_type!r} is not supported by kalm_fast (its bidirectional packed "
-                         f"attention is tested for {', '.join(SUPPORTED_MODEL_TYPES)})")
+    if model_type not in SUPPORTED_MODEL_TYPES + OWN_ATTENTION_MODEL_TYPES:
+        raise ValueError(f"{where}: model_type {model_type!r} is not supported by kalm_fast (tested: "
+                         f"{', '.join(SUPPORTED_MODEL_TYPES + OWN_ATTENTION_MODEL_TYPES)})")
     if model_type in _MIN_TRANSFORMERS:
         import transformers
         from packaging.version import Version
@@ -214,10 +217,19 @@ def make_bidirectional(model, backend: str = "auto", max_length: int = 512, caus
     with ``use_bidirectional_attention`` on, as transformers runs it, so that a saved model loads bidirectionally in
     transformers too). Other families' windows are dropped: one at least ``max_length`` long never masks anything
     for inputs of at most ``max_length`` tokens; a shorter one is refused, as is attention-logit soft-capping.
+
+    Encoders that keep their own attention (``OWN_ATTENTION_MODEL_TYPES``) are left as they are: bidirectional
+    already, they take no attention backend but ``"auto"``.
     """
     install()
     config = model.config
     check_model_type(config.model_type, f"the {type(model).__name__}")
+    if config.model_type in OWN_ATTENTION_MODEL_TYPES:
+        if backend != "auto" or causal:
+            raise ValueError(f"the {config.model_type} model runs its own attention (kalm_fast runs it padded, through "
+                             f"its own modules): attn_backend must be 'auto', got {backend!r}"
+                             + (", and it has no causal mode" if causal else ""))
+        return model
     if getattr(config, "attn_logit_softcapping", None) is not None:
         raise ValueError(f"the {config.model_type} model caps its attention logits (attn_logit_softcapping="
                          f"{config.attn_logit_softcapping}); kalm_fast's attention has no soft-capping")

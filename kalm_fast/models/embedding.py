@@ -21,7 +21,14 @@ from .._registry import BACKEND_NAMES
 from ..distributed import check_device
 from ..ops import Varlen, mean_pool
 from . import bert_packed, decoder_packed, fused_decoder
-from .bidirectional import DECODER_MODEL_TYPES, dropped_window, make_bidirectional, runs_causally, runtime_only_keys
+from .bidirectional import (
+    DECODER_MODEL_TYPES,
+    OWN_ATTENTION_MODEL_TYPES,
+    dropped_window,
+    make_bidirectional,
+    runs_causally,
+    runtime_only_keys,
+)
 from .loading import (
     DENSE_ACTIVATIONS,
     POOLING_MODES,
@@ -35,7 +42,7 @@ from .loading import (
 from .packing import DEFAULT_TOKENS, PackedBatch, pack, pack_padded, token_budget_batches
 
 # Families whose absolute position ids start after the padding index (RoBERTa convention).
-_ROBERTA_LIKE = ("roberta", "xlm-roberta", "camembert", "xlm-roberta-xl")
+_ROBERTA_LIKE = ("roberta", "xlm-roberta", "camembert", "xlm-roberta-xl", "mpnet")
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
@@ -264,6 +271,8 @@ class EmbeddingModel(nn.Module):
         """Last hidden states ``[T, H]`` of a packed batch."""
         if batch.input_ids.numel() == 0:  # only empty texts (a tokenizer without special tokens)
             return torch.zeros(0, self.hidden_size, dtype=self.dtype, device=self.device)
+        if self.config.model_type in OWN_ATTENTION_MODEL_TYPES:
+            return self._own_attention_forward(batch)
         # the packed inference paths read the weights themselves: not FSDP-sharded ones (DTensors, which only the
         # modules' own forward gathers)
         inference = not self.training and not torch.is_grad_enabled() and not any(
@@ -277,6 +286,19 @@ class EmbeddingModel(nn.Module):
         out = self.model(input_ids=batch.input_ids[None], position_ids=batch.position_ids[None],
                          kalm_varlen=batch.varlen, use_cache=False)
         return out.last_hidden_state[0]
+
+    def _own_attention_forward(self, batch: PackedBatch) -> torch.Tensor:
+        """``token_embeddings`` of a model that keeps its own attention (MPNet, DeBERTa-v2, RoFormer): its own
+        forward over the non-empty texts right-padded ``[N, L]``, with its own position ids, as transformers runs
+        it; then the real tokens ``[T, H]`` in the packed order."""
+        lengths = torch.tensor([n for n in batch.varlen.lengths if n])
+        mask = torch.arange(max(batch.varlen.lengths))[None] < lengths[:, None]  # on the host: no synchronization
+        device = batch.input_ids.device
+        indices = to_device(mask.flatten().nonzero().flatten(), device)
+        pad_id = self.config.pad_token_id if self.config.pad_token_id is not None else 0
+        input_ids = batch.input_ids.new_full((mask.numel(),), pad_id).index_copy(0, indices, batch.input_ids)
+        hidden = self.model(input_ids=input_ids.view(mask.shape), attention_mask=to_device(mask.long(), device))
+        return hidden.last_hidden_state.flatten(0, 1)[indices]
 
     def _weight_copy_fits(self, device) -> bool:
         """Whether the packed inference paths may build their copy of the linear weights (oneDNN's layout on CPU,
