@@ -56,6 +56,9 @@ def _tiny_config(kind):
                                              sep_token_id=2)
     if kind in ("mpnet", "deberta-v2", "roformer"):
         return transformers.AutoConfig.for_model(kind, **common)
+    if kind in ("t5", "mt5"):  # the whole encoder-decoder, as T5 checkpoints hold it; kalm_fast loads the encoder
+        return transformers.AutoConfig.for_model(kind, vocab_size=30522, d_model=64, d_kv=16, d_ff=96, num_layers=2,
+                                                 num_heads=4, pad_token_id=0, eos_token_id=1)
     raise ValueError(kind)
 
 
@@ -470,26 +473,28 @@ def test_multimodal_gemma3_is_refused_before_its_weights_load(tmp_path, monkeypa
         EmbeddingModel.from_pretrained(tmp_path, device="cpu")
 
 
-@pytest.mark.parametrize("kind", ["mpnet", "deberta-v2", "roformer"])
+@pytest.mark.parametrize("kind", ["mpnet", "deberta-v2", "roformer", "t5", "mt5"])
 def test_encoders_with_their_own_attention_run_padded_through_it(tmp_path, tokenizer, kind):
-    """MPNet (all-mpnet-base-v2), DeBERTa-v2 and RoFormer keep their own attention (relative position biases, rotary
-    inside it): their packed batches run padded through their own modules. The same embeddings as transformers'
-    forward one text at a time (MPNet's positions after its padding index included), packed == padded forward and
-    backward (training); a text longer than MPNet's positions is cut at them; another attention backend is
-    refused."""
-    from transformers import AutoModel
+    """MPNet (all-mpnet-base-v2), DeBERTa-v2, RoFormer and T5 / mT5 encoders (sentence-t5, GTR) keep their own
+    attention (relative position biases, rotary inside it): their packed batches run padded through their own
+    modules. The same embeddings as transformers' forward one text at a time (MPNet's positions after its padding
+    index included), packed == padded forward and backward (training); a text longer than MPNet's positions is cut
+    at them; another attention backend is refused."""
+    import transformers
 
     directory = _save_tiny(kind, tmp_path, tokenizer)
     model = EmbeddingModel.from_pretrained(directory, device="cpu")
-    assert model.max_length == 128 - 2 * (kind == "mpnet")  # MPNet counts positions from pad_token_id + 1 = 2
-    ref = AutoModel.from_pretrained(str(directory)).eval()
+    # MPNet counts positions from pad_token_id + 1 = 2; T5's relative positions have no limit: the tokenizer's
+    assert model.max_length == {"mpnet": 126, "t5": 32768, "mt5": 32768}.get(kind, 128)
+    encoder_class = {"t5": "T5EncoderModel", "mt5": "MT5EncoderModel"}.get(kind, "AutoModel")
+    ref = getattr(transformers, encoder_class).from_pretrained(str(directory)).eval()
     ids = model.token_ids(TEXTS)
     assert [] in ids and max(len(x) for x in ids) > 16
     with torch.no_grad():
         got = model(model.pack(ids))
         want = [ref(input_ids=torch.tensor([x])).last_hidden_state[0].mean(0) if x else torch.zeros(64) for x in ids]
     torch.testing.assert_close(got, torch.stack(want), atol=2e-5, rtol=2e-5)
-    assert len(model.token_ids(["x " * 300])[0]) == model.max_length
+    assert len(model.token_ids(["x " * 300])[0]) == min(model.max_length, 301)
     assert torch.isfinite(model.embed(["x " * 300, "y"])).all()  # the last position fits
     first_layer = next(p for n, p in model.model.named_parameters() if ".0." in n and p.dim() == 2)
     _assert_packed_equals_padded(model, first_layer)  # with autograd (in eval mode: these configs have dropout)

@@ -29,11 +29,12 @@ NAME = "kalm_fast"
 # What runs packed through kalm_fast's attention, tested against transformers' own forward.
 SUPPORTED_MODEL_TYPES = ("bert", "roberta", "xlm-roberta", "camembert", "distilbert", "electra", "albert",
                          "modernbert", "qwen2", "qwen3", "llama", "mistral", "gemma", "gemma3_text")
-# Encoders that keep their own attention (MPNet's and DeBERTa-v2's relative position biases, RoFormer's rotary
-# embedding inside its attention): texts packed in one row would attend to each other there, so ``EmbeddingModel``
-# runs them padded through their own modules (bidirectional already), also tested against transformers. Other
-# families are refused (e.g. Gemma 2, whose attention logits are soft-capped).
-OWN_ATTENTION_MODEL_TYPES = ("mpnet", "deberta-v2", "roformer")
+# Encoders that keep their own attention (MPNet's, DeBERTa-v2's and T5's relative position biases, RoFormer's
+# rotary embedding inside its attention): texts packed in one row would attend to each other there, so
+# ``EmbeddingModel`` runs them padded through their own modules (bidirectional already; T5 / mT5: their encoder),
+# also tested against transformers. Other families are refused (e.g. Gemma 2, whose attention logits are
+# soft-capped).
+OWN_ATTENTION_MODEL_TYPES = ("mpnet", "deberta-v2", "roformer", "t5", "mt5")
 # Families whose local layers run with their window (a band of ``flash_attention``): transformers hands a local
 # layer's window w to the attention function, flash-attention style, for keys |i - j| < w (ModernBERT: w is half its
 # local_attention, plus one). Their layer types, which also pick each layer's RoPE base, stay as they are. Gemma 3

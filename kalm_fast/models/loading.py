@@ -370,13 +370,28 @@ def _check_safetensors(path: Path) -> None:
 _UNUSED_PREFIXES = ("pooler.",)
 
 
+# Encoder-decoder families whose encoder alone embeds (sentence-t5, GTR): their encoder's class, as
+# sentence-transformers loads them.
+ENCODER_ONLY_CLASSES = {"t5": "T5EncoderModel", "mt5": "MT5EncoderModel"}
+
+
+def transformers_class(config):
+    """transformers' class that ``load_transformer`` builds for ``config``: the base model, or an encoder-decoder's
+    encoder."""
+    import transformers
+
+    if config.model_type in ENCODER_ONLY_CLASSES:
+        return getattr(transformers, ENCODER_ONLY_CLASSES[config.model_type])
+    return transformers.AutoModel._model_mapping[type(config)]
+
+
 def load_transformer(model_dir: Path, *, dtype=None, allow_pickle: bool = False):
-    """``(config, model)`` for ``model_dir``: transformers' base model class, weights from safetensors.
+    """``(config, model)`` for ``model_dir``: transformers' base model class (``transformers_class``), weights from
+    safetensors.
 
     Every weight the model uses must come from the files: missing or misnamed (e.g. prefixed) tensors are a
     ``ValueError`` naming them, never randomly initialized weights.
     """
-    from transformers import AutoModel
     from transformers.utils import logging as hf_logging
 
     config = build_config(model_dir)
@@ -386,9 +401,9 @@ def load_transformer(model_dir: Path, *, dtype=None, allow_pickle: bool = False)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # its load report is replaced by the check below
     try:
-        model, info = AutoModel.from_pretrained(str(model_dir), config=config, trust_remote_code=False,
-                                                use_safetensors=safetensors, dtype=dtype or "float32",
-                                                output_loading_info=True)
+        model, info = transformers_class(config).from_pretrained(
+            str(model_dir), config=config, trust_remote_code=False, use_safetensors=safetensors,
+            dtype=dtype or "float32", output_loading_info=True)
     finally:
         hf_logging.set_verbosity(verbosity)
         if bar_was_on:

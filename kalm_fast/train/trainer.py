@@ -76,7 +76,13 @@ from ..files import (
 )
 from ..models import EmbeddingModel
 from ..models.embedding import check_gradient_checkpointing
-from ..models.loading import build_config, default_model_dir, read_sentence_transformer_info, resolve_model_dir
+from ..models.loading import (
+    build_config,
+    default_model_dir,
+    read_sentence_transformer_info,
+    resolve_model_dir,
+    transformers_class,
+)
 from .config import EvalConfig, SoupStage, TrainConfig, TrainStage, config_to_dict
 from .data import EvalSet, TrainData, load_eval_set
 from .evaluate import evaluate_model
@@ -194,10 +200,8 @@ def embedding_size(model_dir) -> int:
 def check_model_checkpointing(model_dir) -> None:
     """A ValueError when transformers' class of the model in ``model_dir`` cannot checkpoint activations, found
     from its config (before any weights load)."""
-    from transformers import AutoModel
-
     config = _model_config(model_dir)
-    check_gradient_checkpointing(AutoModel._model_mapping[type(config)], config.model_type)
+    check_gradient_checkpointing(transformers_class(config), config.model_type)
 
 
 def lr_lambda(total: int, warmup: int, schedule: str) -> Callable[[int], float]:
