@@ -104,7 +104,8 @@ class Encoder:
     and ``default_prompt_name``, ``truncate_dim`` and ``similarity_fn_name`` override what the model saved, and a
     model always has a "query" and a "document" prompt ("" unless saved or given). ``max_length`` caps the model's own
     max length. ``encode`` runs ``EmbeddingModel.embed``: inputs are tokenized once, sorted by length, packed without
-    padding into batches of about ``max_tokens_per_batch`` tokens and pooled as the model says; order is restored.
+    padding into batches of about ``max_tokens_per_batch`` tokens (padded tokens counted for the models that run
+    padded) and pooled as the model says; order is restored.
     """
 
     def __init__(self, model_name_or_path=None, *, device=None, dtype=None, max_length: Optional[int] = None,

@@ -123,6 +123,15 @@ def test_token_budget_batches_fill_the_budget_exactly():
     assert list(token_budget_batches([10, 6, 3], 16, max_sequences=2)) == [[0, 1], [2]]
 
 
+def test_padded_batches_count_their_padding():
+    """Batches that run right-padded (models with their own attention) cost texts x longest: a long text does not
+    pull a crowd of short ones into a batch many times the budget."""
+    assert list(token_budget_batches([10, 2, 2, 2, 2, 2], 16)) == [[0, 1, 2, 3], [4, 5]]
+    assert list(token_budget_batches([10, 2, 2, 2, 2, 2], 16, padded=True)) == [[0], [1, 2, 3, 4, 5]]
+    assert list(token_budget_batches([4, 4, 4, 4, 3], 16, padded=True)) == [[0, 1, 2, 3], [4]]
+    assert list(token_budget_batches([20, 1], 16, padded=True)) == [[0], [1]]
+
+
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available() or not torch.ops.mkldnn._is_mkldnn_bf16_supported(),
                     reason="this CPU has no native bf16")
 def test_bf16_close_to_fp32(encoder):

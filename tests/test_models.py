@@ -54,7 +54,11 @@ def _tiny_config(kind):
         return transformers.ModernBertConfig(**common, local_attention=MODERNBERT_LOCAL, global_attn_every_n_layers=2,
                                              pad_token_id=0, bos_token_id=1, eos_token_id=2, cls_token_id=1,
                                              sep_token_id=2)
-    if kind in ("mpnet", "deberta-v2", "roformer"):
+    if kind == "deberta-v2":  # DeBERTa-v3's disentangled relative attention, with buckets shorter than the texts
+        return transformers.DebertaV2Config(**{**common, "type_vocab_size": 0}, relative_attention=True,
+                                            position_buckets=8, pos_att_type=["p2c", "c2p"],
+                                            norm_rel_ebd="layer_norm", position_biased_input=False, pad_token_id=0)
+    if kind in ("mpnet", "roformer"):
         return transformers.AutoConfig.for_model(kind, **common)
     if kind in ("t5", "mt5"):  # the whole encoder-decoder, as T5 checkpoints hold it; kalm_fast loads the encoder
         return transformers.AutoConfig.for_model(kind, vocab_size=30522, d_model=64, d_kv=16, d_ff=96, num_layers=2,
@@ -488,19 +492,39 @@ def test_encoders_with_their_own_attention_run_padded_through_it(tmp_path, token
     assert model.max_length == {"mpnet": 126, "t5": 32768, "mt5": 32768}.get(kind, 128)
     encoder_class = {"t5": "T5EncoderModel", "mt5": "MT5EncoderModel"}.get(kind, "AutoModel")
     ref = getattr(transformers, encoder_class).from_pretrained(str(directory)).eval()
-    ids = model.token_ids(TEXTS)
+    pad = model.config.pad_token_id
+    ids = model.token_ids(TEXTS) + [[5, 9, pad, 7, pad, 11]]  # the pad token inside a text (MPNet: position pad)
     assert [] in ids and max(len(x) for x in ids) > 16
-    with torch.no_grad():
-        got = model(model.pack(ids))
-        want = [ref(input_ids=torch.tensor([x])).last_hidden_state[0].mean(0) if x else torch.zeros(64) for x in ids]
-    torch.testing.assert_close(got, torch.stack(want), atol=2e-5, rtol=2e-5)
+
+    def loss(embeddings):
+        return (F.normalize(embeddings, dim=-1) @ torch.linspace(-1, 1, embeddings.shape[1])).square().sum()
+
+    got = model(model.pack(ids))  # eval mode (these configs have dropout), with autograd: the training forward
+    want = torch.stack([ref(input_ids=torch.tensor([x])).last_hidden_state[0].mean(0) if x else torch.zeros(64)
+                        for x in ids])
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+    loss(got).backward()
+    loss(want).backward()
+    weights = dict(ref.named_parameters())
+    for name, p in model.model.named_parameters():
+        if ".0." in name and p.dim() == 2:  # the first layer's matrices: the same gradients
+            torch.testing.assert_close(p.grad, weights[name].grad, atol=1e-4, rtol=1e-4)
+            assert p.grad.abs().sum() > 0
     assert len(model.token_ids(["x " * 300])[0]) == min(model.max_length, 301)
-    assert torch.isfinite(model.embed(["x " * 300, "y"])).all()  # the last position fits
-    first_layer = next(p for n, p in model.model.named_parameters() if ".0." in n and p.dim() == 2)
-    _assert_packed_equals_padded(model, first_layer)  # with autograd (in eval mode: these configs have dropout)
+    shapes = []
+    forward = model.model.forward
+    model.model.forward = lambda input_ids, **kw: shapes.append(tuple(input_ids.shape)) or forward(input_ids, **kw)
+    out = model.embed(["x " * 300] + ["y"] * 50 + ["a b c d e f g h"] * 20, max_tokens=64)
+    assert torch.isfinite(out).all()  # the last position fits
+    assert shapes[0] == (1, len(model.token_ids(["x " * 300])[0]))  # the long text alone, then padding counted
+    assert all(b * n <= 64 for b, n in shapes[1:]) and sum(b for b, _ in shapes) == 71
     with pytest.raises(ValueError, match=f"the {kind} model runs its own attention .* attn_backend must be 'auto', "
                                          "got 'triton'"):
         EmbeddingModel.from_pretrained(directory, device="cpu", attn_backend="triton")
+    from kalm_fast.models.bidirectional import make_bidirectional
+
+    with pytest.raises(ValueError, match=f"causal attention is for decoder LLMs .*, not '{kind}'"):
+        make_bidirectional(ref, causal=True)
 
 
 def test_an_mpnet_model_trains(tmp_path, tokenizer):

@@ -214,9 +214,10 @@ def make_bidirectional(model, backend: str = "auto", max_length: int = 512, caus
     """Switch a transformers model (decoder LLM or BERT-like encoder) to kalm_fast bidirectional attention, or with
     ``causal`` (a decoder only, see ``runs_causally``) to kalm_fast's attention with the causal mask kept.
 
-    Gemma 3 and ModernBERT keep their sliding windows: their local layers attend to ``|i - j| < window`` (Gemma 3
+    Gemma 3 and ModernBERT keep their sliding windows: their local layers attend to ``|i - j| < w``, w the window
+    transformers hands the attention function (Gemma 3's ``sliding_window``; ModernBERT's plus one). Gemma 3 runs
     with ``use_bidirectional_attention`` on, as transformers runs it, so that a saved model loads bidirectionally in
-    transformers too). Other families' windows are dropped: one at least ``max_length`` long never masks anything
+    transformers too. Other families' windows are dropped: one at least ``max_length`` long never masks anything
     for inputs of at most ``max_length`` tokens; a shorter one is refused, as is attention-logit soft-capping.
 
     Encoders that keep their own attention (``OWN_ATTENTION_MODEL_TYPES``) are left as they are: bidirectional
@@ -225,12 +226,6 @@ def make_bidirectional(model, backend: str = "auto", max_length: int = 512, caus
     install()
     config = model.config
     check_model_type(config.model_type, f"the {type(model).__name__}")
-    if config.model_type in OWN_ATTENTION_MODEL_TYPES:
-        if backend != "auto" or causal:
-            raise ValueError(f"the {config.model_type} model runs its own attention (kalm_fast runs it padded, through "
-                             f"its own modules): attn_backend must be 'auto', got {backend!r}"
-                             + (", and it has no causal mode" if causal else ""))
-        return model
     if getattr(config, "attn_logit_softcapping", None) is not None:
         raise ValueError(f"the {config.model_type} model caps its attention logits (attn_logit_softcapping="
                          f"{config.attn_logit_softcapping}); kalm_fast's attention has no soft-capping")
@@ -241,6 +236,11 @@ def make_bidirectional(model, backend: str = "auto", max_length: int = 512, caus
     if causal and config.model_type not in DECODER_MODEL_TYPES:
         raise ValueError(f"causal attention is for decoder LLMs ({', '.join(DECODER_MODEL_TYPES)}), not "
                          f"{config.model_type!r}")
+    if config.model_type in OWN_ATTENTION_MODEL_TYPES:
+        if backend != "auto":
+            raise ValueError(f"the {config.model_type} model runs its own attention (kalm_fast runs it padded, through "
+                             f"its own modules): attn_backend must be 'auto', got {backend!r}")
+        return model
     if config.model_type == "gemma3_text":
         # as transformers' from_pretrained(..., use_bidirectional_attention=True): the window becomes |i - j| < it
         # (|i - j| <= it where the config itself says is_causal: false, as transformers then runs it)

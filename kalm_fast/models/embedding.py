@@ -1,5 +1,6 @@
 """``EmbeddingModel``: a Hugging Face encoder or decoder LLM run bidirectionally on packed tokens, mean-pooled (or
-CLS-pooled, as BGE-style encoders are; or last-token-pooled and causal, as Qwen3-Embedding-style decoders are)."""
+CLS-pooled, as BGE-style encoders are; or last-token-pooled and causal, as Qwen3-Embedding-style decoders are).
+Encoders that keep their own attention (MPNet, DeBERTa-v2, RoFormer, T5) run their batches right-padded instead."""
 from __future__ import annotations
 
 import itertools
@@ -142,10 +143,11 @@ class EmbeddingModel(nn.Module):
 
     ``tokenize(texts)`` returns a ``PackedBatch`` (``models.packing``); ``forward(batch)`` runs the transformer on it
     with bidirectional attention (``ops.flash_attention``, varlen; causal for a last-token-pooled decoder,
-    ``causal``) and pools with ``ops.mean_pool`` (or takes each text's first / last token: ``pooling``). A padded batch
-    (a dict of ``input_ids [B, L]`` and ``attention_mask [B, L]``) is packed first. ``embed(texts)`` is the batching
-    loop of inference (token budget, longest first, order restored) that ``Encoder``, evaluation and hard-negative
-    mining share. In eval mode without autograd, BERT-family models take the packed fast path (``bert_packed``),
+    ``causal``) and pools with ``ops.mean_pool`` (or takes each text's first / last token: ``pooling``); encoders
+    that keep their own attention (``OWN_ATTENTION_MODEL_TYPES``) run it right-padded through their own modules. A
+    padded batch (a dict of ``input_ids [B, L]`` and ``attention_mask [B, L]``) is packed first. ``embed(texts)`` is
+    the batching loop of inference (token budget, longest first, order restored) that ``Encoder``, evaluation and
+    hard-negative mining share. In eval mode without autograd, BERT-family models take the packed fast path (``bert_packed``),
     decoder LLMs on CPU theirs (``decoder_packed``; on a GPU too with ``KALM_PACKED_DECODER=all``). Otherwise
     transformers' modules run, decoder LLMs' with fused ops on a GPU under ``KALM_FUSED_DECODER=1``
     (``fused_decoder``, training included).
@@ -357,7 +359,8 @@ class EmbeddingModel(nn.Module):
         max_tokens, max_sequences = check_int("max_tokens", max_tokens), check_int("max_sequences", max_sequences)
         kind = self.device.type + ("-decoder" if self._packed_decoder is not None else "")
         budget = max_tokens or DEFAULT_TOKENS.get(kind, DEFAULT_TOKENS.get(self.device.type, 16384))
-        batches = list(token_budget_batches([len(x) for x in ids], budget, max_sequences))
+        batches = list(token_budget_batches([len(x) for x in ids], budget, max_sequences,
+                                            padded=self.config.model_type in OWN_ATTENTION_MODEL_TYPES))
         was_training = self.training
         self.eval()
         try:  # no host synchronization per batch: the CPU packs the next batch while the GPU runs this one

@@ -73,17 +73,20 @@ def pack_padded(input_ids: torch.Tensor, attention_mask: torch.Tensor, *, positi
                 position_offset=position_offset, pad_id=pad_id)
 
 
-def token_budget_batches(lengths: Sequence[int], max_tokens: int,
-                         max_sequences: Optional[int] = None) -> Iterator[list]:
+def token_budget_batches(lengths: Sequence[int], max_tokens: int, max_sequences: Optional[int] = None, *,
+                         padded: bool = False) -> Iterator[list]:
     """Indices grouped into batches of at most ``max_tokens`` tokens (``max_sequences`` texts), longest first.
 
-    A text longer than ``max_tokens`` gets a batch of its own.
+    ``padded``: the batches run right-padded to their longest text (a model that keeps its own attention), so a
+    batch counts as its number of texts times its first (longest) one's length. A text longer than ``max_tokens``
+    gets a batch of its own.
     """
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     batch, tokens = [], 0
     for i in order:
         n = max(int(lengths[i]), 1)
-        if batch and (tokens + n > max_tokens or (max_sequences and len(batch) >= max_sequences)):
+        grown = (len(batch) + 1) * max(int(lengths[batch[0]]), 1) if padded and batch else tokens + n
+        if batch and (grown > max_tokens or (max_sequences and len(batch) >= max_sequences)):
             yield batch
             batch, tokens = [], 0
         batch.append(i)
