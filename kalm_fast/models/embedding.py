@@ -147,9 +147,9 @@ class EmbeddingModel(nn.Module):
     that keep their own attention (``OWN_ATTENTION_MODEL_TYPES``) run it right-padded through their own modules. A
     padded batch (a dict of ``input_ids [B, L]`` and ``attention_mask [B, L]``) is packed first. ``embed(texts)`` is
     the batching loop of inference (token budget, longest first, order restored) that ``Encoder``, evaluation and
-    hard-negative mining share. In eval mode without autograd, BERT-family models take the packed fast path (``bert_packed``),
-    decoder LLMs on CPU theirs (``decoder_packed``; on a GPU too with ``KALM_PACKED_DECODER=all``). Otherwise
-    transformers' modules run, decoder LLMs' with fused ops on a GPU under ``KALM_FUSED_DECODER=1``
+    hard-negative mining share. In eval mode without autograd, BERT-family models take the packed fast path
+    (``bert_packed``), decoder LLMs on CPU theirs (``decoder_packed``; on a GPU too with ``KALM_PACKED_DECODER=all``).
+    Otherwise transformers' modules run, decoder LLMs' with fused ops on a GPU under ``KALM_FUSED_DECODER=1``
     (``fused_decoder``, training included).
     """
 
