@@ -579,7 +579,7 @@ def test_encoder_default_token_budget_for_decoders_on_cpu(model_dirs, monkeypatc
     budgets = []
     batches = embedding.token_budget_batches
     monkeypatch.setattr(embedding, "token_budget_batches",
-                        lambda lengths, budget, *a: budgets.append(budget) or batches(lengths, budget, *a))
+                        lambda lengths, budget, *a, **kw: budgets.append(budget) or batches(lengths, budget, *a, **kw))
     Encoder(model_dirs["qwen2"], device="cpu").encode(TEXTS)
     assert budgets == [DEFAULT_TOKENS["cpu-decoder"]]
 
