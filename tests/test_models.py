@@ -797,6 +797,22 @@ def test_encoder_on_gpu_matches_cpu(decoder_dir, dtype):
     assert F.cosine_similarity(got, want).min() > (0.9999 if dtype == "float32" else 0.99)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA device")
+@pytest.mark.parametrize("kind", ["modernbert", "mpnet"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_encoders_on_gpu_match_cpu(tmp_path, tokenizer, kind, dtype):
+    """ModernBERT (packed, the Triton band of its local layers) and MPNet (padded, its own attention) encode on the
+    GPU as on the CPU in fp32."""
+    from kalm_fast import Encoder
+
+    directory = _save_tiny(kind, tmp_path, tokenizer)
+    texts = [t for t in TEXTS if t] * 5
+    want = Encoder(directory, device="cpu").encode(texts, convert_to_tensor=True)
+    got = Encoder(directory, device="cuda", dtype=dtype).encode(texts, convert_to_tensor=True).cpu().float()
+    assert F.cosine_similarity(got, want).min() > (0.9999 if dtype == "float32" else 0.99)
+
+
 @pytest.fixture(scope="module")
 def bf16_decoder_dir(decoder_dir, tmp_path_factory):
     directory = tmp_path_factory.mktemp("bf16") / "model"
