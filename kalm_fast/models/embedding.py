@@ -290,7 +290,7 @@ class EmbeddingModel(nn.Module):
         return out.last_hidden_state[0]
 
     def _own_attention_forward(self, batch: PackedBatch) -> torch.Tensor:
-        """``token_embeddings`` of a model that keeps its own attention (MPNet, DeBERTa-v2, RoFormer): its own
+        """``token_embeddings`` of a model that keeps its own attention (MPNet, DeBERTa-v2, RoFormer, T5): its own
         forward over the non-empty texts right-padded ``[N, L]``, with its own position ids, as transformers runs
         it; then the real tokens ``[T, H]`` in the packed order."""
         lengths = torch.tensor([n for n in batch.varlen.lengths if n])
