@@ -45,11 +45,22 @@ def _link_files(src, dst):
     return dst
 
 
+def _save_spread(model, directory, tokenizer=None):
+    """Save a random-init transformers ``model`` with its weights spread out (random init gives near-identical
+    tokens) and ``tokenizer`` (default: the committed BPE one) to ``directory``."""
+    from transformers import AutoTokenizer
+
+    for p in model.parameters():
+        p.data.normal_(0, 0.2)
+    model.save_pretrained(str(directory))
+    (tokenizer or AutoTokenizer.from_pretrained(str(BPE_TOKENIZER))).save_pretrained(str(directory))
+
+
 @pytest.fixture(scope="module")
 def decoder_hf(tmp_path_factory):
     """A tiny random Qwen2 with the committed BPE tokenizer, its config marked bidirectional (``is_causal: false``),
     which is how sentence-transformers runs such a decoder without its causal mask."""
-    from transformers import AutoModel, AutoTokenizer, Qwen2Config
+    from transformers import AutoModel, Qwen2Config
 
     directory = tmp_path_factory.mktemp("qwen2-hf")
     torch.manual_seed(0)
@@ -57,10 +68,7 @@ def decoder_hf(tmp_path_factory):
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0)
     config.is_causal = False
     model = AutoModel.from_config(config)
-    for p in model.parameters():
-        p.data.normal_(0, 0.2)
-    model.save_pretrained(str(directory))
-    AutoTokenizer.from_pretrained(str(BPE_TOKENIZER)).save_pretrained(str(directory))
+    _save_spread(model, directory)
     return directory
 
 
@@ -398,7 +406,7 @@ def test_last_token_pooling_runs_a_decoder_causally_as_sentence_transformers(tmp
     prompt) runs causally, as sentence-transformers runs it: the same embeddings, packed or padded, in the packed
     inference path and in transformers' modules (training); saved back without ``is_causal: false``. With its config
     saying ``is_causal: false`` the same model runs bidirectionally, there as here."""
-    from transformers import AutoModel, AutoTokenizer, Qwen3Config
+    from transformers import AutoModel, Qwen3Config
 
     from kalm_fast.models import EmbeddingModel
 
@@ -406,10 +414,7 @@ def test_last_token_pooling_runs_a_decoder_causally_as_sentence_transformers(tmp
     llm = AutoModel.from_config(Qwen3Config(vocab_size=8192, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                                             num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                                             max_position_embeddings=128, pad_token_id=0))
-    for p in llm.parameters():
-        p.data.normal_(0, 0.2)
-    llm.save_pretrained(str(tmp_path / "llm"))
-    AutoTokenizer.from_pretrained(str(BPE_TOKENIZER)).save_pretrained(str(tmp_path / "llm"))
+    _save_spread(llm, tmp_path / "llm")
     modules = [Transformer(str(tmp_path / "llm")), Pooling(64, pooling_mode="lasttoken"), Normalize()]
     SentenceTransformer(modules=modules, device="cpu", prompts={"query": QUERY}).save(str(tmp_path / "q3e"))
     texts = [t for t in TEXTS if t.strip()]  # a text with no token has no last token (zeros here)
@@ -598,7 +603,7 @@ def test_a_gemma3_saved_by_kalm_fast_loads_bidirectionally_in_sentence_transform
     """A Gemma 3 LLM checkpoint (causal, with local and global layers) that kalm_fast runs bidirectionally is saved
     with ``use_bidirectional_attention`` on: sentence-transformers then gives the same embeddings (its local layer's
     window, |i - j| < 8, shorter than the longer texts), and not the causal model's."""
-    from transformers import AutoModel, AutoTokenizer, Gemma3TextConfig
+    from transformers import AutoModel, Gemma3TextConfig
 
     torch.manual_seed(0)
     config = Gemma3TextConfig(vocab_size=8192, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
@@ -606,10 +611,7 @@ def test_a_gemma3_saved_by_kalm_fast_loads_bidirectionally_in_sentence_transform
                               max_position_embeddings=128, sliding_window=8, pad_token_id=0,
                               layer_types=["sliding_attention", "full_attention"])
     model = AutoModel.from_config(config)
-    for p in model.parameters():
-        p.data.normal_(0, 0.2)
-    model.save_pretrained(str(tmp_path / "llm"))
-    AutoTokenizer.from_pretrained(str(BPE_TOKENIZER)).save_pretrained(str(tmp_path / "llm"))
+    _save_spread(model, tmp_path / "llm")
     Encoder(tmp_path / "llm", device="cpu", max_length=64).model.save_pretrained(tmp_path / "out")
     enc, ref = Encoder(tmp_path / "out", device="cpu"), SentenceTransformer(str(tmp_path / "out"), device="cpu")
     assert ref[0].auto_model.config.use_bidirectional_attention
@@ -636,10 +638,7 @@ def test_a_modernbert_embedder_as_sentence_transformers(tmp_path):
                               global_attn_every_n_layers=2, pad_token_id=tokenizer.pad_token_id, bos_token_id=cls,
                               eos_token_id=sep, cls_token_id=cls, sep_token_id=sep)
     model = ModernBertModel(config)
-    for p in model.parameters():
-        p.data.normal_(0, 0.2)
-    model.save_pretrained(str(tmp_path / "hf"))
-    tokenizer.save_pretrained(str(tmp_path / "hf"))
+    _save_spread(model, tmp_path / "hf", tokenizer)
     modules = [Transformer(str(tmp_path / "hf"), max_seq_length=100), Pooling(64, pooling_mode="cls"), Normalize()]
     SentenceTransformer(modules=modules, device="cpu", prompts={"query": BGE_QUERY}).save(str(tmp_path / "st"))
     enc, ref = Encoder(tmp_path / "st", device="cpu"), SentenceTransformer(str(tmp_path / "st"), device="cpu")
@@ -656,16 +655,13 @@ def test_an_mpnet_embedder_as_sentence_transformers(tmp_path):
     """An all-mpnet-base-v2-style model (MPNet, which keeps its own attention: kalm_fast runs it padded through its
     own modules; mean pooling, Normalize) as sentence-transformers 6 saves it: the same embeddings, also of texts cut
     at its max length, and again after a save by kalm_fast."""
-    from transformers import AutoTokenizer, MPNetConfig, MPNetModel
+    from transformers import MPNetConfig, MPNetModel
 
     torch.manual_seed(0)
     config = MPNetConfig(vocab_size=8192, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                          num_attention_heads=4, max_position_embeddings=130, pad_token_id=0)
     model = MPNetModel(config)
-    for p in model.parameters():
-        p.data.normal_(0, 0.2)
-    model.save_pretrained(str(tmp_path / "hf"))
-    AutoTokenizer.from_pretrained(str(BPE_TOKENIZER)).save_pretrained(str(tmp_path / "hf"))
+    _save_spread(model, tmp_path / "hf")
     modules = [Transformer(str(tmp_path / "hf"), max_seq_length=96), Pooling(64), Normalize()]
     SentenceTransformer(modules=modules, device="cpu").save(str(tmp_path / "st"))
     enc, ref = Encoder(tmp_path / "st", device="cpu"), SentenceTransformer(str(tmp_path / "st"), device="cpu")
@@ -680,16 +676,13 @@ def test_a_sentence_t5_embedder_as_sentence_transformers(tmp_path):
     """A sentence-t5 / GTR-style model (a T5 checkpoint, of which both load the encoder; mean pooling, a Dense
     without bias or activation, Normalize) as sentence-transformers 6 saves it: the same embeddings, and again after
     a save by kalm_fast."""
-    from transformers import AutoTokenizer, T5Config, T5Model
+    from transformers import T5Config, T5Model
 
     torch.manual_seed(0)
     config = T5Config(vocab_size=8192, d_model=64, d_kv=16, d_ff=96, num_layers=2, num_heads=4, pad_token_id=0,
                       eos_token_id=0)
     model = T5Model(config)
-    for p in model.parameters():
-        p.data.normal_(0, 0.2)
-    model.save_pretrained(str(tmp_path / "hf"))
-    AutoTokenizer.from_pretrained(str(BPE_TOKENIZER)).save_pretrained(str(tmp_path / "hf"))
+    _save_spread(model, tmp_path / "hf")
     modules = [Transformer(str(tmp_path / "hf"), max_seq_length=64), Pooling(64),
                Dense(64, 48, bias=False, activation_function=torch.nn.Identity()), Normalize()]
     SentenceTransformer(modules=modules, device="cpu").save(str(tmp_path / "st"))
