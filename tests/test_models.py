@@ -60,6 +60,17 @@ def _tiny_config(kind):
                                             norm_rel_ebd="layer_norm", position_biased_input=False, pad_token_id=0)
     if kind in ("mpnet", "roformer"):
         return transformers.AutoConfig.for_model(kind, **common)
+    # rotary encoders built into transformers 5.x (custom code on the Hub before): GTE as gte-*-v1.5 (no token types);
+    # no dropout, so that a training step compares packed and padded batches
+    if kind in ("nomic_bert", "gte"):
+        return transformers.AutoConfig.for_model(kind, **common, pad_token_id=0, hidden_dropout_prob=0.0,
+                                                 type_vocab_size=2 if kind == "nomic_bert" else 0)
+    if kind == "jina_embeddings_v3":
+        return transformers.AutoConfig.for_model(kind, **common, pad_token_id=1, bos_token_id=0, eos_token_id=2,
+                                                 hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    if kind == "eurobert":  # GQA 4:2
+        return transformers.AutoConfig.for_model(kind, **common, num_key_value_heads=2, pad_token_id=0, bos_token_id=1,
+                                                 eos_token_id=2, mask_token_id=3)
     if kind in ("t5", "mt5"):  # the whole encoder-decoder, as T5 checkpoints hold it; kalm_fast loads the encoder
         return transformers.AutoConfig.for_model(kind, vocab_size=30522, d_model=64, d_kv=16, d_ff=96, num_layers=2,
                                                  num_heads=4, pad_token_id=0, eos_token_id=1)
@@ -72,9 +83,23 @@ def tokenizer(bpe_tokenizer):
     return bpe_tokenizer
 
 
+def _skip_unless_transformers_runs(kind):
+    """Skip where the installed transformers is older than kalm_fast needs for ``kind`` (which it then refuses by
+    name, tested below): the lower end of the transformers range runs this file too."""
+    import transformers
+    from packaging.version import Version
+
+    from kalm_fast.models.bidirectional import MIN_TRANSFORMERS
+
+    model_type = {"gemma3": "gemma3_text"}.get(kind, kind)
+    if model_type in MIN_TRANSFORMERS and Version(transformers.__version__) < Version(MIN_TRANSFORMERS[model_type][0]):
+        pytest.skip(f"{kind} needs transformers >= {MIN_TRANSFORMERS[model_type][0]}")
+
+
 def _save_tiny(kind, directory, tokenizer, seed=0):
     from transformers import AutoModel
 
+    _skip_unless_transformers_runs(kind)
     torch.manual_seed(seed)
     model = AutoModel.from_config(_tiny_config(kind))
     for p in model.parameters():  # random init gives near-identical tokens; spread the weights out
@@ -191,10 +216,11 @@ def test_decoder_trains_under_bf16_autocast(decoder_dir):
 
 
 @pytest.mark.parametrize("kind", ["xlm-roberta", "roberta", "camembert", "distilbert", "electra", "albert",
-                                  "modernbert"])
+                                  "modernbert", "nomic_bert", "gte", "eurobert", "jina_embeddings_v3"])
 def test_encoder_families_match_transformers(tmp_path, tokenizer, kind):
     """Each supported encoder family, packed, against transformers' own padded forward (RoBERTa-style position ids
-    start after the padding index; ModernBERT's local layers within their window)."""
+    start after the padding index; ModernBERT's local layers within their window; the rotary encoders' positions
+    restart at each packed text)."""
     from transformers import AutoModel
 
     directory = _save_tiny(kind, tmp_path, tokenizer)
@@ -351,6 +377,7 @@ def _modernbert_as_released(directory, tokenizer):
     (``model.`` prefix, and its head), a config with ``local_attention`` / ``global_rope_theta`` and no layer types."""
     from transformers import ModernBertForMaskedLM
 
+    _skip_unless_transformers_runs("modernbert")
     torch.manual_seed(0)
     model = ModernBertForMaskedLM(_tiny_config("modernbert"))
     for p in model.parameters():
@@ -407,6 +434,78 @@ def test_modernbert_runs_its_local_layers_within_their_window(tmp_path, tokenize
     monkeypatch.setattr(transformers, "__version__", "5.6.2")
     with pytest.raises(ValueError, match=r"modernbert model needs transformers >= 5.7 \(found 5.6.2, whose "):
         EmbeddingModel.from_pretrained(directory, device="cpu")
+
+
+# The custom-code layouts that NomicBERT and GTE checkpoints were released in (nomic-embed-text, gte-*-v1.5), which
+# transformers converts as it loads them: per layer, its native tensor names -> the released ones; q/k/v (and GTE's
+# up/gate) are stacked into one tensor there.
+_RELEASED_NAMES = {
+    "nomic_bert": dict(layers="encoder.layers", stacked={"attn.Wqkv": ("self_attn.q_proj", "self_attn.k_proj",
+                                                                        "self_attn.v_proj")},
+                       renamed={"self_attn.o_proj": "attn.out_proj", "mlp.up_proj": "mlp.fc11",
+                                "mlp.gate_proj": "mlp.fc12", "mlp.down_proj": "mlp.fc2",
+                                "post_attention_layernorm": "norm1", "post_mlp_layernorm": "norm2",
+                                "embeddings.LayerNorm": "emb_ln"}),
+    "gte": dict(layers="encoder.layer", stacked={"attention.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj",
+                                                                          "self_attn.v_proj"),
+                                                  "mlp.up_gate_proj": ("mlp.up_proj", "mlp.gate_proj")},
+                renamed={"self_attn.o_proj": "attention.o_proj", "post_attention_layernorm": "attn_ln",
+                         "post_mlp_layernorm": "mlp_ln"}),
+}
+
+
+def _as_released(kind, directory):
+    """Rewrite the weights of a transformers-saved ``kind`` model in ``directory`` in their released layout."""
+    import re
+
+    from safetensors.torch import load_file, save_file
+
+    names = _RELEASED_NAMES[kind]
+    state = load_file(str(directory / "model.safetensors"))
+    out = {}
+    for key in sorted(state):
+        match = re.match(r"layers\.(\d+)\.(.+)\.(weight|bias)$", key)
+        prefix, name, kind_of = (f"{names['layers']}.{match[1]}.", match[2], match[3]) if match else (
+            "", key.rsplit(".", 1)[0], key.rsplit(".", 1)[1])
+        stacked = [(k, parts) for k, parts in names["stacked"].items() if name in parts]
+        if stacked:
+            target, parts = stacked[0]
+            if name == parts[0]:
+                out[f"{prefix}{target}.{kind_of}"] = torch.cat([state[key.replace(name, part)] for part in parts])
+            continue
+        out[f"{prefix}{names['renamed'].get(name, name)}.{kind_of}"] = state[key]
+    (directory / "model.safetensors").unlink()
+    save_file(out, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    return sorted(out)
+
+
+@pytest.mark.parametrize("kind", ["nomic_bert", "gte"])
+def test_rotary_encoders_load_in_their_released_layout(tmp_path, tokenizer, kind):
+    """NomicBERT and GTE checkpoints as released (custom-code tensor names, q/k/v stacked), which transformers
+    converts as it loads them: the same embeddings as the native layout, packed, and as transformers' own model one
+    text at a time; the same after a save by kalm_fast (native layout); a training step's gradients reach them."""
+    from transformers import AutoModel
+
+    native = _save_tiny(kind, tmp_path / "native", tokenizer)
+    released = tmp_path / "released"
+    shutil.copytree(native, released)
+    names = _as_released(kind, released)
+    layout = _RELEASED_NAMES[kind]
+    assert {f"{layout['layers']}.0.{k}.weight" for k in layout["stacked"]} <= set(names)
+    assert not any(n.startswith("layers.") or ".self_attn." in n for n in names)
+    model = EmbeddingModel.from_pretrained(released, device="cpu")
+    ids = [x for x in model.token_ids(TEXTS) if x]
+    ref = AutoModel.from_pretrained(str(released), attn_implementation="sdpa").eval()
+    with torch.no_grad():
+        got = model(model.pack(ids))
+        want = torch.stack([ref(input_ids=torch.tensor([x])).last_hidden_state[0].mean(0) for x in ids])
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+        plain = EmbeddingModel.from_pretrained(native, device="cpu")
+        torch.testing.assert_close(plain(plain.pack(ids)), got, atol=0, rtol=0)
+        model.save_pretrained(tmp_path / "saved")
+        again = EmbeddingModel.from_pretrained(tmp_path / "saved", device="cpu")
+        torch.testing.assert_close(again(again.pack(ids)), got, atol=0, rtol=0)
+    _assert_packed_equals_padded(model.train(), model.model.layers[0].self_attn.q_proj.weight)
 
 
 def test_gemma3_refuses_the_windowless_cuda_attention(tmp_path, tokenizer):
@@ -550,11 +649,60 @@ def test_an_mpnet_model_trains(tmp_path, tokenizer):
         Trainer(config_from_dict(raw), show_progress=False).train()
 
 
+def test_a_nomic_bert_model_trains_with_gradient_checkpointing(tmp_path, tokenizer):
+    """A rotary encoder (NomicBERT) through transformers' modules in training: gradient checkpointing gives the same
+    gradients, and a training stage with it runs and saves a model that loads again, changed."""
+    from train_utils import make_records
+
+    from kalm_fast.train.config import config_from_dict
+    from kalm_fast.train.data import write_jsonl
+    from kalm_fast.train.trainer import Trainer
+
+    directory = _save_tiny("nomic_bert", tmp_path / "model", tokenizer)
+    grads = []
+    for checkpointing in (False, True):
+        model = EmbeddingModel.from_pretrained(directory, device="cpu").train()
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        model(model.tokenize(TEXTS)).square().sum().backward()
+        grads.append(model.model.layers[0].self_attn.q_proj.weight.grad)
+    torch.testing.assert_close(grads[1], grads[0], atol=1e-6, rtol=1e-5)
+    write_jsonl(tmp_path / "train.jsonl", make_records(8))
+    raw = dict(model=str(directory), output_dir=str(tmp_path / "run"), gradient_checkpointing=True,
+               stages=[dict(name="s", data=[str(tmp_path / "train.jsonl")], steps=2, batch_size=4, hard_negatives=1)])
+    trained = EmbeddingModel.from_pretrained(Trainer(config_from_dict(raw), show_progress=False).train(), device="cpu")
+    with torch.no_grad():
+        before = EmbeddingModel.from_pretrained(directory, device="cpu")
+        assert (trained(trained.tokenize(TEXTS[:2])) - before(before.tokenize(TEXTS[:2]))).abs().max() > 1e-4
+
+
 def test_unsupported_families_are_refused(tmp_path):
     """Families kalm_fast has not tested are refused before their weights load, naming what is tested."""
     (tmp_path / "config.json").write_text(json.dumps(dict(model_type="bart")))
     with pytest.raises(ValueError, match="model_type 'bart' is not supported by kalm_fast \\(tested: bert, .*mpnet"):
         EmbeddingModel.from_pretrained(tmp_path, device="cpu")
+
+
+@pytest.mark.parametrize("kind, oldest", [("eurobert", "5.5"), ("jina_embeddings_v3", "5.4"), ("nomic_bert", "5.5"),
+                                         ("gte", "5.18")])
+def test_rotary_encoders_name_the_transformers_they_need(tmp_path, monkeypatch, kind, oldest):
+    """A transformers older than the one that built the family in is refused by name, whether or not it knows the
+    model_type (a real old one does not); GTE's custom-code config (model_type 'new') points to the built-in one."""
+    import transformers
+
+    (tmp_path / "config.json").write_text(json.dumps(dict(model_type=kind)))
+    older = f"{oldest.split('.')[0]}.{int(oldest.split('.')[1]) - 1}.0"
+    monkeypatch.setattr(transformers, "__version__", older)
+    for known in (True, False):
+        if not known:
+            monkeypatch.delitem(transformers.CONFIG_MAPPING._extra_content, kind, raising=False)
+            monkeypatch.delitem(transformers.CONFIG_MAPPING._mapping, kind, raising=False)
+        with pytest.raises(ValueError, match=rf"a {kind} model needs transformers >= {oldest} \(found {older}, "):
+            EmbeddingModel.from_pretrained(tmp_path, device="cpu")
+    if kind == "gte":
+        (tmp_path / "config.json").write_text(json.dumps(dict(model_type="new")))
+        with pytest.raises(ValueError, match=r"not supported\); it is Alibaba-NLP's GTE .* as model_type 'gte'"):
+            EmbeddingModel.from_pretrained(tmp_path, device="cpu")
 
 
 def test_kalm_layout_loads_without_running_remote_code(tmp_path, tokenizer):
@@ -705,10 +853,11 @@ def test_equal_length_runs():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not (INTERPRET or DEVICE == "cuda"), reason="Triton on CPU needs TRITON_INTERPRET=1")
-@pytest.mark.parametrize("kind", ["qwen3", "modernbert"])
+@pytest.mark.parametrize("kind", ["qwen3", "modernbert", "eurobert"])
 def test_triton_attention_backend_matches_torch(tmp_path, tokenizer, kind):
     """The registered attention function drives the Triton kernels too (CPU interpreter here, the GPU there):
-    Qwen3 (head dim 32, GQA 4:1), ModernBERT (head dim 16, a local layer's band, texts longer than it)."""
+    Qwen3 (head dim 32, GQA 4:1), ModernBERT (head dim 16, a local layer's band, texts longer than it), EuroBERT (a
+    rotary encoder, GQA 4:2)."""
     directory = _save_tiny(kind, tmp_path, tokenizer)
     texts = TEXTS[:3] + TEXTS[-1:]
     want = EmbeddingModel.from_pretrained(directory, device=DEVICE, attn_backend="torch")
@@ -799,11 +948,11 @@ def test_encoder_on_gpu_matches_cpu(decoder_dir, dtype):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA device")
-@pytest.mark.parametrize("kind", ["modernbert", "mpnet"])
+@pytest.mark.parametrize("kind", ["modernbert", "mpnet", "nomic_bert"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_encoders_on_gpu_match_cpu(tmp_path, tokenizer, kind, dtype):
-    """ModernBERT (packed, the Triton band of its local layers) and MPNet (padded, its own attention) encode on the
-    GPU as on the CPU in fp32."""
+    """ModernBERT (packed, the Triton band of its local layers), MPNet (padded, its own attention) and NomicBERT
+    (packed, rotary) encode on the GPU as on the CPU in fp32."""
     from kalm_fast import Encoder
 
     directory = _save_tiny(kind, tmp_path, tokenizer)

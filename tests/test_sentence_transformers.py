@@ -620,18 +620,28 @@ def test_a_gemma3_saved_by_kalm_fast_loads_bidirectionally_in_sentence_transform
     assert np.abs(enc.encode(TEXTS) - causal).max() > 1e-2
 
 
-def test_a_modernbert_embedder_as_sentence_transformers(tmp_path):
-    """A gte-modernbert-style model (ModernBERT, CLS pooling, Normalize, a query prompt; its tokenizer adds [CLS]
-    and [SEP]) as sentence-transformers 6 saves it: the same embeddings, on texts longer than its local layers'
-    window (|i - j| <= 4), and again after a save by kalm_fast."""
+def _cls_sep_tokenizer():
+    """The committed BPE tokenizer with [CLS] and [SEP] added around every text, as BERT-style tokenizers do (so that
+    CLS pooling has a token even for an empty text)."""
     from tokenizers.processors import TemplateProcessing
-    from transformers import AutoTokenizer, ModernBertConfig, ModernBertModel
+    from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(BPE_TOKENIZER))
     tokenizer.add_special_tokens({"cls_token": "[CLS]", "sep_token": "[SEP]"})
     cls, sep = tokenizer.convert_tokens_to_ids(["[CLS]", "[SEP]"])
     tokenizer.backend_tokenizer.post_processor = TemplateProcessing(
         single="[CLS] $A [SEP]", special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+    return tokenizer
+
+
+def test_a_modernbert_embedder_as_sentence_transformers(tmp_path):
+    """A gte-modernbert-style model (ModernBERT, CLS pooling, Normalize, a query prompt; its tokenizer adds [CLS]
+    and [SEP]) as sentence-transformers 6 saves it: the same embeddings, on texts longer than its local layers'
+    window (|i - j| <= 4), and again after a save by kalm_fast."""
+    from transformers import ModernBertConfig, ModernBertModel
+
+    tokenizer = _cls_sep_tokenizer()
+    cls, sep = tokenizer.convert_tokens_to_ids(["[CLS]", "[SEP]"])
     torch.manual_seed(0)
     config = ModernBertConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                               num_attention_heads=4, max_position_embeddings=128, local_attention=8,
@@ -649,6 +659,49 @@ def test_a_modernbert_embedder_as_sentence_transformers(tmp_path):
     again = SentenceTransformer(str(tmp_path / "saved"), device="cpu")
     _assert_same(Encoder(tmp_path / "saved", device="cpu").encode(TEXTS), again.encode(TEXTS), "modernbert saved")
     _assert_same(again.encode(TEXTS), ref.encode(TEXTS), "modernbert saved, in sentence-transformers")
+
+
+# Rotary encoders that transformers 5.x built in (custom code on the Hub before), with their release's modules:
+# (model_type, config arguments, pooling mode, prompts)
+ROTARY_ENCODERS = {
+    "nomic-embed-text": ("nomic_bert", dict(type_vocab_size=2), "mean",
+                         {"query": "search_query: ", "document": "search_document: "}),
+    "gte-v1.5": ("gte", dict(type_vocab_size=0), "cls", {}),
+    "jina-v3": ("jina_embeddings_v3", dict(pad_token_id=1, bos_token_id=0, eos_token_id=2), "mean",
+                {"query": "Represent the query for retrieving evidence documents: "}),
+    "eurobert": ("eurobert", dict(num_key_value_heads=2, bos_token_id=1, eos_token_id=2, mask_token_id=3), "mean", {}),
+}
+
+
+@pytest.mark.parametrize("name", list(ROTARY_ENCODERS))
+def test_rotary_encoders_as_sentence_transformers(tmp_path, name):
+    """nomic-embed-text (NomicBERT, mean, Normalize, search prompts), gte-*-v1.5 (GTE, CLS, Normalize), jina v3 and
+    EuroBERT (mean, Normalize) as sentence-transformers 6 saves them: the same embeddings, queries with their prompt,
+    and again after a save by kalm_fast."""
+    import transformers
+    from packaging.version import Version
+
+    from kalm_fast.models.bidirectional import MIN_TRANSFORMERS
+
+    model_type, extra, pooling, prompts = ROTARY_ENCODERS[name]
+    if Version(transformers.__version__) < Version(MIN_TRANSFORMERS[model_type][0]):
+        pytest.skip(f"{model_type} needs transformers >= {MIN_TRANSFORMERS[model_type][0]}")
+    tokenizer = _cls_sep_tokenizer() if pooling == "cls" else None  # gte's BERT tokenizer adds [CLS] and [SEP]
+    torch.manual_seed(0)
+    config = transformers.AutoConfig.for_model(model_type, **{
+        "vocab_size": 8194, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "max_position_embeddings": 256, "pad_token_id": 0, **extra})
+    _save_spread(transformers.AutoModel.from_config(config), tmp_path / "hf", tokenizer)
+    modules = [Transformer(str(tmp_path / "hf"), max_seq_length=200), Pooling(64, pooling_mode=pooling), Normalize()]
+    SentenceTransformer(modules=modules, device="cpu", prompts=prompts).save(str(tmp_path / "st"))
+    enc, ref = Encoder(tmp_path / "st", device="cpu"), SentenceTransformer(str(tmp_path / "st"), device="cpu")
+    assert enc.model.config.model_type == model_type and max(len(x) for x in enc.model.token_ids(TEXTS)) > 100
+    _assert_same(enc.encode(TEXTS), ref.encode(TEXTS), name)
+    if prompts:
+        _assert_same(enc.encode_query(TEXTS), ref.encode_query(TEXTS), f"{name} queries")
+    enc.save(tmp_path / "saved")
+    again = SentenceTransformer(str(tmp_path / "saved"), device="cpu")
+    _assert_same(Encoder(tmp_path / "saved", device="cpu").encode(TEXTS), again.encode(TEXTS), f"{name} saved")
 
 
 def test_an_mpnet_embedder_as_sentence_transformers(tmp_path):

@@ -28,7 +28,8 @@ from ..ops.attention.padding import unpad_layout
 NAME = "kalm_fast"
 # What runs packed through kalm_fast's attention, tested against transformers' own forward.
 SUPPORTED_MODEL_TYPES = ("bert", "roberta", "xlm-roberta", "camembert", "distilbert", "electra", "albert",
-                         "modernbert", "qwen2", "qwen3", "llama", "mistral", "gemma", "gemma3_text")
+                         "modernbert", "nomic_bert", "gte", "eurobert", "jina_embeddings_v3",
+                         "qwen2", "qwen3", "llama", "mistral", "gemma", "gemma3_text")
 # Encoders that keep their own attention (MPNet's, DeBERTa-v2's and T5's relative position biases, RoFormer's
 # rotary embedding inside its attention): texts packed in one row would attend to each other there, so
 # ``EmbeddingModel`` runs them padded through their own modules (bidirectional already; T5 / mT5: their encoder),
@@ -41,9 +42,14 @@ OWN_ATTENTION_MODEL_TYPES = ("mpnet", "deberta-v2", "roformer", "t5", "mt5")
 # also gets transformers' own bidirectional switch (``use_bidirectional_attention``).
 _WINDOWED = ("gemma3_text", "modernbert")
 # The oldest transformers that runs each family right with kalm_fast, and why.
-_MIN_TRANSFORMERS = {
+MIN_TRANSFORMERS = {
     "gemma3_text": ("5.16", "which would halve its sliding window on every save"),
     "modernbert": ("5.7", "whose ModernBERT cannot switch to another attention function"),
+    # rotary encoders that were custom code on the Hub before transformers built them in
+    "eurobert": ("5.5", "5.3 was the first with EuroBERT built in, and 5.4 cannot build its config"),
+    "jina_embeddings_v3": ("5.4", "the first with Jina Embeddings v3 built in"),
+    "nomic_bert": ("5.5", "the first with NomicBERT built in"),
+    "gte": ("5.18", "the first with GTE built in"),
 }
 
 
@@ -73,11 +79,11 @@ def check_model_type(model_type, where) -> None:
     if model_type not in SUPPORTED_MODEL_TYPES + OWN_ATTENTION_MODEL_TYPES:
         raise ValueError(f"{where}: model_type {model_type!r} is not supported by kalm_fast (tested: "
                          f"{', '.join(SUPPORTED_MODEL_TYPES + OWN_ATTENTION_MODEL_TYPES)})")
-    if model_type in _MIN_TRANSFORMERS:
+    if model_type in MIN_TRANSFORMERS:
         import transformers
         from packaging.version import Version
 
-        oldest, why = _MIN_TRANSFORMERS[model_type]
+        oldest, why = MIN_TRANSFORMERS[model_type]
         if Version(transformers.__version__) < Version(oldest):
             raise ValueError(f"{where}: a {model_type} model needs transformers >= {oldest} (found "
                              f"{transformers.__version__}, {why})")
@@ -178,9 +184,10 @@ def _forward_layout(mask: torch.Tensor):
     return layout
 
 
-def kalm_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None, attention_mask=None,
-              config=None, **kwargs):
-    """transformers mask function: the 2-D padding mask ``[B, L]`` (bool) or None when nothing is padded.
+def kalm_mask(batch_size, q_length=None, kv_length=None, q_offset=0, kv_offset=0, mask_function=None,
+              attention_mask=None, config=None, **kwargs):
+    """transformers mask function: the 2-D padding mask ``[B, L]`` (bool) or None when nothing is padded. Called with
+    keywords; transformers < 5.4 passes ``cache_position`` instead of ``q_length`` / ``q_offset``, which are unused.
 
     Which mask function transformers composed (bidirectional, causal, wrapped for packed position ids, ...) does not
     matter: kalm_fast's attention masks within each sequence itself, bidirectionally or causally as
@@ -251,6 +258,9 @@ def make_bidirectional(model, backend: str = "auto", max_length: int = 512, caus
             config.sliding_window = None
         if hasattr(config, "layer_types"):
             config.layer_types = ["full_attention"] * len(config.layer_types)
+            for module in model.modules():  # transformers < 5.4 reads each layer's type off the layer
+                if getattr(module, "attention_type", None) == "sliding_attention":
+                    module.attention_type = "full_attention"
         if getattr(model, "has_sliding_layers", False):  # Qwen2/3 would build a sliding mask from the dropped window
             model.has_sliding_layers = False
     if backend == "cuda" and config.model_type in _WINDOWED and local_layers(config):

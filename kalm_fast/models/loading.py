@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..files import sha256_file
-from .bidirectional import check_model_type
+from .bidirectional import MIN_TRANSFORMERS, check_model_type
 
 
 @dataclass
@@ -311,6 +311,13 @@ def _read_model_config(path: Path, info: SentenceTransformerInfo) -> None:
     info.truncate_dim = truncate_dim
 
 
+# Custom-code families (model_type of their Hub configs) that transformers later built in under another name.
+_CUSTOM_CODE_HINTS = {
+    "new": "it is Alibaba-NLP's GTE (gte-*-v1.5, gte-multilingual), which transformers >= 5.18 has built in as "
+           "model_type 'gte': use a checkpoint converted to it (e.g. alibaba-nlp-community/gte-multilingual-base)",
+}
+
+
 def build_config(model_dir: Path):
     """The transformers config of ``model_dir`` built from transformers' own class; ``auto_map`` is dropped."""
     from transformers import CONFIG_MAPPING
@@ -322,10 +329,13 @@ def build_config(model_dir: Path):
     data = _read_json(config_file)
     data.pop("auto_map", None)
     model_type = data.get("model_type")
+    if model_type in CONFIG_MAPPING or model_type in MIN_TRANSFORMERS:  # a family newer than this transformers:
+        check_model_type(model_type, config_file)  # names the transformers it needs
     if model_type not in CONFIG_MAPPING:
+        hint = _CUSTOM_CODE_HINTS.get(model_type, "")
         raise ValueError(f"{config_file}: model_type {model_type!r} has no built-in transformers implementation; "
-                         "kalm_fast never runs code from a model directory (trust_remote_code is not supported)")
-    check_model_type(model_type, config_file)
+                         "kalm_fast never runs code from a model directory (trust_remote_code is not supported)"
+                         + (f"; {hint}" if hint else ""))
     return CONFIG_MAPPING[model_type].from_dict(data)
 
 
