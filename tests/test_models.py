@@ -683,6 +683,28 @@ def test_unsupported_families_are_refused(tmp_path):
         EmbeddingModel.from_pretrained(tmp_path, device="cpu")
 
 
+def test_layer_tensors_the_config_has_no_place_for_are_refused(tmp_path, tokenizer):
+    """Weights of more layers than config.json builds, or biases the built layers lack (what a config under names
+    transformers does not read, e.g. nomic's custom-code n_layer / qkv_proj_bias, would leave behind), are a
+    ValueError naming a tensor, not silently dropped; heads and an encoder-decoder's decoder stay allowed."""
+    from safetensors.torch import load_file, save_file
+
+    directory = _save_tiny("nomic_bert", tmp_path / "m", tokenizer)
+    config = json.loads((directory / "config.json").read_text())
+    (directory / "config.json").write_text(json.dumps(dict(config, num_hidden_layers=1)))
+    with pytest.raises(ValueError, match=r"tensor\(s\) of the model's layers .* such as 'layers\.1\."):
+        EmbeddingModel.from_pretrained(directory, device="cpu")
+    (directory / "config.json").write_text(json.dumps(config))
+    state = load_file(str(directory / "model.safetensors"))
+    save_file(dict(state, **{"layers.0.self_attn.q_proj.bias": torch.zeros(64)}), str(directory / "model.safetensors"),
+              metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"such as 'layers.0.self_attn.q_proj.bias': the config does not describe"):
+        EmbeddingModel.from_pretrained(directory, device="cpu")
+    save_file(dict(state, **{"lm_head.dense.weight": torch.zeros(64, 64)}), str(directory / "model.safetensors"),
+              metadata={"format": "pt"})
+    EmbeddingModel.from_pretrained(directory, device="cpu")
+
+
 @pytest.mark.parametrize("kind, oldest", [("eurobert", "5.5"), ("jina_embeddings_v3", "5.4"), ("nomic_bert", "5.5"),
                                          ("gte", "5.18")])
 def test_rotary_encoders_name_the_transformers_they_need(tmp_path, monkeypatch, kind, oldest):

@@ -677,7 +677,9 @@ ROTARY_ENCODERS = {
 def test_rotary_encoders_as_sentence_transformers(tmp_path, name):
     """nomic-embed-text (NomicBERT, mean, Normalize, search prompts), gte-*-v1.5 (GTE, CLS, Normalize), jina v3 and
     EuroBERT (mean, Normalize) as sentence-transformers 6 saves them: the same embeddings, queries with their prompt,
-    and again after a save by kalm_fast."""
+    and again after a save by kalm_fast. Their saved max_seq_length (200, in sentence_bert_config.json) is past
+    max_position_embeddings (64), as nomic-embed-text's 8192 is past the 2048 that transformers reads from its
+    config: rotary models have no table of positions to outgrow, so it stands, as in sentence-transformers."""
     import transformers
     from packaging.version import Version
 
@@ -690,12 +692,14 @@ def test_rotary_encoders_as_sentence_transformers(tmp_path, name):
     torch.manual_seed(0)
     config = transformers.AutoConfig.for_model(model_type, **{
         "vocab_size": 8194, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
-        "num_attention_heads": 4, "max_position_embeddings": 256, "pad_token_id": 0, **extra})
+        "num_attention_heads": 4, "max_position_embeddings": 64, "pad_token_id": 0, **extra})
     _save_spread(transformers.AutoModel.from_config(config), tmp_path / "hf", tokenizer)
     modules = [Transformer(str(tmp_path / "hf"), max_seq_length=200), Pooling(64, pooling_mode=pooling), Normalize()]
     SentenceTransformer(modules=modules, device="cpu", prompts=prompts).save(str(tmp_path / "st"))
+    _edit_json(tmp_path / "st" / "sentence_bert_config.json", max_seq_length=200)  # as nomic-embed-text's release
     enc, ref = Encoder(tmp_path / "st", device="cpu"), SentenceTransformer(str(tmp_path / "st"), device="cpu")
-    assert enc.model.config.model_type == model_type and max(len(x) for x in enc.model.token_ids(TEXTS)) > 100
+    assert enc.model.config.model_type == model_type and enc.max_seq_length == ref.max_seq_length == 200
+    assert max(len(x) for x in enc.model.token_ids(TEXTS)) > 100
     _assert_same(enc.encode(TEXTS), ref.encode(TEXTS), name)
     if prompts:
         _assert_same(enc.encode_query(TEXTS), ref.encode_query(TEXTS), f"{name} queries")

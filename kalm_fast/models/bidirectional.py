@@ -46,10 +46,11 @@ MIN_TRANSFORMERS = {
     "gemma3_text": ("5.16", "which would halve its sliding window on every save"),
     "modernbert": ("5.7", "whose ModernBERT cannot switch to another attention function"),
     # rotary encoders that were custom code on the Hub before transformers built them in
-    "eurobert": ("5.5", "5.3 was the first with EuroBERT built in, and 5.4 cannot build its config"),
-    "jina_embeddings_v3": ("5.4", "the first with Jina Embeddings v3 built in"),
-    "nomic_bert": ("5.5", "the first with NomicBERT built in"),
-    "gte": ("5.18", "the first with GTE built in"),
+    "eurobert": ("5.5", "before 5.3 it has no EuroBERT built in, 5.4 cannot build its config, and kalm_fast is "
+                        "tested with EuroBERT from 5.5"),
+    "jina_embeddings_v3": ("5.4", "which has no Jina Embeddings v3 built in"),
+    "nomic_bert": ("5.5", "which has no NomicBERT built in"),
+    "gte": ("5.18", "which has no GTE built in"),
 }
 
 

@@ -57,6 +57,13 @@ def _position_offset(config) -> int:
     return config.pad_token_id + 1 if config.model_type in _ROBERTA_LIKE else 0
 
 
+def _has_position_table(model: nn.Module) -> bool:
+    """Whether ``model`` embeds absolute positions from a table (BERT-like): its size caps the max length. Rotary and
+    relative-position models have none: a saved ``max_seq_length`` beyond ``max_position_embeddings`` stands, as in
+    sentence-transformers."""
+    return any(isinstance(m, nn.Embedding) and "position" in name for name, m in model.named_modules())
+
+
 def _one_token(hidden: torch.Tensor, varlen: Varlen, last: bool, dim: Optional[int], normalize: bool) -> torch.Tensor:
     """CLS / last-token pooling: the hidden state of each sequence's first (or ``last``) token, ``[T, H]`` ->
     ``[N, dim or H]`` (a zero vector for an empty sequence), truncated to ``dim`` then L2-normalized if asked.
@@ -205,8 +212,8 @@ class EmbeddingModel(nn.Module):
         ``dtype``: of the weights; None is float32, ``"auto"`` the checkpoint's own (as transformers 5 loads it).
 
         The model's own max length is sentence-transformers' (its saved ``max_seq_length``, else the tokenizer's
-        ``model_max_length`` capped by the position embeddings and a local layers' sliding window, with a warning);
-        ``max_length`` caps it further.
+        ``model_max_length`` capped by ``max_position_embeddings``), capped by a table of absolute positions and a
+        local layers' sliding window (with a warning); ``max_length`` caps it further.
         """
         if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int)
                                        or max_length < 1):
@@ -225,8 +232,8 @@ class EmbeddingModel(nn.Module):
             lowercase_inputs(tokenizer)
         positions = getattr(config, "max_position_embeddings", None)
         own = info.max_seq_length or min(x for x in (tokenizer.model_max_length, positions) if x)
-        positions = positions - _position_offset(config) if positions else None
-        own = min(x for x in (own, positions) if x)
+        if positions and _has_position_table(model):  # a longer text would index past it
+            own = min(own, positions - _position_offset(config))
         asked, window = min(x for x in (max_length, own) if x), dropped_window(config)
         if window is not None and asked > window:
             warnings.warn(f"texts are cut at {window} tokens, the sliding window of the model's local layers: "

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -378,6 +379,9 @@ def _check_safetensors(path: Path) -> None:
 
 # Missing from a checkpoint without harm: BERT's pooler, which mean pooling never reads.
 _UNUSED_PREFIXES = ("pooler.",)
+# A tensor of one of the model's numbered layers (``layers.3.``, ``encoder.layer.3.``); an encoder-decoder's decoder
+# layers (T5, of which kalm_fast loads the encoder) are skipped by design.
+_LAYER_TENSOR = re.compile(r"(^|\.)layers?\.\d+\.")
 
 
 # Encoder-decoder families whose encoder alone embeds (sentence-t5, GTR): their encoder's class, as
@@ -419,12 +423,19 @@ def load_transformer(model_dir: Path, *, dtype=None, allow_pickle: bool = False)
         if bar_was_on:
             hf_logging.enable_progress_bar()
     missing = sorted(k for k in info.get("missing_keys", ()) if not k.startswith(_UNUSED_PREFIXES))
+    unexpected = sorted(info.get("unexpected_keys", ()))
     if missing:
-        unexpected = sorted(info.get("unexpected_keys", ()))
         hint = f"; the files hold unexpected tensors such as {unexpected[0]!r}" if unexpected else ""
         raise ValueError(f"{model_dir}: the weights lack {len(missing)} tensor(s) of the {config.model_type} model, "
                          f"such as {missing[0]!r}{hint} (renamed, prefixed or missing tensors are not loaded as "
                          "random weights)")
+    in_layers = [k for k in unexpected if _LAYER_TENSOR.search(k) and not k.startswith("decoder.")]
+    if in_layers:
+        raise ValueError(f"{model_dir}: the weights hold {len(in_layers)} tensor(s) of the model's layers that the "
+                         f"{config.model_type} model built from config.json has no place for, such as "
+                         f"{in_layers[0]!r}: the config does not describe these weights (more layers, or biases, "
+                         "than it says; or settings under names transformers does not read), and dropping them "
+                         "would give another model")
     return config, model
 
 
