@@ -71,9 +71,12 @@ def _tiny_config(kind):
     if kind == "eurobert":  # GQA 4:2
         return transformers.AutoConfig.for_model(kind, **common, num_key_value_heads=2, pad_token_id=0, bos_token_id=1,
                                                  eos_token_id=2, mask_token_id=3)
-    if kind in ("t5", "mt5"):  # the whole encoder-decoder, as T5 checkpoints hold it; kalm_fast loads the encoder
+    if kind in ("t5", "mt5", "umt5", "longt5"):  # the whole encoder-decoder, as T5 checkpoints hold it; kalm_fast
+        # loads the encoder. LongT5's transient-global attention, in local blocks (radius 4) shorter than the texts
+        extra = dict(encoder_attention_type="transient-global", local_radius=4, global_block_size=4) if (
+            kind == "longt5") else {}
         return transformers.AutoConfig.for_model(kind, vocab_size=30522, d_model=64, d_kv=16, d_ff=96, num_layers=2,
-                                                 num_heads=4, pad_token_id=0, eos_token_id=1)
+                                                 num_heads=4, pad_token_id=0, eos_token_id=1, **extra)
     raise ValueError(kind)
 
 
@@ -576,10 +579,11 @@ def test_multimodal_gemma3_is_refused_before_its_weights_load(tmp_path, monkeypa
         EmbeddingModel.from_pretrained(tmp_path, device="cpu")
 
 
-@pytest.mark.parametrize("kind", ["mpnet", "deberta-v2", "roformer", "t5", "mt5"])
+@pytest.mark.parametrize("kind", ["mpnet", "deberta-v2", "roformer", "t5", "mt5", "umt5", "longt5"])
 def test_encoders_with_their_own_attention_run_padded_through_it(tmp_path, tokenizer, kind):
-    """MPNet (all-mpnet-base-v2), DeBERTa-v2, RoFormer and T5 / mT5 encoders (sentence-t5, GTR) keep their own
-    attention (relative position biases, rotary inside it): their packed batches run padded through their own
+    """MPNet (all-mpnet-base-v2), DeBERTa-v2, RoFormer and T5 / mT5 / UMT5 / LongT5 encoders (sentence-t5, GTR) keep
+    their own attention (relative position biases, rotary inside it, local blocks): their packed batches run padded
+    through their own
     modules. The same embeddings as transformers' forward one text at a time (MPNet's positions after its padding
     index included), packed == padded forward and backward (training); a text longer than MPNet's positions is cut
     at them; another attention backend is refused."""
@@ -588,8 +592,9 @@ def test_encoders_with_their_own_attention_run_padded_through_it(tmp_path, token
     directory = _save_tiny(kind, tmp_path, tokenizer)
     model = EmbeddingModel.from_pretrained(directory, device="cpu")
     # MPNet counts positions from pad_token_id + 1 = 2; T5's relative positions have no limit: the tokenizer's
-    assert model.max_length == {"mpnet": 126, "t5": 32768, "mt5": 32768}.get(kind, 128)
-    encoder_class = {"t5": "T5EncoderModel", "mt5": "MT5EncoderModel"}.get(kind, "AutoModel")
+    assert model.max_length == {"mpnet": 126, "t5": 32768, "mt5": 32768, "umt5": 32768, "longt5": 32768}.get(kind, 128)
+    encoder_class = {"t5": "T5EncoderModel", "mt5": "MT5EncoderModel", "umt5": "UMT5EncoderModel",
+                     "longt5": "LongT5EncoderModel"}.get(kind, "AutoModel")
     ref = getattr(transformers, encoder_class).from_pretrained(str(directory)).eval()
     pad = model.config.pad_token_id
     ids = model.token_ids(TEXTS) + [[5, 9, pad, 7, pad, 11]]  # the pad token inside a text (MPNet: position pad)

@@ -729,26 +729,27 @@ def test_an_mpnet_embedder_as_sentence_transformers(tmp_path):
     _assert_same(Encoder(tmp_path / "saved", device="cpu").encode(TEXTS), again.encode(TEXTS), "mpnet saved")
 
 
-def test_a_sentence_t5_embedder_as_sentence_transformers(tmp_path):
+@pytest.mark.parametrize("kind", ["t5", "umt5", "longt5"])
+def test_a_sentence_t5_embedder_as_sentence_transformers(tmp_path, kind):
     """A sentence-t5 / GTR-style model (a T5 checkpoint, of which both load the encoder; mean pooling, a Dense
-    without bias or activation, Normalize) as sentence-transformers 6 saves it: the same embeddings, and again after
-    a save by kalm_fast."""
-    from transformers import T5Config, T5Model
+    without bias or activation, Normalize) as sentence-transformers 6 saves it, also with UMT5 and LongT5 (local
+    blocks of radius 4) checkpoints: the same embeddings, and again after a save by kalm_fast."""
+    from transformers import AutoConfig, AutoModel
 
     torch.manual_seed(0)
-    config = T5Config(vocab_size=8192, d_model=64, d_kv=16, d_ff=96, num_layers=2, num_heads=4, pad_token_id=0,
-                      eos_token_id=0)
-    model = T5Model(config)
-    _save_spread(model, tmp_path / "hf")
+    extra = dict(encoder_attention_type="local", local_radius=4) if kind == "longt5" else {}
+    config = AutoConfig.for_model(kind, vocab_size=8192, d_model=64, d_kv=16, d_ff=96, num_layers=2, num_heads=4,
+                                  pad_token_id=0, eos_token_id=0, **extra)
+    _save_spread(AutoModel.from_config(config), tmp_path / "hf")
     modules = [Transformer(str(tmp_path / "hf"), max_seq_length=64), Pooling(64),
                Dense(64, 48, bias=False, activation_function=torch.nn.Identity()), Normalize()]
     SentenceTransformer(modules=modules, device="cpu").save(str(tmp_path / "st"))
     enc, ref = Encoder(tmp_path / "st", device="cpu"), SentenceTransformer(str(tmp_path / "st"), device="cpu")
     assert max(len(x) for x in enc.model.token_ids(TEXTS)) == 64
-    _assert_same(enc.encode(TEXTS), ref.encode(TEXTS), "t5")
+    _assert_same(enc.encode(TEXTS), ref.encode(TEXTS), kind)
     enc.save(tmp_path / "saved")
     again = SentenceTransformer(str(tmp_path / "saved"), device="cpu")
-    _assert_same(Encoder(tmp_path / "saved", device="cpu").encode(TEXTS), again.encode(TEXTS), "t5 saved")
+    _assert_same(Encoder(tmp_path / "saved", device="cpu").encode(TEXTS), again.encode(TEXTS), f"{kind} saved")
 
 
 def _dense_model(tmp, decoder_hf, seed=0):

@@ -31,11 +31,12 @@ SUPPORTED_MODEL_TYPES = ("bert", "roberta", "xlm-roberta", "camembert", "distilb
                          "modernbert", "nomic_bert", "gte", "eurobert", "jina_embeddings_v3",
                          "qwen2", "qwen3", "llama", "mistral", "gemma", "gemma3_text")
 # Encoders that keep their own attention (MPNet's, DeBERTa-v2's and T5's relative position biases, RoFormer's
-# rotary embedding inside its attention): texts packed in one row would attend to each other there, so
-# ``EmbeddingModel`` runs them padded through their own modules (bidirectional already; T5 / mT5: their encoder),
+# rotary embedding inside its attention, LongT5's local blocks): texts packed in one row would attend to each other
+# there, so ``EmbeddingModel`` runs them padded through their own modules (bidirectional already; the T5 family:
+# its encoder),
 # also tested against transformers. Other families are refused (e.g. Gemma 2, whose attention logits are
 # soft-capped).
-OWN_ATTENTION_MODEL_TYPES = ("mpnet", "deberta-v2", "roformer", "t5", "mt5")
+OWN_ATTENTION_MODEL_TYPES = ("mpnet", "deberta-v2", "roformer", "t5", "mt5", "umt5", "longt5")
 # Families whose local layers run with their window (a band of ``flash_attention``): transformers hands a local
 # layer's window w to the attention function, flash-attention style, for keys |i - j| < w (ModernBERT: w is half its
 # local_attention, plus one). Their layer types, which also pick each layer's RoPE base, stay as they are. Gemma 3

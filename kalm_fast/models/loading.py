@@ -386,7 +386,8 @@ _LAYER_TENSOR = re.compile(r"(^|\.)layers?\.\d+\.")
 
 # Encoder-decoder families whose encoder alone embeds (sentence-t5, GTR): their encoder's class, as
 # sentence-transformers loads them.
-ENCODER_ONLY_CLASSES = {"t5": "T5EncoderModel", "mt5": "MT5EncoderModel"}
+ENCODER_ONLY_CLASSES = {"t5": "T5EncoderModel", "mt5": "MT5EncoderModel", "umt5": "UMT5EncoderModel",
+                        "longt5": "LongT5EncoderModel"}
 
 
 def transformers_class(config):
