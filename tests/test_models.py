@@ -710,6 +710,23 @@ def test_layer_tensors_the_config_has_no_place_for_are_refused(tmp_path, tokeniz
     EmbeddingModel.from_pretrained(directory, device="cpu")
 
 
+def test_a_nomic_config_in_its_released_keys(tmp_path, tokenizer):
+    """nomic-embed-text's custom-code config.json names its settings as GPT-2 does (n_embd, n_head, prenorm, ...),
+    which transformers does not read: where they agree with the model transformers builds, it loads; where one does
+    not, it is a ValueError naming the key (else another model would run silently)."""
+    directory = _save_tiny("nomic_bert", tmp_path / "m", tokenizer)
+    config = json.loads((directory / "config.json").read_text())
+    released = dict(n_embd=64, n_layer=2, n_head=4, n_inner=96, n_positions=8192, layer_norm_epsilon=1e-12,
+                    rotary_emb_base=1000, rotary_emb_fraction=1.0, rotary_emb_interleaved=False, prenorm=False,
+                    rotary_scaling_factor=None, activation_function="swiglu", qkv_proj_bias=False)
+    (directory / "config.json").write_text(json.dumps(dict(config, **released)))
+    EmbeddingModel.from_pretrained(directory, device="cpu")
+    for key, value in (("n_head", 8), ("rotary_emb_base", 10000), ("prenorm", True), ("rotary_emb_fraction", 0.5)):
+        (directory / "config.json").write_text(json.dumps(dict(config, **dict(released, **{key: value}))))
+        with pytest.raises(ValueError, match=rf"{key} = {value!r}, which transformers' nomic_bert model does not read"):
+            EmbeddingModel.from_pretrained(directory, device="cpu")
+
+
 @pytest.mark.parametrize("kind, oldest", [("eurobert", "5.5"), ("jina_embeddings_v3", "5.4"), ("nomic_bert", "5.5"),
                                          ("gte", "5.18")])
 def test_rotary_encoders_name_the_transformers_they_need(tmp_path, monkeypatch, kind, oldest):

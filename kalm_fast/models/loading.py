@@ -319,6 +319,27 @@ _CUSTOM_CODE_HINTS = {
 }
 
 
+# Settings that a family's custom-code config names its own way, which transformers' class does not read: each key,
+# with what the model transformers builds has instead. The released nomic-embed-text configs agree with it; one that
+# does not would build another model than its weights were trained as.
+_UNREAD_KEYS = {
+    "nomic_bert": {"n_embd": lambda c: c.hidden_size, "n_layer": lambda c: c.num_hidden_layers,
+                   "n_head": lambda c: c.num_attention_heads, "n_inner": lambda c: c.intermediate_size,
+                   "layer_norm_epsilon": lambda c: c.layer_norm_eps,
+                   "rotary_emb_base": lambda c: c.rope_parameters["rope_theta"],
+                   "rotary_emb_fraction": lambda c: 1.0, "rotary_emb_interleaved": lambda c: False,
+                   "prenorm": lambda c: False},
+}
+
+
+def _check_unread_keys(config, data: dict, config_file: Path) -> None:
+    """A ValueError when a key of ``_UNREAD_KEYS`` in config.json disagrees with the model transformers builds."""
+    for key, built in _UNREAD_KEYS.get(config.model_type, {}).items():
+        if data.get(key) is not None and data[key] != built(config):
+            raise ValueError(f"{config_file}: {key} = {data[key]!r}, which transformers' {config.model_type} model "
+                             f"does not read: it would run with {built(config)!r}, another model than these weights")
+
+
 def build_config(model_dir: Path):
     """The transformers config of ``model_dir`` built from transformers' own class; ``auto_map`` is dropped."""
     from transformers import CONFIG_MAPPING
@@ -337,7 +358,9 @@ def build_config(model_dir: Path):
         raise ValueError(f"{config_file}: model_type {model_type!r} has no built-in transformers implementation; "
                          "kalm_fast never runs code from a model directory (trust_remote_code is not supported)"
                          + (f"; {hint}" if hint else ""))
-    return CONFIG_MAPPING[model_type].from_dict(data)
+    config = CONFIG_MAPPING[model_type].from_dict(data)
+    _check_unread_keys(config, data, config_file)
+    return config
 
 
 def check_weight_files(model_dir: Path, allow_pickle: bool) -> bool:
