@@ -12,8 +12,7 @@ with the committed byte-level BPE tokenizer ``tests/fixtures/bpe-8k``: nothing i
 global), ``mpnet`` (all-mpnet-base-v2-shaped: 12 layers, hidden 768, 12 heads, MLP 3072; kalm_fast runs it padded
 through its own attention) and ``nomic`` (nomic-embed-text-v1.5-shaped NomicBERT: 12 layers, hidden 768, 12 heads,
 rotary, SwiGLU 3072, no biases; transformers >= 5.5) are random-init encoders with the same tokenizer, mean-pooled;
-ModernBERT's FLOPs count
-its local layers' attention in full. It is saved with
+ModernBERT's FLOPs count its local layers' attention in full. It is saved with
 ``EmbeddingModel.save_pretrained`` (``is_causal: false``), so sentence-transformers runs it bidirectionally, as
 kalm_fast does (transformers >= 5 reads the flag; on older versions, where the ONNX / OpenVINO peers install, the
 benchmark makes the decoder masks bidirectional in its own process and feeds the exports ``position_ids``).

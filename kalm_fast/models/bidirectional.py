@@ -33,9 +33,8 @@ SUPPORTED_MODEL_TYPES = ("bert", "roberta", "xlm-roberta", "camembert", "distilb
 # Encoders that keep their own attention (MPNet's, DeBERTa-v2's and T5's relative position biases, RoFormer's
 # rotary embedding inside its attention, LongT5's local blocks): texts packed in one row would attend to each other
 # there, so ``EmbeddingModel`` runs them padded through their own modules (bidirectional already; the T5 family:
-# its encoder),
-# also tested against transformers. Other families are refused (e.g. Gemma 2, whose attention logits are
-# soft-capped).
+# its encoder), also tested against transformers. Other families are refused (e.g. Gemma 2, whose attention logits
+# are soft-capped).
 OWN_ATTENTION_MODEL_TYPES = ("mpnet", "deberta-v2", "roformer", "t5", "mt5", "umt5", "longt5")
 # Families whose local layers run with their window (a band of ``flash_attention``): transformers hands a local
 # layer's window w to the attention function, flash-attention style, for keys |i - j| < w (ModernBERT: w is half its
