@@ -691,7 +691,9 @@ def test_unsupported_families_are_refused(tmp_path):
 def test_layer_tensors_the_config_has_no_place_for_are_refused(tmp_path, tokenizer):
     """Weights of more layers than config.json builds, or biases the built layers lack (what a config under names
     transformers does not read, e.g. nomic's custom-code n_layer / qkv_proj_bias, would leave behind), are a
-    ValueError naming a tensor, not silently dropped; heads and an encoder-decoder's decoder stay allowed."""
+    ValueError naming a tensor, not silently dropped; heads, buffers older transformers saved and an
+    encoder-decoder's decoder (also under a head's prefix, as mT5 for sequence classification saves it) stay
+    allowed."""
     from safetensors.torch import load_file, save_file
 
     directory = _save_tiny("nomic_bert", tmp_path / "m", tokenizer)
@@ -705,26 +707,48 @@ def test_layer_tensors_the_config_has_no_place_for_are_refused(tmp_path, tokeniz
               metadata={"format": "pt"})
     with pytest.raises(ValueError, match=r"such as 'layers.0.self_attn.q_proj.bias': the config does not describe"):
         EmbeddingModel.from_pretrained(directory, device="cpu")
-    save_file(dict(state, **{"lm_head.dense.weight": torch.zeros(64, 64)}), str(directory / "model.safetensors"),
-              metadata={"format": "pt"})
+    save_file(dict(state, **{"lm_head.dense.weight": torch.zeros(64, 64),  # a head; buffers old versions saved
+                             "layers.0.self_attn.rotary_emb.cos_cached": torch.zeros(8, 16),
+                             "layers.1.self_attn.rotary_emb.inv_freq": torch.zeros(8)}),
+              str(directory / "model.safetensors"), metadata={"format": "pt"})
     EmbeddingModel.from_pretrained(directory, device="cpu")
+    from transformers import MT5ForSequenceClassification  # an encoder-decoder under a head's prefix: its decoder
+
+    torch.manual_seed(0)
+    MT5ForSequenceClassification(_tiny_config("mt5")).save_pretrained(str(tmp_path / "mt5"))
+    tokenizer.save_pretrained(str(tmp_path / "mt5"))
+    EmbeddingModel.from_pretrained(tmp_path / "mt5", device="cpu")
 
 
 def test_a_nomic_config_in_its_released_keys(tmp_path, tokenizer):
-    """nomic-embed-text's custom-code config.json names its settings as GPT-2 does (n_embd, n_head, prenorm, ...),
-    which transformers does not read: where they agree with the model transformers builds, it loads; where one does
-    not, it is a ValueError naming the key (else another model would run silently)."""
+    """nomic-embed-text's custom-code config.json names its settings as GPT-2 does (n_head, rotary_emb_base, prenorm,
+    ...), which transformers does not read: where they agree with the model transformers builds, it loads; where one
+    disagrees and config.json lacks the key transformers reads instead, it is a ValueError naming it (else another
+    model would run silently). A config that transformers saved (its own keys beside stale custom-code ones, e.g.
+    after pruning layers) loads as transformers reads it."""
     directory = _save_tiny("nomic_bert", tmp_path / "m", tokenizer)
     config = json.loads((directory / "config.json").read_text())
     released = dict(n_embd=64, n_layer=2, n_head=4, n_inner=96, n_positions=8192, layer_norm_epsilon=1e-12,
                     rotary_emb_base=1000, rotary_emb_fraction=1.0, rotary_emb_interleaved=False, prenorm=False,
                     rotary_scaling_factor=None, activation_function="swiglu", qkv_proj_bias=False)
-    (directory / "config.json").write_text(json.dumps(dict(config, **released)))
-    EmbeddingModel.from_pretrained(directory, device="cpu")
-    for key, value in (("n_head", 8), ("rotary_emb_base", 10000), ("prenorm", True), ("rotary_emb_fraction", 0.5)):
-        (directory / "config.json").write_text(json.dumps(dict(config, **dict(released, **{key: value}))))
+
+    def write(changed, without=()):
+        data = {k: v for k, v in {**config, **released, **changed}.items() if k not in without}
+        (directory / "config.json").write_text(json.dumps(data))
+
+    write({})
+    want = EmbeddingModel.from_pretrained(directory, device="cpu")
+    for key, value, without in (("n_head", 8, ["num_attention_heads"]), ("n_layer", 3, ["num_hidden_layers"]),
+                                ("rotary_emb_base", 10000, ["rope_parameters"]),
+                                ("layer_norm_epsilon", 1e-5, ["layer_norm_eps"]),
+                                ("prenorm", True, []), ("rotary_emb_fraction", 0.5, [])):
+        write({key: value}, without)
         with pytest.raises(ValueError, match=rf"{key} = {value!r}, which transformers' nomic_bert model does not read"):
             EmbeddingModel.from_pretrained(directory, device="cpu")
+    write(dict(n_layer=4, n_head=8, rotary_emb_base=10000, layer_norm_epsilon=1e-5))  # stale: its own keys win
+    got = EmbeddingModel.from_pretrained(directory, device="cpu")
+    with torch.no_grad():
+        torch.testing.assert_close(got(got.tokenize(TEXTS)), want(want.tokenize(TEXTS)), atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("kind, oldest", [("eurobert", "5.5"), ("jina_embeddings_v3", "5.4"), ("nomic_bert", "5.5"),

@@ -320,22 +320,32 @@ _CUSTOM_CODE_HINTS = {
 
 
 # Settings that a family's custom-code config names its own way, which transformers' class does not read: each key,
-# with what the model transformers builds has instead. The released nomic-embed-text configs agree with it; one that
-# does not would build another model than its weights were trained as.
+# with the keys transformers reads for it instead (a config saved by transformers holds those, which then win over
+# a stale custom-code key) and what the model it builds has. The released nomic-embed-text configs agree with it; one
+# that does not would build another model than its weights were trained as.
 _UNREAD_KEYS = {
-    "nomic_bert": {"n_embd": lambda c: c.hidden_size, "n_layer": lambda c: c.num_hidden_layers,
-                   "n_head": lambda c: c.num_attention_heads, "n_inner": lambda c: c.intermediate_size,
-                   "layer_norm_epsilon": lambda c: c.layer_norm_eps,
-                   "rotary_emb_base": lambda c: c.rope_parameters["rope_theta"],
-                   "rotary_emb_fraction": lambda c: 1.0, "rotary_emb_interleaved": lambda c: False,
-                   "prenorm": lambda c: False},
+    "nomic_bert": {
+        "n_embd": (("hidden_size",), lambda c: c.hidden_size),
+        "n_layer": (("num_hidden_layers",), lambda c: c.num_hidden_layers),
+        "n_head": (("num_attention_heads",), lambda c: c.num_attention_heads),
+        "n_inner": (("intermediate_size",), lambda c: c.intermediate_size),
+        "layer_norm_epsilon": (("layer_norm_eps",), lambda c: c.layer_norm_eps),
+        "rotary_emb_base": (("rope_parameters", "rope_theta", "rope_scaling"),
+                            lambda c: c.rope_parameters["rope_theta"]),
+        "rotary_emb_fraction": ((), lambda c: 1.0),  # no counterpart: transformers' model always runs these
+        "rotary_emb_interleaved": ((), lambda c: False),
+        "prenorm": ((), lambda c: False),
+    },
 }
 
 
 def _check_unread_keys(config, data: dict, config_file: Path) -> None:
-    """A ValueError when a key of ``_UNREAD_KEYS`` in config.json disagrees with the model transformers builds."""
-    for key, built in _UNREAD_KEYS.get(config.model_type, {}).items():
-        if data.get(key) is not None and data[key] != built(config):
+    """A ValueError when a key of ``_UNREAD_KEYS`` in config.json, without the keys transformers reads for it,
+    disagrees with the model transformers builds."""
+    for key, (read_instead, built) in _UNREAD_KEYS.get(config.model_type, {}).items():
+        if data.get(key) is None or any(k in data for k in read_instead):
+            continue
+        if data[key] != built(config):
             raise ValueError(f"{config_file}: {key} = {data[key]!r}, which transformers' {config.model_type} model "
                              f"does not read: it would run with {built(config)!r}, another model than these weights")
 
@@ -402,9 +412,11 @@ def _check_safetensors(path: Path) -> None:
 
 # Missing from a checkpoint without harm: BERT's pooler, which mean pooling never reads.
 _UNUSED_PREFIXES = ("pooler.",)
-# A tensor of one of the model's numbered layers (``layers.3.``, ``encoder.layer.3.``); an encoder-decoder's decoder
-# layers (T5, of which kalm_fast loads the encoder) are skipped by design.
+# A tensor of one of the model's numbered layers (``layers.3.``, ``encoder.layer.3.``), but not an encoder-decoder's
+# decoder (T5, of which kalm_fast loads the encoder; under a head's prefix too) nor a buffer older transformers
+# saved with the weights (rotary caches, attention masks).
 _LAYER_TENSOR = re.compile(r"(^|\.)layers?\.\d+\.")
+_NOT_LAYER_WEIGHTS = re.compile(r"(^|\.)decoder\.|(inv_freq|_cached|masked_bias)$")
 
 
 # Encoder-decoder families whose encoder alone embeds (sentence-t5, GTR): their encoder's class, as
@@ -453,7 +465,7 @@ def load_transformer(model_dir: Path, *, dtype=None, allow_pickle: bool = False)
         raise ValueError(f"{model_dir}: the weights lack {len(missing)} tensor(s) of the {config.model_type} model, "
                          f"such as {missing[0]!r}{hint} (renamed, prefixed or missing tensors are not loaded as "
                          "random weights)")
-    in_layers = [k for k in unexpected if _LAYER_TENSOR.search(k) and not k.startswith("decoder.")]
+    in_layers = [k for k in unexpected if _LAYER_TENSOR.search(k) and not _NOT_LAYER_WEIGHTS.search(k)]
     if in_layers:
         raise ValueError(f"{model_dir}: the weights hold {len(in_layers)} tensor(s) of the model's layers that the "
                          f"{config.model_type} model built from config.json has no place for, such as "
