@@ -66,6 +66,19 @@ def cu_seqlens(lengths, device=DEVICE) -> torch.Tensor:
                         device=device)
 
 
+def skip_unless_transformers_runs(model_type: str) -> None:
+    """Skip where the installed transformers is older than kalm_fast needs for ``model_type`` (which it then refuses
+    by name, tested in test_models): the lower end of the transformers range runs the model tests too."""
+    import transformers
+    from packaging.version import Version
+
+    from kalm_fast.models.bidirectional import MIN_TRANSFORMERS
+
+    oldest = MIN_TRANSFORMERS.get(model_type, ("0",))[0]
+    if Version(transformers.__version__) < Version(oldest):
+        pytest.skip(f"{model_type} needs transformers >= {oldest}")
+
+
 @pytest.fixture(scope="session")
 def bpe_tokenizer():
     from transformers import AutoTokenizer

@@ -6,7 +6,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DEVICE, INTERPRET
+from conftest import DEVICE, INTERPRET, skip_unless_transformers_runs
 
 from kalm_fast.models import EmbeddingModel
 from kalm_fast.ops.attention.padding import unpad_layout
@@ -86,23 +86,10 @@ def tokenizer(bpe_tokenizer):
     return bpe_tokenizer
 
 
-def _skip_unless_transformers_runs(kind):
-    """Skip where the installed transformers is older than kalm_fast needs for ``kind`` (which it then refuses by
-    name, tested below): the lower end of the transformers range runs this file too."""
-    import transformers
-    from packaging.version import Version
-
-    from kalm_fast.models.bidirectional import MIN_TRANSFORMERS
-
-    model_type = {"gemma3": "gemma3_text"}.get(kind, kind)
-    if model_type in MIN_TRANSFORMERS and Version(transformers.__version__) < Version(MIN_TRANSFORMERS[model_type][0]):
-        pytest.skip(f"{kind} needs transformers >= {MIN_TRANSFORMERS[model_type][0]}")
-
-
 def _save_tiny(kind, directory, tokenizer, seed=0):
     from transformers import AutoModel
 
-    _skip_unless_transformers_runs(kind)
+    skip_unless_transformers_runs({"gemma3": "gemma3_text"}.get(kind, kind))
     torch.manual_seed(seed)
     model = AutoModel.from_config(_tiny_config(kind))
     for p in model.parameters():  # random init gives near-identical tokens; spread the weights out
@@ -380,7 +367,7 @@ def _modernbert_as_released(directory, tokenizer):
     (``model.`` prefix, and its head), a config with ``local_attention`` / ``global_rope_theta`` and no layer types."""
     from transformers import ModernBertForMaskedLM
 
-    _skip_unless_transformers_runs("modernbert")
+    skip_unless_transformers_runs("modernbert")
     torch.manual_seed(0)
     model = ModernBertForMaskedLM(_tiny_config("modernbert"))
     for p in model.parameters():

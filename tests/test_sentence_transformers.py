@@ -10,7 +10,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from conftest import BPE_TOKENIZER
+from conftest import BPE_TOKENIZER, skip_unless_transformers_runs
 from sentence_transformers import SentenceTransformer
 from sentence_transformers.base.modules import Dense, Normalize, Transformer
 from sentence_transformers.sentence_transformer.modules import Pooling
@@ -681,13 +681,9 @@ def test_rotary_encoders_as_sentence_transformers(tmp_path, name):
     max_position_embeddings (64), as nomic-embed-text's 8192 is past the 2048 that transformers reads from its
     config: rotary models have no table of positions to outgrow, so it stands, as in sentence-transformers."""
     import transformers
-    from packaging.version import Version
-
-    from kalm_fast.models.bidirectional import MIN_TRANSFORMERS
 
     model_type, extra, pooling, prompts = ROTARY_ENCODERS[name]
-    if Version(transformers.__version__) < Version(MIN_TRANSFORMERS[model_type][0]):
-        pytest.skip(f"{model_type} needs transformers >= {MIN_TRANSFORMERS[model_type][0]}")
+    skip_unless_transformers_runs(model_type)
     tokenizer = _cls_sep_tokenizer() if pooling == "cls" else None  # gte's BERT tokenizer adds [CLS] and [SEP]
     torch.manual_seed(0)
     config = transformers.AutoConfig.for_model(model_type, **{
