@@ -79,6 +79,16 @@ def skip_unless_transformers_runs(model_type: str) -> None:
         pytest.skip(f"{model_type} needs transformers >= {oldest}")
 
 
+def skip_unless_transformers_reads_is_causal() -> None:
+    """Skip where transformers' masks ignore a decoder config's ``is_causal: false`` (before 5.2): a bidirectional
+    oracle built from it would run causally there."""
+    import transformers
+    from packaging.version import Version
+
+    if Version(transformers.__version__) < Version("5.2"):
+        pytest.skip("transformers < 5.2 ignores is_causal: false (the bidirectional oracle)")
+
+
 @pytest.fixture(scope="session")
 def bpe_tokenizer():
     from transformers import AutoTokenizer

@@ -154,6 +154,52 @@ def test_window_needs_one_run_of_real_tokens_per_padded_row():
     _assert_close(_run("torch", q, k, v, **kw), _run("reference", q, k, v, **kw), "torch", torch.float32)
 
 
+SOFTCAP_CASES = [
+    # lengths, Hq, Hkv, D, causal, window, dtype, softcap: GQA 14:2 with a cap that flattens most scores, Gemma 2's
+    # head dims 128 and 256 (causal, and a band as its local layers run bidirectionally), a mild cap
+    ([0, 1, 17, 64, 129], 14, 2, 64, False, None, torch.float32, 0.5),
+    ([129, 17, 1], 4, 2, 128, True, None, torch.float16, 1.0),
+    ([70, 0, 129, 2], 2, 1, 256, False, (17, 17), torch.float16, 1.0),
+    ([33, 70], 6, 2, 32, True, (20, 0), torch.float32, 3.0),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("lengths,hq,hkv,d,causal,window,dtype,softcap", SOFTCAP_CASES)
+def test_softcap_matches_reference(backend, lengths, hq, hkv, d, causal, window, dtype, softcap):
+    """Soft-capped scores (``softcap * tanh(scale q.k / softcap)``, Gemma 2): forward, lse and gradients, packed,
+    against the oracle; the cap changes the result."""
+    cu = _cu(lengths)
+    q, k, v = _inputs((int(cu[-1]), hq, d), hkv, dtype)
+    kw = dict(cu_seqlens=cu, causal=causal, window=window)
+    expected = _run("reference", q, k, v, softcap=softcap, **kw)
+    _assert_close(_run(backend, q, k, v, softcap=softcap, **kw), expected, backend, dtype)
+    uncapped = _run("reference", q, k, v, **kw)
+    assert (expected[0] - uncapped[0]).abs().max() > 1e-2 and (expected[2] - uncapped[2]).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_softcap_padded_matches_reference(backend):
+    """Padded input with soft-capped scores and a window: padding query rows give zeros, no NaN in the gradients."""
+    q, k, v = _inputs((3, 45, 4, 32), 2, torch.float32)
+    for mask in (_mask([45, 20, 0], 45), None):
+        kw = dict(key_padding_mask=mask, window=(6, 6), softcap=0.5)
+        actual = _run(backend, q, k, v, **kw)
+        _assert_close(actual, _run("reference", q, k, v, **kw), backend, torch.float32)
+        assert not any(torch.isnan(t).any() for t in actual[2:])
+
+
+def test_reference_softcap_is_the_formula():
+    """The oracle's capped scores written out for one sequence: softmax(c * tanh(scale * QK^T / c)) V."""
+    q, k, v = _inputs((9, 2, 16), 1, torch.float64)
+    out, lse = flash_attention_reference(q, k, v, _cu([9]), 9, None, False, softmax_scale=0.5, return_lse=True,
+                                         softcap=2.0)
+    for h in range(2):
+        s = 2.0 * torch.tanh(q[:, h] @ k[:, 0].T * 0.5 / 2.0)
+        torch.testing.assert_close(out[:, h].float(), (torch.softmax(s, -1) @ v[:, 0]).float())
+        torch.testing.assert_close(lse[h], torch.logsumexp(s, -1).float())
+
+
 def test_cuda_backend_refuses_a_window():
     q, k, v = _inputs((5, 2, 32), 1, torch.float16)
     with pytest.raises(ValueError, match="backend 'cuda' of flash_attention has no window"):
@@ -404,7 +450,7 @@ def test_triton_fp32_dots_are_ieee():
 
     for dtype, precision in ((torch.float32, "ieee"), (torch.float16, "tf32"), (torch.bfloat16, "tf32")):
         q = torch.empty(4, 2, 64, dtype=dtype)
-        assert _common(q, q, False, None, 4)[0]["PRECISION"] == precision
+        assert _common(q, q, False, None, 4, 1.0, None)[0]["PRECISION"] == precision
 
 
 @pytest.mark.parametrize("backend", backend_params(OP, ("triton",)))
@@ -517,6 +563,11 @@ def _bad_calls():
         (dict(q=q4, k=k4, v=k4, key_padding_mask=torch.ones(2, 4)), ValueError, "key_padding_mask must have shape"),
         (dict(q=q4, k=k4, v=k4, cu_seqlens=cu), ValueError, "padded q"),
         (dict(q=q4, k=k4, v=k4, softmax_scale=-1.0), ValueError, "softmax_scale"),
+        (dict(q=q4, k=k4, v=k4, softcap=0.0), ValueError, "softcap must be a positive finite float"),
+        (dict(q=q4, k=k4, v=k4, softcap=math.inf), ValueError, "softcap must be a positive finite float"),
+        (dict(q=q4, k=k4, v=k4, softcap=True), ValueError, "softcap must be a positive finite float"),
+        (dict(q=q4, k=k4, v=k4, softcap=50.0, backend="cuda"), ValueError, "backend 'cuda' of flash_attention has no "
+                                                                          "softcap"),
         (dict(q=q4, k=k4, v=k4, backend="cuda"), RuntimeError, "cuda"),
         (dict(q=q4, k=k4, v=k4, backend="fast"), ValueError, "backend must be one of"),
         (dict(q=q4, k="k", v=k4), TypeError, "k must be a torch.Tensor"),
@@ -617,6 +668,18 @@ def test_triton_bf16_gpu(backend, d, causal, window):
     cu = _cu(lengths)
     q, k, v = _inputs((int(cu[-1]), 14, d), 2, torch.bfloat16)
     kw = dict(cu_seqlens=cu, causal=causal, window=window)
+    _assert_close(_run(backend, q, k, v, **kw), _run("reference", q, k, v, **kw), backend, torch.bfloat16)
+
+
+@pytest.mark.parametrize("backend", backend_params(OP, ("triton",), torch.bfloat16, gpu_only=True))
+@pytest.mark.parametrize("d,causal,window", [(128, False, None), (128, True, (16, 0)), (256, False, None),
+                                             (256, False, (17, 17))])
+def test_triton_bf16_gpu_softcap(backend, d, causal, window):
+    """Gemma 2's soft-capped scores compiled, at its head dims, with and without a band: global layers, causal and
+    bidirectional local ones."""
+    cu = _cu([0, 1, 17, 300, 129, 1024])
+    q, k, v = _inputs((int(cu[-1]), 8, d), 4, torch.bfloat16)
+    kw = dict(cu_seqlens=cu, causal=causal, window=window, softcap=1.0)
     _assert_close(_run(backend, q, k, v, **kw), _run("reference", q, k, v, **kw), backend, torch.bfloat16)
 
 

@@ -6,7 +6,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DEVICE, INTERPRET, skip_unless_transformers_runs
+from conftest import DEVICE, INTERPRET, skip_unless_transformers_reads_is_causal, skip_unless_transformers_runs
 
 from kalm_fast.models import EmbeddingModel
 from kalm_fast.ops.attention.padding import unpad_layout
@@ -16,6 +16,7 @@ TEXTS = ["hello", "a somewhat longer sentence with more tokens in it, and a comm
 
 
 GEMMA3_WINDOW = 12
+GEMMA2_SOFTCAP = 2.0
 MODERNBERT_LOCAL = 8  # ModernBERT's local layers: |i - j| <= 4, far shorter than the longer TEXTS
 
 
@@ -45,6 +46,11 @@ def _tiny_config(kind):
                                              max_position_embeddings=128)
     if kind == "gemma":
         return transformers.GemmaConfig(**common, num_key_value_heads=1, head_dim=16, pad_token_id=0)
+    if kind == "gemma2":  # as gemma3 below, with soft-capped attention logits (a low cap, so that it bites)
+        return transformers.Gemma2Config(**common, num_key_value_heads=1, head_dim=16, pad_token_id=0,
+                                         query_pre_attn_scalar=24, sliding_window=GEMMA3_WINDOW,
+                                         attn_logit_softcapping=GEMMA2_SOFTCAP,
+                                         layer_types=["sliding_attention", "full_attention"])
     if kind == "gemma3":  # a causal checkpoint, as Gemma 3 LLMs are; one local (sliding) and one global layer, whose
         # window (|i - j| < 12 once bidirectional) is shorter than the longer TEXTS
         return transformers.Gemma3TextConfig(**common, num_key_value_heads=1, head_dim=16, pad_token_id=0,
@@ -99,18 +105,25 @@ def _save_tiny(kind, directory, tokenizer, seed=0):
     return directory
 
 
-@pytest.fixture(scope="module", params=["qwen2", "llama", "qwen3", "mistral", "gemma3"])
+@pytest.fixture(scope="module", params=["qwen2", "llama", "qwen3", "mistral", "gemma2", "gemma3"])
 def decoder_dir(request, tmp_path_factory, tokenizer):
     return _save_tiny(request.param, tmp_path_factory.mktemp(request.param), tokenizer)
 
 
 def _eager_reference(model_dir, texts, ids, causal=False):
     """The same transformers model in eager mode, one text at a time, with a full (non-causal) float mask; Gemma 3
-    as transformers' own bidirectional model (``use_bidirectional_attention``: local layers see |i - j| < window)."""
+    as transformers' own bidirectional model (``use_bidirectional_attention``: local layers see |i - j| < window),
+    Gemma 2 as transformers runs it with ``is_causal: false`` (its local layers: |i - j| <= window)."""
     from transformers import AutoConfig, AutoModel
 
-    gemma3 = AutoConfig.from_pretrained(str(model_dir)).model_type == "gemma3_text"
-    extra = dict(use_bidirectional_attention=True) if gemma3 and not causal else {}
+    config = AutoConfig.from_pretrained(str(model_dir))
+    extra = {}
+    if config.model_type == "gemma3_text" and not causal:
+        extra = dict(use_bidirectional_attention=True)
+    if config.model_type == "gemma2" and not causal:
+        skip_unless_transformers_reads_is_causal()
+        config.is_causal = False
+        extra = dict(config=config)
     ref = AutoModel.from_pretrained(str(model_dir), attn_implementation="eager", **extra).eval()
     out = []
     with torch.no_grad():
@@ -288,10 +301,52 @@ def test_gemma3_matches_transformers_own_bidirectional_gemma3(tmp_path, tokenize
         assert (model(model.pack(ids)) - got).abs().max() > 1e-3
 
 
+def test_gemma2_caps_its_logits_keeps_its_windows_and_saves_bidirectionally(tmp_path, tokenizer):
+    """Gemma 2 (bge-multilingual-gemma2's family) made bidirectional: its logits soft-capped and its local layer
+    within |i - j| <= window (transformers' masks for ``is_causal: false``, which the saved config holds), against
+    transformers' eager model loaded from the saved directory, one text at a time; without the cap, or with the
+    window's edge excluded, the result differs."""
+    from transformers import AutoModel
+
+    skip_unless_transformers_reads_is_causal()
+    directory = _save_tiny("gemma2", tmp_path / "m", tokenizer)
+    model = EmbeddingModel.from_pretrained(directory, device="cpu", max_length=64)
+    ids = [x for x in model.token_ids(TEXTS) if x]
+    assert max(len(x) for x in ids) > 2 * GEMMA3_WINDOW
+    with torch.no_grad():
+        got = model(model.pack(ids))
+        model.save_pretrained(tmp_path / "saved")
+        saved = json.loads((tmp_path / "saved" / "config.json").read_text())
+        assert saved["is_causal"] is False and saved["attn_logit_softcapping"] == GEMMA2_SOFTCAP
+        assert saved["sliding_window"] == GEMMA3_WINDOW and not any(k.startswith("kalm_") for k in saved)
+        ref = AutoModel.from_pretrained(str(tmp_path / "saved"), attn_implementation="eager").eval()
+        want = torch.stack([ref(input_ids=torch.tensor([x])).last_hidden_state[0].mean(0) for x in ids])
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+        model.model.config.kalm_window_inclusive = False
+        assert (model(model.pack(ids)) - got).abs().max() > 1e-3
+        model.model.config.kalm_window_inclusive = True
+        for layer in model.model.layers:
+            layer.self_attn.attn_logit_softcapping = None
+        assert (model(model.pack(ids)) - got).abs().max() > 1e-3
+
+
+def test_gemma2_refuses_the_capless_cuda_attention(tmp_path, tokenizer):
+    from transformers import AutoModel
+
+    from kalm_fast.models.bidirectional import make_bidirectional
+
+    model = AutoModel.from_pretrained(str(_save_tiny("gemma2", tmp_path, tokenizer)))
+    with pytest.raises(ValueError, match=r"attn_backend 'cuda' has no soft-capping, which the gemma2 model's "
+                                         r"attention logits need \(attn_logit_softcapping=2.0\)"):
+        make_bidirectional(model, backend="cuda")
+
+
 def test_gemma3_windows_soft_capping_and_old_transformers(tmp_path, tokenizer, monkeypatch):
     """Texts longer than the local window are not cut (its layers run with it: padded and packed agree, the
-    saved max length stays); soft-capped logits and a transformers that halves the saved window are refused."""
+    saved max length stays); soft-capped logits (a Gemma 3 config may set them too) match transformers; a
+    transformers that halves the saved window is refused."""
     import transformers
+    from transformers import AutoModel
 
     directory = _save_tiny("gemma3", tmp_path / "m", tokenizer)
     config = json.loads((directory / "config.json").read_text())
@@ -310,9 +365,13 @@ def test_gemma3_windows_soft_capping_and_old_transformers(tmp_path, tokenizer, m
     with pytest.raises(ValueError, match=r"gemma3_text model needs transformers >= 5.16 \(found 5.15.0"):
         EmbeddingModel.from_pretrained(directory, device="cpu")
     monkeypatch.undo()
-    (directory / "config.json").write_text(json.dumps(dict(config, attn_logit_softcapping=50.0)))
-    with pytest.raises(ValueError, match=r"caps its attention logits \(attn_logit_softcapping=50.0\)"):
-        EmbeddingModel.from_pretrained(directory, device="cpu", max_length=64)
+    (directory / "config.json").write_text(json.dumps(dict(config, attn_logit_softcapping=1.0)))
+    model = EmbeddingModel.from_pretrained(directory, device="cpu", max_length=64)
+    ids = [x for x in model.token_ids(texts) if x]
+    ref = AutoModel.from_pretrained(str(directory), attn_implementation="eager", use_bidirectional_attention=True)
+    with torch.no_grad():
+        want = torch.stack([ref.eval()(input_ids=torch.tensor([x])).last_hidden_state[0].mean(0) for x in ids])
+        torch.testing.assert_close(model(model.pack(ids)), want, atol=2e-5, rtol=2e-5)
 
 
 def test_gemma3_with_is_causal_false_keeps_transformers_wider_window(tmp_path, tokenizer):
@@ -908,11 +967,11 @@ def test_equal_length_runs():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not (INTERPRET or DEVICE == "cuda"), reason="Triton on CPU needs TRITON_INTERPRET=1")
-@pytest.mark.parametrize("kind", ["qwen3", "modernbert", "eurobert"])
+@pytest.mark.parametrize("kind", ["qwen3", "modernbert", "eurobert", "gemma2"])
 def test_triton_attention_backend_matches_torch(tmp_path, tokenizer, kind):
     """The registered attention function drives the Triton kernels too (CPU interpreter here, the GPU there):
     Qwen3 (head dim 32, GQA 4:1), ModernBERT (head dim 16, a local layer's band, texts longer than it), EuroBERT (a
-    rotary encoder, GQA 4:2)."""
+    rotary encoder, GQA 4:2), Gemma 2 (soft-capped logits, a local layer's band)."""
     directory = _save_tiny(kind, tmp_path, tokenizer)
     texts = TEXTS[:3] + TEXTS[-1:]
     want = EmbeddingModel.from_pretrained(directory, device=DEVICE, attn_backend="torch")

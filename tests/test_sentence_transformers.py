@@ -10,7 +10,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from conftest import BPE_TOKENIZER, skip_unless_transformers_runs
+from conftest import BPE_TOKENIZER, skip_unless_transformers_reads_is_causal, skip_unless_transformers_runs
 from sentence_transformers import SentenceTransformer
 from sentence_transformers.base.modules import Dense, Normalize, Transformer
 from sentence_transformers.sentence_transformer.modules import Pooling
@@ -618,6 +618,35 @@ def test_a_gemma3_saved_by_kalm_fast_loads_bidirectionally_in_sentence_transform
     _assert_same(enc.encode(TEXTS), ref.encode(TEXTS), "gemma3 saved by kalm_fast")
     causal = SentenceTransformer(str(tmp_path / "llm"), device="cpu").encode(TEXTS)
     assert np.abs(enc.encode(TEXTS) - causal).max() > 1e-2
+
+
+def test_gemma2_with_soft_capped_logits_in_sentence_transformers(tmp_path):
+    """A Gemma 2 LLM checkpoint (soft-capped attention logits, a local layer whose window, 8, is shorter than the
+    longer texts): pooled by its last token, as bge-multilingual-gemma2 is, it runs causally, as
+    sentence-transformers runs it; mean-pooled, kalm_fast runs it bidirectionally and saves it with ``is_causal:
+    false``, which sentence-transformers then runs the same way."""
+    from transformers import AutoModel, Gemma2Config
+
+    skip_unless_transformers_reads_is_causal()
+    torch.manual_seed(0)
+    config = Gemma2Config(vocab_size=8192, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=24,
+                          max_position_embeddings=128, sliding_window=8, pad_token_id=0, attn_logit_softcapping=2.0,
+                          layer_types=["sliding_attention", "full_attention"])
+    _save_spread(AutoModel.from_config(config), tmp_path / "llm")
+    texts = [t for t in TEXTS if t.strip()]  # a text with no token has no last token (zeros here)
+    modules = [Transformer(str(tmp_path / "llm")), Pooling(64, pooling_mode="lasttoken"), Normalize()]
+    SentenceTransformer(modules=modules, device="cpu", prompts={"query": QUERY}).save(str(tmp_path / "bge"))
+    enc, ref = Encoder(tmp_path / "bge", device="cpu"), SentenceTransformer(str(tmp_path / "bge"), device="cpu")
+    assert enc.model.causal
+    _assert_same(enc.encode_query(texts), ref.encode_query(texts), "gemma2 lasttoken queries")
+    _assert_same(enc.encode(texts), ref.encode(texts), "gemma2 lasttoken documents")
+    Encoder(tmp_path / "llm", device="cpu", max_length=64).model.save_pretrained(tmp_path / "out")
+    enc, ref = Encoder(tmp_path / "out", device="cpu"), SentenceTransformer(str(tmp_path / "out"), device="cpu")
+    assert ref[0].auto_model.config.is_causal is False
+    _assert_same(enc.encode(texts), ref.encode(texts), "gemma2 saved by kalm_fast")
+    causal = SentenceTransformer(str(tmp_path / "llm"), device="cpu").encode(texts)
+    assert np.abs(enc.encode(texts) - causal).max() > 1e-2
 
 
 def _cls_sep_tokenizer():

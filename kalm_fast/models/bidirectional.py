@@ -29,18 +29,18 @@ NAME = "kalm_fast"
 # What runs packed through kalm_fast's attention, tested against transformers' own forward.
 SUPPORTED_MODEL_TYPES = ("bert", "roberta", "xlm-roberta", "camembert", "distilbert", "electra", "albert",
                          "modernbert", "nomic_bert", "gte", "eurobert", "jina_embeddings_v3",
-                         "qwen2", "qwen3", "llama", "mistral", "gemma", "gemma3_text")
+                         "qwen2", "qwen3", "llama", "mistral", "gemma", "gemma2", "gemma3_text")
 # Encoders that keep their own attention (MPNet's, DeBERTa-v2's and T5's relative position biases, RoFormer's
 # rotary embedding inside its attention, LongT5's local blocks): texts packed in one row would attend to each other
 # there, so ``EmbeddingModel`` runs them padded through their own modules (bidirectional already; the T5 family:
-# its encoder), also tested against transformers. Other families are refused (e.g. Gemma 2, whose attention logits
-# are soft-capped).
+# its encoder), also tested against transformers. Other families are refused.
 OWN_ATTENTION_MODEL_TYPES = ("mpnet", "deberta-v2", "roformer", "t5", "mt5", "umt5", "longt5")
 # Families whose local layers run with their window (a band of ``flash_attention``): transformers hands a local
 # layer's window w to the attention function, flash-attention style, for keys |i - j| < w (ModernBERT: w is half its
-# local_attention, plus one). Their layer types, which also pick each layer's RoPE base, stay as they are. Gemma 3
-# also gets transformers' own bidirectional switch (``use_bidirectional_attention``).
-_WINDOWED = ("gemma3_text", "modernbert")
+# local_attention, plus one; Gemma 2 run bidirectionally: |i - j| <= w, as transformers' masks for ``is_causal:
+# false``). Their layer types, which also pick each layer's RoPE base, stay as they are. Gemma 3 also gets
+# transformers' own bidirectional switch (``use_bidirectional_attention``).
+_WINDOWED = ("gemma2", "gemma3_text", "modernbert")
 # The oldest transformers that runs each family right with kalm_fast, and why.
 MIN_TRANSFORMERS = {
     "gemma3_text": ("5.16", "which would halve its sliding window on every save"),
@@ -56,7 +56,7 @@ MIN_TRANSFORMERS = {
 
 # Decoder LLM families: the ones a last-token pooling runs causally (``runs_causally``); those of them whose
 # transformers config reads ``use_bidirectional_attention``.
-DECODER_MODEL_TYPES = ("qwen2", "qwen3", "llama", "mistral", "gemma", "gemma3_text")
+DECODER_MODEL_TYPES = ("qwen2", "qwen3", "llama", "mistral", "gemma", "gemma2", "gemma3_text")
 _USE_BIDIRECTIONAL = ("gemma", "gemma3_text")
 
 
@@ -107,9 +107,10 @@ def dropped_window(config):
 
 def runtime_only_keys(config) -> tuple:
     """The config attributes ``make_bidirectional`` sets for kalm_fast's own run, which a saved config leaves out:
-    the attention backend, and Gemma 3's ``is_causal`` (its ``use_bidirectional_attention`` already makes
-    transformers run it bidirectionally with local layers at |i - j| < window; ``is_causal: false`` would widen
-    them to |i - j| <= window there), unless its own config said ``is_causal: false`` (``kalm_window_inclusive``)."""
+    the attention backend, whether local windows include their edge (``kalm_window_inclusive``), and Gemma 3's
+    ``is_causal`` (its ``use_bidirectional_attention`` already makes transformers run it bidirectionally with local
+    layers at |i - j| < window; ``is_causal: false`` would widen them to |i - j| <= window there), unless its own
+    config said ``is_causal: false``."""
     keys = ("kalm_attn_backend", "kalm_causal", "kalm_window_inclusive")
     if config.model_type == "gemma3_text" and not getattr(config, "kalm_window_inclusive", False):
         keys += ("is_causal",)
@@ -118,7 +119,7 @@ def runtime_only_keys(config) -> tuple:
 
 def kalm_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """transformers attention function. ``query [B, Hq, L, D]``, ``key/value [B, Hkv, L, D]`` ->
-    ``([B, L, Hq, D], None)``.
+    ``([B, L, Hq, D], None)``. ``softcap`` (Gemma 2's soft-capped logits) is passed on.
 
     Attention-probability dropout is not applied (``flash_attention`` has none); hidden-state dropout still is.
     Under autocast q, k and v run in the autocast dtype, as transformers' SDPA attention does: the rotary embedding
@@ -131,10 +132,11 @@ def kalm_attention_forward(module, query, key, value, attention_mask, dropout=0.
         dtype = torch.get_autocast_dtype(q.device.type)
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     window = kwargs.get("sliding_window")  # a local layer's
+    softcap = kwargs.get("softcap")
     band = None
     if window is not None and module.config.model_type in _WINDOWED:
-        # key j visible when |i - j| < window (and j <= i); with is_causal: false in its own config, transformers
-        # makes Gemma 3's |i - j| <= window
+        # key j visible when |i - j| < window (and j <= i); |i - j| <= window where transformers' masks for
+        # is_causal: false make it so (Gemma 2 run bidirectionally; a Gemma 3 whose own config says so)
         reach = window if getattr(module.config, "kalm_window_inclusive", False) else window - 1
         band, window = (reach, reach), None
     varlen = kwargs.get("kalm_varlen")
@@ -145,18 +147,19 @@ def kalm_attention_forward(module, query, key, value, attention_mask, dropout=0.
             raise ValueError(f"packed attention needs a batch of one row [1, T], got query shape {tuple(query.shape)}")
         _check_window(window, varlen.max_seqlen if isinstance(varlen, ops.Varlen) else kwargs.get("max_length_q"))
         out = ops.flash_attention(q[0], k[0], v[0], cu_seqlens=varlen, causal=causal, window=band,
-                                  softmax_scale=scaling, backend=backend)
+                                  softmax_scale=scaling, softcap=softcap, backend=backend)
         return out.unsqueeze(0), None
     if attention_mask is None:
         _check_window(window, q.shape[1])
-        return ops.flash_attention(q, k, v, causal=causal, window=band, softmax_scale=scaling, backend=backend), None
+        return ops.flash_attention(q, k, v, causal=causal, window=band, softmax_scale=scaling, softcap=softcap,
+                                   backend=backend), None
     if attention_mask.shape != q.shape[:2]:
         raise ValueError(f"kalm_fast attention takes a [B, L] = {list(q.shape[:2])} key padding mask, got shape "
                          f"{list(attention_mask.shape)}")
     indices, varlen = _forward_layout(attention_mask.bool())
     _check_window(window, varlen.max_seqlen)
     packed = ops.flash_attention(*(x.flatten(0, 1)[indices] for x in (q, k, v)), cu_seqlens=varlen, causal=causal,
-                                 window=band, softmax_scale=scaling, backend=backend)
+                                 window=band, softmax_scale=scaling, softcap=softcap, backend=backend)
     return ops.pad(packed, indices, q.shape[0], q.shape[1]), None
 
 
@@ -222,11 +225,13 @@ def make_bidirectional(model, backend: str = "auto", max_length: int = 512, caus
     """Switch a transformers model (decoder LLM or BERT-like encoder) to kalm_fast bidirectional attention, or with
     ``causal`` (a decoder only, see ``runs_causally``) to kalm_fast's attention with the causal mask kept.
 
-    Gemma 3 and ModernBERT keep their sliding windows: their local layers attend to ``|i - j| < w``, w the window
-    transformers hands the attention function (Gemma 3's ``sliding_window``; ModernBERT's plus one). Gemma 3 runs
-    with ``use_bidirectional_attention`` on, as transformers runs it, so that a saved model loads bidirectionally in
+    Gemma 2, Gemma 3 and ModernBERT keep their sliding windows: their local layers attend to ``|i - j| < w``, w the
+    window transformers hands the attention function (Gemma's ``sliding_window``; ModernBERT's plus one; Gemma 2 run
+    bidirectionally ``|i - j| <= w``, as transformers runs it with ``is_causal: false``). Gemma 3 runs with
+    ``use_bidirectional_attention`` on, as transformers runs it, so that a saved model loads bidirectionally in
     transformers too. Other families' windows are dropped: one at least ``max_length`` long never masks anything
-    for inputs of at most ``max_length`` tokens; a shorter one is refused, as is attention-logit soft-capping.
+    for inputs of at most ``max_length`` tokens; a shorter one is refused. Soft-capped attention logits (Gemma 2's
+    ``attn_logit_softcapping``) are capped by ``flash_attention`` (``softcap``).
 
     Encoders that keep their own attention (``OWN_ATTENTION_MODEL_TYPES``) are left as they are: bidirectional
     already, they take no attention backend but ``"auto"``.
@@ -234,9 +239,10 @@ def make_bidirectional(model, backend: str = "auto", max_length: int = 512, caus
     install()
     config = model.config
     check_model_type(config.model_type, f"the {type(model).__name__}")
-    if getattr(config, "attn_logit_softcapping", None) is not None:
-        raise ValueError(f"the {config.model_type} model caps its attention logits (attn_logit_softcapping="
-                         f"{config.attn_logit_softcapping}); kalm_fast's attention has no soft-capping")
+    if backend == "cuda" and getattr(config, "attn_logit_softcapping", None) is not None:
+        raise ValueError(f"attn_backend 'cuda' has no soft-capping, which the {config.model_type} model's attention "
+                         f"logits need (attn_logit_softcapping={config.attn_logit_softcapping}): use 'triton' or "
+                         "'auto'")
     window = dropped_window(config)
     if window is not None and window < max_length:
         raise ValueError(f"sliding_window={window} is shorter than max_length={max_length}: kalm_fast runs local "
@@ -254,6 +260,8 @@ def make_bidirectional(model, backend: str = "auto", max_length: int = 512, caus
         # (|i - j| <= it where the config itself says is_causal: false, as transformers then runs it)
         config.kalm_window_inclusive = getattr(config, "is_causal", True) is False
         config.use_bidirectional_attention = not causal
+    elif config.model_type == "gemma2":  # transformers' masks for is_causal: false: |i - j| <= window
+        config.kalm_window_inclusive = not causal
     elif config.model_type not in _WINDOWED:
         if getattr(config, "sliding_window", None) is not None:
             config.sliding_window = None

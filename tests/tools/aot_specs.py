@@ -4,8 +4,9 @@ GPU runs, as ``triton.compile`` specs (``name``, ``module``, ``fn``, ``signature
 
 Attention: every entry of its config table (``ops/attention/_triton.py``) for its arch, for fp16/bf16 and fp32, at
 head dims 64, 80, 128 and 256, with the kernels' variants (TMA loads in fwd and dq, atomic dQ, the band of causal
-attention and local windows). Mean pooling, focal-InfoNCE and the decoders' SiLU-multiply, RoPE and residual-add
-RMSNorm (forward and backward): their fixed configurations per dtype.
+attention and local windows, and soft-capped scores at Gemma 2's head dims 128 and 256). Mean pooling,
+focal-InfoNCE and the decoders' SiLU-multiply, RoPE and residual-add RMSNorm (forward and backward): their fixed
+configurations per dtype.
 """
 from __future__ import annotations
 
@@ -40,24 +41,32 @@ def attention_specs() -> list:
                      ("fp32", 128), ("fp32", 256)):
         width, ptr = ("fp32" if dtype == "fp32" else "half"), f"*{dtype}"
         block_d = triton.next_power_of_2(d)
-        const = dict(GROUP=7, HEAD_DIM=d, BLOCK_D=block_d, BANDED=False,
+        const = dict(GROUP=7, HEAD_DIM=d, BLOCK_D=block_d, BANDED=False, SOFTCAP=False,
                      PRECISION="ieee" if dtype == "fp32" else "tf32")
         fwd = dict({a: ptr for a in "QKVO"}, LSE="*fp32", WORK="*i32", CU_SEQLENS="*i32", qk_scale="fp32",
-                   window_left="i32", window_right="i32", seqlen_bucket="i32",
+                   cap_scale="fp32", window_left="i32", window_right="i32", seqlen_bucket="i32",
                    **_strides("qt", "qh", "kt", "kh", "vt", "vh", "ot", "oh", "lh"))
         bwd = dict({a: ptr for a in ("Q", "K", "V", "DO")}, LSE="*fp32", DELTA="*fp32")
         dkdv = dict(bwd, DK=ptr, DV=ptr, DQ_ACC="*fp32", WORK="*i32", CU_SEQLENS="*i32", qk_scale="fp32",
-                    sm_scale="fp32", window_left="i32", window_right="i32", seqlen_bucket="i32",
+                    cap_scale="fp32", sm_scale="fp32", window_left="i32", window_right="i32", seqlen_bucket="i32",
                     **_strides("qt", "qh", "kt", "kh", "vt", "vh", "dot", "doh", "lh", "dkt", "dkh", "dvt", "dvh",
                                "dqt", "dqh"))
-        dq = dict(bwd, DQ=ptr, WORK="*i32", CU_SEQLENS="*i32", qk_scale="fp32", sm_scale="fp32",
+        dq = dict(bwd, DQ=ptr, WORK="*i32", CU_SEQLENS="*i32", qk_scale="fp32", cap_scale="fp32", sm_scale="fp32",
                   window_left="i32", window_right="i32", seqlen_bucket="i32",
                   **_strides("qt", "qh", "kt", "kh", "vt", "vh", "dot", "doh", "lh", "dqt", "dqh"))
         # the variants: fwd and dq with K/V through tensor descriptors (KALM_ATTENTION_TMA=1: sm_90, fp16/bf16), dQ
         # by its own kernel (the default) or added atomically by dkdv (KALM_ATTENTION_DQ=atomic); BANDED (causal or a
-        # local window: Gemma 3's head dim 256 among them) in half precision
+        # local window: Gemma 3's head dim 256 among them) in half precision; SOFTCAP (Gemma 2: head dims 256 and 128,
+        # local and global layers) in half precision
         banded = ARCHS if dtype != "fp32" else {}
+        capped = ARCHS if dtype != "fp32" and d in (128, 256) else {}
         for name, fn, sig, extra, archs in (
+                ("fwd", attention._attn_fwd, fwd, {"USE_TMA": False, "SOFTCAP": True}, capped),
+                ("fwd", attention._attn_fwd, fwd, {"USE_TMA": False, "SOFTCAP": True, "BANDED": True}, capped),
+                ("dkdv", attention._attn_bwd_dkdv, dkdv, {"ATOMIC_DQ": False, "SOFTCAP": True}, capped),
+                ("dkdv", attention._attn_bwd_dkdv, dkdv, {"ATOMIC_DQ": False, "SOFTCAP": True, "BANDED": True}, capped),
+                ("dq", attention._attn_bwd_dq, dq, {"USE_TMA": False, "SOFTCAP": True}, capped),
+                ("dq", attention._attn_bwd_dq, dq, {"USE_TMA": False, "SOFTCAP": True, "BANDED": True}, capped),
                 ("fwd", attention._attn_fwd, fwd, {"USE_TMA": False}, ARCHS),
                 ("fwd", attention._attn_fwd, fwd, {"USE_TMA": False, "BANDED": True}, banded),
                 ("dkdv", attention._attn_bwd_dkdv, dkdv, {"ATOMIC_DQ": False, "BANDED": True}, banded),
@@ -70,12 +79,13 @@ def attention_specs() -> list:
             for arch, arch_class in archs.items():
                 for bm, bn, warps, stages in attention.gpu_configs(name, arch_class, width, block_d,
                                                                    extra.get("ATOMIC_DQ", False),
-                                                                   extra.get("BANDED", False)):
+                                                                   extra.get("BANDED", False),
+                                                                   extra.get("SOFTCAP", False)):
                     constexprs = dict(const, **extra, BLOCK_M=bm, BLOCK_N=bn)
                     # the dots' M dimension: query rows (fwd, dq) or keys (dkdv); wgmma needs 64 of them
                     dot_m = bn if name == "dkdv" else bm
                     tag = f"{name}{'_atomic' if extra.get('ATOMIC_DQ') else ''}{'_tma' if extra.get('USE_TMA') else ''}"
-                    tag += "_banded" if extra.get("BANDED") else ""
+                    tag += ("_banded" if extra.get("BANDED") else "") + ("_softcap" if extra.get("SOFTCAP") else "")
                     tag += f"_{dtype}_d{d}"
                     specs.append(dict(module="attention", name=f"attn_{tag}_{bm}x{bn}w{warps}s{stages}",
                                       fn=fn, archs=(arch,), constexprs=constexprs,

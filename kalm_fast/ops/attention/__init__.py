@@ -1,15 +1,15 @@
 """``flash_attention``: bidirectional (or causal) attention over packed or padded sequences with GQA; ``pad``/``unpad``.
 
-Backends (one contract, ``fn(q, k, v, varlen, key_padding_mask, causal, window, softmax_scale, return_lse)`` with
-checked arguments: packed q/k/v with a ``Varlen``, or padded q/k/v with a bool ``key_padding_mask`` or None;
-``window`` a pair of ints ``(left, right)`` or None):
+Backends (one contract, ``fn(q, k, v, varlen, key_padding_mask, causal, window, softmax_scale, return_lse,
+softcap)`` with checked arguments: packed q/k/v with a ``Varlen``, or padded q/k/v with a bool ``key_padding_mask``
+or None; ``window`` a pair of ints ``(left, right)`` or None; ``softcap`` a positive float or None):
 
 - ``reference`` (``reference.py``): materializes every score matrix, the oracle;
 - ``torch`` (``_torch.py``): ``scaled_dot_product_attention`` per length bucket; the CPU path of the encoder;
 - ``triton`` (``_triton.py``): fused forward and backward kernels over the packed layout (CUDA; CPU only under
   ``TRITON_INTERPRET=1``);
 - ``cuda`` (``_cuda.py``): csrc/attention.cu, forward only (inference), fp16/bf16, head dims 64 and 128, no
-  ``window``.
+  ``window`` and no ``softcap``.
 
 Padded input reaches packed-only backends through ``padding.padded_via_packed``. The log-sum-exp
 (``return_lse=True``) is returned for inspection and is not differentiable; it is ``+inf`` on rows that attend to no
@@ -47,7 +47,7 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                     cu_seqlens: Union[torch.Tensor, Varlen, None] = None, max_seqlen: Optional[int] = None,
                     key_padding_mask: Optional[torch.Tensor] = None, causal: bool = False,
                     window: Optional[Tuple[int, int]] = None, softmax_scale: Optional[float] = None,
-                    return_lse: bool = False, backend: str = "auto"):
+                    softcap: Optional[float] = None, return_lse: bool = False, backend: str = "auto"):
     """``softmax(scale * Q K^T + mask) V`` per sequence and head, fp32 accumulation, result in ``q.dtype``.
 
     packed: ``q [T, Hq, D]``, ``k, v [T, Hkv, D]``, ``cu_seqlens`` int32 ``[N+1]`` (checked on every call: one
@@ -58,7 +58,8 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     Query head ``h`` reads key/value head ``h // (Hq // Hkv)``. Bidirectional unless ``causal``.
     ``window=(left, right)`` (local attention, e.g. Gemma 3's sliding layers: ``(w - 1, w - 1)`` for ``|i - j| < w``):
     query ``i`` of a sequence sees only its keys ``i - left <= j <= i + right`` (and ``j <= i`` if ``causal``).
-    Differentiable w.r.t. q, k, v.
+    ``softcap`` (Gemma 2's ``attn_logit_softcapping``): the scores become ``softcap * tanh(scale * q.k / softcap)``
+    before the softmax. Differentiable w.r.t. q, k, v.
     """
     check_tensor("q", q, ndim=(3, 4), dtypes=FLOAT_DTYPES)
     layout = "packed [T, H, D]" if q.dim() == 3 else "padded [B, L, H, D]"
@@ -107,8 +108,10 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)) \
             or not math.isfinite(softmax_scale) or softmax_scale <= 0:
         raise ValueError(f"softmax_scale must be a positive finite float, got {softmax_scale!r}")
+    softcap = _check_softcap(softcap, backend)
     _, fn = _registry.select(OP, "torch" if backend == "auto" and d % 8 else backend, q.device, q.dtype)
-    return fn(q, k, v, varlen, key_padding_mask, bool(causal), window, float(softmax_scale), bool(return_lse))
+    return fn(q, k, v, varlen, key_padding_mask, bool(causal), window, float(softmax_scale), bool(return_lse),
+              softcap)
 
 
 def _check_one_run(key_padding_mask: torch.Tensor) -> None:
@@ -118,6 +121,20 @@ def _check_one_run(key_padding_mask: torch.Tensor) -> None:
     if bool((starts > 1).any()):
         raise ValueError("key_padding_mask must mark one run of real tokens per row (right or left padding) when a "
                          "window is given: token distances inside a window are counted in that run")
+
+
+def _check_softcap(softcap, backend: str):
+    """``softcap`` as a positive finite float, or None; a ValueError naming it otherwise."""
+    if softcap is None:
+        return None
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not math.isfinite(softcap) \
+            or softcap <= 0:
+        raise ValueError(f"softcap must be a positive finite float (the attention logits' cap), or None, got "
+                         f"{softcap!r}")
+    if backend == "cuda":
+        raise ValueError("backend 'cuda' of flash_attention has no softcap (soft-capped logits): use 'triton', "
+                         "'torch' or 'auto'")
+    return float(softcap)
 
 
 def _check_window(window, backend: str):

@@ -1,9 +1,9 @@
 """Backend ``cuda`` of ``flash_attention`` (csrc/attention.cu, forward): launch plan, argument packing, the backend.
 
-``flash_attention_cuda(q, k, v, varlen, key_padding_mask, causal, window, softmax_scale, return_lse)`` takes the
-already-checked arguments of ``kalm_fast.ops.flash_attention``. Forward only (the encode path): fp16/bf16, head
-dims 64 and 128, GQA, bidirectional or causal, no window (the op refuses one). Packed input runs the kernel directly;
-padded input is packed first (``unpad``) and padded back (zeros, lse +inf at the padding).
+``flash_attention_cuda(q, k, v, varlen, key_padding_mask, causal, window, softmax_scale, return_lse, softcap)``
+takes the already-checked arguments of ``kalm_fast.ops.flash_attention``. Forward only (the encode path): fp16/bf16,
+head dims 64 and 128, GQA, bidirectional or causal, no window and no softcap (the op refuses them). Packed input
+runs the kernel directly; padded input is packed first (``unpad``) and padded back (zeros, lse +inf at the padding).
 """
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ def forward_args(q, k, v, out, lse, cu_seqlens, max_seqlen: int, causal: bool, s
                 stream=stream)
 
 
-def _packed(q, k, v, varlen, causal, window, scale, return_lse):
+def _packed(q, k, v, varlen, causal, window, scale, return_lse, softcap):
     q, k, v = aligned(q), aligned(k), aligned(v)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(q.shape[1], q.shape[0], dtype=torch.float32, device=q.device) if return_lse else None
@@ -63,7 +63,7 @@ def _packed(q, k, v, varlen, causal, window, scale, return_lse):
     return (out, lse) if return_lse else out
 
 
-def flash_attention_cuda(q, k, v, varlen, key_padding_mask, causal, window, softmax_scale, return_lse):
+def flash_attention_cuda(q, k, v, varlen, key_padding_mask, causal, window, softmax_scale, return_lse, softcap=None):
     """Attention forward on csrc/attention.cu (dtype and device were checked by the op). Not differentiable:
     raises if an input requires grad."""
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
@@ -71,5 +71,5 @@ def flash_attention_cuda(q, k, v, varlen, key_padding_mask, causal, window, soft
                            "use backend='triton' or 'torch' for training, or run under torch.no_grad()")
     with launch_device(q):
         if q.dim() == 3:
-            return _packed(q, k, v, varlen, causal, None, softmax_scale, return_lse)
-        return padded_via_packed(_packed, q, k, v, key_padding_mask, causal, None, softmax_scale, return_lse)
+            return _packed(q, k, v, varlen, causal, None, softmax_scale, return_lse, None)
+        return padded_via_packed(_packed, q, k, v, key_padding_mask, causal, None, softmax_scale, return_lse, None)

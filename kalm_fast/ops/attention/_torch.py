@@ -3,7 +3,8 @@
 The CPU path of the encoder. Sequences of similar length are padded to a bucket ``[n, Lb, H, D]`` (a zero-copy
 view when they are equal and adjacent, as in a length-sorted encode batch), attended with a key mask, and their
 real rows written back into ``[T, Hq, D]``. The buckets come from the ``Varlen``'s host lengths: no synchronization.
-A ``window`` becomes a band mask ``[Lb, Lb]`` (with the causal mask folded in).
+A ``window`` becomes a band mask ``[Lb, Lb]`` (with the causal mask folded in). Soft-capped scores (``softcap``),
+which no fused SDPA kernel takes, are materialized in fp32 instead, a chunk of a bucket's sequences at a time.
 """
 from __future__ import annotations
 
@@ -16,11 +17,14 @@ from ..._cuda import to_device
 from .padding import padded_via_packed
 
 BUCKET_RATIO = 0.8  # a bucket holds sequences at least this fraction of its longest one
+CAPPED_SCORES_PER_CHUNK = 2 ** 24  # fp32 scores the soft-capped path materializes at a time (64 MiB)
 
 
-def _sdpa(q, k, v, allowed, causal, scale, need_lse):
+def _sdpa(q, k, v, allowed, causal, scale, need_lse, softcap):
     """q [n, Hq, Lq, D], k/v [n, Hkv, L, D], allowed: a bool mask broadcast to [n, 1, Lq, L] or None
     -> (out [n, Hq, Lq, D], lse or None)."""
+    if softcap is not None:
+        return _capped(q, k, v, allowed, causal, scale, need_lse, softcap)
     if need_lse and q.device.type == "cpu":
         bias = None if allowed is None else \
             torch.zeros(allowed.shape, dtype=q.dtype).masked_fill(~allowed, -math.inf)
@@ -43,6 +47,30 @@ def _sdpa(q, k, v, allowed, causal, scale, need_lse):
             scores = scores.masked_fill(torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device).triu(1),
                                         -math.inf)
         return out, torch.logsumexp(scores, -1)
+
+
+def _capped(q, k, v, allowed, causal, scale, need_lse, softcap):
+    """``_sdpa`` with the scores ``softcap * tanh(scale * q.k / softcap)``, in fp32, for a chunk of sequences at a
+    time (CAPPED_SCORES_PER_CHUNK scores). Rows that see no key (padding rows, dropped later) give zeros."""
+    n, hq, lq, _ = q.shape
+    group, length = hq // k.shape[1], k.shape[2]
+    if causal:
+        below = torch.ones(lq, length, dtype=torch.bool, device=q.device).tril()
+        allowed = below if allowed is None else allowed & below
+    step = max(1, CAPPED_SCORES_PER_CHUNK // max(1, hq * lq * length))
+    outs, lses = [], []
+    for i in range(0, n, step):
+        kc, vc = (x[i:i + step].float().repeat_interleave(group, 1) for x in (k, v))
+        scores = scale * q[i:i + step].float() @ kc.transpose(-1, -2)
+        scores = softcap * torch.tanh(scores / softcap)
+        if allowed is not None:
+            scores = scores.masked_fill(~(allowed[i:i + step] if allowed.dim() == 4 else allowed), -math.inf)
+        lse = torch.logsumexp(scores, -1)
+        probs = torch.exp(scores - lse.masked_fill(torch.isneginf(lse), 0.0)[..., None])
+        outs.append((probs @ vc).to(q.dtype))
+        lses.append(lse.detach())
+    out = torch.cat(outs) if len(outs) > 1 else outs[0]
+    return out, ((torch.cat(lses) if len(lses) > 1 else lses[0]) if need_lse else None)
 
 
 def _allowed(key_mask, length, causal, window, device):
@@ -72,11 +100,11 @@ def _buckets(lengths) -> list:
     return [(ids, lengths[ids[0]]) for ids in groups]
 
 
-def _packed(q, k, v, varlen, causal, window, scale, return_lse):
-    return _nan_rows(q, _buckets_attention(q, k, v, varlen, causal, window, scale, return_lse), return_lse)
+def _packed(q, k, v, varlen, causal, window, scale, return_lse, softcap):
+    return _nan_rows(q, _buckets_attention(q, k, v, varlen, causal, window, scale, return_lse, softcap), return_lse)
 
 
-def _buckets_attention(q, k, v, varlen, causal, window, scale, return_lse):
+def _buckets_attention(q, k, v, varlen, causal, window, scale, return_lse, softcap):
     T, hq, d = q.shape
     lengths = varlen.lengths
     starts = [0]
@@ -103,7 +131,7 @@ def _buckets_attention(q, k, v, varlen, causal, window, scale, return_lse):
             key_mask = None if all_valid else valid.view(n, 1, 1, longest)
         allowed, bucket_causal = _allowed(key_mask, longest, causal, window, q.device)
         ob, lb = _sdpa(qb.transpose(1, 2), kb.transpose(1, 2), vb.transpose(1, 2), allowed, bucket_causal, scale,
-                       return_lse)
+                       return_lse, softcap)
         ob = ob.transpose(1, 2).reshape(n * longest, hq, d)                                # [n * Lb, Hq, D]
         lb = lb.transpose(1, 2).reshape(n * longest, hq) if return_lse else None
         if not run:
@@ -143,13 +171,14 @@ def _nan_rows(q, result, return_lse):
     return (out, result[1].masked_fill(bad[..., 0].transpose(-1, -2), float("nan"))) if return_lse else out
 
 
-def flash_attention_torch(q, k, v, varlen, key_padding_mask, causal, window, scale, return_lse):
+def flash_attention_torch(q, k, v, varlen, key_padding_mask, causal, window, scale, return_lse, softcap=None):
     """The backend contract of ``kalm_fast.ops.flash_attention``."""
     if q.dim() == 3:
-        return _packed(q, k, v, varlen, causal, window, scale, return_lse)
+        return _packed(q, k, v, varlen, causal, window, scale, return_lse, softcap)
     if key_padding_mask is None:
         allowed, causal = _allowed(None, q.shape[1], causal, window, q.device)
-        ob, lse = _sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), allowed, causal, scale, return_lse)
+        ob, lse = _sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), allowed, causal, scale, return_lse,
+                        softcap)
         out = ob.transpose(1, 2)
         return _nan_rows(q, (out, lse.float()) if return_lse else out, return_lse)
-    return padded_via_packed(_packed, q, k, v, key_padding_mask, causal, window, scale, return_lse)
+    return padded_via_packed(_packed, q, k, v, key_padding_mask, causal, window, scale, return_lse, softcap)

@@ -11,7 +11,9 @@ few long ones launches no empty programs and its longest tiles start first. With
 (fp16/bf16, sm_90+) the forward and the dQ kernel load K/V tiles through tensor descriptors bounded by each sequence
 (``use_tma``).
 Scores are kept in base 2 (``qk_scale = softmax_scale * log2(e)``); the saved log-sum-exp ``lse [Hq, T]`` is fp32
-in natural units.
+in natural units. With SOFTCAP (Gemma 2's soft-capped logits) a score is ``cap_scale * tanh(qk_scale * q.k)``, with
+``qk_scale = softmax_scale / softcap`` and ``cap_scale = softcap * log2(e)``; the backward multiplies dS by the
+derivative ``1 - tanh^2``.
 
 Backward: ``delta = rowsum(dO * O)``; one program per (key tile, KV head) accumulates dK/dV over the
 folded rows of its whole group (no atomics). dQ, by ``KALM_ATTENTION_DQ`` (read at each backward):
@@ -134,8 +136,8 @@ def _work_item(WORK, HEIGHT: tl.constexpr, RELOAD: tl.constexpr = False):
 
 @triton.jit
 def _fwd_tiles(acc, l_i, m_i, q, k_src, v_src, stride_kt, stride_vt, lo, hi, tok, seqlen, window_left, window_right,
-               qk_scale, offs_n, offs_d, d_ok, BANDED: tl.constexpr, MASKED: tl.constexpr, BLOCK_N: tl.constexpr,
-               PRECISION: tl.constexpr, USE_TMA: tl.constexpr):
+               qk_scale, cap_scale, offs_n, offs_d, d_ok, BANDED: tl.constexpr, SOFTCAP: tl.constexpr,
+               MASKED: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, USE_TMA: tl.constexpr):
     """Online softmax of one query tile (``tok``: token of each row) over key tiles [lo, hi); MASKED tiles may
     cross the sequence end or the band's edges. K/V come from ``k_src``/``v_src``: the sequence's first
     row (pointers) or, with USE_TMA, tensor descriptors of its ``[seqlen, HEAD_DIM]`` rows."""
@@ -149,6 +151,8 @@ def _fwd_tiles(acc, l_i, m_i, q, k_src, v_src, stride_kt, stride_vt, lo, hi, tok
         else:
             k_t = tl.load(k_src + cols[None, :] * stride_kt + offs_d[:, None], mask=tl.trans(kv_ok), other=0.0)
         s = tl.dot(q, k_t, input_precision=PRECISION) * qk_scale
+        if SOFTCAP:
+            s = _tanh(s) * cap_scale
         if MASKED:
             s = tl.where(_visible(tok[:, None], cols[None, :], seqlen, window_left, window_right, BANDED), s,
                          float("-inf"))
@@ -164,6 +168,12 @@ def _fwd_tiles(acc, l_i, m_i, q, k_src, v_src, stride_kt, stride_vt, lo, hi, tok
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
         m_i = m_new
     return acc, l_i, m_i
+
+
+@triton.jit
+def _tanh(x):
+    """tanh in fp32 from exp2 (Triton has no tanh of its own): exact to about 1e-7, +-1 far from 0."""
+    return 1.0 - 2.0 / (tl.exp2(x * (2.0 * _LOG2E)) + 1.0)
 
 
 @triton.jit
@@ -214,10 +224,11 @@ def _kv_sources(K, V, start, seqlen, kv_head, stride_kt, stride_kh, stride_vt, s
 
 
 @triton.jit
-def _attn_fwd(Q, K, V, O, LSE, WORK, CU_SEQLENS, qk_scale, window_left, window_right, seqlen_bucket,
+def _attn_fwd(Q, K, V, O, LSE, WORK, CU_SEQLENS, qk_scale, cap_scale, window_left, window_right, seqlen_bucket,
               stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_lh,
               GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BANDED: tl.constexpr,
-              USE_TMA: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+              SOFTCAP: tl.constexpr, USE_TMA: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+              BLOCK_N: tl.constexpr):
     """O, LSE for the folded query tile of work item program_id(0), KV head program_id(1)."""
     seq, m0 = _work_item(WORK, BLOCK_M)
     kv_head = tl.program_id(1)
@@ -239,14 +250,14 @@ def _attn_fwd(Q, K, V, O, LSE, WORK, CU_SEQLENS, qk_scale, window_left, window_r
     lo, full_lo, full_hi, hi = _key_range(m0, seqlen, window_left, window_right, GROUP, BANDED, BLOCK_M, BLOCK_N)
     if BANDED:
         acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_src, v_src, stride_kt, stride_vt, lo, full_lo, tok, seqlen,
-                                   window_left, window_right, qk_scale, offs_n, offs_d, d_ok, BANDED, True, BLOCK_N,
-                                   PRECISION, USE_TMA)
+                                   window_left, window_right, qk_scale, cap_scale, offs_n, offs_d, d_ok, BANDED,
+                                   SOFTCAP, True, BLOCK_N, PRECISION, USE_TMA)
     acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_src, v_src, stride_kt, stride_vt, full_lo, full_hi, tok, seqlen,
-                               window_left, window_right, qk_scale, offs_n, offs_d, d_ok, BANDED, False, BLOCK_N,
-                               PRECISION, USE_TMA)
+                               window_left, window_right, qk_scale, cap_scale, offs_n, offs_d, d_ok, BANDED, SOFTCAP,
+                               False, BLOCK_N, PRECISION, USE_TMA)
     acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_src, v_src, stride_kt, stride_vt, full_hi, hi, tok, seqlen,
-                               window_left, window_right, qk_scale, offs_n, offs_d, d_ok, BANDED, True, BLOCK_N,
-                               PRECISION, USE_TMA)
+                               window_left, window_right, qk_scale, cap_scale, offs_n, offs_d, d_ok, BANDED, SOFTCAP,
+                               True, BLOCK_N, PRECISION, USE_TMA)
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) / _LOG2E)
@@ -278,9 +289,9 @@ def _bwd_delta(O, DO, DELTA, T, stride_ot, stride_oh, stride_dot, stride_doh, st
 
 @triton.jit
 def _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, DQ_ACC, start, kv_head, stride_qt, stride_qh, stride_dot, stride_doh,
-                stride_lh, stride_dqt, stride_dqh, lo, hi, cols, window_left, window_right, qk_scale, offs_m, offs_d,
-                d_ok, GROUP: tl.constexpr, BANDED: tl.constexpr, ATOMIC_DQ: tl.constexpr, BLOCK_M: tl.constexpr,
-                PRECISION: tl.constexpr):
+                stride_lh, stride_dqt, stride_dqh, lo, hi, cols, window_left, window_right, qk_scale, cap_scale, offs_m,
+                offs_d, d_ok, GROUP: tl.constexpr, BANDED: tl.constexpr, SOFTCAP: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+                BLOCK_M: tl.constexpr, PRECISION: tl.constexpr):
     """Accumulate dK, dV of one key tile over the folded query rows [lo, hi) of its head group (row r: token
     r // GROUP, head kv_head * GROUP + r % GROUP); with ATOMIC_DQ also add each row tile's ``dS K`` to DQ_ACC.
     Rows past ``hi`` (the sequence end or the band's) load lse = +inf: probability 0; keys past the sequence are
@@ -294,7 +305,11 @@ def _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, DQ_ACC, start, kv_head, stride_
         q_off = (start + tok) * stride_qt + head * stride_qh
         q_t = tl.load(Q + q_off[None, :] + offs_d[:, None], mask=tl.trans(ld), other=0.0)
         lse = tl.load(LSE + head * stride_lh + start + tok, mask=row_ok, other=float("inf")) * _LOG2E
-        p_t = tl.exp2(tl.dot(k, q_t, input_precision=PRECISION) * qk_scale - lse[None, :])  # [BLOCK_N, BLOCK_M]
+        s_t = tl.dot(k, q_t, input_precision=PRECISION) * qk_scale  # [BLOCK_N, BLOCK_M]
+        if SOFTCAP:
+            t_t = _tanh(s_t)
+            s_t = t_t * cap_scale
+        p_t = tl.exp2(s_t - lse[None, :])
         if BANDED:
             in_band = (cols[:, None] >= tok[None, :] - window_left) & (cols[:, None] <= tok[None, :] + window_right)
             p_t = tl.where(in_band, p_t, 0.0)
@@ -304,6 +319,8 @@ def _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, DQ_ACC, start, kv_head, stride_
         delta = tl.load(DELTA + head * stride_lh + start + tok, mask=row_ok, other=0.0)
         dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
+        if SOFTCAP:
+            ds_t = ds_t * (1.0 - t_t * t_t)
         dk = tl.dot(ds_t.to(q_t.dtype), tl.trans(q_t), dk, input_precision=PRECISION)
         if ATOMIC_DQ:
             dq = tl.dot(tl.trans(ds_t.to(k.dtype)), k, input_precision=PRECISION)  # [BLOCK_M, BLOCK_D]
@@ -313,12 +330,13 @@ def _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, DQ_ACC, start, kv_head, stride_
 
 
 @triton.jit
-def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, WORK, CU_SEQLENS, qk_scale, sm_scale, window_left,
-                   window_right, seqlen_bucket,
+def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, WORK, CU_SEQLENS, qk_scale, cap_scale, sm_scale,
+                   window_left, window_right, seqlen_bucket,
                    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
                    stride_lh, stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_dqt, stride_dqh,
                    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BANDED: tl.constexpr,
-                   ATOMIC_DQ: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                   SOFTCAP: tl.constexpr, ATOMIC_DQ: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr):
     """dK, dV of the key tile of work item program_id(0), KV head program_id(1), summed over the group; with
     ATOMIC_DQ also its share of dQ (unscaled, fp32) added into DQ_ACC."""
     seq, n0 = _work_item(WORK, BLOCK_N)
@@ -341,7 +359,8 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, WORK, CU_SEQLENS, qk
         hi = tl.minimum(seqlen, tl.minimum(n0 + BLOCK_N, seqlen) + window_left) * GROUP
     dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, DQ_ACC, start, kv_head, stride_qt, stride_qh, stride_dot,
                          stride_doh, stride_lh, stride_dqt, stride_dqh, lo, hi, cols, window_left, window_right,
-                         qk_scale, offs_m, offs_d, d_ok, GROUP, BANDED, ATOMIC_DQ, BLOCK_M, PRECISION)
+                         qk_scale, cap_scale, offs_m, offs_d, d_ok, GROUP, BANDED, SOFTCAP, ATOMIC_DQ, BLOCK_M,
+                         PRECISION)
     tl.store(DK + (start + cols)[:, None] * stride_dkt + kv_head * stride_dkh + offs_d[None, :],
              (dk * sm_scale).to(DK.dtype.element_ty), mask=ld)
     tl.store(DV + (start + cols)[:, None] * stride_dvt + kv_head * stride_dvh + offs_d[None, :],
@@ -350,8 +369,8 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, WORK, CU_SEQLENS, qk
 
 @triton.jit
 def _dq_tiles(dq, q, do, lse, delta, k_src, v_src, stride_kt, stride_vt, lo, hi, tok, seqlen, window_left,
-              window_right, qk_scale, offs_n, offs_d, d_ok, BANDED: tl.constexpr, MASKED: tl.constexpr,
-              BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, USE_TMA: tl.constexpr):
+              window_right, qk_scale, cap_scale, offs_n, offs_d, d_ok, BANDED: tl.constexpr, SOFTCAP: tl.constexpr,
+              MASKED: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, USE_TMA: tl.constexpr):
     """Accumulate dQ of one query tile (``tok``: token of each row) over key tiles [lo, hi); MASKED tiles may cross
     the sequence end or the band's edges. K/V from ``_kv_sources``."""
     for n0 in range(lo, hi, BLOCK_N):
@@ -365,21 +384,28 @@ def _dq_tiles(dq, q, do, lse, delta, k_src, v_src, stride_kt, stride_vt, lo, hi,
         else:
             k_t = tl.load(k_src + cols[None, :] * stride_kt + offs_d[:, None], mask=tl.trans(kv_ok), other=0.0)
             v_t = tl.load(v_src + cols[None, :] * stride_vt + offs_d[:, None], mask=tl.trans(kv_ok), other=0.0)
-        p = tl.exp2(tl.dot(q, k_t, input_precision=PRECISION) * qk_scale - lse[:, None])
+        s = tl.dot(q, k_t, input_precision=PRECISION) * qk_scale
+        if SOFTCAP:
+            t = _tanh(s)
+            s = t * cap_scale
+        p = tl.exp2(s - lse[:, None])
         if MASKED:
             p = tl.where(_visible(tok[:, None], cols[None, :], seqlen, window_left, window_right, BANDED), p, 0.0)
         dp = tl.dot(do, v_t, input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
+        if SOFTCAP:
+            ds = ds * (1.0 - t * t)
         dq = tl.dot(ds.to(k_t.dtype), tl.trans(k_t), dq, input_precision=PRECISION)
     return dq
 
 
 @triton.jit
-def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, WORK, CU_SEQLENS, qk_scale, sm_scale, window_left, window_right,
-                 seqlen_bucket, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot,
-                 stride_doh, stride_lh, stride_dqt, stride_dqh,
+def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, WORK, CU_SEQLENS, qk_scale, cap_scale, sm_scale, window_left,
+                 window_right, seqlen_bucket, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+                 stride_dot, stride_doh, stride_lh, stride_dqt, stride_dqh,
                  GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BANDED: tl.constexpr,
-                 USE_TMA: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                 SOFTCAP: tl.constexpr, USE_TMA: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr):
     """dQ of the folded query tile of work item program_id(0), KV head program_id(1)."""
     seq, m0 = _work_item(WORK, BLOCK_M)
     kv_head = tl.program_id(1)
@@ -404,14 +430,14 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, WORK, CU_SEQLENS, qk_scale, sm_sca
     lo, full_lo, full_hi, hi = _key_range(m0, seqlen, window_left, window_right, GROUP, BANDED, BLOCK_M, BLOCK_N)
     if BANDED:
         dq = _dq_tiles(dq, q, do, lse, delta, k_src, v_src, stride_kt, stride_vt, lo, full_lo, tok, seqlen,
-                       window_left, window_right, qk_scale, offs_n, offs_d, d_ok, BANDED, True, BLOCK_N, PRECISION,
-                       USE_TMA)
+                       window_left, window_right, qk_scale, cap_scale, offs_n, offs_d, d_ok, BANDED, SOFTCAP, True,
+                       BLOCK_N, PRECISION, USE_TMA)
     dq = _dq_tiles(dq, q, do, lse, delta, k_src, v_src, stride_kt, stride_vt, full_lo, full_hi, tok, seqlen,
-                   window_left, window_right, qk_scale, offs_n, offs_d, d_ok, BANDED, False, BLOCK_N, PRECISION,
-                   USE_TMA)
+                   window_left, window_right, qk_scale, cap_scale, offs_n, offs_d, d_ok, BANDED, SOFTCAP, False,
+                   BLOCK_N, PRECISION, USE_TMA)
     dq = _dq_tiles(dq, q, do, lse, delta, k_src, v_src, stride_kt, stride_vt, full_hi, hi, tok, seqlen,
-                   window_left, window_right, qk_scale, offs_n, offs_d, d_ok, BANDED, True, BLOCK_N, PRECISION,
-                   USE_TMA)
+                   window_left, window_right, qk_scale, cap_scale, offs_n, offs_d, d_ok, BANDED, SOFTCAP, True,
+                   BLOCK_N, PRECISION, USE_TMA)
     tl.store(DQ + ((start + tok) * stride_dqt + head * stride_dqh)[:, None] + offs_d[None, :],
              (dq * sm_scale).to(DQ.dtype.element_ty), mask=ld)
 
@@ -506,16 +532,24 @@ _DKDV_SKIPS = {
 # ahead of time): (kernel, arch class, width, head-dim class, config)
 _BANDED_SKIPS = {("dq", "sm90", "half", 128, (128, 64, 8, 3)), ("dq", "sm90", "half", 256, (64, 32, 8, 2)),
                  ("dkdv", "sm80", "half", 256, (16, 64, 8, 2)), ("dkdv", "sm90", "half", 256, (16, 64, 8, 2))}
+# configs that spill with SOFTCAP's tanh (ptxas -v, Triton 3.6; half precision, where SOFTCAP is compiled ahead of
+# time): (kernel, arch class, width, head-dim class, config, banded)
+_SOFTCAP_SKIPS = {("dkdv", "sm80", "half", 128, (16, 64, 4, 2), True),
+                  ("dkdv", "sm80", "half", 256, (16, 64, 8, 2), False),
+                  ("dkdv", "sm90", "half", 256, (16, 64, 8, 2), False),
+                  ("dq", "sm80", "half", 256, (64, 64, 8, 2), True)}
 
 
 def gpu_configs(kernel: str, arch: str, width: str, block_d: int, atomic_dq: bool = False,
-                banded: bool = False) -> list:
+                banded: bool = False, softcap: bool = False) -> list:
     """The (BLOCK_M, BLOCK_N, num_warps, num_stages) a GPU may run (also what tests/tools/aot_specs.py compiles);
-    ``atomic_dq``: of the dkdv kernel with ATOMIC_DQ; ``banded``: with BANDED (causal or a window)."""
+    ``atomic_dq``: of the dkdv kernel with ATOMIC_DQ; ``banded``: with BANDED (causal or a window); ``softcap``: with
+    SOFTCAP."""
     hd = head_dim_class(block_d)
     skip = _DKDV_SKIPS[atomic_dq] if kernel == "dkdv" else set()
     return [c for c in _TABLE[kernel][arch][width][hd] if (arch, width, hd, c) not in skip
-            and not (banded and (kernel, arch, width, hd, c) in _BANDED_SKIPS)]
+            and not (banded and (kernel, arch, width, hd, c) in _BANDED_SKIPS)
+            and not (softcap and (kernel, arch, width, hd, c, banded) in _SOFTCAP_SKIPS)]
 
 
 def _cfg(c):
@@ -536,12 +570,12 @@ def _pruner(kernel):
         meta = {**named_args, **kwargs}
         width = "fp32" if meta["PRECISION"] == "ieee" else "half"
         allowed = gpu_configs(kernel, arch_class(), width, meta["BLOCK_D"], meta.get("ATOMIC_DQ", False),
-                              meta["BANDED"])
+                              meta["BANDED"], meta["SOFTCAP"])
         return [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in allowed]
     return prune
 
 
-_KEY = ["HEAD_DIM", "GROUP", "BANDED", "seqlen_bucket"]
+_KEY = ["HEAD_DIM", "GROUP", "BANDED", "SOFTCAP", "seqlen_bucket"]
 _attn_fwd_tuned = triton.autotune(_configs("fwd"), key=_KEY + ["USE_TMA"],
                                   prune_configs_by={"early_config_prune": _pruner("fwd")})(_attn_fwd)
 _attn_bwd_dkdv_tuned = triton.autotune(_configs("dkdv"), key=_KEY + ["ATOMIC_DQ"], reset_to_zero=["DQ_ACC"],
@@ -557,34 +591,36 @@ _attn_bwd_dq_tuned = triton.autotune(_configs("dq"), key=_KEY + ["USE_TMA"],
 NO_WINDOW = 2 ** 30  # a band edge that masks nothing (tokens + it stays within int32)
 
 
-def _common(q, k, causal, window, max_seqlen):
-    """(the kernels' constexprs, (window_left, window_right), seqlen_bucket) of a launch."""
+def _common(q, k, causal, window, max_seqlen, softmax_scale, softcap):
+    """(the kernels' constexprs, (qk_scale, cap_scale), (window_left, window_right), seqlen_bucket) of a launch."""
     d = q.shape[-1]
     left, right = (NO_WINDOW, NO_WINDOW) if window is None else (min(w, NO_WINDOW) for w in window)
     meta = dict(GROUP=q.shape[1] // k.shape[1], HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)),
-                BANDED=bool(causal) or window is not None, PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
-    return meta, (left, 0 if causal else right), max(64, triton.next_power_of_2(max(max_seqlen, 1)))
+                BANDED=bool(causal) or window is not None, SOFTCAP=softcap is not None,
+                PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+    scales = (softmax_scale * LOG2E, 1.0) if softcap is None else (softmax_scale / softcap, softcap * LOG2E)
+    return meta, scales, (left, 0 if causal else right), max(64, triton.next_power_of_2(max(max_seqlen, 1)))
 
 
-def attention_forward(q, k, v, varlen, causal: bool, window, softmax_scale: float):
+def attention_forward(q, k, v, varlen, causal: bool, window, softmax_scale: float, softcap):
     """q [T, Hq, D], k/v [T, Hkv, D] (last dim contiguous), ``varlen`` their ``Varlen``, ``window`` (left, right) or
-    None -> (out [T, Hq, D] in q.dtype, lse [Hq, T] fp32)."""
+    None, ``softcap`` a float or None -> (out [T, Hq, D] in q.dtype, lse [Hq, T] fp32)."""
     T, hq, _ = q.shape
     hkv, group = k.shape[1], hq // k.shape[1]
     out = torch.empty_like(q)
     lse = torch.empty(hq, T, dtype=torch.float32, device=q.device)
     if T == 0:
         return out, lse
-    meta, band, bucket = _common(q, k, causal, window, varlen.max_seqlen)
+    meta, scales, band, bucket = _common(q, k, causal, window, varlen.max_seqlen, softmax_scale, softcap)
     work, items = tile_work(varlen, group, q.device)
     _attn_fwd_tuned[lambda m: (items[m["BLOCK_M"]], hkv)](
-        q, k, v, out, lse, work, varlen.cu_seqlens, softmax_scale * LOG2E, *band, bucket, q.stride(0), q.stride(1),
+        q, k, v, out, lse, work, varlen.cu_seqlens, *scales, *band, bucket, q.stride(0), q.stride(1),
         k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1), lse.stride(0),
         USE_TMA=use_tma(k, v), **meta, **LAUNCH_OPTIONS)
     return out, lse
 
 
-def attention_backward(dout, q, k, v, out, lse, varlen, causal: bool, window, softmax_scale: float):
+def attention_backward(dout, q, k, v, out, lse, varlen, causal: bool, window, softmax_scale: float, softcap):
     """Gradients (dq [T, Hq, D], dk/dv [T, Hkv, D]) from dout [T, Hq, D] and the saved out and lse [Hq, T]."""
     T, hq, d = q.shape
     hkv, group = k.shape[1], hq // k.shape[1]
@@ -594,7 +630,7 @@ def attention_backward(dout, q, k, v, out, lse, varlen, causal: bool, window, so
     if T == 0:
         return dq.to(q.dtype), dk, dv
     delta = torch.empty_like(lse)
-    meta, band, bucket = _common(q, k, causal, window, varlen.max_seqlen)
+    meta, scales, band, bucket = _common(q, k, causal, window, varlen.max_seqlen, softmax_scale, softcap)
     block_t = delta_block(q.dtype, meta["BLOCK_D"])
     _bwd_delta[(triton.cdiv(T, block_t), hq)](out, dout, delta, T, out.stride(0), out.stride(1), dout.stride(0),
                                               dout.stride(1), delta.stride(0), HEAD_DIM=d, BLOCK_D=meta["BLOCK_D"],
@@ -603,15 +639,15 @@ def attention_backward(dout, q, k, v, out, lse, varlen, causal: bool, window, so
                dout.stride(1), lse.stride(0))
     key_work, key_items = tile_work(varlen, 1, q.device)
     _attn_bwd_dkdv_tuned[lambda m: (key_items[m["BLOCK_N"]], hkv)](
-        q, k, v, dout, lse, delta, dk, dv, dq, key_work, varlen.cu_seqlens, softmax_scale * LOG2E, softmax_scale,
-        *band, bucket, *strides, dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), dq.stride(0), dq.stride(1),
+        q, k, v, dout, lse, delta, dk, dv, dq, key_work, varlen.cu_seqlens, *scales, softmax_scale, *band, bucket,
+        *strides, dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), dq.stride(0), dq.stride(1),
         ATOMIC_DQ=atomic, **meta, **LAUNCH_OPTIONS)
     if atomic:
         return dq.mul_(softmax_scale).to(q.dtype), dk, dv
     row_work, row_items = tile_work(varlen, group, q.device)
     _attn_bwd_dq_tuned[lambda m: (row_items[m["BLOCK_M"]], hkv)](
-        q, k, v, dout, lse, delta, dq, row_work, varlen.cu_seqlens, softmax_scale * LOG2E, softmax_scale, *band,
-        bucket, *strides, dq.stride(0), dq.stride(1), USE_TMA=use_tma(k, v), **meta, **LAUNCH_OPTIONS)
+        q, k, v, dout, lse, delta, dq, row_work, varlen.cu_seqlens, *scales, softmax_scale, *band, bucket, *strides,
+        dq.stride(0), dq.stride(1), USE_TMA=use_tma(k, v), **meta, **LAUNCH_OPTIONS)
     return dq, dk, dv
 
 
@@ -623,11 +659,11 @@ class _Attention(torch.autograd.Function):
     """Packed attention; saves q, k, v, out and the fp32 lse, recomputes the scores in backward."""
 
     @staticmethod
-    def forward(ctx, q, k, v, varlen, causal, window, scale):
+    def forward(ctx, q, k, v, varlen, causal, window, scale, softcap):
         q, k, v = _unit_last_stride(q), _unit_last_stride(k), _unit_last_stride(v)
-        out, lse = attention_forward(q, k, v, varlen, causal, window, scale)
+        out, lse = attention_forward(q, k, v, varlen, causal, window, scale, softcap)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.meta = (varlen, causal, window, scale)
+        ctx.meta = (varlen, causal, window, scale, softcap)
         ctx.mark_non_differentiable(lse)
         return out, lse
 
@@ -636,7 +672,7 @@ class _Attention(torch.autograd.Function):
         q, k, v, out, lse = ctx.saved_tensors
         with launch_device(dout):
             dq, dk, dv = attention_backward(_unit_last_stride(dout), q, k, v, out, lse, *ctx.meta)
-        return dq, dk, dv, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None
 
 
 def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
@@ -650,12 +686,12 @@ def _index_span(t: torch.Tensor) -> int:
     return sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride())) + 1 if t.numel() else 0
 
 
-def _packed(q, k, v, varlen, causal, window, scale, return_lse):
-    out, lse = _Attention.apply(q, k, v, varlen, causal, window, scale)
+def _packed(q, k, v, varlen, causal, window, scale, return_lse, softcap):
+    out, lse = _Attention.apply(q, k, v, varlen, causal, window, scale, softcap)
     return (out, lse) if return_lse else out
 
 
-def flash_attention_triton(q, k, v, varlen, key_padding_mask, causal, window, scale, return_lse):
+def flash_attention_triton(q, k, v, varlen, key_padding_mask, causal, window, scale, return_lse, softcap=None):
     """The backend contract of ``kalm_fast.ops.flash_attention``; launches on ``q``'s device."""
     span = max(q.numel(), *(_index_span(t) for t in (q, k, v)))
     if span >= 2 ** 31:
@@ -663,5 +699,5 @@ def flash_attention_triton(q, k, v, varlen, key_padding_mask, causal, window, sc
                          "split the batch")
     with launch_device(q):
         if q.dim() == 3:
-            return _packed(q, k, v, varlen, causal, window, scale, return_lse)
-        return padded_via_packed(_packed, q, k, v, key_padding_mask, causal, window, scale, return_lse)
+            return _packed(q, k, v, varlen, causal, window, scale, return_lse, softcap)
+        return padded_via_packed(_packed, q, k, v, key_padding_mask, causal, window, scale, return_lse, softcap)

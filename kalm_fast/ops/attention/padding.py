@@ -61,9 +61,9 @@ def _scatter_rows(x, indices, batch, seqlen, fill):
     return out.index_copy(0, indices, x).view(batch, seqlen, *x.shape[1:])
 
 
-def padded_via_packed(packed_fn, q, k, v, key_padding_mask, causal, window, scale, return_lse):
+def padded_via_packed(packed_fn, q, k, v, key_padding_mask, causal, window, scale, return_lse, softcap):
     """Padded ``[B, L, H, D]`` input through a packed implementation
-    ``packed_fn(q, k, v, varlen, causal, window, scale, return_lse)``.
+    ``packed_fn(q, k, v, varlen, causal, window, scale, return_lse, softcap)``.
 
     Without a mask every row is real and the batch is a free ``[B*L, H, D]`` view (no synchronization); with one:
     unpad (one host copy of the lengths), attend, pad (zeros / lse +inf at the padding). lse comes back ``[B, Hq, L]``.
@@ -71,14 +71,15 @@ def padded_via_packed(packed_fn, q, k, v, key_padding_mask, causal, window, scal
     B, L = q.shape[:2]
     if key_padding_mask is None:
         varlen = Varlen.from_lengths([L] * B, q.device)
-        result = packed_fn(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), varlen, causal, window, scale, return_lse)
+        result = packed_fn(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), varlen, causal, window, scale, return_lse,
+                           softcap)
         if not return_lse:
             return result.view(q.shape)
         out, lse = result
         return out.view(q.shape), lse.view(-1, B, L).transpose(0, 1)
     qp, indices, varlen = _unpad(q, key_padding_mask)
     kp, vp = k.flatten(0, 1)[indices], v.flatten(0, 1)[indices]
-    result = packed_fn(qp, kp, vp, varlen, causal, window, scale, return_lse)
+    result = packed_fn(qp, kp, vp, varlen, causal, window, scale, return_lse, softcap)
     if not return_lse:
         return _scatter_rows(result, indices, B, L, 0.0)
     out, lse = result

@@ -8,15 +8,17 @@ from __future__ import annotations
 import torch
 
 
-def _attend(q, k, v, key_mask, causal, window, scale):
-    """One sequence. q [L, Hq, D], k/v [L, Hkv, D], key_mask [L] bool or None, window (left, right) or None
-    -> out [L, Hq, D] fp32, lse [Hq, L]."""
+def _attend(q, k, v, key_mask, causal, window, scale, softcap):
+    """One sequence. q [L, Hq, D], k/v [L, Hkv, D], key_mask [L] bool or None, window (left, right) or None,
+    softcap a float or None -> out [L, Hq, D] fp32, lse [Hq, L]."""
     L, Hq, _ = q.shape
     group = Hq // k.shape[1]
     qf = q.float().transpose(0, 1)                                    # [Hq, L, D]
     kf = k.float().repeat_interleave(group, dim=1).transpose(0, 1)    # [Hq, L, D]
     vf = v.float().repeat_interleave(group, dim=1).transpose(0, 1)
     scores = scale * qf @ kf.transpose(1, 2)                          # [Hq, L, L]
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
     allowed = torch.ones(L, L, dtype=torch.bool, device=q.device)
     if key_mask is not None:
         allowed = allowed & key_mask[None, :] & key_mask[:, None]     # padded queries attend to nothing
@@ -36,7 +38,7 @@ def _attend(q, k, v, key_mask, causal, window, scale):
 
 
 def flash_attention(q, k, v, cu_seqlens=None, max_seqlen=None, key_padding_mask=None, causal=False, window=None,
-                    softmax_scale=None, return_lse=False):
+                    softmax_scale=None, return_lse=False, softcap=None):
     """Packed: q [T, Hq, D], k/v [T, Hkv, D], cu_seqlens [N+1] -> out [T, Hq, D] (lse [Hq, T]).
     Padded: q [B, L, Hq, D], k/v [B, L, Hkv, D], key_padding_mask [B, L] or None -> out [B, L, Hq, D]
     (lse [B, Hq, L])."""
@@ -45,7 +47,7 @@ def flash_attention(q, k, v, cu_seqlens=None, max_seqlen=None, key_padding_mask=
         bounds = cu_seqlens.tolist()
         outs, lses = [], []
         for s, e in zip(bounds[:-1], bounds[1:]):
-            o, l = _attend(q[s:e], k[s:e], v[s:e], None, causal, window, scale)
+            o, l = _attend(q[s:e], k[s:e], v[s:e], None, causal, window, scale, softcap)
             outs.append(o)
             lses.append(l)
         out = torch.cat(outs, 0) if outs else q.float() * 0
@@ -54,7 +56,7 @@ def flash_attention(q, k, v, cu_seqlens=None, max_seqlen=None, key_padding_mask=
         outs, lses = [], []
         for b in range(q.shape[0]):
             mask = None if key_padding_mask is None else key_padding_mask[b].bool()
-            o, l = _attend(q[b], k[b], v[b], mask, causal, window, scale)
+            o, l = _attend(q[b], k[b], v[b], mask, causal, window, scale, softcap)
             outs.append(o)
             lses.append(l)
         B, L, Hq, _ = q.shape
@@ -64,7 +66,7 @@ def flash_attention(q, k, v, cu_seqlens=None, max_seqlen=None, key_padding_mask=
     return (out, lse.detach()) if return_lse else out  # lse is an output, not differentiable (as every backend's)
 
 
-def flash_attention_reference(q, k, v, varlen, key_padding_mask, causal, window, scale, return_lse):
+def flash_attention_reference(q, k, v, varlen, key_padding_mask, causal, window, scale, return_lse, softcap=None):
     """The oracle under the backend contract of ``kalm_fast.ops.flash_attention``."""
     cu_seqlens = None if varlen is None else varlen.cu_seqlens
-    return flash_attention(q, k, v, cu_seqlens, None, key_padding_mask, causal, window, scale, return_lse)
+    return flash_attention(q, k, v, cu_seqlens, None, key_padding_mask, causal, window, scale, return_lse, softcap)
