@@ -189,6 +189,32 @@ def test_softcap_padded_matches_reference(backend):
         assert not any(torch.isnan(t).any() for t in actual[2:])
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_a_huge_softcap_is_no_cap(backend, dtype):
+    """With a cap far above every score (1e6), tanh stays in its linear part: the result is the uncapped one (the
+    Triton tanh keeps its digits near 0, where the cap multiplies them back)."""
+    cu = _cu([1, 17, 40])
+    q, k, v = (2 * t for t in _inputs((int(cu[-1]), 4, 64), 2, dtype))
+    capped = _run(backend, q, k, v, cu_seqlens=cu, softcap=1e6)
+    _assert_close(capped, _run("reference", q, k, v, cu_seqlens=cu), backend, dtype)
+
+
+def test_torch_softcap_in_blocks_of_sequences_and_of_rows(monkeypatch):
+    """The torch backend's capped scores a few at a time (blocks of sequences, of one sequence's query rows, of one
+    row): the same as in one block, packed (buckets with key masks), padded, causal and windowed."""
+    from kalm_fast.ops.attention import _torch
+
+    q, k, v = _inputs((3, 45, 4, 32), 2, torch.float32)
+    mask = _mask([45, 20, 7], 45)
+    cases = [dict(key_padding_mask=mask, softcap=1.0), dict(key_padding_mask=mask, causal=True, softcap=1.0),
+             dict(causal=True, window=(6, 0), softcap=1.0)]
+    for budget in (45 * 45 * 4 * 2, 45 * 4 * 5, 1):
+        monkeypatch.setattr(_torch, "CAPPED_SCORES_PER_CHUNK", budget)
+        for kw in cases:
+            _assert_close(_run("torch", q, k, v, **kw), _run("reference", q, k, v, **kw), "torch", torch.float32)
+
+
 def test_reference_softcap_is_the_formula():
     """The oracle's capped scores written out for one sequence: softmax(c * tanh(scale * QK^T / c)) V."""
     q, k, v = _inputs((9, 2, 16), 1, torch.float64)
@@ -383,6 +409,17 @@ def test_non_contiguous_inputs(backend):
                   torch.float32)
 
 
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+@pytest.mark.parametrize("causal,window,softcap", [(False, None, None), (False, (5, 5), 2.0)])
+def test_head_dim_512_runs_on_torch(backend, causal, window, softcap):
+    """EmbeddingGemma 2's global layers (head dim 512, past the Triton kernels' 256): ``torch`` (what ``auto`` picks
+    for them on every device) against the oracle, forward and gradients."""
+    cu = _cu([0, 1, 17, 40])
+    q, k, v = _inputs((int(cu[-1]), 4, 512), 1, torch.float32)
+    kw = dict(cu_seqlens=cu, causal=causal, window=window, softcap=softcap)
+    _assert_close(_run(backend, q, k, v, **kw), _run("reference", q, k, v, **kw), "torch", torch.float32)
+
+
 @pytest.mark.parametrize("d", [26, 36])
 def test_head_dims_off_the_multiples_of_8_run_on_torch(d):
     """TinyBERT-312's D = 26: the torch backend (what ``auto`` picks for it) against the oracle, packed and padded."""
@@ -548,8 +585,10 @@ def _bad_calls():
         (dict(q=q3, k=torch.randn(T + 1, 2, 32), v=torch.randn(T + 1, 2, 32), cu_seqlens=cu), ValueError, "k must be"),
         (dict(q=torch.randn(T, 4, 36), k=torch.randn(T, 2, 36), v=torch.randn(T, 2, 36), cu_seqlens=cu,
               backend="triton"), ValueError, "head dim D=36: backend 'triton' needs a multiple of 8"),
-        (dict(q=torch.randn(T, 4, 512), k=torch.randn(T, 2, 512), v=torch.randn(T, 2, 512), cu_seqlens=cu),
-         ValueError, "head dim"),
+        (dict(q=torch.randn(T, 4, 520), k=torch.randn(T, 2, 520), v=torch.randn(T, 2, 520), cu_seqlens=cu),
+         ValueError, "head dim D must be in [1, 512], got D=520"),
+        (dict(q=torch.randn(T, 4, 264), k=torch.randn(T, 2, 264), v=torch.randn(T, 2, 264), cu_seqlens=cu,
+              backend="triton"), ValueError, "head dim D=264: backend 'triton' takes at most 256"),
         (dict(q=q3, k=k3.half(), v=k3.half(), cu_seqlens=cu), TypeError, "dtype of q"),
         (dict(q=q3.int(), k=k3, v=k3, cu_seqlens=cu), TypeError, "q must have dtype"),
         (dict(q=q3, k=k3, v=k3), ValueError, "needs cu_seqlens"),
@@ -563,9 +602,11 @@ def _bad_calls():
         (dict(q=q4, k=k4, v=k4, key_padding_mask=torch.ones(2, 4)), ValueError, "key_padding_mask must have shape"),
         (dict(q=q4, k=k4, v=k4, cu_seqlens=cu), ValueError, "padded q"),
         (dict(q=q4, k=k4, v=k4, softmax_scale=-1.0), ValueError, "softmax_scale"),
-        (dict(q=q4, k=k4, v=k4, softcap=0.0), ValueError, "softcap must be a positive finite float"),
-        (dict(q=q4, k=k4, v=k4, softcap=math.inf), ValueError, "softcap must be a positive finite float"),
-        (dict(q=q4, k=k4, v=k4, softcap=True), ValueError, "softcap must be a positive finite float"),
+        (dict(q=q4, k=k4, v=k4, softcap=0.0), ValueError, "softcap must be a positive float below 1e"),
+        (dict(q=q4, k=k4, v=k4, softcap=math.inf), ValueError, "softcap must be a positive float below"),
+        (dict(q=q4, k=k4, v=k4, softcap=1e39), ValueError, "softcap must be a positive float below"),
+        (dict(q=q4, k=k4, v=k4, softcap=math.nan), ValueError, "softcap must be a positive float below"),
+        (dict(q=q4, k=k4, v=k4, softcap=True), ValueError, "softcap must be a positive float below"),
         (dict(q=q4, k=k4, v=k4, softcap=50.0, backend="cuda"), ValueError, "backend 'cuda' of flash_attention has no "
                                                                           "softcap"),
         (dict(q=q4, k=k4, v=k4, backend="cuda"), RuntimeError, "cuda"),
@@ -756,24 +797,29 @@ def test_cuda_is_forward_only(backend):
         flash_attention(q, q, q, cu_seqlens=_cu([4]), backend=backend)
 
 
+@pytest.mark.parametrize("softcap", [None, 2.0])
 @pytest.mark.parametrize("backend", ["reference", *BACKENDS, *backend_params(OP, ("cuda",), torch.float16)])
-def test_nan_semantics_agree_and_padding_never_leaks(backend):
+def test_nan_semantics_agree_and_padding_never_leaks(backend, softcap):
     """NaN in masked-out keys/values never reaches a real row; a query row holding a NaN or an infinity gives NaN
-    there, and a padded query row gives zeros whatever it holds, on every backend alike."""
+    there (soft-capped too: tanh would make an infinite score finite), and a padded query row gives zeros whatever it
+    holds, on every backend alike."""
+    if backend == "cuda" and softcap:
+        pytest.skip("backend 'cuda' has no softcap")
     dtype = torch.float16 if backend == "cuda" else torch.float32
     q, k, v = (t.detach() for t in _inputs((2, 5, 2, 64), 2, dtype))
     mask = _mask([3, 5], 5)
     k[0, 4], v[0, 4], v[0, 3] = float("nan"), float("nan"), float("inf")
     q[1, 2, 0, 0], q[0, 4, 0, 0], q[1, 1, 1, 5] = float("nan"), float("nan"), float("-inf")
     with torch.no_grad():
-        out = flash_attention(q, k, v, key_padding_mask=mask, backend=backend)
+        out = flash_attention(q, k, v, key_padding_mask=mask, softcap=softcap, backend=backend)
     assert torch.isfinite(out[0, :3]).all()            # the padding of sequence 0 did not leak
     assert (out[0, 3:] == 0).all()                      # padded query rows are zeros, even a NaN one
     assert out[1, 2, 0].isnan().all() and torch.isfinite(out[1, 2, 1]).all()  # query head 0 of token 2 is NaN
     assert out[1, 1, 1].isnan().all() and torch.isfinite(out[1, 1, 0]).all()  # head 1 of token 1: -inf in q
     assert torch.isfinite(out[1, [0, 3, 4]]).all()
     with torch.no_grad():
-        packed, lse = flash_attention(q[1], k[1], v[1], cu_seqlens=_cu([5]), backend=backend, return_lse=True)
+        packed, lse = flash_attention(q[1], k[1], v[1], cu_seqlens=_cu([5]), softcap=softcap, backend=backend,
+                                      return_lse=True)
     assert packed[2, 0].isnan().all() and torch.isfinite(packed[2, 1]).all()
     assert lse[0, 2].isnan() and torch.isfinite(lse[1, 2]) and torch.isfinite(lse[:, [0, 3, 4]]).all()
     assert packed[1, 1].isnan().all() and torch.isfinite(packed[1, 0]).all()

@@ -51,6 +51,12 @@ def _tiny_config(kind):
                                          query_pre_attn_scalar=24, sliding_window=GEMMA3_WINDOW,
                                          attn_logit_softcapping=GEMMA2_SOFTCAP,
                                          layer_types=["sliding_attention", "full_attention"])
+    if kind == "embedding_gemma2":  # the multimodal checkpoint (its towers left out): 3 layers, the last global (head
+        # dim 512, past the Triton kernels: the torch attention runs it), the others local (|i - j| <= 4)
+        text = dict(common, num_hidden_layers=3, num_key_value_heads=2, head_dim=16, global_head_dim=512,
+                    num_global_key_value_heads=1, sliding_window=4, hidden_size_per_layer_input=16, embedding_dim=48,
+                    pad_token_id=0)
+        return transformers.EmbeddingGemma2Config(text_config=text)
     if kind == "gemma3":  # a causal checkpoint, as Gemma 3 LLMs are; one local (sliding) and one global layer, whose
         # window (|i - j| < 12 once bidirectional) is shorter than the longer TEXTS
         return transformers.Gemma3TextConfig(**common, num_key_value_heads=1, head_dim=16, pad_token_id=0,
@@ -219,11 +225,12 @@ def test_decoder_trains_under_bf16_autocast(decoder_dir):
 
 
 @pytest.mark.parametrize("kind", ["xlm-roberta", "roberta", "camembert", "distilbert", "electra", "albert",
-                                  "modernbert", "nomic_bert", "gte", "eurobert", "jina_embeddings_v3"])
+                                  "modernbert", "nomic_bert", "gte", "eurobert", "jina_embeddings_v3",
+                                  "embedding_gemma2"])
 def test_encoder_families_match_transformers(tmp_path, tokenizer, kind):
     """Each supported encoder family, packed, against transformers' own padded forward (RoBERTa-style position ids
-    start after the padding index; ModernBERT's local layers within their window; the rotary encoders' positions
-    restart at each packed text)."""
+    start after the padding index; ModernBERT's and EmbeddingGemma 2's local layers within their window; the rotary
+    encoders' positions restart at each packed text)."""
     from transformers import AutoModel
 
     directory = _save_tiny(kind, tmp_path, tokenizer)
@@ -328,6 +335,41 @@ def test_gemma2_caps_its_logits_keeps_its_windows_and_saves_bidirectionally(tmp_
         for layer in model.model.layers:
             layer.self_attn.attn_logit_softcapping = None
         assert (model(model.pack(ids)) - got).abs().max() > 1e-3
+
+
+def test_embedding_gemma2_text_model_saves_and_keeps_its_windows(tmp_path, tokenizer):
+    """EmbeddingGemma 2 from its multimodal checkpoint: kalm_fast runs its text model (the projection to
+    embedding_dim included, mean-pooled as its sentence-transformers config does), saves that text model, which
+    transformers loads as such and kalm_fast again to the same embeddings; its local layers see |i - j| <= 4 (texts
+    longer than that), and with the local layers widened the result differs."""
+    from transformers import AutoModel
+
+    directory = _save_tiny("embedding_gemma2", tmp_path / "m", tokenizer)
+    model = EmbeddingModel.from_pretrained(directory, device="cpu")
+    assert type(model.model).__name__ == "EmbeddingGemma2TextModel" and model.hidden_size == 48
+    ids = [x for x in model.token_ids(TEXTS) if x]
+    assert max(len(x) for x in ids) > 10
+    with torch.no_grad():
+        got = model(model.pack(ids))
+        model.save_pretrained(tmp_path / "saved")
+        saved = json.loads((tmp_path / "saved" / "config.json").read_text())
+        assert saved["model_type"] == "embedding_gemma2_text" and not any(k.startswith("kalm_") for k in saved)
+        ref = AutoModel.from_pretrained(str(tmp_path / "saved"), attn_implementation="eager").eval()
+        want = torch.stack([ref(input_ids=torch.tensor([x])).last_hidden_state[0].mean(0) for x in ids])
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+        again = EmbeddingModel.from_pretrained(tmp_path / "saved", device="cpu")
+        torch.testing.assert_close(again(again.pack(ids)), got, atol=0, rtol=0)
+        model.model.config.kalm_window_inclusive = True  # |i - j| <= 5: another model
+        assert (model(model.pack(ids)) - got).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_embedding_gemma2_refuses_backends_without_its_head_dim(tmp_path, tokenizer, backend):
+    """Its global layers' head dim 512 is past the Triton and CUDA kernels: asking for either is refused by name
+    (``auto`` runs those layers on the torch attention)."""
+    with pytest.raises(ValueError, match=rf"attn_backend {backend!r} takes head dims up to 256; the "
+                                         r"embedding_gemma2_text model has 512: use 'auto'"):
+        EmbeddingModel.from_pretrained(_save_tiny("embedding_gemma2", tmp_path, tokenizer), attn_backend=backend)
 
 
 def test_gemma2_refuses_the_capless_cuda_attention(tmp_path, tokenizer):
@@ -1062,11 +1104,12 @@ def test_encoder_on_gpu_matches_cpu(decoder_dir, dtype):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA device")
-@pytest.mark.parametrize("kind", ["modernbert", "mpnet", "nomic_bert"])
+@pytest.mark.parametrize("kind", ["modernbert", "mpnet", "nomic_bert", "embedding_gemma2"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_encoders_on_gpu_match_cpu(tmp_path, tokenizer, kind, dtype):
-    """ModernBERT (packed, the Triton band of its local layers), MPNet (padded, its own attention) and NomicBERT
-    (packed, rotary) encode on the GPU as on the CPU in fp32."""
+    """ModernBERT (packed, the Triton band of its local layers), MPNet (padded, its own attention), NomicBERT
+    (packed, rotary) and EmbeddingGemma 2 (local layers on Triton, its global layer's head dim 512 on the torch
+    attention) encode on the GPU as on the CPU in fp32."""
     from kalm_fast import Encoder
 
     directory = _save_tiny(kind, tmp_path, tokenizer)

@@ -5,6 +5,7 @@ Layouts are written by the installed sentence-transformers' own ``save`` where i
 """
 import json
 import os
+import shutil
 import warnings
 
 import numpy as np
@@ -293,6 +294,9 @@ UNSUPPORTED = {  # layout -> (builder, the message naming the file and the key)
                                             processing_kwargs={"text": {"padding_side": "left"}}),
                           r"sentence_bert_config.json: processing_kwargs\['text'\]"),
     "no-pooling-config": (_no_pooling_config, r"1_Pooling/config.json is missing"),
+    "text-by-another-method": (lambda t, d: _st5(t, d, "sentence_bert_config.json", modality_config={
+        "text": {"method": "get_text_features", "method_output_name": None}}),
+        r"sentence_bert_config.json: modality_config \{'text': \{'method': 'get_text_features'"),
 }
 
 
@@ -647,6 +651,42 @@ def test_gemma2_with_soft_capped_logits_in_sentence_transformers(tmp_path):
     _assert_same(enc.encode(texts), ref.encode(texts), "gemma2 saved by kalm_fast")
     causal = SentenceTransformer(str(tmp_path / "llm"), device="cpu").encode(texts)
     assert np.abs(enc.encode(texts) - causal).max() > 1e-2
+
+
+def test_embedding_gemma2_in_sentence_transformers(tmp_path):
+    """EmbeddingGemma 2's text model (global layers of head dim 512, local layers within |i - j| <= 4), as
+    sentence-transformers saves it (mean pooling, Normalize): the same embeddings; from the multimodal checkpoint
+    (a sentence_bert_config.json that also lists an image modality), kalm_fast runs and saves the text model, which
+    sentence-transformers loads to the same embeddings."""
+    import transformers
+    from transformers import AutoModel, AutoTokenizer
+
+    skip_unless_transformers_runs("embedding_gemma2")
+    torch.manual_seed(0)
+    text = dict(vocab_size=8192, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=16, global_head_dim=512, num_global_key_value_heads=1,
+                sliding_window=4, hidden_size_per_layer_input=16, embedding_dim=48, max_position_embeddings=128,
+                pad_token_id=0)
+    full = AutoModel.from_config(transformers.EmbeddingGemma2Config(text_config=text))
+    _save_spread(full, tmp_path / "full")
+    full.language_model.save_pretrained(str(tmp_path / "text"))
+    AutoTokenizer.from_pretrained(str(BPE_TOKENIZER)).save_pretrained(str(tmp_path / "text"))
+    modules = [Transformer(str(tmp_path / "text")), Pooling(48, pooling_mode="mean"), Normalize()]
+    SentenceTransformer(modules=modules, device="cpu").save(str(tmp_path / "st"))
+    enc, ref = Encoder(tmp_path / "st", device="cpu"), SentenceTransformer(str(tmp_path / "st"), device="cpu")
+    assert enc.get_embedding_dimension() == 48
+    _assert_same(enc.encode(TEXTS), ref.encode(TEXTS), "embeddinggemma-2 text model")
+    for name in ("modules.json", "1_Pooling", "2_Normalize", "sentence_bert_config.json"):
+        (shutil.copytree if (tmp_path / "st" / name).is_dir() else shutil.copy)(tmp_path / "st" / name,
+                                                                              tmp_path / "full" / name)
+    _edit_json(tmp_path / "full" / "sentence_bert_config.json", modality_config={
+        "text": {"method": "forward", "method_output_name": "last_hidden_state"},
+        "image": {"method": "forward", "method_output_name": "last_hidden_state"}})
+    multimodal = Encoder(tmp_path / "full", device="cpu")
+    _assert_same(multimodal.encode(TEXTS), ref.encode(TEXTS), "embeddinggemma-2 multimodal checkpoint")
+    multimodal.save(tmp_path / "saved")
+    _assert_same(SentenceTransformer(str(tmp_path / "saved"), device="cpu").encode(TEXTS), ref.encode(TEXTS),
+                 "embeddinggemma-2 saved by kalm_fast")
 
 
 def _cls_sep_tokenizer():

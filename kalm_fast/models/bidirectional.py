@@ -23,12 +23,14 @@ import weakref
 import torch
 
 from .. import ops
+from ..ops.attention import TRITON_MAX_HEAD_DIM
 from ..ops.attention.padding import unpad_layout
 
 NAME = "kalm_fast"
 # What runs packed through kalm_fast's attention, tested against transformers' own forward.
 SUPPORTED_MODEL_TYPES = ("bert", "roberta", "xlm-roberta", "camembert", "distilbert", "electra", "albert",
                          "modernbert", "nomic_bert", "gte", "eurobert", "jina_embeddings_v3",
+                         "embedding_gemma2", "embedding_gemma2_text",
                          "qwen2", "qwen3", "llama", "mistral", "gemma", "gemma2", "gemma3_text")
 # Encoders that keep their own attention (MPNet's, DeBERTa-v2's and T5's relative position biases, RoFormer's
 # rotary embedding inside its attention, LongT5's local blocks): texts packed in one row would attend to each other
@@ -37,10 +39,11 @@ SUPPORTED_MODEL_TYPES = ("bert", "roberta", "xlm-roberta", "camembert", "distilb
 OWN_ATTENTION_MODEL_TYPES = ("mpnet", "deberta-v2", "roformer", "t5", "mt5", "umt5", "longt5")
 # Families whose local layers run with their window (a band of ``flash_attention``): transformers hands a local
 # layer's window w to the attention function, flash-attention style, for keys |i - j| < w (ModernBERT: w is half its
-# local_attention, plus one; Gemma 2 run bidirectionally: |i - j| <= w, as transformers' masks for ``is_causal:
-# false``). Their layer types, which also pick each layer's RoPE base, stay as they are. Gemma 3 also gets
-# transformers' own bidirectional switch (``use_bidirectional_attention``).
-_WINDOWED = ("gemma2", "gemma3_text", "modernbert")
+# local_attention, plus one; EmbeddingGemma 2's w is its sliding_window plus one; Gemma 2 run bidirectionally:
+# |i - j| <= w, as transformers' masks for ``is_causal: false``). Their layer types, which also pick each layer's
+# RoPE base, stay as they are. Gemma 3 also gets transformers' own bidirectional switch
+# (``use_bidirectional_attention``).
+_WINDOWED = ("gemma2", "gemma3_text", "modernbert", "embedding_gemma2_text")
 # The oldest transformers that runs each family right with kalm_fast, and why.
 MIN_TRANSFORMERS = {
     "gemma3_text": ("5.16", "which would halve its sliding window on every save"),
@@ -51,6 +54,9 @@ MIN_TRANSFORMERS = {
     "jina_embeddings_v3": ("5.4", "which has no Jina Embeddings v3 built in"),
     "nomic_bert": ("5.5", "which has no NomicBERT built in"),
     "gte": ("5.18", "which has no GTE built in"),
+    # EmbeddingGemma 2, and the text model kalm_fast runs of it
+    "embedding_gemma2": ("5.19", "which has no EmbeddingGemma 2 built in"),
+    "embedding_gemma2_text": ("5.19", "which has no EmbeddingGemma 2 built in"),
 }
 
 
@@ -272,6 +278,11 @@ def make_bidirectional(model, backend: str = "auto", max_length: int = 512, caus
                     module.attention_type = "full_attention"
         if getattr(model, "has_sliding_layers", False):  # Qwen2/3 would build a sliding mask from the dropped window
             model.has_sliding_layers = False
+    widest = max((m.head_dim for m in model.modules() if isinstance(getattr(m, "head_dim", None), int)), default=0)
+    if backend in ("triton", "cuda") and widest > TRITON_MAX_HEAD_DIM:
+        raise ValueError(f"attn_backend {backend!r} takes head dims up to {TRITON_MAX_HEAD_DIM}; the "
+                         f"{config.model_type} model has {widest}: use 'auto' (which runs those layers on 'torch') "
+                         "or 'torch'")
     if backend == "cuda" and config.model_type in _WINDOWED and local_layers(config):
         raise ValueError(f"attn_backend 'cuda' has no local window, which the {config.model_type} model's sliding "
                          "layers need: use 'triton' or 'auto'")

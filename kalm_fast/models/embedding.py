@@ -33,12 +33,14 @@ from .bidirectional import (
 from .loading import (
     DENSE_ACTIVATIONS,
     POOLING_MODES,
+    TEXT_MODEL_TYPES,
     DenseModule,
     load_tokenizer,
     load_transformer,
     lowercase_inputs,
     read_sentence_transformer_info,
     resolve_model_dir,
+    token_embedding_size,
 )
 from .packing import DEFAULT_TOKENS, PackedBatch, pack, pack_padded, token_budget_batches
 
@@ -174,7 +176,7 @@ class EmbeddingModel(nn.Module):
         self.model = model
         self.tokenizer = tokenizer
         self.config = model.config
-        self.hidden_size = int(model.config.hidden_size)
+        self.hidden_size = token_embedding_size(model.config)  # the width of the hidden states it pools
         # sentence-transformers Dense modules after pooling; the embedding size is the last one's
         self.dense = nn.Sequential(*dense)
         sizes = [self.hidden_size] + [layer.linear.out_features for layer in self.dense]
@@ -421,7 +423,8 @@ class EmbeddingModel(nn.Module):
         """Safetensors weights, config, tokenizer and the sentence-transformers files, in the layout that
         sentence-transformers 2.x to 6.x all load (bidirectional decoders with ``is_causal: false``, Gemma 3 with
         ``use_bidirectional_attention``, so bidirectionally there too; causal last-token-pooled ones without it;
-        Dense modules' weights as safetensors, which sentence-transformers reads from 3.1 on).
+        Dense modules' weights as safetensors, which sentence-transformers reads from 3.1 on; EmbeddingGemma 2 as its
+        text model).
         ``max_seq_length``: the one saved (default: the model's own, ``model_max_length``)."""
         if not isinstance(directory, (str, os.PathLike)):
             raise TypeError(f"directory must be a path (str or os.PathLike), got {type(directory).__name__}")
@@ -433,7 +436,9 @@ class EmbeddingModel(nn.Module):
         runtime = {key: self.config.__dict__.pop(key) for key in runtime_only_keys(self.config)
                    if key in self.config.__dict__}
         try:
-            self.model.save_pretrained(str(directory))
+            # a multimodal checkpoint's text model as itself, not under the checkpoint's names
+            self.model.save_pretrained(str(directory),
+                                       save_original_format=self.config.model_type not in TEXT_MODEL_TYPES)
         finally:
             self.config.__dict__.update(runtime)
         self.tokenizer.save_pretrained(str(directory))

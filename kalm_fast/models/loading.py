@@ -256,10 +256,11 @@ def _read_transformer_config(path: Path, info: SentenceTransformerInfo) -> None:
         if config.get(key, want) != want:
             raise ValueError(f"{path}: {key} {config[key]!r} is not supported (kalm_fast embeds text with a "
                              f"feature-extraction model; expected {want!r})")
-    modality = config.get("modality_config")
-    if modality is not None and modality != {"text": {"method": "forward", "method_output_name": "last_hidden_state"}}:
-        raise ValueError(f"{path}: modality_config {modality!r} is not supported; kalm_fast embeds text with the "
-                         "model's forward and last_hidden_state")
+    modality = config.get("modality_config")  # other modalities (EmbeddingGemma 2's image, audio) are left unread
+    text = {"method": "forward", "method_output_name": "last_hidden_state"}
+    if modality is not None and (not isinstance(modality, dict) or modality.get("text") != text):
+        raise ValueError(f"{path}: modality_config {modality!r:.300} is not supported; kalm_fast embeds text with "
+                         "the model's forward and last_hidden_state")
     lengths = [config.get("max_seq_length")]
     for section, kwargs in (config.get("processing_kwargs") or {}).items():
         extra = sorted(set(kwargs) - {"max_length", "truncation", "padding"})
@@ -416,7 +417,7 @@ _UNUSED_PREFIXES = ("pooler.",)
 # decoder (T5, of which kalm_fast loads the encoder; under a head's prefix too) nor a buffer older transformers
 # saved with the weights (rotary caches, attention masks).
 _LAYER_TENSOR = re.compile(r"(^|\.)layers?\.\d+\.")
-_NOT_LAYER_WEIGHTS = re.compile(r"(^|\.)decoder\.|(inv_freq|_cached|masked_bias)$")
+_NOT_LAYER_WEIGHTS = re.compile(r"(^|\.)decoder\.|(inv_freq|_cached|masked_bias)$|^(vision|audio)_tower\.")
 
 
 # Encoder-decoder families whose encoder alone embeds (sentence-t5, GTR): their encoder's class, as
@@ -425,19 +426,39 @@ ENCODER_ONLY_CLASSES = {"t5": "T5EncoderModel", "mt5": "MT5EncoderModel", "umt5"
                         "longt5": "LongT5EncoderModel"}
 
 
+# Multimodal checkpoints whose text model alone embeds text (EmbeddingGemma 2): where its weights are. kalm_fast
+# builds the text model from the text sub-config and leaves the vision and audio towers unread; the text models'
+# model types, which kalm_fast saves under their own tensor names (a text-only checkpoint).
+TEXT_MODEL_PREFIXES = {"embedding_gemma2": "language_model."}
+TEXT_MODEL_TYPES = ("embedding_gemma2_text",)
+
+
+def text_model_config(config):
+    """The config of the model ``load_transformer`` builds: a multimodal checkpoint's text sub-config, or
+    ``config`` itself."""
+    return config.text_config if config.model_type in TEXT_MODEL_PREFIXES else config
+
+
+def token_embedding_size(config) -> int:
+    """The width of the hidden states the model returns (``config``: as ``build_config`` gives it):
+    ``hidden_size``, or EmbeddingGemma 2's ``embedding_dim`` (its projection is part of the text model)."""
+    config = text_model_config(config)
+    return int(config.embedding_dim if config.model_type == "embedding_gemma2_text" else config.hidden_size)
+
+
 def transformers_class(config):
-    """transformers' class that ``load_transformer`` builds for ``config``: the base model, or an encoder-decoder's
-    encoder."""
+    """transformers' class that ``load_transformer`` builds for ``config``: the base model, an encoder-decoder's
+    encoder, or a multimodal checkpoint's text model."""
     import transformers
 
     if config.model_type in ENCODER_ONLY_CLASSES:
         return getattr(transformers, ENCODER_ONLY_CLASSES[config.model_type])
-    return transformers.AutoModel._model_mapping[type(config)]
+    return transformers.AutoModel._model_mapping[type(text_model_config(config))]
 
 
 def load_transformer(model_dir: Path, *, dtype=None, allow_pickle: bool = False):
     """``(config, model)`` for ``model_dir``: transformers' base model class (``transformers_class``), weights from
-    safetensors.
+    safetensors; of a multimodal checkpoint (EmbeddingGemma 2), its text model and text config.
 
     Every weight the model uses must come from the files: missing or misnamed (e.g. prefixed) tensors are a
     ``ValueError`` naming them, never randomly initialized weights.
@@ -445,15 +466,19 @@ def load_transformer(model_dir: Path, *, dtype=None, allow_pickle: bool = False)
     from transformers.utils import logging as hf_logging
 
     config = build_config(model_dir)
+    model_class = transformers_class(config)
+    prefix = TEXT_MODEL_PREFIXES.get(config.model_type)
+    key_mapping = {f"^{re.escape(prefix)}": ""} if prefix else None
+    config = text_model_config(config)
     safetensors = check_weight_files(model_dir, allow_pickle)
     bar_was_on = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # a per-tensor "Loading weights" bar is noise for a small local model
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # its load report is replaced by the check below
     try:
-        model, info = transformers_class(config).from_pretrained(
+        model, info = model_class.from_pretrained(
             str(model_dir), config=config, trust_remote_code=False, use_safetensors=safetensors,
-            dtype=dtype or "float32", output_loading_info=True)
+            dtype=dtype or "float32", output_loading_info=True, key_mapping=key_mapping)
     finally:
         hf_logging.set_verbosity(verbosity)
         if bar_was_on:

@@ -81,6 +81,7 @@ from ..models.loading import (
     default_model_dir,
     read_sentence_transformer_info,
     resolve_model_dir,
+    token_embedding_size,
     transformers_class,
 )
 from .config import EvalConfig, SoupStage, TrainConfig, TrainStage, config_to_dict
@@ -191,10 +192,10 @@ def _model_config(model_dir):
 
 
 def embedding_size(model_dir) -> int:
-    """The embedding size of a model directory (its last Dense module's, else the hidden size), read from its
-    configs without loading weights."""
+    """The embedding size of a model directory (its last Dense module's, else the width of the model's hidden
+    states), read from its configs without loading weights."""
     info = read_sentence_transformer_info(resolve_model_dir(model_dir))
-    return info.dense[-1].out_features if info.dense else int(build_config(info.transformer_dir).hidden_size)
+    return info.dense[-1].out_features if info.dense else token_embedding_size(build_config(info.transformer_dir))
 
 
 def check_model_checkpointing(model_dir) -> None:

@@ -11,6 +11,9 @@ or None; ``window`` a pair of ints ``(left, right)`` or None; ``softcap`` a posi
 - ``cuda`` (``_cuda.py``): csrc/attention.cu, forward only (inference), fp16/bf16, head dims 64 and 128, no
   ``window`` and no ``softcap``.
 
+Head dims: up to 512 on ``torch`` and ``reference``, up to 256 (multiples of 8) on ``triton``; ``auto`` takes
+``torch`` for the others.
+
 Padded input reaches packed-only backends through ``padding.padded_via_packed``. The log-sum-exp
 (``return_lse=True``) is returned for inspection and is not differentiable; it is ``+inf`` on rows that attend to no
 key (padded query rows).
@@ -31,7 +34,9 @@ from .padding import pad, unpad
 __all__ = ["flash_attention", "pad", "unpad"]
 
 OP = "flash_attention"
-MAX_HEAD_DIM = 256
+MAX_HEAD_DIM = 512  # backends torch and reference (EmbeddingGemma 2's global layers); triton takes up to 256
+TRITON_MAX_HEAD_DIM = 256
+MAX_SOFTCAP = 1e30  # softcap * log2(e) stays far from fp32's largest value
 _registry.register(OP, [
     _registry.Backend("reference", f"{__name__}.reference:flash_attention_reference", ("cpu", "cuda"), FLOAT_DTYPES),
     _registry.Backend("torch", f"{__name__}._torch:flash_attention_torch", ("cpu", "cuda"), FLOAT_DTYPES),
@@ -80,6 +85,9 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     if d % 8 and backend in ("triton", "cuda"):
         raise ValueError(f"head dim D={d}: backend {backend!r} needs a multiple of 8 (16-byte rows); backends "
                          "'torch' and 'reference' take any, and 'auto' picks 'torch' for it")
+    if d > TRITON_MAX_HEAD_DIM and backend in ("triton", "cuda"):
+        raise ValueError(f"head dim D={d}: backend {backend!r} takes at most {TRITON_MAX_HEAD_DIM}; backends 'torch' "
+                         f"and 'reference' take up to {MAX_HEAD_DIM}, and 'auto' picks 'torch' for it")
     window = _check_window(window, backend)
     varlen = None
     if q.dim() == 3:
@@ -109,7 +117,8 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
             or not math.isfinite(softmax_scale) or softmax_scale <= 0:
         raise ValueError(f"softmax_scale must be a positive finite float, got {softmax_scale!r}")
     softcap = _check_softcap(softcap, backend)
-    _, fn = _registry.select(OP, "torch" if backend == "auto" and d % 8 else backend, q.device, q.dtype)
+    off_triton = d % 8 or d > TRITON_MAX_HEAD_DIM
+    _, fn = _registry.select(OP, "torch" if backend == "auto" and off_triton else backend, q.device, q.dtype)
     return fn(q, k, v, varlen, key_padding_mask, bool(causal), window, float(softmax_scale), bool(return_lse),
               softcap)
 
@@ -127,10 +136,9 @@ def _check_softcap(softcap, backend: str):
     """``softcap`` as a positive finite float, or None; a ValueError naming it otherwise."""
     if softcap is None:
         return None
-    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not math.isfinite(softcap) \
-            or softcap <= 0:
-        raise ValueError(f"softcap must be a positive finite float (the attention logits' cap), or None, got "
-                         f"{softcap!r}")
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not 0 < softcap < MAX_SOFTCAP:
+        raise ValueError(f"softcap must be a positive float below {MAX_SOFTCAP:g} (the attention logits' cap, "
+                         f"scaled in fp32), or None, got {softcap!r}")
     if backend == "cuda":
         raise ValueError("backend 'cuda' of flash_attention has no softcap (soft-capped logits): use 'triton', "
                          "'torch' or 'auto'")

@@ -4,7 +4,8 @@ The CPU path of the encoder. Sequences of similar length are padded to a bucket 
 view when they are equal and adjacent, as in a length-sorted encode batch), attended with a key mask, and their
 real rows written back into ``[T, Hq, D]``. The buckets come from the ``Varlen``'s host lengths: no synchronization.
 A ``window`` becomes a band mask ``[Lb, Lb]`` (with the causal mask folded in). Soft-capped scores (``softcap``),
-which no fused SDPA kernel takes, are materialized in fp32 instead, a chunk of a bucket's sequences at a time.
+which no fused SDPA kernel takes, are materialized in fp32 instead, a block of a bucket's sequences (or of one long
+sequence's query rows) at a time.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from ..._cuda import to_device
 from .padding import padded_via_packed
 
 BUCKET_RATIO = 0.8  # a bucket holds sequences at least this fraction of its longest one
-CAPPED_SCORES_PER_CHUNK = 2 ** 24  # fp32 scores the soft-capped path materializes at a time (64 MiB)
+CAPPED_SCORES_PER_CHUNK = 2 ** 22  # fp32 scores the soft-capped path materializes at a time (16 MiB, a few copies)
 
 
 def _sdpa(q, k, v, allowed, causal, scale, need_lse, softcap):
@@ -50,27 +51,36 @@ def _sdpa(q, k, v, allowed, causal, scale, need_lse, softcap):
 
 
 def _capped(q, k, v, allowed, causal, scale, need_lse, softcap):
-    """``_sdpa`` with the scores ``softcap * tanh(scale * q.k / softcap)``, in fp32, for a chunk of sequences at a
-    time (CAPPED_SCORES_PER_CHUNK scores). Rows that see no key (padding rows, dropped later) give zeros."""
-    n, hq, lq, _ = q.shape
+    """``_sdpa`` with the scores ``softcap * tanh(scale * q.k / softcap)`` (NaN where not finite, as uncapped), in
+    fp32, a block of sequences or of one sequence's query rows at a time (about CAPPED_SCORES_PER_CHUNK scores). Rows
+    that see no key (padding rows, dropped later) give zeros."""
+    n, hq, lq, d = q.shape
     group, length = hq // k.shape[1], k.shape[2]
+    if n * lq == 0:
+        return q.new_zeros(n, hq, lq, d), (q.new_zeros(n, hq, lq, dtype=torch.float32) if need_lse else None)
     if causal:
         below = torch.ones(lq, length, dtype=torch.bool, device=q.device).tril()
         allowed = below if allowed is None else allowed & below
-    step = max(1, CAPPED_SCORES_PER_CHUNK // max(1, hq * lq * length))
+    per_row = max(1, hq * length)
+    seqs = max(1, CAPPED_SCORES_PER_CHUNK // (per_row * lq))
+    rows = lq if seqs > 1 else max(1, CAPPED_SCORES_PER_CHUNK // per_row)
     outs, lses = [], []
-    for i in range(0, n, step):
-        kc, vc = (x[i:i + step].float().repeat_interleave(group, 1) for x in (k, v))
-        scores = scale * q[i:i + step].float() @ kc.transpose(-1, -2)
-        scores = softcap * torch.tanh(scores / softcap)
-        if allowed is not None:
-            scores = scores.masked_fill(~(allowed[i:i + step] if allowed.dim() == 4 else allowed), -math.inf)
-        lse = torch.logsumexp(scores, -1)
-        probs = torch.exp(scores - lse.masked_fill(torch.isneginf(lse), 0.0)[..., None])
-        outs.append((probs @ vc).to(q.dtype))
-        lses.append(lse.detach())
-    out = torch.cat(outs) if len(outs) > 1 else outs[0]
-    return out, ((torch.cat(lses) if len(lses) > 1 else lses[0]) if need_lse else None)
+    for i in range(0, n, seqs):
+        kc, vc = (x[i:i + seqs].float().repeat_interleave(group, 1) for x in (k, v))
+        mask = allowed[i:i + seqs] if allowed is not None and allowed.dim() == 4 else allowed
+        for r in range(0, lq, rows):
+            scores = scale * q[i:i + seqs, :, r:r + rows].float() @ kc.transpose(-1, -2)
+            scores = torch.where(scores.abs() < math.inf, softcap * torch.tanh(scores / softcap), math.nan)
+            if mask is not None:
+                scores = scores.masked_fill(~(mask[..., r:r + rows, :] if mask.shape[-2] > 1 else mask), -math.inf)
+            lse = torch.logsumexp(scores, -1)
+            probs = torch.exp(scores - lse.masked_fill(torch.isneginf(lse), 0.0)[..., None])
+            outs.append((probs @ vc).to(q.dtype))
+            lses.append(lse.detach())
+    blocks = -(-lq // rows)  # row blocks per block of sequences
+    out = torch.cat([torch.cat(outs[j:j + blocks], 2) for j in range(0, len(outs), blocks)])
+    lse = torch.cat([torch.cat(lses[j:j + blocks], 2) for j in range(0, len(lses), blocks)]) if need_lse else None
+    return out, lse
 
 
 def _allowed(key_mask, length, causal, window, device):

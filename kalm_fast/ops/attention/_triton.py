@@ -172,8 +172,13 @@ def _fwd_tiles(acc, l_i, m_i, q, k_src, v_src, stride_kt, stride_vt, lo, hi, tok
 
 @triton.jit
 def _tanh(x):
-    """tanh in fp32 from exp2 (Triton has no tanh of its own): exact to about 1e-7, +-1 far from 0."""
-    return 1.0 - 2.0 / (tl.exp2(x * (2.0 * _LOG2E)) + 1.0)
+    """tanh in fp32 (Triton has none of its own): its Taylor series near 0, where ``1 - 2 / (e^2x + 1)`` would lose
+    the digits a large softcap multiplies, that form elsewhere (+-1 far from 0); NaN where ``x`` is not finite (a
+    query row holding NaN or an infinity gives NaN, as without a cap)."""
+    x2 = x * x
+    t = tl.where(x2 < 0.01, x * (1.0 - x2 * (1.0 / 3.0 - x2 * (2.0 / 15.0 - x2 * (17.0 / 315.0)))),
+                 1.0 - 2.0 / (tl.exp2(x * (2.0 * _LOG2E)) + 1.0))
+    return tl.where(tl.abs(x) < float("inf"), t, float("nan"))
 
 
 @triton.jit

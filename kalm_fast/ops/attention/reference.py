@@ -17,8 +17,8 @@ def _attend(q, k, v, key_mask, causal, window, scale, softcap):
     kf = k.float().repeat_interleave(group, dim=1).transpose(0, 1)    # [Hq, L, D]
     vf = v.float().repeat_interleave(group, dim=1).transpose(0, 1)
     scores = scale * qf @ kf.transpose(1, 2)                          # [Hq, L, L]
-    if softcap is not None:
-        scores = softcap * torch.tanh(scores / softcap)
+    if softcap is not None:  # a score that is not finite stays NaN (a query row holding NaN or inf gives NaN)
+        scores = torch.where(scores.abs() < float("inf"), softcap * torch.tanh(scores / softcap), float("nan"))
     allowed = torch.ones(L, L, dtype=torch.bool, device=q.device)
     if key_mask is not None:
         allowed = allowed & key_mask[None, :] & key_mask[:, None]     # padded queries attend to nothing
