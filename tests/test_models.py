@@ -1104,12 +1104,12 @@ def test_encoder_on_gpu_matches_cpu(decoder_dir, dtype):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA device")
-@pytest.mark.parametrize("kind", ["modernbert", "mpnet", "nomic_bert", "embedding_gemma2"])
+@pytest.mark.parametrize("kind", ["modernbert", "mpnet", "nomic_bert"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_encoders_on_gpu_match_cpu(tmp_path, tokenizer, kind, dtype):
-    """ModernBERT (packed, the Triton band of its local layers), MPNet (padded, its own attention), NomicBERT
-    (packed, rotary) and EmbeddingGemma 2 (local layers on Triton, its global layer's head dim 512 on the torch
-    attention) encode on the GPU as on the CPU in fp32."""
+    """ModernBERT (packed, the Triton band of its local layers), MPNet (padded, its own attention) and NomicBERT
+    (packed, rotary) encode on the GPU as on the CPU in fp32. (EmbeddingGemma 2 needs a newer transformers than the
+    H200 machine's 5.17: a GPU test of it would skip there.)"""
     from kalm_fast import Encoder
 
     directory = _save_tiny(kind, tmp_path, tokenizer)
