@@ -363,6 +363,21 @@ def test_embedding_gemma2_text_model_saves_and_keeps_its_windows(tmp_path, token
         assert (model(model.pack(ids)) - got).abs().max() > 1e-3
 
 
+def test_the_multimodal_embedding_gemma2_model_is_refused_for_its_text_model(tmp_path, tokenizer):
+    """make_bidirectional on transformers' EmbeddingGemma2Model (text, vision and audio) names the text model to pass
+    instead, which then runs."""
+    from transformers import AutoModel
+
+    from kalm_fast.models.bidirectional import make_bidirectional
+
+    model = AutoModel.from_pretrained(str(_save_tiny("embedding_gemma2", tmp_path, tokenizer)))
+    with pytest.raises(ValueError, match=r"the EmbeddingGemma2Model holds a text model .* pass model.language_model"):
+        make_bidirectional(model)
+    text = make_bidirectional(model.language_model)
+    with torch.no_grad():
+        assert torch.isfinite(text(input_ids=torch.tensor([[5, 6, 7]])).last_hidden_state).all()
+
+
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 def test_embedding_gemma2_refuses_backends_without_its_head_dim(tmp_path, tokenizer, backend):
     """Its global layers' head dim 512 is past the Triton and CUDA kernels: asking for either is refused by name

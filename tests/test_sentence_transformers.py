@@ -656,8 +656,8 @@ def test_gemma2_with_soft_capped_logits_in_sentence_transformers(tmp_path):
 def test_embedding_gemma2_in_sentence_transformers(tmp_path):
     """EmbeddingGemma 2's text model (global layers of head dim 512, local layers within |i - j| <= 4), as
     sentence-transformers saves it (mean pooling, Normalize): the same embeddings; from the multimodal checkpoint
-    (a sentence_bert_config.json that also lists an image modality), kalm_fast runs and saves the text model, which
-    sentence-transformers loads to the same embeddings."""
+    (a sentence_bert_config.json that also lists an image modality and its processing settings), kalm_fast runs and
+    saves the text model, which sentence-transformers loads to the same embeddings."""
     import transformers
     from transformers import AutoModel, AutoTokenizer
 
@@ -681,7 +681,8 @@ def test_embedding_gemma2_in_sentence_transformers(tmp_path):
                                                                               tmp_path / "full" / name)
     _edit_json(tmp_path / "full" / "sentence_bert_config.json", modality_config={
         "text": {"method": "forward", "method_output_name": "last_hidden_state"},
-        "image": {"method": "forward", "method_output_name": "last_hidden_state"}})
+        "image": {"method": "forward", "method_output_name": "last_hidden_state"}},
+        processing_kwargs={"image": {"max_soft_tokens": 280}})
     multimodal = Encoder(tmp_path / "full", device="cpu")
     _assert_same(multimodal.encode(TEXTS), ref.encode(TEXTS), "embeddinggemma-2 multimodal checkpoint")
     multimodal.save(tmp_path / "saved")

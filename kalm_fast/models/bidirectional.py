@@ -44,6 +44,9 @@ OWN_ATTENTION_MODEL_TYPES = ("mpnet", "deberta-v2", "roformer", "t5", "mt5", "um
 # RoPE base, stay as they are. Gemma 3 also gets transformers' own bidirectional switch
 # (``use_bidirectional_attention``).
 _WINDOWED = ("gemma2", "gemma3_text", "modernbert", "embedding_gemma2_text")
+# Multimodal models of which kalm_fast runs the text model alone (``load_transformer`` builds it from the
+# checkpoint): the attribute that holds it.
+TEXT_MODEL_ATTRIBUTES = {"embedding_gemma2": "language_model"}
 # The oldest transformers that runs each family right with kalm_fast, and why.
 MIN_TRANSFORMERS = {
     "gemma3_text": ("5.16", "which would halve its sliding window on every save"),
@@ -244,6 +247,10 @@ def make_bidirectional(model, backend: str = "auto", max_length: int = 512, caus
     """
     install()
     config = model.config
+    if config.model_type in TEXT_MODEL_ATTRIBUTES:
+        raise ValueError(f"the {type(model).__name__} holds a text model and other modalities' towers; kalm_fast runs "
+                         f"the text model: pass model.{TEXT_MODEL_ATTRIBUTES[config.model_type]} "
+                         "(EmbeddingModel.from_pretrained loads it alone from the checkpoint)")
     check_model_type(config.model_type, f"the {type(model).__name__}")
     if backend == "cuda" and getattr(config, "attn_logit_softcapping", None) is not None:
         raise ValueError(f"attn_backend 'cuda' has no soft-capping, which the {config.model_type} model's attention "

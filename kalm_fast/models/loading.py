@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..files import sha256_file
-from .bidirectional import MIN_TRANSFORMERS, check_model_type
+from .bidirectional import MIN_TRANSFORMERS, TEXT_MODEL_ATTRIBUTES, check_model_type
 
 
 @dataclass
@@ -247,6 +247,9 @@ def _read_pooling(path: Path, info: SentenceTransformerInfo) -> None:
     info.pooling_dim = dim if isinstance(dim, int) and not isinstance(dim, bool) else None
 
 
+_OTHER_MODALITIES = ("image", "audio", "video")
+
+
 def _read_transformer_config(path: Path, info: SentenceTransformerInfo) -> None:
     """max_seq_length / do_lower_case (2.x-5.x), or 6.x's task and modality settings, of the Transformer module."""
     config = _read_json(path)
@@ -263,6 +266,8 @@ def _read_transformer_config(path: Path, info: SentenceTransformerInfo) -> None:
                          "the model's forward and last_hidden_state")
     lengths = [config.get("max_seq_length")]
     for section, kwargs in (config.get("processing_kwargs") or {}).items():
+        if section in _OTHER_MODALITIES:  # left to sentence-transformers: kalm_fast embeds text
+            continue
         extra = sorted(set(kwargs) - {"max_length", "truncation", "padding"})
         if section not in ("text", "common") or extra or kwargs.get("truncation", True) is False:
             raise ValueError(f"{path}: processing_kwargs[{section!r}] = {kwargs!r} is not supported; kalm_fast "
@@ -429,7 +434,7 @@ ENCODER_ONLY_CLASSES = {"t5": "T5EncoderModel", "mt5": "MT5EncoderModel", "umt5"
 # Multimodal checkpoints whose text model alone embeds text (EmbeddingGemma 2): where its weights are. kalm_fast
 # builds the text model from the text sub-config and leaves the vision and audio towers unread; the text models'
 # model types, which kalm_fast saves under their own tensor names (a text-only checkpoint).
-TEXT_MODEL_PREFIXES = {"embedding_gemma2": "language_model."}
+TEXT_MODEL_PREFIXES = {model_type: f"{attribute}." for model_type, attribute in TEXT_MODEL_ATTRIBUTES.items()}
 TEXT_MODEL_TYPES = ("embedding_gemma2_text",)
 
 
