@@ -11,8 +11,11 @@ with the committed byte-level BPE tokenizer ``tests/fixtures/bpe-8k``: nothing i
 (ModernBERT-base-shaped: 22 layers, hidden 768, 12 heads, GeGLU 1152, local layers of window 128, every third
 global), ``mpnet`` (all-mpnet-base-v2-shaped: 12 layers, hidden 768, 12 heads, MLP 3072; kalm_fast runs it padded
 through its own attention) and ``nomic`` (nomic-embed-text-v1.5-shaped NomicBERT: 12 layers, hidden 768, 12 heads,
-rotary, SwiGLU 3072, no biases; transformers >= 5.5) are random-init encoders with the same tokenizer, mean-pooled;
-ModernBERT's FLOPs count its local layers' attention in full. It is saved with
+rotary, SwiGLU 3072, no biases; transformers >= 5.5) and ``embeddinggemma2`` (EmbeddingGemma 2's text model as its
+transformers config defaults shape it: 24 layers, hidden 512, 4 query heads of 256 over 2 key-value heads in the
+local layers (window 512 either side), of 512 over 1 in every sixth, global, layer, GeGLU 2048, projection to 768;
+transformers >= 5.19) are random-init encoders with the same tokenizer, mean-pooled; ModernBERT's and
+EmbeddingGemma 2's FLOPs count their local layers' attention in full. It is saved with
 ``EmbeddingModel.save_pretrained`` (``is_causal: false``), so sentence-transformers runs it bidirectionally, as
 kalm_fast does (transformers >= 5 reads the flag; on older versions, where the ONNX / OpenVINO peers install, the
 benchmark makes the decoder masks bidirectional in its own process and feeds the exports ``position_ids``).
@@ -52,7 +55,8 @@ ROOT = Path(__file__).resolve().parent.parent
 DATA = DATA_DIR / "sample_corpus.txt"
 BPE_TOKENIZER = ROOT / "tests" / "fixtures" / "bpe-8k"
 MODELS = {"minilm": "all-MiniLM-L6-v2", "qwen2": "qwen2-0.5B-shaped", "modernbert": "modernbert-base-shaped",
-          "mpnet": "mpnet-base-shaped", "nomic": "nomic-embed-text-v1.5-shaped"}
+          "mpnet": "mpnet-base-shaped", "nomic": "nomic-embed-text-v1.5-shaped",
+          "embeddinggemma2": "embeddinggemma-2-text-shaped"}
 # variant rows of decoder models on a GPU, off by default there: the CPU's packed fast path; transformers' modules
 # with fused ops
 VARIANTS = {"packed decoder": {"KALM_PACKED_DECODER": "all"}, "fused decoder": {"KALM_FUSED_DECODER": "1"}}
@@ -93,9 +97,13 @@ def flops(model, lengths) -> float:
     layers = [m for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "layer" in name]
     per_token = 2 * sum(m.in_features * m.out_features for m in layers)
     cfg = model.config
-    heads = cfg.num_attention_heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-    attention = 4 * heads * head_dim * cfg.num_hidden_layers * sum(n * n for n in lengths)
+    # query widths (heads * head dim) summed over the layers: from their q projections where each layer has one
+    # (EmbeddingGemma 2's global layers are wider), else from the config
+    widths = [m.q_proj.out_features for m in model.modules() if isinstance(getattr(m, "q_proj", None), torch.nn.Linear)]
+    if len(widths) != cfg.num_hidden_layers:
+        heads = cfg.num_attention_heads
+        widths = [heads * (getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)] * cfg.num_hidden_layers
+    attention = 4 * sum(widths) * sum(n * n for n in lengths)
     return per_token * sum(lengths) + attention
 
 
@@ -154,9 +162,9 @@ def qwen2_shaped_dir(directory: Path, seed: int = 0, layers: int = 24) -> Path:
 
 
 def encoder_shaped_dir(directory: Path, key: str, seed: int = 0) -> Path:
-    """A random-init ModernBERT-base-shaped (``key`` "modernbert"), all-mpnet-base-v2-shaped ("mpnet") or
-    nomic-embed-text-v1.5-shaped ("nomic") encoder with the committed BPE tokenizer, saved by ``EmbeddingModel`` (mean
-    pooling)."""
+    """A random-init ModernBERT-base-shaped (``key`` "modernbert"), all-mpnet-base-v2-shaped ("mpnet"),
+    nomic-embed-text-v1.5-shaped ("nomic") or EmbeddingGemma 2 text-model-shaped ("embeddinggemma2") encoder with the
+    committed BPE tokenizer, saved by ``EmbeddingModel`` (mean pooling)."""
     from transformers import AutoConfig, AutoModel, ModernBertConfig, ModernBertModel, MPNetConfig, MPNetModel
 
     from kalm_fast.models import EmbeddingModel
@@ -173,8 +181,11 @@ def encoder_shaped_dir(directory: Path, key: str, seed: int = 0) -> Path:
         model = MPNetModel(MPNetConfig(vocab_size=len(tokenizer), hidden_size=768, intermediate_size=3072,
                                        num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=514,
                                        pad_token_id=pad))
-    else:  # NomicBertConfig's defaults are nomic-embed-text-v1.5's
+    elif key == "nomic":  # NomicBertConfig's defaults are nomic-embed-text-v1.5's
         model = AutoModel.from_config(AutoConfig.for_model("nomic_bert", vocab_size=len(tokenizer), pad_token_id=pad))
+    else:  # EmbeddingGemma2TextConfig's defaults shape EmbeddingGemma 2's text model
+        model = AutoModel.from_config(AutoConfig.for_model("embedding_gemma2_text", vocab_size=len(tokenizer),
+                                                           pad_token_id=pad))
     EmbeddingModel(model.eval(), tokenizer, max_length=512).save_pretrained(directory)
     return directory
 
@@ -463,7 +474,7 @@ def main(argv=None) -> None:
         "minilm": (295, 300) if args.quick else (590, 1000),
         "qwen2": ((2000, 2000) if gpu else (40, 40)) if args.quick else ((8000, 8000) if gpu else (120, 120)),
     }
-    for key in ("modernbert", "mpnet", "nomic"):  # ~350 tokens/s on one CPU core
+    for key in ("modernbert", "mpnet", "nomic", "embeddinggemma2"):  # ~350 tokens/s on one CPU core
         sizes[key] = ((4000, 4000) if gpu else (60, 60)) if args.quick else ((16000, 16000) if gpu else (200, 200))
     if args.texts:
         sizes = {key: (args.texts, args.texts) for key in sizes}
