@@ -119,6 +119,9 @@ def _corrupt(tmp_path, change):
     (lambda t: t.update({"d.ids": torch.arange(7) + 1}), r"tensor 'd.ids' is an integer tensor that differs"),
     (lambda t: t["a.weight"].__setitem__((1, 2), float("nan")), r"tensor 'a.weight' of .*ck1.safetensors holds NaN or"),
     (lambda t: t["b.half"].__setitem__(0, float("inf")), r"tensor 'b.half' of .*ck1.safetensors holds NaN or inf"),
+    (lambda t: t.update({f"language_model.{k}": t.pop(k) for k in list(t)}, vision_tower=torch.ones(2)),
+     r"is missing from .*ck1.safetensors \(6 missing in all\); .*ck1.safetensors holds a multimodal model with its "
+     r"text model under 'language_model.', .*ck0.safetensors the text model alone"),
 ])
 def test_mismatch_errors_write_nothing(tmp_path, change, message):
     paths = _corrupt(tmp_path, change)

@@ -25,6 +25,7 @@ import torch
 from safetensors import safe_open
 
 from ..files import atomic_write, publish_dir, remove_leftovers
+from ..models.loading import TEXT_MODEL_PREFIXES
 
 INDEX_NAME = "model.safetensors.index.json"
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -96,9 +97,10 @@ def _check_compatible(ckpts: list):
         extra = sorted(set(other.tensors) - set(first.tensors))
         if missing:
             raise ValueError(f"tensor {missing[0]!r} of {first.path} is missing from {other.path}"
-                             f" ({len(missing)} missing in all)")
+                             f" ({len(missing)} missing in all){_text_model_hint(first, other)}")
         if extra:
-            raise ValueError(f"tensor {extra[0]!r} of {other.path} is not in {first.path} ({len(extra)} extra in all)")
+            raise ValueError(f"tensor {extra[0]!r} of {other.path} is not in {first.path} ({len(extra)} extra in all)"
+                             f"{_text_model_hint(first, other)}")
         for name, (_, shape, dtype) in first.tensors.items():
             _, oshape, odtype = other.tensors[name]
             if oshape != shape:
@@ -109,6 +111,18 @@ def _check_compatible(ckpts: list):
     for name, (_, _, dtype) in first.tensors.items():
         if dtype not in _DTYPES:
             raise ValueError(f"tensor {name!r} has dtype {dtype}, which model_soup does not handle")
+
+
+def _text_model_hint(a, b) -> str:
+    """Where one checkpoint holds every tensor of the other under a multimodal checkpoint's text-model prefix
+    (EmbeddingGemma 2 as released beside one kalm_fast saved, which is its text model alone): what to do instead."""
+    for prefix in TEXT_MODEL_PREFIXES.values():
+        for whole, text in ((a, b), (b, a)):
+            if text.tensors and all(prefix + name in whole.tensors for name in text.tensors):
+                return (f"; {whole.path} holds a multimodal model with its text model under {prefix!r}, {text.path} "
+                        "the text model alone: load the multimodal one with kalm_fast and save it (its text model) "
+                        "before the soup")
+    return ""
 
 
 def _average(name: str, ckpts: list, weights: list, handles: dict) -> torch.Tensor:
