@@ -62,18 +62,20 @@ def test_gradcache_equals_full_batch(model, batch, chunk, options):
     assert max(float(g.abs().max()) for g in ref.values()) > 1e-3  # the gradients are not trivially zero
 
 
-def test_gradcache_equals_full_batch_for_a_gemma3_decoder(tmp_path, batch):
-    """Training runs Gemma 3 through transformers' own modules (local and global layers, q/k norms) with kalm_fast's
-    attention: GradCache equals the full-batch step there too, and the step moves every layer."""
+@pytest.mark.parametrize("kind", ["gemma3", "gemma2"])
+def test_gradcache_equals_full_batch_for_a_gemma_decoder(tmp_path, batch, kind):
+    """Training runs Gemma 3 and Gemma 2 through transformers' own modules (local and global layers; Gemma 3's q/k
+    norms, Gemma 2's soft-capped logits) with kalm_fast's attention: GradCache equals the full-batch step there too,
+    and the step moves every layer."""
     from conftest import BPE_TOKENIZER
-    from transformers import AutoTokenizer, Gemma3TextConfig, Gemma3TextModel
+    from transformers import AutoModel, AutoTokenizer, Gemma2Config, Gemma3TextConfig
 
     torch.manual_seed(0)
-    Gemma3TextModel(Gemma3TextConfig(vocab_size=8192, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                     num_attention_heads=4, num_key_value_heads=1, head_dim=16,
-                                     query_pre_attn_scalar=24, max_position_embeddings=128, sliding_window=8,
-                                     pad_token_id=0, layer_types=["sliding_attention", "full_attention"])
-                    ).save_pretrained(str(tmp_path))
+    shape = dict(vocab_size=8192, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=1, head_dim=16, query_pre_attn_scalar=24, max_position_embeddings=128,
+                 sliding_window=8, pad_token_id=0, layer_types=["sliding_attention", "full_attention"])
+    config = Gemma3TextConfig(**shape) if kind == "gemma3" else Gemma2Config(**shape, attn_logit_softcapping=2.0)
+    AutoModel.from_config(config).save_pretrained(str(tmp_path))
     AutoTokenizer.from_pretrained(str(BPE_TOKENIZER)).save_pretrained(str(tmp_path))
     model = EmbeddingModel.from_pretrained(tmp_path, max_length=32).train()
     loss_fn = FocalInfoNCELoss(temperature=0.05, num_synthetic=2, mix_mode="list")
