@@ -133,7 +133,7 @@ def _check_one_run(key_padding_mask: torch.Tensor) -> None:
 
 
 def _check_softcap(softcap, backend: str):
-    """``softcap`` as a positive finite float, or None; a ValueError naming it otherwise."""
+    """``softcap`` as a float in (0, MAX_SOFTCAP), or None; a ValueError naming it otherwise."""
     if softcap is None:
         return None
     if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not 0 < softcap < MAX_SOFTCAP:
