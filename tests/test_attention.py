@@ -60,6 +60,8 @@ PACKED_CASES = [
     ([64, 1, 17], 2, 2, 128, False, torch.float32),
     ([5, 33, 0], 2, 1, 128, True, torch.float16),
     ([1, 17, 64, 129, 0], 2, 2, 80, False, torch.float16),
+    # unequal lengths in one bucket of the torch backend, causal: its key mask and the causal mask together
+    ([60, 0, 64, 55], 14, 2, 64, True, torch.float32),
 ]
 
 
@@ -72,6 +74,9 @@ def test_packed_matches_reference(backend, lengths, hq, hkv, d, causal, dtype):
     expected = _run("reference", q, k, v, **kw)
     actual = _run(backend, q, k, v, **kw)
     _assert_close(actual, expected, backend, dtype)
+    with torch.no_grad():  # without the lse (the torch backend's other SDPA path)
+        out = flash_attention(q, k, v, backend=backend, **kw)
+    _assert_close((out,), expected[:1], backend, dtype)
 
 
 WINDOW_CASES = [
@@ -227,9 +232,36 @@ def test_reference_softcap_is_the_formula():
 
 
 def test_cuda_backend_refuses_a_window():
+    """A window that masks something is refused by 'cuda'; one that reaches every key of the longest sequence is no
+    window (a 4096-token sliding window over 512-token texts), so 'cuda' takes it like any call."""
     q, k, v = _inputs((5, 2, 32), 1, torch.float16)
-    with pytest.raises(ValueError, match="backend 'cuda' of flash_attention has no window"):
-        flash_attention(q, k, v, cu_seqlens=_cu([5]), window=(2, 2), backend="cuda")
+    with pytest.raises(ValueError, match=r"no window \(local attention\), and window=\(2, 4\) is narrower than the "
+                                         r"longest sequence \(5 tokens\)"):
+        flash_attention(q, k, v, cu_seqlens=_cu([5]), window=(2, 4), backend="cuda")
+    with pytest.raises(ValueError, match="no window"):
+        flash_attention(q, k, v, cu_seqlens=_cu([2, 3]), window=(4, 1), backend="cuda")
+    with pytest.raises(ValueError, match="no window"):
+        flash_attention(q, k, v, cu_seqlens=_cu([5]), window=(3, 4), causal=True, backend="cuda")
+    for window, causal in (((4, 4), False), ((2, 2), False), ((4, 0), True), ((9, 9), False)):
+        lengths = [2, 3] if window == (2, 2) else [5]
+        try:
+            flash_attention(q, k, v, cu_seqlens=_cu(lengths), window=window, causal=causal, backend="cuda")
+        except (RuntimeError, ValueError) as e:  # no CUDA build or device here: refused for that, not the window
+            assert "window" not in str(e), e
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_window_reaching_every_key_is_no_window(backend):
+    """The window of a model's local layers is often longer than its texts: it masks nothing, so it runs as no
+    window (the padded layout's one-run check, which syncs with the host, is skipped too)."""
+    q, k, v = _inputs((2, 6, 2, 16), 1, torch.float32)
+    holes = torch.tensor([[1, 1, 0, 0, 1, 1], [1, 1, 1, 0, 0, 0]], device=DEVICE)
+    for window, causal in (((5, 5), False), ((9, 5), False), ((5, 0), True)):
+        kw = dict(key_padding_mask=holes, causal=causal)
+        _assert_close(_run(backend, q, k, v, window=window, **kw), _run("reference", q, k, v, **kw), backend,
+                      torch.float32)
+    with pytest.raises(ValueError, match="key_padding_mask must mark one run"):
+        flash_attention(q, k, v, key_padding_mask=holes, window=(5, 4), backend=backend)
 
 
 @pytest.mark.parametrize("backend", backend_params(OP, ("triton",)))

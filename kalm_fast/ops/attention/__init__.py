@@ -62,7 +62,8 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     (lse ``[B, Hq, L]``); padded query rows give 0.
     Query head ``h`` reads key/value head ``h // (Hq // Hkv)``. Bidirectional unless ``causal``.
     ``window=(left, right)`` (local attention, e.g. Gemma 3's sliding layers: ``(w - 1, w - 1)`` for ``|i - j| < w``):
-    query ``i`` of a sequence sees only its keys ``i - left <= j <= i + right`` (and ``j <= i`` if ``causal``).
+    query ``i`` of a sequence sees only its keys ``i - left <= j <= i + right`` (and ``j <= i`` if ``causal``); a
+    window that reaches every key of the longest sequence is no window (and runs as none, on every backend).
     ``softcap`` (Gemma 2's ``attn_logit_softcapping``): the scores become ``softcap * tanh(scale * q.k / softcap)``
     before the softmax. Differentiable w.r.t. q, k, v.
     """
@@ -88,7 +89,7 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     if d > TRITON_MAX_HEAD_DIM and backend in ("triton", "cuda"):
         raise ValueError(f"head dim D={d}: backend {backend!r} takes at most {TRITON_MAX_HEAD_DIM}; backends 'torch' "
                          f"and 'reference' take up to {MAX_HEAD_DIM}, and 'auto' picks 'torch' for it")
-    window = _check_window(window, backend)
+    window = _check_window(window)
     varlen = None
     if q.dim() == 3:
         if cu_seqlens is None:
@@ -96,6 +97,7 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
         if key_padding_mask is not None:
             raise ValueError("key_padding_mask [B, L] is for padded q [B, L, Hq, D]; packed input uses cu_seqlens only")
         varlen = as_varlen(cu_seqlens, q.shape[0])
+        window = _effective_window(window, causal, varlen.max_seqlen, backend)
         if max_seqlen is not None and (isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int)
                                        or max_seqlen < varlen.max_seqlen):
             raise ValueError(f"max_seqlen must be an int >= the longest sequence in cu_seqlens ({varlen.max_seqlen}), "
@@ -107,8 +109,9 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
         if key_padding_mask is not None:
             check_mask("key_padding_mask", key_padding_mask, q.shape[:2])
             key_padding_mask = key_padding_mask.bool()
-            if window is not None:
-                _check_one_run(key_padding_mask)
+        window = _effective_window(window, causal, q.shape[1], backend)
+        if key_padding_mask is not None and window is not None:
+            _check_one_run(key_padding_mask)
     check_same_device(q=q, k=k, v=v, cu_seqlens=None if varlen is None else varlen.cu_seqlens,
                       key_padding_mask=key_padding_mask)
     if softmax_scale is None:
@@ -145,14 +148,23 @@ def _check_softcap(softcap, backend: str):
     return float(softcap)
 
 
-def _check_window(window, backend: str):
+def _check_window(window):
     """``window`` as a tuple of two ints >= 0, or None; a ValueError naming it otherwise."""
     if window is None:
         return None
     if not isinstance(window, (tuple, list)) or len(window) != 2 or any(
             isinstance(w, bool) or not isinstance(w, int) or w < 0 for w in window):
         raise ValueError(f"window must be a pair of ints (left, right) >= 0, or None, got {window!r}")
-    if backend == "cuda":
-        raise ValueError("backend 'cuda' of flash_attention has no window (local attention): use 'triton', 'torch' "
-                         "or 'auto'")
     return int(window[0]), int(window[1])
+
+
+def _effective_window(window, causal: bool, longest: int, backend: str):
+    """``window``, or None where it masks nothing: its reach covers every key of the ``longest`` sequence (a model's
+    4096-token sliding window over 512-token texts). A ValueError for backend 'cuda', which has no window, otherwise.
+    """
+    if window is None or (window[0] >= longest - 1 and (causal or window[1] >= longest - 1)):
+        return None
+    if backend == "cuda":
+        raise ValueError(f"backend 'cuda' of flash_attention has no window (local attention), and window={window} "
+                         f"is narrower than the longest sequence ({longest} tokens): use 'triton', 'torch' or 'auto'")
+    return window

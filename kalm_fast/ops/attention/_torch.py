@@ -85,12 +85,14 @@ def _capped(q, k, v, allowed, causal, scale, need_lse, softcap):
 
 def _allowed(key_mask, length, causal, window, device):
     """(the bool mask for ``_sdpa`` or None, its causal flag) of a bucket padded to ``length`` with ``key_mask``
-    ``[n, 1, 1, length]`` or None; a ``window`` is a band (causal folded in), which padding query rows (dropped
-    later) ignore so that none of them attends to nothing."""
-    if window is None:
+    ``[n, 1, 1, length]`` or None; a ``window``, or the causal mask beside a ``key_mask`` (SDPA takes a mask or its
+    causal flag, not both, since torch 2.15), is a band (causal folded in), which padding query rows (dropped later)
+    ignore so that none of them attends to nothing."""
+    if window is None and (key_mask is None or not causal):
         return key_mask, causal
+    left, right = window if window is not None else (length, length)
     offset = torch.arange(length, device=device)[None, :] - torch.arange(length, device=device)[:, None]  # j - i
-    band = (offset >= -window[0]) & (offset <= (0 if causal else window[1]))                             # [L, L]
+    band = (offset >= -left) & (offset <= (0 if causal else right))                                      # [L, L]
     if key_mask is None:
         return band, False
     return key_mask & (band | ~key_mask.transpose(-1, -2)), False
