@@ -4,9 +4,9 @@ GPU runs, as ``triton.compile`` specs (``name``, ``module``, ``fn``, ``signature
 
 Attention: every entry of its config table (``ops/attention/_triton.py``) for its arch, for fp16/bf16 and fp32, at
 head dims 64, 80, 128 and 256, with the kernels' variants (TMA loads in fwd and dq, atomic dQ, the band of causal
-attention and local windows, and soft-capped scores at Gemma 2's head dims 128 and 256). Mean pooling,
-focal-InfoNCE and the decoders' SiLU-multiply, RoPE and residual-add RMSNorm (forward and backward): their fixed
-configurations per dtype.
+attention and local windows, and soft-capped scores at Gemma 2's head dims 128 and 256, TMA and atomic dQ
+included). Mean pooling, focal-InfoNCE and the decoders' SiLU-multiply, RoPE and residual-add RMSNorm (forward and
+backward): their fixed configurations per dtype.
 """
 from __future__ import annotations
 
@@ -57,9 +57,10 @@ def attention_specs() -> list:
         # the variants: fwd and dq with K/V through tensor descriptors (KALM_ATTENTION_TMA=1: sm_90, fp16/bf16), dQ
         # by its own kernel (the default) or added atomically by dkdv (KALM_ATTENTION_DQ=atomic); BANDED (causal or a
         # local window: Gemma 3's head dim 256 among them) in half precision; SOFTCAP (Gemma 2: head dims 256 and 128,
-        # local and global layers) in half precision
+        # local and global layers) in half precision, with the TMA and atomic-dQ variants too
         banded = ARCHS if dtype != "fp32" else {}
         capped = ARCHS if dtype != "fp32" and d in (128, 256) else {}
+        capped_tma = {90: "sm90"} if capped else {}
         for name, fn, sig, extra, archs in (
                 ("fwd", attention._attn_fwd, fwd, {"USE_TMA": False, "SOFTCAP": True}, capped),
                 ("fwd", attention._attn_fwd, fwd, {"USE_TMA": False, "SOFTCAP": True, "BANDED": True}, capped),
@@ -67,6 +68,9 @@ def attention_specs() -> list:
                 ("dkdv", attention._attn_bwd_dkdv, dkdv, {"ATOMIC_DQ": False, "SOFTCAP": True, "BANDED": True}, capped),
                 ("dq", attention._attn_bwd_dq, dq, {"USE_TMA": False, "SOFTCAP": True}, capped),
                 ("dq", attention._attn_bwd_dq, dq, {"USE_TMA": False, "SOFTCAP": True, "BANDED": True}, capped),
+                ("fwd", attention._attn_fwd, fwd, {"USE_TMA": True, "SOFTCAP": True}, capped_tma),
+                ("dkdv", attention._attn_bwd_dkdv, dkdv, {"ATOMIC_DQ": True, "SOFTCAP": True}, capped),
+                ("dq", attention._attn_bwd_dq, dq, {"USE_TMA": True, "SOFTCAP": True}, capped_tma),
                 ("fwd", attention._attn_fwd, fwd, {"USE_TMA": False}, ARCHS),
                 ("fwd", attention._attn_fwd, fwd, {"USE_TMA": False, "BANDED": True}, banded),
                 ("dkdv", attention._attn_bwd_dkdv, dkdv, {"ATOMIC_DQ": False, "BANDED": True}, banded),
