@@ -121,7 +121,7 @@ class Encoder:
                                                     attn_backend=attn_backend, max_length=max_length,
                                                     allow_pickle=allow_pickle)
         self.tokenizer = self.model.tokenizer
-        self._longest = self.model.max_length  # what the attention was set up for (dropped sliding windows cut it)
+        self._longest = self.model.max_length  # what the attention was set up for (a "cuda" backend checked for it)
         self.model.prompts = {"query": "", "document": "", **self.model.prompts, **(prompts or {})}
         if default_prompt_name is not None:
             self.model.default_prompt_name = default_prompt_name

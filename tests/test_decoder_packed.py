@@ -1,12 +1,13 @@
 """kalm_fast.models.decoder_packed: the packed CPU fast path of decoder LLMs equals transformers' eager modules made
-bidirectional (GQA, Qwen3 q/k norms, biases, empty and unsorted sequences, oneDNN and addmm linears)."""
+bidirectional (GQA, Qwen3 q/k norms, biases, sliding windows, empty and unsorted sequences, oneDNN and addmm
+linears)."""
 import os
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DEVICE, INTERPRET
+from conftest import DEVICE, INTERPRET, skip_unless_transformers_reads_is_causal
 
 from kalm_fast.models import EmbeddingModel, decoder_packed
 from kalm_fast.models.bert_packed import MATMUL_ATTENTION_MAX_LEN, onednn_linear_available
@@ -31,12 +32,17 @@ def _config(kind):
         return LlamaConfig(**common, num_key_value_heads=2, head_dim=16, attention_bias=True, mlp_bias=True)
     if kind == "qwen3":  # q/k norms, head_dim 32 != hidden / heads, 4:1 heads
         return Qwen3Config(**common, num_key_value_heads=1, head_dim=32)
-    if kind == "mistral":
+    if kind == "mistral":  # a window longer than every text: no window
         return MistralConfig(**common, num_key_value_heads=2, sliding_window=4096)
+    if kind == "mistral-window":  # every layer local, |i - j| <= 16 once bidirectional
+        return MistralConfig(**common, num_key_value_heads=2, sliding_window=16)
+    if kind == "qwen2-window":  # the second layer local (max_window_layers), |i - j| <= 16 once bidirectional
+        return Qwen2Config(**common, num_key_value_heads=2, use_sliding_window=True, sliding_window=16,
+                           max_window_layers=1)
     raise ValueError(kind)
 
 
-KINDS = ["qwen2", "qwen2-gqa14", "llama", "qwen3", "mistral"]
+KINDS = ["qwen2", "qwen2-gqa14", "llama", "qwen3", "mistral", "mistral-window", "qwen2-window"]
 
 
 @pytest.fixture(scope="module")
@@ -58,16 +64,22 @@ def model_dirs(tmp_path_factory):
 
 
 def _eager_bidirectional(model_dir, ids, dtype=torch.float32):
-    """The oracle: transformers' eager model, one text at a time with an all-zero (bidirectional) float mask;
-    the last hidden states of every token concatenated in packed order ``[T, H]``."""
-    from transformers import AutoModel
+    """The oracle: transformers' eager model, one text at a time with an all-zero (bidirectional) float mask, or,
+    for a model with a sliding window, as transformers runs it with ``is_causal: false`` (local layers: |i - j| <=
+    window); the last hidden states of every token concatenated in packed order ``[T, H]``."""
+    from transformers import AutoConfig, AutoModel
 
-    ref = AutoModel.from_pretrained(str(model_dir), attn_implementation="eager", dtype=dtype).eval()
+    config = AutoConfig.from_pretrained(str(model_dir))
+    windowed = getattr(config, "sliding_window", None) is not None
+    if windowed:
+        skip_unless_transformers_reads_is_causal()
+        config.is_causal = False
+    ref = AutoModel.from_pretrained(str(model_dir), attn_implementation="eager", dtype=dtype, config=config).eval()
     out = []
     with torch.no_grad():
         for x in ids:
             if x:
-                mask = torch.zeros(1, 1, len(x), len(x), dtype=dtype)
+                mask = None if windowed else torch.zeros(1, 1, len(x), len(x), dtype=dtype)
                 out.append(ref(input_ids=torch.tensor(x)[None], attention_mask=mask).last_hidden_state[0])
     return torch.cat(out)
 
@@ -265,11 +277,12 @@ def _train_step_grads(model, batch, weights):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(DEVICE != "cuda" and not INTERPRET, reason="needs a CUDA device or TRITON_INTERPRET=1")
-@pytest.mark.parametrize("kind", ["qwen2-gqa14", "llama", "qwen3", "mistral"])
+@pytest.mark.parametrize("kind", ["qwen2-gqa14", "llama", "qwen3", "mistral-window"])
 def test_fused_modules_match_transformers_forward_and_backward(model_dirs, monkeypatch, kind):
     """KALM_FUSED_DECODER=1: transformers' modules with F.rms_norm, the Triton SiLU-multiply, RoPE and residual-add
     RMSNorm give the embeddings and every parameter gradient of their own forward (fp32, train mode): GQA 14:2,
-    biases, Qwen3's q/k norms; the kernels are called once per MLP, twice per attention and once per layer."""
+    biases, Qwen3's q/k norms, Mistral's local layers (their window shorter than the longest text); the kernels are
+    called once per MLP, twice per attention and once per layer."""
     model = EmbeddingModel.from_pretrained(model_dirs[kind], device=DEVICE).train()
     batch = model.pack(model.token_ids(TEXTS))
     weights = torch.randn(len(TEXTS), model.hidden_size, generator=torch.Generator().manual_seed(0)).to(DEVICE)

@@ -26,14 +26,15 @@ def _tiny_config(kind):
 
     common = dict(vocab_size=30522, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                   num_attention_heads=4, max_position_embeddings=128)
-    if kind == "qwen2":
-        return Qwen2Config(**common, num_key_value_heads=2, pad_token_id=0)
+    if kind == "qwen2":  # its second layer local (|i - j| <= 12 once bidirectional), as Qwen2's use_sliding_window
+        return Qwen2Config(**common, num_key_value_heads=2, pad_token_id=0, use_sliding_window=True,
+                           sliding_window=GEMMA3_WINDOW, max_window_layers=1)
     if kind == "llama":
         return LlamaConfig(**common, num_key_value_heads=2, head_dim=16, pad_token_id=0)
     if kind == "qwen3":
         return Qwen3Config(**common, num_key_value_heads=1, head_dim=32, pad_token_id=0)
     if kind == "mistral":
-        return MistralConfig(**common, num_key_value_heads=2, sliding_window=4096, pad_token_id=0)
+        return MistralConfig(**common, num_key_value_heads=2, sliding_window=GEMMA3_WINDOW, pad_token_id=0)
     if kind == "xlm-roberta":
         return XLMRobertaConfig(**{**common, "max_position_embeddings": 130}, pad_token_id=1, type_vocab_size=1)
     if kind in ("roberta", "camembert", "electra", "albert"):
@@ -119,14 +120,15 @@ def decoder_dir(request, tmp_path_factory, tokenizer):
 def _eager_reference(model_dir, texts, ids, causal=False):
     """The same transformers model in eager mode, one text at a time, with a full (non-causal) float mask; Gemma 3
     as transformers' own bidirectional model (``use_bidirectional_attention``: local layers see |i - j| < window),
-    Gemma 2 as transformers runs it with ``is_causal: false`` (its local layers: |i - j| <= window)."""
+    the other families with local layers (Gemma 2, Qwen2, Mistral) as transformers runs them with ``is_causal:
+    false`` (their local layers: |i - j| <= window)."""
     from transformers import AutoConfig, AutoModel
 
     config = AutoConfig.from_pretrained(str(model_dir))
     extra = {}
     if config.model_type == "gemma3_text" and not causal:
         extra = dict(use_bidirectional_attention=True)
-    if config.model_type == "gemma2" and not causal:
+    elif getattr(config, "sliding_window", None) is not None and not causal:
         skip_unless_transformers_reads_is_causal()
         config.is_causal = False
         extra = dict(config=config)
@@ -192,8 +194,8 @@ def test_packed_equals_padded_forward_and_backward(decoder_dir):
 def test_padded_batch_unpads_once_per_forward(tmp_path, tokenizer, monkeypatch, kind):
     """A padded batch through a model made bidirectional (``make_bidirectional``, transformers' own forward): every
     layer reuses one unpadding of the mask (one synchronization per forward, and the Varlen's cached kernel work
-    lists; Gemma 3's and ModernBERT's global and local layers get a mask object each, so two), and the result is
-    the packed batch's."""
+    lists; Gemma 3's, ModernBERT's and this Qwen2's global and local layers get a mask object each, so two), and the
+    result is the packed batch's."""
     from kalm_fast.models import bidirectional
 
     model = EmbeddingModel.from_pretrained(_save_tiny(kind, tmp_path, tokenizer), device="cpu")
@@ -204,7 +206,7 @@ def test_padded_batch_unpads_once_per_forward(tmp_path, tokenizer, monkeypatch, 
     with torch.no_grad():
         want = model(model.tokenize(texts))
         hidden = [model.model(**batch).last_hidden_state for _ in range(2)]
-    assert len(calls) == 2 * (1 + (kind in ("gemma3", "modernbert")))  # one per forward and mask object
+    assert len(calls) == 2 * (1 + (kind in ("gemma3", "modernbert", "qwen2")))  # one per forward and mask object
     mask = batch["attention_mask"][..., None].float()
     for h in hidden:
         torch.testing.assert_close((h * mask).sum(1) / mask.sum(1), want, atol=2e-5, rtol=2e-5)
@@ -454,9 +456,10 @@ def test_gemma3_with_is_causal_false_keeps_transformers_wider_window(tmp_path, t
     assert json.loads((tmp_path / "saved" / "config.json").read_text())["is_causal"] is False
 
 
-def test_the_attention_function_bands_gemma3_and_guards_dropped_windows():
-    """transformers hands a local layer's window to the attention function: Gemma 3's becomes the band |i - j| < w;
-    another family's (dropped, run as full attention) is a ValueError for a text longer than it, packed or not."""
+def test_the_attention_function_bands_every_family_with_local_layers():
+    """transformers hands a local layer's window w to the attention function: the band |i - j| < w (Gemma 3), or
+    |i - j| <= w where ``make_bidirectional`` recorded so (Mistral, Qwen2, Gemma 2 run bidirectionally), packed or
+    not; a window reaching every token is full attention."""
     from types import SimpleNamespace
 
     from kalm_fast import ops
@@ -464,18 +467,78 @@ def test_the_attention_function_bands_gemma3_and_guards_dropped_windows():
 
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, h, 10, 16, generator=g) for h in (4, 2, 2))  # [B, H, L, D]
+    qkv = [x.transpose(1, 2) for x in (q, k, v)]
     gemma3 = SimpleNamespace(config=SimpleNamespace(model_type="gemma3_text"))
     out, _ = kalm_attention_forward(gemma3, q, k, v, None, scaling=0.25, sliding_window=3)
-    want = ops.flash_attention(*(x.transpose(1, 2) for x in (q, k, v)), window=(2, 2), softmax_scale=0.25)
+    torch.testing.assert_close(out, ops.flash_attention(*qkv, window=(2, 2), softmax_scale=0.25))
+    mistral = SimpleNamespace(config=SimpleNamespace(model_type="mistral", kalm_window_inclusive=True))
+    out, _ = kalm_attention_forward(mistral, q, k, v, None, scaling=0.25, sliding_window=3)
+    want = ops.flash_attention(*qkv, window=(3, 3), softmax_scale=0.25)
     torch.testing.assert_close(out, want)
-    mistral = SimpleNamespace(config=SimpleNamespace(model_type="mistral"))
-    kalm_attention_forward(mistral, q, k, v, None, scaling=0.25, sliding_window=10)  # fits: full attention
-    message = r"a text of 10 tokens is longer than the model's sliding window \(8\)"
-    with pytest.raises(ValueError, match=message):
-        kalm_attention_forward(mistral, q, k, v, None, scaling=0.25, sliding_window=8)
-    with pytest.raises(ValueError, match=message):
-        kalm_attention_forward(mistral, q, k, v, None, scaling=0.25, sliding_window=8,
-                               kalm_varlen=ops.Varlen.from_lengths([10]))
+    packed, _ = kalm_attention_forward(mistral, q, k, v, None, scaling=0.25, sliding_window=3,
+                                       kalm_varlen=ops.Varlen.from_lengths([10]))
+    torch.testing.assert_close(packed, want)
+    full = ops.flash_attention(*qkv, softmax_scale=0.25)
+    assert (want - full).abs().max() > 1e-2
+    out, _ = kalm_attention_forward(mistral, q, k, v, None, scaling=0.25, sliding_window=9)  # reaches every token
+    torch.testing.assert_close(out, full)
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "qwen3", "mistral"])
+def test_decoder_sliding_windows_are_kept_and_saved(tmp_path, tokenizer, kind):
+    """Qwen2 / Qwen3 (``use_sliding_window``, local layers from ``max_window_layers`` on) and Mistral (every layer
+    local) keep their sliding windows, shorter than the longer texts: run bidirectionally the local layers see
+    |i - j| <= window, as transformers runs the saved model (``is_causal: false``, the window kept), one text at a
+    time; without the window's edge the result differs. Texts are not cut at the window."""
+    from transformers import AutoModel, Qwen3Config
+
+    skip_unless_transformers_reads_is_causal()
+    config = _tiny_config(kind) if kind != "qwen3" else Qwen3Config(
+        vocab_size=30522, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=128, num_key_value_heads=1, head_dim=32, pad_token_id=0, use_sliding_window=True,
+        sliding_window=GEMMA3_WINDOW, max_window_layers=1)
+    assert config.sliding_window == GEMMA3_WINDOW
+    torch.manual_seed(0)
+    model = AutoModel.from_config(config)
+    for p in model.parameters():
+        p.data.normal_(0, 0.2)
+    model.save_pretrained(str(tmp_path / "m"))
+    tokenizer.save_pretrained(str(tmp_path / "m"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model = EmbeddingModel.from_pretrained(tmp_path / "m", device="cpu", max_length=64)
+    assert model.max_length == 64
+    ids = [x for x in model.token_ids(TEXTS) if x]
+    assert max(len(x) for x in ids) > 2 * GEMMA3_WINDOW
+    with torch.no_grad():
+        got = model(model.pack(ids))
+        torch.testing.assert_close(model(_padded(model, [t for t in TEXTS if t])), got, atol=2e-5, rtol=2e-5)
+        model.save_pretrained(tmp_path / "saved")
+        saved = json.loads((tmp_path / "saved" / "config.json").read_text())
+        assert saved["is_causal"] is False and saved["sliding_window"] == GEMMA3_WINDOW
+        assert saved.get("layer_types", ["sliding_attention"])[-1] == "sliding_attention"
+        ref = AutoModel.from_pretrained(str(tmp_path / "saved"), attn_implementation="eager").eval()
+        want = torch.stack([ref(input_ids=torch.tensor([x])).last_hidden_state[0].mean(0) for x in ids])
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+        model.model.config.kalm_window_inclusive = False
+        assert (model(model.pack(ids)) - got).abs().max() > 1e-3
+
+
+def test_cuda_is_refused_only_where_a_window_masks(tmp_path, tokenizer):
+    """The CUDA attention has no window: a model whose local layers' window is shorter than max_length is refused
+    with it by name; a window at least max_length long never masks anything, so 'cuda' is taken (and then refused
+    here for want of a GPU, not for the window)."""
+    from transformers import AutoModel
+
+    from kalm_fast.models.bidirectional import make_bidirectional
+
+    model = AutoModel.from_pretrained(str(_save_tiny("mistral", tmp_path, tokenizer)))
+    with pytest.raises(ValueError, match=r"attn_backend 'cuda' has no local window, which the mistral model's "
+                                         r"sliding layers need for texts longer than it \(sliding_window=12, "
+                                         r"max_length=64\)"):
+        make_bidirectional(model, backend="cuda", max_length=64)
+    make_bidirectional(model, backend="cuda", max_length=12)
+    assert model.config.kalm_attn_backend == "cuda"
 
 
 def _modernbert_as_released(directory, tokenizer):
@@ -643,35 +706,34 @@ def test_albert_gradient_checkpointing_is_refused_by_name(tmp_path, tokenizer):
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("sliding_layers, capped", [(0, False), (2, True)])
-def test_a_sliding_window_only_matters_where_a_layer_slides(tmp_path, tokenizer, sliding_layers, capped):
-    """Qwen2's window applies to the layers past ``max_window_layers``: with none of them, the max length stands;
-    else texts are cut at the window, with a warning (full attention is exact only up to it), a model built for
-    longer texts is refused, and training through transformers' modules (which would build a sliding mask from the
-    dropped window) runs and refuses a longer text."""
-    from kalm_fast.models.bidirectional import make_bidirectional
+@pytest.mark.parametrize("sliding_layers", [0, 2])
+def test_a_sliding_window_only_matters_where_a_layer_slides(tmp_path, tokenizer, sliding_layers):
+    """Qwen2's window applies to the layers past ``max_window_layers``: with none of them the model is the one
+    without a window; with both, texts are not cut at it and training through transformers' modules gives a packed
+    batch the padded batch's embeddings and gradients, which differ from full attention's."""
     from transformers import AutoModel, Qwen2Config
 
-    config = Qwen2Config(vocab_size=30522, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0,
-                         use_sliding_window=True, sliding_window=16, max_window_layers=2 - sliding_layers)
+    kw = dict(vocab_size=30522, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0)
+    config = Qwen2Config(**kw, use_sliding_window=True, sliding_window=16, max_window_layers=2 - sliding_layers)
     assert config.layer_types.count("sliding_attention") == sliding_layers
-    AutoModel.from_config(config).save_pretrained(str(tmp_path))
-    tokenizer.save_pretrained(str(tmp_path))
-    if capped:
-        with pytest.warns(UserWarning, match="texts are cut at 16 tokens, the sliding window.*max length 64 asked"):
-            model = EmbeddingModel.from_pretrained(tmp_path, device="cpu", max_length=64)
-        assert model.max_length == 16
-        model.train()  # transformers' modules (training): full attention within the window, a longer text refused
-        model(model.tokenize(["hello world", "x " * 30])).sum().backward()
-        assert model.model.layers[1].self_attn.q_proj.weight.grad.abs().sum() > 0
-        model.max_length = 40
-        with pytest.raises(ValueError, match=r"a text of \d+ tokens is longer than the model's sliding window \(16\)"):
-            model(model.tokenize(["x " * 30]))
-        with pytest.raises(ValueError, match="sliding_window=16 is shorter than max_length=64: .* max_length <= 16"):
-            make_bidirectional(AutoModel.from_pretrained(str(tmp_path)), max_length=64)
+    torch.manual_seed(0)
+    AutoModel.from_config(config).save_pretrained(str(tmp_path / "window"))
+    torch.manual_seed(0)
+    AutoModel.from_config(Qwen2Config(**kw)).save_pretrained(str(tmp_path / "full"))
+    models = {}
+    for name in ("window", "full"):
+        tokenizer.save_pretrained(str(tmp_path / name))
+        models[name] = EmbeddingModel.from_pretrained(tmp_path / name, device="cpu", max_length=64).train()
+    assert models["window"].max_length == 64
+    texts = ["hello world", "x " * 30, "a somewhat longer sentence with more tokens in it, and a comma"]
+    with torch.no_grad():
+        got, full = (m(m.tokenize(texts)) for m in (models["window"], models["full"]))
+    if sliding_layers:
+        _assert_packed_equals_padded(models["window"], models["window"].model.layers[1].self_attn.q_proj.weight)
+        assert (got - full).abs().max() > 1e-3
     else:
-        assert EmbeddingModel.from_pretrained(tmp_path, device="cpu", max_length=64).max_length == 64
+        torch.testing.assert_close(got, full, atol=0, rtol=0)
 
 
 def test_multimodal_gemma3_is_refused_before_its_weights_load(tmp_path, monkeypatch):

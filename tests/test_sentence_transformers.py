@@ -624,32 +624,46 @@ def test_a_gemma3_saved_by_kalm_fast_loads_bidirectionally_in_sentence_transform
     assert np.abs(enc.encode(TEXTS) - causal).max() > 1e-2
 
 
-def test_gemma2_with_soft_capped_logits_in_sentence_transformers(tmp_path):
-    """A Gemma 2 LLM checkpoint (soft-capped attention logits, a local layer whose window, 8, is shorter than the
-    longer texts): pooled by its last token, as bge-multilingual-gemma2 is, it runs causally, as
-    sentence-transformers runs it; mean-pooled, kalm_fast runs it bidirectionally and saves it with ``is_causal:
-    false``, which sentence-transformers then runs the same way."""
-    from transformers import AutoModel, Gemma2Config
+@pytest.mark.parametrize("kind", ["gemma2", "mistral", "qwen2"])
+def test_decoders_with_sliding_windows_in_sentence_transformers(tmp_path, kind):
+    """A decoder LLM checkpoint whose local layers' window, 8, is shorter than the longer texts (Gemma 2 with
+    soft-capped attention logits; Mistral, every layer local; Qwen2 with ``use_sliding_window``): pooled by its last
+    token, as bge-multilingual-gemma2 and e5-mistral are, it runs causally (0 <= i - j < 8), as
+    sentence-transformers runs it; mean-pooled, kalm_fast runs it bidirectionally (|i - j| <= 8) and saves it with
+    ``is_causal: false``, which sentence-transformers then runs the same way. (sentence-transformers loads them with
+    eager attention here: older transformers (5.3) run Gemma 2 with SDPA by default, which drops its cap.)"""
+    import transformers
+    from transformers import AutoModel
 
     skip_unless_transformers_reads_is_causal()
+    eager = {"attn_implementation": "eager"}
     torch.manual_seed(0)
-    config = Gemma2Config(vocab_size=8192, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=24,
-                          max_position_embeddings=128, sliding_window=8, pad_token_id=0, attn_logit_softcapping=2.0,
-                          layer_types=["sliding_attention", "full_attention"])
+    common = dict(vocab_size=8192, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=128, sliding_window=8, pad_token_id=0)
+    if kind == "gemma2":
+        config = transformers.Gemma2Config(**common, head_dim=16, query_pre_attn_scalar=24,
+                                           attn_logit_softcapping=2.0,
+                                           layer_types=["sliding_attention", "full_attention"])
+    elif kind == "mistral":
+        config = transformers.MistralConfig(**common)
+    else:
+        config = transformers.Qwen2Config(**common, use_sliding_window=True, max_window_layers=1)
     _save_spread(AutoModel.from_config(config), tmp_path / "llm")
     texts = [t for t in TEXTS if t.strip()]  # a text with no token has no last token (zeros here)
     modules = [Transformer(str(tmp_path / "llm")), Pooling(64, pooling_mode="lasttoken"), Normalize()]
     SentenceTransformer(modules=modules, device="cpu", prompts={"query": QUERY}).save(str(tmp_path / "bge"))
-    enc, ref = Encoder(tmp_path / "bge", device="cpu"), SentenceTransformer(str(tmp_path / "bge"), device="cpu")
-    assert enc.model.causal
-    _assert_same(enc.encode_query(texts), ref.encode_query(texts), "gemma2 lasttoken queries")
-    _assert_same(enc.encode(texts), ref.encode(texts), "gemma2 lasttoken documents")
+    enc = Encoder(tmp_path / "bge", device="cpu")
+    ref = SentenceTransformer(str(tmp_path / "bge"), device="cpu", model_kwargs=eager)
+    assert enc.model.causal and max(len(x) for x in enc.model.token_ids(texts)) > 16
+    _assert_same(enc.encode_query(texts), ref.encode_query(texts), f"{kind} lasttoken queries")
+    _assert_same(enc.encode(texts), ref.encode(texts), f"{kind} lasttoken documents")
     Encoder(tmp_path / "llm", device="cpu", max_length=64).model.save_pretrained(tmp_path / "out")
-    enc, ref = Encoder(tmp_path / "out", device="cpu"), SentenceTransformer(str(tmp_path / "out"), device="cpu")
+    enc = Encoder(tmp_path / "out", device="cpu")
+    ref = SentenceTransformer(str(tmp_path / "out"), device="cpu", model_kwargs=eager)
     assert ref[0].auto_model.config.is_causal is False
-    _assert_same(enc.encode(texts), ref.encode(texts), "gemma2 saved by kalm_fast")
-    causal = SentenceTransformer(str(tmp_path / "llm"), device="cpu").encode(texts)
+    assert ref[0].auto_model.config.sliding_window == 8
+    _assert_same(enc.encode(texts), ref.encode(texts), f"{kind} saved by kalm_fast")
+    causal = SentenceTransformer(str(tmp_path / "llm"), device="cpu", model_kwargs=eager).encode(texts)
     assert np.abs(enc.encode(texts) - causal).max() > 1e-2
 
 

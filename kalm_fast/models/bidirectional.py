@@ -37,13 +37,13 @@ SUPPORTED_MODEL_TYPES = ("bert", "roberta", "xlm-roberta", "camembert", "distilb
 # there, so ``EmbeddingModel`` runs them padded through their own modules (bidirectional already; the T5 family:
 # its encoder), also tested against transformers. Other families are refused.
 OWN_ATTENTION_MODEL_TYPES = ("mpnet", "deberta-v2", "roformer", "t5", "mt5", "umt5", "longt5")
-# Families whose local layers run with their window (a band of ``flash_attention``): transformers hands a local
-# layer's window w to the attention function, flash-attention style, for keys |i - j| < w (ModernBERT: w is half its
-# local_attention, plus one; EmbeddingGemma 2's w is its sliding_window plus one; Gemma 2 run bidirectionally:
-# |i - j| <= w, as transformers' masks for ``is_causal: false``). Their layer types, which also pick each layer's
-# RoPE base, stay as they are. Gemma 3 also gets transformers' own bidirectional switch
-# (``use_bidirectional_attention``).
-_WINDOWED = ("gemma2", "gemma3_text", "modernbert", "embedding_gemma2_text")
+# Local layers run with their window, a band of ``flash_attention``: transformers hands a local layer's window w to
+# the attention function, flash-attention style, for keys |i - j| < w (ModernBERT: w is half its local_attention,
+# plus one; EmbeddingGemma 2's w is its sliding_window plus one). Run bidirectionally, these families' windows widen to
+# |i - j| <= w, as transformers' masks for ``is_causal: false`` make them; causally they stay 0 <= i - j < w. Layer
+# types, which also pick each layer's RoPE base, stay as they are. Gemma 3 gets transformers' own bidirectional
+# switch (``use_bidirectional_attention``) instead, which keeps |i - j| < w.
+_IS_CAUSAL_WINDOWS = ("gemma2", "qwen2", "qwen3", "mistral")
 # Multimodal models of which kalm_fast runs the text model alone (``load_transformer`` builds it from the
 # checkpoint): the attribute that holds it.
 TEXT_MODEL_ATTRIBUTES = {"embedding_gemma2": "language_model"}
@@ -99,19 +99,31 @@ def check_model_type(model_type, where) -> None:
                              f"{transformers.__version__}, {why})")
 
 
-def local_layers(config) -> bool:
-    """Whether some layer of ``config`` slides (has a local window)."""
+def local_window(config):
+    """The sliding window of ``config``'s local layers (``sliding_window``), None when no layer slides."""
     layer_types = getattr(config, "layer_types", None)
-    return (getattr(config, "sliding_window", None) is not None and getattr(config, "use_sliding_window", True)
-            and (layer_types is None or "sliding_attention" in layer_types))
-
-
-def dropped_window(config):
-    """The sliding window of ``config``'s local layers that kalm_fast runs as full attention (exact only for texts
-    no longer than it), None when no layer slides or the family's windows are run as such (Gemma 3, ModernBERT)."""
-    if not local_layers(config) or config.model_type in _WINDOWED:
+    if (getattr(config, "sliding_window", None) is None or not getattr(config, "use_sliding_window", True)
+            or (layer_types is not None and "sliding_attention" not in layer_types)):
         return None
     return config.sliding_window
+
+
+def layer_window(attention):
+    """The window transformers hands the attention function of an ``attention`` module of a decoder layer: its own
+    ``sliding_window`` (Qwen2/Qwen3: None on full-attention layers), else its config's (Mistral), else None."""
+    if hasattr(attention, "sliding_window"):
+        return attention.sliding_window
+    return getattr(attention.config, "sliding_window", None)
+
+
+def window_band(config, window):
+    """``flash_attention``'s ``window`` for the ``window`` w transformers hands a local layer's attention: keys
+    ``|i - j| < w``, ``(w - 1, w - 1)``, or ``|i - j| <= w``, ``(w, w)``, where ``make_bidirectional`` recorded so
+    (``kalm_window_inclusive``); None for a full-attention layer (w None)."""
+    if window is None:
+        return None
+    reach = window if getattr(config, "kalm_window_inclusive", False) else window - 1
+    return reach, reach
 
 
 def runtime_only_keys(config) -> tuple:
@@ -140,46 +152,27 @@ def kalm_attention_forward(module, query, key, value, attention_mask, dropout=0.
     if torch.is_autocast_enabled(q.device.type):
         dtype = torch.get_autocast_dtype(q.device.type)
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
-    window = kwargs.get("sliding_window")  # a local layer's
+    band = window_band(module.config, kwargs.get("sliding_window"))  # a local layer's
     softcap = kwargs.get("softcap")
-    band = None
-    if window is not None and module.config.model_type in _WINDOWED:
-        # key j visible when |i - j| < window (and j <= i); |i - j| <= window where transformers' masks for
-        # is_causal: false make it so (Gemma 2 run bidirectionally; a Gemma 3 whose own config says so)
-        reach = window if getattr(module.config, "kalm_window_inclusive", False) else window - 1
-        band, window = (reach, reach), None
     varlen = kwargs.get("kalm_varlen")
     if varlen is None and kwargs.get("cu_seq_lens_q") is not None:
         varlen = kwargs["cu_seq_lens_q"]
     if varlen is not None:
         if q.shape[0] != 1:
             raise ValueError(f"packed attention needs a batch of one row [1, T], got query shape {tuple(query.shape)}")
-        _check_window(window, varlen.max_seqlen if isinstance(varlen, ops.Varlen) else kwargs.get("max_length_q"))
         out = ops.flash_attention(q[0], k[0], v[0], cu_seqlens=varlen, causal=causal, window=band,
                                   softmax_scale=scaling, softcap=softcap, backend=backend)
         return out.unsqueeze(0), None
     if attention_mask is None:
-        _check_window(window, q.shape[1])
         return ops.flash_attention(q, k, v, causal=causal, window=band, softmax_scale=scaling, softcap=softcap,
                                    backend=backend), None
     if attention_mask.shape != q.shape[:2]:
         raise ValueError(f"kalm_fast attention takes a [B, L] = {list(q.shape[:2])} key padding mask, got shape "
                          f"{list(attention_mask.shape)}")
     indices, varlen = _forward_layout(attention_mask.bool())
-    _check_window(window, varlen.max_seqlen)
     packed = ops.flash_attention(*(x.flatten(0, 1)[indices] for x in (q, k, v)), cu_seqlens=varlen, causal=causal,
                                  window=band, softmax_scale=scaling, softcap=softcap, backend=backend)
     return ops.pad(packed, indices, q.shape[0], q.shape[1]), None
-
-
-def _check_window(window, longest) -> None:
-    """A ValueError when a text of ``longest`` tokens would reach past the ``window`` of a local layer run as full
-    attention (``make_bidirectional`` admits only windows of at least ``max_length``; this catches longer inputs made
-    by hand)."""
-    if window is not None and longest is not None and longest > window:
-        raise ValueError(f"a text of {longest} tokens is longer than the model's sliding window ({window}): "
-                         "kalm_fast runs local layers as full attention, exact only up to the window; "
-                         f"keep max_length <= {window}")
 
 
 _last_layouts = []  # (weak reference to a padding mask of the latest forward, its unpad_layout), the latest two
@@ -234,13 +227,15 @@ def make_bidirectional(model, backend: str = "auto", max_length: int = 512, caus
     """Switch a transformers model (decoder LLM or BERT-like encoder) to kalm_fast bidirectional attention, or with
     ``causal`` (a decoder only, see ``runs_causally``) to kalm_fast's attention with the causal mask kept.
 
-    Gemma 2, Gemma 3 and ModernBERT keep their sliding windows: their local layers attend to ``|i - j| < w``, w the
-    window transformers hands the attention function (Gemma's ``sliding_window``; ModernBERT's plus one; Gemma 2 run
-    bidirectionally ``|i - j| <= w``, as transformers runs it with ``is_causal: false``). Gemma 3 runs with
-    ``use_bidirectional_attention`` on, as transformers runs it, so that a saved model loads bidirectionally in
-    transformers too. Other families' windows are dropped: one at least ``max_length`` long never masks anything
-    for inputs of at most ``max_length`` tokens; a shorter one is refused. Soft-capped attention logits (Gemma 2's
-    ``attn_logit_softcapping``) are capped by ``flash_attention`` (``softcap``).
+    Local layers keep their sliding windows (``window_band``): they attend to ``|i - j| < w``, w the window
+    transformers hands the attention function (``sliding_window``; ModernBERT's and EmbeddingGemma 2's plus one), or
+    to ``|i - j| <= w`` for Gemma 2, Qwen2, Qwen3 and Mistral run bidirectionally, as transformers runs them with
+    ``is_causal: false``. Gemma 3 runs with ``use_bidirectional_attention`` on, as transformers runs it, so that a
+    saved model loads bidirectionally in transformers too. A window that reaches every token of a batch's texts (a
+    Mistral's 4096 over texts of at most 4096 tokens) costs nothing: ``flash_attention`` runs it as none, so
+    ``backend="cuda"``, which has no window, is refused only where the window is shorter than ``max_length``.
+    Soft-capped attention logits (Gemma 2's ``attn_logit_softcapping``) are capped by ``flash_attention``
+    (``softcap``).
 
     Encoders that keep their own attention (``OWN_ATTENTION_MODEL_TYPES``) are left as they are: bidirectional
     already, they take no attention backend but ``"auto"``.
@@ -256,10 +251,6 @@ def make_bidirectional(model, backend: str = "auto", max_length: int = 512, caus
         raise ValueError(f"attn_backend 'cuda' has no soft-capping, which the {config.model_type} model's attention "
                          f"logits need (attn_logit_softcapping={config.attn_logit_softcapping}): use 'triton' or "
                          "'auto'")
-    window = dropped_window(config)
-    if window is not None and window < max_length:
-        raise ValueError(f"sliding_window={window} is shorter than max_length={max_length}: kalm_fast runs local "
-                         f"layers as full attention, exact only up to the window; pass max_length <= {window}")
     if causal and config.model_type not in DECODER_MODEL_TYPES:
         raise ValueError(f"causal attention is for decoder LLMs ({', '.join(DECODER_MODEL_TYPES)}), not "
                          f"{config.model_type!r}")
@@ -273,26 +264,18 @@ def make_bidirectional(model, backend: str = "auto", max_length: int = 512, caus
         # (|i - j| <= it where the config itself says is_causal: false, as transformers then runs it)
         config.kalm_window_inclusive = getattr(config, "is_causal", True) is False
         config.use_bidirectional_attention = not causal
-    elif config.model_type == "gemma2":  # transformers' masks for is_causal: false: |i - j| <= window
+    elif config.model_type in _IS_CAUSAL_WINDOWS:  # transformers' masks for is_causal: false: |i - j| <= window
         config.kalm_window_inclusive = not causal
-    elif config.model_type not in _WINDOWED:
-        if getattr(config, "sliding_window", None) is not None:
-            config.sliding_window = None
-        if hasattr(config, "layer_types"):
-            config.layer_types = ["full_attention"] * len(config.layer_types)
-            for module in model.modules():  # transformers < 5.4 reads each layer's type off the layer
-                if getattr(module, "attention_type", None) == "sliding_attention":
-                    module.attention_type = "full_attention"
-        if getattr(model, "has_sliding_layers", False):  # Qwen2/3 would build a sliding mask from the dropped window
-            model.has_sliding_layers = False
     widest = max((m.head_dim for m in model.modules() if isinstance(getattr(m, "head_dim", None), int)), default=0)
     if backend in ("triton", "cuda") and widest > TRITON_MAX_HEAD_DIM:
         raise ValueError(f"attn_backend {backend!r} takes head dims up to {TRITON_MAX_HEAD_DIM}; the "
                          f"{config.model_type} model has {widest}: use 'auto' (which runs those layers on 'torch') "
                          "or 'torch'")
-    if backend == "cuda" and config.model_type in _WINDOWED and local_layers(config):
+    window = local_window(config)
+    if backend == "cuda" and window is not None and window < max_length:
         raise ValueError(f"attn_backend 'cuda' has no local window, which the {config.model_type} model's sliding "
-                         "layers need: use 'triton' or 'auto'")
+                         f"layers need for texts longer than it (sliding_window={window}, max_length={max_length}): "
+                         "use 'triton' or 'auto'")
     if not causal:
         config.is_causal = False
     config.kalm_causal = causal

@@ -14,7 +14,8 @@ are ``decoder_kernels``' Triton kernels, one pass each. RMSNorm is ``F.rms_norm`
 and K. Attention is bidirectional: per run of equal-length sequences on CPU with the "auto" / "torch" backends
 (zero-copy views of K and V, the query heads of one key/value head stacked so that GQA needs no repeated K/V),
 otherwise ``ops.flash_attention`` (varlen) with the model's attention backend; causal (a last-token-pooled decoder,
-``bidirectional.runs_causally``) always through ``ops.flash_attention``.
+``bidirectional.runs_causally``) and local layers whose window is shorter than a batch's longest text (Mistral's,
+Qwen2's sliding windows) through ``ops.flash_attention``.
 Used without autograd only; training goes through the transformers modules and the registered attention function.
 """
 from __future__ import annotations
@@ -27,6 +28,7 @@ import torch.nn.functional as F
 from .. import ops
 from .._registry import triton_unavailable
 from .bert_packed import MATMUL_ATTENTION_MAX_LEN, equal_length_runs, layer_weights, onednn_linear_available
+from .bidirectional import layer_window, window_band
 
 FAMILIES = ("qwen2", "qwen3", "llama", "mistral")
 SETTINGS = {"cpu": ("cpu",), "all": ("cpu", "cuda")}  # KALM_PACKED_DECODER: the device types that take the path
@@ -177,11 +179,12 @@ class PackedDecoder:
                 k = F.rms_norm(k, (head_dim,), attn.k_norm.weight, attn.k_norm.variance_epsilon)
             rotate(q, cos, sin)
             rotate(k, cos, sin)
-            if per_run:
+            window = window_band(model.config, layer_window(attn))
+            if per_run and (window is None or window[0] >= batch.varlen.max_seqlen - 1):
                 ctx = attention_per_run(q, k, v, runs, attn.scaling)
             else:
-                ctx = ops.flash_attention(q, k, v, cu_seqlens=batch.varlen, causal=causal, softmax_scale=attn.scaling,
-                                          backend=backend).flatten(1)
+                ctx = ops.flash_attention(q, k, v, cu_seqlens=batch.varlen, causal=causal, window=window,
+                                          softmax_scale=attn.scaling, backend=backend).flatten(1)
             x = _linear(ctx, *o_w, packed, add=x)
             norm = layer.post_attention_layernorm
             h = F.rms_norm(x, (hidden,), norm.weight, norm.variance_epsilon)

@@ -25,7 +25,6 @@ from . import bert_packed, decoder_packed, fused_decoder
 from .bidirectional import (
     DECODER_MODEL_TYPES,
     OWN_ATTENTION_MODEL_TYPES,
-    dropped_window,
     make_bidirectional,
     runs_causally,
     runtime_only_keys,
@@ -214,8 +213,8 @@ class EmbeddingModel(nn.Module):
         ``dtype``: of the weights; None is float32, ``"auto"`` the checkpoint's own (as transformers 5 loads it).
 
         The model's own max length is sentence-transformers' (its saved ``max_seq_length``, else the tokenizer's
-        ``model_max_length`` capped by ``max_position_embeddings``), capped by a table of absolute positions and a
-        local layers' sliding window (with a warning); ``max_length`` caps it further.
+        ``model_max_length`` capped by ``max_position_embeddings``), capped by a table of absolute positions;
+        ``max_length`` caps it further. Local layers keep their sliding windows: texts are not cut at them.
         """
         if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int)
                                        or max_length < 1):
@@ -236,12 +235,7 @@ class EmbeddingModel(nn.Module):
         own = info.max_seq_length or min(x for x in (tokenizer.model_max_length, positions) if x)
         if positions and _has_position_table(model):  # a longer text would index past it
             own = min(own, positions - _position_offset(config))
-        asked, window = min(x for x in (max_length, own) if x), dropped_window(config)
-        if window is not None and asked > window:
-            warnings.warn(f"texts are cut at {window} tokens, the sliding window of the model's local layers: "
-                          f"kalm_fast runs them as full attention, exact only up to the window (max length "
-                          f"{asked} asked)", stacklevel=2)
-            own = asked = window
+        asked = min(x for x in (max_length, own) if x)
         embedder = cls(model, tokenizer, max_length=asked, prompts=info.prompts,
                        normalize=info.normalize, attn_backend=attn_backend,
                        default_prompt_name=info.default_prompt_name, include_prompt=info.include_prompt,

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from .._registry import triton_interpreting, triton_unavailable
-from .bidirectional import NAME, kalm_attention_forward
+from .bidirectional import NAME, kalm_attention_forward, layer_window
 
 SETTING = "KALM_FUSED_DECODER"
 
@@ -83,7 +83,7 @@ def _attention_forward(self, hidden_states, position_embeddings=None, attention_
     cos, sin = (c[..., :half].expand(*lead, half).reshape(-1, half) for c in position_embeddings)
     q, k = (rope(x.reshape(-1, *x.shape[-2:]), cos, sin).view(x.shape) for x in (q, k))
     out, _ = kalm_attention_forward(self, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attention_mask,
-                                    scaling=self.scaling, **kwargs)
+                                    scaling=self.scaling, sliding_window=layer_window(self), **kwargs)
     return self.o_proj(out.reshape(*lead, -1)), None
 
 
