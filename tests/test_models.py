@@ -535,10 +535,30 @@ def test_cuda_is_refused_only_where_a_window_masks(tmp_path, tokenizer):
     model = AutoModel.from_pretrained(str(_save_tiny("mistral", tmp_path, tokenizer)))
     with pytest.raises(ValueError, match=r"attn_backend 'cuda' has no local window, which the mistral model's "
                                          r"sliding layers need for texts longer than it \(sliding_window=12, "
-                                         r"max_length=64\)"):
+                                         r"max_length=64\): use 'triton' or 'auto', or max_length <= 12"):
         make_bidirectional(model, backend="cuda", max_length=64)
     make_bidirectional(model, backend="cuda", max_length=12)
     assert model.config.kalm_attn_backend == "cuda"
+
+
+def test_a_sliding_window_in_a_llama_config_is_ignored_as_transformers_does(tmp_path, tokenizer):
+    """Llama has no local layers: a ``sliding_window`` written in its config (transformers ignores it) slides nothing
+    in kalm_fast's paths either (the packed decoder, transformers' modules) and does not stop 'cuda'."""
+    from transformers import AutoModel
+
+    from kalm_fast.models.bidirectional import make_bidirectional
+
+    directory = _save_tiny("llama", tmp_path, tokenizer)
+    config = json.loads((directory / "config.json").read_text())
+    (directory / "config.json").write_text(json.dumps(dict(config, sliding_window=4)))
+    model = EmbeddingModel.from_pretrained(directory, device="cpu")
+    ids = model.token_ids(TEXTS)
+    with torch.no_grad():
+        got = model(model.pack(ids))
+        torch.testing.assert_close(model(_padded(model, [t for t in TEXTS if t])), got[[i for i, t in
+                                   enumerate(TEXTS) if t]], atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(got, _eager_reference(directory, TEXTS, ids), atol=2e-5, rtol=2e-5)
+    make_bidirectional(AutoModel.from_pretrained(str(directory)), backend="cuda", max_length=64)
 
 
 def _modernbert_as_released(directory, tokenizer):

@@ -44,6 +44,9 @@ OWN_ATTENTION_MODEL_TYPES = ("mpnet", "deberta-v2", "roformer", "t5", "mt5", "um
 # types, which also pick each layer's RoPE base, stay as they are. Gemma 3 gets transformers' own bidirectional
 # switch (``use_bidirectional_attention``) instead, which keeps |i - j| < w.
 _IS_CAUSAL_WINDOWS = ("gemma2", "qwen2", "qwen3", "mistral")
+# The families whose transformers models slide (a ``sliding_window`` in another family's config, Llama's say, is
+# ignored by transformers, and so here).
+_SLIDING_MODEL_TYPES = _IS_CAUSAL_WINDOWS + ("gemma3_text", "modernbert", "embedding_gemma2_text")
 # Multimodal models of which kalm_fast runs the text model alone (``load_transformer`` builds it from the
 # checkpoint): the attribute that holds it.
 TEXT_MODEL_ATTRIBUTES = {"embedding_gemma2": "language_model"}
@@ -102,7 +105,8 @@ def check_model_type(model_type, where) -> None:
 def local_window(config):
     """The sliding window of ``config``'s local layers (``sliding_window``), None when no layer slides."""
     layer_types = getattr(config, "layer_types", None)
-    if (getattr(config, "sliding_window", None) is None or not getattr(config, "use_sliding_window", True)
+    if (config.model_type not in _SLIDING_MODEL_TYPES or getattr(config, "sliding_window", None) is None
+            or not getattr(config, "use_sliding_window", True)
             or (layer_types is not None and "sliding_attention" not in layer_types)):
         return None
     return config.sliding_window
@@ -110,10 +114,10 @@ def local_window(config):
 
 def layer_window(attention):
     """The window transformers hands the attention function of an ``attention`` module of a decoder layer: its own
-    ``sliding_window`` (Qwen2/Qwen3: None on full-attention layers), else its config's (Mistral), else None."""
+    ``sliding_window`` (Qwen2/Qwen3: None on full-attention layers), Mistral's config's, else None (Llama)."""
     if hasattr(attention, "sliding_window"):
         return attention.sliding_window
-    return getattr(attention.config, "sliding_window", None)
+    return attention.config.sliding_window if attention.config.model_type == "mistral" else None
 
 
 def window_band(config, window):
@@ -275,7 +279,7 @@ def make_bidirectional(model, backend: str = "auto", max_length: int = 512, caus
     if backend == "cuda" and window is not None and window < max_length:
         raise ValueError(f"attn_backend 'cuda' has no local window, which the {config.model_type} model's sliding "
                          f"layers need for texts longer than it (sliding_window={window}, max_length={max_length}): "
-                         "use 'triton' or 'auto'")
+                         f"use 'triton' or 'auto', or max_length <= {window}")
     if not causal:
         config.is_causal = False
     config.kalm_causal = causal
