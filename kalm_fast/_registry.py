@@ -7,7 +7,9 @@ imported on first use, so an op can be used without its optional dependencies (T
 """
 from __future__ import annotations
 
+import functools
 import os
+import re
 from dataclasses import dataclass
 from importlib import import_module
 from typing import Callable, Optional
@@ -22,11 +24,27 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+# The oldest Triton the kernels are tested with (the interpreter and ahead-of-time compiles: 3.6 to 3.9); older
+# ones differ in the APIs the kernels use (3.2's autotuner, for one, needs a GPU driver at import).
+MIN_TRITON = (3, 6)
+
+
+@functools.lru_cache(maxsize=None)
 def triton_unavailable() -> Optional[str]:
+    """None where Triton's kernels can run in this process, else why not (not importable, or older than
+    ``MIN_TRITON``)."""
     try:
-        import triton  # noqa: F401
+        import triton
     except Exception as exc:  # pragma: no cover - depends on the install
-        return f"triton cannot be imported ({exc}); pip install triton"
+        return f"triton cannot be imported ({exc}); pip install 'triton>={MIN_TRITON[0]}.{MIN_TRITON[1]}'"
+    return _triton_too_old(triton.__version__)
+
+
+def _triton_too_old(version: str) -> Optional[str]:
+    release = tuple(int(x) for x in re.findall(r"\d+", version)[:2])
+    if release < MIN_TRITON:
+        return (f"triton {version} is older than {MIN_TRITON[0]}.{MIN_TRITON[1]}, the oldest kalm_fast's kernels are "
+                f"tested with; pip install 'triton>={MIN_TRITON[0]}.{MIN_TRITON[1]}'")
     return None
 
 

@@ -590,6 +590,24 @@ def test_auto_picks_torch_on_cpu():
     assert _registry.select(OP, "auto", torch.device("cpu"), torch.float32)[0] == "torch"
 
 
+def test_a_triton_older_than_tested_is_unavailable(monkeypatch):
+    """Triton before 3.6 (older than the kernels are tested with) counts as unavailable: asking for the backend says
+    why, and ``auto`` (on a GPU) takes the next backend."""
+    triton = pytest.importorskip("triton")
+    assert _registry._triton_too_old("3.6.0") is None and _registry._triton_too_old("3.10.1+git1234") is None
+    assert "triton 3.2.0 is older than 3.6" in _registry._triton_too_old("3.2.0")
+    monkeypatch.setattr(triton, "__version__", "3.5.1")
+    _registry.triton_unavailable.cache_clear()
+    try:
+        with pytest.raises(RuntimeError, match=r"triton 3\.5\.1 is older than 3\.6, the oldest kalm_fast's kernels "
+                                               r"are tested with; pip install 'triton>=3\.6'"):
+            _registry.select(OP, "triton", torch.device("cuda"), torch.float16)
+        assert _registry.select(OP, "auto", torch.device("cuda"), torch.float16)[0] == "torch"
+    finally:
+        monkeypatch.undo()
+        _registry.triton_unavailable.cache_clear()
+
+
 @pytest.mark.parametrize("backend", ["reference", *BACKENDS])
 def test_varlen_is_trusted_and_max_seqlen_checked(backend):
     """A ``Varlen`` stands for a checked cu_seqlens; a raw tensor and a Varlen give the same result."""
