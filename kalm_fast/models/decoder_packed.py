@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from .. import ops
 from .._registry import triton_unavailable
+from ..ops.attention import window_masks_nothing
 from .bert_packed import MATMUL_ATTENTION_MAX_LEN, equal_length_runs, layer_weights, onednn_linear_available
 from .bidirectional import layer_window, window_band
 
@@ -180,7 +181,7 @@ class PackedDecoder:
             rotate(q, cos, sin)
             rotate(k, cos, sin)
             window = window_band(model.config, layer_window(attn))
-            if per_run and (window is None or window[0] >= batch.varlen.max_seqlen - 1):
+            if per_run and window_masks_nothing(window, False, batch.varlen.max_seqlen):
                 ctx = attention_per_run(q, k, v, runs, attn.scaling)
             else:
                 ctx = ops.flash_attention(q, k, v, cu_seqlens=batch.varlen, causal=causal, window=window,

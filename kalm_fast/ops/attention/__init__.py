@@ -31,7 +31,7 @@ from ..._native import cuda_unavailable
 from ..varlen import Varlen, as_varlen
 from .padding import pad, unpad
 
-__all__ = ["flash_attention", "pad", "unpad"]
+__all__ = ["flash_attention", "pad", "unpad", "window_masks_nothing"]
 
 OP = "flash_attention"
 MAX_HEAD_DIM = 512  # backends torch and reference (EmbeddingGemma 2's global layers); triton takes up to 256
@@ -158,11 +158,16 @@ def _check_window(window):
     return int(window[0]), int(window[1])
 
 
+def window_masks_nothing(window, causal: bool, longest: int) -> bool:
+    """Whether ``window=(left, right)`` (or None) reaches every key of a ``longest``-token sequence (a model's
+    4096-token sliding window over 512-token texts): then it is no window."""
+    return window is None or (window[0] >= longest - 1 and (causal or window[1] >= longest - 1))
+
+
 def _effective_window(window, causal: bool, longest: int, backend: str):
-    """``window``, or None where it masks nothing: its reach covers every key of the ``longest`` sequence (a model's
-    4096-token sliding window over 512-token texts). A ValueError for backend 'cuda', which has no window, otherwise.
-    """
-    if window is None or (window[0] >= longest - 1 and (causal or window[1] >= longest - 1)):
+    """``window``, or None where it masks nothing (``window_masks_nothing``). A ValueError for backend 'cuda', which
+    has no window, otherwise."""
+    if window_masks_nothing(window, causal, longest):
         return None
     if backend == "cuda":
         raise ValueError(f"backend 'cuda' of flash_attention has no window (local attention), and window={window} "
