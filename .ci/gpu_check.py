@@ -11,8 +11,10 @@ that no longer fits is skipped and reported. Stages, in order:
 
 - ``env``: GPU, driver, versions;
 - ``build``: ``kalm_fast._C`` built in place with this interpreter; a build without CUDA fails the run loudly;
-- ``tests``: every test marked ``gpu`` (``pytest -m gpu``), compiled (``TRITON_INTERPRET=0``), in parallel workers
-  (Triton compiles single-threaded per process), with ``KALM_GPU_CHECK=1``: a skipped GPU test is a failure;
+- ``tests``: every test marked ``gpu`` (``pytest -m gpu``), compiled (``TRITON_INTERPRET=0``), in one pytest-xdist
+  worker per core stealing work from each other (Triton compiles single-threaded per process; the workers share
+  compiled kernels and autotuning picks through Triton's cache), with ``KALM_GPU_CHECK=1``: a skipped GPU test is a
+  failure;
 - ``bench-*``: the Hopper speed targets in quick modes, each against its baseline in the same run: attention (D=128,
   L 2k-16k; fp32; the packed KaLM shape), the Qwen2-0.5B-shaped encode against sentence-transformers (and the
   top ops of each by GPU time, ``--profile``), pooling against a device copy, the loss at B=32k against one matmul
@@ -60,6 +62,7 @@ INTERRUPT_GRACE = 15
 # --dry checks plumbing on a CPU shared with other work, not speed: its stages get this many times their GPU limits
 DRY_SLACK = 3
 PARALLEL_TOKENIZERS = dict(TOKENIZERS_PARALLELISM="true")
+TF32_OVERRIDE = "TORCH_ALLOW_TF32_CUBLAS_OVERRIDE"
 
 
 @dataclass
@@ -78,11 +81,14 @@ class Stage:
 def stages(dry: bool, workers: int) -> list:
     py = sys.executable
     bench = "dry" if dry else "gpu-check"
-    test_cmd = [py, "-m", "pytest", "-m", "gpu", "-p", "no:cacheprovider", "-rfEs", "tests"]
+    # pyproject's addopts left out: they name pytest-benchmark's option, and that plugin is not needed here
+    test_cmd = [py, "-m", "pytest", "-m", "gpu", "-p", "no:cacheprovider", "-o", "addopts=", "-rfEs", "tests"]
     if dry:
         test_cmd += ["-q", "--collect-only"]
-    else:  # a line per test as it ends (what ran, should the stage be cut), the slowest tests at the end
-        test_cmd += ["-v", "--durations=25", "-n", str(workers), "--junitxml", "{work}/junit.xml"]
+    else:  # a line per test as it ends (what ran, should the stage be cut), the slowest tests at the end; idle
+        # workers take queued tests from busy ones (the every-config tests compile for a minute or more)
+        test_cmd += ["-v", "--durations=25", "-n", str(workers), "--dist", "worksteal", "--junitxml",
+                     "{work}/junit.xml"]
     encode = [py, "-m", "benchmarks.encode", "--models", "qwen2", "--workloads", "longtail", "--quick", "--no-peers",
               *(["--dtypes", "float32", "--layers", "1", "--texts", "16"] if dry else ["--dtypes", "bfloat16"])]
     # the fused decoder's row on the GPU only (in --dry its Triton kernels would run in the interpreter: minutes)
@@ -91,7 +97,8 @@ def stages(dry: bool, workers: int) -> list:
     plan = [
         Stage("env", 30, [py, __file__, "--env"]),
         Stage("build", 300, [py, __file__, "--build", *(["--dry"] if dry else [])]),
-        Stage("tests", 260, test_cmd, env=dict(KALM_GPU_CHECK="0" if dry else "1")),
+        # the workers share their autotuning picks through Triton's cache (the configs are part of its key)
+        Stage("tests", 260, test_cmd, env=dict(KALM_GPU_CHECK="0" if dry else "1", TRITON_CACHE_AUTOTUNING="1")),
         Stage("bench-attention", 120, [py, "-m", "benchmarks.attention", "--preset", bench], required=False),
         # + where the time goes; tokenizers may use every core there (both sides tokenize; pytest's workers may not)
         Stage("bench-encode", 120, [*encode, "--profile"], required=False, env=PARALLEL_TOKENIZERS),
@@ -137,7 +144,8 @@ def report_env() -> int:
             print(package, "not installed")
     import torch
 
-    print("torch cuda", torch.version.cuda, "devices", torch.cuda.device_count())
+    print("torch cuda", torch.version.cuda, "devices", torch.cuda.device_count(), "fp32 matmul precision",
+          torch.get_float32_matmul_precision(), "allow_tf32", torch.backends.cuda.matmul.allow_tf32)
     if torch.cuda.is_available():
         print(torch.cuda.get_device_name(), torch.cuda.get_device_properties(0))
     print("nvcc", shutil.which("nvcc"))
@@ -273,7 +281,8 @@ def main(argv=None) -> int:
                         help="output folder (default: $OUT, else build/gpu-check); emptied first")
     parser.add_argument("--dry", action="store_true", help="CPU plumbing run: GPU stages replaced by tiny CPU runs")
     parser.add_argument("--budget", type=int, default=470, help="seconds the whole run may take")
-    parser.add_argument("--workers", type=int, default=min(12, os.cpu_count() or 1), help="pytest workers")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                        help="pytest workers (default: one per core; Triton compiles single-threaded)")
     parser.add_argument("--only", nargs="*", default=None, help="run only these stages (and pack)")
     parser.add_argument("--import-results", metavar="DIR", type=Path,
                         help="copy the GPU reports and summary of a run's output folder into benchmarks/results")
@@ -294,6 +303,10 @@ def main(argv=None) -> int:
         shutil.rmtree(old) if old.is_dir() and not old.is_symlink() else old.unlink()
     work = Path(tempfile.mkdtemp(prefix="kalm-gpu-check-"))
     (work / "bench").mkdir()
+    # fp32 matmuls stay fp32 (the tests' fp32 tolerances, the fp32 benchmarks): an override that some images set
+    # makes cuBLAS use TF32 whatever torch's settings say
+    if os.environ.pop(TF32_OVERRIDE, None) is not None:
+        print(f"{TF32_OVERRIDE} dropped from every stage's environment", flush=True)
     os.environ.update(PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
                       PYTHONUNBUFFERED="1", KALM_BENCH_OUT=str(work / "bench"), HF_HUB_OFFLINE="1",
                       TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",

@@ -21,6 +21,8 @@ FIXTURES = Path(__file__).resolve().parent / "fixtures"
 BPE_TOKENIZER = FIXTURES / "bpe-8k"  # a byte-level BPE for decoder models; the MiniLM package is not everywhere
 
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+# an op test on DEVICE's tensors that make gpu-check runs too (on a GPU machine; a no-op mark elsewhere)
+gpu_when_there = pytest.mark.gpu if DEVICE == "cuda" else pytest.mark.usefixtures()
 
 _F32, _F16, _BF16 = torch.float32, torch.float16, torch.bfloat16
 _POOL = {_F32: (1e-5, 1e-5), _F16: (1e-3, 1e-3), _BF16: (8e-3, 8e-3)}
@@ -46,16 +48,17 @@ def tolerance(op: str, backend: str, dtype: torch.dtype) -> tuple:
 
 def backend_params(op: str, names=("torch", "triton", "cuda"), dtype: torch.dtype = torch.float32, *,
                    gpu_only: bool = False) -> list:
-    """``pytest.param(name)`` for each backend of ``op``: Triton and CUDA ones marked ``gpu``, each skipped with the
-    registry's reason when it cannot run ``dtype`` tensors on ``DEVICE`` here (and, with ``gpu_only``, off a GPU:
-    cases the interpreter cannot check, such as bf16 dots)."""
+    """``pytest.param(name)`` for each backend of ``op``: Triton and CUDA ones marked ``gpu`` (and ``torch`` on a GPU
+    machine, where it runs on the GPU: ``auto``'s fallback there), each skipped with the registry's reason when it
+    cannot run ``dtype`` tensors on ``DEVICE`` here (and, with ``gpu_only``, off a GPU: cases the interpreter cannot
+    check, such as bf16 dots)."""
     params = []
     for name in names:
         reason = _registry.backends(op)[name].why_not(op, torch.device(DEVICE), dtype)
         if gpu_only and DEVICE != "cuda":
             reason = "checked on a GPU only (make gpu-check)"
         marks = [pytest.mark.skipif(reason is not None, reason=str(reason))]
-        if name in ("triton", "cuda"):
+        if name in ("triton", "cuda") or (name == "torch" and DEVICE == "cuda"):
             marks.append(pytest.mark.gpu)
         params.append(pytest.param(name, marks=marks, id=name))
     return params

@@ -18,12 +18,12 @@ TOL = {torch.float32: (1e-6, 1e-5), torch.float16: (1e-3, 1e-3), torch.bfloat16:
 
 def _assert_rounded_once(got, want, dtype):
     """``got`` (``dtype``) is the fp32 ``want`` rounded once: within the tolerance, and for half precision equal to
-    ``want.to(dtype)`` in all but a few elements (math that rounded an intermediate to half would differ in many;
-    the GPU's approximate exp may flip a rare rounding)."""
+    ``want.to(dtype)`` in all but 1% of the elements, or one (math that rounded an intermediate to half would differ
+    in many; the GPU's approximate exp and rsqrt may flip a rare rounding, also in the small cases)."""
     atol, rtol = TOL[dtype]
     torch.testing.assert_close(got.float(), want, atol=atol, rtol=rtol)
-    if dtype != torch.float32 and got.numel():
-        assert (got != want.to(dtype)).float().mean() <= 0.01
+    if dtype != torch.float32:
+        assert int((got != want.to(dtype)).sum()) <= max(1, 0.01 * got.numel())
 
 
 def _randn(*shape, dtype=torch.float32, seed=0):

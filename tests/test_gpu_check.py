@@ -2,6 +2,7 @@
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -46,6 +47,21 @@ def test_dry_run_passes_every_stage_in_at_most_eight_files(tmp_path):
     assert "gpu-check/tests.log" in names and any(n.startswith("gpu-check/bench/attention-") for n in names)
     collected = (out / "summary.md").read_text()
     assert "tests collected" in collected  # the GPU tests were found (not run) in the dry mode
+
+
+def test_the_gpu_tests_command_line_is_accepted_without_pytest_benchmark(tmp_path):
+    """What --dry cannot run: the tests stage's own command (xdist workers stealing work, pyproject's addopts, which
+    name pytest-benchmark's option, left out) parses and collects the gpu tests, here with pytest-benchmark off as
+    on a machine that lacks it."""
+    gpu_check = _load_script()
+    (stage,) = [s for s in gpu_check.stages(dry=False, workers=2) if s.name == "tests"]
+    command = [str(c).format(work=tmp_path) for c in stage.command] + ["-p", "no:benchmark", "--collect-only", "-q"]
+    proc = subprocess.run(command, cwd=ROOT, env=dict(os.environ, **stage.env), capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    collected = re.search(r"(\d+)/\d+ tests collected", proc.stdout)
+    assert collected and int(collected.group(1)) > 0, proc.stdout[-2000:]
+    assert "--dist" in stage.command and "worksteal" in stage.command
 
 
 def test_a_build_without_cuda_fails_loudly(monkeypatch, capsys):
