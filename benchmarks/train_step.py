@@ -31,7 +31,7 @@ from unittest import mock
 
 import torch
 
-from .harness import on_gpu, print_profile, progress, time_fn, write_report
+from .harness import l2_flush_buffer, on_gpu, print_profile, progress, time_fn, write_report
 
 QWEN2_05B = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
                  num_key_value_heads=2, vocab_size=151936, max_position_embeddings=4096)
@@ -145,8 +145,8 @@ def measure(model, optimizer, backend, batch, args, device, repeats, st=None):
     texts = make_texts(batch, args.negatives, args.query_len, args.doc_len, model.config.vocab_size)
     step = make_step(model, optimizer, backend, texts, chunk, device, st, args.synthetic)
     step()  # warm-up: compiles, autotunes, creates the optimizer states
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    if device.type == "cuda":  # the allocator keeps the warm-up's blocks: the timed steps allocate no new memory
+        l2_flush_buffer()  # allocated before the peak is reset: not counted in it
         base = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
     t = time_fn(step, warmup=0, repeats=repeats)
@@ -242,7 +242,8 @@ def memory_limit(device, gib: float):
     gc.collect()
     torch.cuda.empty_cache()
     total = torch.cuda.get_device_properties(device).total_memory
-    torch.cuda.set_per_process_memory_fraction(min(1.0, (torch.cuda.memory_allocated(device) + gib * 2**30) / total),
+    # the fraction bounds what the allocator reserves, blocks it keeps cached included
+    torch.cuda.set_per_process_memory_fraction(min(1.0, (torch.cuda.memory_reserved(device) + gib * 2**30) / total),
                                                device)
     try:
         yield
@@ -274,14 +275,15 @@ def largest_batches(model, args, device, workdir) -> list:
                     fits = dict(batch=batch, chunk=chunk, step_ms=(time.perf_counter() - started) * 1e3)
                     if device.type == "cuda":
                         fits["peak_gib"] = (torch.cuda.max_memory_allocated(device) - base) / 2**30
+                    progress(dict(fits, backend=f"{backend}: fits"))  # a probe cut short still shows how far it got
             except torch.OutOfMemoryError:
                 _free_after_oom(optimizer, st)
                 break
             batch *= 2
         last = "the cap" if batch > args.max_batch_cap else f"B = {batch} ran out of memory"
         limit = f"{args.max_batch_gib:g} GiB above the weights" if device.type == "cuda" else "no limit on the CPU"
-        note = (f"largest B ({limit}; {last}): {model.config.num_hidden_layers} layers of width "
-                f"{model.config.hidden_size}, {length}-token texts")
+        note = (f"largest B ({limit}; {last}; step_ms: its one step, cold): {model.config.num_hidden_layers} layers "
+                f"of width {model.config.hidden_size}, {length}-token texts")
         rows.append(progress(dict(fits or {}, backend=f"{backend}: largest B", negatives=args.negatives,
                                   note=note if fits else f"B = {args.max_batch_start} ran out of memory")))
     return rows

@@ -61,9 +61,10 @@ def _mean_pool_sum_kernel(
         rows = t0 + tl.arange(0, BLOCK_T)
         row_ok = rows < hi
         w = _row_weights(mask_ptr, n, stride_mb, rows, row_ok, HAS_MASK)
+        # rows of weight 0 (padding) are not read: they cost no bandwidth and never enter the sum, not even a NaN
         x = tl.load(base + rows[:, None].to(tl.int64) * stride_ht + cols[None, :],
-                    mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
-        acc += tl.where(w[:, None] != 0, x * w[:, None], 0.0)  # padding never enters the sum, not even a NaN
+                    mask=(w != 0)[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+        acc += x * w[:, None]
         weight += w
     part = split * num_seqs + n
     tl.store(part_ptr + part.to(tl.int64) * DIM + cols, tl.sum(acc, axis=0), mask=col_ok)
