@@ -11,10 +11,13 @@ that no longer fits is skipped and reported. Stages, in order:
 
 - ``env``: GPU, driver, versions;
 - ``build``: ``kalm_fast._C`` built in place with this interpreter; a build without CUDA fails the run loudly;
-- ``tests``: every test marked ``gpu`` (``pytest -m gpu``), compiled (``TRITON_INTERPRET=0``), in one pytest-xdist
-  worker per core stealing work from each other (Triton compiles single-threaded per process; the workers share
-  compiled kernels and autotuning picks through Triton's cache), with ``KALM_GPU_CHECK=1``: a skipped GPU test is a
-  failure;
+- ``tests``: every test marked ``gpu`` (``pytest -m gpu``) but those of the CUDA C++ backends, compiled
+  (``TRITON_INTERPRET=0``), in one pytest-xdist worker per core stealing work from each other (Triton compiles
+  single-threaded per process; the workers share compiled kernels and autotuning picks through Triton's cache), with
+  ``KALM_GPU_CHECK=1``: a skipped GPU test is a failure;
+- ``tests-native``: the GPU tests of the CUDA C++ backends (marked ``native`` too), never run on hardware before, in
+  processes of their own with ``CUDA_LAUNCH_BLOCKING=1``: a fault there spoils no other test and is reported by the
+  test that caused it;
 - ``bench-*``: the Hopper speed targets in quick modes, each against its baseline in the same run: attention (D=128,
   L 2k-16k; fp32; the packed KaLM shape), the Qwen2-0.5B-shaped encode against sentence-transformers (and the
   top ops of each by GPU time, ``--profile``), pooling against a device copy, the loss at B=32k against one matmul
@@ -81,14 +84,18 @@ class Stage:
 def stages(dry: bool, workers: int) -> list:
     py = sys.executable
     bench = "dry" if dry else "gpu-check"
-    # pyproject's addopts left out: they name pytest-benchmark's option, and that plugin is not needed here
-    test_cmd = [py, "-m", "pytest", "-m", "gpu", "-p", "no:cacheprovider", "-o", "addopts=", "-rfEs", "tests"]
-    if dry:
-        test_cmd += ["-q", "--collect-only"]
-    else:  # a line per test as it ends (what ran, should the stage be cut), the slowest tests at the end; idle
-        # workers take queued tests from busy ones (the every-config tests compile for a minute or more)
-        test_cmd += ["-v", "--durations=25", "-n", str(workers), "--dist", "worksteal", "--junitxml",
-                     "{work}/junit.xml"]
+
+    def pytest_command(marker: str, name: str, n: int) -> list:
+        # pyproject's addopts left out: they name pytest-benchmark's option, and that plugin is not needed here
+        cmd = [py, "-m", "pytest", "-m", marker, "-p", "no:cacheprovider", "-o", "addopts=", "-rfEs", "tests"]
+        if dry:
+            return cmd + ["-q", "--collect-only"]
+        # a line per test as it ends (what ran, should the stage be cut), the slowest tests at the end; idle workers
+        # take queued tests from busy ones (the every-config tests compile for a minute or more)
+        return cmd + ["-v", "--durations=25", "-n", str(n), "--dist", "worksteal", "--junitxml",
+                      f"{{work}}/junit-{name}.xml"]
+
+    gpu_check = dict(KALM_GPU_CHECK="0" if dry else "1")
     encode = [py, "-m", "benchmarks.encode", "--models", "qwen2", "--workloads", "longtail", "--quick", "--no-peers",
               *(["--dtypes", "float32", "--layers", "1", "--texts", "16"] if dry else ["--dtypes", "bfloat16"])]
     # the fused decoder's row on the GPU only (in --dry its Triton kernels would run in the interpreter: minutes)
@@ -98,7 +105,12 @@ def stages(dry: bool, workers: int) -> list:
         Stage("env", 30, [py, __file__, "--env"]),
         Stage("build", 300, [py, __file__, "--build", *(["--dry"] if dry else [])]),
         # the workers share their autotuning picks through Triton's cache (the configs are part of its key)
-        Stage("tests", 260, test_cmd, env=dict(KALM_GPU_CHECK="0" if dry else "1", TRITON_CACHE_AUTOTUNING="1")),
+        Stage("tests", 260, pytest_command("gpu and not native", "tests", workers),
+              env=dict(gpu_check, TRITON_CACHE_AUTOTUNING="1")),
+        # the CUDA C++ backends, never run on hardware before, in processes of their own: a fault there spoils its
+        # process's CUDA context (and with asynchronous launches would be reported by a later test)
+        Stage("tests-native", 90, pytest_command("gpu and native", "tests-native", min(workers, 4)),
+              env=dict(gpu_check, CUDA_LAUNCH_BLOCKING="1")),
         Stage("bench-attention", 120, [py, "-m", "benchmarks.attention", "--preset", bench], required=False),
         # + where the time goes; tokenizers may use every core there (both sides tokenize; pytest's workers may not)
         Stage("bench-encode", 120, [*encode, "--profile"], required=False, env=PARALLEL_TOKENIZERS),
@@ -225,12 +237,13 @@ def summarize(rows: list, work: Path, out: Path, dry: bool, started: float) -> i
     env_log = work / "env.log"
     if env_log.is_file():
         lines += ["", "## env", "```", env_log.read_text(errors="replace")[-3000:], "```"]
-    tests_log = work / "tests.log"
-    if tests_log.is_file():  # pytest's short summary: failures, errors and skips with their reasons
-        text = tests_log.read_text(errors="replace").splitlines()
-        keep = [line for line in text if line.startswith(("FAILED", "ERROR", "SKIPPED", "=", "!"))
-                or " passed" in line or " collected" in line or re.match(r"\d+\.\d+s (call|setup) ", line)]
-        lines += ["", "## tests", "```", *keep[-100:], "```"]
+    for stage in ("tests", "tests-native"):
+        tests_log = work / f"{stage}.log"
+        if tests_log.is_file():  # pytest's short summary: failures, errors and skips with their reasons
+            text = tests_log.read_text(errors="replace").splitlines()
+            keep = [line for line in text if line.startswith(("FAILED", "ERROR", "SKIPPED", "=", "!"))
+                    or " passed" in line or " collected" in line or re.match(r"\d+\.\d+s (call|setup) ", line)]
+            lines += ["", f"## {stage}", "```", *keep[-100:], "```"]
     for report in sorted((work / "bench").glob("*.md")):
         lines += ["", report.read_text(errors="replace")]
     for r in rows:  # a benchmark stopped before its report: the rows it printed as it measured them

@@ -49,9 +49,9 @@ def tolerance(op: str, backend: str, dtype: torch.dtype) -> tuple:
 def backend_params(op: str, names=("torch", "triton", "cuda"), dtype: torch.dtype = torch.float32, *,
                    gpu_only: bool = False) -> list:
     """``pytest.param(name)`` for each backend of ``op``: Triton and CUDA ones marked ``gpu`` (and ``torch`` on a GPU
-    machine, where it runs on the GPU: ``auto``'s fallback there), each skipped with the registry's reason when it
-    cannot run ``dtype`` tensors on ``DEVICE`` here (and, with ``gpu_only``, off a GPU: cases the interpreter cannot
-    check, such as bf16 dots)."""
+    machine, where it runs on the GPU: ``auto``'s fallback there), CUDA ones also ``native``, each skipped with the
+    registry's reason when it cannot run ``dtype`` tensors on ``DEVICE`` here (and, with ``gpu_only``, off a GPU:
+    cases the interpreter cannot check, such as bf16 dots)."""
     params = []
     for name in names:
         reason = _registry.backends(op)[name].why_not(op, torch.device(DEVICE), dtype)
@@ -60,6 +60,8 @@ def backend_params(op: str, names=("torch", "triton", "cuda"), dtype: torch.dtyp
         marks = [pytest.mark.skipif(reason is not None, reason=str(reason))]
         if name in ("triton", "cuda") or (name == "torch" and DEVICE == "cuda"):
             marks.append(pytest.mark.gpu)
+        if name == "cuda":
+            marks.append(pytest.mark.native)
         params.append(pytest.param(name, marks=marks, id=name))
     return params
 

@@ -33,7 +33,7 @@ def test_dry_run_passes_every_stage_in_at_most_eight_files(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     names = [s["stage"] for s in summary["stages"]]
-    assert names == ["env", "build", "tests", "bench-attention", "bench-encode", "bench-mean-pool",
+    assert names == ["env", "build", "tests", "tests-native", "bench-attention", "bench-encode", "bench-mean-pool",
                      "bench-contrastive", "bench-train-step"]
     assert all(s["status"] == "ok" for s in summary["stages"]), summary["stages"]
     files = sorted(p.name for p in out.rglob("*") if p.is_file())
@@ -49,19 +49,25 @@ def test_dry_run_passes_every_stage_in_at_most_eight_files(tmp_path):
     assert "tests collected" in collected  # the GPU tests were found (not run) in the dry mode
 
 
-def test_the_gpu_tests_command_line_is_accepted_without_pytest_benchmark(tmp_path):
-    """What --dry cannot run: the tests stage's own command (xdist workers stealing work, pyproject's addopts, which
-    name pytest-benchmark's option, left out) parses and collects the gpu tests, here with pytest-benchmark off as
-    on a machine that lacks it."""
+def test_the_gpu_tests_command_lines_are_accepted_without_pytest_benchmark(tmp_path):
+    """What --dry cannot run: the test stages' own commands (xdist workers stealing work, pyproject's addopts, which
+    name pytest-benchmark's option, left out) parse and collect the gpu tests, here with pytest-benchmark off as on
+    a machine that lacks it: those of the CUDA C++ backends in their own stage, the others in the first."""
     gpu_check = _load_script()
-    (stage,) = [s for s in gpu_check.stages(dry=False, workers=2) if s.name == "tests"]
-    command = [str(c).format(work=tmp_path) for c in stage.command] + ["-p", "no:benchmark", "--collect-only", "-q"]
-    proc = subprocess.run(command, cwd=ROOT, env=dict(os.environ, **stage.env), capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    collected = re.search(r"(\d+)/\d+ tests collected", proc.stdout)
-    assert collected and int(collected.group(1)) > 0, proc.stdout[-2000:]
-    assert "--dist" in stage.command and "worksteal" in stage.command
+    collected = {}
+    for stage in gpu_check.stages(dry=False, workers=2):
+        if stage.name.startswith("tests"):
+            command = [str(c).format(work=tmp_path) for c in stage.command if c != "-v"] + [
+                "-p", "no:benchmark", "--collect-only", "-q"]  # -q alone: one line per test
+            proc = subprocess.run(command, cwd=ROOT, env=dict(os.environ, **stage.env), capture_output=True,
+                                  text=True, timeout=600)
+            assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+            assert "--dist" in stage.command and "worksteal" in stage.command
+            collected[stage.name] = set(re.findall(r"^tests/\S+::\S+", proc.stdout, re.M))
+    assert set(collected) == {"tests", "tests-native"}
+    assert collected["tests"] and collected["tests-native"] and not collected["tests"] & collected["tests-native"]
+    assert all("cuda" in test for test in collected["tests-native"])
+    assert not any("[cuda" in test or "-cuda" in test for test in collected["tests"])
 
 
 def test_a_build_without_cuda_fails_loudly(monkeypatch, capsys):
