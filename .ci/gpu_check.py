@@ -26,7 +26,8 @@ that no longer fits is skipped and reported. Stages, in order:
 - on request only (``--only build bench-attention-variants bench-encode-budgets bench-train-step-1024``; also
   ``bench-attention-window``): the triton attention's variants, ``benchmarks.attention --preset variants``; local
   attention, ``--preset window --window 1024``; the encode at token budgets 16k / 32k / 64k; the
-  training step at B = 1024 against sentence-transformers', and the largest B of each in the same memory;
+  training step at B = 1024 against sentence-transformers', and the largest B of each in the same memory; and
+  ``sanitize-native``: the native tests under compute-sanitizer's memcheck (where they fail or fault);
 - ``pack``: ``OUT/summary.md`` (read it first), ``OUT/summary.json`` and ``OUT/gpu-check.tar.gz`` (every log, JUnit
   XML and benchmark JSON/MD; the benchmark files are named ``<name>-<device>.*`` for ``benchmarks/results/``).
 
@@ -85,17 +86,25 @@ def stages(dry: bool, workers: int) -> list:
     py = sys.executable
     bench = "dry" if dry else "gpu-check"
 
-    def pytest_command(marker: str, name: str, n: int) -> list:
+    def pytest_command(marker: str, name: str, workers: int = 0) -> list:
         # pyproject's addopts left out: they name pytest-benchmark's option, and that plugin is not needed here
         cmd = [py, "-m", "pytest", "-m", marker, "-p", "no:cacheprovider", "-o", "addopts=", "-rfEs", "tests"]
         if dry:
             return cmd + ["-q", "--collect-only"]
         # a line per test as it ends (what ran, should the stage be cut), the slowest tests at the end; idle workers
         # take queued tests from busy ones (the every-config tests compile for a minute or more)
-        return cmd + ["-v", "--durations=25", "-n", str(n), "--dist", "worksteal", "--junitxml",
-                      f"{{work}}/junit-{name}.xml"]
+        xdist = ["-n", str(workers), "--dist", "worksteal"] if workers else []
+        return cmd + ["-v", "--durations=25", *xdist, "--junitxml", f"{{work}}/junit-{name}.xml"]
 
     gpu_check = dict(KALM_GPU_CHECK="0" if dry else "1")
+    sanitizer = shutil.which("compute-sanitizer") or "/usr/local/cuda/bin/compute-sanitizer"
+    if dry:  # the plumbing only: the native tests collected
+        sanitize = pytest_command("gpu and native", "sanitize-native")
+    elif Path(sanitizer).is_file():  # one process: no xdist workers
+        sanitize = [sanitizer, "--tool", "memcheck", "--error-exitcode", "1", "--print-limit", "20",
+                    *pytest_command("gpu and native", "sanitize-native")]
+    else:
+        sanitize = [py, "-c", "raise SystemExit('compute-sanitizer not found (PATH, /usr/local/cuda/bin)')"]
     encode = [py, "-m", "benchmarks.encode", "--models", "qwen2", "--workloads", "longtail", "--quick", "--no-peers",
               *(["--dtypes", "float32", "--layers", "1", "--texts", "16"] if dry else ["--dtypes", "bfloat16"])]
     # the fused decoder's row on the GPU only (in --dry its Triton kernels would run in the interpreter: minutes)
@@ -133,6 +142,10 @@ def stages(dry: bool, workers: int) -> list:
                                              *([] if dry else ["auto (fused decoder)"]), "--max-batch",
                                              "--report", "train_step_1024"],
               required=False, on_request=True),
+        # where the native tests fail or fault: compute-sanitizer's memcheck over them, each tensor its own
+        # allocation (torch's caching allocator would hide an access past a tensor inside its cached block)
+        Stage("sanitize-native", 300, sanitize, required=False, on_request=True,
+              env=dict(gpu_check, PYTORCH_NO_CUDA_MEMORY_CACHING="1")),
     ]
     if dry:
         for stage in plan:
@@ -237,9 +250,10 @@ def summarize(rows: list, work: Path, out: Path, dry: bool, started: float) -> i
     env_log = work / "env.log"
     if env_log.is_file():
         lines += ["", "## env", "```", env_log.read_text(errors="replace")[-3000:], "```"]
-    for stage in ("tests", "tests-native"):
+    for stage in ("tests", "tests-native", "sanitize-native"):
         tests_log = work / f"{stage}.log"
-        if tests_log.is_file():  # pytest's short summary: failures, errors and skips with their reasons
+        if tests_log.is_file():  # pytest's short summary: failures, errors and skips with their reasons (and
+            # compute-sanitizer's reports, its lines starting with "=")
             text = tests_log.read_text(errors="replace").splitlines()
             keep = [line for line in text if line.startswith(("FAILED", "ERROR", "SKIPPED", "=", "!"))
                     or " passed" in line or " collected" in line or re.match(r"\d+\.\d+s (call|setup) ", line)]

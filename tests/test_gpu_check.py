@@ -174,7 +174,7 @@ def test_an_on_request_stage_runs_only_when_named(tmp_path):
     module = _load_script()
     on_request = [s.name for s in module.stages(dry=True, workers=1) if s.on_request]
     assert on_request == ["bench-attention-variants", "bench-attention-window", "bench-encode-budgets",
-                          "bench-train-step-1024"]
+                          "bench-train-step-1024", "sanitize-native"]
     out = tmp_path / "out"
     env = {k: v for k, v in os.environ.items() if k not in ("OUT", "KALM_BENCH_OUT")}
     proc = subprocess.run([sys.executable, str(SCRIPT), "--dry", "--out", str(out), "--budget", "600", "--only",
@@ -184,7 +184,7 @@ def test_an_on_request_stage_runs_only_when_named(tmp_path):
     assert [s["stage"] for s in stages] == ["env", *on_request]
     assert all(s["status"] == "ok" for s in stages), stages
     summary = (out / "summary.md").read_text()
-    assert "### encode-budgets" in summary and "### train_step_1024" in summary
+    assert "### encode-budgets" in summary and "### train_step_1024" in summary and "## sanitize-native" in summary
 
 
 def test_import_results_copies_only_the_gpu_reports(tmp_path):
