@@ -107,14 +107,15 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(AttentionFwdArg
     const int query = row0 + half * 8;
     const float total = tile::quad_sum(l[half]);
     if (query >= len) continue;
-    const float inv = total == 0.f ? 0.f : 1.f / total;  // no visible key: 0; a NaN row stays NaN
+    // every score -inf (a real query sees its keys: it holds an infinity): softmax's 0/0, NaN; a NaN row stays NaN
+    const float inv = total == 0.f ? NAN : 1.f / total;
     T* dst = ptr<T>(a.out) + (start + query) * a.o_stride_t + h * a.o_stride_h + (lane % 4) * 2;
 #pragma unroll
     for (int dj = 0; dj < D / 8; ++dj) {
       *reinterpret_cast<uint32_t*>(dst + dj * 8) = tile::pack2<T>(o[dj][2 * half] * inv, o[dj][2 * half + 1] * inv);
     }
     if (a.lse != 0 && lane % 4 == 0) {
-      const float lse = total == 0.f ? INFINITY : (m[half] * a.scale_log2 + log2f(total)) * 0.69314718055994531f;
+      const float lse = total == 0.f ? NAN : (m[half] * a.scale_log2 + log2f(total)) * 0.69314718055994531f;
       ptr<float>(a.lse)[h * a.lse_stride_h + start + query] = lse;
     }
   }

@@ -861,8 +861,8 @@ def test_cuda_is_forward_only(backend):
 @pytest.mark.parametrize("backend", ["reference", *BACKENDS, *backend_params(OP, ("cuda",), torch.float16)])
 def test_nan_semantics_agree_and_padding_never_leaks(backend, softcap):
     """NaN in masked-out keys/values never reaches a real row; a query row holding a NaN or an infinity gives NaN
-    there (soft-capped too: tanh would make an infinite score finite), and a padded query row gives zeros whatever it
-    holds, on every backend alike."""
+    there (soft-capped too: tanh would make an infinite score finite), also where the infinity makes every score of
+    the row -inf (softmax's 0/0), and a padded query row gives zeros whatever it holds, on every backend alike."""
     dtype = torch.float16 if backend == "cuda" else torch.float32
     q, k, v = (t.detach() for t in _inputs((2, 5, 2, 64), 2, dtype))
     mask = _mask([3, 5], 5)
@@ -872,20 +872,25 @@ def test_nan_semantics_agree_and_padding_never_leaks(backend, softcap):
         return
     k[0, 4], v[0, 4], v[0, 3] = float("nan"), float("nan"), float("inf")
     q[1, 2, 0, 0], q[0, 4, 0, 0], q[1, 1, 1, 5] = float("nan"), float("nan"), float("-inf")
+    k[1, :, 0, 7] = k[1, :, 0, 7].abs() + 0.5
+    q[1, 3, 0, 7] = float("-inf")  # every score of head 0 of token 3 is -inf
     with torch.no_grad():
         out = flash_attention(q, k, v, key_padding_mask=mask, softcap=softcap, backend=backend)
     assert torch.isfinite(out[0, :3]).all()            # the padding of sequence 0 did not leak
     assert (out[0, 3:] == 0).all()                      # padded query rows are zeros, even a NaN one
     assert out[1, 2, 0].isnan().all() and torch.isfinite(out[1, 2, 1]).all()  # query head 0 of token 2 is NaN
     assert out[1, 1, 1].isnan().all() and torch.isfinite(out[1, 1, 0]).all()  # head 1 of token 1: -inf in q
-    assert torch.isfinite(out[1, [0, 3, 4]]).all()
+    assert out[1, 3, 0].isnan().all() and torch.isfinite(out[1, 3, 1]).all()  # head 0 of token 3: all scores -inf
+    assert torch.isfinite(out[1, [0, 4]]).all()
     with torch.no_grad():
         packed, lse = flash_attention(q[1], k[1], v[1], cu_seqlens=_cu([5]), softcap=softcap, backend=backend,
                                       return_lse=True)
     assert packed[2, 0].isnan().all() and torch.isfinite(packed[2, 1]).all()
-    assert lse[0, 2].isnan() and torch.isfinite(lse[1, 2]) and torch.isfinite(lse[:, [0, 3, 4]]).all()
+    assert lse[0, 2].isnan() and torch.isfinite(lse[1, 2]) and torch.isfinite(lse[:, [0, 4]]).all()
     assert packed[1, 1].isnan().all() and torch.isfinite(packed[1, 0]).all()
-    assert torch.isfinite(packed[[0, 3, 4]]).all()
+    assert packed[3, 0].isnan().all() and torch.isfinite(packed[3, 1]).all()
+    assert lse[0, 3].isnan() and torch.isfinite(lse[1, 3])
+    assert torch.isfinite(packed[[0, 4]]).all()
 
 
 def test_benchmark_times_the_triton_variants_under_their_settings(monkeypatch):

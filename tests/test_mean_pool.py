@@ -29,8 +29,10 @@ def _packed_case(dtype, device, lengths=(0, 1, 17, 5, 0, 33), H=40, seed=1):
 
 
 def _check_against_reference(backend, hidden, kwargs, dtype):
+    """``mean_pool(hidden)`` and its gradient against the oracle's; ``hidden`` itself (strides and storage offset
+    kept: a clone of a strided view would be dense) if it is a leaf that requires grad, else a copy."""
     atol, rtol = tolerance(OP, backend, dtype)
-    x = hidden.detach().clone().requires_grad_(True)
+    x = hidden if hidden.is_leaf and hidden.requires_grad else hidden.detach().clone().requires_grad_(True)
     x_ref = hidden.detach().clone().requires_grad_(True)
     out = mean_pool(x, **kwargs, backend=backend)
     ref = reference_mean_pool(x_ref, kwargs.get("attention_mask"), cu_seqlens=kwargs.get("cu_seqlens"),
@@ -296,7 +298,8 @@ def test_bf16_and_wide_rows_on_gpu(backend, H, dim, normalize, layout):
 def test_unaligned_view_on_gpu(backend):
     """A 6-byte offset and a row stride of 70 elements: the CUDA kernel falls back to scalar loads."""
     base = torch.randn(2, 9, 70, device=DEVICE, dtype=torch.float16)
-    hidden = base[:, :, 3:67]
+    hidden = base[:, :, 3:67].requires_grad_()  # the view itself is pooled
+    assert hidden.storage_offset() == 3 and hidden.stride() == (630, 70, 1)
     _check_against_reference(backend, hidden, dict(dim=64, normalize=True), torch.float16)
 
 

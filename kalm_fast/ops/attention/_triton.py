@@ -263,9 +263,10 @@ def _attn_fwd(Q, K, V, O, LSE, WORK, CU_SEQLENS, qk_scale, cap_scale, window_lef
     acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_src, v_src, stride_kt, stride_vt, full_hi, hi, tok, seqlen,
                                window_left, window_right, qk_scale, cap_scale, offs_n, offs_d, d_ok, BANDED, SOFTCAP,
                                True, BLOCK_N, PRECISION, USE_TMA)
+    # every score of the row -inf (every stored row sees a key: its query holds an infinity): softmax's 0/0, NaN
     empty = l_i == 0.0
-    out = acc / tl.where(empty, 1.0, l_i)[:, None]
-    lse = tl.where(empty, float("inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) / _LOG2E)
+    out = tl.where(empty[:, None], float("nan"), acc / tl.where(empty, 1.0, l_i)[:, None])
+    lse = tl.where(empty, float("nan"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) / _LOG2E)
     seq, m0 = _work_item(WORK, BLOCK_M, RELOAD=True)  # read again, not kept live through the loop (registers)
     r = m0 + tl.arange(0, BLOCK_M)
     tok = r // GROUP

@@ -30,8 +30,10 @@ def _attend(q, k, v, key_mask, causal, window, scale, softcap):
         offset = i[None, :] - i[:, None]                              # key j - query i
         allowed = allowed & (offset >= -window[0]) & (offset <= window[1])
     scores = scores.masked_fill(~allowed, float("-inf"))
-    lse = torch.logsumexp(scores, dim=-1)                             # [Hq, L], -inf where nothing allowed
-    empty = torch.isneginf(lse)
+    lse = torch.logsumexp(scores, dim=-1)                             # [Hq, L], -inf where every score is -inf
+    empty = ~allowed.any(-1)                                          # [L] padded queries: zeros, lse +inf
+    # a real row whose every score is -inf (its query holds an infinity): softmax's 0/0, NaN
+    lse = lse.masked_fill(torch.isneginf(lse) & ~empty, float("nan"))
     probs = torch.exp(scores - lse.masked_fill(empty, 0.0)[..., None])
     out = (probs @ vf).transpose(0, 1)                                # [L, Hq, D]
     return out, lse.masked_fill(empty, float("inf"))
