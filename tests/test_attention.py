@@ -28,9 +28,10 @@ def _inputs(shape_q, hkv, dtype, seed=0):
     return make(shape_q), make(shape_kv), make(shape_kv)
 
 
-def _hopper_or_newer() -> bool:
-    """A GPU of compute capability 9+ here: where KALM_ATTENTION_TMA=1 takes the tensor descriptors when compiled."""
-    return DEVICE == "cuda" and torch.cuda.get_device_capability(DEVICE)[0] >= 9
+def _tma_runs_here() -> bool:
+    """Whether KALM_ATTENTION_TMA=1 takes the tensor descriptors here: in the interpreter, or compiled on a GPU of
+    compute capability 9+."""
+    return _registry.triton_interpreting() or (DEVICE == "cuda" and torch.cuda.get_device_capability(DEVICE)[0] >= 9)
 
 
 def _run(backend, q, k, v, **kw):
@@ -340,7 +341,7 @@ def test_triton_tma_only_for_16_byte_aligned_k_v(backend, monkeypatch):
     assert aligned.data_ptr() % 16 == 0
     assert not use_tma(shifted, aligned) and not use_tma(aligned, shifted) and not use_tma(odd_rows, odd_rows)
     assert not use_tma(odd_heads, odd_heads)
-    assert use_tma(aligned, aligned) == (_registry.triton_interpreting() or _hopper_or_newer())
+    assert use_tma(aligned, aligned) == _tma_runs_here()
 
 
 @pytest.mark.parametrize("backend", backend_params(OP, ("triton",)))
@@ -738,7 +739,7 @@ def test_triton_every_config_matches_reference(backend, kernel, setting, d, monk
     checked = 0
     for dtype, bands in _config_runs(kernel, d, setting):
         q, k, v = _inputs((int(cu[-1]), hq, d), hkv, dtype)
-        assert tri.use_tma(k, v) == (setting == TMA and (_registry.triton_interpreting() or _hopper_or_newer()))
+        assert tri.use_tma(k, v) == (setting == TMA and _tma_runs_here())
         for (causal, window), configs in bands:
             kw = dict(cu_seqlens=cu, causal=causal, window=window)
             expected = run("reference", q, k, v, **kw)
@@ -794,7 +795,7 @@ def test_triton_bf16_gpu_variants(backend, setting, d, causal, monkeypatch):
     monkeypatch.setenv(*setting.split("="))
     cu = _cu([0, 1, 17, 300, 129, 1024])
     q, k, v = _inputs((int(cu[-1]), 14, d), 2, torch.bfloat16)
-    assert use_tma(k, v) == (setting == TMA and _hopper_or_newer())
+    assert use_tma(k, v) == (setting == TMA and _tma_runs_here())
     kw = dict(cu_seqlens=cu, causal=causal)
     _assert_close(_run(backend, q, k, v, **kw), _run("reference", q, k, v, **kw), backend, torch.bfloat16)
 
