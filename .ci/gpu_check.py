@@ -24,9 +24,10 @@ that no longer fits is skipped and reported. Stages, in order:
   and cross-entropy, a GradCache training step against sentence-transformers' CachedMultipleNegativesRankingLoss
   step (and each step's top ops);
 - on request only (``--only build bench-attention-variants bench-encode-budgets --budget 520``, then ``--only build
-  bench-train-step-1024 bench-attention-window --budget 520``: their limits add up past one run's budget): the triton attention's variants, ``benchmarks.attention --preset variants``; local
-  attention, ``--preset window --window 1024``; the encode at token budgets 16k / 32k / 64k; the
-  training step at B = 1024 against sentence-transformers', and the largest B of each in the same memory; and
+  bench-train-step-1024 bench-attention-window --budget 520``: their limits add up past one run's budget): the
+  triton attention's variants, ``benchmarks.attention --preset variants``; local attention, ``--preset window
+  --window 1024``; the encode at token budgets 16k / 32k / 64k; the training step at B = 1024 against
+  sentence-transformers', and the largest B of each in the same memory; and
   ``sanitize-native``: the native tests under compute-sanitizer's memcheck (where they fail or fault);
 - ``pack``: ``OUT/summary.md`` (read it first), ``OUT/summary.json`` and ``OUT/gpu-check.tar.gz`` (every log, JUnit
   XML and benchmark JSON/MD; the benchmark files are named ``<name>-<device>.*`` for ``benchmarks/results/``).
