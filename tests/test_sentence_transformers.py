@@ -5,6 +5,7 @@ Layouts are written by the installed sentence-transformers' own ``save`` where i
 """
 import json
 import os
+import re
 import shutil
 import warnings
 
@@ -395,7 +396,7 @@ def test_cls_pooling_as_sentence_transformers_and_saved_back(tmp_path, decoder_h
     assert pooling["pooling_mode_cls_token"] and not pooling["pooling_mode_mean_tokens"]
     again = SentenceTransformer(str(tmp_path / "saved"), device="cpu")
     _assert_same(Encoder(tmp_path / "saved", device="cpu").encode(TEXTS), again.encode(TEXTS), "cls saved")
-    with pytest.raises(ValueError, match=r"embed differently \(\('cls', 'bidirectional'\) and \('mean', "):
+    with pytest.raises(ValueError, match=r"embed differently \(pooling: 'cls' and 'mean'\)"):
         model_soup([tmp_path / "saved", tmp_path / "mean_saved"], output=tmp_path / "soup")
     with pytest.raises(ValueError, match="CLS pooling is for encoders .* a qwen2 decoder has none"):
         EmbeddingModel.from_pretrained(_st6_with(tmp_path / "dec", decoder_hf, pooling_mode="cls"), device="cpu")
@@ -454,8 +455,7 @@ def test_last_token_pooling_runs_a_decoder_causally_as_sentence_transformers(tmp
     bidirectional.save(tmp_path / "bidirectional_saved")
     from kalm_fast import model_soup
 
-    with pytest.raises(ValueError, match=r"embed differently \(\('lasttoken', 'causal'\) and \('lasttoken', "
-                                         r"'bidirectional'\)"):
+    with pytest.raises(ValueError, match=r"embed differently \(attention: 'causal' and 'bidirectional'\)"):
         model_soup([tmp_path / "saved", tmp_path / "bidirectional_saved"], output=tmp_path / "soup")
     _edit_json(tmp_path / "q3e" / "config.json", is_causal=True, use_bidirectional_attention=True)
     assert Encoder(tmp_path / "q3e", device="cpu").model.causal  # a key only Gemma reads
@@ -930,3 +930,35 @@ def test_the_soup_refuses_checkpoints_with_other_modules(tmp_path, decoder_hf):
     with pytest.raises(ValueError, match="2_Dense/pytorch_model.bin: module weights the soup cannot average"):
         model_soup([a, b], output=tmp_path / "soup")
     assert not (tmp_path / "soup").exists()
+
+
+@pytest.mark.parametrize("file, change, setting", [
+    ("config_sentence_transformers.json", dict(prompts={"query": "q: "}), "prompts"),
+    ("config_sentence_transformers.json", dict(truncate_dim=16), "truncate_dim"),
+    ("config_sentence_transformers.json", dict(similarity_fn_name="dot"), "similarity_fn_name"),
+    ("1_Pooling/config.json", dict(include_prompt=False), "include_prompt"),
+    ("modules.json", None, "normalize"),
+    ("config.json", dict(rms_norm_eps=1e-3), "config.rms_norm_eps"),
+])
+def test_the_soup_refuses_checkpoints_that_embed_differently(tmp_path, decoder_hf, file, change, setting):
+    """Two checkpoints of one model that differ in a setting outside the weights are refused in either order, naming
+    the setting (the soup would keep the first one's); a difference in metadata only (transformers version, dtype
+    label, an empty prompt against none) is no difference."""
+    from kalm_fast import model_soup
+
+    a = _st6_with(tmp_path / "a", decoder_hf, Normalize())
+    same, other = tmp_path / "same", tmp_path / "other"
+    shutil.copytree(a, same)
+    _edit_json(same / "config.json", transformers_version="4.44.0", dtype="bfloat16")
+    _edit_json(same / "config_sentence_transformers.json", prompts={"query": "", "document": ""})
+    shutil.copytree(a, other)
+    if change is None:  # Normalize left out
+        modules = json.loads((other / "modules.json").read_text())
+        (other / "modules.json").write_text(json.dumps([m for m in modules if not m["type"].endswith("Normalize")]))
+    else:
+        _edit_json(other / file, **change)
+    for pair in ([a, other], [other, a]):
+        with pytest.raises(ValueError, match=rf"embed differently \({re.escape(setting)}: "):
+            model_soup(pair, output=tmp_path / "soup")
+    assert not (tmp_path / "soup").exists()
+    model_soup([a, same], output=tmp_path / "soup")

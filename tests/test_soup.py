@@ -164,6 +164,10 @@ def test_path_errors(tmp_path):
         model_soup([d, d], output=tmp_path / "busy")
     with pytest.raises(ValueError, match="is one of the checkpoints"):
         model_soup(paths, output=paths[0])
+    (tmp_path / "kept.safetensors").write_bytes(b"another model")
+    with pytest.raises(ValueError, match="output file .*kept.safetensors already exists; choose a new path"):
+        model_soup(paths, output=tmp_path / "kept.safetensors")
+    assert (tmp_path / "kept.safetensors").read_bytes() == b"another model"
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="exactly one .safetensors"):
         model_soup([tmp_path / "empty"], output=tmp_path / "y")

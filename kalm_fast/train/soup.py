@@ -196,9 +196,10 @@ def _copy_side_files(src: Path, dst: Path):
 
 
 def _check_same_modules(ckpts: list) -> None:
-    """Every checkpoint directory has the first's pooling (mean or CLS, however its config spells it) and weighted
-    sentence-transformers modules (its Dense modules: path and config), with their weights only as safetensors (the
-    soup averages those; pickled ones it would drop)."""
+    """Every checkpoint directory has the first's embedding settings (``_embedding_settings``: pooling however its
+    config spells it, attention, prompts, the model's config, ...) and weighted sentence-transformers modules (its
+    Dense modules: path and config), with their weights only as safetensors (the soup averages those; pickled ones
+    it would drop)."""
 
     def weighted_modules(root: Path) -> list:
         found = []
@@ -211,12 +212,16 @@ def _check_same_modules(ckpts: list) -> None:
                 found.append((sub, json.loads(config.read_text()) if config.is_file() else None))
         return found
 
-    kind = _embedding_kind(ckpts[0].path)
+    settings = _embedding_settings(ckpts[0].path)
     for ckpt in ckpts[1:]:
-        other = _embedding_kind(ckpt.path)
-        if other != kind and None not in (kind, other):
-            raise ValueError(f"checkpoints {ckpts[0].path} and {ckpt.path} embed differently ({kind} and {other}: "
-                             "pooling, attention): a soup averages models that embed the same way")
+        other = _embedding_settings(ckpt.path)
+        if settings is None or other is None:
+            continue
+        differ = [key for key in {**settings, **other} if settings.get(key) != other.get(key)]
+        if differ:
+            raise ValueError(f"checkpoints {ckpts[0].path} and {ckpt.path} embed differently ({differ[0]}: "
+                             f"{settings.get(differ[0])!r:.120} and {other.get(differ[0])!r:.120}): a soup averages "
+                             "models that embed the same way (it would keep the first one's setting)")
     first = weighted_modules(ckpts[0].path)
     for ckpt in ckpts[1:]:
         if weighted_modules(ckpt.path) != first:
@@ -224,23 +229,33 @@ def _check_same_modules(ckpts: list) -> None:
                              f"{[sub for sub, _ in first]} in the first): a soup averages models with the same ones")
 
 
-def _embedding_kind(root: Path) -> Optional[tuple]:
-    """A model directory's (pooling, "causal" or "bidirectional") as kalm_fast runs it; None for a model kalm_fast
-    does not run (the soup still averages it)."""
-    from types import SimpleNamespace
+# config.json keys that say nothing about what the weights compute (or that the "attention" setting judges)
+_CONFIG_METADATA = ("_name_or_path", "transformers_version", "torch_dtype", "dtype", "architectures", "use_cache",
+                    "is_causal", "use_bidirectional_attention")
 
+
+def _embedding_settings(root: Path) -> Optional[dict]:
+    """What decides a model directory's embeddings besides its weights, as kalm_fast runs it: pooling, attention
+    ("causal" or "bidirectional"), Normalize, the prompts, truncation, similarity, lower-casing and each config.json
+    setting (as transformers reads it: ``config.<key>``); its ``max_seq_length`` is left out (the first one's is
+    kept). None for a model kalm_fast does not run (the soup still averages it)."""
     from ..models.bidirectional import runs_causally  # loads transformers: only for directories
-    from ..models.loading import read_sentence_transformer_info
+    from ..models.loading import build_config, read_sentence_transformer_info
 
     try:
         info = read_sentence_transformer_info(root)
-        config = json.loads((info.transformer_dir / "config.json").read_text())
+        config = build_config(info.transformer_dir)
     except (ValueError, OSError):
         return None
-    if not isinstance(config, dict):
-        return None
-    causal = runs_causally(SimpleNamespace(**{"model_type": None, **config}), info.pooling)
-    return info.pooling, "causal" if causal else "bidirectional"
+    causal = runs_causally(config, info.pooling)
+    settings = dict(pooling=info.pooling, attention="causal" if causal else "bidirectional", normalize=info.normalize,
+                    include_prompt=info.include_prompt, prompts={name: text for name, text in info.prompts.items()
+                                                                 if text},  # an empty prompt is none
+                    default_prompt_name=info.default_prompt_name, truncate_dim=info.truncate_dim,
+                    similarity_fn_name=info.similarity_fn_name or "cosine", do_lower_case=info.do_lower_case)
+    settings.update((f"config.{key}", value) for key, value in config.to_dict().items()
+                    if key not in _CONFIG_METADATA)
+    return settings
 
 
 def _soup_module_weights(ckpts: list, weights: list, out: Path):
@@ -277,6 +292,8 @@ def model_soup(checkpoints: Sequence, *, weights: Optional[Sequence[float]] = No
             raise ValueError(f"output directory {output} already exists and is not empty")
     elif output.suffix != ".safetensors" or output.is_dir():
         raise ValueError(f"output must be a .safetensors file path when the checkpoints are files, got {output}")
+    elif output.exists():
+        raise ValueError(f"output file {output} already exists; choose a new path (a soup replaces nothing)")
     output.parent.mkdir(parents=True, exist_ok=True)
     remove_leftovers(output.parent, f".{glob.escape(output.name)}.*.tmp")
     if not first.is_dir:
