@@ -203,8 +203,9 @@ class Encoder:
             raise ValueError(f"{name} must be an int in [1, {self.model.embedding_size}], got {dim!r}")
         return dim
 
-    def _resolve_prompt(self, prompt: Optional[str], prompt_name: Optional[str]) -> str:
-        """``prompt``, else the prompt named ``prompt_name``, else the default prompt, else none."""
+    def resolve_prompt(self, prompt: Optional[str] = None, prompt_name: Optional[str] = None) -> str:
+        """The prefix ``encode`` gives each text: ``prompt``, else the prompt named ``prompt_name``, else the default
+        prompt, else none ("")."""
         if prompt is not None:
             if not isinstance(prompt, str):
                 raise TypeError(f"prompt must be a string (a prefix), got {type(prompt).__name__}")
@@ -217,9 +218,7 @@ class Encoder:
                 raise ValueError(f"prompt_name {prompt_name!r} is not one of the model's prompts "
                                  f"{sorted(self.prompts)}")
             return self.prompts[prompt_name]
-        if self.default_prompt_name is not None:
-            return self.prompts.get(self.default_prompt_name, "")
-        return ""
+        return self.model.default_prompt
 
     @torch.no_grad()
     def encode(self, inputs=None, prompt_name: Optional[str] = None, prompt: Optional[str] = None,
@@ -258,26 +257,18 @@ class Encoder:
             raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
         if device is not None:
             self.model.to(check_device(device))
-        prefix = self._resolve_prompt(prompt, prompt_name)
-        if prefix:
-            texts = [prefix + t for t in texts]
+        prefix = self.resolve_prompt(prompt, prompt_name)
         batching = dict(max_tokens=max_tokens_per_batch, max_sequences=batch_size,
                         show_progress=len(texts) >= 2048 if show_progress_bar is None else show_progress_bar)
         if output_value == "token_embeddings":
             if precision != "float32":
                 raise ValueError("precision applies to sentence embeddings; token_embeddings come in float32")
-            tokens = self.model.embed_tokens(texts, **batching)
+            tokens = self.model.embed_tokens([prefix + t for t in texts] if prefix else texts, **batching)
             return tokens[0] if single else tokens
-        H = self.model.embedding_size
-        dim = H if truncate_dim is None and self.truncate_dim is None else self._check_dim(
+        dim = None if truncate_dim is None and self.truncate_dim is None else self._check_dim(
             truncate_dim if truncate_dim is not None else self.truncate_dim, "truncate_dim")
-        skip = self.model.prompt_length(prefix) if prefix and not self.model.include_prompt else 0
-        if self.model.normalize and dim < H:  # Normalize module, then truncation (no renormalization unless asked)
-            out = self.model.embed(texts, normalize=True, prompt_length=skip, **batching)[:, :dim]
-            out = F.normalize(out, dim=-1) if normalize_embeddings else out
-        else:  # one fused pass: pool, truncate, normalize
-            out = self.model.embed(texts, dim=dim, normalize=normalize_embeddings or self.model.normalize,
-                                   prompt_length=skip, **batching)
+        out = self.model.sentence_embeddings(texts, prompt=prefix, dim=dim, normalize=normalize_embeddings,
+                                             **batching)
         if precision != "float32":
             out = torch.from_numpy(quantize_embeddings(out.cpu().numpy(), precision))
         if single:

@@ -79,7 +79,9 @@ def test_evaluate_model_ranks_by_cosine_of_normalized_embeddings():
     calls = []
 
     class Model:
-        def embed(self, texts, *, max_sequences=None, normalize=False):
+        default_prompt, truncate_dim = "", None
+
+        def sentence_embeddings(self, texts, *, prompt, dim, normalize=False, max_sequences=None):
             calls.append((max_sequences, normalize))
             emb = torch.tensor([vectors[t] for t in texts])
             return torch.nn.functional.normalize(emb, dim=-1) if normalize else emb
@@ -87,3 +89,28 @@ def test_evaluate_model_ranks_by_cosine_of_normalized_embeddings():
     ev = EvalSet(["q0"], ["q"], [{"d1": 1.0}], ["d0", "d1"], ["long", "aligned"])
     assert evaluate_model(Model(), ev, batch_size=3, ks=(1,))["mrr@1"] == 1.0
     assert calls == [(3, True), (3, True)]
+
+
+def test_evaluate_model_embeds_as_the_saved_model_serves(monkeypatch):
+    """The trainer scores a model with its default prompt and truncate_dim, the embeddings ``Encoder.encode`` (and so
+    ``kalm-fast eval``) gives for it; ``ks`` are checked."""
+    from kalm_fast import Encoder
+    from kalm_fast.train import evaluate
+
+    enc = Encoder(device="cpu", prompts={"web": "search: "}, default_prompt_name="web", truncate_dim=16)
+    seen = []
+    monkeypatch.setattr(evaluate, "evaluate_embeddings", lambda q, d, *args, **kwargs: seen.append((q, d)))
+    docs = ["a cat sat on the mat", "stock markets fell today", "how to bake bread"]
+    ev = EvalSet(["q0", "q1"], ["feline on a rug", "baking"], [{"d0": 1.0}, {"d2": 1.0}], ["d0", "d1", "d2"], docs)
+    evaluate_model(enc.model, ev)
+    (q, d), = seen
+    for got, texts in ((q, ev.queries), (d, docs)):
+        assert got.shape == (len(texts), 16)
+        torch.testing.assert_close(got, enc.encode(texts, normalize_embeddings=True, convert_to_tensor=True))
+    with pytest.raises(ValueError, match=r"ks must be one or more positive int cut-offs, got \(0,\)"):
+        rank_metrics([["a"]], [{"a": 1}], ks=(0,))
+    with pytest.raises(ValueError, match=r"ks must be one or more positive int cut-offs, got \(-1,\)"):
+        evaluate_embeddings(torch.eye(2), torch.eye(2), EvalSet(["q"], ["x"], [{"a": 1.0}], ["a", "b"], ["x", "y"]),
+                            ks=(-1,))
+    with pytest.raises(ValueError, match=r"relevant\[0\] has no document with a grade > 0"):
+        rank_metrics([["a"]], [{"a": 0}], ks=(1,))

@@ -1242,3 +1242,19 @@ def test_encoder_on_gpu_loads_the_checkpoints_dtype(bf16_decoder_dir):
 
     assert Encoder(bf16_decoder_dir, device="cuda").model.dtype == torch.bfloat16
     assert Encoder(bf16_decoder_dir, device="cuda", dtype="float32").model.dtype == torch.float32
+
+
+@pytest.mark.parametrize("value, message", [
+    (-5, "a positive int up to 128"), (2.5, "a positive int up to 128"), ("abc", "a positive int up to 128"),
+    (0, "a positive int up to 128"), (10_000, "a positive int up to 128 .the model's position table. or None, got "
+                                             "10000"), (True, "a positive int")])
+def test_save_pretrained_refuses_a_max_seq_length_it_could_not_load(tmp_path, tokenizer, value, message):
+    """What would save a model that fails to load (or, past a BERT's position table, crashes sentence-transformers)
+    is refused before anything is written; a rotary decoder has no such bound."""
+    bert = EmbeddingModel.from_pretrained(_save_tiny("distilbert", tmp_path / "bert", tokenizer), device="cpu")
+    with pytest.raises(ValueError, match=f"max_seq_length must be {message}"):
+        bert.save_pretrained(tmp_path / "out", max_seq_length=value)
+    assert not (tmp_path / "out").exists()
+    decoder = EmbeddingModel.from_pretrained(_save_tiny("qwen2", tmp_path / "qwen2", tokenizer), device="cpu")
+    decoder.save_pretrained(tmp_path / "long", max_seq_length=10_000)
+    assert json.loads((tmp_path / "long/sentence_bert_config.json").read_text())["max_seq_length"] == 10_000

@@ -58,11 +58,14 @@ def _position_offset(config) -> int:
     return config.pad_token_id + 1 if config.model_type in _ROBERTA_LIKE else 0
 
 
-def _has_position_table(model: nn.Module) -> bool:
-    """Whether ``model`` embeds absolute positions from a table (BERT-like): its size caps the max length. Rotary and
-    relative-position models have none: a saved ``max_seq_length`` beyond ``max_position_embeddings`` stands, as in
-    sentence-transformers."""
-    return any(isinstance(m, nn.Embedding) and "position" in name for name, m in model.named_modules())
+def _position_limit(model: nn.Module) -> Optional[int]:
+    """The longest text ``model`` can embed when it takes absolute positions from a table (BERT-like): the table's
+    size less the first position id; None for rotary and relative-position models, whose saved ``max_seq_length``
+    beyond ``max_position_embeddings`` stands, as in sentence-transformers."""
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if positions and any(isinstance(m, nn.Embedding) and "position" in name for name, m in model.named_modules()):
+        return positions - _position_offset(model.config)
+    return None
 
 
 def _one_token(hidden: torch.Tensor, varlen: Varlen, last: bool, dim: Optional[int], normalize: bool) -> torch.Tensor:
@@ -233,8 +236,8 @@ class EmbeddingModel(nn.Module):
             lowercase_inputs(tokenizer)
         positions = getattr(config, "max_position_embeddings", None)
         own = info.max_seq_length or min(x for x in (tokenizer.model_max_length, positions) if x)
-        if positions and _has_position_table(model):  # a longer text would index past it
-            own = min(own, positions - _position_offset(config))
+        if _position_limit(model):  # a longer text would index past the table
+            own = min(own, _position_limit(model))
         asked = min(x for x in (max_length, own) if x)
         embedder = cls(model, tokenizer, max_length=asked, prompts=info.prompts,
                        normalize=info.normalize, attn_backend=attn_backend,
@@ -389,6 +392,27 @@ class EmbeddingModel(nn.Module):
         out[torch.tensor(order, device=self.device)] = torch.cat(embs).float()
         return out
 
+    @property
+    def default_prompt(self) -> str:
+        """The prefix of the prompt named ``default_prompt_name`` ("" when none)."""
+        return self.prompts.get(self.default_prompt_name, "") if self.default_prompt_name is not None else ""
+
+    @torch.no_grad()
+    def sentence_embeddings(self, texts: Sequence[str], *, prompt: str = "", dim: Optional[int] = None,
+                            normalize: bool = False, **batching) -> torch.Tensor:
+        """float32 ``[len(texts), dim or E]`` as ``SentenceTransformer.encode`` makes them: ``prompt`` before each
+        text (its tokens left out of the mean when ``include_prompt`` is false), pooling, the Dense and Normalize
+        modules, truncation to ``dim``, then ``normalize``. ``batching``: ``embed``'s ``max_tokens``,
+        ``max_sequences``, ``show_progress``."""
+        texts = [prompt + t for t in texts] if prompt else texts
+        skip = self.prompt_length(prompt) if prompt and not self.include_prompt else 0
+        dim = dim or self.embedding_size
+        if self.normalize and dim < self.embedding_size:  # Normalize module, then truncation (no renormalization)
+            out = self.embed(texts, normalize=True, prompt_length=skip, **batching)[:, :dim]
+            return F.normalize(out, dim=-1) if normalize else out
+        # one fused pass: pool, truncate, normalize
+        return self.embed(texts, dim=dim, normalize=normalize or self.normalize, prompt_length=skip, **batching)
+
     @torch.no_grad()
     def embed_tokens(self, texts: Sequence[str], *, max_tokens: Optional[int] = None,
                      max_sequences: Optional[int] = None, show_progress: bool = False) -> list:
@@ -422,6 +446,12 @@ class EmbeddingModel(nn.Module):
         ``max_seq_length``: the one saved (default: the model's own, ``model_max_length``)."""
         if not isinstance(directory, (str, os.PathLike)):
             raise TypeError(f"directory must be a path (str or os.PathLike), got {type(directory).__name__}")
+        if max_seq_length is not None:
+            limit = _position_limit(self.model)
+            if (isinstance(max_seq_length, bool) or not isinstance(max_seq_length, int) or max_seq_length < 1
+                    or (limit and max_seq_length > limit)):
+                bound = f" up to {limit} (the model's position table)" if limit else ""
+                raise ValueError(f"max_seq_length must be a positive int{bound} or None, got {max_seq_length!r}")
         directory = Path(directory)
         if directory.exists() and not directory.is_dir():
             raise ValueError(f"{str(directory)!r} is an existing file; save writes a model directory (give a new "
@@ -465,7 +495,8 @@ class EmbeddingModel(nn.Module):
         if self.truncate_dim is not None:
             model_config["truncate_dim"] = self.truncate_dim
         files = {"modules.json": modules, "1_Pooling/config.json": pooling,
-                 "sentence_bert_config.json": dict(max_seq_length=max_seq_length or self.model_max_length,
+                 "sentence_bert_config.json": dict(max_seq_length=max_seq_length if max_seq_length is not None
+                                                   else self.model_max_length,
                                                    do_lower_case=False),
                  "config_sentence_transformers.json": model_config}
         for name, data in files.items():
