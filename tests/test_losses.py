@@ -107,6 +107,7 @@ def test_generator_makes_mixing_reproducible():
     (dict(matryoshka_dims=[8, 4], matryoshka_weights=[1.0, -0.1]), "finite and >= 0"),
     (dict(matryoshka_dims=[8, 4], matryoshka_weights=[1.0, float("nan")]), "finite and >= 0"),
     (dict(matryoshka_dims=[8, 4], matryoshka_weights=[float("inf"), 1.0]), "finite and >= 0"),
+    (dict(matryoshka_dims=[8, 4], matryoshka_weights=[0.0, 0.0]), "finite and >= 0, not all 0"),
 ])
 def test_bad_options(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -258,6 +258,7 @@ def test_an_interrupted_run_continues_without_encoding_the_pool_again(model, tmp
     (dict(output="train.jsonl"), "is the input: write the rewritten records to another file"),
     (dict(corpus="bad.jsonl"), r"bad.jsonl:2: expected an object with a 'text' string"),
     (dict(rank_range=(1000, 1100)), r"rank_range 1000-1100 starts past the \d+ candidates \(the records' texts\)"),
+    (dict(instructions={"alpah": "x"}), r"instructions: task\(s\) \['alpah'\] are in no record of the data"),
 ])
 def test_bad_arguments_are_refused_before_the_model_loads(model, tmp_path, monkeypatch, kwargs, message):
     write_jsonl(tmp_path / "train.jsonl", _rows()[:3])

@@ -163,6 +163,12 @@ def test_bad_input_is_refused_before_the_teacher_loads(teacher, tmp_path, monkey
     bad.write_text(json.dumps({"query": "q", "pos": ["p"]}) + "\n" + json.dumps({"query": "q", "pos": []}) + "\n")
     with pytest.raises(ValueError, match=r"bad.jsonl:2: 'pos' must hold at least one text"):
         score_file(teacher, bad, tmp_path / "o.jsonl")
+    good = tmp_path / "good.jsonl"
+    good.write_text(json.dumps({"query": "q", "pos": ["p"]}) + "\n")
+    with pytest.raises(ValueError, match=r"instructions: task\(s\) \['alpah'\] are in no record of the data, "
+                                         r"whose tasks are \['good'\]"):
+        score_file(teacher, good, tmp_path / "o.jsonl", instructions={"alpah": "x"})
+    good.unlink()
     (tmp_path / "empty.jsonl").write_text("\n")
     with pytest.raises(ValueError, match=r"empty.jsonl: no records"):
         score_file(teacher, tmp_path / "empty.jsonl", tmp_path / "o.jsonl")

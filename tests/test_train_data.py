@@ -53,6 +53,9 @@ def test_records_read_back_from_offsets(tmp_path):
     assert data[3]["instruction"] == "own" and data[5]["instruction"] is None
     assert [data[i]["pos"] for i in range(7)] == [[f"p{i}"] for i in range(7)]
     data.close()
+    with pytest.raises(ValueError, match=r"instructions: task\(s\) \['alpah'\] are in no record of the data, whose "
+                                         r"tasks are \['a', 'b'\]"):
+        TrainData([path], instructions={"a": "find it", "alpah": "a typo"})
 
 
 def test_task_defaults_to_file_stem(tmp_path):
@@ -168,7 +171,7 @@ def test_config_validation(tmp_path):
     assert loaded.stages[0].data == ["x.jsonl"] and loaded.stages[0].lr == 2e-5
 
 
-def test_distillation_settings_that_do_nothing_are_warned_of():
+def test_distillation_and_mixing_settings_that_do_nothing_are_warned_of():
     stage = dict(name="s", data=["x.jsonl"], steps=3)
     with pytest.warns(UserWarning, match="stage 's': distill_temperature / teacher_temperature are set but "
                                          "distill_weight is 0"):
@@ -176,6 +179,10 @@ def test_distillation_settings_that_do_nothing_are_warned_of():
     with pytest.warns(UserWarning, match="distill_weight 1 leaves out the focal-InfoNCE term, which alone uses the 2 "
                                          "synthetic negatives"):
         config_from_dict(dict(stages=[dict(stage, distill_weight=1, num_synthetic=2)]))
+    for mixing in (dict(mix_top_k=3), dict(mix_alpha=0.5), dict(mix_mode="list")):
+        with pytest.warns(UserWarning, match="stage 's': mix_top_k / mix_alpha / mix_mode are set but num_synthetic "
+                                             "is 0, so nothing is mixed"):
+            config_from_dict(dict(stages=[dict(stage, **mixing)]))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         config_from_dict(dict(stages=[dict(stage, distill_weight=0.7, num_synthetic=2, teacher_temperature=1.0)]))
@@ -207,6 +214,7 @@ def test_example_configs_load():
     (dict(mix_mode="listwise"), "mix_mode must be 'pair' or 'list', got 'listwise'"),
     (dict(matryoshka_dims=[16, 0]), "'matryoshka_dims' must be a non-empty list of ints >= 1"),
     (dict(matryoshka_dims=[16], matryoshka_weights=[1, 1]), "'matryoshka_weights' must be one weight >= 0 per"),
+    (dict(matryoshka_dims=[16, 8], matryoshka_weights=[0, 0]), "one weight >= 0 per matryoshka_dims entry, not all 0"),
     (dict(save_every=0), "'save_every' must be >= 1 (or null), got 0"),
     (dict(keep_checkpoints=0), "'keep_checkpoints' must be >= 1, got 0"),
     (dict(keep_best=True), "'keep_best' needs 'eval_every'"),

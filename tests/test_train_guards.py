@@ -331,9 +331,39 @@ def test_a_non_finite_gradient_norm_stops_the_run(inputs, tmp_path, monkeypatch)
     with pytest.raises(RunError, match=r"stage 'ft', step 1 .*: the gradient norm is inf; stopped before the opt"):
         _run(_raw(inputs, tmp_path / "inf", save_every=None))
     assert not (tmp_path / "inf/ft/final").exists()
-    # without clipping there is no gradient norm to check: the run trains (its logged norm is NaN)
-    final = _run(_raw(inputs, tmp_path / "free", steps=1, save_every=None, max_grad_norm=None))
-    assert (final / "config.json").is_file()
+
+
+def test_a_nan_gradient_with_a_finite_loss_stops_a_run_that_does_not_clip(inputs, tmp_path, monkeypatch):
+    """max_grad_norm null clips nothing, but the norm is still taken and checked (and logged)."""
+    real = trainer_module.contrastive_step
+    calls = {"n": 0}
+
+    def nan_gradient_at_second(model, *args, **kwargs):
+        calls["n"] += 1
+        loss, stats = real(model, *args, **kwargs)
+        if calls["n"] == 2:
+            next(p for p in model.parameters() if p.grad is not None).grad[0] = float("nan")
+        return loss, stats
+
+    monkeypatch.setattr(trainer_module, "contrastive_step", nan_gradient_at_second)
+    with pytest.raises(RunError, match=r"stage 'ft', step 2 .*: the gradient norm is nan; stopped before the opt"):
+        _run(_raw(inputs, tmp_path / "nan", save_every=None, max_grad_norm=None))
+    assert not (tmp_path / "nan/ft/final").exists()
+    grad_norms = [r["grad_norm"] for r in map(json.loads, open(tmp_path / "nan/metrics.jsonl")) if "loss" in r]
+    assert len(grad_norms) == 1 and grad_norms[0] > 0  # step 1's, measured though nothing was clipped
+
+
+def test_another_configs_finished_stages_in_the_output_dir_are_not_overwritten(inputs, tmp_path):
+    """A config whose stages have other names than the run in its output_dir is refused there too, with or without
+    --resume: the earlier run's records are kept."""
+    _run(_raw(inputs, tmp_path / "run", save_every=None, steps=1))
+    before = (tmp_path / "run/metrics.jsonl").read_bytes()
+    other = _raw(inputs, tmp_path / "run", save_every=None, steps=1, name="other")
+    with pytest.raises(ValueError, match=r"holds a previous run \(stages ft\); pass --resume"):
+        _run(other)
+    with pytest.raises(ValueError, match=r"--resume: output_dir .* was started with another config"):
+        _run(other, resume=True)
+    assert (tmp_path / "run/metrics.jsonl").read_bytes() == before
 
 
 def test_a_checkpoint_of_another_number_of_processes_is_refused(inputs, interrupted, tmp_path):

@@ -1,5 +1,6 @@
 """The trainer: exact resume after an interruption, stages, soups, evaluation-driven choices, the CLI."""
 import json
+import shutil
 from datetime import datetime
 from pathlib import Path
 
@@ -30,12 +31,12 @@ def inputs(tmp_path_factory):
     return dict(root=root, model=make_tiny_model(root / "model", dropout=0.1))
 
 
-def _config(inputs, out, evaluated=False, **stage):
+def _config(inputs, out, evaluated=False, log_every=1, **stage):
     s = dict(name="ft", data=[str(inputs["root"] / "train.jsonl")], steps=5, batch_size=4, hard_negatives=2,
              lr=1e-3, warmup_ratio=0.2, temperature=0.05, num_synthetic=2, gradcache_chunk=5, save_every=2)
     s.update(stage)
     split = dict(queries=str(inputs["root"] / "queries.jsonl"), corpus=str(inputs["root"] / "corpus.jsonl"))
-    return config_from_dict(dict(model=str(inputs["model"]), output_dir=str(out), max_length=32, log_every=1,
+    return config_from_dict(dict(model=str(inputs["model"]), output_dir=str(out), max_length=32, log_every=log_every,
                                  stages=[s], **(dict(eval=split) if evaluated else {})))
 
 
@@ -67,6 +68,41 @@ def test_resume_gives_the_weights_of_an_uninterrupted_run(inputs, tmp_path):
     assert [r["step"] for r in records] == [None, 1, 2, 3, 4, 5]  # the stage's data record first, in order
     # a finished run resumes to a no-op
     assert Trainer(cfg, resume=True, show_progress=False).train() == resumed
+
+
+def _logged(out):
+    return [(r["step"], r["loss"], r["lr"]) for r in map(json.loads, open(out / "metrics.jsonl")) if "loss" in r]
+
+
+def test_a_resumed_runs_log_lines_equal_an_uninterrupted_runs(inputs, tmp_path):
+    """A log line every 3 steps, a checkpoint every 2: the losses of steps 1-2 since the last line travel in the
+    checkpoint, so the line of step 3 after a resume averages the same three; each line's lr is its step's."""
+    Trainer(_config(inputs, tmp_path / "full", log_every=3, steps=6), show_progress=False).train()
+    cfg = _config(inputs, tmp_path / "cut", log_every=3, steps=6)
+
+    def stop_at_3(stage, step):
+        if step == 3:
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        Trainer(cfg, on_step=stop_at_3, show_progress=False).train()
+    Trainer(cfg, resume=True, show_progress=False).train()
+    assert _logged(tmp_path / "cut") == _logged(tmp_path / "full")
+    assert [step for step, _, _ in _logged(tmp_path / "full")] == [3, 6]
+    # linear decay after 1 warmup step: step 6 runs at 1/5 of the peak (0 is the rate after the last step)
+    assert _logged(tmp_path / "full")[-1][2] == pytest.approx(1e-3 * lr_lambda(6, 1, "linear")(5))
+
+
+def test_a_stage_trained_anew_is_scored_anew(inputs, tmp_path):
+    """A finished stage deleted and trained again (no --resume: nothing left to continue) gets its new model's score,
+    not the cached score of the model that is gone."""
+    out = tmp_path / "run"
+    Trainer(_config(inputs, out, evaluated=True, steps=1, save_every=None, lr=1e-6), show_progress=False).train()
+    shutil.rmtree(out / "ft")
+    Trainer(_config(inputs, out, evaluated=True, steps=3, save_every=None), show_progress=False).train()
+    evals = [r for r in map(json.loads, open(out / "metrics.jsonl")) if "eval" in r]
+    assert len(evals) == 1
+    assert json.loads((out / "scores.json").read_text()) == {"ft": evals[0]["eval"]["ndcg@10"]}
 
 
 def test_keep_best_after_a_resume_keeps_the_best_scoring_model(inputs, tmp_path, monkeypatch):
@@ -233,9 +269,10 @@ def test_the_stage_settings_reach_the_loss_the_optimizer_the_clipping_and_the_sc
     assert set(decay) == {0.05, 0.0} and decay[0.0] == no_decay and decay[0.05] == trained - no_decay
     assert no_decay and all(g["initial_lr"] == 2e-3 for g in optimizer.param_groups)
     assert max_norms == [0.7] * 4
-    # the lr logged after each step (the next step's): warmup 1/3, 2/3, 1 over 3 steps, then linear decay to 0
+    # the lr each step ran at, logged with its loss: warmup 1/3, 2/3, 1 over 3 steps, then linear decay (to 0 after
+    # the last step, a rate no step runs at)
     records = [json.loads(line) for line in open(tmp_path / "run/metrics.jsonl")]
-    assert [r["lr"] for r in records if "lr" in r] == pytest.approx([2e-3 * f for f in (2 / 3, 1, 1, 0)])
+    assert [r["lr"] for r in records if "lr" in r] == pytest.approx([2e-3 * f for f in (1 / 3, 2 / 3, 1, 1)])
 
 
 def _teacher_score(text: str) -> float:

@@ -208,6 +208,9 @@ class TrainStage:
                                         or self.teacher_temperature is not None):
             warnings.warn(f"stage {self.name!r}: distill_temperature / teacher_temperature are set but "
                           "distill_weight is 0, so nothing distills (set distill_weight > 0 to use them)", stacklevel=2)
+        if not self.num_synthetic and (self.mix_top_k is not None or self.mix_alpha != 2.0 or self.mix_mode != "pair"):
+            warnings.warn(f"stage {self.name!r}: mix_top_k / mix_alpha / mix_mode are set but num_synthetic is 0, so "
+                          "nothing is mixed (set num_synthetic > 0 to use them)", stacklevel=2)
         if self.distill_weight == 1 and self.num_synthetic:
             warnings.warn(f"stage {self.name!r}: distill_weight 1 leaves out the focal-InfoNCE term, which alone uses "
                           f"the {self.num_synthetic} synthetic negatives (num_synthetic) and gamma", stacklevel=2)
@@ -215,8 +218,9 @@ class TrainStage:
             raise ValueError("'keep_best' needs 'eval_every' (the steps between the evaluations it chooses from)")
         dims, weights = self.matryoshka_dims, self.matryoshka_weights
         _require(dims is None or (dims and min(dims) >= 1), "matryoshka_dims", "a non-empty list of ints >= 1", dims)
-        _require(weights is None or (dims is not None and len(weights) == len(dims) and min(weights) >= 0),
-                 "matryoshka_weights", "one weight >= 0 per matryoshka_dims entry", weights)
+        _require(weights is None or (dims is not None and len(weights) == len(dims) and min(weights) >= 0
+                                     and sum(weights) > 0),
+                 "matryoshka_weights", "one weight >= 0 per matryoshka_dims entry, not all 0", weights)
 
 
 @dataclass

@@ -143,6 +143,7 @@ class TrainData:
                           stacklevel=2)
         if len(self.index) == 0:
             raise ValueError(f"data: no records in {[str(f) for f in self.files]}")
+        check_instruction_tasks(self.instructions, self.tasks)
         self._handles: dict = {}
 
     def _scan(self, file_no: int, path: Path, min_negatives: int, teacher_scores: bool):
@@ -206,6 +207,14 @@ class TrainData:
         state = dict(self.__dict__)
         state["_handles"] = {}
         return state
+
+
+def check_instruction_tasks(instructions: dict, tasks) -> None:
+    """Refuse an instruction for a task that no record has (a misspelled task would leave its queries bare)."""
+    unknown = sorted(set(instructions) - set(tasks))
+    if unknown:
+        raise ValueError(f"instructions: task(s) {unknown} are in no record of the data, whose tasks are "
+                         f"{sorted(set(tasks))} (a record's task is its 'task' key, else its file's name)")
 
 
 def iter_train_records(path) -> Iterator[tuple]:

@@ -94,8 +94,9 @@ class FocalInfoNCELoss(nn.Module):
             if matryoshka_dims is None or len(matryoshka_weights) != len(matryoshka_dims):
                 raise ValueError(f"matryoshka_weights must have one weight per matryoshka_dims entry "
                                  f"({matryoshka_dims}), got {matryoshka_weights}")
-            if min(matryoshka_weights) < 0 or not all(map(math.isfinite, matryoshka_weights)):
-                raise ValueError(f"matryoshka_weights must be finite and >= 0, got {matryoshka_weights}")
+            if (min(matryoshka_weights) < 0 or not all(map(math.isfinite, matryoshka_weights))
+                    or not sum(matryoshka_weights)):
+                raise ValueError(f"matryoshka_weights must be finite and >= 0, not all 0, got {matryoshka_weights}")
         self.matryoshka_dims = matryoshka_dims
         self.matryoshka_weights = matryoshka_weights
         self.options = dict(temperature=temperature, gamma=gamma, similarity=similarity,

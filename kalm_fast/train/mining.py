@@ -40,7 +40,14 @@ from ..files import (
     write_resumable,
 )
 from ..prompts import format_query, join_title
-from .data import check_records_output, input_changed, iter_train_records, load_record_model, unchanged_check
+from .data import (
+    check_instruction_tasks,
+    check_records_output,
+    input_changed,
+    iter_train_records,
+    load_record_model,
+    unchanged_check,
+)
 from .evaluate import search
 
 SEARCH_SCORES = 1 << 27  # at most this many query-candidate scores at once (512 MiB of float32)
@@ -142,14 +149,16 @@ def mine_file(model, input_path, output, *, corpus=None, num_negatives: int = 7,
         raise ValueError(f"corpus must be a .txt or .jsonl file, got {str(corpus)!r}")
     input_sha256 = sha256_file(input_path)  # before the scan: a later change fails the final check
     pool, positives_of = {}, {}  # text -> id (records' texts first, then the corpus's); query -> its positives' ids
-    count = 0
+    count, tasks = 0, set()
     for _, _, record in iter_train_records(input_path):  # validates every line before the model loads
         count += 1
+        tasks.add(record["task"])
         for text in record["pos"] + record["neg"]:
             pool.setdefault(text, len(pool))
         positives_of.setdefault(record["query"], set()).update(pool[t] for t in record["pos"])
     if count == 0:
         raise ValueError(f"{input_path}: no records")
+    check_instruction_tasks(instructions, tasks)
     for text in read_corpus(corpus) if corpus is not None else []:
         pool.setdefault(text, len(pool))
     texts = list(pool)

@@ -22,7 +22,7 @@ import torch
 
 from ..files import sha256_file, write_resumable
 from ..prompts import format_query
-from .data import check_records_output, iter_train_records, load_record_model, unchanged_check
+from .data import check_instruction_tasks, check_records_output, iter_train_records, load_record_model, unchanged_check
 
 
 def score_file(teacher, input_path, output, *, instructions: Optional[dict] = None, chunk_records: int = 1024,
@@ -40,9 +40,13 @@ def score_file(teacher, input_path, output, *, instructions: Optional[dict] = No
         raise ValueError(f"chunk_records must be >= 1, got {chunk_records}")
     check_records_output(output, input_path)
     input_sha256 = sha256_file(input_path)  # before the scan: a later change fails the final check
-    count = sum(1 for _ in iter_train_records(input_path))  # validates every line before the teacher loads
+    count, tasks = 0, set()
+    for _, _, record in iter_train_records(input_path):  # validates every line before the teacher loads
+        count += 1
+        tasks.add(record["task"])
     if count == 0:
         raise ValueError(f"{input_path}: no records")
+    check_instruction_tasks(instructions, tasks)
     encoder, model_settings, encode = load_record_model(teacher, encoder_kwargs)
     settings = dict(model_settings, input_sha256=input_sha256, records=count, similarity=encoder.similarity_fn_name,
                     instructions=instructions)

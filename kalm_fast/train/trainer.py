@@ -458,9 +458,13 @@ class Trainer:
         return self.config.seed if stage.seed is None else stage.seed
 
     def _progress(self) -> list:
-        """The stages with something to continue from: a final model or a checkpoint."""
-        return [s.name for s in self.config.stages
-                if self._stage_final(s.name).exists() or (isinstance(s, TrainStage) and self._checkpoints(s))]
+        """The stages in output_dir with something to continue from, a final model or a checkpoint: this config's and
+        those of any other run written there."""
+        if not self.out.is_dir():
+            return []
+        return sorted(d.name for d in self.out.iterdir()
+                      if (d / "final").is_dir() or ((d / "checkpoints").is_dir() and any(
+                          _STEP_DIR.match(c.name) for c in (d / "checkpoints").iterdir())))
 
     def _start_run(self, prepared: dict):
         """Refuse what would mix two runs in one output_dir; record this run's config and data."""
@@ -485,6 +489,7 @@ class Trainer:
             remove_leftovers(self.out)
             if not progress and run_file.is_file():  # a run that stopped before its first checkpoint: redone
                 (self.out / "metrics.jsonl").unlink(missing_ok=True)
+                (self.out / "scores.json").unlink(missing_ok=True)  # of models that are gone
             atomic_write_text(run_file, json.dumps(record, indent=2))
         barrier(self.info)
 
@@ -560,7 +565,9 @@ class Trainer:
         barrier(self.info)
         return path
 
-    def _save_checkpoint(self, stage, step, model, optimizer, scheduler, sampler, generator, best):
+    def _save_checkpoint(self, stage, step, model, optimizer, scheduler, sampler, generator, best, window):
+        """``window``: ``(sum, count)`` of this rank's losses since the last log line."""
+        window = (mean_across(self.info, window[0]), window[1])  # the same on every rank after a resume
         root = self.out / stage.name / "checkpoints"
         target = root / f"step-{step:07d}"
         tmp = root / f".step-{step:07d}.tmp"
@@ -574,7 +581,7 @@ class Trainer:
         if self.info.is_main:
             trainer_dir.mkdir()
             state = dict(stage=stage.name, step=step, world_size=self.info.world_size, sampler=sampler.state_dict(),
-                         scheduler=scheduler.state_dict(), best=best)
+                         scheduler=scheduler.state_dict(), best=best, loss_window=window)
             (trainer_dir / "state.json").write_text(json.dumps(state, indent=2))
         barrier(self.info)
         if self.info.is_main or self.config.parallel == "fsdp":  # FSDP optimizer state is sharded per rank
@@ -612,7 +619,7 @@ class Trainer:
         optimizer = torch.optim.AdamW(_optimizer_groups(wrapped, stage.weight_decay), lr=stage.lr)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lr_lambda(total, int(stage.warmup_ratio * total), stage.schedule))
-        step, best = 0, None
+        step, best, window_loss, window_n = 0, None, 0.0, 0
         if checkpoint:
             tdir = checkpoint / "trainer"
             state = json.loads((tdir / "state.json").read_text())
@@ -625,6 +632,7 @@ class Trainer:
             sampler.load_state_dict(state["sampler"])
             _restore_rng(load_file(str(tdir / f"rng-rank{info.rank}.safetensors")), self.device, generator)
             step, best = state["step"], state["best"]
+            window_loss, window_n = state.get("loss_window", (0.0, 0))  # absent from older checkpoints
         self._trim_metrics(stage.name, step)
         self._report_data(stage, data, sampler, log=step == 0)
         loss_fn = FocalInfoNCELoss(
@@ -640,7 +648,7 @@ class Trainer:
         batches = iter(sampler)
         show = info.is_main and self.show_progress
         with tqdm(total=total, initial=step, desc=stage.name, dynamic_ncols=True, disable=not show) as progress:
-            t0, samples, window_loss, window_n = time.perf_counter(), 0, 0.0, 0
+            t0, samples = time.perf_counter(), 0
             while step < total:
                 task, ids, epoch = next(batches)
                 examples = [build_example(data[i], i, num_negatives=stage.hard_negatives, seed=seed, epoch=epoch)
@@ -654,12 +662,11 @@ class Trainer:
                     chunk_size=stage.gradcache_chunk, generator=generator, autocast=self._autocast,
                     no_sync=no_sync_of(wrapped), device=self.device)
                 loss = float(loss)
-                if stage.max_grad_norm is not None:
-                    grad_norm = torch.nn.utils.clip_grad_norm_(wrapped.parameters(), stage.max_grad_norm)
-                    grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
-                else:
-                    grad_norm = float("nan")
-                bad = not math.isfinite(loss) or not (math.isfinite(grad_norm) or stage.max_grad_norm is None)
+                # the norm is checked even when nothing is clipped: a NaN gradient can come with a finite loss
+                grad_norm = torch.nn.utils.clip_grad_norm_(
+                    wrapped.parameters(), math.inf if stage.max_grad_norm is None else stage.max_grad_norm)
+                grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+                bad = not math.isfinite(loss) or not math.isfinite(grad_norm)
                 # every rank stops together: the gathered loss spreads one rank's NaN to every rank's gradients
                 if any_across(info, bad):
                     what = (f"loss is {loss}" if not math.isfinite(loss) else f"gradient norm is {grad_norm}" if bad
@@ -668,6 +675,7 @@ class Trainer:
                                    "before the optimizer step, so no model is saved from it (earlier checkpoints "
                                    "stay valid). Lower lr or check the data, then start a new output_dir")
                 optimizer.step()
+                lr = scheduler.get_last_lr()[0]  # this step's
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
@@ -676,7 +684,7 @@ class Trainer:
                 if step % cfg.log_every == 0 or step == total:
                     rate = samples / (time.perf_counter() - t0)
                     record = dict(stage=stage.name, step=step, task=task,
-                                  loss=mean_across(info, window_loss / window_n), lr=scheduler.get_last_lr()[0],
+                                  loss=mean_across(info, window_loss / window_n), lr=lr,
                                   grad_norm=grad_norm, samples_per_s=rate)
                     record.update({k: float(v) for k, v in (stats or {}).items()})
                     self._log(record)
@@ -686,7 +694,8 @@ class Trainer:
                 if stage.eval_every and (step % stage.eval_every == 0 or step == total):
                     best = self._evaluate_step(stage, step, wrapped, best)
                 if stage.save_every and step % stage.save_every == 0 and step < total:
-                    self._save_checkpoint(stage, step, wrapped, optimizer, scheduler, sampler, generator, best)
+                    self._save_checkpoint(stage, step, wrapped, optimizer, scheduler, sampler, generator, best,
+                                          (window_loss, window_n))
                 if self.on_step is not None:
                     self.on_step(stage.name, step)
         final = self._stage_final(stage.name)
