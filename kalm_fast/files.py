@@ -174,13 +174,16 @@ def decode_line(path, number: int, raw: bytes) -> str:
 
 
 def parse_json_line(path, number: int, line: str):
-    """The JSON value of one line; invalid or too deeply nested JSON raises ``ValueError`` at ``file:line``."""
+    """The JSON value of one line; invalid, too deeply nested or unreadable JSON raises ``ValueError`` at
+    ``file:line``."""
     try:
         return json.loads(line)
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path}:{number}: invalid JSON ({exc.msg} at column {exc.colno})") from None
     except RecursionError:
         raise ValueError(f"{path}:{number}: JSON nested too deeply") from None
+    except ValueError as exc:  # valid JSON Python will not read, e.g. an integer past its 4300-digit limit
+        raise ValueError(f"{path}:{number}: unreadable JSON ({exc})") from None
 
 
 def check_unicode(path, number: int, key: str, text: str) -> str:

@@ -277,3 +277,12 @@ def test_cli_errors_name_the_argument(inputs, tmp_path, capsys):
     config.write_text(yaml.safe_dump(dict(_raw(inputs, tmp_path / "run"), test=None)))
     assert main(["ablate", str(config)]) == 2
     assert f"kalm-fast ablate: error: {config}: ablate needs a 'test' section" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("confidence, label", [(0.95, "95%"), (0.999, "99.9%"), (0.975, "97.5%")])
+def test_the_table_names_the_confidence_level_as_given(confidence, label):
+    results = dict(stage="ft", seeds=[0], test=dict(num_queries=3, num_docs=9), validation=dict(num_queries=2),
+                   bootstrap=dict(confidence=confidence, resamples=10), metrics=["ndcg@10"],
+                   variants=[dict(label="plain", mean={"ndcg@10": 0.5}, std=None, diff_vs_plain=None)])
+    text = format_table(results)
+    assert f"[{label} paired bootstrap CI" in text and f"Within noise ({label} CI of Δ contains 0)" in text

@@ -120,3 +120,16 @@ def test_demo_runs_from_what_a_wheel_installs(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "encoded 295 texts" in done.stdout and done.stdout.count("query: ") == 8
     assert str(ROOT) not in done.stdout + done.stderr
+
+
+@pytest.mark.parametrize("only, codes, rc", [(["attention", "encode"], [-11, 0], 1),
+                                             (["attention", "encode"], [0, 0], 0), ([], [-9], 1), ([], [0], 0)])
+def test_bench_exits_1_when_a_benchmark_fails_or_is_killed(monkeypatch, only, codes, rc):
+    """A benchmark killed by a signal (a negative return code) fails the command as one that exits 1 does."""
+    from types import SimpleNamespace
+
+    from kalm_fast.cli import bench
+
+    calls = iter(codes)
+    monkeypatch.setattr(bench.subprocess, "call", lambda *args, **kwargs: next(calls))
+    assert bench.run(SimpleNamespace(only=only)) == rc

@@ -37,6 +37,7 @@ def _write(path, text):
 def test_txt_to_npy_and_jsonl_to_safetensors(tmp_path, reuse_encoder, shared_encoder, capsys):
     want = shared_encoder.encode(TEXTS)
     txt = _write(tmp_path / "in.txt", "\n".join(TEXTS) + "\n")
+    (tmp_path / ".out.npy.4242.tmp").write_bytes(b"half of a killed run's output")
     assert main(["encode", "--input", str(txt), "--output", str(tmp_path / "out.npy")]) == 0
     np.testing.assert_allclose(np.load(tmp_path / "out.npy"), want, atol=1e-6)
     assert "texts/s" in capsys.readouterr().out
@@ -142,6 +143,9 @@ def test_deeply_nested_json_is_a_line_error(tmp_path, capsys, no_encoding):
     path.write_text('{"text": "ok"}\n{"text": ' + "[" * 100_000 + "]" * 100_000 + "}\n")
     assert main(["encode", "--input", str(path), "--output", str(tmp_path / "o_dir")]) == 2
     assert f"{path}:2: JSON nested too deeply" in _one_error(capsys)
+    path.write_text('{"text": "ok"}\n{"text": "b", "n": ' + "1" * 5000 + "}\n")  # past Python's int digit limit
+    assert main(["encode", "--input", str(path), "--output", str(tmp_path / "o_dir")]) == 2
+    assert f"{path}:2: unreadable JSON (Exceeds the limit" in _one_error(capsys)
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -154,6 +158,8 @@ def test_deeply_nested_json_is_a_line_error(tmp_path, capsys, no_encoding):
     (["--device", "cuda:99"], "argument --device: device 'cuda:99'"),
     (["--device", "banana"], "argument --device: device 'banana' is not a device name"),
     (["--text-field", "body"], "--text-field 'body' is for .jsonl input"),
+    (["--task", ""], "--task must be a non-empty instruction, got ''"),
+    (["--task", "  "], "--task must be a non-empty instruction, got '  '"),
 ])
 @pytest.mark.parametrize("suffix", [".npy", "_dir"])
 def test_bad_arguments_are_one_line_before_any_work(tmp_path, capsys, no_encoding, extra, message, suffix):
@@ -164,17 +170,25 @@ def test_bad_arguments_are_one_line_before_any_work(tmp_path, capsys, no_encodin
     assert not out.exists()
 
 
-@pytest.mark.parametrize("make, message", [
-    (lambda p: (p / "out.npy").mkdir(), "--output '{p}/out.npy' is an existing directory"),
-    (lambda p: None, "--output '{p}/out.parquet': unknown suffix '.parquet'"),
+@pytest.mark.parametrize("make, out, message", [
+    (lambda p: (p / "out.npy").mkdir(), "out.npy", "--output '{p}/out.npy' is an existing directory"),
+    (lambda p: None, "out.parquet", "--output '{p}/out.parquet': unknown suffix '.parquet'"),
+    (lambda p: (p / "out.npy").write_bytes(b"kept"), "out.npy/",
+     "--output '{p}/out.npy/' ends in / (sharded output) but '{p}/out.npy' is an existing file"),
 ])
-def test_an_output_path_that_is_not_what_it_says_is_refused(tmp_path, capsys, no_encoding, make, message):
+def test_an_output_path_that_is_not_what_it_says_is_refused(tmp_path, capsys, no_encoding, make, out, message):
     make(tmp_path)
     txt = _write(tmp_path / "in.txt", "hello\n")
-    out = "out.npy" if "npy" in message else "out.parquet"
-    assert main(["encode", "--input", str(txt), "--output", str(tmp_path / out)]) == 2
+    assert main(["encode", "--input", str(txt), "--output", str(tmp_path) + "/" + out]) == 2
     assert message.format(p=tmp_path) in _one_error(capsys)
     assert not (tmp_path / "out.parquet").exists()
+    if out == "out.npy/":
+        assert (tmp_path / "out.npy").read_bytes() == b"kept"
+
+
+def test_a_trailing_slash_makes_a_shard_directory_whatever_its_name(tmp_path):
+    assert not corpus.output_is_single(str(tmp_path / "embeddings.npy") + "/")
+    assert corpus.output_is_single(str(tmp_path / "embeddings.npy"))
 
 
 def test_an_unwritable_output_directory_is_refused_before_work(tmp_path, capsys, monkeypatch, no_encoding):

@@ -314,3 +314,39 @@ def test_a_truncated_shard_is_encoded_again_not_trusted(tmp_path, small, capsys)
     assert main(_small_args(small, out)) == 0
     assert "shard-00001.safetensors is not a readable shard" in capsys.readouterr().err
     np.testing.assert_array_equal(kalm_fast_load(out), good)
+
+
+def test_the_prompt_the_texts_got_decides_not_the_flags(tmp_path, small, capsys, monkeypatch, shared_encoder):
+    """``--prompt ""`` (no prompt) and no flag (the model's default prompt) are two encodes, not one; the default
+    prompt given by hand is the same encode (its shards are reused)."""
+    monkeypatch.setattr(shared_encoder.model, "prompts", {"query": "", "document": "", "topic": "classify: "})
+    monkeypatch.setattr(shared_encoder.model, "default_prompt_name", "topic")
+    out = tmp_path / "out"
+    assert main(_small_args(small, out)) == 0
+    capsys.readouterr()
+    assert main(_small_args(small, out, "--prompt", "")) == 2
+    assert "holds the output of a different encode (differs in prompt)" in _one_error(capsys)
+    (out / "manifest.json").unlink()  # as after an interruption: each shard's own header decides
+    assert main(_small_args(small, out, "--prompt", "")) == 2
+    assert main(_small_args(small, out, "--prompt", "classify: ")) == 0
+    assert capsys.readouterr().out.startswith("encoded 0 of 10 texts")
+
+
+def test_an_input_changed_during_the_encode_gets_no_manifest(tmp_path, small, capsys, monkeypatch):
+    """The input is hashed when it is checked; a different hash once every shard is written (the file was edited
+    while the model loaded or the shards were encoded) is an error, and no manifest vouches for the shards."""
+    real = corpus._loaded
+
+    def edit_then_load(args, device=None):
+        with open(small, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"text": "a late text"}) + "\n")
+        return real(args, device)
+
+    monkeypatch.setattr(corpus, "_loaded", edit_then_load)
+    out = tmp_path / "out"
+    assert main(_small_args(small, out)) == 2
+    assert f"--input '{small}' changed while it was encoded (its shards were removed); run again" in _one_error(capsys)
+    assert not (out / "manifest.json").exists()
+    monkeypatch.setattr(corpus, "_loaded", real)
+    assert main(_small_args(small, out)) == 0  # the rerun encodes the file as it is now
+    assert len(kalm_fast_load(out)) == 11

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import glob
 import os
 import shutil
 import stat
@@ -69,7 +70,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     prompt.add_argument("--task", default=None,
                         help="encode queries of this task in the KaLM format 'Instruct: {task} \\n Query: {text}'")
     parser.add_argument("--truncate-dim", type=positive_int, default=None, help="keep the first D dims (Matryoshka)")
-    parser.add_argument("--no-normalize", action="store_true", help="do not L2-normalize the embeddings")
+    parser.add_argument("--no-normalize", action="store_true",
+                        help="do not L2-normalize the embeddings (a model that ends in a Normalize module still "
+                        "does, as in sentence-transformers)")
     parser.add_argument("--shard-size", type=positive_int, default=100_000, help="rows per shard in directory output")
     parser.add_argument("--allow-pickle", action="store_true", help="allow loading pickled .bin weights")
 
@@ -99,11 +102,15 @@ def output_is_single(output: str) -> bool:
     """True for ``x.npy`` / ``x.safetensors``, False for a directory; ValueError for anything else."""
     path = Path(output)
     suffix = path.suffix.lower()
+    if output.endswith(("/", os.sep)):  # a directory, whatever its name (x.npy/ is not the file x.npy)
+        if path.is_file():
+            raise ValueError(f"--output {output!r} ends in / (sharded output) but {str(path)!r} is an existing file")
+        return False
     if suffix in SINGLE_SUFFIXES:
         if path.is_dir():
             raise ValueError(f"--output {output!r} is an existing directory; single-file output needs a file path")
         return True
-    if path.is_dir() or output.endswith(("/", os.sep)) or not suffix:
+    if path.is_dir() or not suffix:
         return False
     raise ValueError(f"--output {output!r}: unknown suffix {suffix!r}; use .npy or .safetensors for one file, or a "
                      "directory (no suffix, or a trailing /) for sharded output")
@@ -126,7 +133,7 @@ def readable_input(path: Path) -> Iterator[Path]:
 
 
 def _prompt_kwargs(args) -> dict:
-    prompt = kalm_query_prompt(args.task) if args.task else args.prompt
+    prompt = kalm_query_prompt(args.task) if args.task is not None else args.prompt
     return dict(prompt=prompt, prompt_name=args.prompt_name)
 
 
@@ -177,6 +184,7 @@ def encode_single(args, input_path: Path, output: Path) -> tuple[int, int, float
     started = time.perf_counter()
     emb = encoder.encode(texts, **_encode_kwargs(args))
     seconds = time.perf_counter() - started
+    remove_leftovers(output.parent, f".{glob.escape(output.name)}.*.tmp")  # of a killed run into the same file
     if output.suffix.lower() == ".npy":
         def write_npy(tmp):
             with open(tmp, "wb") as f:
@@ -200,10 +208,12 @@ def scan_input(path: Path, text_field: str, suffix: str) -> tuple[int, str]:
 
 
 def _shard_header(args, count: int, input_sha: str, encoder) -> dict:
-    """What a shard must agree on to be reused by a resumed run."""
+    """What a shard must agree on to be reused by a resumed run: among it, the prompt the texts got (``--prompt ""``
+    and the model's default prompt differ, though neither names one)."""
     return dict(input_sha256=input_sha, count=count, shard_size=args.shard_size, dim=_dim(args, encoder),
                 model_sha256=model_fingerprint(args.model, args.allow_pickle), normalize=not args.no_normalize,
-                **{k: v or "" for k, v in _prompt_kwargs(args).items()}, text_field=args.text_field,
+                prompt=encoder.resolve_prompt(**_prompt_kwargs(args)), prompt_name=args.prompt_name or "",
+                text_field=args.text_field,
                 max_length=encoder.max_length, dtype=str(encoder.model.dtype).replace("torch.", ""))
 
 
@@ -275,8 +285,13 @@ def encode_sharded(args, input_path: Path, directory: Path) -> tuple[int, int, f
                 seconds += time.perf_counter() - started
                 write_shard(shard_path(directory, index), emb, index * args.shard_size, header)
                 done_now += len(texts)
-    if world > 1:
-        _barrier(world, rank)
+        if world > 1:
+            _barrier(world, rank)
+        if rank == 0 and sha256_file(source) != input_sha:  # every rank has read it by now
+            for index in range(n_shards):  # of an input that is gone
+                shard_path(directory, index).unlink(missing_ok=True)
+            raise ValueError(f"--input {str(input_path)!r} changed while it was encoded (its shards were removed); "
+                             "run again to encode it as it is now")
     if rank == 0:
         extra = dict(model=str(Path(args.model).resolve()) if args.model else "default",
                      input=str(input_path.resolve()))
@@ -297,6 +312,8 @@ def _barrier(world: int, rank: int) -> None:
 
 
 def run(args) -> int:
+    if args.task is not None and not args.task.strip():
+        raise ValueError(f"--task must be a non-empty instruction, got {args.task!r}")
     single = output_is_single(args.output)
     input_path, output = input_file(args.input, "--input"), Path(args.output)
     if input_path.suffix.lower() not in INPUT_SUFFIXES:

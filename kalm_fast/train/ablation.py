@@ -140,7 +140,7 @@ def _fmt_diff(d: dict) -> str:
 def format_table(results: dict) -> str:
     """The results as a markdown table, with a caption line and the list of differences within noise."""
     test, seeds = results["test"], results["seeds"]
-    level = round(100 * results["bootstrap"]["confidence"])
+    level = f"{100 * results['bootstrap']['confidence']:g}"
     lines = [f"Ablation of stage {results['stage']!r}: {len(seeds)} seeds ({', '.join(map(str, seeds))}); test split "
              f"{test['num_queries']} queries / {test['num_docs']} documents; checkpoints and soups chosen on the "
              f"validation split ({results['validation']['num_queries']} queries). Mean ± std over seeds; Δ: "
