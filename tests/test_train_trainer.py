@@ -95,13 +95,18 @@ def test_a_resumed_runs_log_lines_equal_an_uninterrupted_runs(inputs, tmp_path):
 
 def test_a_stage_trained_anew_is_scored_anew(inputs, tmp_path):
     """A finished stage deleted and trained again (no --resume: nothing left to continue) gets its new model's score,
-    not the cached score of the model that is gone."""
+    not the cached score of the model that is gone; a finished stage whose score was never recorded gets it on
+    --resume."""
     out = tmp_path / "run"
     Trainer(_config(inputs, out, evaluated=True, steps=1, save_every=None, lr=1e-6), show_progress=False).train()
     shutil.rmtree(out / "ft")
     Trainer(_config(inputs, out, evaluated=True, steps=3, save_every=None), show_progress=False).train()
     evals = [r for r in map(json.loads, open(out / "metrics.jsonl")) if "eval" in r]
     assert len(evals) == 1
+    assert json.loads((out / "scores.json").read_text()) == {"ft": evals[0]["eval"]["ndcg@10"]}
+    # killed after the final model was saved, before its score was: --resume scores it
+    (out / "scores.json").unlink()
+    Trainer(_config(inputs, out, evaluated=True, steps=3, save_every=None), resume=True, show_progress=False).train()
     assert json.loads((out / "scores.json").read_text()) == {"ft": evals[0]["eval"]["ndcg@10"]}
 
 

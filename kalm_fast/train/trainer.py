@@ -507,6 +507,8 @@ class Trainer:
                     self._run_soup(stage)
                 else:
                     self._run_train(stage, self._resolve(stage.init, previous), *prepared[stage.name])
+            elif self.eval_set is not None:  # finished, perhaps by a run killed before it recorded the score
+                self._score_path(stage.name, final)
             previous = stage.name
         return self._stage_final(previous)
 
