@@ -962,3 +962,15 @@ def test_the_soup_refuses_checkpoints_that_embed_differently(tmp_path, decoder_h
             model_soup(pair, output=tmp_path / "soup")
     assert not (tmp_path / "soup").exists()
     model_soup([a, same], output=tmp_path / "soup")
+
+
+def test_the_soup_points_an_older_layout_to_a_fresh_save(tmp_path):
+    """A sentence-transformers 2.x directory (weights in 0_Transformer/) is refused with the way out."""
+    from kalm_fast import model_soup
+
+    old = _st2_minilm(tmp_path / "old")
+    with pytest.raises(ValueError, match=r"its weights are in 0_Transformer/ \(an older sentence-transformers "
+                                         r"layout\): save it anew first, with Encoder\(path\).save\(new_path\)"):
+        model_soup([old, old], output=tmp_path / "soup")
+    Encoder(old, device="cpu").save(tmp_path / "new")
+    model_soup([tmp_path / "new", tmp_path / "new"], output=tmp_path / "soup")

@@ -54,8 +54,11 @@ class _Checkpoint:
             else:
                 found = sorted(p.name for p in self.path.glob("*.safetensors"))
                 if len(found) != 1:
+                    sub = _transformer_subdir(self.path)
+                    hint = (f"; its weights are in {sub}/ (an older sentence-transformers layout): save it anew first, "
+                            "with Encoder(path).save(new_path)") if sub and not found else ""
                     raise ValueError(f"checkpoint directory {self.path} must hold model.safetensors, sharded files "
-                                     f"with {INDEX_NAME}, or exactly one .safetensors file; found {found}")
+                                     f"with {INDEX_NAME}, or exactly one .safetensors file; found {found}{hint}")
                 self.shards = found
         else:
             raise ValueError(f"checkpoint {self.path} does not exist")
@@ -183,6 +186,15 @@ def _module_dirs(src: Path) -> list:
     if not modules.is_file():
         return []
     return [m["path"] for m in json.loads(modules.read_text()) if m.get("path") and (src / m["path"]).is_dir()]
+
+
+def _transformer_subdir(src: Path) -> Optional[str]:
+    """The sub-directory modules.json of ``src`` puts the Transformer in (sentence-transformers 2.x and older), if any."""
+    modules = src / "modules.json"
+    if not modules.is_file():
+        return None
+    return next((m["path"] for m in json.loads(modules.read_text())
+                 if str(m.get("type", "")).endswith(".Transformer") and m.get("path")), None)
 
 
 def _copy_side_files(src: Path, dst: Path):
