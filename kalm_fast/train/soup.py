@@ -189,7 +189,7 @@ def _module_dirs(src: Path) -> list:
 
 
 def _transformer_subdir(src: Path) -> Optional[str]:
-    """The sub-directory modules.json of ``src`` puts the Transformer in (sentence-transformers 2.x and older), if any."""
+    """The sub-directory modules.json of ``src`` puts the Transformer in (sentence-transformers 2.x and older)."""
     modules = src / "modules.json"
     if not modules.is_file():
         return None
