@@ -44,6 +44,7 @@ the same stages on the CPU: the build and ``gpu`` tests are only collected, the 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import platform
@@ -68,6 +69,9 @@ INTERRUPT_GRACE = 15
 DRY_SLACK = 3
 PARALLEL_TOKENIZERS = dict(TOKENIZERS_PARALLELISM="true")
 TF32_OVERRIDE = "TORCH_ALLOW_TF32_CUBLAS_OVERRIDE"
+MAX_FILE_BYTES = 16 << 20  # the largest file the device hands back
+# one CPU thread per pytest worker (one worker per core already); the tests' own files of CUDA faults
+TEST_ENV = dict(OMP_NUM_THREADS="1", KALM_GPU_CHECK_FAULTS="{work}/cuda-faults.log")
 
 
 @dataclass
@@ -97,7 +101,7 @@ def stages(dry: bool, workers: int) -> list:
         xdist = ["-n", str(workers), "--dist", "worksteal"] if workers else []
         return cmd + ["-v", "--durations=25", *xdist, "--junitxml", f"{{work}}/junit-{name}.xml"]
 
-    gpu_check = dict(KALM_GPU_CHECK="0" if dry else "1")
+    gpu_check = dict(TEST_ENV, KALM_GPU_CHECK="0" if dry else "1")
     sanitizer = shutil.which("compute-sanitizer") or "/usr/local/cuda/bin/compute-sanitizer"
     if dry:  # the plumbing only: the native tests collected
         sanitize = pytest_command("gpu and native", "sanitize-native")
@@ -204,7 +208,7 @@ def run_stage(stage: Stage, work: Path, deadline: float) -> dict:
     limit = min(stage.limit, left)
     log = work / f"{stage.name}.log"
     command = [str(c).format(work=work) for c in stage.command]
-    env = dict(os.environ, **stage.env)
+    env = dict(os.environ, **{key: str(value).format(work=work) for key, value in stage.env.items()})
     started = time.monotonic()
     with open(log, "w") as out:
         out.write("$ " + " ".join(command) + "\n")
@@ -241,9 +245,11 @@ def _finished(proc: subprocess.Popen, seconds: float) -> bool:
 def summarize(rows: list, work: Path, out: Path, dry: bool, started: float) -> int:
     failed = [r for r in rows if r["required"] and r["status"] != "ok"]
     failed += [r for r in rows if not r["required"] and r["status"].startswith("failed")]
+    incomplete = [r["stage"] for r in rows if not r["required"] and r["status"] != "ok" and r not in failed]
     summary = dict(ok=not failed, dry=dry, seconds=round(time.monotonic() - started, 1), stages=rows,
-                   date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
-    lines = [f"# make gpu-check{' --dry' if dry else ''}: {'PASSED' if not failed else 'FAILED'} "
+                   incomplete=incomplete, date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
+    unfinished = f" (benchmarks not finished: {', '.join(incomplete)})" if incomplete else ""
+    lines = [f"# make gpu-check{' --dry' if dry else ''}: {'PASSED' if not failed else 'FAILED'}{unfinished} "
              f"in {summary['seconds']} s ({summary['date']})", "", "| stage | status | seconds | last lines |",
              "|---|---|---|---|"]
     lines += [f"| {r['stage']} | {r['status']} | {r.get('seconds', '')} | {r.get('tail', r.get('note', ''))} |"
@@ -251,6 +257,10 @@ def summarize(rows: list, work: Path, out: Path, dry: bool, started: float) -> i
     env_log = work / "env.log"
     if env_log.is_file():
         lines += ["", "## env", "```", env_log.read_text(errors="replace")[-3000:], "```"]
+    faults = work / "cuda-faults.log"
+    if faults.is_file():  # tests whose CUDA error ended their worker (conftest), each named once
+        lines += ["", "## CUDA faults (each ended its test's worker)", "```",
+                  *faults.read_text(errors="replace").splitlines()[-40:], "```"]
     for stage in ("tests", "tests-native", "sanitize-native"):
         tests_log = work / f"{stage}.log"
         if tests_log.is_file():  # pytest's short summary: failures, errors and skips with their reasons (and
@@ -270,14 +280,29 @@ def summarize(rows: list, work: Path, out: Path, dry: bool, started: float) -> i
                           "```"]
     (out / "summary.md").write_text("\n".join(lines) + "\n")
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    with tarfile.open(out / "gpu-check.tar.gz", "w:gz") as tar:
-        tar.add(work, arcname="gpu-check")
+    _pack(work, out / "gpu-check.tar.gz")
     files = [p for p in out.rglob("*") if p.is_file()]
     if len(files) > MAX_FILES:
         print(f"{out} holds {len(files)} files; the device hands back only {MAX_FILES}")
         return 1
     print((out / "summary.md").read_text().split("\n## env")[0])
     return 0 if not failed else 1
+
+
+def _pack(work: Path, tarball: Path) -> None:
+    """Every file of ``work`` into ``tarball``; should that exceed what the device hands back, each file is cut to its
+    last MiB (the end of a log says the most) and the tarball written again."""
+    with tarfile.open(tarball, "w:gz") as tar:
+        tar.add(work, arcname="gpu-check")
+    if tarball.stat().st_size <= MAX_FILE_BYTES:
+        return
+    with tarfile.open(tarball, "w:gz") as tar:
+        for path in sorted(p for p in work.rglob("*") if p.is_file()):
+            data = path.read_bytes()[-(1 << 20):]
+            info = tarfile.TarInfo(f"gpu-check/{path.relative_to(work).as_posix()}")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    print(f"{tarball.name}: every file cut to its last MiB (the whole was past {MAX_FILE_BYTES >> 20} MiB)")
 
 
 def import_results(folder: Path, results: Path = ROOT / "benchmarks" / "results") -> int:
@@ -323,6 +348,10 @@ def main(argv=None) -> int:
         return report_env()
     if args.build:
         return build(args.dry)
+    known = [s.name for s in stages(args.dry, args.workers)]
+    unknown = [name for name in args.only or () if name not in known]
+    if unknown:  # a typo would spend a device lease on nothing
+        parser.error(f"--only: unknown stage(s) {', '.join(unknown)}; the stages are {', '.join(known)}")
     started = time.monotonic()
     deadline = started + args.budget - 15  # leave time to pack
     out = Path(args.out)

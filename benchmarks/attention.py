@@ -143,18 +143,21 @@ def kernel_sweep(device, dtype, seqlens, head_dims, causal, tokens, repeats, wit
                        for _ in range(3))
             varlen = Varlen.from_lengths([L] * B, device)
             flops = 4 * _visible_pairs(L, causal, window) * d * heads * B
+            dt = str(dtype).split(".")[-1]
+            shape = {"seqlen": L, "batch": B, "heads": heads, "head_dim": d, "causal": causal, "window": window,
+                     "dtype": dt}
             for name, fn in _impls(device, dtype, L, with_reference, variants).items():
                 try:
                     with _variant(name):
                         fwd, both = _timed(fn, q, k, v, varlen, L, causal, window, repeats)
                 except Exception as exc:  # noqa: BLE001  (e.g. the reference out of memory, a compile error)
-                    print(f"skip {name} L={L} D={d}: {type(exc).__name__}: {str(exc)[:120]}")
+                    # a row of its own: a failing kernel shows in the report, not only as a missing row
+                    rows.append(progress({"impl": name, "mode": "fwd+bwd", **shape,
+                                          "note": f"failed: {type(exc).__name__}: {exc}"[:200]}))
                     continue
                 bwd = max(both - fwd, 1e-6)
-                dt = str(dtype).split(".")[-1]
                 for mode, ms, f in (("fwd", fwd, flops), ("bwd", bwd, 2.5 * flops), ("fwd+bwd", both, 3.5 * flops)):
-                    rows.append(progress({"impl": name, "mode": mode, "seqlen": L, "batch": B, "heads": heads,
-                                          "head_dim": d, "causal": causal, "window": window, "dtype": dt, "ms": ms,
+                    rows.append(progress({"impl": name, "mode": mode, **shape, "ms": ms,
                                           "TFLOP/s": f / (ms * 1e-3) / 1e12, "series": f"{name} {mode} D={d} {dt}"}))
     return rows
 
@@ -300,7 +303,7 @@ def main(argv=None) -> None:
                                                                            else "")
     write_report(f"attention{suffix}", rows,
                  columns=["impl", "mode", "seqlen", "batch", "heads", "head_dim", "causal", "window", "dtype", "ms",
-                          "TFLOP/s"],
+                          "TFLOP/s", "note"],
                  plot=dict(x="seqlen", y="TFLOP/s", series="series", logx=True, title=title))
 
 

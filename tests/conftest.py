@@ -6,6 +6,7 @@ runs on the GPU, compiled. Tests marked ``gpu`` exercise a GPU code path; under 
 (``KALM_GPU_CHECK=1``) a skipped ``gpu`` test counts as a failure.
 """
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -101,6 +102,12 @@ def bpe_tokenizer():
     return AutoTokenizer.from_pretrained(str(BPE_TOKENIZER))
 
 
+# CUDA errors after which a process's CUDA context is lost: every later launch in it fails the same way
+CUDA_CONTEXT_LOST = re.compile(r"illegal memory access|illegal address|misaligned address|unspecified launch failure|"
+                               r"device-side assert|illegal instruction|CUDA_ERROR_(?:ILLEGAL|MISALIGNED|LAUNCH_FAILED|"
+                               r"HARDWARE)", re.IGNORECASE)
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     outcome = yield
@@ -109,3 +116,10 @@ def pytest_runtest_makereport(item, call):
         reason = report.longrepr[-1] if isinstance(report.longrepr, tuple) else report.longrepr
         report.outcome = "failed"
         report.longrepr = f"a GPU test was skipped under make gpu-check: {reason}"
+    if (GPU_CHECK and call.excinfo is not None and os.environ.get("PYTEST_XDIST_WORKER")
+            and CUDA_CONTEXT_LOST.search(str(call.excinfo.value))):
+        # the worker's CUDA context is gone: it ends here, so that pytest-xdist reports this test as the one that
+        # crashed it and runs the rest in a fresh worker (make gpu-check lists these in its summary)
+        with open(os.environ.get("KALM_GPU_CHECK_FAULTS", os.devnull), "a") as faults:
+            faults.write(f"{item.nodeid}: {str(call.excinfo.value).splitlines()[0][:300]}\n")
+        os._exit(3)

@@ -916,6 +916,24 @@ def test_benchmark_times_the_triton_variants_under_their_settings(monkeypatch):
     assert "KALM_ATTENTION_DQ" not in os.environ and "KALM_ATTENTION_TMA" not in os.environ
 
 
+def test_benchmark_reports_a_failing_kernel_as_a_row(monkeypatch):
+    """A kernel that fails at a shape (a compile error, out of memory) is a row with its error in the report, so a
+    GPU run's table shows it, while the other kernels are still timed."""
+    from benchmarks import attention as bench
+
+    def broken(*args):
+        raise RuntimeError("PassManager::run failed")
+
+    real = bench._impls
+    monkeypatch.setattr(bench, "_impls", lambda *args: {"broken": broken, "torch": real(*args)["torch"]})
+    monkeypatch.setattr(bench, "time_fn", lambda fn, repeats: (fn(), {"median_ms": 1.0})[1])  # one run each
+    rows = bench.kernel_sweep("cpu", torch.float32, [8], [32], False, 16, 1, with_reference=False)
+    failed = [r for r in rows if r["impl"] == "broken"]
+    assert len(failed) == 1 and failed[0]["note"] == "failed: RuntimeError: PassManager::run failed"
+    assert (failed[0]["seqlen"], failed[0]["head_dim"], failed[0]["dtype"]) == (8, 32, "float32")
+    assert {r["mode"] for r in rows if r["impl"] == "torch"} == {"fwd", "bwd", "fwd+bwd"}
+
+
 def test_benchmark_torch_varlen_peer_takes_gqa_or_repeats_kv(monkeypatch):
     """benchmarks.attention's torch ``varlen_attn`` peer: GQA through ``enable_gqa`` where torch has it, else K/V
     heads repeated once before the timing."""

@@ -12,6 +12,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / ".ci" / "gpu_check.py"
 PROBE = os.environ.get("KALM_GPU_CHECK_PROBE") == "1"
+FAULT_PROBE = os.environ.get("KALM_GPU_CHECK_FAULT_PROBE") == "1"
 
 
 def _load_script():
@@ -150,6 +151,8 @@ def test_a_benchmark_stopped_early_does_not_fail_the_run_and_keeps_its_rows(tmp_
     assert module.summarize([row, over], work, out, True, time.monotonic()) == 0
     summary = (out / "summary.md").read_text()
     assert "## over: timeout after 1 s, the rows measured so far" in summary and 'row {"ms": 1.5}' in summary
+    assert summary.startswith("# make gpu-check --dry: PASSED (benchmarks not finished: bench, over) in ")
+    assert json.loads((out / "summary.json").read_text())["incomplete"] == ["bench", "over"]
     assert module.summarize([row, broken], work, out, True, time.monotonic()) == 1
     assert module.summarize([required], work, out, True, time.monotonic()) == 1
 
@@ -168,6 +171,34 @@ if PROBE:  # only inside test_a_skipped_gpu_test_fails_under_gpu_check
     @pytest.mark.gpu
     def test_probe_gpu_test_that_skips():
         pytest.skip("a GPU test that cannot run here")
+
+
+def test_a_cuda_fault_ends_its_worker_and_the_rest_run_in_a_fresh_one(tmp_path):
+    """Under make gpu-check a test whose CUDA error loses its process's context (an illegal address) ends its xdist
+    worker, named once in the faults file: the tests after it run in a fresh worker instead of failing the same way;
+    an ordinary failure does not end its worker."""
+    faults = tmp_path / "faults.log"
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=", "-n", "1",
+           str(Path(__file__)), "-k", "faulting_"]
+    env = dict(os.environ, KALM_GPU_CHECK_FAULT_PROBE="1", KALM_GPU_CHECK="1", KALM_GPU_CHECK_FAULTS=str(faults))
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stdout[-3000:]
+    assert "crashed while running" in proc.stdout and "test_faulting_1_illegal_address" in proc.stdout
+    assert "2 failed, 1 passed" in proc.stdout, proc.stdout[-3000:]
+    assert faults.read_text().splitlines() == [
+        "tests/test_gpu_check.py::test_faulting_1_illegal_address: CUDA error: an illegal memory access was "
+        "encountered"]
+
+
+if FAULT_PROBE:  # only inside test_a_cuda_fault_ends_its_worker_and_the_rest_run_in_a_fresh_one
+    def test_faulting_1_illegal_address():
+        raise RuntimeError("CUDA error: an illegal memory access was encountered\nmore")
+
+    def test_faulting_2_ordinary_failure():
+        assert os.getpid() == -1  # an ordinary failure: its worker carries on
+
+    def test_faulting_3_after_the_fault():
+        pass
 
 
 def test_an_on_request_stage_runs_only_when_named(tmp_path):
@@ -283,3 +314,28 @@ def test_train_step_fused_decoder_row(monkeypatch, tmp_path):
     for backend in ("auto", f"auto{train_step.FUSED}"):
         train_step.make_step(None, None, backend, ([], []), 4, torch.device("cpu"))()
     assert seen == [("auto", None), ("auto", "1")] and "KALM_FUSED_DECODER" not in os.environ
+
+
+def test_a_mistyped_stage_name_is_refused_before_anything_runs(tmp_path, capsys):
+    module = _load_script()
+    with pytest.raises(SystemExit) as exit_:
+        module.main(["--dry", "--out", str(tmp_path / "out"), "--only", "build", "bench-atention"])
+    assert exit_.value.code == 2
+    assert "--only: unknown stage(s) bench-atention; the stages are env, build, tests" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_tarball_past_what_the_device_hands_back_keeps_each_files_end(tmp_path, monkeypatch):
+    import tarfile
+
+    module = _load_script()
+    monkeypatch.setattr(module, "MAX_FILE_BYTES", 1 << 20)
+    work = tmp_path / "work"
+    (work / "bench").mkdir(parents=True)
+    (work / "tests.log").write_bytes(os.urandom(3 << 20) + b"the end of the log")  # random: gzip cannot shrink it
+    (work / "bench" / "a.md").write_text("a table")
+    module._pack(work, tmp_path / "gpu-check.tar.gz")
+    with tarfile.open(tmp_path / "gpu-check.tar.gz") as tar:
+        log = tar.extractfile("gpu-check/tests.log").read()
+        assert tar.extractfile("gpu-check/bench/a.md").read() == b"a table"
+    assert len(log) == 1 << 20 and log.endswith(b"the end of the log")
