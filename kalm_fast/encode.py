@@ -257,6 +257,9 @@ class Encoder:
             raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
         if device is not None:
             self.model.to(check_device(device))
+        if self.model.dtype not in (torch.float32, torch.float16, torch.bfloat16):  # cast by Encoder.to
+            raise TypeError(f"the model's weights are {self.model.dtype}; encode runs float32, float16 or bfloat16 "
+                            "weights (Encoder.to(torch.float32))")
         prefix = self.resolve_prompt(prompt, prompt_name)
         batching = dict(max_tokens=max_tokens_per_batch, max_sequences=batch_size,
                         show_progress=len(texts) >= 2048 if show_progress_bar is None else show_progress_bar)

@@ -559,6 +559,8 @@ def test_max_seq_length_can_be_set_as_in_sentence_transformers(pair, tmp_path):
         enc.max_seq_length = ref.max_seq_length = longest
     assert enc.get_max_seq_length() == ref.get_max_seq_length() == longest
     assert enc.to("cpu") is enc and enc.to(torch.float64).model.model.dtype == torch.float64
+    with pytest.raises(TypeError, match="the model's weights are torch.float64; encode runs float32, float16 or"):
+        enc.encode(TEXTS)
     enc.to(torch.float32)
     for bad in (0, longest + 1, 2.0, True):
         with pytest.raises(ValueError, match="max_seq_length"):

@@ -214,7 +214,8 @@ def check_instruction_tasks(instructions: dict, tasks) -> None:
     unknown = sorted(set(instructions) - set(tasks))
     if unknown:
         raise ValueError(f"instructions: task(s) {unknown} are in no record of the data, whose tasks are "
-                         f"{sorted(set(tasks))} (a record's task is its 'task' key, else its file's name)")
+                         f"{sorted(set(tasks))} (a record's task is its 'task' key, else its file's name without "
+                         "its suffix)")
 
 
 def iter_train_records(path) -> Iterator[tuple]:
