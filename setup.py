@@ -163,6 +163,9 @@ def c_string(text: str) -> str:
 
 
 setup(
-    ext_modules=[Pybind11Extension("kalm_fast._C", ["csrc/bindings.cpp"], include_dirs=["csrc"], cxx_std=17)],
+    # depends: a changed .cu / .cuh / header rebuilds the extension (else an in-place rebuild keeps the old kernels)
+    ext_modules=[Pybind11Extension("kalm_fast._C", ["csrc/bindings.cpp"], include_dirs=["csrc"], cxx_std=17,
+                                   depends=sorted(p.relative_to(ROOT).as_posix() for p in CSRC.iterdir()
+                                                  if p.is_file()))],
     cmdclass={"build_ext": BuildExt},
 )
