@@ -432,6 +432,20 @@ def test_no_tokens(backend, lengths):
     assert out.shape == (0, 4, 32) and lse.shape == (4, 0) and dq.shape == (0, 4, 32) and dk.shape == (0, 2, 32)
 
 
+@pytest.mark.parametrize("backend", ["reference"] + BACKENDS)
+@pytest.mark.parametrize("shape", [(2, 0), (0, 3)])
+@pytest.mark.parametrize("softcap", [None, 2.0])
+def test_a_padded_batch_of_no_rows(backend, shape, softcap):
+    """B = 0 or L = 0, no mask, with lse: empty results on every backend (the torch backend's CPU kernel faulted on
+    L = 0, the triton lse reshape failed), in the autograd graph as the oracle's are (the soft-capped torch path's
+    zeros were not)."""
+    q, k, v = _inputs((*shape, 4, 32), 2, torch.float32)
+    out, lse = flash_attention(q, k, v, return_lse=True, backend=backend, softcap=softcap)
+    assert out.shape == (*shape, 4, 32) and lse.shape == (shape[0], 4, shape[1]) and out.requires_grad
+    dq, dk, dv = torch.autograd.grad(out.sum(), (q, k, v), allow_unused=True, materialize_grads=True)
+    assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_non_contiguous_inputs(backend):
     """q, k, v as strided views of one fused qkv projection [T, 3, H, D]."""
@@ -891,6 +905,7 @@ def test_nan_semantics_agree_and_padding_never_leaks(backend, softcap):
     assert packed[1, 1].isnan().all() and torch.isfinite(packed[1, 0]).all()
     assert packed[3, 0].isnan().all() and torch.isfinite(packed[3, 1]).all()
     assert lse[0, 3].isnan() and torch.isfinite(lse[1, 3])
+    assert lse[1, 1].isnan() and torch.isfinite(lse[0, 1])  # a NaN row's lse is NaN too (the oracle's was +inf)
     assert torch.isfinite(packed[[0, 4]]).all()
 
 

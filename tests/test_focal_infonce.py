@@ -93,7 +93,7 @@ def _margin_drops(q, docs, options, seed):
                               similarity="cos" if cos else "dot", generator=torch.Generator().manual_seed(seed))
     if syn is not None:
         s = torch.cat([s, torch.einsum("bd,bsd->bs", qs, sim(syn))], dim=1)
-    drop = s > s[rows, pos].unsqueeze(1) + margin
+    drop = s > ref.margin_bound(s[rows, pos]).unsqueeze(1) + margin
     drop[rows, pos] = False
     return int(drop.sum())
 
@@ -258,6 +258,54 @@ def test_backend_contract_with_more_docs_than_queries(backend, in_batch, margin)
     log_p, _, _, dq, ddocs = want
     assert all(x.abs().max() > 20 * 1e-4 for x in [log_p, dq, ddocs[:5]] + ([ddocs[5:]] if in_batch else []))
     assert in_batch or not ddocs[5:].any()
+
+
+@pytest.mark.parametrize("backend", ["reference"] + BACKENDS)
+@pytest.mark.parametrize("in_batch", [True, False])
+def test_a_dropped_candidate_far_above_the_positive_gives_finite_gradients(backend, in_batch):
+    """A candidate the margin drops may score far above the positive: its exp(z - lse) overflows, and masking the
+    product afterwards (inf * 0) gave NaN gradients to the torch and triton backends' own and synthetic candidates.
+    Here a hard negative is 10x the query (dot similarity) and another is the positive's twin."""
+    q = torch.tensor([[1.0, 0.0], [0.0, 1.0]], device=DEVICE)
+    docs = torch.tensor([[[1.0, 0.0], [10.0, 0.0], [0.0, 1.0]], [[0.0, 1.0], [0.0, 10.0], [1.0, 0.0]]], device=DEVICE)
+    kw = dict(similarity="dot", false_negative_margin=0.0, in_batch_negatives=in_batch, temperature=0.05)
+    want = _loss_and_grads(ref.focal_infonce, q, docs, **kw)
+    got = _loss_and_grads(focal_infonce, q, docs, backend=backend, **kw)
+    assert all(torch.isfinite(g).all() for g in got)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("seed", range(6))
+def test_a_copy_of_the_positive_is_kept_at_margin_zero_on_every_backend(backend, seed):
+    """Query 1's positive is a copy of query 0's, so for query 0 it is an in-batch candidate at exactly s_pos: kept
+    by the contract (dropped only when s > s_pos + m). The backends score the pair twice (a dot for the positive, a
+    tile for the candidate) and differ in the last bits; the rounding slack keeps it on every backend, as the
+    reference does: log p_0 is log 1/2 plus the rest."""
+    g = torch.Generator().manual_seed(seed)
+    q, docs = torch.randn(2, 24, generator=g), torch.randn(2, 1, 24, generator=g)
+    docs[1, 0] = docs[0, 0]
+    q, docs = q.to(DEVICE), docs.to(DEVICE)
+    kw = dict(false_negative_margin=0.0, temperature=0.05)
+    want = ref.log_p_rows(q, docs, None, 0.05, "cos", True, 0.0)[0]
+    got = focal_infonce_with_stats(q, docs, backend=backend, **kw).log_p
+    torch.testing.assert_close(got, want.float(), atol=1e-5, rtol=1e-5)
+    assert got[0] <= math.log(0.5) + 1e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_log_p_is_never_above_zero(backend):
+    """Positives that are copies of their queries take all the probability: log p = s_pos / t - lse, two roundings
+    of about 100 apart by up to 5e-5, is at most 0 (p <= 1), so that a plain InfoNCE loss (gamma 0) is never
+    negative."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(64, 96, generator=g).to(DEVICE)
+    for in_batch in (True, False):
+        out = focal_infonce_with_stats(q, torch.stack([q, -q], dim=1), gamma=0.0, temperature=0.01,
+                                       in_batch_negatives=in_batch, backend=backend, reduction="none")
+        assert (out.log_p <= 0).all() and (out.loss >= 0).all()
+        assert out.log_p.min() > -1e-4
 
 
 # every candidate of some Triton column splits is dropped: their log-sum-exp is log2(0) = -inf, as it should be

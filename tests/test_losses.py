@@ -124,6 +124,13 @@ def test_bad_tensors_are_reported_by_the_op():
     q, docs = _inputs()
     with pytest.raises(ValueError, match=r"docs must be \[B, 1\+M, D\]"):
         FocalInfoNCELoss()(q, docs[:3])
+    # docs wider than q: checked before the Matryoshka slices, which would cut them to q's width
+    with pytest.raises(ValueError, match=r"docs must be \[B, 1\+M, D\] = \[4, 1\+M, 8\]"):
+        FocalInfoNCELoss()(torch.randn(4, 8), torch.randn(4, 2, 16))
+    with pytest.raises(ValueError, match=r"docs must be \[B, 1\+M, D\]"):
+        FocalInfoNCELoss(matryoshka_dims=[4])(torch.randn(4, 8), torch.randn(4, 2, 6))
+    with pytest.raises(ValueError, match=r"q must have 2 dimensions, got shape \(8,\)"):
+        FocalInfoNCELoss()(torch.randn(8), torch.randn(4, 2, 8))
 
 
 @pytest.mark.parametrize("kwargs, error, match", [

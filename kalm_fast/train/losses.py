@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._constants import NORM_EPS
-from ..ops.focal_infonce import check_options, focal_infonce_with_stats
+from ..ops.focal_infonce import check_inputs, check_options, focal_infonce_with_stats
 
 DISTILL_TEMPERATURE = 0.05  # KaLM-Embedding V2.5's distillation temperature
 
@@ -113,6 +113,7 @@ class FocalInfoNCELoss(nn.Module):
 
     def forward(self, q: torch.Tensor, docs: torch.Tensor, generator: Optional[torch.Generator] = None,
                 teacher_scores: Optional[torch.Tensor] = None):
+        check_inputs(q, docs, generator)  # before any slicing: docs of another width must not be cut to q's
         full = q.shape[-1]
         dims = self.matryoshka_dims or [full]
         weights = self.matryoshka_weights or [1.0] * len(dims)

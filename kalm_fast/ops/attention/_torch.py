@@ -21,9 +21,17 @@ BUCKET_RATIO = 0.8  # a bucket holds sequences at least this fraction of its lon
 CAPPED_SCORES_PER_CHUNK = 2 ** 22  # fp32 scores the soft-capped path materializes at a time (16 MiB, a few copies)
 
 
+def _zeros_in_graph(q, k, v):
+    """Zeros shaped like ``q``, attached to ``q``, ``k`` and ``v`` in the autograd graph: the result of an empty batch,
+    whose gradients are zeros (of empty ``k`` / ``v``: their sums are 0), as the oracle's."""
+    return q * 0.0 + (k.sum() + v.sum()) * 0.0
+
+
 def _sdpa(q, k, v, allowed, causal, scale, need_lse, softcap):
     """q [n, Hq, Lq, D], k/v [n, Hkv, L, D], allowed: a bool mask broadcast to [n, 1, Lq, L] or None
     -> (out [n, Hq, Lq, D], lse or None)."""
+    if q.shape[0] * q.shape[2] == 0:  # nothing to attend (CPU's flash kernel faults on zero-length inputs)
+        return _zeros_in_graph(q, k, v), (q.new_zeros(q.shape[:3], dtype=torch.float32) if need_lse else None)
     if softcap is not None:
         return _capped(q, k, v, allowed, causal, scale, need_lse, softcap)
     if need_lse and q.device.type == "cpu":
@@ -56,8 +64,6 @@ def _capped(q, k, v, allowed, causal, scale, need_lse, softcap):
     that see no key (padding rows, dropped later) give zeros."""
     n, hq, lq, d = q.shape
     group, length = hq // k.shape[1], k.shape[2]
-    if n * lq == 0:
-        return q.new_zeros(n, hq, lq, d), (q.new_zeros(n, hq, lq, dtype=torch.float32) if need_lse else None)
     if causal:
         below = torch.ones(lq, length, dtype=torch.bool, device=q.device).tril()
         allowed = below if allowed is None else allowed & below
@@ -124,7 +130,8 @@ def _buckets_attention(q, k, v, varlen, causal, window, scale, return_lse, softc
         starts.append(starts[-1] + n)
     buckets = _buckets(lengths)
     if not buckets:  # no tokens: an empty result, still part of the graph
-        return (q * 0.0, q.new_zeros(hq, 0, dtype=torch.float32)) if return_lse else q * 0.0
+        out = _zeros_in_graph(q, k, v)
+        return (out, q.new_zeros(hq, 0, dtype=torch.float32)) if return_lse else out
     out = None if len(buckets) == 1 else q.new_zeros(T, hq, d)
     lse = q.new_zeros(T, hq, dtype=torch.float32) if return_lse else None
     for ids, longest in buckets:

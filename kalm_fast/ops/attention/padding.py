@@ -76,7 +76,7 @@ def padded_via_packed(packed_fn, q, k, v, key_padding_mask, causal, window, scal
         if not return_lse:
             return result.view(q.shape)
         out, lse = result
-        return out.view(q.shape), lse.view(-1, B, L).transpose(0, 1)
+        return out.view(q.shape), lse.view(lse.shape[0], B, L).transpose(0, 1)  # [Hq, B*L] (B or L may be 0)
     qp, indices, varlen = _unpad(q, key_padding_mask)
     kp, vp = k.flatten(0, 1)[indices], v.flatten(0, 1)[indices]
     result = packed_fn(qp, kp, vp, varlen, causal, window, scale, return_lse, softcap)

@@ -32,8 +32,9 @@ def _attend(q, k, v, key_mask, causal, window, scale, softcap):
     scores = scores.masked_fill(~allowed, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)                             # [Hq, L], -inf where every score is -inf
     empty = ~allowed.any(-1)                                          # [L] padded queries: zeros, lse +inf
-    # a real row whose every score is -inf (its query holds an infinity): softmax's 0/0, NaN
-    lse = lse.masked_fill(torch.isneginf(lse) & ~empty, float("nan"))
+    # a real row whose scores are not all finite (its query holds an infinity or NaN): NaN, as its output (every
+    # score -inf: softmax's 0/0; a +inf or NaN score: inf - inf)
+    lse = lse.masked_fill(~torch.isfinite(lse) & ~empty, float("nan"))
     probs = torch.exp(scores - lse.masked_fill(empty, 0.0)[..., None])
     out = (probs @ vf).transpose(0, 1)                                # [L, Hq, D]
     return out, lse.masked_fill(empty, float("inf"))

@@ -89,7 +89,9 @@ def check_options(*, temperature, gamma, similarity, num_synthetic, mix_top_k, m
         raise ValueError(f"backend must be one of {_registry.BACKEND_NAMES}, got {backend!r}")
 
 
-def _check_args(q, docs, generator):
+def check_inputs(q, docs, generator=None):
+    """``q [B, D]`` and ``docs [B, 1+M, D]`` of one float dtype and device, ``generator`` a torch.Generator or None
+    (else a ValueError / TypeError naming the argument)."""
     check_tensor("q", q, ndim=2, dtypes=FLOAT_DTYPES)
     check_tensor("docs", docs, ndim=3, dtypes=FLOAT_DTYPES)
     if docs.dtype != q.dtype:
@@ -128,7 +130,7 @@ def focal_infonce_with_stats(q: torch.Tensor, docs: torch.Tensor, *, temperature
     check_options(temperature=temperature, gamma=gamma, similarity=similarity, num_synthetic=num_synthetic,
                   mix_top_k=mix_top_k, mix_alpha=mix_alpha, false_negative_margin=false_negative_margin,
                   mix_mode=mix_mode, reduction=reduction, backend=backend)
-    _check_args(q, docs, generator)
+    check_inputs(q, docs, generator)
     _, fn = _registry.select(OP, backend, q.device, q.dtype)
     # scores are divided by a small temperature: never let an enclosing autocast run them in 16 bits
     with torch.autocast(q.device.type, enabled=False):

@@ -3,7 +3,9 @@
 
 A backend supplies an *engine* for the in-batch pass (every query against every document of the batch), with
 ``forward(q, flat, rq, rd, s_pos, inv_tau, margin, group) -> (lse, hardest_neg)`` and
-``backward(q, flat, rq, rd, s_pos, lse, gc, inv_tau, margin, group, dq, dd, c0=0)``, which adds the part of
+``backward(q, flat, rq, rd, s_pos, lse, gc, inv_tau, margin, group, dq, dd, c0=0)`` (``s_pos``: the bound of the
+margin, ``reference.margin_bound`` of the positives' scores: a candidate is dropped when ``s > s_pos + margin``),
+which adds the part of
 candidates ``c0 .. c0 + len(dd)`` into the float32 accumulators ``dq [B, D]`` and ``dd [len(dd), D]``; see
 ``_torch.TorchEngine``. ``LogP`` calls it once per chunk of candidates (``candidate_chunk``) and turns each chunk's
 ``dd`` into the documents' gradient at once: no float32 copy of all the documents is ever held (norms and
@@ -16,6 +18,7 @@ import torch
 
 from ..._constants import NORM_EPS
 from ..._cuda import launch_device
+from .reference import margin_bound
 
 TILE_Q = 512  # tile of the torch passes: query rows x candidate rows
 TILE_C = 2048
@@ -121,7 +124,8 @@ def _local_backward(q, docs, synthetic, rq, rd, rs, s_pos, lse, gc, inv_tau, mar
         i1 = min(i0 + TILE_Q, q.shape[0])
         s = _local_scores(q, docs, synthetic, rq, rd, rs, i0, i1, in_batch)
         keep, is_pos = _local_keep(s, s_pos[i0:i1], margin, in_batch)
-        p = torch.exp(s * inv_tau - lse[i0:i1, None]) * keep
+        # dropped candidates' exponents masked first: exp(z - lse) of one far above the positive overflows (inf * 0)
+        p = torch.exp((s * inv_tau - lse[i0:i1, None]).masked_fill(~keep, float("-inf")))
         grad = gc[i0:i1, None] * (is_pos.float() - p)  # dL/ds
         qt, rqt = q[i0:i1].float(), rq[i0:i1, None]
         if not in_batch:
@@ -162,27 +166,29 @@ class LogP(torch.autograd.Function):
             rs = inverse_norms(synthetic.reshape(-1, synthetic.shape[-1]), cos)[0].view(batch, -1)
         inv_tau = 1.0 / temperature
         s_pos = _positive_scores(q, flat, rq, rd, group)
-        lse, neg = _local_forward(q, docs, synthetic, rq, rd, rs, s_pos, inv_tau, margin, in_batch)
+        bound = margin_bound(s_pos)  # what the margin is added to
+        lse, neg = _local_forward(q, docs, synthetic, rq, rd, rs, bound, inv_tau, margin, in_batch)
         if in_batch:
-            lse_b, neg_b = engine.forward(q, flat, rq, rd, s_pos, inv_tau, margin, group)
+            lse_b, neg_b = engine.forward(q, flat, rq, rd, bound, inv_tau, margin, group)
             lse, neg = torch.logaddexp(lse, lse_b), torch.maximum(neg, neg_b)
-        ctx.save_for_backward(q, docs, synthetic, rq, pq, rd, pd, rs, s_pos, lse)
+        ctx.save_for_backward(q, docs, synthetic, rq, pq, rd, pd, rs, bound, lse)
         ctx.inv_tau, ctx.in_batch, ctx.margin, ctx.engine = inv_tau, in_batch, margin, engine
         ctx.mark_non_differentiable(s_pos, neg)
-        return s_pos * inv_tau - lse, s_pos, neg
+        # at most 0 (lse holds the positive's own term; the two are rounded apart): p <= 1 whatever the rounding
+        return (s_pos * inv_tau - lse).clamp_max_(0.0), s_pos, neg
 
     @staticmethod
     def backward(ctx, dlog_p, _dpos, _dneg):
-        q, docs, synthetic, rq, pq, rd, pd, rs, s_pos, lse = ctx.saved_tensors
+        q, docs, synthetic, rq, pq, rd, pd, rs, bound, lse = ctx.saved_tensors
         flat = docs.reshape(-1, docs.shape[-1])
         # dL/ds_ic = gc_i * ([c is the positive] - P_ic), with gc_i = dL/dlog p_i / temperature. Accumulate
         # sum_c dL/ds_ic * r_c * c (and the transpose for the docs), then finish with the inverse norms.
         gc = dlog_p.float() * ctx.inv_tau
         dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-        local = (q, docs, synthetic, rq, rd, rs, s_pos, lse, gc, ctx.inv_tau, ctx.margin, ctx.in_batch, dq)
+        local = (q, docs, synthetic, rq, rd, rs, bound, lse, gc, ctx.inv_tau, ctx.margin, ctx.in_batch, dq)
         if ctx.in_batch:
             _local_backward(*local, None)  # the synthetic negatives' part of dq
-            dd = _in_batch_backward(ctx.engine, q, flat, rq, rd, pd, s_pos, lse, gc, ctx.inv_tau, ctx.margin,
+            dd = _in_batch_backward(ctx.engine, q, flat, rq, rd, pd, bound, lse, gc, ctx.inv_tau, ctx.margin,
                                     docs.shape[1], dq)
         else:  # own candidates only: one float32 block of all the documents (group x the size of dq)
             acc = torch.zeros(flat.shape, dtype=torch.float32, device=q.device)

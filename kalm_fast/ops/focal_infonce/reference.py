@@ -20,7 +20,9 @@ Inputs: ``q [B, D]`` query embeddings; ``docs [B, 1+M, D]``: ``docs[i, 0]`` is t
    Dirichlet of two): a random convex combination leaning towards the negatives most similar to the query.
    Synthetic negatives carry no gradient; they join ``C_i`` for query i only.
 4. False-negative masking (``false_negative_margin = m``, off when None): drop from ``C_i`` every candidate other
-   than the positive with ``s(q_i, c) > s(q_i, docs[i, 0]) + m``.
+   than the positive with ``s(q_i, c) > s(q_i, docs[i, 0]) + m``, up to a rounding slack of
+   ``MARGIN_SLACK * (1 + |s(q_i, docs[i, 0])|)`` (the backends' scores of one pair may differ in the last bits, so
+   that a copy of the positive, at ``s = s_pos`` exactly, would be kept or dropped by chance at ``m = 0``).
 5. ``z_ic = s(q_i, c) / temperature``; ``log p_i = z_i,pos - logsumexp_{c in C_i} z_ic``.
 6. Focal weight ``w_i = (1 - p_i) ** gamma`` (``gamma = 0`` gives plain InfoNCE); with ``detach_focal_weight`` it is
    a constant in the gradient.
@@ -34,6 +36,14 @@ import torch
 import torch.nn.functional as F
 
 from ..._constants import NORM_EPS
+
+MARGIN_SLACK = 1e-5  # relative: candidates within float32 rounding of the margin's bound are kept, on every backend
+
+
+def margin_bound(s_pos: torch.Tensor) -> torch.Tensor:
+    """The positives' scores widened by the rounding slack: with a margin m, a candidate other than the positive is
+    dropped when ``s > margin_bound(s_pos) + m``."""
+    return s_pos + MARGIN_SLACK * (1 + s_pos.abs())
 
 
 def _sim(x: torch.Tensor, similarity: str) -> torch.Tensor:
@@ -64,7 +74,7 @@ def log_p_rows(q: torch.Tensor, docs: torch.Tensor, synthetic: Optional[torch.Te
     pos_sim = sims[torch.arange(batch), pos_col]
     keep = torch.ones_like(is_pos)
     if false_negative_margin is not None:
-        keep = ~(sims > pos_sim.unsqueeze(1) + false_negative_margin) | is_pos
+        keep = ~(sims > margin_bound(pos_sim).unsqueeze(1) + false_negative_margin) | is_pos
     logits = (sims / temperature).masked_fill(~keep, float("-inf"))
     log_p = torch.log_softmax(logits, dim=1)[torch.arange(batch), pos_col]
     neg_sim = sims.detach().masked_fill(~keep | is_pos, float("-inf")).max(dim=1).values
