@@ -49,6 +49,16 @@ def write_shard(path: Path, embeddings: np.ndarray, start: int, header: dict) ->
     atomic_write(path, lambda tmp: save_file({"embeddings": embeddings, "row_ids": row_ids}, str(tmp), metadata=meta))
 
 
+def stored_header(path: Path) -> Optional[dict]:
+    """The settings shard ``path`` was encoded with (its metadata only, no rows read); None if it is missing or
+    unreadable."""
+    try:
+        with safe_open(str(path), "np") as f:
+            return json.loads((f.metadata() or {})["header"])
+    except Exception:  # noqa: BLE001  (missing, truncated, not safetensors, no header: not a usable shard)
+        return None
+
+
 def expected_rows(index: int, shard_size: int, count: int) -> tuple[int, int]:
     start = index * shard_size
     return start, min(shard_size, count - start)

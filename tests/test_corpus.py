@@ -110,6 +110,7 @@ def test_rank_split_covers_every_shard_once(tmp_path, jsonl, monkeypatch):
     """torchrun: rank r encodes shards i % world == r into one directory; rank 0 writes the manifest."""
     out = tmp_path / "split"
     monkeypatch.setattr(corpus, "_barrier", lambda world, rank: None)
+    monkeypatch.setattr(corpus, "from_main", lambda info, obj: obj)  # rank 0's verdict: no process group here
     for rank in (1, 0):  # rank 0 last: its barrier would wait for rank 1
         monkeypatch.setenv("RANK", str(rank))
         monkeypatch.setenv("WORLD_SIZE", "2")
@@ -350,3 +351,57 @@ def test_an_input_changed_during_the_encode_gets_no_manifest(tmp_path, small, ca
     monkeypatch.setattr(corpus, "_loaded", real)
     assert main(_small_args(small, out)) == 0  # the rerun encodes the file as it is now
     assert len(kalm_fast_load(out)) == 11
+
+
+def test_ranks_that_read_different_inputs_get_no_manifest(tmp_path, small, capsys, monkeypatch):
+    """torchrun, ranks one after the other: rank 1 encodes the input, which is then edited (the same number of
+    lines) before rank 0 reads it. Rank 0 finds rank 1's shards encoded from another input: they are removed, every
+    rank gets the same error and no manifest vouches for the mix; the rerun encodes the input as it is."""
+    monkeypatch.setattr(corpus, "_barrier", lambda world, rank: None)
+    monkeypatch.setattr(corpus, "from_main", lambda info, obj: obj)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    out = tmp_path / "out"
+    monkeypatch.setenv("RANK", "1")
+    assert main(_small_args(small, out)) == 0
+    small.write_text(small.read_text().replace("text number 5", "text number V"))
+    monkeypatch.setenv("RANK", "0")
+    capsys.readouterr()
+    assert main(_small_args(small, out)) == 2
+    assert "1 of 3 shards were encoded from another input or model than the others" in _one_error(capsys)
+    assert sorted(p.name for p in out.iterdir()) == ["shard-00000.safetensors", "shard-00002.safetensors"]
+    for rank in ("1", "0"):
+        monkeypatch.setenv("RANK", rank)
+        assert main(_small_args(small, out)) == 0
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("RANK", "0")
+    whole = tmp_path / "whole"
+    assert main(_small_args(small, whole)) == 0
+    np.testing.assert_array_equal(kalm_fast_load(out), kalm_fast_load(whole))
+
+
+def test_under_torchrun_each_rank_encodes_on_its_own_gpu(tmp_path, small, monkeypatch):
+    """--device cuda (or none) is cuda:LOCAL_RANK on every rank, as in training; cuda:N is refused there."""
+    import torch
+
+    class Loaded(Exception):
+        pass
+
+    def capture(args, device=None):
+        raise Loaded(device)
+
+    monkeypatch.setattr(corpus, "_loaded", capture)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    for name, value in dict(RANK="1", LOCAL_RANK="1", WORLD_SIZE="2").items():
+        monkeypatch.setenv(name, value)
+    from kalm_fast.cli import build_parser
+
+    args = build_parser("encode").parse_args(_small_args(small, tmp_path / "out"))
+    for device, want in (("cuda", "cuda:1"), (None, "cuda:1"), ("cpu", "cpu")):
+        args.device = device
+        with pytest.raises(Loaded) as loaded:
+            corpus.encode_sharded(args, small, tmp_path / "out")
+        assert loaded.value.args[0] == want
+    args.device = "cuda:0"
+    with pytest.raises(ValueError, match="under torchrun every rank computes on cuda:LOCAL_RANK"):
+        corpus.encode_sharded(args, small, tmp_path / "out")

@@ -25,11 +25,11 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
 
 import numpy as np
 
-from ..distributed import process_group, torchrun_env
+from ..distributed import from_main, local_device, process_group, torchrun_env
 from ..files import (
     atomic_write,
     check_free_space,
@@ -42,7 +42,17 @@ from ..files import (
 )
 from ..models.loading import model_fingerprint
 from ..prompts import kalm_query_prompt
-from ..shards import TEMP_NAME, check_directory, check_shard, read_manifest, shard_path, write_manifest, write_shard
+from ..shards import (
+    MANIFEST,
+    TEMP_NAME,
+    check_directory,
+    check_shard,
+    read_manifest,
+    shard_path,
+    stored_header,
+    write_manifest,
+    write_shard,
+)
 from .args import device, input_file, positive_int
 
 SINGLE_SUFFIXES = (".npy", ".safetensors")
@@ -246,11 +256,8 @@ def encode_sharded(args, input_path: Path, directory: Path) -> tuple[int, int, f
         raise ValueError(f"under torchrun, --input {str(input_path)!r} must be a regular file (every rank reads it)")
     with readable_input(input_path) as source:
         count, input_sha = scan_input(source, args.text_field, input_path.suffix)
-        device = args.device
-        if device is None and world > 1:
-            import torch
-
-            device = f"cuda:{env.local_rank}" if torch.cuda.is_available() else "cpu"
+        # under torchrun each rank on its own GPU, cuda:LOCAL_RANK (also for --device cuda), as in training
+        device = str(local_device(env, args.device)) if world > 1 else args.device
         encoder = _loaded(args, device)
         header = _shard_header(args, count, input_sha, encoder)
         manifest = read_manifest(directory)
@@ -287,17 +294,38 @@ def encode_sharded(args, input_path: Path, directory: Path) -> tuple[int, int, f
                 done_now += len(texts)
         if world > 1:
             _barrier(world, rank)
-        if rank == 0 and sha256_file(source) != input_sha:  # every rank has read it by now
-            for index in range(n_shards):  # of an input that is gone
-                shard_path(directory, index).unlink(missing_ok=True)
-            raise ValueError(f"--input {str(input_path)!r} changed while it was encoded (its shards were removed); "
-                             "run again to encode it as it is now")
+        # rank 0 judges what every rank wrote, and every rank raises its verdict: none is left waiting for another
+        problem = _unfinished(directory, source, input_path, input_sha, header, n_shards) if rank == 0 else None
+        problem = from_main(env, problem)
+        if problem:
+            raise ValueError(problem)
     if rank == 0:
         extra = dict(model=str(Path(args.model).resolve()) if args.model else "default",
                      input=str(input_path.resolve()))
         write_manifest(directory, header, count, extra)
         remove_leftovers(directory, ".*.tmp")  # every rank is done by now
     return done_now, count, seconds
+
+
+def _unfinished(directory: Path, source: Path, input_path: Path, input_sha: str, header: dict,
+                n_shards: int) -> Optional[str]:
+    """Why the output of a finished encode is not whole, or None: the input changed while it was encoded (every shard
+    is removed), or some shards were encoded with other settings than rank 0's (a rank read the input, or loaded the
+    model, after it changed; those shards are removed). Either way a rerun encodes what was removed."""
+    changed = sha256_file(source) != input_sha
+    stale = list(range(n_shards)) if changed else [
+        i for i in range(n_shards) if stored_header(shard_path(directory, i)) != header]
+    for index in stale:
+        shard_path(directory, index).unlink(missing_ok=True)
+    if stale:  # a manifest of an earlier run would now vouch for shards that are gone
+        (directory / MANIFEST).unlink(missing_ok=True)
+    if changed:
+        return (f"--input {str(input_path)!r} changed while it was encoded (its shards were removed); run again to "
+                "encode it as it is now")
+    if stale:
+        return (f"{len(stale)} of {n_shards} shards were encoded from another input or model than the others (one "
+                "changed while the ranks encoded); they were removed: run again to encode them")
+    return None
 
 
 def _barrier(world: int, rank: int) -> None:

@@ -6,10 +6,11 @@ A backend supplies an *engine* for the in-batch pass (every query against every 
 ``backward(q, flat, rq, rd, s_pos, lse, gc, inv_tau, margin, group, dq, dd, c0=0)``, which adds the part of
 candidates ``c0 .. c0 + len(dd)`` into the float32 accumulators ``dq [B, D]`` and ``dd [len(dd), D]``; see
 ``_torch.TorchEngine``. Their ``s_pos`` is what the margin is added to, ``reference.margin_bound`` of the positives'
-scores (those widened by a rounding slack): a candidate is dropped when ``s > s_pos + margin``. ``LogP`` calls it once per chunk of candidates (``candidate_chunk``) and turns each chunk's
-``dd`` into the documents' gradient at once: no float32 copy of all the documents is ever held (norms and
-positives' scores are also computed in blocks of rows). For cosine similarity the scores are dot products scaled
-by stored inverse norms, not dot products of normalized copies.
+scores (those widened by a rounding slack): a candidate is dropped when ``s > s_pos + margin``. ``LogP`` calls the
+backward once per chunk of candidates (``candidate_chunk``) and turns each chunk's ``dd`` into the documents'
+gradient at once: no float32 copy of all the documents is ever held (norms and positives' scores are also computed
+in blocks of rows). For cosine similarity the scores are dot products scaled by stored inverse norms, not dot
+products of normalized copies.
 """
 from __future__ import annotations
 
