@@ -405,3 +405,19 @@ def test_under_torchrun_each_rank_encodes_on_its_own_gpu(tmp_path, small, monkey
     args.device = "cuda:0"
     with pytest.raises(ValueError, match="under torchrun every rank computes on cuda:LOCAL_RANK"):
         corpus.encode_sharded(args, small, tmp_path / "out")
+
+
+def test_two_ranks_under_torchrun_equal_one_process(tmp_path, small):
+    """A real 2-process torchrun (gloo): each rank encodes its shards, rank 0's verdict reaches both, rank 0 writes
+    the manifest; the rows equal a one-process encode's."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(sys.path))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+           "kalm_fast.cli", *_small_args(small, tmp_path / "two")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert main(_small_args(small, tmp_path / "one")) == 0
+    np.testing.assert_allclose(kalm_fast_load(tmp_path / "two"), kalm_fast_load(tmp_path / "one"), atol=1e-6)
