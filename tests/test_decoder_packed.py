@@ -100,7 +100,7 @@ def _fast(model, ids):
 
 def _branch(model) -> bool:
     """Whether the last fast-path call ran its linears through oneDNN (read from the weight cache)."""
-    flags = {entry[1][0] for entry in model._packed_decoder._weights.values()}
+    flags = {entry[1][0] for entry in model._packed_decoder.weight_cache.values()}
     assert len(flags) == 1
     return flags.pop()
 
@@ -188,6 +188,23 @@ def test_weight_cache_follows_in_place_parameter_changes(model_dirs, onednn):
     after = _fast(model, ids)
     assert not torch.allclose(before, after, atol=1e-3)
     torch.testing.assert_close(after, _modules(model, ids), atol=2e-5, rtol=2e-5)  # with the changed weights
+
+
+def test_a_step_that_leaves_no_version_behind_reaches_the_packed_path(model_dirs):
+    """Fused AdamW changes the weights in place without bumping their versions, the cache's key: leaving training
+    mode drops the fused copies, so the next embed computes with the stepped weights (it mixed old and new)."""
+    model = EmbeddingModel.from_pretrained(model_dirs["qwen2"], device="cpu")
+    texts = [t for t in TEXTS if t]
+    ids = model.token_ids(texts)
+    _fast(model, ids)  # fills the cache
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+    versions = [p._version for p in model.parameters()]
+    model.train()
+    model(model.tokenize(texts)).square().sum().backward()
+    optimizer.step()
+    assert [p._version for p in model.parameters()] == versions  # what the cache's key could not see
+    model.eval()
+    torch.testing.assert_close(_fast(model, ids), _modules(model, ids), atol=2e-5, rtol=2e-5)
 
 
 @pytest.mark.parametrize("kind", ["qwen2", "qwen3"])

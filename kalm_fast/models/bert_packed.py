@@ -95,12 +95,12 @@ class PackedBert:
     def __init__(self, model, onednn: bool = True):
         self.model = model
         self.onednn = onednn  # CPU linears through oneDNN where the torch build and the CPU have it for the dtype
-        self._weights = {}
+        self.weight_cache = {}  # layer_weights' copies; EmbeddingModel.train clears it
 
     def _layer_weights(self, layer, x) -> tuple:
         """``(packed, [(weight, bias)])``: the layer's QKV (fused), attention output, up and down projections."""
         s = layer.attention.self
-        return layer_weights(self._weights, layer, [(s.query, s.key, s.value), (layer.attention.output.dense,),
+        return layer_weights(self.weight_cache, layer, [(s.query, s.key, s.value), (layer.attention.output.dense,),
                                                     (layer.intermediate.dense,), (layer.output.dense,)],
                              self.onednn and x.device.type == "cpu" and onednn_linear_available(x.dtype))
 

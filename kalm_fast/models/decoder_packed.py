@@ -138,7 +138,7 @@ class PackedDecoder:
         self.onednn = onednn  # CPU linears through oneDNN where the torch build and the CPU have it for the dtype
         # SiLU-multiply and RoPE through decoder_kernels (None: on CUDA tensors, where Triton imports)
         self.fused = fused
-        self._weights = {}
+        self.weight_cache = {}  # layer_weights' copies; EmbeddingModel.train clears it
 
     def _layer_weights(self, layer, x) -> tuple:
         """``(packed, [(weight, bias)])``: the layer's QKV (one GEMM), output, MLP input (gate and up for oneDNN's
@@ -146,7 +146,7 @@ class PackedDecoder:
         attn, mlp = layer.self_attn, layer.mlp
         packed = self.onednn and x.device.type == "cpu" and onednn_linear_available(x.dtype)
         mlp_input = [(mlp.gate_proj,), (mlp.up_proj,)] if packed else [(mlp.gate_proj, mlp.up_proj)]
-        return layer_weights(self._weights, layer, [(attn.q_proj, attn.k_proj, attn.v_proj), (attn.o_proj,),
+        return layer_weights(self.weight_cache, layer, [(attn.q_proj, attn.k_proj, attn.v_proj), (attn.o_proj,),
                                                     *mlp_input, (mlp.down_proj,)], packed)
 
     def __call__(self, batch):

@@ -252,6 +252,15 @@ class EmbeddingModel(nn.Module):
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    def train(self, mode: bool = True) -> "EmbeddingModel":
+        """``nn.Module.train``; leaving training mode drops the packed paths' fused copies of the linear weights: an
+        optimizer may have changed the weights in place without bumping their version (fused AdamW does)."""
+        if self.training and not mode:
+            for packed in (getattr(self, "_packed_bert", None), getattr(self, "_packed_decoder", None)):
+                if packed is not None:
+                    packed.weight_cache.clear()
+        return super().train(mode)
+
     @property
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
