@@ -360,28 +360,38 @@ def min_cosine(a, b) -> float:
 
 
 def measure(impls: dict, texts, device, rounds: int) -> tuple:
-    """Warm each implementation up, then time them alternately; ``(times, last outputs)``.
+    """Warm each implementation up, then time them alternately; ``(times, last outputs, failed)``.
 
     The warm-up encodes a few texts on CPU, all of them on a GPU: each batch shape that a GPU run meets first
     compiles and autotunes Triton kernels (per length bucket), which a timed round must not include. A peer or an
-    optional variant (``VARIANTS``) that fails on the warm-up is dropped with one printed line (e.g. an export
-    it cannot run)."""
+    optional variant (``VARIANTS``) that fails on the warm-up is dropped (e.g. an export it cannot run), and any
+    implementation that fails in a timed round is left out of the timings: ``failed`` maps each to its error (a
+    row of its own in the report)."""
     warm_up = texts if device.type == "cuda" else texts[:16]
+    failed = {}
     for name, fn in list(impls.items()):
         try:
             fn(warm_up)
         except Exception as exc:
             if name.startswith(("kalm_fast", "sentence-transformers")) and not any(f"({v}" in name for v in VARIANTS):
                 raise
-            print(f"peer skipped: {name} failed: {type(exc).__name__}: {exc}", flush=True)
+            failed[name] = f"failed: {type(exc).__name__}: {exc}"[:300]
+            print(f"peer skipped: {name} {failed[name]}", flush=True)
             del impls[name]
     times, outs = {name: [] for name in impls}, {}
     for _ in range(rounds):
-        for name, fn in impls.items():
-            seconds, outs[name] = _timed(lambda: fn(texts), device)
+        for name in list(times):
+            try:
+                seconds, outs[name] = _timed(lambda: impls[name](texts), device)
+            except Exception as exc:  # noqa: BLE001  (the other implementations are still timed)
+                failed[name] = f"failed in a timed round: {type(exc).__name__}: {exc}"[:300]
+                print(f"{name} {failed[name]}", flush=True)
+                del times[name]
+                outs.pop(name, None)
+                continue
             times[name].append(seconds)
             print(f"timed {name}: {seconds:.3f} s, {len(texts) / seconds:,.1f} texts/s", flush=True)  # if cut short
-    return times, outs
+    return times, outs, failed
 
 
 def rows_for(model_name, workload, texts, times, outs, reference, lengths, work, ceilings) -> list:
@@ -425,13 +435,15 @@ def run_model(key, model_dir, texts_by_workload, dtypes, device, args, workdir) 
     rows = []
     for workload, texts in texts_by_workload.items():
         print(f"== {MODELS[key]} / {workload}: {len(texts)} texts, {', '.join(impls)}", flush=True)
-        times, outs = measure(impls, texts, device, args.rounds)
+        times, outs, failed = measure(impls, texts, device, args.rounds)
         reference = outs.get(ST_FP32)
         if reference is None:  # fp32 not timed: the reference is computed once, untimed
             reference = st_fp32.encode(texts, batch_size=args.st_batch_size, normalize_embeddings=True)
         lengths = [len(x) for x in encoders[0].model.token_ids(texts)]
         work = flops(encoders[0].model.model, lengths)
         rows += rows_for(MODELS[key], workload, texts, times, outs, reference, lengths, work, ceilings)
+        rows += [progress(dict(model=MODELS[key], workload=workload, impl=name, note=note))
+                 for name, note in failed.items()]
         if args.profile:  # after the rows (a run cut short keeps them): one more call of each torch implementation
             for name, fn in impls.items():
                 if name.startswith(("kalm_fast", "sentence-transformers")):
@@ -500,7 +512,7 @@ def main(argv=None) -> None:
             workdir.mkdir()
             rows += run_model(key, model_dir, texts, dtypes, device, args, workdir)
     columns = ["model", "workload", "impl", "texts/s", "tokens/s", "GFLOP/s", "% of matmul", "x ST fp32",
-               "x ST same dtype", "x best ST same dtype", "min cos vs ST fp32", "texts", "tokens", "median_s"]
+               "x ST same dtype", "x best ST same dtype", "min cos vs ST fp32", "texts", "tokens", "median_s", "note"]
     for row in rows:
         row["series"] = f"{row['model']} {row['impl']}"
     write_report(args.report, rows, columns=columns,

@@ -229,6 +229,10 @@ def run_all(model, args, device, workdir) -> list:
             except torch.OutOfMemoryError:
                 _free_after_oom(optimizer, st)
                 rows.append(progress(dict(backend=backend, batch=batch, note="out of memory")))
+            except Exception as exc:  # noqa: BLE001  (a failing backend is a row; the baselines after it still run)
+                _free_after_oom(optimizer, st)
+                rows.append(progress(dict(backend=backend, batch=batch,
+                                          note=f"failed: {type(exc).__name__}: {exc}"[:300])))
     return rows
 
 

@@ -339,3 +339,32 @@ def test_a_tarball_past_what_the_device_hands_back_keeps_each_files_end(tmp_path
         log = tar.extractfile("gpu-check/tests.log").read()
         assert tar.extractfile("gpu-check/bench/a.md").read() == b"a table"
     assert len(log) == 1 << 20 and log.endswith(b"the end of the log")
+
+
+def test_an_encode_implementation_that_fails_is_a_row_not_a_lost_report():
+    """benchmarks.encode: a peer that fails its warm-up and an implementation that fails in a timed round are left
+    out of the timings with their errors (rows of their own), and the others are still timed."""
+    import numpy as np
+    import torch
+
+    from benchmarks import encode
+
+    calls = {"n": 0}
+
+    def ok(texts):
+        return np.ones((len(texts), 2), np.float32)
+
+    def no_export(texts):
+        raise RuntimeError("no export")
+
+    def dies_later(texts):
+        calls["n"] += 1
+        if calls["n"] > 1:  # the warm-up passes, the first timed round fails
+            raise RuntimeError("died")
+        return ok(texts)
+
+    impls = {"kalm_fast float32": ok, "onnxruntime": no_export, "sentence-transformers": dies_later}
+    times, outs, failed = encode.measure(impls, ["a", "b"], torch.device("cpu"), rounds=2)
+    assert set(times) == set(outs) == {"kalm_fast float32"} and len(times["kalm_fast float32"]) == 2
+    assert failed == {"onnxruntime": "failed: RuntimeError: no export",
+                      "sentence-transformers": "failed in a timed round: RuntimeError: died"}
