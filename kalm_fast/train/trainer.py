@@ -463,8 +463,7 @@ class Trainer:
         if not self.out.is_dir():
             return []
         return sorted(d.name for d in self.out.iterdir()
-                      if (d / "final").is_dir() or ((d / "checkpoints").is_dir() and any(
-                          _STEP_DIR.match(c.name) for c in (d / "checkpoints").iterdir())))
+                      if d.is_dir() and ((d / "final").is_dir() or self._checkpoints(d.name)))
 
     def _start_run(self, prepared: dict):
         """Refuse what would mix two runs in one output_dir; record this run's config and data."""
@@ -522,8 +521,9 @@ class Trainer:
                                               teacher_scores=stage.distill_weight > 0)
         return self._train_data[key]
 
-    def _checkpoints(self, stage: TrainStage) -> list:
-        root = self.out / stage.name / "checkpoints"
+    def _checkpoints(self, name: str) -> list:
+        """The checkpoint directories of stage ``name``, oldest first."""
+        root = self.out / name / "checkpoints"
         if not root.is_dir():
             return []
         found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name))]
@@ -545,7 +545,7 @@ class Trainer:
     def _intact_checkpoint(self, stage: TrainStage) -> Optional[Path]:
         """The latest checkpoint whose files match its ``checkpoint.json``; damaged later ones are reported and
         removed. A ``ValueError`` when checkpoints exist but none is intact."""
-        checkpoints = self._checkpoints(stage)
+        checkpoints = self._checkpoints(stage.name)
         damaged = []
         for path in reversed(checkpoints):
             problem = checkpoint_problem(path)
@@ -596,7 +596,7 @@ class Trainer:
             if target.exists():  # a damaged checkpoint of this step was removed on resume; never two of one step
                 shutil.rmtree(target)
             publish_dir(tmp, target)
-            for old in self._checkpoints(stage)[:-max(1, stage.keep_checkpoints)]:
+            for old in self._checkpoints(stage.name)[:-max(1, stage.keep_checkpoints)]:
                 shutil.rmtree(old)
         barrier(self.info)
 
