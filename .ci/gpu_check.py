@@ -348,7 +348,8 @@ def main(argv=None) -> int:
         return report_env()
     if args.build:
         return build(args.dry)
-    known = [s.name for s in stages(args.dry, args.workers)]
+    every_stage = stages(args.dry, args.workers)
+    known = [s.name for s in every_stage]
     unknown = [name for name in args.only or () if name not in known]
     if unknown:  # a typo would spend a device lease on nothing
         parser.error(f"--only: unknown stage(s) {', '.join(unknown)}; the stages are {', '.join(known)}")
@@ -368,7 +369,7 @@ def main(argv=None) -> int:
                       PYTHONUNBUFFERED="1", KALM_BENCH_OUT=str(work / "bench"), HF_HUB_OFFLINE="1",
                       TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
                       TRITON_INTERPRET="1" if args.dry else "0")
-    plan = [s for s in stages(args.dry, args.workers)
+    plan = [s for s in every_stage
             if not ((s.on_request or args.only is not None) and s.name not in (args.only or ()))]
     print(f"plan, {args.budget} s in all: " + ", ".join(f"{s.name} (at most {s.limit} s)" for s in plan) +
           "; a stage that no longer fits is skipped", flush=True)

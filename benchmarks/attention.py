@@ -39,7 +39,7 @@ from kalm_fast import _registry
 from kalm_fast.ops import Varlen
 from kalm_fast.ops.attention import flash_attention
 
-from .harness import progress, time_fn, write_report
+from .harness import failed_note, progress, time_fn, write_report
 
 try:  # optional peer: FlashAttention-2's varlen kernel
     from flash_attn import flash_attn_varlen_func
@@ -153,7 +153,7 @@ def kernel_sweep(device, dtype, seqlens, head_dims, causal, tokens, repeats, wit
                 except Exception as exc:  # noqa: BLE001  (e.g. the reference out of memory, a compile error)
                     # a row of its own: a failing kernel shows in the report, not only as a missing row
                     rows.append(progress({"impl": name, "mode": "fwd+bwd", **shape,
-                                          "note": f"failed: {type(exc).__name__}: {exc}"[:200]}))
+                                          "note": failed_note(exc)}))
                     continue
                 bwd = max(both - fwd, 1e-6)
                 for mode, ms, f in (("fwd", fwd, flops), ("bwd", bwd, 2.5 * flops), ("fwd+bwd", both, 3.5 * flops)):
@@ -218,7 +218,7 @@ def realistic_batch(device, dtype, total, repeats, variants=False):
             with torch.no_grad(), _variant(name.removeprefix("packed ")):
                 ms = time_fn(fn, repeats=repeats)["median_ms"]
         except Exception as exc:  # noqa: BLE001  (a failing peer must not lose the other rows)
-            rows.append(progress(dict(row, note=f"failed: {type(exc).__name__}: {exc}"[:300])))
+            rows.append(progress(dict(row, note=failed_note(exc))))
             continue
         base = ms if name == "padded sdpa" else base
         best = min(ms, best or ms) if name.startswith("padded sdpa") else best

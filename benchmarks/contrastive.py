@@ -27,7 +27,7 @@ from unittest import mock
 import torch
 import torch.nn.functional as F
 
-from .harness import on_gpu, progress, time_fn, write_report
+from .harness import failed_note, on_gpu, progress, time_fn, write_report
 
 M, D = 7, 896
 # GPU presets: batch sizes (every backend each); CPU presets: (backend, B) runs, each in its own process.
@@ -129,7 +129,7 @@ def _run_gpu(sizes) -> list:
         except torch.OutOfMemoryError:
             row["note"] = "out of memory"
         except Exception as exc:  # noqa: BLE001  (one failing implementation must not lose the other rows)
-            row["note"] = f"failed: {type(exc).__name__}: {exc}"[:300]
+            row["note"] = failed_note(exc)
         q = docs = None
         rows.append(progress(row))
     return rows

@@ -49,7 +49,7 @@ import torch
 
 from kalm_fast.cli.demo import DATA_DIR
 
-from .harness import device_info, print_profile, progress, time_fn, write_report
+from .harness import device_info, failed_note, print_profile, progress, time_fn, write_report
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = DATA_DIR / "sample_corpus.txt"
@@ -375,7 +375,7 @@ def measure(impls: dict, texts, device, rounds: int) -> tuple:
         except Exception as exc:
             if name.startswith(("kalm_fast", "sentence-transformers")) and not any(f"({v}" in name for v in VARIANTS):
                 raise
-            failed[name] = f"failed: {type(exc).__name__}: {exc}"[:300]
+            failed[name] = failed_note(exc)
             print(f"peer skipped: {name} {failed[name]}", flush=True)
             del impls[name]
     times, outs = {name: [] for name in impls}, {}
@@ -384,7 +384,7 @@ def measure(impls: dict, texts, device, rounds: int) -> tuple:
             try:
                 seconds, outs[name] = _timed(lambda: impls[name](texts), device)
             except Exception as exc:  # noqa: BLE001  (the other implementations are still timed)
-                failed[name] = f"failed in a timed round: {type(exc).__name__}: {exc}"[:300]
+                failed[name] = failed_note(exc, "failed in a timed round")
                 print(f"{name} {failed[name]}", flush=True)
                 del times[name]
                 outs.pop(name, None)

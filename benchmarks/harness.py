@@ -139,6 +139,11 @@ def device_tag() -> str:
     return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name().lower()).strip("-")
 
 
+def failed_note(exc: BaseException, prefix: str = "failed") -> str:
+    """The ``note`` of a row whose measurement raised ``exc`` (a row of its own: the report shows the failure)."""
+    return f"{prefix}: {type(exc).__name__}: {exc}"[:300]
+
+
 def progress(row: dict) -> dict:
     """Print a measured row at once (a run cut short still shows what it measured) and return it."""
     print("row", json.dumps(row, default=str), flush=True)

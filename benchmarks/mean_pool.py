@@ -20,7 +20,7 @@ import torch
 from kalm_fast import _registry
 from kalm_fast.ops import Varlen, mean_pool
 
-from .harness import device_info, progress, time_fn, write_report
+from .harness import device_info, failed_note, progress, time_fn, write_report
 
 # Padded (B, L, H) shapes, or ("packed", T, H): a long-tailed packed encode batch of T tokens, hidden size H.
 PRESETS = {
@@ -84,7 +84,7 @@ def run(shapes, dtype: torch.dtype, backends, repeats: int) -> list[dict]:
                         ms = time_fn(lambda: mean_pool(hidden, **kwargs, normalize=normalize, backend=backend),
                                      repeats=repeats)["median_ms"]
                     except Exception as exc:  # noqa: BLE001  (one failing backend must not lose the other rows)
-                        rows.append(progress(dict(row, note=f"failed: {type(exc).__name__}: {exc}"[:300])))
+                        rows.append(progress(dict(row, note=failed_note(exc))))
                         continue
                     if backend == "reference":
                         ref_ms[name, normalize] = ms

@@ -31,7 +31,7 @@ from unittest import mock
 
 import torch
 
-from .harness import l2_flush_buffer, on_gpu, print_profile, progress, time_fn, write_report
+from .harness import failed_note, l2_flush_buffer, on_gpu, print_profile, progress, time_fn, write_report
 
 QWEN2_05B = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
                  num_key_value_heads=2, vocab_size=151936, max_position_embeddings=4096)
@@ -231,8 +231,7 @@ def run_all(model, args, device, workdir) -> list:
                 rows.append(progress(dict(backend=backend, batch=batch, note="out of memory")))
             except Exception as exc:  # noqa: BLE001  (a failing backend is a row; the baselines after it still run)
                 _free_after_oom(optimizer, st)
-                rows.append(progress(dict(backend=backend, batch=batch,
-                                          note=f"failed: {type(exc).__name__}: {exc}"[:300])))
+                rows.append(progress(dict(backend=backend, batch=batch, note=failed_note(exc))))
     return rows
 
 
